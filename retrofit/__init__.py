@@ -1,0 +1,26 @@
+"""retrofit: add Squeeze-and-Excitation blocks to a trained network by torch.fx surgery.
+
+The steps, one module each: :mod:`~retrofit.trace` (fx, timm-aware) -> :mod:`~retrofit.shapes` (meta
+tensors) -> :mod:`~retrofit.sites` (residual/Inception merges, 3x3 convs) -> :mod:`~retrofit.insert`
+(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead).
+
+Example::
+
+    >>> import timm, retrofit
+    >>> model = timm.create_model("resnet50")
+    >>> sites = retrofit.find_sites(model)
+    >>> se_model = retrofit.add_se(model, position="standard", r=16)
+    >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
+"""
+from .errors import RecipeError, RetrofitError, RetrofitWarning
+from .insert import add_se
+from .positions import POSITIONS, register_position
+from .recipe import Recipe, builtin_recipes
+from .se import SqueezeExcite
+from .sites import Site, find_sites
+
+__all__ = [
+    "add_se", "find_sites", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
+    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Getting the user's model: timm names (with close-name suggestions), local weight files, input sizes."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from .errors import RetrofitError
+
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained: bool = False,
+                 **kwargs: Any) -> nn.Module:
+    """Build a timm model by name, optionally with weights.
+
+    Args:
+        name: a timm model name (``resnet50``, ``inception_v3``...).
+        checkpoint: a local weight file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``), loaded through
+            timm's own pretrained path (``pretrained_cfg_overlay=dict(file=...)``): pickled files are
+            read with ``weights_only=True``, a classifier of another size is dropped when
+            ``num_classes`` differs, as timm does for hub weights.
+        pretrained: download the hub weights (needs network access).
+        **kwargs: passed to ``timm.create_model`` (``num_classes``, ``in_chans``...).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists them"
+        raise RetrofitError(f"unknown model '{name}'{hint}")
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise RetrofitError(f"checkpoint {checkpoint} not found; give the path of a weight file")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path.resolve()))
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if checkpoint is None:
+            raise
+        raise RetrofitError(f"checkpoint {checkpoint} does not fit {name}: {_first_line(err)}") from None
+    except Exception as err:
+        if checkpoint is None:
+            raise RetrofitError(f"cannot build {name}: {_first_line(err)}") from None
+        raise RetrofitError(f"cannot read checkpoint {checkpoint} ({type(err).__name__}: {_first_line(err)}); "
+                            f"is it a complete .safetensors or .pth file?") from None
+
+
+def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None = None) -> tuple[int, ...]:
+    """``(C, H, W)``: the given size, else timm's ``pretrained_cfg["input_size"]``, else 3x224x224."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size", DEFAULT_INPUT_SIZE) if isinstance(cfg, dict) else DEFAULT_INPUT_SIZE
+    if isinstance(input_size, str):
+        input_size = input_size.replace("x", ",").split(",")
+    try:
+        size = tuple(int(str(v).strip()) for v in input_size)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise RetrofitError(f"input size must be three positive whole numbers C,H,W (e.g. 3,224,224), "
+                            f"got {input_size!r}")
+    return size
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

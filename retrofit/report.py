@@ -1,0 +1,89 @@
+"""Rich tables and JSON for sites and overhead reports."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from .measure import Overhead
+from .sites import KINDS, Scan
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}%" if x >= 0.01 or x == 0 else f"{x:.4f}%"
+
+
+def sites_by_stage(scan: Scan) -> Table:
+    """Sites found, one row per stage."""
+    table = Table(title="Sites found", title_justify="left")
+    for col in ("stage", "stride", "size", *KINDS):
+        table.add_column(col, justify="right")
+    stages: dict[int, dict] = {}
+    for s in scan.sites:
+        row = stages.setdefault(s.stage, {"size": s.size, **{k: 0 for k in KINDS}})
+        row[s.kind] += 1
+    for stage, row in sorted(stages.items()):
+        table.add_row(str(stage), str(2 ** stage), f"{row['size'][0]}x{row['size'][1]}",
+                      *(str(row[k]) for k in KINDS))
+    table.add_row("all", "", "", *(str(scan.count(k)) for k in KINDS), style="bold")
+    return table
+
+
+def sites_table(scan: Scan) -> Table:
+    """Every site, one row each."""
+    table = Table(title="Sites", title_justify="left")
+    for col, justify in (("#", "right"), ("kind", "left"), ("module", "left"), ("stage", "right"),
+                         ("stride", "right"), ("channels", "right"), ("size", "right"), ("detail", "left")):
+        table.add_column(col, justify=justify)
+    for i, s in enumerate(scan.sites):
+        table.add_row(str(i), s.kind, s.module or "<model>", str(s.stage), str(s.stride), str(s.channels),
+                      f"{s.size[0]}x{s.size[1]}", s.detail)
+    return table
+
+
+def blocks_table(report: Overhead) -> Table:
+    """One row per inserted SE block (one per site)."""
+    table = Table(title="SE blocks inserted", title_justify="left")
+    for col, justify in (("block", "left"), ("site", "left"), ("stage", "right"), ("channels", "right"),
+                         ("width", "right"), ("size", "right"), ("params", "right"), ("MACs", "right"),
+                         ("pool+scale ops", "right")):
+        table.add_column(col, justify=justify)
+    for b in report.blocks:
+        table.add_row(b.path, b.site, str(b.stage), str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}",
+                      _n(b.params), _n(b.macs), _n(b.pool_ops + b.scale_ops))
+    return table
+
+
+def overhead_table(report: Overhead) -> Table:
+    """Added parameters and multiply-adds per stage and in total, against the base model."""
+    table = Table(title="Overhead", title_justify="left",
+                  caption="MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1. "
+                          "pool+scale ops: the squeeze and scale passes over each block's input "
+                          "(C x H x W each), elementwise, not multiply-adds.",
+                  caption_justify="left")
+    for col in ("stage", "stride", "blocks", "params added", "% params", "MACs added", "% MACs", "pool+scale ops"):
+        table.add_column(col, justify="right")
+    for s in report.stages():
+        table.add_row(str(s.stage), str(s.stride), str(s.blocks), _n(s.params), _pct(report.params_percent(s.params)),
+                      _n(s.macs), _pct(report.macs_percent(s.macs)), _n(s.pool_ops + s.scale_ops))
+    table.add_row("total", "", str(len(report.blocks)), _n(report.added_params), _pct(report.params_percent()),
+                  _n(report.added_macs), _pct(report.macs_percent()), _n(report.pool_ops + report.scale_ops),
+                  style="bold")
+    table.add_section()
+    table.add_row("base", "", "", _n(report.base_params), "", _n(report.base_macs), "", "")
+    table.add_row("retrofitted", "", "", _n(report.params), "", _n(report.macs), "", "")
+    return table
+
+
+def sites_json(scan: Scan) -> dict[str, Any]:
+    return {
+        "input_size": list(scan.traced.input_size),
+        "counts": {k: scan.count(k) for k in KINDS},
+        "sites": [{"kind": s.kind, "module": s.module, "node": s.node, "stage": s.stage, "stride": s.stride,
+                   "channels": s.channels, "size": list(s.size), "detail": s.detail} for s in scan.sites],
+        "skipped": [{"where": s.where, "reason": s.reason} for s in scan.skipped],
+    }

@@ -1,0 +1,115 @@
+"""The Squeeze-and-Excitation block.
+
+Paper: `Squeeze-and-Excitation Networks` - https://arxiv.org/abs/1709.01507
+
+The parameter layout is timm's ``SEModule`` (``fc1`` and ``fc2`` as 1x1 convolutions), so the state
+dict of a block interchanges with timm's native SE models (``seresnet50``...). Squeeze and gate are
+looked up by name in the registries below; the gate modules come from timm's activation factory.
+
+Function-preserving start (``init="preserve"``): the excitation is made input-independent and its
+constant value is divided back out by a fixed ``gain``, so the block starts as an exact identity:
+
+* with biases: ``fc1`` weights are zero and its biases one, so every hidden unit is the constant
+  ``act(1)``; ``fc2`` keeps random weights and its bias is chosen so the gate sees the constant
+  ``preserve_bias``. Every parameter, ``fc1`` included, receives a gradient from the first step.
+* without biases: ``fc2`` weights are zero, so the gate sees 0 (only for gates non-zero at 0).
+
+``gain`` is part of the architecture the recipe describes (like the gate), not a learned parameter:
+it is 1 for ``init="paper"``, which is what timm's SE models compute.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import skip_init
+from timm.layers import SelectAdaptivePool2d, create_act_layer, register_notrace_module
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """A gate of the registry: where the preserving init holds its input, and its value at 0."""
+
+    preserve_bias: float  # the gate's constant input under init="preserve" (with biases)
+    at_zero: float        # gate(0): the constant it gives when the block has no biases
+
+
+# gate name -> spec; the module itself comes from timm's activation factory (create_act_layer).
+# Preserve points sit where the gate is steep, so gradients flow: sigmoid/hard_sigmoid at 0 (0.5),
+# tanh at atanh(0.5) (tanh(0) = 0 would silence the block), relu at 1 (no gain needed).
+GATES: dict[str, GateSpec] = {
+    "sigmoid": GateSpec(preserve_bias=0.0, at_zero=0.5),
+    "hard_sigmoid": GateSpec(preserve_bias=0.0, at_zero=0.5),
+    "tanh": GateSpec(preserve_bias=math.atanh(0.5), at_zero=0.0),
+    "relu": GateSpec(preserve_bias=1.0, at_zero=0.0),
+}
+
+# squeeze name -> timm SelectAdaptivePool2d pool type
+SQUEEZES: dict[str, str] = {"avg": "avg", "max": "max"}
+
+
+@register_notrace_module  # a leaf for timm's and retrofit's fx tracers: the block is one node
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-Excitation: ``x * gain * gate(fc2(act(fc1(squeeze(x)))))``.
+
+    Args:
+        channels: channels of the feature map it scales.
+        width: reduced width (``channels / r`` after rounding).
+        squeeze: ``avg`` or ``max`` global pooling.
+        gate: name of the gate activation (see ``GATES``).
+        bias: biases on ``fc1`` and ``fc2``.
+        init: ``preserve`` (start as the identity) or ``paper`` (PyTorch's default init).
+    """
+
+    def __init__(self, channels: int, width: int, *, squeeze: str = "avg", gate: str = "sigmoid",
+                 bias: bool = True, init: str = "paper", act_layer: type[nn.Module] = nn.ReLU,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.channels, self.width = channels, width
+        self.squeeze_type, self.gate_type = squeeze, gate
+        self.pool = SelectAdaptivePool2d(1, pool_type=SQUEEZES[squeeze], flatten=False)
+        # skip_init: the weights are initialised once, below (random numbers cost time on big models)
+        self.fc1 = skip_init(nn.Conv2d, channels, width, kernel_size=1, bias=bias, **dd)
+        self.act = act_layer(inplace=True)
+        self.fc2 = skip_init(nn.Conv2d, width, channels, kernel_size=1, bias=bias, **dd)
+        self.gate = create_act_layer(gate)
+        self.gain = 1.0
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "paper") -> None:
+        """``paper``: PyTorch's default init of both convolutions; ``preserve``: start as identity."""
+        if init == "preserve":
+            self.init_preserving()
+        else:
+            self.fc1.reset_parameters()
+            self.fc2.reset_parameters()
+            self.gain = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+        if self.gain != 1.0:
+            s = s * self.gain  # on the (N, C, 1, 1) excitation: free next to the pass over x
+        return x * s
+
+    @torch.no_grad()
+    def init_preserving(self) -> None:
+        """Make the block an exact identity that still learns (see the module docstring)."""
+        if self.fc1.bias is not None:
+            self.fc2.reset_parameters()  # fc2 stays random, so fc1 gets gradients from the first step
+            nn.init.zeros_(self.fc1.weight)
+            nn.init.ones_(self.fc1.bias)
+            hidden = float(self.act(torch.ones(())))
+            z = GATES[self.gate_type].preserve_bias
+            self.fc2.bias.copy_(z - hidden * self.fc2.weight.sum(dim=(1, 2, 3)))
+        else:
+            self.fc1.reset_parameters()
+            nn.init.zeros_(self.fc2.weight)
+            z = 0.0
+        self.gain = 1.0 / float(self.gate(torch.tensor(z, dtype=torch.float32)))
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, width={self.width}, squeeze={self.squeeze_type}, "
+                f"gate={self.gate_type}, gain={self.gain:g}")

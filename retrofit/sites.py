@@ -1,0 +1,298 @@
+"""Find the sites of a traced model: where an SE block can go.
+
+Three kinds, read off the flat analysis graph (see :mod:`retrofit.trace`) with its shapes:
+
+* ``residual``: an addition of two same-shaped NCHW tensors that both come from one *fork* node
+  (the fork is the merge's immediate dominator in the data flow: every path from the input to the
+  merge passes through it). The operand whose path from the fork holds fewer weighted layers
+  (convolutions, linears) is the *shortcut*: ``identity`` when it holds none, else ``projection``;
+  the other is the residual *branch*. Sums of two equally deep paths are not residual units.
+* ``inception``: a channel concatenation of two or more branches from one fork. A concatenation
+  that includes the fork itself (DenseNet) is not one; nor is one nested in another Inception merge
+  (Inception-v3's 7b/7c inner concats) or lying inside a residual branch (Inception-ResNet units
+  are residual units).
+* ``conv3x3``: a 3x3 convolution on a residual branch, with the chain of norms and activations that
+  follows it (the ``inside`` position puts the block at the end of that chain).
+
+A site's stage is log2 of its output stride (input height / site height, rounded), as in the notes:
+stage 2 is the first ResNet stage (stride 4), stage 5 the last (stride 32).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from . import nodes as N
+from .shapes import count_macs, propagate_shapes
+from .trace import Traced, level_of, trace
+
+KINDS = ("residual", "inception", "conv3x3")
+
+
+@dataclass(eq=False)
+class SiteRefs:
+    """Where a site sits in the analysis graph (internal; used by positions and surgery)."""
+
+    anchor: fx.Node                       # the merge, the concatenation or the convolution
+    fork: fx.Node | None = None           # where the merged paths start
+    branch: fx.Node | None = None         # residual: the branch operand of the merge
+    shortcut: fx.Node | None = None       # residual: the shortcut operand
+    branch_nodes: frozenset = frozenset()  # residual: nodes between the fork and the branch operand
+    chain_end: fx.Node | None = None      # conv3x3: last norm/activation after the convolution
+    unit: "Site | None" = None            # conv3x3: the residual site whose branch holds it
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place where an SE block can go.
+
+    Attributes:
+        kind: ``residual``, ``inception`` or ``conv3x3``.
+        module: path of the module whose ``forward`` holds the site (``""``: the model itself).
+        node: name of the anchoring node in the analysis graph (merge, concatenation, convolution).
+        channels, size: channels and (height, width) of the anchor's output.
+        stride, stage: output stride of the site and its stage, ``log2(stride)``.
+        detail: ``identity``/``projection`` shortcut, number of Inception branches, or the conv's path.
+    """
+
+    kind: str
+    module: str
+    node: str
+    channels: int
+    size: tuple[int, int]
+    stride: int
+    stage: int
+    detail: str
+    refs: SiteRefs = field(repr=False, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A candidate the analysis (or the surgery) passed over, and why."""
+
+    where: str
+    reason: str
+
+
+@dataclass(eq=False)
+class Scan:
+    """Everything the analysis saw: the traced model, its sites, and what it skipped."""
+
+    traced: Traced
+    sites: list[Site]
+    skipped: list[Skipped]
+    macs: int
+
+    def count(self, kind: str) -> int:
+        return sum(s.kind == kind for s in self.sites)
+
+    def summary(self) -> str:
+        return ", ".join(f"{self.count(k)} {k}" for k in KINDS)
+
+
+def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> list[Site]:
+    """The sites the pass sees in ``model`` (any ``nn.Module`` or ``torch.fx.GraphModule``).
+
+    Args:
+        model: the network; it is traced, never run on real data.
+        input_size: ``(C, H, W)`` of one input; default: the timm ``pretrained_cfg`` input size, else
+            ``(3, 224, 224)``.
+
+    Example::
+
+        >>> sites = retrofit.find_sites(timm.create_model("resnet50"))
+        >>> sum(s.kind == "residual" for s in sites), sites[0].module, sites[0].stage
+        (16, 'layer1.0', 2)
+    """
+    from .models import resolve_input_size
+
+    return scan(model, resolve_input_size(model, input_size)).sites
+
+
+def scan(model: nn.Module, input_size: tuple[int, ...], macs: bool = False) -> Scan:
+    """Trace ``model``, propagate shapes on meta tensors (counting multiply-adds if ``macs``) and
+    find its sites."""
+    traced = trace(model, input_size)
+    if macs:
+        return analyse(traced, count_macs(traced))
+    propagate_shapes(traced)
+    return analyse(traced)
+
+
+def analyse(traced: Traced, macs: int = 0) -> Scan:
+    """Find the sites of an already traced and shape-propagated model."""
+    return _Analysis(traced).run(macs)
+
+
+class _Analysis:
+    def __init__(self, traced: Traced):
+        self.traced = traced
+        self.nodes = list(traced.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.data = self._data_nodes()
+        self.idom = self._dominators()
+        self.skipped: list[Skipped] = []
+
+    # -- graph facts -----------------------------------------------------------------------
+    def _data_nodes(self) -> set:
+        """Nodes that carry tensors computed from the inputs (not parameters, not shapes)."""
+        data = set()
+        for n in self.nodes:
+            if n.op == "output":
+                continue
+            val = n.meta.get("val")
+            carries_tensor = isinstance(val, torch.Tensor) or (
+                isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
+            if carries_tensor and (n.op == "placeholder" or any(a in data for a in n.all_input_nodes)):
+                data.add(n)
+        return data
+
+    def _dominators(self) -> dict:
+        """Immediate dominators of the data nodes (Cooper-Harvey-Kennedy on a DAG in topological
+        order; ``None`` stands for a virtual root above the inputs). Linear in practice: the
+        intersections stop at the nearest fork."""
+        order, idom = self.order, {}
+
+        def rank(n):
+            return -1 if n is None else order[n]
+
+        def intersect(a, b):
+            while a is not b:
+                while rank(a) > rank(b):
+                    a = idom[a]
+                while rank(b) > rank(a):
+                    b = idom[b]
+            return a
+
+        idom[None] = None
+        for n in self.nodes:
+            if n not in self.data:
+                continue
+            preds = [p for p in n.all_input_nodes if p in self.data]
+            dom = preds[0] if preds else None
+            for p in preds[1:]:
+                dom = intersect(dom, p)
+            idom[n] = dom
+        return idom
+
+    def _region(self, end: fx.Node, fork: fx.Node) -> set:
+        """Data nodes on the paths from ``fork`` (excluded) to ``end`` (included)."""
+        region, stack = set(), [end]
+        while stack:
+            v = stack.pop()
+            if v is fork or v in region or v not in self.data:
+                continue
+            region.add(v)
+            stack.extend(v.all_input_nodes)
+        return region
+
+    def _where(self, n: fx.Node) -> str:
+        path = level_of(n).path
+        return f"{path or '<model>'} ({n.name})"
+
+    def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None) -> Site:
+        shape = N.shape(at or anchor)
+        height = self.traced.input_size[-2]
+        stage = max(0, round(math.log2(height / shape[2]))) if shape[2] > 0 else 0
+        return Site(kind, level_of(anchor).path, anchor.name, shape[1], (shape[2], shape[3]),
+                    2 ** stage, stage, detail, refs)
+
+    # -- the three kinds -----------------------------------------------------------------
+    def run(self, macs: int) -> Scan:
+        residual = [s for n in self.nodes if (s := self._residual(n)) is not None]
+        inception = self._inception(residual)
+        convs = self._convs(residual)
+        sites = sorted(residual + inception + convs, key=lambda s: self.order[s.refs.anchor])
+        return Scan(self.traced, sites, self.skipped, macs)
+
+    def _residual(self, n: fx.Node) -> Site | None:
+        if n not in self.data or (operands := N.add_operands(n)) is None:
+            return None
+        a, b = operands
+        if a not in self.data or b not in self.data or N.shape(a) != N.shape(b) or a is b:
+            return None
+        if len(N.shape(a)) != 4:
+            if len(N.shape(a)) == 3:
+                self.skipped.append(Skipped(self._where(n), "sum of token tensors (B, N, C): "
+                                            "layout not supported yet"))
+            return None
+        fork = self.idom[n]
+        if fork is None:
+            return None
+        region_a, region_b = self._region(a, fork), self._region(b, fork)
+        depth_a = sum(N.is_weighted(v) for v in region_a)
+        depth_b = sum(N.is_weighted(v) for v in region_b)
+        if depth_a == depth_b:
+            self.skipped.append(Skipped(self._where(n), f"sum of two paths with {depth_a} weighted "
+                                        f"layers each: no shortcut, not a residual unit"))
+            return None
+        if depth_a > depth_b:
+            branch, region, shortcut, shortcut_depth = a, region_a, b, depth_b
+        else:
+            branch, region, shortcut, shortcut_depth = b, region_b, a, depth_a
+        kind = "identity" if shortcut_depth == 0 else "projection"
+        refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
+        return self._site("residual", n, kind, refs)
+
+    def _inception(self, residual: list[Site]) -> list[Site]:
+        in_branches = {v: s for s in residual for v in s.refs.branch_nodes}
+        found: dict[fx.Node, Site] = {}
+        for n in self.nodes:
+            if n not in self.data or (operands := N.cat_operands(n)) is None:
+                continue
+            tensors, dim = operands
+            shape = N.shape(n)
+            if shape is None or len(shape) != 4 or dim % 4 != 1 or len(tensors) < 2:
+                continue
+            if not all(isinstance(t, fx.Node) and t in self.data for t in tensors):
+                continue
+            fork = self.idom[n]
+            if fork is None:
+                continue
+            if fork in tensors:
+                self.skipped.append(Skipped(self._where(n), "concatenation that includes its own "
+                                            "input (DenseNet style): not an Inception merge"))
+                continue
+            if n in in_branches:
+                unit = in_branches[n]
+                self.skipped.append(Skipped(self._where(n), f"inside the residual branch of "
+                                            f"{unit.module or '<model>'}: part of that residual unit"))
+                continue
+            found[n] = self._site("inception", n, f"{len(tensors)} branches", SiteRefs(n, fork=fork))
+        # a concatenation that feeds another one directly (through markers) is nested in it
+        nested = set()
+        for n in found:
+            for t in N.cat_operands(n)[0]:
+                while N.is_marker(t):
+                    t = t.args[0]
+                if t in found:
+                    nested.add(t)
+                    self.skipped.append(Skipped(self._where(t), f"nested in the Inception merge of "
+                                                f"{found[n].module or '<model>'}"))
+        return [s for n, s in found.items() if n not in nested]
+
+    def _convs(self, residual: list[Site]) -> list[Site]:
+        sites, seen = [], set()
+        for unit in sorted(residual, key=lambda s: len(s.refs.branch_nodes)):  # innermost unit first
+            for v in sorted(unit.refs.branch_nodes, key=self.order.get):
+                if v in seen or not N.is_conv3x3(v) or len(N.shape(v) or ()) != 4:
+                    continue
+                seen.add(v)
+                end = chain_end(v, N.is_pointwise)
+                path = v.meta["call"].path if v.op == "call_module" else v.name
+                refs = SiteRefs(v, fork=unit.refs.fork, chain_end=end, unit=unit)
+                sites.append(self._site("conv3x3", v, path, refs, at=end))
+        return sites
+
+
+def chain_end(node: fx.Node, follows) -> fx.Node:
+    """Follow ``node``'s sole users while ``follows(user)`` holds and the shape is kept."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not (follows(user) and user.args and user.args[0] is node and N.shape(user) == N.shape(node)):
+            break
+        node = user
+    return node
