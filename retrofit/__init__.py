@@ -12,15 +12,17 @@ Example::
     >>> se_model = retrofit.add_se(model, position="standard", r=16)
     >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
 """
+from .checkpoint import load, save
 from .errors import RecipeError, RetrofitError, RetrofitWarning
 from .insert import add_se
+from .measure import Overhead, measure_overhead
 from .positions import POSITIONS, register_position
 from .recipe import Recipe, builtin_recipes
 from .se import SqueezeExcite
 from .sites import Site, find_sites
 
 __all__ = [
-    "add_se", "find_sites", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
+    "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
     "register_position", "RetrofitError", "RecipeError", "RetrofitWarning",
 ]
 __version__ = "0.1.0"

@@ -61,6 +61,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     from safetensors.torch import load_model
 
     from .insert import add_se
+    from .models import describe_mismatch
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -90,7 +91,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     try:
         load_model(model, str(path), strict=True)
     except (RuntimeError, SafetensorError) as err:
-        raise RetrofitError(f"weights in {path} do not fit the rebuilt model: {str(err).strip().splitlines()[0][:300]}") from None
+        raise RetrofitError(f"weights in {path} do not fit the rebuilt model: {describe_mismatch(err)}") from None
     return model
 
 

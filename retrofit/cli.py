@@ -134,7 +134,7 @@ def add_se_command(
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     from .checkpoint import check_writable, save
-    from .insert import model_name, retrofit_scanned
+    from .insert import model_name, paused_gc, retrofit_scanned
     from .measure import ModelCost, compare, cost
     from .models import resolve_input_size
     from .recipe import resolve_recipe
@@ -152,11 +152,12 @@ def add_se_command(
                                 f"overwritten, choose another file")
     net = _model(model, checkpoint, pretrained, num_classes)
     size = resolve_input_size(net, input_size)
-    found = scan(net, size, macs=True)
-    base = ModelCost(sum(p.numel() for p in net.parameters()), found.macs, found.traced,
-                     frozenset(n for n, _ in net.named_modules()))
-    info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
-    report = compare(base, cost(net, size))
+    with paused_gc():
+        found = scan(net, size, macs=True)
+        base = ModelCost(sum(p.numel() for p in net.parameters()), found.macs, found.traced,
+                         frozenset(n for n, _ in net.named_modules()))
+        info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
+        report = compare(base, cost(net, size))
     data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found),
             **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped]}
     if json_path != "-":

@@ -13,26 +13,50 @@ import copy
 import inspect
 import itertools
 import linecache
+import weakref
 from typing import Any, Callable
 
 from torch import fx, nn
 
-_COMPILED: dict[tuple, Callable] = {}
+_COMPILED: dict[tuple, tuple[Callable, str]] = {}
 _COUNTER = itertools.count()
 
 
 def _compile(graph: fx.Graph) -> tuple[Callable, str]:
-    """Compile ``graph`` to a ``forward(self, ...)`` function; identical code is compiled once."""
+    """Compile ``graph`` to a ``forward(self, ...)`` function. The units of a stage rebuild to equal
+    graphs: those are generated and compiled once (keyed by structure, before any code is made)."""
+    key = _structure(graph)
+    if key is not None and key in _COMPILED:
+        return _COMPILED[key]
     code = graph.python_code(root_module="self")
-    key = (code.src, tuple(sorted((k, id(v)) for k, v in code.globals.items())))
-    fn = _COMPILED.get(key)
-    if fn is None:
-        filename = f"<retrofit-forward-{next(_COUNTER)}>"
-        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)  # tracebacks
-        namespace = dict(code.globals)
-        exec(compile(code.src, filename, "exec"), namespace)
-        fn = _COMPILED[key] = namespace["forward"]
-    return fn, code.src
+    filename = f"<retrofit-forward-{next(_COUNTER)}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)  # tracebacks
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)
+    compiled = (namespace["forward"], code.src)
+    if key is not None:
+        _COMPILED[key] = compiled
+    return compiled
+
+
+def _structure(graph: fx.Graph) -> tuple | None:
+    """A hashable description of the graph's code (names, ops, targets, arguments), or None."""
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return ("%", a.name)
+        if isinstance(a, (tuple, list)):
+            return (type(a).__name__, *map(arg, a))
+        if isinstance(a, dict):
+            return ("dict", *((k, arg(v)) for k, v in a.items()))
+        if isinstance(a, slice):
+            return ("slice", arg(a.start), arg(a.stop), arg(a.step))
+        return (type(a), a)
+    try:
+        key = tuple((n.op, n.name, n.target, arg(n.args), arg(n.kwargs)) for n in graph.nodes)
+        hash(key)
+        return key
+    except TypeError:  # an unhashable constant: compile without caching
+        return None
 
 
 def _signature(graph: fx.Graph) -> inspect.Signature:
@@ -43,13 +67,24 @@ def _signature(graph: fx.Graph) -> inspect.Signature:
 
 
 class GraphForward:
-    """The rewritten ``forward`` of ``module``: runs ``graph`` with ``module`` as ``self``."""
+    """The rewritten ``forward`` of ``module``: runs ``graph`` with ``module`` as ``self``.
+
+    It holds its module weakly: the module holds it, and a strong reference back would make every
+    retrofitted model a reference cycle, freed only by the garbage collector, not when dropped.
+    """
 
     def __init__(self, module: nn.Module, graph: fx.Graph):
-        self.module = module
+        self._module = weakref.ref(module)
         self.graph = graph
         self._fn, self.code = _compile(graph)
         self.__signature__ = _signature(graph)
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise ReferenceError("the module of this forward no longer exists")
+        return module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._fn(self.module, *args, **kwargs)
@@ -59,7 +94,7 @@ class GraphForward:
 
     def __deepcopy__(self, memo: dict) -> "GraphForward":
         new = copy.copy(self)  # the graph and the compiled code are shared: never mutated
-        new.module = copy.deepcopy(self.module, memo)
+        new._module = weakref.ref(copy.deepcopy(self.module, memo))
         return new
 
     def __repr__(self) -> str:

@@ -8,8 +8,10 @@ same instance (:mod:`retrofit.graph_forward`): the model keeps its class, method
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import gc
 import inspect
 import operator
 import re
@@ -84,10 +86,25 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
     from .models import resolve_input_size
 
     recipe = resolve_recipe(recipe, **fields)
-    found = scan(model, resolve_input_size(model, input_size))
-    target = model if inplace else copy.deepcopy(model)
-    retrofit_scanned(found, target, recipe)
+    with paused_gc():
+        found = scan(model, resolve_input_size(model, input_size))
+        target = model if inplace else copy.deepcopy(model)
+        retrofit_scanned(found, target, recipe)
     return target
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """Tracing makes many short-lived objects; on a process holding a large model each full
+    collection they trigger walks the whole heap (seen: 0.2 s pauses in a 0.1 s resnet101 pass).
+    Cycles made meanwhile are collected as usual once the pass is done."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> RetrofitInfo:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +43,8 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
     except RuntimeError as err:
         if checkpoint is None:
             raise
-        raise RetrofitError(f"checkpoint {checkpoint} does not fit {name}: {_first_line(err)}") from None
+        raise RetrofitError(f"checkpoint {checkpoint} does not fit {name}: {describe_mismatch(err)}; "
+                            f"is it a checkpoint of this architecture?") from None
     except Exception as err:
         if checkpoint is None:
             raise RetrofitError(f"cannot build {name}: {_first_line(err)}") from None
@@ -65,6 +67,22 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None 
         raise RetrofitError(f"input size must be three positive whole numbers C,H,W (e.g. 3,224,224), "
                             f"got {input_size!r}")
     return size
+
+
+def describe_mismatch(err: BaseException) -> str:
+    """One line out of ``load_state_dict``'s multi-line error: counts and an example of each problem."""
+    text = str(err)
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        match = re.search(pattern, text)
+        if match:
+            keys = re.findall(r'"([^"]+)"', match.group(1))
+            parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]})" if keys else f"{label} keys")
+    sizes = re.findall(r"size mismatch for ([^:]+):", text)
+    if sizes:
+        parts.append(f"{len(sizes)} shape mismatches (e.g. {sizes[0]})")
+    return ", ".join(parts) or _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:

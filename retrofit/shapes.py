@@ -48,8 +48,11 @@ def meta_twin(module: nn.Module) -> nn.Module:
 
 
 def _to_meta(value: Any) -> Any:
-    return map_aggregate(value, lambda v: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
-                         if isinstance(v, torch.Tensor) else v)
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if value is None:
+        return None
+    return map_aggregate(value, lambda v: _to_meta(v) if isinstance(v, torch.Tensor) else v)
 
 
 class MetaShapeProp(fx.Interpreter):
@@ -70,6 +73,11 @@ class MetaShapeProp(fx.Interpreter):
         module = self.fetch_attr(target)
         if isinstance(module, SHAPE_PRESERVING) and args and isinstance(args[0], torch.Tensor):
             return args[0]
+        if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and len(args) == 1 and not kwargs:
+            # the layers most models are made of: their own forward on meta weights, no twin needed
+            return module._conv_forward(args[0], _to_meta(module.weight), _to_meta(module.bias))
+        if type(module) is nn.Linear and len(args) == 1 and not kwargs:
+            return torch.nn.functional.linear(args[0], _to_meta(module.weight), _to_meta(module.bias))
         return meta_twin(module)(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):

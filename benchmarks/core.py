@@ -1,0 +1,90 @@
+"""Core speed figures, each measured side by side in one run on this machine.
+
+1. Forward latency of resnet50 retrofitted with retrofit over timm's native seresnet50
+   (CPU, batch 8, 224x224, inference mode; median of interleaved runs). Target <= 1.02.
+2. Time of ``retrofit.add_se`` over ``timm.create_model`` for resnet101. Target <= 0.3.
+
+Run: python benchmarks/core.py [--runs N]
+"""
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+
+import retrofit
+
+
+def median_time(fn, runs):
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def latency(runs: int) -> None:
+    torch.manual_seed(0)
+    native = timm.create_model("seresnet50").eval()
+    ours = {
+        "timm recipe": retrofit.add_se(timm.create_model("resnet50"), recipe="timm").eval(),
+        "standard (preserve init)": retrofit.add_se(timm.create_model("resnet50")).eval(),
+    }
+    plain = timm.create_model("resnet50").eval()
+    x = torch.randn(8, 3, 224, 224)
+    models = {"seresnet50 (timm)": native, "resnet50 (plain)": plain, **ours}
+    samples = {name: [] for name in models}
+    with torch.inference_mode():
+        for m in models.values():  # warm-up
+            m(x)
+        for _ in range(runs):  # interleaved, so drifts of the machine hit every model alike
+            for name, m in models.items():
+                t = time.perf_counter()
+                m(x)
+                samples[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    print(f"forward latency, batch 8, 224x224, CPU ({torch.get_num_threads()} threads), median of {runs}:")
+    for name, t in med.items():
+        print(f"  {name:28s} {t * 1e3:8.1f} ms")
+    for name in ours:
+        print(f"  ratio {name} / seresnet50: {med[name] / med['seresnet50 (timm)']:.3f}  (target <= 1.02)")
+    print(f"  ratio seresnet50 / resnet50: {med['seresnet50 (timm)'] / med['resnet50 (plain)']:.3f}")
+
+
+def surgery(runs: int) -> None:
+    timm.create_model("resnet18")  # imports and first-call costs out of the way
+    retrofit.add_se(timm.create_model("resnet18"))
+    t = time.perf_counter()
+    first = timm.create_model("resnet101")  # the one-shot user: fresh memory, page faults included
+    first_create = time.perf_counter() - t
+    t = time.perf_counter()
+    retrofit.add_se(first, position="post")
+    first_add = time.perf_counter() - t
+    del first
+    create = median_time(lambda: timm.create_model("resnet101"), runs)
+    source = timm.create_model("resnet101")
+    copying = median_time(lambda: retrofit.add_se(source, position="post"), runs)
+    inplace = []
+    for _ in range(runs):
+        model = timm.create_model("resnet101")
+        t = time.perf_counter()
+        retrofit.add_se(model, inplace=True, position="post")
+        inplace.append(time.perf_counter() - t)
+        del model
+    inplace = statistics.median(inplace)
+    print("add_se(resnet101, position='post') over timm.create_model('resnet101')  (target <= 0.3)")
+    print(f"  first call in this process: create {first_create:.3f} s, add_se {first_add:.3f} s "
+          f"-> ratio {first_add / first_create:.3f}")
+    print(f"  median of {runs} repeats:    create {create:.3f} s, add_se {copying:.3f} s "
+          f"-> ratio {copying / create:.3f}; with inplace=True (no deep copy) {inplace:.3f} s "
+          f"-> ratio {inplace / create:.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    surgery(args.runs)
+    latency(args.runs)

@@ -1,0 +1,200 @@
+"""Surgery: the model stays the user's model, and each position puts the block where the notes say."""
+import copy
+import io
+import pickle
+
+import pytest
+import timm
+import torch
+from torch import fx, nn
+
+import retrofit
+from retrofit import RetrofitError
+from conftest import max_rel_diff, randomize
+
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_model_keeps_class_methods_and_state_dict(resnet50_random):
+    model = resnet50_random
+    se = retrofit.add_se(model, input_size=(3, 64, 64))
+    assert type(se) is type(model)
+    assert type(se.layer1[0]) is type(model.layer1[0])  # blocks keep their class too
+    for method in ("forward_features", "forward_head", "reset_classifier", "get_classifier", "zero_init_last"):
+        assert hasattr(se, method) or hasattr(se.layer1[0], method)
+    assert se.pretrained_cfg == model.pretrained_cfg
+    before, after = model.state_dict(), se.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    new = set(after) - set(before)
+    assert new and all(".se." in k for k in new)
+    se.reset_classifier(10)
+    assert se(X).shape == (2, 10)
+
+
+def test_input_is_untouched_unless_inplace(resnet50_random):
+    model = copy.deepcopy(resnet50_random)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model(X)
+    se = retrofit.add_se(model, position="post", input_size=(3, 64, 64), init="paper")
+    assert se is not model
+    assert not any("se" in k for k in model.state_dict())
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    assert "forward" not in model.layer1[0].__dict__
+    torch.testing.assert_close(model(X), out, rtol=0, atol=0)
+    same = retrofit.add_se(model, inplace=True, input_size=(3, 64, 64))
+    assert same is model and hasattr(model.layer1[0], "se")
+
+
+def branch(b, x):
+    """A timm Bottleneck's residual branch, written out."""
+    x = b.act1(b.bn1(b.conv1(x)))
+    x = b.act2(b.bn2(b.conv2(x)))
+    return b.bn3(b.conv3(x))
+
+
+EXPECTED = {  # the notes' formulas for a bottleneck unit with an identity shortcut
+    "standard": lambda b, se, x: b.act3(se(branch(b, x)) + x),
+    "pre": lambda b, se, x: b.act3(branch(b, se(x)) + x),
+    "post": lambda b, se, x: se(b.act3(branch(b, x) + x)),
+    "identity": lambda b, se, x: b.act3(branch(b, x) + se(x)),
+    "inside": lambda b, se, x: b.act3(b.bn3(b.conv3(se(b.act2(b.bn2(b.conv2(b.act1(b.bn1(b.conv1(x))))))))) + x),
+}
+
+
+@pytest.mark.parametrize("position", list(EXPECTED))
+def test_each_position_computes_the_notes_formula(resnet50_random, position):
+    se_model = retrofit.add_se(resnet50_random, position=position, init="paper", input_size=(3, 64, 64))
+    block = se_model.layer1[1]
+    name = "se" if position == "standard" else f"se_{position}"
+    se = getattr(block, name)
+    x = torch.relu(torch.randn(2, 256, 16, 16, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), EXPECTED[position](block, se, x))
+        # and the block is not a no-op: without it the result differs
+        plain = resnet50_random.layer1[1]
+        assert not torch.allclose(block(x), plain(x))
+
+
+def test_identity_position_on_a_projection_shortcut(resnet50_random):
+    se_model = retrofit.add_se(resnet50_random, position="identity", init="paper", input_size=(3, 64, 64))
+    b = se_model.layer2[0]
+    x = torch.relu(torch.randn(1, 256, 16, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), b.act3(branch(b, x) + b.se_identity(b.downsample(x))))
+
+
+def test_inside_on_basicblock_goes_after_the_first_3x3_conv():
+    model = randomize(timm.create_model("resnet18"))
+    se_model = retrofit.add_se(model, position="inside", init="paper", input_size=(3, 64, 64))
+    assert len(se_model._retrofit.blocks) == 8  # one per block, not one per 3x3 conv
+    b = se_model.layer1[0]
+    x = torch.relu(torch.randn(1, 64, 16, 16))
+    with torch.no_grad():
+        expected = b.act2(b.bn2(b.conv2(b.se_inside(b.act1(b.bn1(b.conv1(x)))))) + x)
+        torch.testing.assert_close(b(x), expected)
+    assert all(s.reason.startswith("inside: its output already ends") for s in se_model._retrofit.skipped)
+
+
+def test_block_names_and_stage_restriction(resnet50_random):
+    se = retrofit.add_se(resnet50_random, stages=[4], input_size=(3, 64, 64))
+    paths = [b.path for b in se._retrofit.blocks]
+    assert paths == [f"layer3.{i}.se" for i in range(6)]
+    assert all(b.stage == 4 and b.stride == 16 for b in se._retrofit.blocks)
+    se2 = retrofit.add_se(resnet50_random, position="inside", r=8, bias=False, stages=[2, 5], input_size=(3, 64, 64))
+    assert [b.path for b in se2._retrofit.blocks] == [f"layer1.{i}.se_inside" for i in range(3)] + \
+        [f"layer4.{i}.se_inside" for i in range(3)]
+    assert se2.layer1[0].se_inside.fc1.bias is None and se2.layer1[0].se_inside.width == 8
+
+
+def test_errors_for_impossible_requests(resnet50_random):
+    with pytest.raises(RetrofitError, match=r"stage 6 does not exist in resnet50.*stages 2,3,4,5"):
+        retrofit.add_se(resnet50_random, stages=[6], input_size=(3, 64, 64))
+    with pytest.raises(RetrofitError, match="position 'inside' has no site in inception_v3.*0 conv3x3"):
+        retrofit.add_se(timm.create_model("inception_v3"), position="inside", input_size=(3, 96, 96))
+    with pytest.raises(RetrofitError, match="no residual or Inception merge at all"):
+        retrofit.add_se(timm.create_model("vgg11"), input_size=(3, 64, 64))
+
+
+def test_width_below_one_is_raised_with_a_warning(resnet50_random):
+    with pytest.warns(retrofit.RetrofitWarning, match="below 1"):
+        se = retrofit.add_se(resnet50_random, r=1000, input_size=(3, 64, 64))
+    assert se.layer1[0].se.width == 1
+
+
+def test_drop_path_keeps_working_in_train_mode():
+    """Children keep their own forward: a DropPath traced as identity in eval still drops in train."""
+    model = randomize(timm.create_model("resnet18", drop_path_rate=0.5))
+    se = retrofit.add_se(model, input_size=(3, 64, 64))
+    se.train()
+    torch.manual_seed(0)
+    a = se.layer1[0](torch.randn(4, 64, 8, 8))
+    torch.manual_seed(0)
+    b = model.train().layer1[0](torch.randn(4, 64, 8, 8))
+    torch.testing.assert_close(a, b)  # same random drops: DropPath kept, SE (preserve) is the identity
+    se.eval()
+    x = torch.randn(4, 64, 8, 8)
+    torch.testing.assert_close(se.layer1[0](x), se.layer1[0](x))
+
+
+class ModeDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            y = y * 0.5
+        return x + y
+
+
+def test_a_forward_that_depends_on_mode_is_skipped_with_its_reason():
+    model = nn.Sequential(ModeDependent(), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), ModeDependent())
+    model[1] = Residualish()
+    se = retrofit.add_se(model, r=4, input_size=(8, 8, 8))
+    assert [b.path for b in se._retrofit.blocks] == ["1.se"]
+    assert sum("train and eval mode" in s.reason for s in se._retrofit.skipped) == 2
+
+
+class Residualish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def test_deepcopy_and_pickle_keep_the_rewritten_forward(resnet50_random):
+    se = retrofit.add_se(resnet50_random, init="paper", input_size=(3, 64, 64))
+    expected = se(X)
+    twin = copy.deepcopy(se)
+    torch.testing.assert_close(twin(X), expected)
+    with torch.no_grad():
+        twin.layer1[0].se.fc2.bias.add_(1.0)  # the copy is independent
+    torch.testing.assert_close(se(X), expected)
+    assert not torch.allclose(twin(X), expected)
+    buffer = io.BytesIO()
+    torch.save(se, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(X), expected)
+    assert pickle.loads(pickle.dumps(se.layer2[0].forward)).graph is not None
+
+
+def test_graph_module_input_stays_a_graph_module():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residualish()))
+    randomize(gm)
+    se = retrofit.add_se(gm, r=4, input_size=(3, 16, 16))
+    assert isinstance(se, fx.GraphModule) and hasattr(se, "se")
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(se(x), gm(x))
+    assert any(n.target == "se" for n in se.graph.nodes)
+
+
+def test_retrofitting_twice_adds_a_second_block(resnet50_random):
+    once = retrofit.add_se(resnet50_random, input_size=(3, 64, 64))
+    twice = retrofit.add_se(once, input_size=(3, 64, 64))
+    assert hasattr(twice.layer1[0], "se") and hasattr(twice.layer1[0], "se_2")
+    assert max_rel_diff(twice(X), resnet50_random(X)) <= 1e-5

@@ -1,0 +1,79 @@
+"""Saved retrofitted models: round trips, non-timm models, damaged files, atomic writes."""
+import os
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import retrofit
+from retrofit import RetrofitError
+from conftest import randomize
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_custom_model_needs_its_architecture(tmp_path):
+    se = retrofit.add_se(randomize(Net()), r=4, init="paper", input_size=(3, 8, 8))
+    path = retrofit.save(se, tmp_path / "net.safetensors")
+    with pytest.raises(RetrofitError, match="not from timm: pass the plain network"):
+        retrofit.load(path)
+    again = retrofit.load(path, model=Net())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(again(x), se(x))
+
+
+def test_save_requires_a_retrofitted_model(tmp_path):
+    with pytest.raises(RetrofitError, match="add_se first"):
+        retrofit.save(Net(), tmp_path / "x.safetensors")
+
+
+def test_damaged_and_foreign_files(tmp_path):
+    se = retrofit.add_se(timm.create_model("resnet18"), input_size=(3, 32, 32))
+    good = retrofit.save(se, tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(RetrofitError, match="cannot read"):
+        retrofit.load(truncated)
+    from safetensors.torch import save_file
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(RetrofitError, match="not a retrofit file"):
+        retrofit.load(plain)
+    with pytest.raises(RetrofitError, match="not found"):
+        retrofit.load(tmp_path / "none.safetensors")
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    se = retrofit.add_se(randomize(Net()), r=4, input_size=(3, 8, 8))
+    path = retrofit.save(se, tmp_path / "net.safetensors")
+    other = Net()
+    other.conv = nn.Conv2d(16, 16, 5, padding=2)
+    with pytest.raises(RetrofitError, match="do not fit the rebuilt model: .*shape mismatches"):
+        retrofit.load(path, model=other)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    se = retrofit.add_se(randomize(Net()), r=4, input_size=(3, 8, 8))
+    target = tmp_path / "net.safetensors"
+    target.write_bytes(b"previous")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(RetrofitError, match="No space left on device; nothing was written"):
+        retrofit.save(se, target)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["net.safetensors"]

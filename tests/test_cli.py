@@ -1,0 +1,164 @@
+"""The command line: the mission command, JSON, saved models, and one clear line for bad input."""
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import retrofit
+from retrofit.checkpoint import load
+from retrofit.cli import app
+
+runner = CliRunner()
+BLOCKS = {  # units per model: ResNet-18 8 BasicBlocks, ResNet-50 16 and ResNet-101 33 bottlenecks
+    "resnet18": 8, "resnet50": 16, "resnet101": 33,
+}
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("model", list(BLOCKS))
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "inside"])
+def test_mission_command(tmp_path, model, position):
+    report = tmp_path / "report.json"
+    result = run("add-se", model, "--r", 16, "--position", position, "--json", report)
+    assert result.exit_code == 0, result.output
+    for title in ("Sites found", "SE blocks inserted", "Overhead", "total", "base", "retrofitted"):
+        assert title in result.stdout
+    data = json.loads(report.read_text())
+    assert data["added"]["blocks"] == BLOCKS[model] == len(data["blocks"])
+    assert data["recipe"]["position"] == position and data["recipe"]["r"] == 16
+    plain = timm.create_model(model)
+    assert data["base"]["params"] == sum(p.numel() for p in plain.parameters())
+    assert data["added"]["params"] == sum(b["params"] for b in data["blocks"])
+    assert data["added"]["params"] == data["retrofitted"]["params"] - data["base"]["params"]
+    assert data["added"]["macs"] == sum(b["macs"] for b in data["blocks"])
+    assert f'{data["added"]["params"]:,}' in result.stdout
+
+
+def test_json_to_stdout_is_pure_json():
+    result = run("add-se", "resnet18", "--json", "-", "--stages", "3")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [s["stage"] for s in data["stages"]] == [3] and data["added"]["blocks"] == 2
+
+
+def test_stages_restrict_the_per_stage_table(tmp_path):
+    report = tmp_path / "r.json"
+    result = run("add-se", "resnet50", "--stages", "2,5", "--json", report)
+    assert result.exit_code == 0, result.output
+    assert [(s["stage"], s["blocks"]) for s in json.loads(report.read_text())["stages"]] == [(2, 3), (5, 3)]
+
+
+def test_output_file_rebuilds_the_same_model(tmp_path):
+    out = tmp_path / "se_resnet18.safetensors"
+    result = run("add-se", "resnet18", "--position", "post", "--r", 8, "--init", "paper", "--output", out)
+    assert result.exit_code == 0, result.output
+    model = load(out)
+    assert type(model).__name__ == "ResNet" and len(model._retrofit.blocks) == 8
+    assert model._retrofit.recipe.position == "post" and model._retrofit.recipe.r == 8
+    again = retrofit.load(out)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), again.eval()(x))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_checkpoint_weights_are_used_and_never_overwritten(tmp_path):
+    weights = timm.create_model("resnet18").state_dict()
+    ckpt = tmp_path / "my_resnet18.safetensors"
+    save_file(weights, str(ckpt))
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    out = tmp_path / "se.safetensors"
+    result = run("add-se", "resnet18", "--checkpoint", ckpt, "--output", out)
+    assert result.exit_code == 0, result.output
+    model = load(out)
+    for key, value in weights.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+    same = run("add-se", "resnet18", "--checkpoint", ckpt, "--output", ckpt)
+    assert same.exit_code != 0 and "never overwritten" in same.stderr
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+
+
+def test_checkpoint_with_another_number_of_classes(tmp_path):
+    ckpt = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), ckpt)
+    result = run("add-se", "resnet18", "--checkpoint", ckpt, "--num-classes", 7, "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["base"]["params"] == sum(
+        p.numel() for p in timm.create_model("resnet18", num_classes=7).parameters())
+
+
+def test_sites_command():
+    result = run("sites", "inception_v3")
+    assert result.exit_code == 0, result.output
+    assert "Mixed_7c" in result.stdout and "nested" in result.stdout
+
+
+def test_recipes_command():
+    result = run("recipes")
+    assert result.exit_code == 0 and all(n in result.stdout for n in ("standard", "inside", "timm"))
+
+
+def bad_recipe_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("position: post\nratio: 4\n")
+    return path
+
+
+def corrupted_checkpoint(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x00" * 40)
+    return path
+
+
+BAD_INPUT = [
+    (["add-se", "resnet5O"], "unknown model 'resnet5O'; did you mean resnet50"),
+    (["add-se", "resnet18", "--r", "0"], "'r': the reduction ratio must be a positive number"),
+    (["add-se", "resnet18", "--r", "-3"], "'r'"),
+    (["add-se", "resnet18", "--r", "abc"], "got 'abc'"),
+    (["add-se", "resnet18", "--position", "middle"], "'position': unknown value 'middle'; allowed: standard"),
+    (["add-se", "resnet18", "--gate", "softmax"], "'gate': unknown value 'softmax'"),
+    (["add-se", "resnet18", "--squeeze", "median"], "'squeeze': unknown value 'median'; allowed: avg, max"),
+    (["add-se", "resnet18", "--recipe", "missing.yaml"], "recipe file missing.yaml not found"),
+    (["add-se", "resnet18", "--recipe", bad_recipe_file], "unknown field 'ratio'"),
+    (["add-se", "resnet50", "--stages", "6"], "stage 6 does not exist in resnet50"),
+    (["add-se", "resnet50", "--stages", "x"], "'stages'"),
+    (["add-se", "inception_v3", "--position", "inside"], "position 'inside' has no site in inception_v3"),
+    (["add-se", "vgg11"], "no residual or Inception merge at all"),
+    (["add-se", "resnet18", "--output", "/nonexistent/dir/x.safetensors"], "folder /nonexistent/dir does not exist"),
+    (["add-se", "resnet18", "--checkpoint", corrupted_checkpoint], "cannot read checkpoint"),
+    (["add-se", "resnet18", "--checkpoint", "nothere.pth"], "checkpoint nothere.pth not found"),
+    (["add-se", "resnet18", "--input-size", "3,abc"], "input size must be"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_gets_one_clear_line(tmp_path, args, message):
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_width_below_one_is_a_warning_not_an_error():
+    result = run("add-se", "resnet18", "--r", 1000, "--json", "-")
+    assert result.exit_code == 0
+    assert "warning: r=1000 gives a reduced width below 1" in result.stderr
+
+
+def test_installed_console_script_fails_cleanly():
+    proc = subprocess.run([sys.executable, "-m", "retrofit", "add-se", "resnet18", "--r", "-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("error: recipe field 'r'") and "Traceback" not in proc.stderr

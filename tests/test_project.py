@@ -1,0 +1,54 @@
+"""The project frame: the README's test command is what CI runs; recipes ship inside the wheel."""
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)\n```", setup, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = readme_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert "retrofit add-se resnet101" in main_job and "pytest" in tests
+    assert "-c constraints.txt" in main_job and "-c constraints.txt" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests.strip() in ci
+
+
+def test_builtin_recipes_ship_in_the_wheel(tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("retrofit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for recipe in ("standard", "pre", "post", "identity", "inside", "timm"):
+        assert f"retrofit/recipes/{recipe}.yaml" in names
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """The README's Python blocks, run as written (with a weights file and recipes they refer to)."""
+    import timm
+    from safetensors.torch import save_file
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    save_file(timm.create_model("resnet50").state_dict(), "my_resnet50.safetensors")
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["report"].added_params > 0
+    assert len(namespace["again"]._retrofit.blocks) == 2
