@@ -13,12 +13,15 @@ import copy
 import functools
 import gc
 import inspect
+import itertools
 import operator
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate, map_arg
 
@@ -29,7 +32,7 @@ from .positions import POSITIONS, Insertion, SkipSite
 from .recipe import Recipe, resolve_recipe
 from .se import SqueezeExcite
 from .sites import Scan, Skipped, scan
-from .trace import Call, RetrofitTracer, level_of
+from .trace import Call, RetrofitTracer, Traced, attributes_kept, level_of
 
 
 @dataclass(frozen=True)
@@ -112,18 +115,21 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     insertions, skipped = plan(found, recipe)
     info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
                         skipped=list(found.skipped) + skipped)
+    calls_of: dict[int, int] = {}
+    for call in found.traced.calls():
+        calls_of[id(call.module)] = calls_of.get(id(call.module), 0) + 1
     by_owner: dict[int, tuple[Call, list[Insertion]]] = {}
     for ins in insertions:
-        try:
-            owner = owner_of(ins)
-        except CannotRewrite as err:
-            info.skipped.append(Skipped(_site_name(ins.site), str(err)))
+        owner = owner_of(ins)
+        if calls_of[id(owner.module)] > 1:  # one forward serves every call: they would all change
+            info.skipped.append(Skipped(_site_name(ins.site), f"{owner.path or '<model>'} is called "
+                                        f"{calls_of[id(owner.module)]} times (a shared module): not rewritten"))
             continue
         by_owner.setdefault(id(owner), (owner, []))[1].append(ins)
     narrow = []
     for owner, group in by_owner.values():
         try:
-            info.blocks += _rewrite(owner, group, target, recipe, narrow)
+            info.blocks += _rewrite(owner, group, target, recipe, narrow, found.traced)
         except CannotRewrite as err:
             info.skipped += [Skipped(_site_name(ins.site), f"{owner.path or '<model>'}: {err}") for ins in group]
     if not info.blocks:
@@ -149,8 +155,13 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
     candidates = [s for s in found.sites if s.kind in position.kinds]
     if not candidates:
         usable = [p for p, spec in POSITIONS.items() if any(s.kind in spec.kinds for s in found.sites)]
-        hint = f"positions that fit it: {', '.join(usable)}" if usable else \
-            "it has no residual or Inception merge at all"
+        if usable:
+            hint = f"positions that fit it: {', '.join(usable)}"
+        elif found.skipped:
+            reason, n = Counter(s.reason for s in found.skipped).most_common(1)[0]
+            hint = f"it has no residual or Inception merge the pass supports ({n} candidates skipped: {reason})"
+        else:
+            hint = "it has no residual or Inception merge at all"
         raise RetrofitError(f"position '{recipe.position}' has no site in {name}: it needs "
                             f"{' or '.join(position.kinds)} sites and the model has {found.summary()}; {hint}")
     if recipe.stages is not None:
@@ -197,9 +208,9 @@ def owner_of(ins: Insertion) -> Call:
 
 # -- surgery ------------------------------------------------------------------------------------
 def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Recipe,
-             narrow: list[int]) -> list[BlockInfo]:
+             narrow: list[int], traced: Traced) -> list[BlockInfo]:
     module = target.get_submodule(owner.path) if owner.path else target
-    rebuilt = OwnerGraph(owner)
+    rebuilt = OwnerGraph(owner, traced)
     check_mode_independent(module)
     spliced = []
     for ins in group:
@@ -209,6 +220,9 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
     bases = [("se" if ins.position == "standard" else f"se_{ins.position}") for ins, _, _ in spliced]
     added = []
     try:
+        for name, value in rebuilt.constants.items():  # tensors fx kept aside: now the module's own
+            module.register_buffer(name, value.clone(), persistent=False)
+            added.append(name)
         for (ins, value, users), base in zip(spliced, bases):
             if bases.count(base) > 1:
                 base = f"{base}_{_clean(value.name)}"
@@ -229,19 +243,22 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
             delattr(module, name)
         raise
     prefix = f"{owner.path}." if owner.path else ""
+    blocks = added[len(rebuilt.constants):]
     return [BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
                       ins.site.stride, getattr(module, name).channels, getattr(module, name).width)
-            for (ins, _, _), name in zip(spliced, added)]
+            for (ins, _, _), name in zip(spliced, blocks)]
 
 
 class OwnerGraph:
     """One module call's forward rebuilt at its own level from the analysis graph."""
 
-    def __init__(self, call: Call):
+    def __init__(self, call: Call, traced: Traced):
         self.call = call
+        self.traced = traced
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}      # analysis node -> node of this graph
         self.children: dict[int, fx.Node] = {}      # id(child Call) -> its call_module node
+        self.constants: dict[str, Any] = {}         # tensors to register on the module (non-persistent)
         self.prefix = f"{call.path}." if call.path else ""
         if call.parent is not None:
             self._placeholders()
@@ -294,7 +311,7 @@ class OwnerGraph:
                     node = g.call_function(operator.getitem, (node, key))
                 self.env[ev] = node
             elif ev.op == "get_attr":
-                self.env[ev] = g.get_attr(self.relative(ev.target))
+                self.env[ev] = self._get_attr(ev.target)
             elif ev.op == "output":
                 g.output(map_arg(ev.args[0], self.lookup))
             elif ev.op == "placeholder":
@@ -306,14 +323,48 @@ class OwnerGraph:
             g.output(self._map(self.call.result))
 
     def _map(self, value: Any) -> Any:
-        return map_aggregate(value, lambda a: self.lookup(a.node) if isinstance(a, fx.Proxy) else a)
+        """Values passed to or returned by a traced-through call, as arguments of this graph."""
+        def convert(a):
+            if isinstance(a, fx.Proxy):
+                return self.lookup(a.node)
+            if isinstance(a, torch.Tensor):
+                return self._tensor(a)
+            if not isinstance(a, _LITERALS):  # generated code could not spell it
+                raise CannotRewrite(f"it passes a {type(a).__name__} value to a submodule")
+            return a
+        return map_aggregate(value, convert)
+
+    def _tensor(self, t: torch.Tensor) -> fx.Node:
+        """A tensor handed over as is: one of the module's own, or kept as a constant."""
+        module = self.call.module
+        for name, own in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if own is t:
+                return self.graph.get_attr(name)
+        qualified = self.traced.tensor_attrs.get(t)
+        if qualified is not None and qualified.startswith(self.prefix):
+            return self.graph.get_attr(qualified[len(self.prefix):])
+        return self._constant(t)
+
+    def _constant(self, value: Any) -> fx.Node:
+        if not isinstance(value, torch.Tensor):
+            raise CannotRewrite(f"its forward uses a {type(value).__name__} constant")
+        name, k = "_retrofit_constant", 0
+        while hasattr(self.call.module, f"{name}{k}") or f"{name}{k}" in self.constants:
+            k += 1
+        self.constants[f"{name}{k}"] = value
+        return self.graph.get_attr(f"{name}{k}")
+
+    def _get_attr(self, target: str) -> fx.Node:
+        if target in self.traced.constants:  # a value fx kept on the traced root for this forward
+            return self._constant(self.traced.constants[target])
+        return self.graph.get_attr(self.relative(target))
 
     def lookup(self, n: fx.Node) -> fx.Node:
         found = self.env.get(n)
         if found is not None:
             return found
         if n.op == "get_attr":  # a parameter first read in another call (fx caches their proxies)
-            node = self.env[n] = self.graph.get_attr(self.relative(n.target))
+            node = self.env[n] = self._get_attr(n.target)
             return node
         raise CannotRewrite(f"its forward reads {n.name}, which it does not receive as an argument")
 
@@ -365,6 +416,10 @@ class OwnerGraph:
         else:
             for u in users:
                 u.replace_input_with(value, se)
+
+
+_LITERALS = (type(None), bool, int, float, complex, str, type(Ellipsis), torch.dtype, torch.device,
+             torch.memory_format, torch.layout)
 
 
 def _has_proxy(value: Any) -> bool:
@@ -437,7 +492,8 @@ def check_mode_independent(module: nn.Module) -> None:
         graphs = []
         for mode in (True, False):
             module.training = mode
-            graphs.append(str(_OneLevelTracer(module).trace(module)))
+            with attributes_kept(module, {}):
+                graphs.append(str(_OneLevelTracer(module).trace(module)))
     except Exception as err:
         raise CannotRewrite(f"its forward cannot be traced in train and eval mode ({err})") from None
     finally:

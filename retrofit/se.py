@@ -6,20 +6,20 @@ The parameter layout is timm's ``SEModule`` (``fc1`` and ``fc2`` as 1x1 convolut
 dict of a block interchanges with timm's native SE models (``seresnet50``...). Squeeze and gate are
 looked up by name in the registries below; the gate modules come from timm's activation factory.
 
-Function-preserving start (``init="preserve"``): the excitation is made input-independent and its
-constant value is divided back out by a fixed ``gain``, so the block starts as an exact identity:
+Function-preserving start (``init="preserve"``): the excitation is made input-independent, and the
+block divides the gate by that constant value, ``gate_origin``, so it starts as an exact identity
+(bitwise, for the sigmoid, hard sigmoid and relu gates):
 
 * with biases: ``fc1`` weights are zero and its biases one, so every hidden unit is the constant
   ``act(1)``; ``fc2`` keeps random weights and its bias is chosen so the gate sees the constant
   ``preserve_bias``. Every parameter, ``fc1`` included, receives a gradient from the first step.
 * without biases: ``fc2`` weights are zero, so the gate sees 0 (only for gates non-zero at 0).
 
-``gain`` is part of the architecture the recipe describes (like the gate), not a learned parameter:
-it is 1 for ``init="paper"``, which is what timm's SE models compute.
+``gate_origin`` is part of the architecture the recipe describes (like the gate), not a learned
+parameter: it is 1 (no division) for ``init="paper"``, which is what timm's SE models compute.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +36,13 @@ class GateSpec:
 
 
 # gate name -> spec; the module itself comes from timm's activation factory (create_act_layer).
-# Preserve points sit where the gate is steep, so gradients flow: sigmoid/hard_sigmoid at 0 (0.5),
-# tanh at atanh(0.5) (tanh(0) = 0 would silence the block), relu at 1 (no gain needed).
+# Preserve points sit where the gate is steep, so gradients flow, and are exact binary fractions,
+# so the constant the gate sees is exact: sigmoid/hard_sigmoid at 0 (gate 0.5), tanh at 0.5
+# (tanh(0) = 0 would silence the block), relu at 1 (gate 1: nothing to divide out).
 GATES: dict[str, GateSpec] = {
     "sigmoid": GateSpec(preserve_bias=0.0, at_zero=0.5),
     "hard_sigmoid": GateSpec(preserve_bias=0.0, at_zero=0.5),
-    "tanh": GateSpec(preserve_bias=math.atanh(0.5), at_zero=0.0),
+    "tanh": GateSpec(preserve_bias=0.5, at_zero=0.0),
     "relu": GateSpec(preserve_bias=1.0, at_zero=0.0),
 }
 
@@ -62,7 +63,7 @@ def _uninitialised_conv1x1(cin: int, cout: int, bias: bool, device, dtype) -> nn
 
 @register_notrace_module  # a leaf for timm's and retrofit's fx tracers: the block is one node
 class SqueezeExcite(nn.Module):
-    """Squeeze-and-Excitation: ``x * gain * gate(fc2(act(fc1(squeeze(x)))))``.
+    """Squeeze-and-Excitation: ``x * gate(fc2(act(fc1(squeeze(x))))) / gate_origin``.
 
     Args:
         channels: channels of the feature map it scales.
@@ -85,7 +86,7 @@ class SqueezeExcite(nn.Module):
         self.act = act_layer(inplace=True)
         self.fc2 = _uninitialised_conv1x1(width, channels, bias, **dd)
         self.gate = create_act_layer(gate)
-        self.gain = 1.0
+        self.gate_origin = 1.0
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "paper") -> None:
@@ -95,12 +96,12 @@ class SqueezeExcite(nn.Module):
         else:
             self.fc1.reset_parameters()
             self.fc2.reset_parameters()
-            self.gain = 1.0
+            self.gate_origin = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
-        if self.gain != 1.0:
-            s = s * self.gain  # on the (N, C, 1, 1) excitation: free next to the pass over x
+        if self.gate_origin != 1.0:
+            s = s / self.gate_origin  # on the (N, C, 1, 1) excitation: free next to the pass over x
         return x * s
 
     @torch.no_grad()
@@ -108,6 +109,9 @@ class SqueezeExcite(nn.Module):
         """Make the block an exact identity that still learns (see the module docstring)."""
         if self.fc1.bias is not None:
             self.fc2.reset_parameters()  # fc2 stays random, so fc1 gets gradients from the first step
+            # Multiples of 2^-12: every partial sum of a row is then exact (float32 and up), so
+            # fc2(ones) == bias + row sum holds bitwise in whatever order the convolution adds.
+            self.fc2.weight.copy_(torch.round(self.fc2.weight * 4096) / 4096)
             nn.init.zeros_(self.fc1.weight)
             nn.init.ones_(self.fc1.bias)
             hidden = float(self.act(torch.ones(())))
@@ -117,8 +121,9 @@ class SqueezeExcite(nn.Module):
             self.fc1.reset_parameters()
             nn.init.zeros_(self.fc2.weight)
             z = 0.0
-        self.gain = 1.0 / float(self.gate(torch.tensor(z, dtype=torch.float32)))
+        # the same gate on the same constant: s / gate_origin is then exactly 1 (float32)
+        self.gate_origin = float(self.gate(torch.tensor(z, dtype=torch.float32)))
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, width={self.width}, squeeze={self.squeeze_type}, "
-                f"gate={self.gate_type}, gain={self.gain:g}")
+                f"gate={self.gate_type}, gate_origin={self.gate_origin:g}")

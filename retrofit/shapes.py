@@ -16,6 +16,7 @@ each node's multiply-adds (the counter's FLOPs / 2: it counts one multiply-add a
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -36,15 +37,18 @@ SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
 )
 
 
-def meta_twin(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` (and its children) whose parameters and buffers are on meta."""
-    twin = copy.copy(module)
-    twin.__dict__ = module.__dict__.copy()
-    twin._parameters = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
-                        for k, p in module._parameters.items()}
-    twin._buffers = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
-    twin._modules = {k: None if c is None else meta_twin(c) for k, c in module._modules.items()}
-    return twin
+def twin(module: nn.Module, meta: bool = True) -> nn.Module:
+    """A shallow copy of ``module`` and its children to run instead of it: with parameters and buffers
+    on meta (``meta=True``), and with its own copies of dict/list/set attributes, so that caches a
+    forward fills (timm's attention-bias caches, say) are filled in the copy, not in the model."""
+    copied = copy.copy(module)
+    copied.__dict__ = {k: copy.copy(v) if type(v) in (dict, list, set) else v for k, v in module.__dict__.items()}
+    if meta:
+        copied._parameters = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
+                              for k, p in module._parameters.items()}
+        copied._buffers = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
+    copied._modules = {k: None if c is None else twin(c, meta) for k, c in module._modules.items()}
+    return copied
 
 
 def _to_meta(value: Any) -> Any:
@@ -56,10 +60,14 @@ def _to_meta(value: Any) -> Any:
 
 
 class MetaShapeProp(fx.Interpreter):
-    """Runs an analysis graph of ``model`` on meta tensors; stores outputs in ``node.meta["val"]``."""
+    """Runs an analysis graph of ``model`` on meta tensors; stores outputs in ``node.meta["val"]``.
 
-    def __init__(self, model: nn.Module, graph: fx.Graph):
+    ``constants`` holds the values fx made attributes of the traced root (see ``Traced.constants``).
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, constants: dict | None = None):
         super().__init__(model, garbage_collect_values=True, graph=graph)
+        self.constants = constants or {}
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -78,9 +86,11 @@ class MetaShapeProp(fx.Interpreter):
             return module._conv_forward(args[0], _to_meta(module.weight), _to_meta(module.bias))
         if type(module) is nn.Linear and len(args) == 1 and not kwargs:
             return torch.nn.functional.linear(args[0], _to_meta(module.weight), _to_meta(module.bias))
-        return meta_twin(module)(*args, **kwargs)
+        return twin(module)(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):
+        if target in self.constants:
+            return _to_meta(self.constants[target])
         return _to_meta(super().get_attr(target, args, kwargs))
 
     def _run_fake(self, n: fx.Node) -> Any:
@@ -88,6 +98,9 @@ class MetaShapeProp(fx.Interpreter):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)  # a failure here is reported below, in one line
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 def fake(v):
@@ -97,7 +110,7 @@ class MetaShapeProp(fx.Interpreter):
                     return v
                 args, kwargs = map_aggregate(args, fake), map_aggregate(kwargs, fake)
                 if n.op == "call_module":
-                    out = self.fetch_attr(n.target)(*args, **kwargs)
+                    out = twin(self.fetch_attr(n.target), meta=False)(*args, **kwargs)
                 elif n.op == "call_function":
                     out = n.target(*args, **kwargs)
                 elif n.op == "call_method":
@@ -108,12 +121,14 @@ class MetaShapeProp(fx.Interpreter):
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RetrofitError(f"cannot work out the shapes at {n.name} ({n.format_node()[:80]}): {reason}; "
                                 f"check the input size (--input-size) the model expects") from err
+        finally:
+            fake_log.setLevel(level)
         return _to_meta(out)
 
 
 def propagate_shapes(traced: Traced, batch: int = 1) -> None:
     """Give every node of ``traced.graph`` its output (a meta tensor) in ``node.meta["val"]``."""
-    MetaShapeProp(traced.model, traced.graph).run(_meta_input(traced, batch))
+    MetaShapeProp(traced.model, traced.graph, traced.constants).run(_meta_input(traced, batch))
 
 
 def count_macs(traced: Traced, batch: int = 1) -> int:
@@ -128,7 +143,7 @@ def count_macs(traced: Traced, batch: int = 1) -> int:
             return out
 
     with counter:
-        Counting(traced.model, traced.graph).run(_meta_input(traced, batch))
+        Counting(traced.model, traced.graph, traced.constants).run(_meta_input(traced, batch))
     return counter.get_total_flops() // 2
 
 

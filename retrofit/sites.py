@@ -5,8 +5,9 @@ Three kinds, read off the flat analysis graph (see :mod:`retrofit.trace`) with i
 * ``residual``: an addition of two same-shaped NCHW tensors that both come from one *fork* node
   (the fork is the merge's immediate dominator in the data flow: every path from the input to the
   merge passes through it). The operand whose path from the fork holds fewer weighted layers
-  (convolutions, linears) is the *shortcut*: ``identity`` when it holds none, else ``projection``;
-  the other is the residual *branch*. Sums of two equally deep paths are not residual units.
+  (convolutions, linears) is the *shortcut*: ``identity`` when it holds none, else ``projection``
+  (at most ``MAX_PROJECTION`` of them); the other is the residual *branch*. Sums of two equally deep
+  paths (RepVGG's parallel convs) or of two long ones (HRNet's fusions) are not residual units.
 * ``inception``: a channel concatenation of two or more branches from one fork. A concatenation
   that includes the fork itself (DenseNet) is not one; nor is one nested in another Inception merge
   (Inception-v3's 7b/7c inner concats) or lying inside a residual branch (Inception-ResNet units
@@ -30,6 +31,9 @@ from .shapes import count_macs, propagate_shapes
 from .trace import Traced, level_of, trace
 
 KINDS = ("residual", "inception", "conv3x3")
+# A shortcut is an identity or a projection: a 1x1 conv (ResNet), pooling + 1x1 conv (ResNet-D),
+# depthwise + pointwise (GhostNet). Longer paths on both sides are a fusion of branches (HRNet).
+MAX_PROJECTION = 2
 
 
 @dataclass(eq=False)
@@ -189,6 +193,13 @@ class _Analysis:
             stack.extend(v.all_input_nodes)
         return region
 
+    def _spatial(self, h: int, w: int) -> bool:
+        """Whether (h, w) can be the image's height and width at some output stride: both sides
+        shrunk by the same power of two (NCHW). A channels-last (N, H, W, C) tensor fails this."""
+        in_h, in_w = self.traced.input_size[-2:]
+        return h > 0 and w > 0 and round(math.log2(in_h / h)) == round(math.log2(in_w / w)) and \
+            abs(in_h / h - in_w / w) <= 0.5 * max(in_h / h, in_w / w)
+
     def _where(self, n: fx.Node) -> str:
         path = level_of(n).path
         return f"{path or '<model>'} ({n.name})"
@@ -202,7 +213,7 @@ class _Analysis:
 
     # -- the three kinds -----------------------------------------------------------------
     def run(self, macs: int) -> Scan:
-        residual = [s for n in self.nodes if (s := self._residual(n)) is not None]
+        residual = self._outermost([s for n in self.nodes if (s := self._residual(n)) is not None])
         inception = self._inception(residual)
         convs = self._convs(residual)
         sites = sorted(residual + inception + convs, key=lambda s: self.order[s.refs.anchor])
@@ -212,12 +223,17 @@ class _Analysis:
         if n not in self.data or (operands := N.add_operands(n)) is None:
             return None
         a, b = operands
-        if a not in self.data or b not in self.data or N.shape(a) != N.shape(b) or a is b:
+        shape = N.shape(a)
+        if a not in self.data or b not in self.data or shape is None or shape != N.shape(b) or a is b:
             return None
-        if len(N.shape(a)) != 4:
-            if len(N.shape(a)) == 3:
+        if len(shape) != 4:
+            if len(shape) == 3:
                 self.skipped.append(Skipped(self._where(n), "sum of token tensors (B, N, C): "
                                             "layout not supported yet"))
+            return None
+        if not self._spatial(shape[2], shape[3]):
+            self.skipped.append(Skipped(self._where(n), "sum of 4-d tensors whose last two dims are not "
+                                        "the image's (channels-last N, H, W, C?): layout not supported yet"))
             return None
         fork = self.idom[n]
         if fork is None:
@@ -225,9 +241,12 @@ class _Analysis:
         region_a, region_b = self._region(a, fork), self._region(b, fork)
         depth_a = sum(N.is_weighted(v) for v in region_a)
         depth_b = sum(N.is_weighted(v) for v in region_b)
-        if depth_a == depth_b:
-            self.skipped.append(Skipped(self._where(n), f"sum of two paths with {depth_a} weighted "
-                                        f"layers each: no shortcut, not a residual unit"))
+        if fork in (a, b):  # x + f(x): an identity shortcut, whatever f holds (PoolFormer's pooling)
+            depth_a, depth_b = (0, 1) if a is fork else (1, 0)
+        if depth_a == depth_b or min(depth_a, depth_b) > MAX_PROJECTION:
+            self.skipped.append(Skipped(self._where(n), f"sum of two paths with {depth_a} and {depth_b} "
+                                        f"weighted layers: neither is an identity or a short projection "
+                                        f"shortcut, not a residual unit"))
             return None
         if depth_a > depth_b:
             branch, region, shortcut, shortcut_depth = a, region_a, b, depth_b
@@ -236,6 +255,25 @@ class _Analysis:
         kind = "identity" if shortcut_depth == 0 else "projection"
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
         return self._site("residual", n, kind, refs)
+
+    def _outermost(self, residual: list[Site]) -> list[Site]:
+        """Drop sums inside the branch of a wider residual unit: Res2Net's hierarchical sums over
+        channel splits are part of their bottleneck. Sums on the unit's full width (units nested in
+        a residual group) stay sites."""
+        widest: dict[fx.Node, Site] = {}  # node -> the widest unit whose branch holds it
+        for unit in residual:
+            for v in unit.refs.branch_nodes:
+                if v not in widest or widest[v].channels < unit.channels:
+                    widest[v] = unit
+        kept = []
+        for site in residual:
+            unit = widest.get(site.refs.anchor)
+            if unit is not None and unit.channels > site.channels:
+                self.skipped.append(Skipped(self._where(site.refs.anchor), f"inside the residual branch of "
+                                            f"{unit.module or '<model>'}, on a channel split: part of that unit"))
+                continue
+            kept.append(site)
+        return kept
 
     def _inception(self, residual: list[Site]) -> list[Site]:
         in_branches = {v: s for s in residual for v in s.refs.branch_nodes}

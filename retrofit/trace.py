@@ -16,12 +16,14 @@ notrace modules (``timm.layers.register_notrace_module``) and functions (``regis
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
+from torch.fx.node import map_aggregate
 from timm.layers import get_notrace_functions, get_notrace_modules
 
 from .errors import RetrofitError
@@ -69,6 +71,10 @@ class Call:
                     yield from e.nodes()
             else:
                 yield e
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def level_of(node: fx.Node) -> Call:
@@ -124,7 +130,9 @@ class RetrofitTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
-        call = Call(path, m, self._stack[-1], self.is_leaf_module(m, path), args, dict(kwargs))
+        # copies of the containers: a forward may change a list it was given (HRNet's x[i] = ...)
+        call = Call(path, m, self._stack[-1], self.is_leaf_module(m, path), map_aggregate(args, _same),
+                    map_aggregate(dict(kwargs), _same))
         self._stack[-1].events.append(call)
         self._stack.append(call)
         try:
@@ -137,7 +145,7 @@ class RetrofitTracer(fx.Tracer):
         if call.leaf:
             call.node = out.node if isinstance(out, fx.Proxy) else None
             return out
-        call.result = out
+        call.result = map_aggregate(out, _same)
         return self._mark(call, out, ())
 
     def _mark(self, call: Call, value: Any, path: tuple) -> Any:
@@ -157,12 +165,19 @@ class RetrofitTracer(fx.Tracer):
 
 @dataclass(eq=False)
 class Traced:
-    """A model's flat analysis graph, its call tree and (after shape propagation) its shapes."""
+    """A model's flat analysis graph, its call tree and (after shape propagation) its shapes.
+
+    ``constants``: values fx stores as new attributes of the traced root (``_tensor_constant0``...,
+    for tensors a forward makes); they are taken back off the model and kept here, so tracing leaves
+    the model untouched. ``tensor_attrs``: plain tensor attributes of the modules, by identity.
+    """
 
     model: nn.Module
     graph: fx.Graph
     root_call: Call
     input_size: tuple[int, ...]
+    constants: dict[str, Any] = field(default_factory=dict)
+    tensor_attrs: dict = field(default_factory=dict)
 
     def calls(self) -> Iterator[Call]:
         return self.root_call.walk()
@@ -178,13 +193,26 @@ def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
     from .se import SqueezeExcite  # leaf: a retrofitted model re-traces with one node per block
 
     tracer = RetrofitTracer(leaf_modules=(SqueezeExcite,))
+    constants: dict[str, Any] = {}
     try:
-        graph = tracer.trace(model)
+        with attributes_kept(model, constants):
+            graph = tracer.trace(model)
     except Exception as err:  # fx raises many kinds: TraceError, TypeError, NameError...
         where = tracer.failed_in
-        inside = f" in {where.path} ({type(where.module).__name__})" if where else ""
+        inside = f", in its module {where.path} ({type(where.module).__name__})" if where else ""
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RetrofitError(f"torch.fx cannot trace {type(model).__name__}{inside}: {reason}; "
                             f"mark that module as a leaf with timm.layers.register_notrace_module "
                             f"or pass a model fx can trace") from err
-    return Traced(model, graph, tracer.root_call, tuple(input_size))
+    return Traced(model, graph, tracer.root_call, tuple(input_size), constants, dict(tracer.tensor_attrs))
+
+
+@contextlib.contextmanager
+def attributes_kept(module: nn.Module, taken: dict[str, Any]):
+    """Undo the attributes fx's ``create_arg`` sets on the traced root, moving them into ``taken``."""
+    before = set(module.__dict__)
+    try:
+        yield
+    finally:
+        for name in set(module.__dict__) - before:
+            taken[name] = module.__dict__.pop(name)

@@ -198,3 +198,64 @@ def test_retrofitting_twice_adds_a_second_block(resnet50_random):
     twice = retrofit.add_se(once, input_size=(3, 64, 64))
     assert hasattr(twice.layer1[0], "se") and hasattr(twice.layer1[0], "se_2")
     assert max_rel_diff(twice(X), resnet50_random(X)) <= 1e-5
+
+
+def test_inception_modules_get_one_block_on_their_output():
+    model = randomize(timm.create_model("inception_v3"))
+    se = retrofit.add_se(model, init="paper", input_size=(3, 96, 96))
+    inception = [n for n, m in se.named_modules() if n and type(m).__name__.startswith("Inception")]
+    assert [b.path for b in se._retrofit.blocks] == [f"{n}.se" for n in inception]
+    x = torch.randn(1, 288, 9, 9)
+    with torch.no_grad():  # Mixed_6a's forward: the concatenation of its branches, then the block
+        m = se.Mixed_6a
+        torch.testing.assert_close(m(x), m.se(torch.cat(m._forward(x), 1)))
+    v4 = retrofit.add_se(timm.create_model("inception_v4"), input_size=(3, 96, 96))
+    assert len(v4._retrofit.blocks) == 19
+
+
+def test_inception_resnet_units_get_the_block_on_their_residual_branch():
+    model = randomize(timm.create_model("inception_resnet_v2"))
+    se = retrofit.add_se(model, init="paper", input_size=(3, 96, 96))
+    kinds = {b.site_kind for b in se._retrofit.blocks}
+    assert kinds == {"residual", "inception"} and len(se._retrofit.blocks) == 43
+    b = se.repeat[0]
+    x = torch.relu(torch.randn(1, 320, 5, 5))
+    with torch.no_grad():
+        branch = b.conv2d(torch.cat((b.branch0(x), b.branch1(x), b.branch2(x)), 1)) * b.scale
+        torch.testing.assert_close(b(x), b.act(b.se(branch) + x))
+
+
+class Shared(nn.Module):
+    """One residual block applied twice (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = Residualish()
+        self.other = Residualish()
+
+    def forward(self, x):
+        return self.other(self.block(self.block(self.stem(x))))
+
+
+def test_a_module_called_twice_is_skipped_with_its_reason():
+    se = retrofit.add_se(Shared(), r=4, input_size=(3, 8, 8))
+    assert [b.path for b in se._retrofit.blocks] == ["other.se"]
+    assert sum("called 2 times" in s.reason for s in se._retrofit.skipped) == 2
+    assert "forward" not in se.block.__dict__
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return x + self.conv(x)
+        return x
+
+
+def test_an_untraceable_model_is_one_clear_error():
+    with pytest.raises(RetrofitError, match=r"torch.fx cannot trace .*Untraceable.*register_notrace_module"):
+        retrofit.add_se(nn.Sequential(nn.Identity(), Untraceable()), input_size=(3, 8, 8))

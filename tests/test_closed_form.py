@@ -38,7 +38,7 @@ def test_standard_position_params(resnet50, r, bias):
     assert n_params(se) - n_params(resnet50) == closed_form(C_OUT, r, bias)
 
 
-@pytest.mark.parametrize("r", [4, 16])
+@pytest.mark.parametrize("r", [2, 4, 8, 16, 32])
 @pytest.mark.parametrize("bias", [False, True])
 def test_inside_position_params(resnet50, r, bias):
     se = retrofit.add_se(resnet50, position="inside", r=r, bias=bias, input_size=(3, 64, 64))

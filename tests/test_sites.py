@@ -127,3 +127,38 @@ def test_graph_module_and_torchvision_style_code():
     sites = find_sites(tv, input_size=(3, 64, 64))
     assert kinds(sites) == {"residual": 8, "conv3x3": 16}
     assert sites[1].module == "layer1.0"
+
+
+def test_res2net_hierarchical_sums_belong_to_their_bottleneck():
+    found = scan(timm.create_model("res2net50_14w_8s"), (3, 64, 64))
+    assert found.count("residual") == 16  # one per Bottle2neck, like ResNet-50
+    assert sum("channel split" in s.reason for s in found.skipped) == 72  # 12 blocks x 6 inner sums
+
+
+class ChannelsLast(nn.Module):
+    """A Swin-style block: the residual sum happens on an (N, H, W, C) tensor."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        y = y + self.fc(y)
+        return y.permute(0, 3, 1, 2)
+
+
+class PoolMixer(nn.Module):  # PoolFormer: a parameter-free branch on an identity shortcut
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 1, 1)
+
+    def forward(self, x):
+        return x + (self.pool(x) - x)
+
+
+def test_layouts_and_parameter_free_branches():
+    found = scan(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ChannelsLast()), (3, 16, 16))
+    assert found.sites == [] and "channels-last" in found.skipped[0].reason
+    sites = find_sites(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PoolMixer()), input_size=(3, 16, 16))
+    assert [(s.kind, s.detail, s.module) for s in sites] == [("residual", "identity", "1")]
