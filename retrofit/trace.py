@@ -21,7 +21,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 from timm.layers import get_notrace_functions, get_notrace_modules
