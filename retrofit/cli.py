@@ -216,7 +216,20 @@ def recipes_command():
 
 
 def main() -> None:
-    app()
+    """Entry point: usage errors (a missing argument, an unknown option) are one line too."""
+    try:
+        code = app(standalone_mode=False, prog_name="retrofit")
+    except typer.TyperException as e:  # the base of typer's usage errors
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `retrofit`: the help was shown
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        _console(stderr=True).print(f"[red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        _console(stderr=True).print("[red]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

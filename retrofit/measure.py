@@ -144,8 +144,12 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
         >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
         >>> report.added_params, round(report.macs_percent(), 2)
     """
+    from .errors import RetrofitError
     from .models import resolve_input_size
 
+    if se_model is model:
+        raise RetrofitError("measure_overhead needs the original and the retrofitted model, got the same "
+                            "object twice (add_se with inplace=True changes the original: keep a copy)")
     size = resolve_input_size(model, input_size)
     return compare(cost(model, size), cost(se_model, size))
 

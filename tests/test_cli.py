@@ -157,8 +157,12 @@ def test_width_below_one_is_a_warning_not_an_error():
     assert "warning: r=1000 gives a reduced width below 1" in result.stderr
 
 
-def test_installed_console_script_fails_cleanly():
-    proc = subprocess.run([sys.executable, "-m", "retrofit", "add-se", "resnet18", "--r", "-1"],
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("args, message", [
+    (["add-se", "resnet18", "--r", "-1"], "error: recipe field 'r'"),
+    (["add-se", "resnet18", "--bogus", "1"], "error: No such option: --bogus"),
+    (["sites"], "error: Missing argument"),
+])
+def test_installed_entry_point_fails_cleanly(args, message):
+    proc = subprocess.run([sys.executable, "-m", "retrofit", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().startswith("error: recipe field 'r'") and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1

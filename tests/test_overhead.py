@@ -1,4 +1,5 @@
 """Overhead numbers: consistent with each other and with independent counts."""
+import pytest
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,3 +57,10 @@ def test_inception_stages_round_log2_of_the_stride():
     report = measure_overhead(model, retrofit.add_se(model))
     # 299 input: Mixed_5* at 35x35 (stride 8.5 -> stage 3), Mixed_6* 17x17 (4), Mixed_7* 8x8 (5)
     assert [(s.stage, s.blocks) for s in report.stages()] == [(3, 3), (4, 5), (5, 3)]
+
+
+def test_the_same_model_twice_is_an_error():
+    model = timm.create_model("resnet18")
+    retrofit.add_se(model, inplace=True, input_size=(3, 32, 32))
+    with pytest.raises(retrofit.RetrofitError, match="same object twice"):
+        measure_overhead(model, model)
