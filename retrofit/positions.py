@@ -28,18 +28,21 @@ their block goes on the module's output (the concatenation), the one placement t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import fx
 
 from . import nodes as N
+
+if TYPE_CHECKING:
+    from .sites import Site
 
 
 @dataclass(frozen=True)
 class Insertion:
     """An SE block to insert: it scales ``value``; ``users`` read its output instead (None: all)."""
 
-    site: object  # retrofit.sites.Site
+    site: "Site"
     value: fx.Node
     users: tuple[fx.Node, ...] | None
     position: str = ""

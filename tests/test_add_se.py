@@ -259,3 +259,24 @@ class Untraceable(nn.Module):
 def test_an_untraceable_model_is_one_clear_error():
     with pytest.raises(RetrofitError, match=r"torch.fx cannot trace .*Untraceable.*register_notrace_module"):
         retrofit.add_se(nn.Sequential(nn.Identity(), Untraceable()), input_size=(3, 8, 8))
+
+
+def test_a_new_position_is_one_registered_function(resnet50_random):
+    """Extensibility: 'unit_input' scales the unit's input for the branch and the shortcut alike."""
+    from retrofit.positions import POSITIONS, Insertion, register_position
+
+    @register_position("unit_input", kinds=("residual",), summary="on the unit's input, for both paths")
+    def unit_input(site):
+        return Insertion(site, site.refs.fork, tuple(site.refs.fork.users))
+
+    try:
+        se_model = retrofit.add_se(resnet50_random, position="unit_input", init="paper", input_size=(3, 64, 64))
+        b = se_model.layer1[1]
+        x = torch.relu(torch.randn(1, 256, 8, 8))
+        with torch.no_grad():
+            s = b.se_unit_input(x)
+            torch.testing.assert_close(b(x), b.act3(branch(b, s) + s))
+    finally:
+        POSITIONS.pop("unit_input")
+    with pytest.raises(retrofit.RecipeError, match="unknown value 'unit_input'"):
+        retrofit.Recipe(position="unit_input")
