@@ -238,21 +238,19 @@ class _Analysis:
         fork = self.idom[n]
         if fork is None:
             return None
-        region_a, region_b = self._region(a, fork), self._region(b, fork)
-        depth_a = sum(N.is_weighted(v) for v in region_a)
-        depth_b = sum(N.is_weighted(v) for v in region_b)
-        if fork in (a, b):  # x + f(x): an identity shortcut, whatever f holds (PoolFormer's pooling)
-            depth_a, depth_b = (0, 1) if a is fork else (1, 0)
-        if depth_a == depth_b or min(depth_a, depth_b) > MAX_PROJECTION:
-            self.skipped.append(Skipped(self._where(n), f"sum of two paths with {depth_a} and {depth_b} "
-                                        f"weighted layers: neither is an identity or a short projection "
-                                        f"shortcut, not a residual unit"))
-            return None
-        if depth_a > depth_b:
-            branch, region, shortcut, shortcut_depth = a, region_a, b, depth_b
+        if fork in (a, b):  # x + f(x): the identity is the shortcut, whatever f holds (PoolFormer's pooling)
+            shortcut, branch = (a, b) if a is fork else (b, a)
+            region, kind = self._region(branch, fork), "identity"
         else:
-            branch, region, shortcut, shortcut_depth = b, region_b, a, depth_a
-        kind = "identity" if shortcut_depth == 0 else "projection"
+            regions = {a: self._region(a, fork), b: self._region(b, fork)}
+            depth = {v: sum(N.is_weighted(u) for u in region) for v, region in regions.items()}
+            if depth[a] == depth[b] or min(depth.values()) > MAX_PROJECTION:
+                self.skipped.append(Skipped(self._where(n), f"sum of two paths with {depth[a]} and {depth[b]} "
+                                            f"weighted layers: neither is an identity or a short projection "
+                                            f"shortcut, not a residual unit"))
+                return None
+            branch, shortcut = (a, b) if depth[a] > depth[b] else (b, a)
+            region, kind = regions[branch], "identity" if depth[shortcut] == 0 else "projection"
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
         return self._site("residual", n, kind, refs)
 
