@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .errors import RetrofitError
+from .errors import RetrofitError, first_line
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -47,8 +47,8 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
                             f"is it a checkpoint of this architecture?") from None
     except Exception as err:
         if checkpoint is None:
-            raise RetrofitError(f"cannot build {name}: {_first_line(err)}") from None
-        raise RetrofitError(f"cannot read checkpoint {checkpoint} ({type(err).__name__}: {_first_line(err)}); "
+            raise RetrofitError(f"cannot build {name}: {first_line(err)}") from None
+        raise RetrofitError(f"cannot read checkpoint {checkpoint} ({type(err).__name__}: {first_line(err)}); "
                             f"is it a complete .safetensors or .pth file?") from None
 
 
@@ -82,9 +82,4 @@ def describe_mismatch(err: BaseException) -> str:
     sizes = re.findall(r"size mismatch for ([^:]+):", text)
     if sizes:
         parts.append(f"{len(sizes)} shape mismatches (e.g. {sizes[0]})")
-    return ", ".join(parts) or _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
+    return ", ".join(parts) or first_line(err)

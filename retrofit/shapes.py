@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import RetrofitError
+from .errors import RetrofitError, first_line
 from .trace import Traced
 
 # Layers whose output has their input's shape (subclasses included: timm's BatchNormAct2d...).
@@ -118,7 +118,7 @@ class MetaShapeProp(fx.Interpreter):
                 else:
                     out = super().run_node(n)
         except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise RetrofitError(f"cannot work out the shapes at {n.name} ({n.format_node()[:80]}): {reason}; "
                                 f"check the input size (--input-size) the model expects") from err
         finally:

@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from timm.layers import get_notrace_functions, get_notrace_modules
 
-from .errors import RetrofitError
+from .errors import RetrofitError, first_line
 
 
 def output_marker(x):
@@ -199,7 +199,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
     except Exception as err:  # fx raises many kinds: TraceError, TypeError, NameError...
         where = tracer.failed_in
         inside = f", in its module {where.path} ({type(where.module).__name__})" if where else ""
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise RetrofitError(f"torch.fx cannot trace {type(model).__name__}{inside}: {reason}; "
                             f"mark that module as a leaf with timm.layers.register_notrace_module "
                             f"or pass a model fx can trace") from err
