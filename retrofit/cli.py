@@ -135,7 +135,7 @@ def add_se_command(
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     from .checkpoint import check_writable, save
     from .insert import model_name, paused_gc, retrofit_scanned
-    from .measure import ModelCost, compare, cost
+    from .measure import compare, cost, traced_cost
     from .models import resolve_input_size
     from .recipe import resolve_recipe
     from .report import blocks_table, overhead_table, sites_by_stage, sites_json
@@ -154,8 +154,7 @@ def add_se_command(
     size = resolve_input_size(net, input_size)
     with paused_gc():
         found = scan(net, size, macs=True)
-        base = ModelCost(sum(p.numel() for p in net.parameters()), found.macs, found.traced,
-                         frozenset(n for n, _ in net.named_modules()))
+        base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
         info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
         report = compare(base, cost(net, size))
     data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found),

@@ -108,9 +108,7 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     insertions, skipped = plan(found, recipe)
     info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
                         skipped=list(found.skipped) + skipped)
-    calls_of: dict[int, int] = {}
-    for call in found.traced.calls():
-        calls_of[id(call.module)] = calls_of.get(id(call.module), 0) + 1
+    calls_of = Counter(id(call.module) for call in found.traced.calls())
     by_owner: dict[int, tuple[Call, list[Insertion]]] = {}
     for ins in insertions:
         owner = owner_of(ins)
@@ -207,11 +205,11 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
     bases = [("se" if ins.position == "standard" else f"se_{ins.position}") for ins, _, _ in spliced]
-    added = []
+    buffers, blocks = [], []  # registered so far, removed again if the rewrite fails
     try:
         for name, tensor in rebuilt.constants.items():  # tensors fx kept aside: now the module's own
             module.register_buffer(name, tensor.clone(), persistent=False)
-            added.append(name)
+            buffers.append(name)
         for (ins, value, users), base in zip(spliced, bases):
             if bases.count(base) > 1:
                 base = f"{base}_{clean_name(value.name)}"
@@ -224,15 +222,14 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
                                   init=recipe.init, device=_device_of(module, target),
                                   dtype=N.tensor(ins.value).dtype)
             setattr(module, name, block)
-            added.append(name)
+            blocks.append(name)
             rebuilt.splice(value, users, name)
         install_forward(module, rebuilt.graph)
     except BaseException:
-        for name in added:
+        for name in buffers + blocks:
             delattr(module, name)
         raise
     prefix = f"{owner.path}." if owner.path else ""
-    blocks = added[len(rebuilt.constants):]
     return [BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
                       ins.site.stride, getattr(module, name).channels, getattr(module, name).width)
             for (ins, _, _), name in zip(spliced, blocks)]

@@ -19,6 +19,7 @@ from typing import Any
 from torch import fx, nn
 
 from . import nodes as N
+from .errors import RetrofitError
 from .shapes import count_macs
 from .trace import Traced, trace
 
@@ -35,7 +36,12 @@ class ModelCost:
 
 def cost(model: nn.Module, input_size: tuple[int, ...]) -> ModelCost:
     traced = trace(model, input_size)
-    macs = count_macs(traced)
+    return traced_cost(traced, count_macs(traced))
+
+
+def traced_cost(traced: Traced, macs: int) -> ModelCost:
+    """The cost of a model already traced and counted (a scan with ``macs=True``): no second trace."""
+    model = traced.model
     return ModelCost(count_params(model), macs, traced, frozenset(n for n, _ in model.named_modules()))
 
 
@@ -144,7 +150,6 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
         >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
         >>> report.added_params, round(report.macs_percent(), 2)
     """
-    from .errors import RetrofitError
     from .models import resolve_input_size
 
     if se_model is model:
