@@ -1,0 +1,37 @@
+"""The ``retrofit`` command line (typer + rich): one module per command, all on :data:`common.app`.
+
+Every command turns bad input into one red line and a non-zero exit (see :mod:`retrofit.errors`).
+Recipe options are taken as text and checked by the recipe's own validators, so ``--r abc`` is
+reported like ``r: abc`` in a YAML file: naming the field and the allowed values.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import add_se, recipes, sites  # noqa: F401  (importing a command module registers it on `app`)
+from .common import console, app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point: usage errors (a missing argument, an unknown option) are one line too."""
+    try:
+        code = app(standalone_mode=False, prog_name="retrofit")
+    except typer.TyperException as e:  # the base of typer's usage errors
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `retrofit`: the help was shown
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        console(stderr=True).print(f"[red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        console(stderr=True).print("[red]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`retrofit add-se`: insert blocks by a recipe, report the overhead, optionally save."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import RetrofitError
+from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
+                     json_target, print_skipped, write_json)
+
+
+@app.command("add-se")
+@fail_cleanly
+def add_se_command(
+    model: str = typer.Argument(..., help="A timm model name, e.g. resnet101."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: standard)."),
+    position: Optional[str] = typer.Option(None, "--position", "-p", help="standard | pre | post | identity | inside."),
+    r: Optional[str] = typer.Option(None, "--r", "-r", help="Reduction ratio r (recipe default 16)."),
+    squeeze: Optional[str] = typer.Option(None, "--squeeze", help="avg | max."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="sigmoid | hard_sigmoid | tanh | relu."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Stages to retrofit, e.g. 3,4 or all (stage = log2 output stride)."),
+    divisor: Optional[str] = typer.Option(None, "--divisor", help="Round the reduced width to a multiple of this."),
+    min_width: Optional[str] = typer.Option(None, "--min-width", help="Smallest reduced width."),
+    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Biases on the block's two 1x1 convs."),
+    init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random)."),
+    input_size: Optional[str] = INPUT_SIZE,
+    checkpoint: Optional[Path] = CHECKPOINT,
+    pretrained: bool = PRETRAINED,
+    num_classes: Optional[str] = NUM_CLASSES,
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load."),
+):
+    """Insert SE blocks by a recipe and report the sites and the overhead."""
+    from ..checkpoint import check_writable, save
+    from ..insert import model_name, paused_gc, retrofit_scanned
+    from ..measure import compare, cost, traced_cost
+    from ..models import resolve_input_size
+    from ..recipe import resolve_recipe
+    from ..report import blocks_table, overhead_table, sites_by_stage, sites_json
+    from ..sites import scan
+
+    chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,
+                            divisor=divisor, min_width=min_width, bias=bias, init=init)
+    json_target(json_path)
+    if output is not None:
+        output = output.expanduser()
+        check_writable(output)
+        if checkpoint is not None and output.resolve() == Path(checkpoint).expanduser().resolve():
+            raise RetrofitError(f"--output {output} is the input checkpoint; input weights are never "
+                                f"overwritten, choose another file")
+    net = build_model(model, checkpoint, pretrained, num_classes)
+    size = resolve_input_size(net, input_size)
+    with paused_gc():
+        found = scan(net, size, macs=True)
+        base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
+        info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
+        report = compare(base, cost(net, size))
+    data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found),
+            **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped]}
+    if json_path != "-":
+        console().print(f"[bold]{model_name(net)}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
+                  f"recipe: {chosen.describe()}")
+        console().print(sites_by_stage(found))
+        console().print(blocks_table(report))
+        console().print(overhead_table(report))
+        print_skipped(info.skipped)
+    write_json(data, json_path)
+    if output is not None:
+        save(net, output)
+        if json_path != "-":
+            console().print(f"saved {output} (load with retrofit.load)")

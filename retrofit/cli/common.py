@@ -1,0 +1,111 @@
+"""What every command shares: the app, consoles, clean failures, model and JSON helpers, options.
+
+Every command turns bad input into one red line and a non-zero exit (see :mod:`retrofit.errors`).
+Recipe options are taken as text and checked by the recipe's own validators, so ``--r abc`` is
+reported like ``r: abc`` in a YAML file: naming the field and the allowed values.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import RetrofitError
+
+app = typer.Typer(
+    name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Add Squeeze-and-Excitation blocks to a trained network, keeping its weights, and report the overhead.",
+)
+
+
+def console(stderr: bool = False) -> Console:
+    """A console for this print: it follows a redirected ``sys.stdout``, and output to a file or pipe
+    gets a wide fixed width instead of rich's 80 columns, so no number in a table is cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=None if tty else 200, soft_wrap=not tty)
+
+
+def fail_cleanly(fn):
+    """One clear line and a non-zero exit for bad input; never a traceback (RETROFIT_DEBUG=1 shows it)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = fn(*args, **kwargs)
+            for w in caught:
+                if issubclass(w.category, UserWarning) and "retrofit" in str(w.category.__module__):
+                    console(stderr=True).print(f"[yellow]warning:[/] {w.message}")
+            return result
+        except RetrofitError as e:
+            console(stderr=True).print(f"[red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            console(stderr=True).print("[red]interrupted[/]")
+            raise typer.Exit(130)
+        except Exception as e:  # a bug: still one line, with a way to see more
+            if os.environ.get("RETROFIT_DEBUG"):
+                raise
+            console(stderr=True).print(f"[red]internal error:[/] {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+                      f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", soft_wrap=True)
+            raise typer.Exit(3)
+    return run
+
+
+def build_model(name: str, checkpoint: Optional[Path], pretrained: bool, num_classes: Optional[str]):
+    from ..models import create_model
+
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        if not num_classes.strip().isdigit():
+            raise RetrofitError(f"--num-classes must be a whole number, got {num_classes!r}")
+        kwargs["num_classes"] = int(num_classes)
+    return create_model(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
+
+
+def json_target(path: Optional[str]) -> Optional[Path]:
+    if path is None or path == "-":
+        return None
+    from ..checkpoint import check_writable
+
+    target = Path(path).expanduser()
+    check_writable(target)
+    return target
+
+
+def write_json(data: dict, path: Optional[str]) -> None:
+    text = json.dumps(data, indent=2)
+    if path == "-":
+        sys.stdout.write(text + "\n")
+    elif path is not None:
+        target = Path(path).expanduser()
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, target)
+        except OSError as e:
+            raise RetrofitError(f"cannot write {target}: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def print_skipped(skipped) -> None:
+    if not skipped:
+        return
+    for reason, n in Counter(s.reason for s in skipped).most_common():
+        console().print(f"[dim]skipped {n} candidate(s): {reason}[/]")
+
+
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Local weights (.safetensors, .pth) loaded through timm.")
+PRETRAINED = typer.Option(False, "--pretrained", help="Download timm's weights (needs network access).")
+NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size (a new head when it differs).")
+INPUT_SIZE = typer.Option(None, "--input-size", help="C,H,W to trace with (default: the model's own).")

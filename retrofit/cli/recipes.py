@@ -1,0 +1,22 @@
+"""`retrofit recipes`: list the built-in recipes."""
+from __future__ import annotations
+
+from .common import console, fail_cleanly, app
+
+
+@app.command("recipes")
+@fail_cleanly
+def recipes_command():
+    """List the built-in recipes."""
+    from rich.table import Table
+
+    from ..recipe import Recipe, builtin_recipes
+
+    table = Table(title="Built-in recipes (use by name: --recipe NAME)", title_justify="left")
+    table.add_column("name")
+    table.add_column("what it does")
+    table.add_column("fields")
+    for name, path in builtin_recipes().items():
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        table.add_row(name, first, Recipe.load(name).describe())
+    console().print(table)
