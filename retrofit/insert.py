@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import gc
 import warnings
 from collections import Counter
@@ -18,12 +19,12 @@ from typing import Any
 from torch import nn
 
 from . import nodes as N
+from .attention import ATTENTIONS, build_attention
 from .errors import RetrofitError, RetrofitWarning
 from .graph_forward import install_forward
 from .positions import POSITIONS, Insertion, SkipSite
 from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_name
 from .recipe import Recipe, resolve_recipe
-from .se import SqueezeExcite
 from .sites import Scan, Skipped, scan
 from .trace import Call, Traced, level_of
 
@@ -144,6 +145,11 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
     position = POSITIONS[recipe.position]
     name = model_name(found.traced.model)
     candidates = [s for s in found.sites if s.kind in position.kinds]
+    if recipe.kinds is not None:
+        candidates = [s for s in candidates if s.kind in recipe.kinds]
+        if not candidates and found.sites:
+            raise RetrofitError(f"kinds {','.join(recipe.kinds)} have no site in {name} for position "
+                                f"'{recipe.position}': the model has {found.summary()}")
     if not candidates:
         usable = [p for p, spec in POSITIONS.items() if any(s.kind in spec.kinds for s in found.sites)]
         if usable:
@@ -163,6 +169,7 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
                                 f"'{recipe.position}': its sites are in stages {','.join(map(str, stages))} "
                                 f"(stage = log2 of the output stride)")
         candidates = [s for s in candidates if s.stage in recipe.stages]
+    candidates = select(candidates, recipe, name)
     insertions, skipped = [], []
     for site in candidates:
         try:
@@ -173,6 +180,36 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
         raise RetrofitError(f"position '{recipe.position}' has no usable site in {name}: "
                             f"{skipped[0].reason}")
     return insertions, skipped
+
+
+def matches(path: str, pattern: str) -> bool:
+    """Whether a site's owning module ``path``, or one of its parents, matches the glob ``pattern``
+    (so ``layer3`` selects every site inside ``layer3``; ``<model>`` is the model's own forward)."""
+    parts = path.split(".") if path else []
+    names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] or ["<model>"]
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def select(candidates: list, recipe: Recipe, name: str) -> list:
+    """The candidates that the recipe's ``only``/``skip`` globs keep; a glob that matches no candidate
+    is an error (it is a typo, or a part of the model without sites for this position)."""
+    if recipe.only is None and recipe.skip is None:
+        return candidates
+    modules = sorted({s.module or "<model>" for s in candidates})
+    shown = ", ".join(modules[:8]) + (f" ... ({len(modules)} in all)" if len(modules) > 8 else "")
+    for field_name in ("only", "skip"):
+        for pattern in getattr(recipe, field_name) or ():
+            if not any(matches(s.module, pattern) for s in candidates):
+                raise RetrofitError(f"{field_name} glob '{pattern}' matches no site of position "
+                                    f"'{recipe.position}' in {name}; site modules: {shown} "
+                                    f"(`retrofit sites MODEL` lists them)")
+    kept = [s for s in candidates
+            if (recipe.only is None or any(matches(s.module, p) for p in recipe.only))
+            and not any(matches(s.module, p) for p in recipe.skip or ())]
+    if not kept:
+        raise RetrofitError(f"only {','.join(recipe.only or ['*'])} and skip {','.join(recipe.skip or [])} "
+                            f"leave no site of position '{recipe.position}' in {name}")
+    return kept
 
 
 def owner_of(ins: Insertion) -> Call:
@@ -215,12 +252,10 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
                 base = f"{base}_{clean_name(value.name)}"
             name = _free_name(module, base)
             channels = N.shape(ins.value)[1]
-            width = recipe.width(channels)
-            if channels / recipe.r < 1:
+            if channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
                 narrow.append(channels)
-            block = SqueezeExcite(channels, width, squeeze=recipe.squeeze, gate=recipe.gate, bias=recipe.bias,
-                                  init=recipe.init, device=_device_of(module, target),
-                                  dtype=N.tensor(ins.value).dtype)
+            block = build_attention(recipe, channels, device=_device_of(module, target),
+                                    dtype=N.tensor(ins.value).dtype)
             setattr(module, name, block)
             blocks.append(name)
             rebuilt.splice(value, users, name)

@@ -25,6 +25,7 @@ from timm.layers import make_divisible
 from .errors import RecipeError
 from .positions import POSITIONS
 from .se import GATES, SQUEEZES
+from .sites import KINDS
 
 INITS = ("preserve", "paper")
 
@@ -47,6 +48,13 @@ class Recipe:
             paper's parameter count does not).
         init: ``preserve`` starts every block as an exact identity, so the model computes what it did
             before; ``paper`` uses PyTorch's default random initialisation.
+        module: the block to insert, by name (:mod:`retrofit.attention`): ``se`` (the default),
+            ``ese``, ``eca``, ``ceca``, ``cbam``, ``gc``.
+        kinds: site kinds that get blocks: ``residual``, ``inception``, ``conv3x3`` (``inside`` is
+            accepted for it); ``None`` means every kind the position applies to.
+        only: module-path globs (``fnmatch``, e.g. ``layer3.*``); only sites whose owning module, or
+            one of its parents, matches one of them get blocks. ``None``: every site.
+        skip: module-path globs of sites that get no block (matched like ``only``).
     """
 
     position: str = "standard"
@@ -58,10 +66,19 @@ class Recipe:
     min_width: int = 1
     bias: bool = True
     init: str = "preserve"
+    module: str = "se"
+    kinds: tuple[str, ...] | None = None
+    only: tuple[str, ...] | None = None
+    skip: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, _CHECKS[f.name](getattr(self, f.name)))
+        _check_module(self)
+        if self.kinds is not None and not set(self.kinds) & set(POSITIONS[self.position].kinds):
+            raise RecipeError(f"recipe fields 'kinds', 'position': position '{self.position}' applies to "
+                              f"{' and '.join(POSITIONS[self.position].kinds)} sites, not to "
+                              f"{', '.join(self.kinds)}; choose kinds it applies to or another position")
         if self.init == "preserve" and not self.bias and GATES[self.gate].at_zero == 0:
             raise RecipeError(
                 f"recipe fields 'init', 'bias', 'gate': init 'preserve' without biases needs a gate "
@@ -106,6 +123,8 @@ class Recipe:
         """Plain values, as in a YAML file (``stages`` is a list or ``"all"``)."""
         d = dataclasses.asdict(self)
         d["stages"] = "all" if self.stages is None else list(self.stages)
+        for name in ("kinds", "only", "skip"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     # -- what the recipe implies ---------------------------------------------------------------
@@ -117,7 +136,15 @@ class Recipe:
         stages = "all stages" if self.stages is None else "stages " + ",".join(map(str, self.stages))
         return (f"position {self.position}, r {self.r}, {self.squeeze} squeeze, {self.gate} gate, "
                 f"{stages}, divisor {self.divisor}, min width {self.min_width}, "
-                f"{'with' if self.bias else 'no'} bias, init {self.init}")
+                f"{'with' if self.bias else 'no'} bias, init {self.init}" + self._describe_selection())
+
+    def _describe_selection(self) -> str:
+        """Module and selection, named only when they differ from the defaults (SE on every site)."""
+        parts = [] if self.module == "se" else [f"module {self.module}"]
+        for name in ("kinds", "only", "skip"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name} {','.join(getattr(self, name))}")
+        return "".join(", " + p for p in parts)
 
 
 def resolve_recipe(recipe: "Recipe | str | Path | Mapping | None" = None, **fields_: Any) -> Recipe:
@@ -228,6 +255,54 @@ def _bool(value: Any) -> bool:
     raise RecipeError(f"recipe field 'bias': expected true or false, got {value!r}")
 
 
+def _names(name: str, allowed: Callable[[], Any] | None = None,
+           aliases: Mapping[str, str] | None = None) -> Callable[[Any], tuple[str, ...] | None]:
+    """A list of names (or globs, ``allowed`` None), or one comma-separated string; None means all."""
+    def check(value: Any) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)) or \
+                not all(isinstance(i, str) and i.strip() for i in items) or not items:
+            raise RecipeError(f"recipe field '{name}': expected a list of "
+                              f"{'names' if allowed else 'module-path globs such as layer3.*'}, got {value!r}")
+        out = []
+        for item in (i.strip() for i in items):
+            if allowed is not None:
+                item = (aliases or {}).get(item.lower(), item.lower())
+                options = list(allowed())
+                if item not in options:
+                    raise RecipeError(f"recipe field '{name}': unknown value {item!r}; allowed: "
+                                      f"{', '.join(options + list(aliases or {}))}")
+            if item not in out:
+                out.append(item)
+        return tuple(out)
+    return check
+
+
+def _check_module(recipe: "Recipe") -> None:
+    """The fields a module ignores must keep their defaults; preserve needs a gate that can preserve."""
+    from .attention import ATTENTIONS, BLOCK_FIELDS, preserve_needs_gate, zero_gate_gates
+
+    spec = ATTENTIONS[recipe.module]
+    defaults = Recipe.__dataclass_fields__
+    ignored = [f for f in BLOCK_FIELDS if f not in spec.fields and getattr(recipe, f) != defaults[f].default]
+    if ignored:
+        raise RecipeError(f"recipe field '{ignored[0]}' does not apply to module '{recipe.module}' (it reads "
+                          f"{', '.join(spec.fields) or 'no block field'}); leave it at its default "
+                          f"({defaults[ignored[0]].default}) or use module se")
+    if recipe.init == "preserve" and preserve_needs_gate(recipe.module) and recipe.gate in zero_gate_gates():
+        raise RecipeError(f"recipe fields 'init', 'gate', 'module': init 'preserve' for module "
+                          f"'{recipe.module}' needs a gate that is non-zero at 0 (sigmoid, hard_sigmoid); "
+                          f"gate '{recipe.gate}' is 0 there. Use another gate or init: paper")
+
+
+def _attentions():
+    from .attention import ATTENTIONS
+
+    return ATTENTIONS
+
+
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "position": _choice("position", lambda: POSITIONS),
     "r": _ratio,
@@ -238,4 +313,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "min_width": _positive_int("min_width"),
     "bias": _bool,
     "init": _choice("init", lambda: INITS),
+    "module": _choice("module", _attentions),
+    "kinds": _names("kinds", lambda: KINDS, aliases={"inside": "conv3x3"}),
+    "only": _names("only"),
+    "skip": _names("skip"),
 }

@@ -1,0 +1,182 @@
+"""Attention modules the pass can insert, by name: SE (the default and the reference) and timm's others.
+
+Every entry builds one block for a site with ``C`` channels from the recipe. ``se`` is retrofit's
+:class:`~retrofit.se.SqueezeExcite` (timm's ``SEModule`` layout, with the exact preserving init); the
+others come from timm's attention factory (:func:`timm.layers.create_attn`), under the names timm
+gives them, so their state dicts interchange with timm's own models that use them:
+
+=====  ==============================================================================================
+se     Squeeze-and-Excitation, Hu et al., CVPR 2018, https://arxiv.org/abs/1709.01507
+ese    effective SE (one full-width 1x1 conv, no reduction), Lee & Park, CenterMask, CVPR 2020,
+       https://arxiv.org/abs/1911.06667
+eca    efficient channel attention (a 1-D conv across channels), Wang et al., CVPR 2020,
+       https://arxiv.org/abs/1910.03151
+ceca   ECA with circular padding (same paper)
+cbam   channel then spatial attention, Woo et al., ECCV 2018, https://arxiv.org/abs/1807.06521
+gc     global context block (attention pooling + a LayerNorm MLP), Cao et al., 2019,
+       https://arxiv.org/abs/1904.11492
+=====  ==============================================================================================
+
+Recipe fields: each module reads only the fields it has a meaning for (``fields`` below: ``r``,
+``divisor`` and ``min_width`` set the reduced width, ``gate`` the gate, ``bias`` the MLP's biases,
+``squeeze`` the pooling); the recipe refuses a non-default value of a field the module ignores.
+
+``init: preserve`` for timm's modules: the layer that feeds each gate is zeroed, so every gate sees
+0 whatever the input, and the gate is divided by its value there (``ScaledGate``, like
+``SqueezeExcite.gate_origin``): with the sigmoid gate ``0.5 / 0.5 == 1`` exactly, so the block starts
+as an exact identity. Only gates that are non-zero at 0 can do that (``sigmoid``, ``hard_sigmoid``);
+the recipe refuses ``tanh``/``relu`` with ``preserve`` for these modules. Unlike SE's init, the
+zeroed layer's inputs get no gradient on the first step (the zeroed layer itself does), as in
+zero-init residual branches. ``init: paper`` keeps timm's own initialisation.
+
+A new module is one registered function::
+
+    @register_attention("mine", fields=("r", "gate"), paper="...")
+    def mine(channels, recipe, dd):
+        return MyBlock(channels, recipe.width(channels), **dd)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from timm.layers import create_attn
+from torch import nn
+
+from .se import GATES, SqueezeExcite
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+# recipe fields that shape a block (the others, position/stages/init/selection, apply to every module)
+BLOCK_FIELDS = ("r", "squeeze", "gate", "divisor", "min_width", "bias")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A registered module: how to build it, which recipe fields it reads, how it starts as identity."""
+
+    name: str
+    build: Callable[[int, "Recipe", dict], nn.Module]
+    fields: tuple[str, ...]
+    preserve: Callable[[nn.Module], None] | None  # zero what feeds the gates; None: handled by build
+    paper: str
+
+
+ATTENTIONS: dict[str, AttentionSpec] = {}
+
+
+def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
+                       preserve: Callable[[nn.Module], None] | None = None):
+    """Register ``build(channels, recipe, dd) -> nn.Module`` under ``name`` (``dd``: device, dtype)."""
+    def register(fn):
+        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper)
+        return fn
+    return register
+
+
+class ScaledGate(nn.Module):
+    """``gate(x) / gate(0)``: a gate that gives exactly 1 where the preserving init holds its input.
+
+    ``origin`` is a constant of the architecture (like ``SqueezeExcite.gate_origin``), not a
+    parameter: it is not in the state dict, so the block's keys stay timm's.
+    """
+
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        self.gate = gate
+        self.origin = float(gate(torch.zeros((), dtype=torch.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x) / self.origin
+
+    def extra_repr(self) -> str:
+        return f"origin={self.origin:g}"
+
+
+def build_attention(recipe: "Recipe", channels: int, *, device=None, dtype=None) -> nn.Module:
+    """The block ``recipe.module`` for a site with ``channels`` channels, initialised by ``recipe.init``.
+
+    Every block gets ``channels`` and ``width`` attributes (the reduced width, 0 without one) for
+    the reports.
+    """
+    spec = ATTENTIONS[recipe.module]
+    block = spec.build(channels, recipe, {"device": device, "dtype": dtype})
+    if recipe.init == "preserve" and spec.preserve is not None:
+        with torch.no_grad():
+            spec.preserve(block)
+        for parent in list(block.modules()):
+            gate = getattr(parent, "gate", None)
+            if isinstance(gate, nn.Module) and not isinstance(gate, ScaledGate):
+                parent.gate = ScaledGate(gate)
+    block.channels = channels
+    if not isinstance(getattr(block, "width", None), int):
+        block.width = _width(block)
+    return block
+
+
+def _width(block: nn.Module) -> int:
+    fc1 = getattr(block, "fc1", None) or getattr(getattr(block, "channel", None), "fc1", None) \
+        or getattr(getattr(block, "mlp_scale", None), "fc1", None)
+    return fc1.out_channels if isinstance(fc1, nn.Conv2d) else 0
+
+
+def preserve_needs_gate(name: str) -> bool:
+    """Whether ``init: preserve`` for module ``name`` relies on its gate being non-zero at 0."""
+    spec = ATTENTIONS[name]
+    return spec.preserve is not None and "gate" in spec.fields
+
+
+def zero_gate_gates() -> tuple[str, ...]:
+    return tuple(g for g, s in GATES.items() if s.at_zero == 0)
+
+
+def _zero(*layers: nn.Module | None) -> None:
+    for layer in layers:
+        if layer is None:
+            continue
+        nn.init.zeros_(layer.weight)
+        if getattr(layer, "bias", None) is not None:
+            nn.init.zeros_(layer.bias)
+
+
+# -- the registry -----------------------------------------------------------------------------------
+@register_attention("se", fields=BLOCK_FIELDS, paper="https://arxiv.org/abs/1709.01507")
+def se(channels, recipe, dd):
+    return SqueezeExcite(channels, recipe.width(channels), squeeze=recipe.squeeze, gate=recipe.gate,
+                         bias=recipe.bias, init=recipe.init, **dd)
+
+
+@register_attention("ese", fields=("gate",), paper="https://arxiv.org/abs/1911.06667",
+                    preserve=lambda b: _zero(b.fc))
+def ese(channels, recipe, dd):
+    return create_attn("ese", channels, gate_layer=recipe.gate, **dd)
+
+
+@register_attention("eca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
+                    preserve=lambda b: _zero(b.conv2 if b.conv2 is not None else b.conv))
+def eca(channels, recipe, dd):
+    return create_attn("eca", channels, gate_layer=recipe.gate, **dd)
+
+
+@register_attention("ceca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
+                    preserve=lambda b: _zero(b.conv))
+def ceca(channels, recipe, dd):
+    return create_attn("ceca", channels, gate_layer=recipe.gate, **dd)
+
+
+# CBAM's spatial conv is followed by a fresh BatchNorm, which maps the zeroed conv's 0 to 0 in both
+# modes (running mean 0; a batch of zeros has mean 0)
+@register_attention("cbam", fields=("r", "gate", "divisor", "min_width", "bias"),
+                    paper="https://arxiv.org/abs/1807.06521",
+                    preserve=lambda b: _zero(b.channel.fc2, b.spatial.conv.conv))
+def cbam(channels, recipe, dd):
+    return create_attn("cbam", channels, rd_channels=recipe.width(channels), gate_layer=recipe.gate,
+                       mlp_bias=recipe.bias, **dd)
+
+
+@register_attention("gc", fields=("r", "gate", "divisor", "min_width"), paper="https://arxiv.org/abs/1904.11492",
+                    preserve=lambda b: _zero(b.mlp_scale.fc2))
+def gc(channels, recipe, dd):
+    return create_attn("gc", channels, rd_channels=recipe.width(channels), gate_layer=recipe.gate, **dd)
