@@ -11,7 +11,12 @@ Example::
     >>> sites = retrofit.find_sites(model)
     >>> se_model = retrofit.add_se(model, position="standard", r=16)
     >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
+    >>> plain = retrofit.strip(se_model)          # the blocks removed again
+
+Other blocks than SE come from :mod:`~retrofit.attention` (``module="eca"``...); :mod:`~retrofit.strip`
+undoes a retrofit.
 """
+from .attention import ATTENTIONS, register_attention
 from .checkpoint import load, save
 from .errors import RecipeError, RetrofitError, RetrofitWarning
 from .insert import add_se
@@ -20,9 +25,11 @@ from .positions import POSITIONS, register_position
 from .recipe import Recipe, builtin_recipes
 from .se import SqueezeExcite
 from .sites import Site, find_sites
+from .strip import strip
 
 __all__ = [
     "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
-    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning",
+    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning", "strip", "ATTENTIONS",
+    "register_attention",
 ]
 __version__ = "0.1.0"

@@ -52,6 +52,8 @@ class RetrofitInfo:
     architecture: str | None
     blocks: list[BlockInfo] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    # blocks that took the place of an attribute set to None (timm's `self.se = None`): strip restores it
+    was_none: list[str] = field(default_factory=list)
 
 
 def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inplace: bool = False,
@@ -121,7 +123,7 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     narrow = []
     for owner, group in by_owner.values():
         try:
-            info.blocks += _rewrite(owner, group, target, recipe, narrow, found.traced)
+            info.blocks += _rewrite(owner, group, target, recipe, narrow, found.traced, info.was_none)
         except CannotRewrite as err:
             info.skipped += [Skipped(_site_name(ins.site), f"{owner.path or '<model>'}: {err}") for ins in group]
     if not info.blocks:
@@ -135,6 +137,7 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     previous = getattr(target, "_retrofit", None)
     if isinstance(previous, RetrofitInfo):  # a second retrofit adds to the first
         info.blocks = previous.blocks + info.blocks
+        info.was_none = previous.was_none + info.was_none
     target._retrofit = info
     return info
 
@@ -232,7 +235,7 @@ def owner_of(ins: Insertion) -> Call:
 
 # -- surgery ------------------------------------------------------------------------------------
 def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Recipe,
-             narrow: list[int], traced: Traced) -> list[BlockInfo]:
+             narrow: list[int], traced: Traced, none_attributes: list[str]) -> list[BlockInfo]:
     module = target.get_submodule(owner.path) if owner.path else target
     rebuilt = OwnerGraph(owner, traced)
     check_mode_independent(module)
@@ -242,7 +245,7 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
     bases = [("se" if ins.position == "standard" else f"se_{ins.position}") for ins, _, _ in spliced]
-    buffers, blocks = [], []  # registered so far, removed again if the rewrite fails
+    buffers, blocks, was_none = [], [], []  # registered so far, removed again if the rewrite fails
     try:
         for name, tensor in rebuilt.constants.items():  # tensors fx kept aside: now the module's own
             module.register_buffer(name, tensor.clone(), persistent=False)
@@ -251,6 +254,8 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
             if bases.count(base) > 1:
                 base = f"{base}_{clean_name(value.name)}"
             name = _free_name(module, base)
+            if name in vars(module):  # _free_name reuses an attribute only when it is None
+                was_none.append(name)
             channels = N.shape(ins.value)[1]
             if channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
                 narrow.append(channels)
@@ -263,8 +268,11 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
     except BaseException:
         for name in buffers + blocks:
             delattr(module, name)
+        for name in was_none:  # timm's `self.se = None`: its forward still reads it
+            setattr(module, name, None)
         raise
     prefix = f"{owner.path}." if owner.path else ""
+    none_attributes += [prefix + name for name in was_none]
     return [BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
                       ins.site.stride, getattr(module, name).channels, getattr(module, name).width)
             for (ins, _, _), name in zip(spliced, blocks)]
