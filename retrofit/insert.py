@@ -67,20 +67,23 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
         inplace: modify ``model`` itself instead of a deep copy.
         input_size: ``(C, H, W)`` used to trace shapes; default: timm's ``pretrained_cfg``, else
             ``(3, 224, 224)``.
-        **fields: recipe fields overriding the recipe's (``position``, ``r``, ``gate``, ``stages``...).
+        **fields: recipe fields overriding the recipe's (``position``, ``r``, ``gate``, ``stages``...;
+            ``module="eca"`` inserts another block, ``only``/``skip``/``kinds`` choose the sites).
 
     Returns:
         The retrofitted model: the same class as ``model``, every original state-dict key unchanged,
         plus one block per site (``<module>.se`` for the standard position).
 
     Raises:
-        RetrofitError: a bad recipe, a position with no site in this model, a stage it does not have.
+        RetrofitError: a bad recipe, a position with no site in this model, a stage it does not have,
+            an ``only``/``skip`` glob that matches no site.
 
     Example::
 
         >>> model = timm.create_model("resnet50")
         >>> se_model = retrofit.add_se(model, position="inside", r=8, stages=[4])
         >>> se_model = retrofit.add_se(model, recipe="timm")   # timm's seresnet50 layout
+        >>> eca_model = retrofit.add_se(model, module="eca", only=["layer3.*", "layer4.*"])
     """
     from .models import resolve_input_size
 
