@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from . import nodes as N
 from .attention import ATTENTIONS, build_attention
@@ -142,6 +142,8 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
         info.blocks = previous.blocks + info.blocks
         info.was_none = previous.was_none + info.was_none
     target._retrofit = info
+    if isinstance(target, fx.GraphModule):  # GraphModule's deepcopy keeps only attributes listed here
+        target.meta.setdefault("_user_preserved_attributes", {})["_retrofit"] = info
     return info
 
 

@@ -62,7 +62,9 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for name in names:  # an attribute that was None before (timm's `self.se = None`) is None again
             if (f"{path}.{name}" if path else name) in info.was_none:
                 setattr(module, name, None)
-    target.__dict__.pop("_retrofit", None)  # (a deep-copied GraphModule does not carry it)
+    target.__dict__.pop("_retrofit", None)
+    if isinstance(target, fx.GraphModule):
+        target.meta.get("_user_preserved_attributes", {}).pop("_retrofit", None)
     return target
 
 

@@ -164,6 +164,9 @@ def test_strip_round_trip_custom_net_and_graph_module(position):
         model = retrofit.add_se(original, position=position, module="cbam", init="paper", r=4, input_size=(3, 32, 32))
         assert not torch.equal(model(x), original(x))
         assert_same(retrofit.strip(model), original, x)
+    copied = copy.deepcopy(model)  # a GraphModule's deepcopy keeps what add_se did: strip still works
+    assert paths(copied) == paths(model)
+    assert_same(retrofit.strip(copied), original, x)
 
 
 def test_strip_in_place_after_two_retrofits(resnet18, x):
