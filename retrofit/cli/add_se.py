@@ -25,7 +25,7 @@ def add_se_command(
     min_width: Optional[str] = typer.Option(None, "--min-width", help="Smallest reduced width."),
     bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Biases on the block's two 1x1 convs."),
     init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random)."),
-    module: Optional[str] = typer.Option(None, "--module", "-m", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se)."),
+    module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3)."),
     only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
