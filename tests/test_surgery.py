@@ -145,7 +145,7 @@ def assert_same(model, original, x):
     assert torch.equal(model.eval()(x), original.eval()(x))
 
 
-@pytest.mark.parametrize("position", ["standard", "inside", "identity"])
+@pytest.mark.parametrize("position", ["standard", "inside"])
 def test_strip_round_trip_resnet18(resnet18, x, position):
     model = retrofit.add_se(resnet18, position=position, init="paper", input_size=SIZE)
     assert not torch.equal(model(x), resnet18(x))  # random blocks: the round trip has something to undo
