@@ -14,6 +14,7 @@ Example::
 """
 from .checkpoint import load, save
 from .errors import RecipeError, RetrofitError, RetrofitWarning
+from .finetune import FinetuneResult, finetune
 from .insert import add_se
 from .measure import Overhead, measure_overhead
 from .positions import POSITIONS, register_position
@@ -23,6 +24,6 @@ from .sites import Site, find_sites
 
 __all__ = [
     "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
-    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning",
+    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning", "finetune", "FinetuneResult",
 ]
 __version__ = "0.1.0"
