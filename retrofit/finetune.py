@@ -34,7 +34,7 @@ from torch import nn
 
 from .data import ImageFolderData, warn_bad
 from .distributed import Dist, setup
-from .errors import RetrofitError, RetrofitWarning
+from .errors import RetrofitError, RetrofitWarning, first_line
 from .train_state import STATE_FILE, load_state, rng_state, save_state, set_rng_state
 
 LAST_FILE, BEST_FILE, METRICS_FILE = "last.safetensors", "best.safetensors", "metrics.jsonl"
@@ -224,7 +224,7 @@ class _Run:
                 warnings.warn(f"nothing to resume in {out}; starting at epoch 1", RetrofitWarning, stacklevel=3)
         elif state.exists():
             raise RetrofitError(f"{out} already holds a fine-tuning run; pass --resume (resume=True) to "
-                                f"continue it, or choose another output folder")
+                                f"continue it, or delete it, or choose another output folder")
         if self.env.main:
             out.mkdir(exist_ok=True)
         self.env.barrier()
@@ -293,9 +293,15 @@ class _Run:
         for name, p in model.named_parameters():
             p.requires_grad_(phase == 2 or name in self.se_params or (self.train_head and name in self.head_params))
         lr = s.lr if phase == 1 else (s.phase2_lr if s.phase2_lr is not None else s.lr / 10)
-        optimizer = create_optimizer_v2(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay)
+        try:
+            optimizer = create_optimizer_v2(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay)
+        except (ValueError, AssertionError, KeyError) as err:
+            raise RetrofitError(f"optimizer {s.opt!r}: {first_line(err)}; timm.optim.list_optimizers() lists "
+                                f"the names") from None
         epochs = s.epochs if phase == 1 else s.phase2_epochs
         scheduler, _ = create_scheduler_v2(optimizer, sched=s.sched, num_epochs=epochs, warmup_epochs=s.warmup_epochs)
+        if scheduler is None:
+            raise RetrofitError(f"unknown scheduler {s.sched!r}; use cosine, tanh, step, multistep, plateau or poly")
         if self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1:
             optimizer.load_state_dict(self.saved["optimizer"])
             scheduler.load_state_dict(self.saved["scheduler"])
