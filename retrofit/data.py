@@ -108,12 +108,13 @@ class ImageFolderData:
         if not root.is_dir():
             raise RetrofitError(f"data folder {root} not found; give a folder with train/<class>/*.jpg "
                                 f"and val/<class>/*.jpg")
+        for split in SPLITS:
+            if not (root / split).is_dir():
+                raise RetrofitError(f"{root} has no {split}/ folder; expected {root}/train/<class>/*.jpg "
+                                    f"and {root}/val/<class>/*.jpg")
         found = {}
         for split in SPLITS:
             folder = root / split
-            if not folder.is_dir():
-                raise RetrofitError(f"{root} has no {split}/ folder; expected {root}/train/<class>/*.jpg "
-                                    f"and {root}/val/<class>/*.jpg")
             try:
                 found[split] = SkippingImageDataset(str(folder), input_img_mode="RGB")
             except Exception as err:  # timm's reader: "Found 0 images in subfolders of ..."

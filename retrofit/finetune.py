@@ -172,9 +172,6 @@ class _Run:
                                 f"accumulation steps ({env.world} x {s.accum_steps})")
         self.model, self.s, self.env, self.workers = model, s, env, workers
         self.data = ImageFolderData.open(data, model, input_size or info.input_size, augment=s.augment)
-        if len(self.data.train) < s.batch_size:
-            raise RetrofitError(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one "
-                                f"batch of {s.batch_size}; lower the batch size")
         self.new_head = self._fit_head(len(self.data.classes))
         self.train_head = self.new_head if s.train_head is None else s.train_head
         self.se_params = {n for b in info.blocks for n, _ in model.get_submodule(b.path).named_parameters(prefix=b.path)}
@@ -193,6 +190,9 @@ class _Run:
         self.saved: dict[str, Any] | None = None  # the training state resumed from
         if self.out is not None:
             self._prepare_output()
+        if len(self.data.train) < s.batch_size:
+            raise RetrofitError(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one "
+                                f"batch of {s.batch_size}; lower the batch size")
         model.to(env.device)
 
     # -- setup -------------------------------------------------------------------------------------
