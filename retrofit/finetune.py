@@ -273,8 +273,8 @@ class _Run:
                 self._set_modes(phase)
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, images, bad = self._train_epoch(net, optimizer, epoch)
-                scheduler.step(in_phase + 1)
                 val = self._evaluate(f"epoch {epoch} val")
+                scheduler.step(in_phase + 1, val["top1"])  # the metric: for sched="plateau" (mode max)
                 val["skipped_images"] += bad
                 self._record(f"epoch {epoch}", epoch, phase, dict(train_loss=train_loss, lr=lr, train_images=images), val)
                 if self.out is not None:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import RetrofitError
-from .common import INPUT_SIZE, app, console, fail_cleanly
+from .common import app, console, fail_cleanly
 
 
 def is_main_process() -> bool:
@@ -77,7 +77,7 @@ def finetune_command(
     train_head: Optional[bool] = typer.Option(None, "--train-head/--freeze-head", help="Train the classifier in phase 1 (default: only a new one)."),
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes per training process."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    input_size: Optional[str] = INPUT_SIZE,
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."),
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
     from ..checkpoint import load
