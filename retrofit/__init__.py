@@ -2,7 +2,9 @@
 
 The steps, one module each: :mod:`~retrofit.trace` (fx, timm-aware) -> :mod:`~retrofit.shapes` (meta
 tensors) -> :mod:`~retrofit.sites` (residual/Inception merges, 3x3 convs) -> :mod:`~retrofit.insert`
-(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead).
+(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead); then
+:mod:`~retrofit.finetune` trains the new blocks briefly (data: :mod:`~retrofit.data`, checkpoints:
+:mod:`~retrofit.train_state`, torchrun: :mod:`~retrofit.distributed`).
 
 Example::
 
