@@ -44,6 +44,7 @@ def plain_model(seed=0):
 
 
 def se_model(plain=None, **recipe):
+    torch.manual_seed(0)  # fc2's random init draws from the global RNG: the same model in any test order
     return retrofit.add_se(plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE), **{"r": 4, **recipe})
 
 
@@ -75,15 +76,15 @@ def test_phase1_learns_and_keeps_the_backbone_bitwise(data):
     before = {k: v.clone() for k, v in se.state_dict().items()}
     se_keys = {k for k in before if ".se." in k or k.split(".")[-2] == "se"}
     assert se_keys and all("se" in k for k in se_keys)
-    result = retrofit.finetune(se, data, epochs=3, augment=False, restore_best=False, **FAST)
+    result = retrofit.finetune(se, data, epochs=2, augment=False, restore_best=False, **FAST)
     rows = {r["name"]: r for r in result.rows}
     # the original (blocks bypassed) against an independent evaluation of the plain network
     assert rows["original"]["top1"] == pytest.approx(reference_top1(plain, data))
     assert rows["original"]["val_images"] == CLASSES * 4
     # preserving init: step 0 computes exactly what the original did
     assert rows["step 0"]["val_loss"] == rows["original"]["val_loss"]
-    assert rows["epoch 3"]["val_loss"] < rows["step 0"]["val_loss"]
-    assert rows["epoch 3"]["train_loss"] < rows["epoch 1"]["train_loss"]
+    assert rows["epoch 2"]["val_loss"] < rows["step 0"]["val_loss"]
+    assert rows["epoch 2"]["train_loss"] < rows["epoch 1"]["train_loss"]
     after = se.state_dict()
     for k, v in before.items():
         if k in se_keys:
