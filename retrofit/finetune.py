@@ -334,7 +334,8 @@ class _Run:
         task = self._task(f"epoch {epoch} train", steps)
         for i, batch in enumerate(self.train_loader):
             bad += len(batch.bad)
-            warn_bad(batch.bad, self.seen_bad) if self.env.main else None
+            if self.env.main:
+                warn_bad(batch.bad, self.seen_bad)
             sync = (i + 1) % accum == 0 or i + 1 == steps
             no_sync = net.no_sync() if (net is not self.model and not sync) else contextlib.nullcontext()
             with no_sync:
@@ -363,7 +364,8 @@ class _Run:
         classes = len(self.data.classes)
         for batch in self.val_loader:
             bad += len(batch.bad)
-            warn_bad(batch.bad, self.seen_bad) if self.env.main else None
+            if self.env.main:
+                warn_bad(batch.bad, self.seen_bad)
             if len(batch.targets):
                 x, y = batch.images.to(dev), batch.targets.to(dev)
                 with self._autocast():

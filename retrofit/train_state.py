@@ -40,7 +40,10 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically; on failure the previous file is untouched."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save({"format": FORMAT, **state}, tmp)
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file
         os.replace(tmp, path)
     except OSError as err:
         kept = f"; the previous {path.name} is kept" if path.exists() else ""

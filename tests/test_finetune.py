@@ -250,8 +250,7 @@ def test_full_disk_loses_nothing(data, tmp_path, monkeypatch):
     def full_after_first(obj, f, *a, **k):
         calls["n"] += 1
         if calls["n"] >= 2:
-            with open(f, "wb") as fh:  # a partial file, then the disk is full
-                fh.write(b"PK\x03\x04partial")
+            f.write(b"PK\x03\x04partial")  # a partial file, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, f, *a, **k)
 
