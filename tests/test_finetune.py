@@ -266,3 +266,20 @@ def test_full_disk_loses_nothing(data, tmp_path, monkeypatch):
                                   "--output-dir", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 2
+
+
+def test_other_number_of_classes_gets_a_new_head_that_trains(data, tmp_path):
+    se = se_model(randomize(timm.create_model("test_resnet", num_classes=5)))
+    before = {k: v.clone() for k, v in se.state_dict().items() if not k.startswith("fc.")}
+    fresh = copy.deepcopy(se)
+    torch.manual_seed(0)  # the seed the run gives its new head
+    fresh.reset_classifier(CLASSES)
+    result = retrofit.finetune(se, data, epochs=1, output_dir=tmp_path / "run", restore_best=False, **FAST)
+    assert not torch.equal(se.get_classifier().weight, fresh.get_classifier().weight)  # the head trained
+    assert se.num_classes == CLASSES and se.get_classifier().out_features == CLASSES
+    after = se.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if ".se." not in k)  # backbone frozen
+    assert result.row("epoch 1")["train_loss"] is not None
+    again = retrofit.load(tmp_path / "run" / "last.safetensors")  # rebuilt with the new head's size
+    assert again.num_classes == CLASSES
+    assert torch.equal(again.state_dict()["fc.weight"], after["fc.weight"])
