@@ -188,6 +188,7 @@ class _Run:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.seen_bad: set[str] = set()
         self.saved: dict[str, Any] | None = None  # the training state resumed from
+        self.bars = None  # rich progress (rank 0, progress=True)
         if self.out is not None:
             self._prepare_output()
         if len(self.data.train) < s.batch_size:
@@ -251,18 +252,18 @@ class _Run:
         self.train_loader = self.data.train_loader(micro, seed=s.seed, rank=rank, world=world, workers=self.workers)
         self.val_loader = self.data.val_loader(micro * s.accum_steps, rank=rank, world=world, workers=self.workers)
         done = 0
-        if self.saved is not None:
-            model.load_state_dict({k: v for k, v in self.saved["model"].items()}, strict=True)
-            self.rows, self.best = self.saved["rows"], self.saved["best"]
-            done = self.saved["epoch"]
-            set_rng_state(self.saved["rng"])
-        else:
-            with bypass_se(model):
-                self._record("original", 0, 0, None, self._evaluate("original"))
-            self._record("step 0", 0, 0, None, self._evaluate("step 0"))
         total = s.epochs + s.phase2_epochs
         net, optimizer, scheduler, phase = None, None, None, 0
         with self._progress():
+            if self.saved is not None:
+                model.load_state_dict(self.saved["model"], strict=True)
+                self.rows, self.best = self.saved["rows"], self.saved["best"]
+                done = self.saved["epoch"]
+                set_rng_state(self.saved["rng"])
+            else:
+                with bypass_se(model):
+                    self._record("original", 0, 0, None, self._evaluate("original"))
+                self._record("step 0", 0, 0, None, self._evaluate("step 0"))
             for epoch in range(done + 1, total + 1):
                 if (1 if epoch <= s.epochs else 2) != phase:
                     phase = 1 if epoch <= s.epochs else 2
@@ -450,42 +451,11 @@ class _Run:
         return self.bars
 
     def _task(self, label: str, total: int):
-        if getattr(self, "bars", None) is None:
-            if self.show_progress:  # the evaluations before the epochs: a bar of their own
-                return _OwnBar(label, total)
-            return None
-        return self.bars.add_task(label, total=total, info="")
+        return self.bars.add_task(label, total=total, info="") if self.bars is not None else None
 
     def _advance(self, task, loss: float | None = None) -> None:
-        if task is None:
-            return
-        info = f"loss {loss:.4f}" if loss is not None else ""
-        if isinstance(task, _OwnBar):
-            task.advance(info)
-        else:
-            self.bars.update(task, advance=1, info=info)
-
-
-class _OwnBar:
-    """A transient rich bar outside the run's progress display (step-0 and original evaluations)."""
-
-    def __init__(self, label: str, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 console=Console(stderr=True), transient=True)
-        self.task = self.progress.add_task(label, total=total)
-        self.progress.start()
-        self.left = total
-        if total == 0:
-            self.progress.stop()
-
-    def advance(self, info: str) -> None:
-        self.progress.update(self.task, advance=1)
-        self.left -= 1
-        if self.left <= 0:
-            self.progress.stop()
+        if task is not None:
+            self.bars.update(task, advance=1, info=f"loss {loss:.4f}" if loss is not None else "")
 
 
 def results_table(result: FinetuneResult, title: str = "Fine-tuning results"):
