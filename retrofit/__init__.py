@@ -2,7 +2,9 @@
 
 The steps, one module each: :mod:`~retrofit.trace` (fx, timm-aware) -> :mod:`~retrofit.shapes` (meta
 tensors) -> :mod:`~retrofit.sites` (residual/Inception merges, 3x3 convs) -> :mod:`~retrofit.insert`
-(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead).
+(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead); then
+:mod:`~retrofit.finetune` trains the new blocks briefly (data: :mod:`~retrofit.data`, checkpoints:
+:mod:`~retrofit.train_state`, torchrun: :mod:`~retrofit.distributed`).
 
 Example::
 
@@ -19,6 +21,7 @@ undoes a retrofit.
 from .attention import ATTENTIONS, register_attention
 from .checkpoint import load, save
 from .errors import RecipeError, RetrofitError, RetrofitWarning
+from .finetune import FinetuneResult, finetune
 from .insert import add_se
 from .measure import Overhead, measure_overhead
 from .positions import POSITIONS, register_position
@@ -30,6 +33,6 @@ from .strip import strip
 __all__ = [
     "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
     "register_position", "RetrofitError", "RecipeError", "RetrofitWarning", "strip", "ATTENTIONS",
-    "register_attention",
+    "register_attention", "finetune", "FinetuneResult",
 ]
 __version__ = "0.1.0"

@@ -25,12 +25,27 @@ def save(model: nn.Module, path: str | Path) -> Path:
     """Write a retrofitted ``model`` (from :func:`retrofit.add_se`) to ``path`` (``.safetensors``)."""
     from safetensors.torch import save_model
 
+    meta = metadata(model)
+    path = Path(path).expanduser()
+    check_writable(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_model(model, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise RetrofitError(f"cannot write {path}: {err.strerror or err}; nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def metadata(model: nn.Module) -> dict[str, str]:
+    """What a file needs to rebuild ``model`` besides its weights: architecture, constructor arguments,
+    recipe, input size (all strings, as safetensors metadata). Training checkpoints store it too."""
     info = getattr(model, "_retrofit", None)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
-    path = Path(path).expanduser()
-    check_writable(path)
-    metadata = {
+    return {
         "format": FORMAT,
         "architecture": info.architecture or "",
         "model_kwargs": json.dumps(_model_kwargs(model, info.input_size)),
@@ -38,15 +53,6 @@ def save(model: nn.Module, path: str | Path) -> Path:
         "input_size": json.dumps(list(info.input_size)),
         "blocks": str(len(info.blocks)),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_model(model, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise RetrofitError(f"cannot write {path}: {err.strerror or err}; nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
+from .finetune import EPOCHS, is_main_process, run_finetune
 from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, print_skipped, write_json)
 
@@ -35,6 +36,8 @@ def add_se_command(
     num_classes: Optional[str] = NUM_CLASSES,
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load."),
+    finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/."),
+    epochs: int = EPOCHS,
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     from ..checkpoint import check_writable, save
@@ -49,6 +52,9 @@ def add_se_command(
                             divisor=divisor, min_width=min_width, bias=bias, init=init, module=module,
                             kinds=kinds, only=only, skip=skip)
     json_target(json_path)
+    if finetune is not None and output is None:
+        raise RetrofitError("--finetune needs --output FILE for the fine-tuned model (its checkpoints go to "
+                            "FILE's name + -add-se/)")
     if output is not None:
         output = output.expanduser()
         check_writable(output)
@@ -72,7 +78,10 @@ def add_se_command(
         console().print(overhead_table(report))
         print_skipped(info.skipped)
     write_json(data, json_path)
-    if output is not None:
+    if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
+        run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"), quiet=json_path == "-",
+                     inputs=tuple(p for p in (checkpoint,) if p is not None), train_head=True if num_classes else None)
+    if output is not None and is_main_process():
         save(net, output)
         if json_path != "-":
             console().print(f"saved {output} (load with retrofit.load)")

@@ -1,0 +1,69 @@
+"""Running under ``torchrun``: one process per device, DistributedDataParallel, rank 0 writes.
+
+``torchrun --nproc_per_node N -m retrofit finetune ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+:func:`setup` then joins the process group (nccl on GPUs, gloo on CPU). Without those variables every
+helper here is a no-op for a single process, so the same code path serves both.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    started_here: bool = False  # this module created the process group (and tears it down)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only process that logs, prints and writes files."""
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum ``values`` over all processes (float64, so counts stay exact)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on one (to stop all of them together)."""
+        return self.sum([float(flag)])[0] > 0 if self.world > 1 else flag
+
+    def close(self) -> None:
+        if self.started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(device: str | None = None) -> Dist:
+    """Join the torchrun job if there is one; pick this process's device.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``... (default: CUDA when available). Under torchrun each process
+            takes GPU ``LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if world <= 1:
+        return Dist(device=torch.device(device or ("cuda" if want_cuda else "cpu")))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=dev, started_here=started)

@@ -1,0 +1,38 @@
+"""The same fine-tuning command under a real 2-process torchrun (gloo on CPU) against one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import retrofit
+from test_finetune import CLASSES, make_folder, se_model
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    data = make_folder(tmp_path / "data", train=8, val=5)  # 15 val images: not divisible by 2 processes
+    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
+    settings = ["--epochs", "1", "-b", "8", "--lr", "0.01", "-j", "0", "--no-augment", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retrofit", "finetune", str(ckpt), "--data", str(data), "--output-dir", str(tmp_path / "two"), *settings]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("Fine-tuning results") == 1  # rank 0 prints, rank 1 does not
+    one = retrofit.finetune(retrofit.load(ckpt), data, epochs=1, batch_size=8, lr=0.01, workers=0, augment=False,
+                            device="cpu", output_dir=tmp_path / "one")
+    two = rows(tmp_path / "two" / "metrics.jsonl")
+    assert [r["name"] for r in two] == [r["name"] for r in one.rows] == ["original", "step 0", "epoch 1"]
+    n = CLASSES * 5
+    for a, b in zip(one.rows, two):
+        assert a["val_images"] == b["val_images"] == n  # every image once: no padding by the sampler
+        assert abs(a["top1"] - b["top1"]) <= 100 / n + 1e-9 and abs(a["top5"] - b["top5"]) <= 100 / n + 1e-9
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    assert two[-1]["train_images"] == one.rows[-1]["train_images"] == 24
+    assert two[-1]["train_loss"] == pytest.approx(one.rows[-1]["train_loss"], rel=1e-4)
+    assert two[0]["top1"] == one.rows[0]["top1"]  # before any training: the same counts exactly
