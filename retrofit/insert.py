@@ -40,6 +40,7 @@ class BlockInfo:
     stride: int
     channels: int
     width: int
+    size: tuple[int, int] = (0, 0)  # height and width of the feature map it scales
 
 
 @dataclass
@@ -105,28 +106,12 @@ def paused_gc():
 
 def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> RetrofitInfo:
     """Insert the blocks of ``recipe`` into ``target`` (the scanned model or a copy of it)."""
-    insertions, skipped = plan(found, recipe)
+    prepared = prepare(found, recipe)
     info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
-                        skipped=list(found.skipped) + skipped)
-    calls_of = Counter(id(call.module) for call in found.traced.calls())
-    by_owner: dict[int, tuple[Call, list[Insertion]]] = {}
-    for ins in insertions:
-        owner = owner_of(ins)
-        if calls_of[id(owner.module)] > 1:  # one forward serves every call: they would all change
-            info.skipped.append(Skipped(_site_name(ins.site), f"{owner.path or '<model>'} is called "
-                                        f"{calls_of[id(owner.module)]} times (a shared module): not rewritten"))
-            continue
-        by_owner.setdefault(id(owner), (owner, []))[1].append(ins)
+                        skipped=list(found.skipped) + prepared.skipped)
     narrow = []
-    for owner, group in by_owner.values():
-        try:
-            info.blocks += _rewrite(owner, group, target, recipe, narrow, found.traced)
-        except CannotRewrite as err:
-            info.skipped += [Skipped(_site_name(ins.site), f"{owner.path or '<model>'}: {err}") for ins in group]
-    if not info.blocks:
-        reasons = "; ".join(sorted({s.reason for s in info.skipped[len(found.skipped):]})) or "no reason"
-        raise RetrofitError(f"no SE block could be inserted in {model_name(found.traced.model)} "
-                            f"({reasons})")
+    for rewrite in prepared.rewrites:
+        info.blocks += _install(rewrite, target, recipe, narrow)
     if narrow:
         warnings.warn(RetrofitWarning(
             f"r={recipe.r} gives a reduced width below 1 for {len(narrow)} block(s) "
@@ -136,6 +121,70 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
         info.blocks = previous.blocks + info.blocks
     target._retrofit = info
     return info
+
+
+@dataclass
+class Rewrite:
+    """One module's forward, rebuilt and checked, with the insertions it will hold (not applied yet)."""
+
+    owner: Call
+    graph: OwnerGraph
+    spliced: list[tuple[Insertion, Any, Any]]  # (insertion, this level's value node, its users or None)
+    names: list[str]                            # the blocks' attribute names on the module
+
+    def blocks(self, recipe: Recipe) -> list[BlockInfo]:
+        """What the blocks will be, from the recipe alone (widths, sizes, stages)."""
+        prefix = f"{self.owner.path}." if self.owner.path else ""
+        out = []
+        for (ins, _, _), name in zip(self.spliced, self.names):
+            shape = N.shape(ins.value)
+            out.append(BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
+                                 ins.site.stride, shape[1], recipe.width(shape[1]), tuple(shape[2:4])))
+        return out
+
+
+@dataclass
+class Prepared:
+    """The rewrites a recipe asks for in a scanned model, every check done, nothing changed yet."""
+
+    rewrites: list[Rewrite]
+    skipped: list[Skipped]
+
+    def blocks(self, recipe: Recipe) -> list[BlockInfo]:
+        return [b for rw in self.rewrites for b in rw.blocks(recipe)]
+
+
+def prepare(found: Scan, recipe: Recipe) -> Prepared:
+    """Plan ``recipe`` on a scan and rebuild every forward it touches, without touching the model.
+
+    All that can make an insertion fail is checked here (a shared module, a forward that cannot be
+    rebuilt or differs by train/eval mode), so :func:`retrofit.sweep.sweep` counts exactly the blocks
+    :func:`add_se` would insert, and an error leaves the model as it was.
+
+    Raises:
+        RetrofitError: no site for the position or stage, or no block could be placed.
+    """
+    insertions, skipped = plan(found, recipe)
+    calls_of = Counter(id(call.module) for call in found.traced.calls())
+    by_owner: dict[int, tuple[Call, list[Insertion]]] = {}
+    for ins in insertions:
+        owner = owner_of(ins)
+        if calls_of[id(owner.module)] > 1:  # one forward serves every call: they would all change
+            skipped.append(Skipped(_site_name(ins.site), f"{owner.path or '<model>'} is called "
+                                   f"{calls_of[id(owner.module)]} times (a shared module): not rewritten"))
+            continue
+        by_owner.setdefault(id(owner), (owner, []))[1].append(ins)
+    rewrites = []
+    for owner, group in by_owner.values():
+        try:
+            rewrites.append(_prepare(owner, group, found.traced))
+        except CannotRewrite as err:
+            skipped += [Skipped(_site_name(ins.site), f"{owner.path or '<model>'}: {err}") for ins in group]
+    if not rewrites:
+        reasons = "; ".join(sorted({s.reason for s in skipped})) or "no reason"
+        raise RetrofitError(f"no SE block could be inserted in {model_name(found.traced.model)} "
+                            f"({reasons})")
+    return Prepared(rewrites, skipped)
 
 
 # -- planning -----------------------------------------------------------------------------------
@@ -194,32 +243,40 @@ def owner_of(ins: Insertion) -> Call:
 
 
 # -- surgery ------------------------------------------------------------------------------------
-def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Recipe,
-             narrow: list[int], traced: Traced) -> list[BlockInfo]:
-    module = target.get_submodule(owner.path) if owner.path else target
+def _prepare(owner: Call, group: list[Insertion], traced: Traced) -> Rewrite:
     rebuilt = OwnerGraph(owner, traced)
-    check_mode_independent(module)
+    check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
     spliced = []
     for ins in group:
         value = rebuilt.rep(ins.value)
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
     bases = [("se" if ins.position == "standard" else f"se_{ins.position}") for ins, _, _ in spliced]
+    names, taken = [], set()
+    for (ins, value, users), base in zip(spliced, bases):
+        if bases.count(base) > 1:
+            base = f"{base}_{clean_name(value.name)}"
+        name = _free_name(owner.module, base, taken)
+        taken.add(name)
+        names.append(name)
+    return Rewrite(owner, rebuilt, spliced, names)
+
+
+def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[int]) -> list[BlockInfo]:
+    """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward."""
+    owner, rebuilt = rewrite.owner, rewrite.graph
+    module = target.get_submodule(owner.path) if owner.path else target
+    infos = rewrite.blocks(recipe)
     buffers, blocks = [], []  # registered so far, removed again if the rewrite fails
     try:
         for name, tensor in rebuilt.constants.items():  # tensors fx kept aside: now the module's own
             module.register_buffer(name, tensor.clone(), persistent=False)
             buffers.append(name)
-        for (ins, value, users), base in zip(spliced, bases):
-            if bases.count(base) > 1:
-                base = f"{base}_{clean_name(value.name)}"
-            name = _free_name(module, base)
-            channels = N.shape(ins.value)[1]
-            width = recipe.width(channels)
-            if channels / recipe.r < 1:
-                narrow.append(channels)
-            block = SqueezeExcite(channels, width, squeeze=recipe.squeeze, gate=recipe.gate, bias=recipe.bias,
-                                  init=recipe.init, device=_device_of(module, target),
+        for (ins, value, users), name, info in zip(rewrite.spliced, rewrite.names, infos):
+            if info.channels / recipe.r < 1:
+                narrow.append(info.channels)
+            block = SqueezeExcite(info.channels, info.width, squeeze=recipe.squeeze, gate=recipe.gate,
+                                  bias=recipe.bias, init=recipe.init, device=_device_of(module, target),
                                   dtype=N.tensor(ins.value).dtype)
             setattr(module, name, block)
             blocks.append(name)
@@ -229,15 +286,12 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
         for name in buffers + blocks:
             delattr(module, name)
         raise
-    prefix = f"{owner.path}." if owner.path else ""
-    return [BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
-                      ins.site.stride, getattr(module, name).channels, getattr(module, name).width)
-            for (ins, _, _), name in zip(spliced, blocks)]
+    return infos
 
 
-def _free_name(module: nn.Module, base: str) -> str:
+def _free_name(module: nn.Module, base: str, taken: set = frozenset()) -> str:
     name, k = base, 2
-    while getattr(module, name, None) is not None:
+    while getattr(module, name, None) is not None or name in taken:
         name, k = f"{base}_{k}", k + 1
     return name
 
