@@ -2,7 +2,8 @@
 
 The steps, one module each: :mod:`~retrofit.trace` (fx, timm-aware) -> :mod:`~retrofit.shapes` (meta
 tensors) -> :mod:`~retrofit.sites` (residual/Inception merges, 3x3 convs) -> :mod:`~retrofit.insert`
-(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead).
+(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead);
+:func:`~retrofit.sweep.sweep` tabulates many recipes from one scan, :mod:`~retrofit.latency` times them.
 
 Example::
 
@@ -15,14 +16,16 @@ Example::
 from .checkpoint import load, save
 from .errors import RecipeError, RetrofitError, RetrofitWarning
 from .insert import add_se
+from .latency import measure_latency
 from .measure import Overhead, measure_overhead
 from .positions import POSITIONS, register_position
 from .recipe import Recipe, builtin_recipes
 from .se import SqueezeExcite
 from .sites import Site, find_sites
+from .sweep import sweep
 
 __all__ = [
     "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
-    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning",
+    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning", "sweep", "measure_latency",
 ]
 __version__ = "0.1.0"

@@ -131,6 +131,7 @@ class Rewrite:
     graph: OwnerGraph
     spliced: list[tuple[Insertion, Any, Any]]  # (insertion, this level's value node, its users or None)
     names: list[str]                            # the blocks' attribute names on the module
+    fused: list[Any] = field(default_factory=list)  # per insertion: the residual sum it fuses, or None
 
     def blocks(self, recipe: Recipe) -> list[BlockInfo]:
         """What the blocks will be, from the recipe alone (widths, sizes, stages)."""
@@ -259,7 +260,20 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced) -> Rewrite:
         name = _free_name(owner.module, base, taken)
         taken.add(name)
         names.append(name)
-    return Rewrite(owner, rebuilt, spliced, names)
+    return Rewrite(owner, rebuilt, spliced, names, [_fusable_sum(ins, value, users) for ins, value, users in spliced])
+
+
+def _fusable_sum(ins: Insertion, value, users):
+    """The residual sum a standard-position block feeds directly (no drop-path between), at this level:
+    the block then computes ``x * s + shortcut`` in one pass (``torch.addcmul``), which saves a pass
+    over the activations; None when the block feeds anything else."""
+    if ins.position != "standard" or ins.site.kind != "residual" or users is None or len(users) != 1:
+        return None
+    (add,) = users
+    operands = N.add_operands(add)
+    if operands is None or add.kwargs or value not in operands or operands[0] is operands[1]:
+        return None
+    return add
 
 
 def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[int]) -> list[BlockInfo]:
@@ -272,7 +286,8 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
         for name, tensor in rebuilt.constants.items():  # tensors fx kept aside: now the module's own
             module.register_buffer(name, tensor.clone(), persistent=False)
             buffers.append(name)
-        for (ins, value, users), name, info in zip(rewrite.spliced, rewrite.names, infos):
+        fused = rewrite.fused or [None] * len(rewrite.spliced)
+        for (ins, value, users), name, info, add in zip(rewrite.spliced, rewrite.names, infos, fused):
             if info.channels / recipe.r < 1:
                 narrow.append(info.channels)
             block = SqueezeExcite(info.channels, info.width, squeeze=recipe.squeeze, gate=recipe.gate,
@@ -280,7 +295,14 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
                                   dtype=N.tensor(ins.value).dtype)
             setattr(module, name, block)
             blocks.append(name)
-            rebuilt.splice(value, users, name)
+            if add is None:
+                rebuilt.splice(value, users, name)
+            else:  # block(value, shortcut) replaces the sum
+                a, b = N.add_operands(add)
+                with rebuilt.graph.inserting_after(add):
+                    se = rebuilt.graph.call_module(name, (value, b if a is value else a))
+                add.replace_all_uses_with(se)
+                rebuilt.graph.erase_node(add)
         install_forward(module, rebuilt.graph)
     except BaseException:
         for name in buffers + blocks:
