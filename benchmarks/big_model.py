@@ -35,10 +35,11 @@ def main(runs: int) -> None:
         cmds[f"add-se {model} {size}"] = RETROFIT + ["add-se", model, "--input-size", size]
     small, small_size = MODELS[-1]
     cmds[f"add-se {small} {small_size} --no-meta"] = RETROFIT + ["add-se", small, "--input-size", small_size, "--no-meta"]
-    times, peak = processes(cmds, runs)
+    times, cpu, peak = processes(cmds, runs)
     print(f"whole processes, {runs} rounds in turns (peak = largest resident memory of a round):")
     for name in cmds:
-        print(f"  {name:48s} {spread(times[name])}, peak {peak[name] / 2**20:.0f} MiB")
+        print(f"  {name:48s} wall {spread(times[name])}, CPU median {med(cpu[name]):.1f} s, "
+              f"peak {peak[name] / 2**20:.0f} MiB")
     base = peak["import timm"]
     for model, size in MODELS:
         name = f"add-se {model} {size}"

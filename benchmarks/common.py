@@ -37,8 +37,9 @@ def interleaved(jobs: Mapping[str, Callable[[], object]], runs: int, setup: Call
     return samples
 
 
-def process(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak resident memory (bytes) of one process run to completion."""
+def process(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system: what the process itself spent, less sensitive to
+    other jobs than wall time) and peak resident memory (bytes) of one process run to completion."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -48,21 +49,24 @@ def process(cmd: list[str]) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()[-500:]}")
-    return wall, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
 
-def processes(cmds: Mapping[str, list[str]], runs: int) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Wall times (rotating order, ``runs`` rounds) and the largest peak memory of each command."""
+def processes(cmds: Mapping[str, list[str]], runs: int):
+    """Wall times and CPU times (rotating order, ``runs`` rounds) and the largest peak memory of each
+    command: ``(wall, cpu, peak)``, dicts by name."""
     names = list(cmds)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     peak = {n: 0 for n in names}
     for i in range(runs):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            wall, rss = process(cmds[name])
+            wall, used, rss = process(cmds[name])
             times[name].append(wall)
+            cpu[name].append(used)
             peak[name] = max(peak[name], rss)
-    return times, peak
+    return times, cpu, peak
 
 
 def med(xs) -> float:

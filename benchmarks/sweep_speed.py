@@ -38,12 +38,13 @@ def in_process(runs: int) -> None:
 def whole_process(runs: int) -> None:
     cmds = {"add-se": RETROFIT + ["add-se", "resnet50"],
             "sweep 5x5": RETROFIT + ["sweep", "resnet50", "--r", R, "--position", POSITIONS]}
-    times, _ = processes(cmds, runs)
+    times, cpu, _ = processes(cmds, runs)
     ratio = med(times["sweep 5x5"]) / med(times["add-se"])
     print("2. whole processes: retrofit sweep resnet50 (5 x 5) / retrofit add-se resnet50")
     for name, xs in times.items():
-        print(f"   {name:10s} {spread(xs)}")
-    print(f"   ratio {ratio:.3f}  ({verdict(ratio, 3)})")
+        print(f"   {name:10s} wall {spread(xs)}, CPU median {med(cpu[name]):.3f} s")
+    print(f"   ratio of wall times {ratio:.3f}  ({verdict(ratio, 3)}); ratio of CPU times "
+          f"{med(cpu['sweep 5x5']) / med(cpu['add-se']):.3f}")
 
 
 if __name__ == "__main__":

@@ -287,7 +287,9 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
             module.register_buffer(name, tensor.clone(), persistent=False)
             buffers.append(name)
         fused = rewrite.fused or [None] * len(rewrite.spliced)
+        replaced = {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
         for (ins, value, users), name, info, add in zip(rewrite.spliced, rewrite.names, infos, fused):
+            value = replaced.get(value, value)
             if info.channels / recipe.r < 1:
                 narrow.append(info.channels)
             block = SqueezeExcite(info.channels, info.width, squeeze=recipe.squeeze, gate=recipe.gate,
@@ -303,6 +305,7 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
                     se = rebuilt.graph.call_module(name, (value, b if a is value else a))
                 add.replace_all_uses_with(se)
                 rebuilt.graph.erase_node(add)
+                replaced[add] = se
         install_forward(module, rebuilt.graph)
     except BaseException:
         for name in buffers + blocks:

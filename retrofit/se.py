@@ -107,8 +107,8 @@ class SqueezeExcite(nn.Module):
         if self.gate_origin != 1.0:
             s = s / self.gate_origin  # on the (N, C, 1, 1) excitation: free next to the pass over x
         if shortcut is not None:
-            # one pass over the activations instead of two (scale, then add): the rounding is the
-            # same, x * s then + shortcut, so outputs equal the unfused block's
+            # one pass over the activations instead of two (scale, then add); a fused multiply-add,
+            # so it rounds once where x * s + shortcut rounds twice (exact when s == 1: preserve init)
             return torch.addcmul(shortcut, x, s)
         return x * s
 
