@@ -5,6 +5,7 @@ tensors) -> :mod:`~retrofit.sites` (residual/Inception merges, 3x3 convs) -> :mo
 (by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead); then
 :mod:`~retrofit.finetune` trains the new blocks briefly (data: :mod:`~retrofit.data`, checkpoints:
 :mod:`~retrofit.train_state`, torchrun: :mod:`~retrofit.distributed`).
+:func:`~retrofit.sweep.sweep` tabulates many recipes from one scan, :mod:`~retrofit.latency` times them.
 
 Example::
 
@@ -23,16 +24,19 @@ from .checkpoint import load, save
 from .errors import RecipeError, RetrofitError, RetrofitWarning
 from .finetune import FinetuneResult, finetune
 from .insert import add_se
+from .latency import measure_latency
 from .measure import Overhead, measure_overhead
 from .positions import POSITIONS, register_position
 from .recipe import Recipe, builtin_recipes
 from .se import SqueezeExcite
 from .sites import Site, find_sites
 from .strip import strip
+from .sweep import sweep
 
 __all__ = [
     "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
     "register_position", "RetrofitError", "RecipeError", "RetrofitWarning", "strip", "ATTENTIONS",
     "register_attention", "finetune", "FinetuneResult",
+    "sweep", "measure_latency",
 ]
 __version__ = "0.1.0"

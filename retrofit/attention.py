@@ -62,16 +62,21 @@ class AttentionSpec:
     fields: tuple[str, ...]
     preserve: Callable[[nn.Module], None] | None  # zero what feeds the gates; None: handled by build
     paper: str
+    fuses_residual_sum: bool = False  # forward(x, shortcut) computes x * s + shortcut in one pass
 
 
 ATTENTIONS: dict[str, AttentionSpec] = {}
 
 
 def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
-                       preserve: Callable[[nn.Module], None] | None = None):
-    """Register ``build(channels, recipe, dd) -> nn.Module`` under ``name`` (``dd``: device, dtype)."""
+                       preserve: Callable[[nn.Module], None] | None = None, fuses_residual_sum: bool = False):
+    """Register ``build(channels, recipe, dd) -> nn.Module`` under ``name`` (``dd``: device, dtype).
+
+    ``fuses_residual_sum``: the block's ``forward(x, shortcut)`` returns ``x * s + shortcut``, so the
+    standard position may hand it the residual sum it feeds (see :func:`retrofit.insert.prepare`).
+    """
     def register(fn):
-        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper)
+        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper, fuses_residual_sum)
         return fn
     return register
 
@@ -142,7 +147,7 @@ def _zero(*layers: nn.Module | None) -> None:
 
 
 # -- the registry -----------------------------------------------------------------------------------
-@register_attention("se", fields=BLOCK_FIELDS, paper="https://arxiv.org/abs/1709.01507")
+@register_attention("se", fields=BLOCK_FIELDS, paper="https://arxiv.org/abs/1709.01507", fuses_residual_sum=True)
 def se(channels, recipe, dd):
     return SqueezeExcite(channels, recipe.width(channels), squeeze=recipe.squeeze, gate=recipe.gate,
                          bias=recipe.bias, init=recipe.init, **dd)

@@ -41,6 +41,7 @@ class BlockInfo:
     stride: int
     channels: int
     width: int
+    size: tuple[int, int] = (0, 0)  # height and width of the feature map it scales
 
 
 @dataclass
@@ -111,28 +112,12 @@ def paused_gc():
 
 def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> RetrofitInfo:
     """Insert the blocks of ``recipe`` into ``target`` (the scanned model or a copy of it)."""
-    insertions, skipped = plan(found, recipe)
+    prepared = prepare(found, recipe)
     info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
-                        skipped=list(found.skipped) + skipped)
-    calls_of = Counter(id(call.module) for call in found.traced.calls())
-    by_owner: dict[int, tuple[Call, list[Insertion]]] = {}
-    for ins in insertions:
-        owner = owner_of(ins)
-        if calls_of[id(owner.module)] > 1:  # one forward serves every call: they would all change
-            info.skipped.append(Skipped(_site_name(ins.site), f"{owner.path or '<model>'} is called "
-                                        f"{calls_of[id(owner.module)]} times (a shared module): not rewritten"))
-            continue
-        by_owner.setdefault(id(owner), (owner, []))[1].append(ins)
+                        skipped=list(found.skipped) + prepared.skipped)
     narrow = []
-    for owner, group in by_owner.values():
-        try:
-            info.blocks += _rewrite(owner, group, target, recipe, narrow, found.traced, info.was_none)
-        except CannotRewrite as err:
-            info.skipped += [Skipped(_site_name(ins.site), f"{owner.path or '<model>'}: {err}") for ins in group]
-    if not info.blocks:
-        reasons = "; ".join(sorted({s.reason for s in info.skipped[len(found.skipped):]})) or "no reason"
-        raise RetrofitError(f"no SE block could be inserted in {model_name(found.traced.model)} "
-                            f"({reasons})")
+    for rewrite in prepared.rewrites:
+        info.blocks += _install(rewrite, target, recipe, narrow, info.was_none)
     if narrow:
         warnings.warn(RetrofitWarning(
             f"r={recipe.r} gives a reduced width below 1 for {len(narrow)} block(s) "
@@ -145,6 +130,71 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     if isinstance(target, fx.GraphModule):  # GraphModule's deepcopy keeps only attributes listed here
         target.meta.setdefault("_user_preserved_attributes", {})["_retrofit"] = info
     return info
+
+
+@dataclass
+class Rewrite:
+    """One module's forward, rebuilt and checked, with the insertions it will hold (not applied yet)."""
+
+    owner: Call
+    graph: OwnerGraph
+    spliced: list[tuple[Insertion, Any, Any]]  # (insertion, this level's value node, its users or None)
+    names: list[str]                            # the blocks' attribute names on the module
+    fused: list[Any] = field(default_factory=list)  # per insertion: the residual sum it fuses, or None
+
+    def blocks(self, recipe: Recipe) -> list[BlockInfo]:
+        """What the blocks will be, from the recipe alone (widths, sizes, stages)."""
+        prefix = f"{self.owner.path}." if self.owner.path else ""
+        out = []
+        for (ins, _, _), name in zip(self.spliced, self.names):
+            shape = N.shape(ins.value)
+            out.append(BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
+                                 ins.site.stride, shape[1], reduced_width(recipe, shape[1]), tuple(shape[2:4])))
+        return out
+
+
+@dataclass
+class Prepared:
+    """The rewrites a recipe asks for in a scanned model, every check done, nothing changed yet."""
+
+    rewrites: list[Rewrite]
+    skipped: list[Skipped]
+
+    def blocks(self, recipe: Recipe) -> list[BlockInfo]:
+        return [b for rw in self.rewrites for b in rw.blocks(recipe)]
+
+
+def prepare(found: Scan, recipe: Recipe) -> Prepared:
+    """Plan ``recipe`` on a scan and rebuild every forward it touches, without touching the model.
+
+    All that can make an insertion fail is checked here (a shared module, a forward that cannot be
+    rebuilt or differs by train/eval mode), so :func:`retrofit.sweep.sweep` counts exactly the blocks
+    :func:`add_se` would insert, and an error leaves the model as it was.
+
+    Raises:
+        RetrofitError: no site for the position or stage, or no block could be placed.
+    """
+    insertions, skipped = plan(found, recipe)
+    calls_of = Counter(id(call.module) for call in found.traced.calls())
+    by_owner: dict[int, tuple[Call, list[Insertion]]] = {}
+    for ins in insertions:
+        owner = owner_of(ins)
+        if calls_of[id(owner.module)] > 1:  # one forward serves every call: they would all change
+            skipped.append(Skipped(_site_name(ins.site), f"{owner.path or '<model>'} is called "
+                                   f"{calls_of[id(owner.module)]} times (a shared module): not rewritten"))
+            continue
+        by_owner.setdefault(id(owner), (owner, []))[1].append(ins)
+    rewrites = []
+    for owner, group in by_owner.values():
+        try:
+            rewrites.append(_prepare(owner, group, found.traced, recipe))
+        except CannotRewrite as err:
+            skipped += [Skipped(_site_name(ins.site), f"{owner.path or '<model>'}: {err}") for ins in group]
+    if not rewrites:
+        reasons = "; ".join(sorted({s.reason for s in skipped})) or "no reason"
+        raise RetrofitError(f"no SE block could be inserted in {model_name(found.traced.model)} "
+                            f"({reasons})")
+    return Prepared(rewrites, skipped)
 
 
 # -- planning -----------------------------------------------------------------------------------
@@ -239,36 +289,72 @@ def owner_of(ins: Insertion) -> Call:
 
 
 # -- surgery ------------------------------------------------------------------------------------
-def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Recipe,
-             narrow: list[int], traced: Traced, none_attributes: list[str]) -> list[BlockInfo]:
-    module = target.get_submodule(owner.path) if owner.path else target
+def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe) -> Rewrite:
     rebuilt = OwnerGraph(owner, traced)
-    check_mode_independent(module)
+    check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
     spliced = []
     for ins in group:
         value = rebuilt.rep(ins.value)
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
     bases = [("se" if ins.position == "standard" else f"se_{ins.position}") for ins, _, _ in spliced]
+    names, taken = [], set()
+    for (ins, value, users), base in zip(spliced, bases):
+        if bases.count(base) > 1:
+            base = f"{base}_{clean_name(value.name)}"
+        name = _free_name(owner.module, base, taken)
+        taken.add(name)
+        names.append(name)
+    fusable = ATTENTIONS[recipe.module].fuses_residual_sum
+    return Rewrite(owner, rebuilt, spliced, names,
+                   [_fusable_sum(ins, value, users) if fusable else None for ins, value, users in spliced])
+
+
+def _fusable_sum(ins: Insertion, value, users):
+    """The residual sum a standard-position block feeds directly (no drop-path between), at this level:
+    the block then computes ``x * s + shortcut`` in one pass (``torch.addcmul``), which saves a pass
+    over the activations; None when the block feeds anything else."""
+    if ins.position != "standard" or ins.site.kind != "residual" or users is None or len(users) != 1:
+        return None
+    (add,) = users
+    operands = N.add_operands(add)
+    if operands is None or add.kwargs or value not in operands or operands[0] is operands[1]:
+        return None
+    return add
+
+
+def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[int],
+             none_attributes: list[str]) -> list[BlockInfo]:
+    """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward."""
+    owner, rebuilt = rewrite.owner, rewrite.graph
+    module = target.get_submodule(owner.path) if owner.path else target
+    infos = rewrite.blocks(recipe)
     buffers, blocks, was_none = [], [], []  # registered so far, removed again if the rewrite fails
     try:
         for name, tensor in rebuilt.constants.items():  # tensors fx kept aside: now the module's own
             module.register_buffer(name, tensor.clone(), persistent=False)
             buffers.append(name)
-        for (ins, value, users), base in zip(spliced, bases):
-            if bases.count(base) > 1:
-                base = f"{base}_{clean_name(value.name)}"
-            name = _free_name(module, base)
+        fused = rewrite.fused or [None] * len(rewrite.spliced)
+        replaced = {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
+        for (ins, value, users), name, info, add in zip(rewrite.spliced, rewrite.names, infos, fused):
+            value = replaced.get(value, value)
+            if info.channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
+                narrow.append(info.channels)
+            block = build_attention(recipe, info.channels, device=_device_of(module, target),
+                                    dtype=N.tensor(ins.value).dtype)
             if name in vars(module):  # _free_name reuses an attribute only when it is None
                 was_none.append(name)
-            channels = N.shape(ins.value)[1]
-            if channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
-                narrow.append(channels)
-            block = build_attention(recipe, channels, device=_device_of(module, target),
-                                    dtype=N.tensor(ins.value).dtype)
             setattr(module, name, block)
             blocks.append(name)
-            rebuilt.splice(value, users, name)
+            if add is None:
+                rebuilt.splice(value, users, name)
+            else:  # block(value, shortcut) replaces the sum
+                a, b = N.add_operands(add)
+                with rebuilt.graph.inserting_after(add):
+                    se = rebuilt.graph.call_module(name, (value, b if a is value else a))
+                add.replace_all_uses_with(se)
+                rebuilt.graph.erase_node(add)
+                replaced[add] = se
         install_forward(module, rebuilt.graph)
     except BaseException:
         for name in buffers + blocks:
@@ -278,14 +364,12 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
         raise
     prefix = f"{owner.path}." if owner.path else ""
     none_attributes += [prefix + name for name in was_none]
-    return [BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
-                      ins.site.stride, getattr(module, name).channels, getattr(module, name).width)
-            for (ins, _, _), name in zip(spliced, blocks)]
+    return infos
 
 
-def _free_name(module: nn.Module, base: str) -> str:
+def _free_name(module: nn.Module, base: str, taken: set = frozenset()) -> str:
     name, k = base, 2
-    while getattr(module, name, None) is not None:
+    while getattr(module, name, None) is not None or name in taken:
         name, k = f"{base}_{k}", k + 1
     return name
 
@@ -297,6 +381,11 @@ def _device_of(module: nn.Module, model: nn.Module):
         for t in source.buffers():
             return t.device
     return None
+
+
+def reduced_width(recipe: Recipe, channels: int) -> int:
+    """The block's reduced width for ``channels`` (0 for a module without one, e.g. ECA)."""
+    return recipe.width(channels) if "r" in ATTENTIONS[recipe.module].fields else 0
 
 
 def _site_name(site) -> str:

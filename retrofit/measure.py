@@ -12,9 +12,10 @@ lacks (``layer1.0.se``...) is one block, so any pair of models can be compared, 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import fx, nn
 
@@ -22,6 +23,10 @@ from . import nodes as N
 from .errors import RetrofitError
 from .shapes import count_macs
 from .trace import Traced, trace
+
+if TYPE_CHECKING:
+    from .insert import BlockInfo
+    from .recipe import Recipe
 
 
 @dataclass(eq=False)
@@ -204,3 +209,38 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
 def _module_order(model: nn.Module):
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return lambda path: order.get(path, len(order))
+
+
+# -- from a plan: no block built on real memory, no second trace -----------------------------------
+def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Recipe") -> Overhead:
+    """The overhead of inserting ``blocks`` (from :func:`retrofit.insert.prepare`) into the model
+    ``base`` measures, without re-tracing the retrofitted model: a block adds its own parameters and
+    multiply-adds and changes nothing else, so each is measured alone, once per distinct shape
+    (:func:`block_cost`). ``tests/test_sweep.py`` checks this against :func:`measure_overhead` on
+    really retrofitted models.
+    """
+    costs = []
+    for b in blocks:
+        params, macs = block_cost(recipe, b.channels, b.size)
+        elements = b.channels * b.size[0] * b.size[1]
+        costs.append(BlockCost(b.path, b.site_kind, b.position, b.stage, b.stride, b.channels, b.width,
+                               tuple(b.size), params, macs, elements, elements))
+    return Overhead(base.traced.input_size, base.params, base.macs, base.params + sum(c.params for c in costs),
+                    base.macs + sum(c.macs for c in costs), costs)
+
+
+@functools.lru_cache(maxsize=4096)
+def block_cost(recipe: "Recipe", channels: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Parameters and multiply-adds (batch 1) of one block of ``recipe`` on a ``channels x size`` map:
+    the block itself, built and run on the meta device under ``torch.utils.flop_counter``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .attention import build_attention
+
+    # the init decides values, not shapes; "paper" skips the preserving init's work on meta tensors
+    block = build_attention(recipe.replace(init="paper"), channels, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        block(torch.empty((1, channels, *size), device="meta"))
+    return count_params(block), counter.get_total_flops() // 2

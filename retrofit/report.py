@@ -1,12 +1,15 @@
 """Rich tables and JSON for sites and overhead reports."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from .measure import Overhead
 from .sites import KINDS, Scan
+
+if TYPE_CHECKING:
+    from .latency import Timing
 
 
 def _n(x: int) -> str:
@@ -77,6 +80,23 @@ def overhead_table(report: Overhead) -> Table:
     table.add_row("base", "", "", _n(report.base_params), "", _n(report.base_macs), "", "")
     table.add_row("retrofitted", "", "", _n(report.params), "", _n(report.macs), "", "")
     return table
+
+
+def latency_line(timing: "Timing") -> str:
+    """The measured latency overhead of an add-se run, in one line."""
+    ratio = timing.ratio("retrofitted", "original")
+    return (f"Latency (median of {len(timing.samples['original'])} forward passes each, batch {timing.batch}, "
+            f"{'x'.join(map(str, timing.input_size))}, the two models in turns in one run): original "
+            f"{timing.median('original') * 1e3:.1f} ms, retrofitted {timing.median('retrofitted') * 1e3:.1f} ms, "
+            f"ratio {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+
+
+def latency_json(timing: "Timing") -> dict[str, Any]:
+    """The latency measurement of an add-se run: medians (ms), their ratio, and the settings."""
+    return {"batch": timing.batch, "input_size": list(timing.input_size), "runs": len(timing.samples["original"]),
+            "original_ms": round(timing.median("original") * 1e3, 3),
+            "retrofitted_ms": round(timing.median("retrofitted") * 1e3, 3),
+            "ratio": round(timing.ratio("retrofitted", "original"), 4)}
 
 
 def sites_json(scan: Scan) -> dict[str, Any]:

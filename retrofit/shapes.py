@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any
 
 import torch
@@ -49,6 +50,17 @@ def twin(module: nn.Module, meta: bool = True) -> nn.Module:
         copied._buffers = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
     copied._modules = {k: None if c is None else twin(c, meta) for k, c in module._modules.items()}
     return copied
+
+
+def _upsampled(module: nn.Upsample, sides) -> tuple[int, int] | None:
+    if module.size is not None:
+        size = module.size if isinstance(module.size, (tuple, list)) else (module.size,) * 2
+        return tuple(int(s) for s in size) if len(size) == 2 else None
+    scale = module.scale_factor
+    scale = scale if isinstance(scale, (tuple, list)) else (scale,) * 2
+    if len(scale) != 2:
+        return None
+    return tuple(math.floor(float(s) * float(f)) for s, f in zip(sides, scale))
 
 
 def _to_meta(value: Any) -> Any:
@@ -84,6 +96,12 @@ class MetaShapeProp(fx.Interpreter):
         if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and len(args) == 1 and not kwargs:
             # the layers most models are made of: their own forward on meta weights, no twin needed
             return module._conv_forward(args[0], _to_meta(module.weight), _to_meta(module.bias))
+        if type(module) is nn.Upsample and len(args) == 1 and not kwargs and args[0].dim() == 4:
+            # on meta, interpolate runs a Python decomposition (most of HRNet's scan); its output
+            # size is F.interpolate's own rule: the given size, or floor(side * scale_factor)
+            size = _upsampled(module, args[0].shape[2:])
+            if size is not None:
+                return args[0].new_empty((*args[0].shape[:2], *size))
         if type(module) is nn.Linear and len(args) == 1 and not kwargs:
             return torch.nn.functional.linear(args[0], _to_meta(module.weight), _to_meta(module.bias))
         return twin(module)(*args, **kwargs)

@@ -182,16 +182,23 @@ class _Analysis:
             idom[n] = dom
         return idom
 
-    def _region(self, end: fx.Node, fork: fx.Node) -> set:
-        """Data nodes on the paths from ``fork`` (excluded) to ``end`` (included)."""
-        region, stack = set(), [end]
+    def _region(self, end: fx.Node, fork: fx.Node, limit: int | None = None) -> tuple[set, int]:
+        """Data nodes on the paths from ``fork`` (excluded) to ``end`` (included), and how many of
+        them are weighted layers. With ``limit``, the walk stops once more than ``limit`` weighted
+        layers are seen (the region is then partial): a side that long is no shortcut, and walking
+        HRNet's fusion paths in full made the scan quadratic in the model's size."""
+        region, stack, weighted = set(), [end], 0
         while stack:
             v = stack.pop()
             if v is fork or v in region or v not in self.data:
                 continue
             region.add(v)
+            if N.is_weighted(v):
+                weighted += 1
+                if limit is not None and weighted > limit:
+                    break
             stack.extend(v.all_input_nodes)
-        return region
+        return region, weighted
 
     def _spatial(self, h: int, w: int) -> bool:
         """Whether (h, w) can be the image's height and width at some output stride: both sides
@@ -240,17 +247,20 @@ class _Analysis:
             return None
         if fork in (a, b):  # x + f(x): the identity is the shortcut, whatever f holds (PoolFormer's pooling)
             shortcut, branch = (a, b) if a is fork else (b, a)
-            region, kind = self._region(branch, fork), "identity"
+            region, kind = self._region(branch, fork)[0], "identity"
         else:
-            regions = {a: self._region(a, fork), b: self._region(b, fork)}
-            depth = {v: sum(N.is_weighted(u) for u in region) for v, region in regions.items()}
+            # both sides walked only as far as a shortcut can go; the branch is walked in full after
+            walks = {v: self._region(v, fork, MAX_PROJECTION) for v in (a, b)}
+            depth = {v: w[1] for v, w in walks.items()}
             if depth[a] == depth[b] or min(depth.values()) > MAX_PROJECTION:
-                self.skipped.append(Skipped(self._where(n), f"sum of two paths with {depth[a]} and {depth[b]} "
+                said = {v: f"more than {MAX_PROJECTION}" if d > MAX_PROJECTION else str(d) for v, d in depth.items()}
+                self.skipped.append(Skipped(self._where(n), f"sum of two paths with {said[a]} and {said[b]} "
                                             f"weighted layers: neither is an identity or a short projection "
                                             f"shortcut, not a residual unit"))
                 return None
             branch, shortcut = (a, b) if depth[a] > depth[b] else (b, a)
-            region, kind = regions[branch], "identity" if depth[shortcut] == 0 else "projection"
+            region = walks[branch][0] if depth[branch] <= MAX_PROJECTION else self._region(branch, fork)[0]
+            kind = "identity" if depth[shortcut] == 0 else "projection"
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
         return self._site("residual", n, kind, refs)
 

@@ -128,6 +128,9 @@ class RetrofitTracer(fx.Tracer):
         return node
 
     def call_module(self, m, forward, args, kwargs):
+        if getattr(m, "fuses_residual_sum", False) and len(args) == 2 and not kwargs:
+            # an SE block fused with its residual sum (retrofit.se): analysed as the block, then the sum
+            return self.call_module(m, forward, args[:1], {}) + args[1]
         path = self.path_of_module(m)
         # copies of the containers: a forward may change a list it was given (HRNet's x[i] = ...)
         call = Call(path, m, self._stack[-1], self.is_leaf_module(m, path), map_aggregate(args, _same),

@@ -6,12 +6,16 @@ reported like ``r: abc`` in a YAML file: naming the field and the allowed values
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
 
-from . import add_se, finetune, recipes, sites  # noqa: F401  (importing a command module registers it on `app`)
-from .common import console, app
+from .common import app, console
+
+COMMANDS = ("add_se", "sites", "recipes", "finetune", "sweep")  # one module each, registered on `app` when imported
+for _command in COMMANDS:
+    importlib.import_module(f".{_command}", __name__)
 
 __all__ = ["app", "main"]
 

@@ -1,15 +1,16 @@
 """`retrofit add-se`: insert blocks by a recipe, report the overhead, optionally save."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import RetrofitError
-from .finetune import EPOCHS, is_main_process, run_finetune
 from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, print_skipped, write_json)
+from .finetune import EPOCHS, is_main_process, run_finetune
 
 
 @app.command("add-se")
@@ -38,15 +39,19 @@ def add_se_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load."),
     finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/."),
     epochs: int = EPOCHS,
+    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original (median of interleaved runs)."),
+    batch: int = typer.Option(8, "--batch", help="Batch size of the --latency runs."),
+    runs: int = typer.Option(10, "--runs", help="Timed rounds per model for --latency."),
+    meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     from ..checkpoint import check_writable, save
     from ..insert import model_name, paused_gc, retrofit_scanned
-    from ..measure import compare, cost, traced_cost
-    from ..models import resolve_input_size
+    from ..latency import measure_latency
+    from ..measure import planned_overhead, traced_cost
+    from ..meta import build_and_scan
     from ..recipe import resolve_recipe
-    from ..report import blocks_table, overhead_table, sites_by_stage, sites_json
-    from ..sites import scan
+    from ..report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
 
     chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,
                             divisor=divisor, min_width=min_width, bias=bias, init=init, module=module,
@@ -61,21 +66,36 @@ def add_se_command(
         if checkpoint is not None and output.resolve() == Path(checkpoint).expanduser().resolve():
             raise RetrofitError(f"--output {output} is the input checkpoint; input weights are never "
                                 f"overwritten, choose another file")
-    net = build_model(model, checkpoint, pretrained, num_classes)
-    size = resolve_input_size(net, input_size)
+    if batch < 1 or runs < 1:
+        raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
+    needs_weights = output is not None or checkpoint is not None or pretrained or latency or finetune is not None
+    if meta and needs_weights:
+        raise RetrofitError("--meta builds the model without weights: it cannot go with --output, --checkpoint, "
+                            "--pretrained, --latency or --finetune; drop --meta")
     with paused_gc():
-        found = scan(net, size, macs=True)
+        net, found = build_and_scan(lambda: build_model(model, checkpoint, pretrained, num_classes), input_size,
+                                    meta=not needs_weights if meta is None else meta)
+        size = found.traced.input_size
         base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
+        original = copy.deepcopy(net) if latency else None
         info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
-        report = compare(base, cost(net, size))
+        report = planned_overhead(base, info.blocks, chosen)  # a block adds only itself: no second trace
+    timing = None
+    if latency:
+        timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size, runs=runs)
+        del original
     data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found),
             **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped]}
+    if timing is not None:
+        data["latency"] = latency_json(timing)
     if json_path != "-":
         console().print(f"[bold]{model_name(net)}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
                   f"recipe: {chosen.describe()}")
         console().print(sites_by_stage(found))
         console().print(blocks_table(report))
         console().print(overhead_table(report))
+        if timing is not None:
+            console().print(latency_line(timing))
         print_skipped(info.skipped)
     write_json(data, json_path)
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import RetrofitError
 
@@ -47,7 +48,7 @@ def fail_cleanly(fn):
                     console(stderr=True).print(f"[yellow]warning:[/] {w.message}")
             return result
         except RetrofitError as e:
-            console(stderr=True).print(f"[red]error:[/] {e}", soft_wrap=True)
+            console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # '[plot]' is text
             raise typer.Exit(2)
         except KeyboardInterrupt:
             console(stderr=True).print("[red]interrupted[/]")

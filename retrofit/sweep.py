@@ -1,0 +1,213 @@
+"""Sweeps: the paper's ablation tables (its Tables 10 and 13 to 15) for any model, in seconds.
+
+Hu et al., "Squeeze-and-Excitation Networks" (CVPR 2018, https://arxiv.org/abs/1709.01507) chose
+r = 16, the standard position and all stages by sweeping them on ResNet-50. :func:`sweep` gives the
+same trade-off table for your model: one row per combination of reduction ratio, position and stage
+set, with the parameters and multiply-adds each adds and, optionally, its measured latency.
+
+It costs about one ``add_se``, not one per combination: the model is traced and scanned once; each
+(position, stages) pair is planned and its rewrites checked on that one scan (:func:`retrofit.insert.prepare`,
+which changes nothing); a ratio r only changes the widths, so the counts of every r come from the
+same plan, each block measured alone on the meta device (:func:`retrofit.measure.planned_overhead`).
+Only ``latency=True`` builds real models, one at a time, each timed against the original in the
+same run (:mod:`retrofit.latency`).
+
+    >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[4, 16], position=["standard", "post"])
+    >>> [(row.position, row.r, round(row.params_percent, 2)) for row in rows]
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+from torch import nn
+
+from .errors import RecipeError, RetrofitError
+from .insert import model_name, paused_gc, prepare, retrofit_scanned
+from .measure import planned_overhead, traced_cost
+from .recipe import Recipe, resolve_recipe
+from .sites import Scan, scan
+
+AXES = ("r", "position", "stages")
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One combination of a sweep and what it costs. ``note`` says why a combination has no blocks
+    (a position with no site in those stages); its numbers are then 0."""
+
+    position: str
+    r: float
+    stages: tuple[int, ...] | None  # None: all stages
+    blocks: int
+    params: int            # parameters added
+    params_percent: float  # of the original model's
+    macs: int              # multiply-adds added (batch 1)
+    macs_percent: float
+    pool_scale_ops: int    # the squeeze and scale passes, C x H x W each per block
+    skipped: int = 0       # sites of this position and stages that could not be rewritten
+    latency: float | None = None       # median forward time retrofitted / original, same run
+    latency_ms: float | None = None    # median forward time of the retrofitted model
+    base_latency_ms: float | None = None
+    note: str = ""
+
+    @property
+    def stages_label(self) -> str:
+        return stages_label(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = self.stages_label
+        return d
+
+
+def stages_label(stages: tuple[int, ...] | None) -> str:
+    return "all" if stages is None else "+".join(map(str, stages))
+
+
+def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterable[str] | str = ("standard",),
+          stages: Iterable[Any] | Any = (None,), *, recipe: Recipe | str | dict | None = None,
+          input_size: tuple[int, ...] | None = None, latency: bool = False, batch: int = 8,
+          latency_input_size: tuple[int, ...] | None = None, runs: int = 10, warmup: int = 2,
+          found: Scan | None = None) -> list[SweepRow]:
+    """The cost of every combination of ``r`` x ``position`` x ``stages`` on ``model``.
+
+    Args:
+        model: the original network (never modified).
+        r: reduction ratios, e.g. ``[2, 4, 8, 16, 32]``.
+        position: positions, e.g. ``["standard", "pre", "post", "identity", "inside"]``.
+        stages: stage sets: ``None`` or ``"all"`` for all stages, a stage number (``3``), or a set of
+            them (``[3, 4]`` or ``"3+4"``: blocks in stages 3 and 4 only).
+        recipe: the other recipe fields (squeeze, gate, divisor, min_width, bias, init); default
+            :class:`~retrofit.Recipe` ``()``.
+        input_size: ``(C, H, W)`` the counts are taken at; default: timm's ``pretrained_cfg``.
+        latency: also time each retrofitted model against the original (builds one real model per
+            combination; the model needs real weights, not meta ones).
+        batch, latency_input_size, runs, warmup: the latency measurement (input size default:
+            ``input_size``); see :func:`retrofit.latency.measure_latency`.
+        found: a scan of ``model`` at ``input_size`` with ``macs=True``, if you have one.
+
+    Returns:
+        One :class:`SweepRow` per combination, positions outermost, then stages, then r.
+
+    Raises:
+        RetrofitError: an empty axis, a bad value (named with the axis), a stage the model does not
+            have, or a model the pass cannot trace.
+
+    Example::
+
+        >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[2, 4, 8, 16, 32],
+        ...                       position=["standard", "inside"], stages=["all", 4, "3+4"])
+        >>> rows[0].position, rows[0].r, rows[0].params, rows[0].params_percent
+    """
+    from .models import resolve_input_size
+
+    base_recipe = resolve_recipe(recipe)
+    ratios = parse_axis("r", r, lambda v: base_recipe.replace(r=v).r)
+    positions = parse_axis("position", position, lambda v: base_recipe.replace(position=v).position)
+    stage_sets = parse_axis("stages", stages, parse_stages)
+    size = resolve_input_size(model, input_size)
+    with paused_gc():
+        if found is None:
+            found = scan(model, size, macs=True)
+        check_stages(found, stage_sets)
+        base = traced_cost(found.traced, found.macs)
+        rows = []
+        for pos in positions:
+            for st in stage_sets:
+                chosen = dataclasses.replace(base_recipe, position=pos, stages=st)
+                try:
+                    prepared = prepare(found, chosen)
+                except RetrofitError as err:  # this position has no site in these stages: a row says so
+                    rows += [SweepRow(pos, ratio, st, 0, 0, 0.0, 0, 0.0, 0, note=str(err)) for ratio in ratios]
+                    continue
+                for ratio in ratios:
+                    this = dataclasses.replace(chosen, r=ratio)
+                    report = planned_overhead(base, prepared.blocks(this), this)
+                    rows.append(SweepRow(pos, ratio, st, len(report.blocks), report.added_params,
+                                         report.params_percent(), report.added_macs, report.macs_percent(),
+                                         report.pool_ops + report.scale_ops, len(prepared.skipped)))
+    if latency:
+        rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup)
+    return rows
+
+
+def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup) -> list[SweepRow]:
+    from .latency import measure_latency
+
+    out = []
+    for row in rows:
+        if row.note:
+            out.append(row)
+            continue
+        chosen = dataclasses.replace(base_recipe, position=row.position, r=row.r, stages=row.stages)
+        se_model = copy.deepcopy(model)
+        with warnings.catch_warnings():  # narrow widths were already reported by the counts
+            warnings.simplefilter("ignore")
+            retrofit_scanned(found, se_model, chosen)
+        timing = measure_latency({"original": model, "retrofitted": se_model}, batch=batch, input_size=size,
+                                 runs=runs, warmup=warmup)
+        out.append(_replace(row, latency=timing.ratio("retrofitted", "original"),
+                            latency_ms=timing.median("retrofitted") * 1e3,
+                            base_latency_ms=timing.median("original") * 1e3))
+        del se_model
+    return out
+
+
+def _replace(row: SweepRow, **changes) -> SweepRow:
+    return SweepRow(**{**asdict(row), **changes})
+
+
+# -- axes ---------------------------------------------------------------------------------------
+def parse_axis(name: str, values: Any, check) -> list:
+    """A list of axis values from a comma-separated string or an iterable, each checked by ``check``
+    (duplicates dropped, order kept); an empty or malformed item is a RetrofitError naming the axis."""
+    if isinstance(values, str):
+        items = values.split(",")
+        if not values.strip():
+            raise RetrofitError(f"--{name}: empty list; give comma-separated values, e.g. {_EXAMPLES[name]}")
+    elif isinstance(values, Iterable):
+        items = list(values)
+        if not items:
+            raise RetrofitError(f"--{name}: empty list; give at least one value, e.g. {_EXAMPLES[name]}")
+    else:
+        items = [values]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and not item.strip():
+            raise RetrofitError(f"--{name}: item {i + 1} of {values!r} is empty; give comma-separated "
+                                f"values, e.g. {_EXAMPLES[name]}")
+        try:
+            value = check(item.strip() if isinstance(item, str) else item)
+        except RecipeError as err:
+            raise RetrofitError(f"--{name}: bad item {item!r} ({err})") from None
+        if value not in out:
+            out.append(value)
+    return out
+
+
+_EXAMPLES = {"r": "2,4,8,16,32", "position": "standard,pre,post,identity,inside", "stages": "all,2,3,4,5,3+4"}
+
+
+def parse_stages(item: Any) -> tuple[int, ...] | None:
+    """One stage set: ``"all"``/``None``, a stage number, ``"3+4"`` or a list of numbers."""
+    if isinstance(item, str):
+        item = "all" if item.strip().lower() == "all" else item.replace("+", ",")
+        if item != "all" and any(not part.strip() for part in item.split(",")):
+            raise RecipeError(f"a stage set is stage numbers joined by '+', e.g. 3+4, got {item!r}")
+    return Recipe(stages=item).stages
+
+
+def check_stages(found: Scan, stage_sets: Sequence[tuple[int, ...] | None]) -> None:
+    """A stage no site of the model lies in is bad input (a position that has no site in an existing
+    stage is a row with a note instead)."""
+    present = sorted({s.stage for s in found.sites})
+    for st in stage_sets:
+        missing = [s for s in st or () if s not in present]
+        if missing:
+            raise RetrofitError(f"--stages: stage {','.join(map(str, missing))} does not exist in "
+                                f"{model_name(found.traced.model)}: its sites are in stages "
+                                f"{','.join(map(str, present))} (stage = log2 of the output stride)")
