@@ -131,13 +131,19 @@ def bypass_se(model: nn.Module) -> contextlib.AbstractContextManager:
 
     @contextlib.contextmanager
     def ctx() -> Iterator[None]:
-        hooks = [b.register_forward_hook(lambda m, args, out: args[0]) for b in blocks]
+        hooks = [b.register_forward_hook(_passthrough) for b in blocks]
         try:
             yield
         finally:
             for h in hooks:
                 h.remove()
     return ctx()
+
+
+def _passthrough(block: nn.Module, args: tuple, out):
+    """The block's input instead of its output; a block fused with its residual sum (SE at the
+    standard position, called as ``block(x, shortcut)``) gives the plain sum ``x + shortcut``."""
+    return args[0] + args[1] if len(args) > 1 and args[1] is not None else args[0]
 
 
 def is_norm(module: nn.Module) -> bool:

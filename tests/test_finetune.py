@@ -283,3 +283,19 @@ def test_other_number_of_classes_gets_a_new_head_that_trains(data, tmp_path):
     again = retrofit.load(tmp_path / "run" / "last.safetensors")  # rebuilt with the new head's size
     assert again.num_classes == CLASSES
     assert torch.equal(again.state_dict()["fc.weight"], after["fc.weight"])
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_bypassed_blocks_give_the_original_network(position):
+    """The "original" row is the retrofitted model with its blocks bypassed; with random (paper) blocks,
+    bypassed, it must compute what the plain model computes, fused standard blocks (x * s + shortcut)
+    included."""
+    from retrofit.finetune import bypass_se
+
+    plain = plain_model().eval()
+    model = se_model(plain, position=position, init="paper").eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert not torch.equal(model(x), plain(x))  # the blocks do change the function
+        with bypass_se(model):
+            assert torch.equal(model(x), plain(x))
