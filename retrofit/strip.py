@@ -11,6 +11,7 @@ stripped model's state dict and outputs are the original's, as long as it was no
 from __future__ import annotations
 
 import copy
+import operator
 
 from torch import fx, nn
 
@@ -73,7 +74,12 @@ def _strip_module(module: nn.Module, names: list[str]) -> None:
         graph = module.graph
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target in names:
-                node.replace_all_uses_with(node.args[0])
+                if len(node.args) > 1:  # a block fused with its residual sum: block(x, shortcut)
+                    with graph.inserting_before(node):
+                        plain = graph.call_function(operator.add, node.args[:2])
+                else:
+                    plain = node.args[0]
+                node.replace_all_uses_with(plain)
                 graph.erase_node(node)
         graph.lint()
         module.recompile()

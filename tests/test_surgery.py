@@ -157,11 +157,12 @@ def test_strip_round_trip_resnet18(resnet18, x, position):
 
 
 @pytest.mark.parametrize("position", ["standard", "inside"])
-def test_strip_round_trip_custom_net_and_graph_module(position):
+@pytest.mark.parametrize("module", ["se", "cbam"])  # se at the standard position is fused with its sum
+def test_strip_round_trip_custom_net_and_graph_module(position, module):
     net = custom_net()
     x = torch.randn(2, 3, 32, 32)
     for original in (net, torch.fx.symbolic_trace(net)):
-        model = retrofit.add_se(original, position=position, module="cbam", init="paper", r=4, input_size=(3, 32, 32))
+        model = retrofit.add_se(original, position=position, module=module, init="paper", r=4, input_size=(3, 32, 32))
         assert not torch.equal(model(x), original(x))
         assert_same(retrofit.strip(model), original, x)
     copied = copy.deepcopy(model)  # a GraphModule's deepcopy keeps what add_se did: strip still works
