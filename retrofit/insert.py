@@ -23,7 +23,7 @@ from .graph_forward import install_forward
 from .positions import POSITIONS, Insertion, SkipSite
 from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_name
 from .recipe import Recipe, resolve_recipe
-from .se import SqueezeExcite
+from .se_layout import channel_dim, make_block
 from .sites import Scan, Skipped, scan
 from .trace import Call, Traced, level_of
 
@@ -214,13 +214,16 @@ def _rewrite(owner: Call, group: list[Insertion], target: nn.Module, recipe: Rec
             if bases.count(base) > 1:
                 base = f"{base}_{clean_name(value.name)}"
             name = _free_name(module, base)
-            channels = N.shape(ins.value)[1]
+            layout, shape = ins.site.layout, N.shape(ins.value)
+            if len(shape) != (3 if layout == "tokens" else 4):
+                raise CannotRewrite(f"the tensor at the {ins.position} position is not {layout} like its site")
+            channels = shape[channel_dim(layout)]
             width = recipe.width(channels)
             if channels / recipe.r < 1:
                 narrow.append(channels)
-            block = SqueezeExcite(channels, width, squeeze=recipe.squeeze, gate=recipe.gate, bias=recipe.bias,
-                                  init=recipe.init, device=_device_of(module, target),
-                                  dtype=N.tensor(ins.value).dtype)
+            block = make_block(layout, channels, width, prefix=ins.site.prefix, squeeze=recipe.squeeze,
+                               gate=recipe.gate, bias=recipe.bias, init=recipe.init,
+                               device=_device_of(module, target), dtype=N.tensor(ins.value).dtype)
             setattr(module, name, block)
             blocks.append(name)
             rebuilt.splice(value, users, name)

@@ -17,6 +17,14 @@ Three kinds, read off the flat analysis graph (see :mod:`retrofit.trace`) with i
 
 A site's stage is log2 of its output stride (input height / site height, rounded), as in the notes:
 stage 2 is the first ResNet stage (stride 4), stage 5 the last (stride 32).
+
+Layouts (``Site.layout``): residual merges are found on ``nchw`` feature maps, on channels-last
+``nhwc`` maps (Swin-style blocks) and on ``tokens`` sequences (B, N, C) of transformer blocks. For
+tokens the patch grid is read off the token count: N = prefix + (H / p) * (W / p) for a patch size p
+(the stride), the prefix (class and register tokens) taken from the model's ``num_prefix_tokens``
+where it says, else the smallest that fits. The SE block squeezes over the spatial positions (the
+grid tokens: prefix tokens are not positions of the image) and excites the channels of every token
+(see :mod:`retrofit.se_layout`). Inception merges and 3x3 convolutions are ``nchw`` only.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ from .shapes import count_macs, propagate_shapes
 from .trace import Traced, level_of, trace
 
 KINDS = ("residual", "inception", "conv3x3")
+# At most this many prefix (class, register, distillation) tokens before a token sequence's patch grid.
+MAX_PREFIX_TOKENS = 16
 # A shortcut is an identity or a projection: a 1x1 conv (ResNet), pooling + 1x1 conv (ResNet-D),
 # depthwise + pointwise (GhostNet). Longer paths on both sides are a fusion of branches (HRNet).
 MAX_PROJECTION = 2
@@ -60,6 +70,9 @@ class Site:
         channels, size: channels and (height, width) of the anchor's output.
         stride, stage: output stride of the site and its stage, ``log2(stride)``.
         detail: ``identity``/``projection`` shortcut, number of Inception branches, or the conv's path.
+        layout: ``nchw``, ``nhwc`` (channels last) or ``tokens`` (B, N, C); ``size`` is the spatial
+            grid in each (for tokens: the patch grid, without the prefix tokens).
+        prefix: tokens layout: the number of prefix (class, register) tokens before the patch grid.
     """
 
     kind: str
@@ -71,6 +84,8 @@ class Site:
     stage: int
     detail: str
     refs: SiteRefs = field(repr=False, compare=False, hash=False)
+    layout: str = "nchw"
+    prefix: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,7 +153,9 @@ class _Analysis:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.data = self._data_nodes()
         self.idom = self._dominators()
-        self.skipped: list[Skipped] = []
+        self.skipped: list[Skipped] = [
+            Skipped(path, f"torch.fx cannot trace it ({reason}): kept as one opaque node, no site inside")
+            for path, reason in traced.opaque]
 
     # -- graph facts -----------------------------------------------------------------------
     def _data_nodes(self) -> set:
@@ -204,12 +221,50 @@ class _Analysis:
         path = level_of(n).path
         return f"{path or '<model>'} ({n.name})"
 
-    def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None) -> Site:
+    def _layout(self, n: fx.Node, shape: tuple[int, ...]) -> tuple[str, tuple[int, int], int] | str:
+        """``(layout, spatial size, prefix tokens)`` of a merge's output, or why it has none."""
+        if len(shape) == 4 and self._spatial(shape[2], shape[3]):
+            return "nchw", (shape[2], shape[3]), 0
+        if len(shape) == 4 and self._spatial(shape[1], shape[2]):
+            return "nhwc", (shape[1], shape[2]), 0
+        if len(shape) == 4:
+            return "4-d tensors whose dims are neither (N, C, H, W) nor (N, H, W, C) of the image"
+        grid = self._token_grid(n, shape[1])
+        if grid is None:
+            return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
+                    f"{self.traced.input_size[-2]}x{self.traced.input_size[-1]} input: the squeeze axis is unknown")
+        return "tokens", grid[:2], grid[2]
+
+    def _token_grid(self, n: fx.Node, tokens: int) -> tuple[int, int, int] | None:
+        """``(grid height, grid width, prefix)`` with ``tokens = prefix + height * width`` for a
+        patch grid of the input; the prefix from the nearest module saying ``num_prefix_tokens``
+        (timm's ViT family), else the smallest one that fits."""
+        known, call = None, level_of(n)
+        while call is not None and known is None:
+            p = getattr(call.module, "num_prefix_tokens", None)
+            known = p if isinstance(p, int) and not isinstance(p, bool) else None
+            call = call.parent
+        in_h, in_w = self.traced.input_size[-2:]
+        best = None
+        for patch in range(1, min(in_h, in_w) + 1):
+            for gh, gw in ((in_h // patch, in_w // patch), (-(-in_h // patch), -(-in_w // patch))):
+                prefix = tokens - gh * gw
+                fits = prefix == known if known is not None else 0 <= prefix <= MAX_PREFIX_TOKENS
+                if fits and (best is None or prefix < best[2]):
+                    best = (gh, gw, prefix)
+            if best is not None:
+                return best
+        return None
+
+    def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None,
+              layout: tuple[str, tuple[int, int], int] | None = None) -> Site:
         shape = N.shape(at or anchor)
+        name, size, prefix = layout or ("nchw", (shape[2], shape[3]), 0)
+        channels = shape[1] if name == "nchw" else shape[-1]
         height = self.traced.input_size[-2]
-        stage = max(0, round(math.log2(height / shape[2]))) if shape[2] > 0 else 0
-        return Site(kind, level_of(anchor).path, anchor.name, shape[1], (shape[2], shape[3]),
-                    2 ** stage, stage, detail, refs)
+        stage = max(0, round(math.log2(height / size[0]))) if size[0] > 0 else 0
+        return Site(kind, level_of(anchor).path, anchor.name, channels, size, 2 ** stage, stage, detail, refs,
+                    name, prefix)
 
     # -- the three kinds -----------------------------------------------------------------
     def run(self, macs: int) -> Scan:
@@ -226,14 +281,11 @@ class _Analysis:
         shape = N.shape(a)
         if a not in self.data or b not in self.data or shape is None or shape != N.shape(b) or a is b:
             return None
-        if len(shape) != 4:
-            if len(shape) == 3:
-                self.skipped.append(Skipped(self._where(n), "sum of token tensors (B, N, C): "
-                                            "layout not supported yet"))
+        if len(shape) not in (3, 4):
             return None
-        if not self._spatial(shape[2], shape[3]):
-            self.skipped.append(Skipped(self._where(n), "sum of 4-d tensors whose last two dims are not "
-                                        "the image's (channels-last N, H, W, C?): layout not supported yet"))
+        layout = self._layout(n, shape)
+        if isinstance(layout, str):
+            self.skipped.append(Skipped(self._where(n), f"sum of {layout}: not supported"))
             return None
         fork = self.idom[n]
         if fork is None:
@@ -252,7 +304,7 @@ class _Analysis:
             branch, shortcut = (a, b) if depth[a] > depth[b] else (b, a)
             region, kind = regions[branch], "identity" if depth[shortcut] == 0 else "projection"
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
-        return self._site("residual", n, kind, refs)
+        return self._site("residual", n, kind, refs, layout=layout)
 
     def _outermost(self, residual: list[Site]) -> list[Site]:
         """Drop sums inside the branch of a wider residual unit: Res2Net's hierarchical sums over

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import add_se, recipes, sites  # noqa: F401  (importing a command module registers it on `app`)
+from . import add_se, check, recipes, sites  # noqa: F401  (importing a command module registers it on `app`)
 from .common import console, app
 
 __all__ = ["app", "main"]
