@@ -246,7 +246,7 @@ def _check(model, label: str, input_size, result: CheckResult, inplace: bool) ->
         candidates = [s for s in found.sites if s.kind in _KINDS[position]]
         try:  # the last position may change the model itself: the reference output is already kept
             se = add_se(net, position=position, r=R, input_size=size, inplace=position == todo[-1])
-        except RetrofitError as err:
+        except RetrofitError:
             if position == "inside":  # e.g. every 3x3 conv already ends its branch: nothing to check
                 continue
             raise
@@ -317,7 +317,6 @@ def families() -> dict[str, list[str]]:
     """timm's architecture families: the module that defines each model (``resnet``, ``byobnet``,
     ``vision_transformer``...), as timm's registry records it; model names in registry order."""
     import timm
-    from timm.models import get_pretrained_cfg  # noqa: F401  (the registry is filled on import)
     from timm.models._registry import _model_to_module
 
     found: dict[str, list[str]] = {}

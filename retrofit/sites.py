@@ -154,7 +154,7 @@ class _Analysis:
         self.data = self._data_nodes()
         self.idom = self._dominators()
         self.skipped: list[Skipped] = [
-            Skipped(path, f"torch.fx cannot trace it ({reason}): kept as one opaque node, no site inside")
+            Skipped(path, f"torch.fx cannot trace {reason}; kept as one opaque node, no site inside")
             for path, reason in traced.opaque]
 
     # -- graph facts -----------------------------------------------------------------------

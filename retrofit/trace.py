@@ -215,7 +215,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
             reason = first_line(err)
             if where is not None and where.parent is not None and id(where.module) not in opaque \
                     and len(opaque) < MAX_OPAQUE:
-                opaque[id(where.module)] = (where.path, reason)
+                opaque[id(where.module)] = (where.path, f"{type(where.module).__name__}: {reason}")
                 continue
             inside = f", in its module {where.path} ({type(where.module).__name__})" if where else ""
             raise RetrofitError(f"torch.fx cannot trace {type(model).__name__}{inside}: {reason}; "

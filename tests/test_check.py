@@ -12,7 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import retrofit
-from conftest import max_rel_diff, randomize
+from conftest import randomize
 from retrofit.check import check_model, check_models, se_params, smallest_per_family, summarize
 from retrofit.cli import app
 from retrofit.se_layout import ChannelsLastSqueezeExcite
