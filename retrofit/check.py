@@ -100,7 +100,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             fan_in = p[0].numel() if p.dim() > 1 else 1
             scale = (1.0 / fan_in) ** 0.5 if p.dim() > 1 else 0.5
             one = 1.0 if name.endswith("weight") and p.dim() == 1 else 0.0
-            p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * scale + one)
+            p.normal_(one, scale, generator=g)  # in place: no temporary the size of the model
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
@@ -270,9 +270,13 @@ def _verify(base_params, se, info, candidates, x, reference, position, result) -
     diff = max_rel_diff(out.detach(), reference)
     if not diff <= TOLERANCE:
         raise RetrofitError(f"{where}: outputs differ by {diff:.2e} (> {TOLERANCE:g}) with the preserving init")
-    out.float().square().mean().backward()
     blocks = [se.get_submodule(b.path) for b in info.blocks]
-    dead = [b.path for b, m in zip(info.blocks, blocks) if any(p.grad is None for p in m.parameters())]
+    params = [list(m.parameters()) for m in blocks]
+    # backward to the blocks' parameters: through every layer after them, without the weight
+    # gradients of the original layers (half the cost; their backward is the original model's)
+    grads = torch.autograd.grad(out.float().square().mean(), [p for ps in params for p in ps], allow_unused=True)
+    it = iter(grads)
+    dead = [b.path for b, ps in zip(info.blocks, params) if any(g is None for g in [next(it) for _ in ps])]
     if dead:
         raise RetrofitError(f"{where}: {len(dead)} block(s) get no gradient (e.g. {dead[0]}): not on the output's path")
     site_channels = Counter(s.channels for s in candidates)

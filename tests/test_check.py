@@ -33,6 +33,22 @@ def uninitialised(name):
     return model.to_empty(device="cpu")
 
 
+def one_of_each(name):
+    """An Inception net with one module of each kind (the repeats cut): every kind of merge the
+    family has, at a fraction of the compute."""
+    model = uninitialised(name)
+    if name == "inception_v4":  # features: stem, Mixed3a/4a/5a, 4 InceptionA, ReductionA, 7 B, ReductionB, 3 C
+        seen, kept = set(), []
+        for m in model.features:
+            if type(m).__name__ not in seen or not type(m).__name__.startswith("Inception"):
+                kept.append(m)
+            seen.add(type(m).__name__)
+        model.features = nn.Sequential(*kept)
+    else:  # inception_resnet_v2: 10 Block35, 20 Block17, 9 Block8 units in three Sequentials
+        model.repeat, model.repeat_1, model.repeat_2 = model.repeat[:1], model.repeat_1[:1], model.repeat_2[:1]
+    return model
+
+
 def vgg_style():  # plain convolutions: no merge anywhere
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -42,22 +58,24 @@ def vgg_style():  # plain convolutions: no merge anywhere
 # family -> (model, input side, status, expected sites by kind); sites counted by hand from each
 # architecture's definition (blocks per stage, Inception modules), not by the pass.
 FAMILIES = {
-    "resnet": (lambda: timm_model("resnet10t"), 64, "ok", {"residual": 4, "conv3x3": 8}),  # BasicBlocks
-    "resnext": (lambda: timm_model("resnext50_32x4d", layers=(1, 1, 1, 1)), 64, "ok", {"residual": 4, "conv3x3": 4}),
-    "regnet": (lambda: timm_model("regnetx_002"), 64, "ok", {"residual": 13, "conv3x3": 13}),  # depths 1,1,4,7
-    "efficientnet": (lambda: timm_model("tinynet_e"), 64, "ok", None),
-    "mobilenetv3": (lambda: timm_model("mobilenetv3_small_050"), 64, "ok", None),
-    "convnext": (lambda: timm_model("convnext_atto", depths=(1, 1, 1, 1)), 64, "ok", {"residual": 4}),
+    "resnet": (lambda: timm_model("resnet10t"), 32, "ok", {"residual": 4, "conv3x3": 8}),  # BasicBlocks
+    "resnext": (lambda: timm_model("resnext50_32x4d", layers=(1, 1, 1, 1)), 32, "ok", {"residual": 4, "conv3x3": 4}),
+    "regnet": (lambda: timm_model("regnetx_002"), 32, "ok", {"residual": 13, "conv3x3": 13}),  # depths 1,1,4,7
+    "efficientnet": (lambda: timm_model("tinynet_e"), 32, "ok", None),
+    "mobilenetv3": (lambda: timm_model("mobilenetv3_small_050"), 32, "ok", None),
+    "convnext": (lambda: timm_model("convnext_atto", depths=(1, 1, 1, 1)), 32, "ok", {"residual": 4}),
     "densenet": (lambda: timm_model("densenet121", block_config=(1, 1, 1, 1)), 64, "no sites", {}),
     "inception_v3": (lambda: uninitialised("inception_v3"), 75, "ok", {"inception": 11}),
-    "inception_v4": (lambda: uninitialised("inception_v4"), 75, "ok", {"inception": 19}),
-    # 10 Block35 units with three 3x3 convs each; Block17/Block8 use 1x7/7x1 and 1x3/3x1
-    "inception_resnet_v2": (lambda: uninitialised("inception_resnet_v2"), 75, "ok",
-                            {"residual": 40, "inception": 3, "conv3x3": 30}),
-    "dpn": (lambda: timm_model("dpn48b"), 64, "ok", None),
+    # Mixed3a, Mixed4a, Mixed5a, InceptionA, ReductionA, InceptionB, ReductionB, InceptionC
+    "inception_v4": (lambda: one_of_each("inception_v4"), 75, "ok", {"inception": 8}),
+    # Block35, Block17, Block8 and the final Block8 (residual); mixed_5b/6a/7a (Inception); Block35 has
+    # three 3x3 convs, Block17 and Block8 use 1x7/7x1 and 1x3/3x1
+    "inception_resnet_v2": (lambda: one_of_each("inception_resnet_v2"), 75, "ok",
+                            {"residual": 4, "inception": 3, "conv3x3": 3}),
+    "dpn": (lambda: timm_model("dpn48b"), 32, "ok", None),
     # scale 8: seven 3x3 convs per unit; ResNeSt: one split-attention 3x3 conv per unit
-    "res2net": (lambda: timm_model("res2net50_14w_8s", layers=(1, 1, 1, 1)), 64, "ok", {"residual": 4, "conv3x3": 28}),
-    "resnest": (lambda: timm_model("resnest14d"), 64, "ok", {"residual": 4, "conv3x3": 4}),
+    "res2net": (lambda: timm_model("res2net50_14w_8s", layers=(1, 1, 1, 1)), 32, "ok", {"residual": 4, "conv3x3": 28}),
+    "resnest": (lambda: timm_model("resnest14d"), 32, "ok", {"residual": 4, "conv3x3": 4}),
     "vgg": (vgg_style, 64, "no sites", {}),
     "vit": (lambda: timm_model("vit_tiny_patch16_224", img_size=64, depth=2), 64, "ok", {"residual": 4}),
     "swin": (lambda: timm_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4, depths=(1, 1, 1, 1)),
@@ -82,7 +100,7 @@ def test_family(family):
 def test_resnet10t_params_by_hand():
     # one BasicBlock per stage on 64..512 channels, r 16: 2*C*C/16 + C/16 + C each
     expected = sum(2 * c * (c // 16) + c // 16 + c for c in (64, 128, 256, 512))
-    result = check_model(timm_model("resnet10t"), input_size=(3, 64, 64))
+    result = check_model(timm_model("resnet10t"), input_size=(3, 32, 32), inplace=True)
     assert result.params_added["standard"] == expected == 44540
     assert se_params(64) == 580 and se_params(8) == 8 * 2 * 1 + 1 + 8  # width rounds, never below 1
 
@@ -208,13 +226,15 @@ class Broken(nn.Module):
 
 
 def test_sweep_reports_bad_models_instead_of_crashing():
-    results = check_models(["no_such_model", "resnet10t"])
-    assert results[0].status == "fail" and "unknown model 'no_such_model'" in results[0].reason
-    assert results[1].status == "ok"
+    results = check_models([("resnet", "no_such_model")])
+    assert (results[0].family, results[0].status) == ("resnet", "fail")
+    assert "unknown model 'no_such_model'" in results[0].reason
     broken = check_model(nn.Sequential(nn.Conv2d(3, 4, 1), Broken()), input_size=(3, 16, 16))
     assert broken.status == "fail" and "boom" in broken.reason
-    assert summarize(results + [broken]) | {"success_rate": 0} == {
-        "models": 3, "ok": 1, "no sites": 0, "unsupported": 0, "fail": 2, "success_rate": 0}
+    plain = check_model(vgg_style(), input_size=(3, 16, 16))
+    good = check_model(untraceable_net(), input_size=(3, 16, 16))
+    assert summarize(results + [broken, plain, good]) == {
+        "models": 4, "ok": 1, "no sites": 1, "unsupported": 0, "fail": 2, "success_rate": 1 / 3}
 
 
 def test_smallest_per_family_counts_parameters():
