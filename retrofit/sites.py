@@ -229,6 +229,8 @@ class _Analysis:
             return "nhwc", (shape[1], shape[2]), 0
         if len(shape) == 4:
             return "4-d tensors whose dims are neither (N, C, H, W) nor (N, H, W, C) of the image"
+        if shape[1] == 1:
+            return "one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to squeeze"
         grid = self._token_grid(n, shape[1])
         if grid is None:
             return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
@@ -245,15 +247,17 @@ class _Analysis:
             known = p if isinstance(p, int) and not isinstance(p, bool) else None
             call = call.parent
         in_h, in_w = self.traced.input_size[-2:]
-        best = None
-        for patch in range(1, min(in_h, in_w) + 1):
-            for gh, gw in ((in_h // patch, in_w // patch), (-(-in_h // patch), -(-in_w // patch))):
-                prefix = tokens - gh * gw
-                fits = prefix == known if known is not None else 0 <= prefix <= MAX_PREFIX_TOKENS
-                if fits and (best is None or prefix < best[2]):
-                    best = (gh, gw, prefix)
-            if best is not None:
-                return best
+        # the model's prefix first; then any (CaiT's patch blocks run before its class token joins)
+        for wanted in ([known] if known is not None else []) + [None]:
+            best = None
+            for patch in range(1, min(in_h, in_w) + 1):
+                for gh, gw in ((in_h // patch, in_w // patch), (-(-in_h // patch), -(-in_w // patch))):
+                    prefix = tokens - gh * gw
+                    fits = prefix == wanted if wanted is not None else 0 <= prefix <= MAX_PREFIX_TOKENS
+                    if fits and (best is None or prefix < best[2]):
+                        best = (gh, gw, prefix)
+                if best is not None:
+                    return best
         return None
 
     def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None,
