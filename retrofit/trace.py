@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -208,7 +209,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
         constants: dict[str, Any] = {}
         try:
             with attributes_kept(model, constants):
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=_none_defaults(model))
             break
         except Exception as err:  # fx raises many kinds: TraceError, TypeError, NameError...
             where = tracer.failed_in
@@ -223,6 +224,19 @@ def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
                                 f"or pass a model fx can trace") from err
     return Traced(model, graph, tracer.root_call, tuple(input_size), constants, dict(tracer.tensor_attrs),
                   list(opaque.values()))
+
+
+def _none_defaults(model: nn.Module) -> dict[str, Any] | None:
+    """Optional inputs after the first that default to None (Hiera's ``mask``) are traced as None:
+    a placeholder would make ``if mask is not None`` take the branch the model is not called with."""
+    if isinstance(model, fx.GraphModule):
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    found = {p.name: None for p in params if p.default is None and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return found or None
 
 
 @contextlib.contextmanager
