@@ -134,11 +134,25 @@ def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> l
 def scan(model: nn.Module, input_size: tuple[int, ...], macs: bool = False) -> Scan:
     """Trace ``model``, propagate shapes on meta tensors (counting multiply-adds if ``macs``) and
     find its sites."""
+    from .errors import RetrofitError
+    from .trace import _none_defaults
+
+    def shapes(traced: Traced) -> int:
+        if macs:
+            return count_macs(traced)
+        propagate_shapes(traced)
+        return 0
+
     traced = trace(model, input_size)
-    if macs:
-        return analyse(traced, count_macs(traced))
-    propagate_shapes(traced)
-    return analyse(traced)
+    try:
+        found = shapes(traced)
+    except RetrofitError:
+        if not _none_defaults(model):
+            raise
+        # a placeholder for an optional input (Hiera's mask=None) took the branch for a given one
+        traced = trace(model, input_size, none_inputs=True)
+        found = shapes(traced)
+    return analyse(traced, found)
 
 
 def analyse(traced: Traced, macs: int = 0) -> Scan:

@@ -189,13 +189,15 @@ class Traced:
 MAX_OPAQUE = 16
 
 
-def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
+def trace(model: nn.Module, input_size: tuple[int, ...], none_inputs: bool = False) -> Traced:
     """Trace ``model`` (any ``nn.Module`` or ``fx.GraphModule``) with :class:`RetrofitTracer`.
 
     Graceful degradation: when fx fails inside a submodule (data-dependent control flow, say), that
     module instance is kept as one opaque leaf node and the model is traced again; the rest of the
     model is analysed as usual, and ``Traced.opaque`` lists each such module with the reason (the site
     analysis reports them as skipped). Sites inside an opaque module are not seen.
+    ``none_inputs``: trace the forward's optional inputs that default to None as None (see
+    :func:`retrofit.sites.scan`, which retries so when shapes fail on the traced graph).
 
     Raises:
         RetrofitError: when fx cannot trace the model's own forward (or more than ``MAX_OPAQUE``
@@ -209,7 +211,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
         constants: dict[str, Any] = {}
         try:
             with attributes_kept(model, constants):
-                graph = tracer.trace(model, concrete_args=_none_defaults(model))
+                graph = tracer.trace(model, concrete_args=_none_defaults(model) if none_inputs else None)
             break
         except Exception as err:  # fx raises many kinds: TraceError, TypeError, NameError...
             where = tracer.failed_in
