@@ -44,7 +44,8 @@ import torch
 from timm.layers import create_attn
 from torch import nn
 
-from .se import GATES, SqueezeExcite
+from .se import GATES
+from .se_layout import LAYOUTS, make_block
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -63,20 +64,24 @@ class AttentionSpec:
     preserve: Callable[[nn.Module], None] | None  # zero what feeds the gates; None: handled by build
     paper: str
     fuses_residual_sum: bool = False  # forward(x, shortcut) computes x * s + shortcut in one pass
+    layouts: tuple[str, ...] = ("nchw",)  # feature layouts it can take (retrofit.se_layout.LAYOUTS)
 
 
 ATTENTIONS: dict[str, AttentionSpec] = {}
 
 
 def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
-                       preserve: Callable[[nn.Module], None] | None = None, fuses_residual_sum: bool = False):
+                       preserve: Callable[[nn.Module], None] | None = None, fuses_residual_sum: bool = False,
+                       layouts: tuple[str, ...] = ("nchw",)):
     """Register ``build(channels, recipe, dd) -> nn.Module`` under ``name`` (``dd``: device, dtype).
 
     ``fuses_residual_sum``: the block's ``forward(x, shortcut)`` returns ``x * s + shortcut``, so the
     standard position may hand it the residual sum it feeds (see :func:`retrofit.insert.prepare`).
+    ``layouts``: besides ``nchw`` maps, ``nhwc``/``tokens``; ``build`` then gets ``layout`` and
+    ``prefix`` in ``dd`` too.
     """
     def register(fn):
-        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper, fuses_residual_sum)
+        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper, fuses_residual_sum, layouts)
         return fn
     return register
 
@@ -100,14 +105,21 @@ class ScaledGate(nn.Module):
         return f"origin={self.origin:g}"
 
 
-def build_attention(recipe: "Recipe", channels: int, *, device=None, dtype=None) -> nn.Module:
-    """The block ``recipe.module`` for a site with ``channels`` channels, initialised by ``recipe.init``.
+def build_attention(recipe: "Recipe", channels: int, *, layout: str = "nchw", prefix: int = 0, device=None,
+                    dtype=None) -> nn.Module:
+    """The block ``recipe.module`` for a site with ``channels`` channels, initialised by ``recipe.init``;
+    ``layout``/``prefix``: the site's feature layout (see :mod:`retrofit.se_layout`).
 
     Every block gets ``channels`` and ``width`` attributes (the reduced width, 0 without one) for
     the reports.
     """
     spec = ATTENTIONS[recipe.module]
-    block = spec.build(channels, recipe, {"device": device, "dtype": dtype})
+    if layout not in spec.layouts:
+        raise ValueError(f"module {recipe.module} works on {'/'.join(spec.layouts)} maps, not {layout}")
+    dd = {"device": device, "dtype": dtype}
+    if spec.layouts != ("nchw",):
+        dd.update(layout=layout, prefix=prefix)
+    block = spec.build(channels, recipe, dd)
     if recipe.init == "preserve" and spec.preserve is not None:
         with torch.no_grad():
             spec.preserve(block)
@@ -147,10 +159,11 @@ def _zero(*layers: nn.Module | None) -> None:
 
 
 # -- the registry -----------------------------------------------------------------------------------
-@register_attention("se", fields=BLOCK_FIELDS, paper="https://arxiv.org/abs/1709.01507", fuses_residual_sum=True)
+@register_attention("se", fields=BLOCK_FIELDS, paper="https://arxiv.org/abs/1709.01507", fuses_residual_sum=True,
+                    layouts=LAYOUTS)
 def se(channels, recipe, dd):
-    return SqueezeExcite(channels, recipe.width(channels), squeeze=recipe.squeeze, gate=recipe.gate,
-                         bias=recipe.bias, init=recipe.init, **dd)
+    return make_block(dd.pop("layout"), channels, recipe.width(channels), prefix=dd.pop("prefix"),
+                      squeeze=recipe.squeeze, gate=recipe.gate, bias=recipe.bias, init=recipe.init, **dd)
 
 
 @register_attention("ese", fields=("gate",), paper="https://arxiv.org/abs/1911.06667",

@@ -25,6 +25,7 @@ from .graph_forward import install_forward
 from .positions import POSITIONS, Insertion, SkipSite
 from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_name
 from .recipe import Recipe, resolve_recipe
+from .se_layout import channel_dim
 from .sites import Scan, Skipped, scan
 from .trace import Call, Traced, level_of
 
@@ -41,7 +42,9 @@ class BlockInfo:
     stride: int
     channels: int
     width: int
-    size: tuple[int, int] = (0, 0)  # height and width of the feature map it scales
+    size: tuple[int, int] = (0, 0)  # height and width of the feature map it scales (tokens: the patch grid)
+    layout: str = "nchw"            # nchw, nhwc or tokens (see retrofit.se_layout)
+    prefix: int = 0                 # tokens: class/register tokens before the patch grid
 
 
 @dataclass
@@ -147,9 +150,12 @@ class Rewrite:
         prefix = f"{self.owner.path}." if self.owner.path else ""
         out = []
         for (ins, _, _), name in zip(self.spliced, self.names):
-            shape = N.shape(ins.value)
+            layout, shape = ins.site.layout, N.shape(ins.value)
+            channels = shape[channel_dim(layout)]
+            size = {"nchw": shape[2:4], "nhwc": shape[1:3]}.get(layout, ins.site.size)
             out.append(BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
-                                 ins.site.stride, shape[1], reduced_width(recipe, shape[1]), tuple(shape[2:4])))
+                                 ins.site.stride, channels, reduced_width(recipe, channels), tuple(size),
+                                 layout, ins.site.prefix))
         return out
 
 
@@ -294,6 +300,12 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
     check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
     spliced = []
     for ins in group:
+        layout = ins.site.layout
+        if len(N.shape(ins.value)) != (3 if layout == "tokens" else 4):
+            raise CannotRewrite(f"the tensor at the {ins.position} position is not {layout} like its site")
+        if layout not in ATTENTIONS[recipe.module].layouts:
+            raise CannotRewrite(f"module {recipe.module} works on {'/'.join(ATTENTIONS[recipe.module].layouts)} "
+                                f"maps, this site is {layout}")
         value = rebuilt.rep(ins.value)
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
@@ -314,7 +326,8 @@ def _fusable_sum(ins: Insertion, value, users):
     """The residual sum a standard-position block feeds directly (no drop-path between), at this level:
     the block then computes ``x * s + shortcut`` in one pass (``torch.addcmul``), which saves a pass
     over the activations; None when the block feeds anything else."""
-    if ins.position != "standard" or ins.site.kind != "residual" or users is None or len(users) != 1:
+    if ins.position != "standard" or ins.site.kind != "residual" or ins.site.layout != "nchw" \
+            or users is None or len(users) != 1:
         return None
     (add,) = users
     operands = N.add_operands(add)
@@ -340,8 +353,8 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
             value = replaced.get(value, value)
             if info.channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
                 narrow.append(info.channels)
-            block = build_attention(recipe, info.channels, device=_device_of(module, target),
-                                    dtype=N.tensor(ins.value).dtype)
+            block = build_attention(recipe, info.channels, layout=info.layout, prefix=info.prefix,
+                                    device=_device_of(module, target), dtype=N.tensor(ins.value).dtype)
             if name in vars(module):  # _free_name reuses an attribute only when it is None
                 was_none.append(name)
             setattr(module, name, block)

@@ -221,7 +221,7 @@ def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Re
     """
     costs = []
     for b in blocks:
-        params, macs = block_cost(recipe, b.channels, b.size)
+        params, macs = block_cost(recipe, b.channels, b.size, b.layout, b.prefix)
         elements = b.channels * b.size[0] * b.size[1]
         costs.append(BlockCost(b.path, b.site_kind, b.position, b.stage, b.stride, b.channels, b.width,
                                tuple(b.size), params, macs, elements, elements))
@@ -230,17 +230,20 @@ def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Re
 
 
 @functools.lru_cache(maxsize=4096)
-def block_cost(recipe: "Recipe", channels: int, size: tuple[int, int]) -> tuple[int, int]:
-    """Parameters and multiply-adds (batch 1) of one block of ``recipe`` on a ``channels x size`` map:
-    the block itself, built and run on the meta device under ``torch.utils.flop_counter``."""
+def block_cost(recipe: "Recipe", channels: int, size: tuple[int, int], layout: str = "nchw",
+               prefix: int = 0) -> tuple[int, int]:
+    """Parameters and multiply-adds (batch 1) of one block of ``recipe`` on a ``channels x size`` map
+    (of ``layout``, with ``prefix`` tokens before a token grid): the block itself, built and run on
+    the meta device under ``torch.utils.flop_counter``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from .attention import build_attention
 
     # the init decides values, not shapes; "paper" skips the preserving init's work on meta tensors
-    block = build_attention(recipe.replace(init="paper"), channels, device="meta")
+    block = build_attention(recipe.replace(init="paper"), channels, layout=layout, prefix=prefix, device="meta")
+    shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(layout, (1, prefix + size[0] * size[1], channels))
     counter = FlopCounterMode(display=False)
     with counter:
-        block(torch.empty((1, channels, *size), device="meta"))
+        block(torch.empty(shape, device="meta"))
     return count_params(block), counter.get_total_flops() // 2

@@ -8,7 +8,10 @@ propagates in milliseconds. Two deliberate departures from running every op:
   input through: on meta tensors batch norm runs a Python decomposition (~2 ms a call, most of the
   time of a ResNet pass) for a shape that is known beforehand;
 * a node that meta tensors cannot run (code that makes CPU tensors inside, ``.item()``...) is
-  retried under ``torch``'s ``FakeTensorMode``, slower but more general.
+  retried under ``torch``'s ``FakeTensorMode``, slower but more general;
+* a node fake tensors cannot run either (data-dependent control flow in an opaque leaf module, see
+  :func:`retrofit.trace.trace`) is run once for real on random CPU inputs of the same shapes: it
+  costs that node's compute, and is the last resort before giving up.
 
 :func:`count_macs` runs the same pass under ``torch.utils.flop_counter.FlopCounterMode`` and stores
 each node's multiply-adds (the counter's FLOPs / 2: it counts one multiply-add as two FLOPs).
@@ -136,11 +139,39 @@ class MetaShapeProp(fx.Interpreter):
                 else:
                     out = super().run_node(n)
         except Exception as err:
+            try:
+                return self._run_real(n)
+            except Exception:
+                pass
             reason = first_line(err)
             raise RetrofitError(f"cannot work out the shapes at {n.name} ({n.format_node()[:80]}): {reason}; "
                                 f"check the input size (--input-size) the model expects") from err
         finally:
             fake_log.setLevel(level)
+        return _to_meta(out)
+
+
+    def _run_real(self, n: fx.Node) -> Any:
+        """Run one node for real, on random CPU tensors shaped like its (meta) inputs."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        g = torch.Generator().manual_seed(0)
+
+        def real(v):
+            if isinstance(v, torch.Tensor) and v.device.type == "meta":
+                if v.is_floating_point():
+                    return torch.randn(v.shape, generator=g, dtype=v.dtype)
+                return torch.zeros(v.shape, dtype=v.dtype)
+            return v
+        args, kwargs = map_aggregate(args, real), map_aggregate(kwargs, real)
+        with torch.no_grad():
+            if n.op == "call_module":
+                out = twin(self.fetch_attr(n.target), meta=False)(*args, **kwargs)
+            elif n.op == "call_function":
+                out = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                out = getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:
+                raise RetrofitError(f"cannot run {n.op} nodes for real")
         return _to_meta(out)
 
 

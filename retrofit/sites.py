@@ -17,6 +17,14 @@ Three kinds, read off the flat analysis graph (see :mod:`retrofit.trace`) with i
 
 A site's stage is log2 of its output stride (input height / site height, rounded), as in the notes:
 stage 2 is the first ResNet stage (stride 4), stage 5 the last (stride 32).
+
+Layouts (``Site.layout``): residual merges are found on ``nchw`` feature maps, on channels-last
+``nhwc`` maps (Swin-style blocks) and on ``tokens`` sequences (B, N, C) of transformer blocks. For
+tokens the patch grid is read off the token count: N = prefix + (H / p) * (W / p) for a patch size p
+(the stride), the prefix (class and register tokens) taken from the model's ``num_prefix_tokens``
+where it says, else the smallest that fits. The SE block squeezes over the spatial positions (the
+grid tokens: prefix tokens are not positions of the image) and excites the channels of every token
+(see :mod:`retrofit.se_layout`). Inception merges and 3x3 convolutions are ``nchw`` only.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ from .shapes import count_macs, propagate_shapes
 from .trace import Traced, level_of, trace
 
 KINDS = ("residual", "inception", "conv3x3")
+# At most this many prefix (class, register, distillation) tokens before a token sequence's patch grid.
+MAX_PREFIX_TOKENS = 16
 # A shortcut is an identity or a projection: a 1x1 conv (ResNet), pooling + 1x1 conv (ResNet-D),
 # depthwise + pointwise (GhostNet). Longer paths on both sides are a fusion of branches (HRNet).
 MAX_PROJECTION = 2
@@ -60,6 +70,9 @@ class Site:
         channels, size: channels and (height, width) of the anchor's output.
         stride, stage: output stride of the site and its stage, ``log2(stride)``.
         detail: ``identity``/``projection`` shortcut, number of Inception branches, or the conv's path.
+        layout: ``nchw``, ``nhwc`` (channels last) or ``tokens`` (B, N, C); ``size`` is the spatial
+            grid in each (for tokens: the patch grid, without the prefix tokens).
+        prefix: tokens layout: the number of prefix (class, register) tokens before the patch grid.
     """
 
     kind: str
@@ -71,6 +84,8 @@ class Site:
     stage: int
     detail: str
     refs: SiteRefs = field(repr=False, compare=False, hash=False)
+    layout: str = "nchw"
+    prefix: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,11 +134,25 @@ def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> l
 def scan(model: nn.Module, input_size: tuple[int, ...], macs: bool = False) -> Scan:
     """Trace ``model``, propagate shapes on meta tensors (counting multiply-adds if ``macs``) and
     find its sites."""
+    from .errors import RetrofitError
+    from .trace import _none_defaults
+
+    def shapes(traced: Traced) -> int:
+        if macs:
+            return count_macs(traced)
+        propagate_shapes(traced)
+        return 0
+
     traced = trace(model, input_size)
-    if macs:
-        return analyse(traced, count_macs(traced))
-    propagate_shapes(traced)
-    return analyse(traced)
+    try:
+        found = shapes(traced)
+    except RetrofitError:
+        if not _none_defaults(model):
+            raise
+        # a placeholder for an optional input (Hiera's mask=None) took the branch for a given one
+        traced = trace(model, input_size, none_inputs=True)
+        found = shapes(traced)
+    return analyse(traced, found)
 
 
 def analyse(traced: Traced, macs: int = 0) -> Scan:
@@ -138,7 +167,9 @@ class _Analysis:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.data = self._data_nodes()
         self.idom = self._dominators()
-        self.skipped: list[Skipped] = []
+        self.skipped: list[Skipped] = [
+            Skipped(path, f"torch.fx cannot trace {reason}; kept as one opaque node, no site inside")
+            for path, reason in traced.opaque]
 
     # -- graph facts -----------------------------------------------------------------------
     def _data_nodes(self) -> set:
@@ -211,12 +242,54 @@ class _Analysis:
         path = level_of(n).path
         return f"{path or '<model>'} ({n.name})"
 
-    def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None) -> Site:
+    def _layout(self, n: fx.Node, shape: tuple[int, ...]) -> tuple[str, tuple[int, int], int] | str:
+        """``(layout, spatial size, prefix tokens)`` of a merge's output, or why it has none."""
+        if len(shape) == 4 and self._spatial(shape[2], shape[3]):
+            return "nchw", (shape[2], shape[3]), 0
+        if len(shape) == 4 and self._spatial(shape[1], shape[2]):
+            return "nhwc", (shape[1], shape[2]), 0
+        if len(shape) == 4:
+            return "4-d tensors whose dims are neither (N, C, H, W) nor (N, H, W, C) of the image"
+        if shape[1] == 1:
+            return "one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to squeeze"
+        grid = self._token_grid(n, shape[1])
+        if grid is None:
+            return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
+                    f"{self.traced.input_size[-2]}x{self.traced.input_size[-1]} input: the squeeze axis is unknown")
+        return "tokens", grid[:2], grid[2]
+
+    def _token_grid(self, n: fx.Node, tokens: int) -> tuple[int, int, int] | None:
+        """``(grid height, grid width, prefix)`` with ``tokens = prefix + height * width`` for a
+        patch grid of the input; the prefix from the nearest module saying ``num_prefix_tokens``
+        (timm's ViT family), else the smallest one that fits."""
+        known, call = None, level_of(n)
+        while call is not None and known is None:
+            p = getattr(call.module, "num_prefix_tokens", None)
+            known = p if isinstance(p, int) and not isinstance(p, bool) else None
+            call = call.parent
+        in_h, in_w = self.traced.input_size[-2:]
+        # the model's prefix first; then any (CaiT's patch blocks run before its class token joins)
+        for wanted in ([known] if known is not None else []) + [None]:
+            best = None
+            for patch in range(1, min(in_h, in_w) + 1):
+                for gh, gw in ((in_h // patch, in_w // patch), (-(-in_h // patch), -(-in_w // patch))):
+                    prefix = tokens - gh * gw
+                    fits = prefix == wanted if wanted is not None else 0 <= prefix <= MAX_PREFIX_TOKENS
+                    if fits and (best is None or prefix < best[2]):
+                        best = (gh, gw, prefix)
+                if best is not None:
+                    return best
+        return None
+
+    def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None,
+              layout: tuple[str, tuple[int, int], int] | None = None) -> Site:
         shape = N.shape(at or anchor)
+        name, size, prefix = layout or ("nchw", (shape[2], shape[3]), 0)
+        channels = shape[1] if name == "nchw" else shape[-1]
         height = self.traced.input_size[-2]
-        stage = max(0, round(math.log2(height / shape[2]))) if shape[2] > 0 else 0
-        return Site(kind, level_of(anchor).path, anchor.name, shape[1], (shape[2], shape[3]),
-                    2 ** stage, stage, detail, refs)
+        stage = max(0, round(math.log2(height / size[0]))) if size[0] > 0 else 0
+        return Site(kind, level_of(anchor).path, anchor.name, channels, size, 2 ** stage, stage, detail, refs,
+                    name, prefix)
 
     # -- the three kinds -----------------------------------------------------------------
     def run(self, macs: int) -> Scan:
@@ -233,14 +306,11 @@ class _Analysis:
         shape = N.shape(a)
         if a not in self.data or b not in self.data or shape is None or shape != N.shape(b) or a is b:
             return None
-        if len(shape) != 4:
-            if len(shape) == 3:
-                self.skipped.append(Skipped(self._where(n), "sum of token tensors (B, N, C): "
-                                            "layout not supported yet"))
+        if len(shape) not in (3, 4):
             return None
-        if not self._spatial(shape[2], shape[3]):
-            self.skipped.append(Skipped(self._where(n), "sum of 4-d tensors whose last two dims are not "
-                                        "the image's (channels-last N, H, W, C?): layout not supported yet"))
+        layout = self._layout(n, shape)
+        if isinstance(layout, str):
+            self.skipped.append(Skipped(self._where(n), f"sum of {layout}: not supported"))
             return None
         fork = self.idom[n]
         if fork is None:
@@ -262,7 +332,7 @@ class _Analysis:
             region = walks[branch][0] if depth[branch] <= MAX_PROJECTION else self._region(branch, fork)[0]
             kind = "identity" if depth[shortcut] == 0 else "projection"
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
-        return self._site("residual", n, kind, refs)
+        return self._site("residual", n, kind, refs, layout=layout)
 
     def _outermost(self, residual: list[Site]) -> list[Site]:
         """Drop sums inside the branch of a wider residual unit: Res2Net's hierarchical sums over

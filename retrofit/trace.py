@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -102,15 +103,16 @@ class RetrofitTracer(fx.Tracer):
         leaf_modules: extra module classes to keep as single nodes.
     """
 
-    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = ()):
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (), opaque: frozenset[int] = frozenset()):
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
         self.leaf_modules = tuple(get_notrace_modules()) + tuple(leaf_modules)
+        self.opaque = opaque  # ids of module instances fx failed to trace through: kept as leaves
         self.root_call: Call | None = None
         self.failed_in: Call | None = None  # innermost call where tracing raised
         self._stack: list[Call] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_modules) or _is_torch_layer(type(m))
+        return isinstance(m, self.leaf_modules) or _is_torch_layer(type(m)) or id(m) in self.opaque
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.root_call = Call("", root, None, leaf=False)
@@ -180,33 +182,66 @@ class Traced:
     input_size: tuple[int, ...]
     constants: dict[str, Any] = field(default_factory=dict)
     tensor_attrs: dict = field(default_factory=dict)
+    opaque: list[tuple[str, str]] = field(default_factory=list)  # (module path, why fx failed in it)
 
     def calls(self) -> Iterator[Call]:
         return self.root_call.walk()
 
 
-def trace(model: nn.Module, input_size: tuple[int, ...]) -> Traced:
+# How many modules may be made opaque before a model counts as untraceable: each costs a new trace.
+MAX_OPAQUE = 16
+
+
+def trace(model: nn.Module, input_size: tuple[int, ...], none_inputs: bool = False) -> Traced:
     """Trace ``model`` (any ``nn.Module`` or ``fx.GraphModule``) with :class:`RetrofitTracer`.
 
+    Graceful degradation: when fx fails inside a submodule (data-dependent control flow, say), that
+    module instance is kept as one opaque leaf node and the model is traced again; the rest of the
+    model is analysed as usual, and ``Traced.opaque`` lists each such module with the reason (the site
+    analysis reports them as skipped). Sites inside an opaque module are not seen.
+    ``none_inputs``: trace the forward's optional inputs that default to None as None (see
+    :func:`retrofit.sites.scan`, which retries so when shapes fail on the traced graph).
+
     Raises:
-        RetrofitError: when fx cannot trace the model (data-dependent control flow, say), with the
-            module and the reason.
+        RetrofitError: when fx cannot trace the model's own forward (or more than ``MAX_OPAQUE``
+            submodules), with the module and the reason.
     """
     from .se import SqueezeExcite  # leaf: a retrofitted model re-traces with one node per block
 
-    tracer = RetrofitTracer(leaf_modules=(SqueezeExcite,))
-    constants: dict[str, Any] = {}
+    opaque: dict[int, tuple[str, str]] = {}
+    while True:
+        tracer = RetrofitTracer(leaf_modules=(SqueezeExcite,), opaque=frozenset(opaque))
+        constants: dict[str, Any] = {}
+        try:
+            with attributes_kept(model, constants):
+                graph = tracer.trace(model, concrete_args=_none_defaults(model) if none_inputs else None)
+            break
+        except Exception as err:  # fx raises many kinds: TraceError, TypeError, NameError...
+            where = tracer.failed_in
+            reason = first_line(err)
+            if where is not None and where.parent is not None and id(where.module) not in opaque \
+                    and len(opaque) < MAX_OPAQUE:
+                opaque[id(where.module)] = (where.path, f"{type(where.module).__name__}: {reason}")
+                continue
+            inside = f", in its module {where.path} ({type(where.module).__name__})" if where else ""
+            raise RetrofitError(f"torch.fx cannot trace {type(model).__name__}{inside}: {reason}; "
+                                f"mark that module as a leaf with timm.layers.register_notrace_module "
+                                f"or pass a model fx can trace") from err
+    return Traced(model, graph, tracer.root_call, tuple(input_size), constants, dict(tracer.tensor_attrs),
+                  list(opaque.values()))
+
+
+def _none_defaults(model: nn.Module) -> dict[str, Any] | None:
+    """Optional inputs after the first that default to None (Hiera's ``mask``) are traced as None:
+    a placeholder would make ``if mask is not None`` take the branch the model is not called with."""
+    if isinstance(model, fx.GraphModule):
+        return None
     try:
-        with attributes_kept(model, constants):
-            graph = tracer.trace(model)
-    except Exception as err:  # fx raises many kinds: TraceError, TypeError, NameError...
-        where = tracer.failed_in
-        inside = f", in its module {where.path} ({type(where.module).__name__})" if where else ""
-        reason = first_line(err)
-        raise RetrofitError(f"torch.fx cannot trace {type(model).__name__}{inside}: {reason}; "
-                            f"mark that module as a leaf with timm.layers.register_notrace_module "
-                            f"or pass a model fx can trace") from err
-    return Traced(model, graph, tracer.root_call, tuple(input_size), constants, dict(tracer.tensor_attrs))
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    found = {p.name: None for p in params if p.default is None and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return found or None
 
 
 @contextlib.contextmanager

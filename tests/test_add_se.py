@@ -257,7 +257,11 @@ class Untraceable(nn.Module):
 
 
 def test_an_untraceable_model_is_one_clear_error():
-    with pytest.raises(RetrofitError, match=r"torch.fx cannot trace .*Untraceable.*register_notrace_module"):
+    # the model's own forward: nothing to fall back on
+    with pytest.raises(RetrofitError, match=r"torch.fx cannot trace Untraceable: .*register_notrace_module"):
+        retrofit.add_se(Untraceable(), input_size=(3, 8, 8))
+    # a submodule: kept opaque, and here it held the only site
+    with pytest.raises(RetrofitError, match=r"no site in Sequential.*torch.fx cannot trace Untraceable"):
         retrofit.add_se(nn.Sequential(nn.Identity(), Untraceable()), input_size=(3, 8, 8))
 
 

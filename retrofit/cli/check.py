@@ -1,0 +1,94 @@
+"""`retrofit check`: does the pass work on these models (or on one model of every timm family)?"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import RetrofitError
+from .common import app, console, fail_cleanly, json_target, write_json
+
+
+def _row(r) -> tuple[str, ...]:
+    blocks = "/".join(str(r.blocks.get(p, "-")) for p in ("standard", "inside")) if r.blocks else ""
+    params = "/".join(f"{r.params_added[p]:,}" if p in r.params_added else "-" for p in ("standard", "inside")) \
+        if r.params_added else ""
+    size = "x".join(map(str, r.input_size[1:])) if r.input_size else ""
+    result = r.status if r.ok else f"{r.status}: {r.reason}"
+    return (r.family or "", r.model, size, *(str(r.sites.get(k, "")) for k in ("residual", "inception", "conv3x3")),
+            str(r.skipped), blocks, params, f"{r.seconds:.1f}", result)
+
+
+def results_table(results) -> Table:
+    table = Table(title="Coverage check", title_justify="left")
+    for col, justify in (("family", "left"), ("model", "left"), ("input", "right"), ("residual", "right"),
+                         ("inception", "right"), ("conv3x3", "right"), ("skipped", "right"),
+                         ("blocks std/inside", "right"), ("params added std/inside", "right"), ("s", "right"),
+                         ("result", "left")):
+        table.add_column(col, justify=justify, overflow="fold" if col == "result" else "ellipsis")
+    for r in results:
+        style = None if r.ok else ("dim" if r.status == "no sites" else "red")
+        table.add_row(*_row(r), style=style)
+    return table
+
+
+def summary_line(summary: dict, seconds: float) -> str:
+    return (f"{summary['models']} models: {summary['ok']} ok, {summary['no sites']} no sites, "
+            f"{summary['unsupported']} unsupported, {summary['fail']} fail; "
+            f"{100 * summary['success_rate']:.1f}% of the models with merges pass; {seconds:.0f} s")
+
+
+@app.command("check")
+def check_command(
+    models: Optional[List[str]] = typer.Argument(None, help="timm model names to check."),
+    all_families: bool = typer.Option(False, "--all-families",
+                                      help="Check the smallest model (fewest parameters) of every timm family."),
+    family: Optional[List[str]] = typer.Option(None, "--family",
+                                               help="With --all-families: only this family (repeatable)."),
+    time_limit: float = typer.Option(300.0, "--time-limit", help="Seconds per model before it counts as failed."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON to FILE (- for stdout)."),
+):
+    """Check the pass on models: sites found, SE inserted at the standard and inside positions,
+    forward and backward run, output shape and values preserved, parameters as the paper counts.
+
+    One row per model, a summary line; exit status 1 when a model fails (an unknown name included).
+    """
+    if _check(models, all_families, family, time_limit, json_path):
+        raise typer.Exit(1)
+
+
+@fail_cleanly
+def _check(models, all_families, family, time_limit, json_path) -> int:
+    """Run the check and print it; return the number of failed models."""
+    import time
+
+    from ..check import check_models, smallest_per_family, summarize
+
+    if not models and not all_families:
+        raise RetrofitError("name the models to check (e.g. `retrofit check resnet50 vit_tiny_patch16_224`) "
+                            "or pass --all-families")
+    json_target(json_path)
+    quiet = json_path == "-"
+    err = console(stderr=True)
+    items: list = list(models or [])
+    start = time.perf_counter()
+    if all_families:
+        if not quiet:
+            err.print("[dim]picking the smallest model of each timm family (parameters counted on meta)...[/]")
+        items += smallest_per_family(only=family or None)
+
+    def progress(r):
+        if not quiet:
+            mark = "[green]ok[/]" if r.ok else f"[red]{r.status}[/]"
+            err.print(f"[dim]{r.family or ''} {r.model}[/] {mark} {'' if r.ok else r.reason[:120]}", soft_wrap=True)
+
+    results = check_models(items, time_limit_s=time_limit, on_result=progress)
+    summary = summarize(results)
+    seconds = time.perf_counter() - start
+    if not quiet:
+        console().print(results_table(results))
+        console().print(summary_line(summary, seconds))
+    write_json({"summary": {**summary, "seconds": round(seconds, 1)},
+                "results": [r.to_dict() for r in results]}, json_path)
+    return summary["fail"]
