@@ -220,10 +220,6 @@ def _check(model, label: str, input_size, result: CheckResult, inplace: bool) ->
             break
         except Exception as err:
             problems.append(f"at {'x'.join(map(str, size))}: {first_line(err)}")
-        finally:
-            # eval-mode forwards fill caches (LeViT's and EfficientFormer's attention biases) that
-            # a later trace would read as constants; their train() clears them
-            net.train().eval()
     else:
         raise RetrofitError(problems[-1] if len(problems) == 1 else "; ".join(problems[-2:]))
     result.input_size = size

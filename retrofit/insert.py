@@ -190,15 +190,17 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
                                    f"{calls_of[id(owner.module)]} times (a shared module): not rewritten"))
             continue
         by_owner.setdefault(id(owner), (owner, []))[1].append(ins)
-    rewrites = []
+    rewrites, failures, planned = [], Counter(), len(skipped)
     for owner, group in by_owner.values():
         try:
             rewrites.append(_prepare(owner, group, found.traced, recipe))
         except CannotRewrite as err:
             skipped += [Skipped(_site_name(ins.site), f"{owner.path or '<model>'}: {err}") for ins in group]
+            failures[f"{err}"] += len(group)
     if not rewrites:
-        reasons = "; ".join(sorted({s.reason for s in skipped})) or "no reason"
-        raise RetrofitError(f"no SE block could be inserted in {model_name(found.traced.model)} "
+        why = Counter(s.reason for s in skipped[:planned]) + failures  # a rewrite's reason once, not per module
+        reasons = "; ".join(f"{n} site(s): {reason}" for reason, n in why.most_common())
+        raise RetrofitError(f"no {recipe.module} block could be inserted in {model_name(found.traced.model)} "
                             f"({reasons})")
     return Prepared(rewrites, skipped)
 

@@ -213,7 +213,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...], none_inputs: bool = Fal
         tracer = RetrofitTracer(leaf_modules=(SqueezeExcite,), opaque=frozenset(opaque))
         constants: dict[str, Any] = {}
         try:
-            with attributes_kept(model, constants):
+            with attributes_kept(model, constants), eval_caches_cleared(model):
                 graph = tracer.trace(model, concrete_args=_none_defaults(model) if none_inputs else None)
             break
         except Exception as err:  # fx raises many kinds: TraceError, TypeError, NameError...
@@ -242,6 +242,25 @@ def _none_defaults(model: nn.Module) -> dict[str, Any] | None:
         return None
     found = {p.name: None for p in params if p.default is None and p.kind is p.POSITIONAL_OR_KEYWORD}
     return found or None
+
+
+@contextlib.contextmanager
+def eval_caches_cleared(model: nn.Module):
+    """Empty the caches eval-mode forwards fill (timm's LeViT and EfficientFormer attention biases)
+    before and after tracing: a trace would read a cached tensor as a constant, and a traced eval
+    forward would leave fx Proxies in the user's model. Those modules clear their caches in
+    ``train()``; the training flags are put back as they were, so the model's mode is unchanged."""
+    def clear():
+        if any(type(m).train is not nn.Module.train for m in model.modules()):
+            modes = [(m, m.training) for m in model.modules()]
+            model.train()
+            for m, mode in modes:
+                m.training = mode
+    clear()
+    try:
+        yield
+    finally:
+        clear()
 
 
 @contextlib.contextmanager

@@ -284,3 +284,20 @@ def test_a_new_position_is_one_registered_function(resnet50_random):
         POSITIONS.pop("unit_input")
     with pytest.raises(retrofit.RecipeError, match="unknown value 'unit_input'"):
         retrofit.Recipe(position="unit_input")
+
+
+def test_eval_caches_neither_leak_proxies_nor_break_tracing():
+    """LeViT caches its attention biases in eval forwards; tracing such a model must neither read the
+    cache as a constant nor leave fx Proxies in it (the user's model is the input: never changed)."""
+    from torch.fx import Proxy
+
+    model = timm.create_model("levit_128s", num_classes=10, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)  # fills the cache
+    se_model = retrofit.add_se(model, input_size=(3, 64, 64))
+    cached = [v for m in [*model.modules(), *se_model.modules()] for v in getattr(m, "attention_bias_cache", {}).values()]
+    assert not any(isinstance(v, Proxy) for v in cached)
+    assert not model.training and not se_model.training
+    with torch.no_grad():
+        assert torch.equal(se_model(x), before) and torch.equal(model(x), before)
