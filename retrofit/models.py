@@ -21,8 +21,9 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
         name: a timm model name (``resnet50``, ``inception_v3``...).
         checkpoint: a local weight file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``), loaded through
             timm's own pretrained path (``pretrained_cfg_overlay=dict(file=...)``): pickled files are
-            read with ``weights_only=True``, a classifier of another size is dropped when
-            ``num_classes`` differs, as timm does for hub weights.
+            read with ``weights_only=True``. The file's classifier is loaded when ``num_classes`` is
+            its size or not given (the model then gets the file's number of classes); another
+            ``num_classes`` gets a new head, as timm does for hub weights.
         pretrained: download the hub weights (needs network access).
         **kwargs: passed to ``timm.create_model`` (``num_classes``, ``in_chans``...).
     """
@@ -36,7 +37,12 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise RetrofitError(f"checkpoint {checkpoint} not found; give the path of a weight file")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path.resolve()))
+        overlay = dict(file=str(path.resolve()))
+        classes = checkpoint_classes(path, name)
+        if classes is not None:  # timm keeps the file's head only when its size is the config's
+            overlay["num_classes"] = classes
+            kwargs.setdefault("num_classes", classes)
+        kwargs["pretrained_cfg_overlay"] = overlay
         pretrained = True
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -50,6 +56,54 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
             raise RetrofitError(f"cannot build {name}: {first_line(err)}") from None
         raise RetrofitError(f"cannot read checkpoint {checkpoint} ({type(err).__name__}: {first_line(err)}); "
                             f"is it a complete .safetensors or .pth file?") from None
+
+
+def checkpoint_classes(path: Path, name: str) -> int | None:
+    """The number of classes of the classifier in a weight file for timm model ``name`` (None when it
+    cannot be told: no such key, an unreadable file; timm's own loading then reports the problem).
+
+    timm drops a file's classifier whenever ``num_classes`` differs from the pretrained config's (1000
+    for ImageNet models), which is right for hub weights but would throw away the head of the user's
+    own 10-class checkpoint; with the file's real size in the config, a head of the size asked for
+    (or of the file's size, when none is asked for) is loaded and another size gets a new head.
+    """
+    import timm
+    import torch
+
+    try:
+        classifier = timm.models.get_pretrained_cfg(name).classifier
+    except Exception:
+        return None
+    keys = [f"{c}.weight" for c in ((classifier,) if isinstance(classifier, str) else classifier or ())]
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                shapes = [f.get_slice(k).get_shape() for k in keys if k in f.keys()]
+        else:  # as timm reads it: weights only, maybe under a "state_dict" or "model" key
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            for wrapper in ("state_dict", "model"):
+                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                    state = state[wrapper]
+            shapes = [tuple(state[k].shape) for k in keys if isinstance(state, dict) and k in state]
+    except Exception:
+        return None
+    return int(shapes[0][0]) if shapes and len(shapes[0]) >= 1 else None
+
+
+def new_head(name: str, checkpoint: str | Path | None, pretrained: bool, num_classes: int | str | None) -> bool:
+    """Whether :func:`create_model` gave ``name`` a freshly initialised classifier: ``num_classes``
+    differs from the head in the weights (none at all: everything is new, so is the head)."""
+    if num_classes is None:
+        return False
+    if checkpoint is not None:
+        return checkpoint_classes(Path(checkpoint).expanduser(), name) != int(num_classes)
+    if pretrained:
+        import timm
+
+        return timm.models.get_pretrained_cfg(name).num_classes != int(num_classes)
+    return True
 
 
 def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None = None) -> tuple[int, ...]:

@@ -77,3 +77,22 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         retrofit.save(se, target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["net.safetensors"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_own_checkpoint_keeps_its_head_unless_another_size_is_asked(tmp_path, suffix):
+    """timm drops a file's head when num_classes differs from its config's 1000; a user's own 3-class
+    checkpoint must come back whole, with or without --num-classes 3, and --num-classes 5 gets a new head."""
+    from safetensors.torch import save_file
+
+    from retrofit.models import create_model
+
+    saved = randomize(timm.create_model("resnet10t", num_classes=3)).state_dict()
+    path = tmp_path / f"mine{suffix}"
+    save_file(saved, str(path)) if suffix == ".safetensors" else torch.save(saved, path)
+    for kwargs in ({}, {"num_classes": 3}):
+        model = create_model("resnet10t", checkpoint=path, **kwargs)
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    other = create_model("resnet10t", checkpoint=path, num_classes=5)
+    assert other.fc.out_features == 5
+    assert all(torch.equal(v, saved[k]) for k, v in other.state_dict().items() if not k.startswith("fc."))

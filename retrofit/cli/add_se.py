@@ -50,6 +50,7 @@ def add_se_command(
     from ..latency import measure_latency
     from ..measure import planned_overhead, traced_cost
     from ..meta import build_and_scan
+    from ..models import new_head
     from ..recipe import resolve_recipe
     from ..report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
 
@@ -100,7 +101,8 @@ def add_se_command(
     write_json(data, json_path)
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
         run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"), quiet=json_path == "-",
-                     inputs=tuple(p for p in (checkpoint,) if p is not None), train_head=True if num_classes else None)
+                     inputs=tuple(p for p in (checkpoint,) if p is not None),
+                     train_head=True if new_head(model, checkpoint, pretrained, num_classes) else None)
     if output is not None and is_main_process():
         save(net, output)
         if json_path != "-":
