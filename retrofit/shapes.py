@@ -40,6 +40,8 @@ SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
     nn.Tanhshrink,
 )
 
+CALLS = ("call_module", "call_function", "call_method")  # the node kinds that compute something
+
 
 def twin(module: nn.Module, meta: bool = True) -> nn.Module:
     """A shallow copy of ``module`` and its children to run instead of it: with parameters and buffers
@@ -130,14 +132,7 @@ class MetaShapeProp(fx.Interpreter):
                         return mode.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype))
                     return v
                 args, kwargs = map_aggregate(args, fake), map_aggregate(kwargs, fake)
-                if n.op == "call_module":
-                    out = twin(self.fetch_attr(n.target), meta=False)(*args, **kwargs)
-                elif n.op == "call_function":
-                    out = n.target(*args, **kwargs)
-                elif n.op == "call_method":
-                    out = getattr(args[0], n.target)(*args[1:], **kwargs)
-                else:
-                    out = super().run_node(n)
+                out = self._call(n, args, kwargs) if n.op in CALLS else super().run_node(n)
         except Exception as err:
             try:
                 return self._run_real(n)
@@ -163,16 +158,18 @@ class MetaShapeProp(fx.Interpreter):
                 return torch.zeros(v.shape, dtype=v.dtype)
             return v
         args, kwargs = map_aggregate(args, real), map_aggregate(kwargs, real)
+        if n.op not in CALLS:
+            raise RetrofitError(f"cannot run {n.op} nodes for real")
         with torch.no_grad():
-            if n.op == "call_module":
-                out = twin(self.fetch_attr(n.target), meta=False)(*args, **kwargs)
-            elif n.op == "call_function":
-                out = n.target(*args, **kwargs)
-            elif n.op == "call_method":
-                out = getattr(args[0], n.target)(*args[1:], **kwargs)
-            else:
-                raise RetrofitError(f"cannot run {n.op} nodes for real")
-        return _to_meta(out)
+            return _to_meta(self._call(n, args, kwargs))
+
+    def _call(self, n: fx.Node, args, kwargs) -> Any:
+        """Run a call node on the given (fake or real) values; a module runs as a real-tensor twin."""
+        if n.op == "call_module":
+            return twin(self.fetch_attr(n.target), meta=False)(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        return getattr(args[0], n.target)(*args[1:], **kwargs)  # call_method
 
 
 def propagate_shapes(traced: Traced, batch: int = 1) -> None:

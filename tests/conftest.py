@@ -9,6 +9,20 @@ import torch
 from torch import nn
 
 
+class ChannelsLast(nn.Module):
+    """A Swin/ConvNeXt-style block: the residual sum happens on an (N, H, W, C) tensor."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        y = y + self.fc(y)
+        return y.permute(0, 3, 1, 2)
+
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights, biases and norm statistics (in place); returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)

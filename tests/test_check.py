@@ -12,7 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import retrofit
-from conftest import randomize
+from conftest import ChannelsLast, randomize
 from retrofit.check import check_model, check_models, se_params, smallest_per_family, summarize
 from retrofit.cli import app
 from retrofit.se_layout import ChannelsLastSqueezeExcite
@@ -170,18 +170,6 @@ class TinyViT(nn.Module):
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         return self.blocks(x)[:, 0]
 
-
-class ChannelsLast(nn.Module):
-    """A Swin/ConvNeXt-style block: the residual sum happens on an (N, H, W, C) tensor."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.fc = nn.Linear(c, c)
-
-    def forward(self, x):
-        y = x.permute(0, 2, 3, 1)
-        y = y + self.fc(y)
-        return y.permute(0, 3, 1, 2)
 
 
 def test_token_sites_squeeze_the_patch_grid_only():

@@ -8,6 +8,7 @@ from torch import fx, nn
 
 from retrofit import find_sites
 from retrofit.sites import scan
+from conftest import ChannelsLast
 
 
 def kinds(sites):
@@ -134,18 +135,6 @@ def test_res2net_hierarchical_sums_belong_to_their_bottleneck():
     assert found.count("residual") == 16  # one per Bottle2neck, like ResNet-50
     assert sum("channel split" in s.reason for s in found.skipped) == 72  # 12 blocks x 6 inner sums
 
-
-class ChannelsLast(nn.Module):
-    """A Swin-style block: the residual sum happens on an (N, H, W, C) tensor."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.fc = nn.Linear(c, c)
-
-    def forward(self, x):
-        y = x.permute(0, 2, 3, 1)
-        y = y + self.fc(y)
-        return y.permute(0, 3, 1, 2)
 
 
 class PoolMixer(nn.Module):  # PoolFormer: a parameter-free branch on an identity shortcut
