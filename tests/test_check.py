@@ -241,3 +241,12 @@ def test_cli(tmp_path):
     assert data["summary"]["models"] == 2
     usage = CliRunner().invoke(app, ["check"])
     assert usage.exit_code == 2 and "error:" in usage.output and "--all-families" in usage.output
+
+
+def test_a_model_that_resizes_its_input_is_checked_at_a_size_its_tokens_fit():
+    """CrossViT resizes any input to its own; at 64x64 its 197-token sums fit no patch grid of the
+    input, so the sweep must go on to a larger size instead of calling the model unsupported."""
+    result = check_model("crossvit_tiny_240")
+    assert result.status == "ok", result.reason
+    # depth [[1, 4, 0]] * 3: 3 multi-scale blocks of 1 + 4 transformer blocks, 2 residual sums each
+    assert result.input_size != (3, 64, 64) and result.sites["residual"] == 3 * (1 + 4) * 2
