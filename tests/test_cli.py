@@ -166,3 +166,12 @@ def test_installed_entry_point_fails_cleanly(args, message):
     proc = subprocess.run([sys.executable, "-m", "retrofit", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(monkeypatch):
+    """N processes meeting the same bad input: every one exits with 2, one line is printed."""
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        result = runner.invoke(app, ["add-se", "resnet18", "--r", "0"])
+        assert result.exit_code == 2
+        assert sum(ln.startswith("error:") for ln in result.output.splitlines()) == lines, result.output

@@ -29,10 +29,12 @@ app = typer.Typer(
 
 def console(stderr: bool = False) -> Console:
     """A console for this print: it follows a redirected ``sys.stdout``, and output to a file or pipe
-    gets a wide fixed width instead of rich's 80 columns, so no number in a table is cut."""
+    gets a wide fixed width instead of rich's 80 columns, so no number in a table is cut. Under
+    torchrun only rank 0 speaks: N processes hitting the same bad input print one ``error:`` line."""
     stream = sys.stderr if stderr else sys.stdout
     tty = stream.isatty()
-    return Console(stderr=stderr, highlight=False, width=None if tty else 200, soft_wrap=not tty)
+    quiet = os.environ.get("RANK", "0") != "0"
+    return Console(stderr=stderr, highlight=False, width=None if tty else 200, soft_wrap=not tty, quiet=quiet)
 
 
 def fail_cleanly(fn):
