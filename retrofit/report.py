@@ -48,9 +48,10 @@ def sites_table(scan: Scan) -> Table:
     return table
 
 
-def blocks_table(report: Overhead) -> Table:
-    """One row per inserted SE block (one per site)."""
-    table = Table(title="SE blocks inserted", title_justify="left")
+def blocks_table(report: Overhead, module: str = "se") -> Table:
+    """One row per inserted block (one per site); ``module``: the recipe's block, for the title."""
+    names = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
+    table = Table(title=f"{names.get(module, module)} blocks inserted", title_justify="left")
     for col, justify in (("block", "left"), ("site", "left"), ("stage", "right"), ("channels", "right"),
                          ("width", "right"), ("size", "right"), ("params", "right"), ("MACs", "right"),
                          ("pool+scale ops", "right")):
@@ -104,6 +105,7 @@ def sites_json(scan: Scan) -> dict[str, Any]:
         "input_size": list(scan.traced.input_size),
         "counts": {k: scan.count(k) for k in KINDS},
         "sites": [{"kind": s.kind, "module": s.module, "node": s.node, "stage": s.stage, "stride": s.stride,
-                   "channels": s.channels, "size": list(s.size), "detail": s.detail} for s in scan.sites],
+                   "channels": s.channels, "size": list(s.size), "detail": s.detail, "layout": s.layout,
+                   "prefix": s.prefix} for s in scan.sites],
         "skipped": [{"where": s.where, "reason": s.reason} for s in scan.skipped],
     }

@@ -175,3 +175,11 @@ def test_under_torchrun_only_rank_0_prints_the_error(monkeypatch):
         result = runner.invoke(app, ["add-se", "resnet18", "--r", "0"])
         assert result.exit_code == 2
         assert sum(ln.startswith("error:") for ln in result.output.splitlines()) == lines, result.output
+
+
+def test_sites_json_says_each_site_layout():
+    """ViT-Ti: 12 blocks x 2 sums on (B, 1 + 14 x 14, 192) token sequences with one class token."""
+    result = runner.invoke(app, ["sites", "vit_tiny_patch16_224", "--num-classes", "10", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.output)["sites"]
+    assert len(sites) == 24 and {(s["layout"], s["prefix"], tuple(s["size"])) for s in sites} == {("tokens", 1, (14, 14))}

@@ -233,3 +233,4 @@ def test_cli_selection_and_module_options(tmp_path):
     assert [b["path"] for b in data["blocks"]] == ["layer3.0.se", "layer3.1.se", "layer4.0.se"]
     assert data["recipe"]["module"] == "eca" and data["recipe"]["only"] == ["layer3.*", "layer4.0"]
     assert data["added"]["params"] == 5 + 5 + 5  # ECA kernels for 256, 256 and 512 channels
+    assert "ECA blocks inserted" in result.output and "SE blocks" not in result.output

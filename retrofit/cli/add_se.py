@@ -93,7 +93,7 @@ def add_se_command(
         console().print(f"[bold]{model_name(net)}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
                   f"recipe: {chosen.describe()}")
         console().print(sites_by_stage(found))
-        console().print(blocks_table(report))
+        console().print(blocks_table(report, chosen.module))
         console().print(overhead_table(report))
         if timing is not None:
             console().print(latency_line(timing))
