@@ -7,6 +7,8 @@
    in one process, a fresh model for every call; with ``inplace=True`` too (no deep copy).
 3. Analysis growth: trace + shapes + sites (``retrofit.sites.scan``) on resnet152 over resnet50, and
    on hrnet_w18 (many fusions) over resnet50.
+4. In one process: ``retrofit.add_se(resnet101, position="post")`` over ``timm.create_model("resnet101")``
+   (the core issue's target <= 0.3), with the default deep copy and with ``inplace=True``.
 
 Run: python benchmarks/tool_speed.py [--runs N]
 """
@@ -58,9 +60,28 @@ def growth(runs: int) -> None:
           f"(3.1x the blocks); hrnet_w18 / resnet50 {med(samples['hrnet_w18']) / med(samples['resnet50']):.3f}")
 
 
+def against_create(runs: int) -> None:
+    import timm
+
+    import retrofit
+
+    create = lambda _: timm.create_model("resnet101")  # noqa: E731
+    samples = interleaved({"create_model": create,
+                           "add_se": lambda m: retrofit.add_se(m, position="post"),
+                           "add_se inplace": lambda m: retrofit.add_se(m, inplace=True, position="post")},
+                          runs, setup=lambda name: None if name == "create_model" else timm.create_model("resnet101"))
+    print("4. add_se(resnet101, position='post') / timm.create_model('resnet101'), in one process")
+    for name, xs in samples.items():
+        print(f"   {name:14s} {spread(xs)}")
+    for name in ("add_se", "add_se inplace"):
+        ratio = med(samples[name]) / med(samples["create_model"])
+        print(f"   {name} / create_model {ratio:.3f}  ({verdict(ratio, 0.3)})")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     whole_process(args.runs)
     growth(args.runs)
+    against_create(args.runs)
