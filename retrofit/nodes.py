@@ -5,6 +5,8 @@ from the call tree recorded while tracing, so no name lookup is needed.
 """
 from __future__ import annotations
 
+import functools
+
 import operator
 
 import torch
@@ -119,3 +121,28 @@ def is_pointwise(node: fx.Node) -> bool:
         return True
     module = module_of(node)
     return module is not None and isinstance(module, SHAPE_PRESERVING)
+
+
+# timm's attention factory names whose modules rescale their input (sk and splat are convolutions)
+EXCITATIONS = ("se", "ese", "eca", "ceca", "cbam", "lcbam", "gc", "ge", "coord")
+
+
+@functools.lru_cache(maxsize=None)
+def excitation_classes() -> tuple[type, ...]:
+    """Blocks that only rescale a feature map: retrofit's SE and timm's attention modules."""
+    from timm.layers import get_attn
+
+    from .se import SqueezeExcite
+
+    return (SqueezeExcite, *{get_attn(name) for name in EXCITATIONS})
+
+
+def in_excitation(node: fx.Node) -> bool:
+    """``node`` is an excitation block's node, or computed inside one (a traced-through timm SE)."""
+    call = node.meta.get("call")
+    while call is not None:
+        if isinstance(call.module, excitation_classes()):
+            return True
+        call = call.parent
+    return False
+

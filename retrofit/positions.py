@@ -143,6 +143,21 @@ def identity(site) -> Insertion:
 def inside(site) -> Insertion:
     end = site.refs.chain_end
     tail = branch_end(site.refs.unit)[0]
-    if end is tail or end is site.refs.unit.refs.branch:
+    if end is tail or end is site.refs.unit.refs.branch or _only_excitation_after(end, site.refs.unit):
         raise SkipSite("its output already ends the residual branch: a block there is the standard position")
     return Insertion(site, end, None)
+
+
+def _only_excitation_after(end: fx.Node, unit, limit: int = 256) -> bool:
+    """Nothing but excitation blocks (a standard SE inserted before, timm's own SE) between ``end``
+    and the unit's sum: the branch still ends at ``end`` as far as positions go."""
+    seen, todo = set(), list(end.users)
+    while todo:
+        n = todo.pop()
+        if n in seen or n is unit.refs.anchor:
+            continue
+        if len(seen) > limit or (N.is_weighted(n) and not N.in_excitation(n)):
+            return False
+        seen.add(n)
+        todo.extend(n.users)
+    return True

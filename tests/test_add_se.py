@@ -301,3 +301,17 @@ def test_eval_caches_neither_leak_proxies_nor_break_tracing():
     assert not model.training and not se_model.training
     with torch.no_grad():
         assert torch.equal(se_model(x), before) and torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("base", ["seresnet18", "resnet18+standard"])
+def test_inside_skips_a_second_conv_that_only_an_se_block_follows(base):
+    """ResNet-18 has 2 + 2 + 2 + 2 BasicBlocks; `inside` goes after the first 3x3 conv of each. After
+    the second one the branch ends, also when an SE block (timm's own, or one inserted before) sits
+    between it and the sum."""
+    if base == "seresnet18":
+        model = timm.create_model("seresnet18", num_classes=10)
+    else:
+        model = retrofit.add_se(timm.create_model("resnet18", num_classes=10), input_size=(3, 64, 64))
+    inside = [b for b in retrofit.add_se(model, position="inside", input_size=(3, 64, 64))._retrofit.blocks
+              if b.position == "inside"]
+    assert len(inside) == 8 and len({b.site_module for b in inside}) == 8
