@@ -43,6 +43,10 @@ class Dist:
         """True on every process when it is true on one (to stop all of them together)."""
         return self.sum([float(flag)])[0] > 0 if self.world > 1 else flag
 
+    def autocast(self):
+        """bf16 autocast on CUDA; a no-op context on CPU (fp32 there)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
     def close(self) -> None:
         if self.started_here and dist.is_initialized():
             dist.destroy_process_group()

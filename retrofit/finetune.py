@@ -17,27 +17,28 @@ step 0 and after every epoch. Under ``torchrun`` the same call runs DistributedD
 steps on the same images. Checkpoints (:mod:`retrofit.train_state`) make ``resume=True`` give bitwise
 the weights of an uninterrupted run: the data order and every random draw are functions of
 ``(seed, epoch)``.
+
+The pieces (what trains, optimizer, one epoch, evaluation, the run folder, progress) are small
+modules of :mod:`retrofit.train`; :class:`_Run` puts them together.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageFolderData, warn_bad
+from .data import ImageFolderData
 from .distributed import Dist, setup
-from .errors import RetrofitError, RetrofitWarning, first_line
-from .train_state import STATE_FILE, load_state, rng_state, save_state, set_rng_state
-
-LAST_FILE, BEST_FILE, METRICS_FILE = "last.safetensors", "best.safetensors", "metrics.jsonl"
+from .errors import RetrofitError
+from .train import optim, params
+from .train.evaluate import bypass_se, evaluate
+from .train.loop import seed_all, train_epoch
+from .train.progress import Progress
+from .train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE, RunDir
+from .train_state import rng_state, set_rng_state
 
 
 @dataclass
@@ -124,50 +125,17 @@ def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epoc
         env.close()
 
 
-def bypass_se(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Within this context the SE blocks of ``model`` pass their input through: the original network."""
-    info = getattr(model, "_retrofit", None)
-    blocks = [model.get_submodule(b.path) for b in info.blocks] if info else []
-
-    @contextlib.contextmanager
-    def ctx() -> Iterator[None]:
-        hooks = [b.register_forward_hook(_passthrough) for b in blocks]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-    return ctx()
-
-
-def _passthrough(block: nn.Module, args: tuple, out):
-    """The block's input instead of its output; a block fused with its residual sum (SE at the
-    standard position, called as ``block(x, shortcut)``) gives the plain sum ``x + shortcut``."""
-    return args[0] + args[1] if len(args) > 1 and args[1] is not None else args[0]
-
-
-def is_norm(module: nn.Module) -> bool:
-    """Layers with running statistics (BatchNorm and timm's norm+act variants, InstanceNorm with stats)."""
-    return isinstance(module, nn.modules.batchnorm._NormBase) or hasattr(module, "running_mean")
-
-
-def seed_all(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class _Run:
-    """One fine-tuning run: the state shared by its phases, epochs and checkpoints."""
+    """One fine-tuning run: the model, its data and folder, and the phases and epochs that train it.
+
+    The pieces live in :mod:`retrofit.train`: what trains (``params``), optimizer and scheduler
+    (``optim``), one epoch (``loop``), validation (``evaluate``), the run folder (``run_dir``).
+    """
 
     def __init__(self, model, s: Settings, env: Dist, data, input_size, output_dir, resume, workers, progress):
         from .checkpoint import metadata
 
-        info = getattr(model, "_retrofit", None)
-        if info is None or not info.blocks:
-            raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
+        se_params = params.block_params(model)  # raises for a model without blocks
         for name in ("epochs", "phase2_epochs", "warmup_epochs"):
             if getattr(s, name) < 0:
                 raise RetrofitError(f"{name} must be 0 or more, got {getattr(s, name)}")
@@ -177,81 +145,26 @@ class _Run:
             raise RetrofitError(f"batch size {s.batch_size} must be a positive multiple of processes x "
                                 f"accumulation steps ({env.world} x {s.accum_steps})")
         self.model, self.s, self.env, self.workers = model, s, env, workers
-        self.data = ImageFolderData.open(data, model, input_size or info.input_size, augment=s.augment)
-        self.new_head = self._fit_head(len(self.data.classes))
-        self.train_head = self.new_head if s.train_head is None else s.train_head
-        self.se_params = {n for b in info.blocks for n, _ in model.get_submodule(b.path).named_parameters(prefix=b.path)}
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
-        head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-        self.head_params = {n for n, p in model.named_parameters() if id(p) in head_ids}
-        if self.train_head and not self.head_params:
+        self.data = ImageFolderData.open(data, model, input_size or model._retrofit.input_size, augment=s.augment)
+        new_head = params.fit_head(model, len(self.data.classes), s.seed)
+        train_head = new_head if s.train_head is None else s.train_head
+        head = params.head_params(model)
+        if train_head and not head:
             raise RetrofitError("cannot find this model's classifier to train (it has no get_classifier())")
+        self.phase1_params = se_params | (head if train_head else set())
         self.meta = metadata(model)
-        self.out = Path(output_dir).expanduser() if output_dir is not None else None
-        self.resume, self.show_progress = resume, progress and env.main
+        self.dir = RunDir(output_dir, env)
+        self.progress = Progress(progress and env.main)
         self.rows: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.seen_bad: set[str] = set()
-        self.saved: dict[str, Any] | None = None  # the training state resumed from
-        self.bars = None  # rich progress (rank 0, progress=True)
-        if self.out is not None:
-            self._prepare_output()
+        self.saved = self.dir.open(resume, self.meta, asdict(s))  # the training state resumed from
         if len(self.data.train) < s.batch_size:
             raise RetrofitError(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one "
                                 f"batch of {s.batch_size}; lower the batch size")
         model.to(env.device)
 
-    # -- setup -------------------------------------------------------------------------------------
-    def _fit_head(self, classes: int) -> bool:
-        """A new classifier when the data has another number of classes (seeded: a resumed run rebuilds
-        the same one before loading the saved weights over it)."""
-        have = getattr(self.model, "num_classes", None)
-        if not isinstance(have, int) or have == classes:
-            return False
-        if not hasattr(self.model, "reset_classifier"):
-            raise RetrofitError(f"the data has {classes} classes but the model {have}; give a model with "
-                                f"{classes} outputs")
-        torch.manual_seed(self.s.seed)
-        self.model.reset_classifier(classes)
-        return True
-
-    def _prepare_output(self) -> None:
-        out, state = self.out, self.out / STATE_FILE
-        if not out.parent.is_dir():
-            raise RetrofitError(f"output folder {out.parent} does not exist; create it first")
-        if out.exists() and not out.is_dir():
-            raise RetrofitError(f"output {out} is a file; give a folder for the fine-tuning run")
-        if self.resume and state.is_file():
-            self.saved = load_state(state)
-            self._check_resumable(self.saved, state)
-        elif self.resume:
-            if self.env.main:
-                import warnings
-                warnings.warn(f"nothing to resume in {out}; starting at epoch 1", RetrofitWarning, stacklevel=3)
-        elif state.exists():
-            raise RetrofitError(f"{out} already holds a fine-tuning run; pass --resume (resume=True) to "
-                                f"continue it, or delete it, or choose another output folder")
-        if self.env.main:
-            out.mkdir(exist_ok=True)
-        self.env.barrier()
-
-    def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        mine, theirs = self.meta, saved.get("meta", {})
-        for key, what in (("architecture", "architecture"), ("model_kwargs", "model arguments"),
-                          ("recipe", "recipe"), ("input_size", "input size")):
-            if mine.get(key) != theirs.get(key):
-                raise RetrofitError(f"{path} is from another model ({what} {theirs.get(key)!r}, this one "
-                                    f"{mine.get(key)!r}); choose another output folder or drop --resume")
-        then = saved.get("settings", {})
-        now = asdict(self.s)
-        changed = [k for k in now if k in then and then[k] != now[k]]
-        if changed:
-            k = changed[0]
-            raise RetrofitError(f"{path} was started with {k} = {then[k]!r}, now {now[k]!r}; resume with the "
-                                f"same settings (or choose another output folder)")
-
-    # -- the run -----------------------------------------------------------------------------------
     def run(self, restore_best: bool) -> FinetuneResult:
         s, env, model = self.s, self.env, self.model
         rank, world, micro = env.rank, env.world, s.batch_size // (env.world * s.accum_steps)
@@ -260,7 +173,7 @@ class _Run:
         done = 0
         total = s.epochs + s.phase2_epochs
         net, optimizer, scheduler, phase = None, None, None, 0
-        with self._progress():
+        with self.progress:
             if self.saved is not None:
                 model.load_state_dict(self.saved["model"], strict=True)
                 self.rows, self.best = self.saved["rows"], self.saved["best"]
@@ -270,6 +183,7 @@ class _Run:
                 with bypass_se(model):
                     self._record("original", 0, 0, None, self._evaluate("original"))
                 self._record("step 0", 0, 0, None, self._evaluate("step 0"))
+                self.dir.write_metrics(self.rows)
             for epoch in range(done + 1, total + 1):
                 if (1 if epoch <= s.epochs else 2) != phase:
                     phase = 1 if epoch <= s.epochs else 2
@@ -277,191 +191,56 @@ class _Run:
                 in_phase = epoch - 1 if phase == 1 else epoch - 1 - s.epochs
                 seed_all(s.seed + 1000 * epoch + rank)  # augmentation and dropout draws of this epoch
                 self.train_loader.sampler.set_epoch(epoch)
-                self._set_modes(phase)
+                params.set_modes(model, frozen_norms=phase == 1)
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, images, bad = self._train_epoch(net, optimizer, epoch)
                 val = self._evaluate(f"epoch {epoch} val")
                 scheduler.step(in_phase + 1, val["top1"])  # the metric: for sched="plateau" (mode max)
                 val["skipped_images"] += bad
                 self._record(f"epoch {epoch}", epoch, phase, dict(train_loss=train_loss, lr=lr, train_images=images), val)
-                if self.out is not None:
-                    self._checkpoint(epoch, phase, optimizer, scheduler)
+                self.dir.commit_epoch(model, dict(
+                    meta=self.meta, settings=asdict(s), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), epoch=epoch, phase=phase, rng=rng_state(), rows=self.rows,
+                    best=self.best), self.rows)
         if restore_best:
-            self._restore_best()
+            weights = self.best_weights if self.best_weights is not None else self.dir.best_weights()
+            if weights is not None:
+                model.load_state_dict(weights, strict=True)
         model.eval()
         skipped = self.rows[-1]["skipped_images"]  # in the last epoch's passes over train/ and val/
-        return FinetuneResult(self.rows, dict(self.best), skipped, self.out, self.data.classes)
+        return FinetuneResult(self.rows, dict(self.best), skipped, self.dir.path, self.data.classes)
 
     def _start_phase(self, phase: int, epoch: int):
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
         s, model = self.s, self.model
-        for name, p in model.named_parameters():
-            p.requires_grad_(phase == 2 or name in self.se_params or (self.train_head and name in self.head_params))
+        params.set_trainable(model, self.phase1_params if phase == 1 else None)
         lr = s.lr if phase == 1 else (s.phase2_lr if s.phase2_lr is not None else s.lr / 10)
-        try:
-            optimizer = create_optimizer_v2(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay)
-        except (ValueError, AssertionError, KeyError) as err:
-            raise RetrofitError(f"optimizer {s.opt!r}: {first_line(err)}; timm.optim.list_optimizers() lists "
-                                f"the names") from None
-        epochs = s.epochs if phase == 1 else s.phase2_epochs
-        scheduler, _ = create_scheduler_v2(optimizer, sched=s.sched, num_epochs=epochs, warmup_epochs=s.warmup_epochs)
-        if scheduler is None:
-            raise RetrofitError(f"unknown scheduler {s.sched!r}; use cosine, tanh, step, multistep, plateau or poly")
+        optimizer, scheduler = optim.create(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay, sched=s.sched,
+                                            epochs=s.epochs if phase == 1 else s.phase2_epochs,
+                                            warmup_epochs=s.warmup_epochs)
         if self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1:
             optimizer.load_state_dict(self.saved["optimizer"])
             scheduler.load_state_dict(self.saved["scheduler"])
             scheduler.step(epoch - 1 if phase == 1 else epoch - 1 - s.epochs)  # the lr of the epoch to run
-        net = model
-        if self.env.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        return optim.wrap(model, self.env), optimizer, scheduler
 
-            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            net = DistributedDataParallel(model, device_ids=ids)
-        return net, optimizer, scheduler
+    def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int, int]:
+        return train_epoch(net, self.model, self.train_loader, optimizer, accum=self.s.accum_steps, env=self.env,
+                           progress=self.progress, label=f"epoch {epoch} train", seen_bad=self.seen_bad)
 
-    def _set_modes(self, phase: int) -> None:
-        self.model.train()
-        if phase == 1:  # frozen backbone: its norm layers keep their running statistics
-            for name, m in self.model.named_modules():
-                if is_norm(m):
-                    m.eval()
-
-    def _autocast(self):
-        dev = self.env.device
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-
-    def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int]:
-        accum, dev = self.s.accum_steps, self.env.device
-        steps = len(self.train_loader)
-        loss_sum, seen, bad = 0.0, 0, 0
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer.zero_grad(set_to_none=True)
-        task = self._task(f"epoch {epoch} train", steps)
-        for i, batch in enumerate(self.train_loader):
-            bad += len(batch.bad)
-            if self.env.main:
-                warn_bad(batch.bad, self.seen_bad)
-            sync = (i + 1) % accum == 0 or i + 1 == steps
-            no_sync = net.no_sync() if (net is not self.model and not sync) else contextlib.nullcontext()
-            with no_sync:
-                if len(batch.targets):
-                    x, y = batch.images.to(dev, non_blocking=True), batch.targets.to(dev, non_blocking=True)
-                    with self._autocast():
-                        loss = F.cross_entropy(net(x).float(), y)
-                    loss_sum += loss.item() * len(y)
-                    seen += len(y)
-                else:  # every image of this micro-batch was bad: a zero step keeps processes in lock-step
-                    loss = sum(p.sum() * 0 for p in trainable)
-                (loss / accum).backward()
-            if sync:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            self._advance(task, loss=loss_sum / max(seen, 1))
-        loss_sum, seen, bad = self.env.sum([loss_sum, seen, bad])
-        return loss_sum / max(seen, 1), int(seen), int(bad)
-
-    @torch.no_grad()
     def _evaluate(self, label: str) -> dict[str, Any]:
-        model, dev = self.model, self.env.device
-        model.eval()
-        loss_sum = n = top1 = top5 = bad = 0.0
-        task = self._task(label, len(self.val_loader))
-        classes = len(self.data.classes)
-        for batch in self.val_loader:
-            bad += len(batch.bad)
-            if self.env.main:
-                warn_bad(batch.bad, self.seen_bad)
-            if len(batch.targets):
-                x, y = batch.images.to(dev), batch.targets.to(dev)
-                with self._autocast():
-                    logits = model(x).float()
-                if logits.dim() != 2 or logits.shape[1] < classes:
-                    raise RetrofitError(f"the model gives {tuple(logits.shape[1:])} outputs per image but the "
-                                        f"data has {classes} classes")
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
-                top1 += hits[:, 0].sum().item()
-                top5 += hits.any(dim=1).sum().item()
-                n += len(y)
-            self._advance(task)
-        loss_sum, n, top1, top5, bad = self.env.sum([loss_sum, n, top1, top5, bad])
-        if n == 0:
-            raise RetrofitError(f"no image in {self.data.root}/val could be decoded")
-        return dict(val_loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n, val_images=int(n),
-                    skipped_images=int(bad))
+        return evaluate(self.model, self.val_loader, classes=len(self.data.classes), env=self.env,
+                        progress=self.progress, label=label, seen_bad=self.seen_bad, root=self.data.root)
 
     def _record(self, name: str, epoch: int, phase: int, train: dict | None, val: dict) -> None:
+        """Add a metrics row; a new best (by val top-1; the original does not compete) is kept in memory
+        and written to ``best.safetensors``."""
         row = dict(name=name, epoch=epoch, phase=phase, train_loss=None, lr=None, train_images=None, **val)
         row.update(train or {})
         self.rows.append(row)
         if name != "original" and (self.best is None or row["top1"] > self.best["top1"]):
             self.best = row
             self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            if self.out is not None and self.env.main:
-                from .checkpoint import save
-
-                save(self.model, self.out / BEST_FILE)
-        if self.out is not None and name in ("step 0",):
-            self._write_metrics()
-
-    def _checkpoint(self, epoch: int, phase: int, optimizer, scheduler) -> None:
-        """best (already written) -> last -> train_state -> metrics: a kill between two of them resumes from
-        the previous train_state and redoes this epoch, which rewrites the same files."""
-        from .checkpoint import save
-
-        if self.env.main:
-            save(self.model, self.out / LAST_FILE)
-            save_state(self.out / STATE_FILE, dict(
-                meta=self.meta, settings=asdict(self.s), model=self.model.state_dict(),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch, phase=phase,
-                rng=rng_state(), rows=self.rows, best=self.best))
-            self._write_metrics()
-        self.env.barrier()
-
-    def _write_metrics(self) -> None:
-        if not self.env.main:
-            return
-        path = self.out / METRICS_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            os.replace(tmp, path)
-        except OSError as err:
-            raise RetrofitError(f"cannot write {path}: {err.strerror or err}; the checkpoints are kept, "
-                                f"free space and rerun with --resume") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _restore_best(self) -> None:
-        weights = self.best_weights
-        if weights is None and self.out is not None and (self.out / BEST_FILE).is_file():
-            from safetensors.torch import load_file  # the best epoch came before a resume
-
-            weights = load_file(str(self.out / BEST_FILE))
-        if weights is not None:
-            self.model.load_state_dict(weights, strict=True)
-
-    # -- progress bars (rank 0) --------------------------------------------------------------------
-    def _progress(self):
-        self.bars = None
-        if not self.show_progress:
-            return contextlib.nullcontext()
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                             console=Console(stderr=True), transient=True)
-        return self.bars
-
-    def _task(self, label: str, total: int):
-        return self.bars.add_task(label, total=total, info="") if self.bars is not None else None
-
-    def _advance(self, task, loss: float | None = None) -> None:
-        if task is not None:
-            self.bars.update(task, advance=1, info=f"loss {loss:.4f}" if loss is not None else "")
+            self.dir.save_best(self.model)
 
 
 def results_table(result: FinetuneResult, title: str = "Fine-tuning results"):
@@ -480,4 +259,5 @@ def results_table(result: FinetuneResult, title: str = "Fine-tuning results"):
     return table
 
 
-__all__ = ["finetune", "FinetuneResult", "Settings", "bypass_se", "results_table"]
+__all__ = ["finetune", "FinetuneResult", "Settings", "bypass_se", "results_table", "BEST_FILE", "LAST_FILE",
+           "METRICS_FILE"]

@@ -1,0 +1,70 @@
+"""Validation: loss and top-1/top-5 over every image once (summed over processes), and the original
+network to compare with (:func:`bypass_se`: the inserted blocks pass their input through)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import warn_bad
+from ..distributed import Dist
+from ..errors import RetrofitError
+from .progress import Progress
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Progress, label: str,
+             seen_bad: set[str], root) -> dict[str, Any]:
+    """``val_loss``, ``top1``, ``top5`` (percent), ``val_images`` and ``skipped_images`` of ``model``
+    on ``loader`` (the shard of this process; the sums are global)."""
+    dev = env.device
+    model.eval()
+    loss_sum = n = top1 = top5 = bad = 0.0
+    task = progress.task(label, len(loader))
+    for batch in loader:
+        bad += len(batch.bad)
+        if env.main:
+            warn_bad(batch.bad, seen_bad)
+        if len(batch.targets):
+            x, y = batch.images.to(dev), batch.targets.to(dev)
+            with env.autocast():
+                logits = model(x).float()
+            if logits.dim() != 2 or logits.shape[1] < classes:
+                raise RetrofitError(f"the model gives {tuple(logits.shape[1:])} outputs per image but the "
+                                    f"data has {classes} classes")
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+            top1 += hits[:, 0].sum().item()
+            top5 += hits.any(dim=1).sum().item()
+            n += len(y)
+        progress.advance(task)
+    loss_sum, n, top1, top5, bad = env.sum([loss_sum, n, top1, top5, bad])
+    if n == 0:
+        raise RetrofitError(f"no image in {root}/val could be decoded")
+    return dict(val_loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n, val_images=int(n),
+                skipped_images=int(bad))
+
+
+def bypass_se(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Within this context the SE blocks of ``model`` pass their input through: the original network."""
+    info = getattr(model, "_retrofit", None)
+    blocks = [model.get_submodule(b.path) for b in info.blocks] if info else []
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[None]:
+        hooks = [b.register_forward_hook(_passthrough) for b in blocks]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+    return ctx()
+
+
+def _passthrough(block: nn.Module, args: tuple, out):
+    """The block's input instead of its output; a block fused with its residual sum (SE at the
+    standard position, called as ``block(x, shortcut)``) gives the plain sum ``x + shortcut``."""
+    return args[0] + args[1] if len(args) > 1 and args[1] is not None else args[0]

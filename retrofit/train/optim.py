@@ -1,0 +1,37 @@
+"""Optimizer and scheduler from timm's factories, and the DistributedDataParallel wrapper."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..distributed import Dist
+from ..errors import RetrofitError, first_line
+
+
+def create(model: nn.Module, *, opt: str, lr: float, weight_decay: float, sched: str, epochs: int,
+           warmup_epochs: int) -> tuple[Any, Any]:
+    """``timm.optim.create_optimizer_v2`` over the parameters that require gradients (timm skips the
+    others) and ``timm.scheduler.create_scheduler_v2`` stepped once per epoch; bad names are one line."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    try:
+        optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay)
+    except (ValueError, AssertionError, KeyError) as err:
+        raise RetrofitError(f"optimizer {opt!r}: {first_line(err)}; timm.optim.list_optimizers() lists "
+                            f"the names") from None
+    scheduler, _ = create_scheduler_v2(optimizer, sched=sched, num_epochs=epochs, warmup_epochs=warmup_epochs)
+    if scheduler is None:
+        raise RetrofitError(f"unknown scheduler {sched!r}; use cosine, tanh, step, multistep, plateau or poly")
+    return optimizer, scheduler
+
+
+def wrap(model: nn.Module, env: Dist) -> nn.Module:
+    """The module the loop calls: ``model`` itself, or a DDP wrapper of it under torchrun."""
+    if env.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
