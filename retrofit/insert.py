@@ -154,7 +154,7 @@ class Rewrite:
             channels = shape[channel_dim(layout)]
             size = {"nchw": shape[2:4], "nhwc": shape[1:3]}.get(layout, ins.site.size)
             out.append(BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
-                                 ins.site.stride, channels, reduced_width(recipe, channels), tuple(size),
+                                 ins.site.stride, channels, recipe.block.reduced_width(channels), tuple(size),
                                  layout, ins.site.prefix))
         return out
 
@@ -355,7 +355,7 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
             value = replaced.get(value, value)
             if info.channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
                 narrow.append(info.channels)
-            block = build_attention(recipe, info.channels, layout=info.layout, prefix=info.prefix,
+            block = build_attention(recipe.block, info.channels, layout=info.layout, prefix=info.prefix,
                                     device=_device_of(module, target), dtype=N.tensor(ins.value).dtype)
             if name in vars(module):  # _free_name reuses an attribute only when it is None
                 was_none.append(name)
@@ -396,11 +396,6 @@ def _device_of(module: nn.Module, model: nn.Module):
         for t in source.buffers():
             return t.device
     return None
-
-
-def reduced_width(recipe: Recipe, channels: int) -> int:
-    """The block's reduced width for ``channels`` (0 for a module without one, e.g. ECA)."""
-    return recipe.width(channels) if "r" in ATTENTIONS[recipe.module].fields else 0
 
 
 def _site_name(site) -> str:

@@ -12,6 +12,7 @@ lacks (``layer1.0.se``...) is one block, so any pair of models can be compared, 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from .shapes import count_macs
 from .trace import Traced, trace
 
 if TYPE_CHECKING:
+    from .block import BlockConfig
     from .insert import BlockInfo
     from .recipe import Recipe
 
@@ -221,7 +223,7 @@ def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Re
     """
     costs = []
     for b in blocks:
-        params, macs = block_cost(recipe, b.channels, b.size, b.layout, b.prefix)
+        params, macs = block_cost(recipe.block, b.channels, b.size, b.layout, b.prefix)
         elements = b.channels * b.size[0] * b.size[1]
         costs.append(BlockCost(b.path, b.site_kind, b.position, b.stage, b.stride, b.channels, b.width,
                                tuple(b.size), params, macs, elements, elements))
@@ -230,9 +232,9 @@ def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Re
 
 
 @functools.lru_cache(maxsize=4096)
-def block_cost(recipe: "Recipe", channels: int, size: tuple[int, int], layout: str = "nchw",
+def block_cost(cfg: "BlockConfig", channels: int, size: tuple[int, int], layout: str = "nchw",
                prefix: int = 0) -> tuple[int, int]:
-    """Parameters and multiply-adds (batch 1) of one block of ``recipe`` on a ``channels x size`` map
+    """Parameters and multiply-adds (batch 1) of one block of ``cfg`` on a ``channels x size`` map
     (of ``layout``, with ``prefix`` tokens before a token grid): the block itself, built and run on
     the meta device under ``torch.utils.flop_counter``."""
     import torch
@@ -241,7 +243,7 @@ def block_cost(recipe: "Recipe", channels: int, size: tuple[int, int], layout: s
     from .attention import build_attention
 
     # the init decides values, not shapes; "paper" skips the preserving init's work on meta tensors
-    block = build_attention(recipe.replace(init="paper"), channels, layout=layout, prefix=prefix, device="meta")
+    block = build_attention(dataclasses.replace(cfg, init="paper"), channels, layout=layout, prefix=prefix, device="meta")
     shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(layout, (1, prefix + size[0] * size[1], channels))
     counter = FlopCounterMode(display=False)
     with counter:

@@ -3,7 +3,11 @@
 A :class:`Recipe` is a frozen dataclass. The same fields are the keys of a recipe YAML file, the
 keyword arguments of :func:`retrofit.add_se` and the options of ``retrofit add-se``; one validator per
 field checks all three, so every bad value is reported the same way, naming the field and the allowed
-values. Built-in recipes live in ``recipes/`` (shipped inside the wheel as ``retrofit/recipes``)::
+values. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``, ``min_width``,
+``bias``, ``init``, ``module``) belong to :class:`retrofit.block.BlockConfig`, which holds their
+defaults, checks and width rule; a recipe carries them as keys and :attr:`Recipe.block` is the
+:class:`~retrofit.block.BlockConfig` they make. Built-in recipes live in ``recipes/`` (shipped inside
+the wheel as ``retrofit/recipes``)::
 
     >>> Recipe.load("timm")                      # a built-in, by name
     >>> Recipe.load("my_recipe.yaml")            # any YAML file
@@ -12,7 +16,7 @@ values. Built-in recipes live in ``recipes/`` (shipped inside the wheel as ``ret
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import numbers
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -20,14 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
-from timm.layers import make_divisible
 
+from .block import BLOCK_FIELDS, CHECKS as BLOCK_CHECKS, DEFAULTS as _BLOCK, BlockConfig
+from .block import choice as _choice, positive_int as _positive_int
 from .errors import RecipeError
 from .positions import POSITIONS
-from .se import GATES, SQUEEZES
 from .sites import KINDS
-
-INITS = ("preserve", "paper")
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,15 @@ class Recipe:
     """
 
     position: str = "standard"
-    r: float = 16
-    squeeze: str = "avg"
-    gate: str = "sigmoid"
+    r: float = _BLOCK["r"]
+    squeeze: str = _BLOCK["squeeze"]
+    gate: str = _BLOCK["gate"]
     stages: tuple[int, ...] | None = None
-    divisor: int = 1
-    min_width: int = 1
-    bias: bool = True
-    init: str = "preserve"
-    module: str = "se"
+    divisor: int = _BLOCK["divisor"]
+    min_width: int = _BLOCK["min_width"]
+    bias: bool = _BLOCK["bias"]
+    init: str = _BLOCK["init"]
+    module: str = _BLOCK["module"]
     kinds: tuple[str, ...] | None = None
     only: tuple[str, ...] | None = None
     skip: tuple[str, ...] | None = None
@@ -74,16 +76,11 @@ class Recipe:
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, _CHECKS[f.name](getattr(self, f.name)))
-        _check_module(self)
+        self.block  # noqa: B018 - the block fields together: a module's fields, the init's gate
         if self.kinds is not None and not set(self.kinds) & set(POSITIONS[self.position].kinds):
             raise RecipeError(f"recipe fields 'kinds', 'position': position '{self.position}' applies to "
                               f"{' and '.join(POSITIONS[self.position].kinds)} sites, not to "
                               f"{', '.join(self.kinds)}; choose kinds it applies to or another position")
-        if self.init == "preserve" and not self.bias and GATES[self.gate].at_zero == 0:
-            raise RecipeError(
-                f"recipe fields 'init', 'bias', 'gate': init 'preserve' without biases needs a gate "
-                f"that is non-zero at 0 ({', '.join(g for g, s in GATES.items() if s.at_zero)}); "
-                f"gate '{self.gate}' is 0 there. Use bias: true, another gate, or init: paper")
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -128,9 +125,14 @@ class Recipe:
         return d
 
     # -- what the recipe implies ---------------------------------------------------------------
+    @functools.cached_property
+    def block(self) -> BlockConfig:
+        """The block fields as a :class:`~retrofit.block.BlockConfig` (checked together on creation)."""
+        return BlockConfig(**{name: getattr(self, name) for name in BLOCK_FIELDS})
+
     def width(self, channels: int) -> int:
         """Reduced width of a block on ``channels`` channels (timm's ``make_divisible`` rounding)."""
-        return make_divisible(channels / self.r, self.divisor, min_value=self.min_width, round_limit=0.0)
+        return self.block.width(channels)
 
     def describe(self) -> str:
         stages = "all stages" if self.stages is None else "stages " + ",".join(map(str, self.stages))
@@ -193,44 +195,6 @@ def _check_keys(data: Mapping[str, Any], origin: str) -> None:
             raise RecipeError(f"{origin}: unknown field '{key}'; allowed fields: {', '.join(allowed)}")
 
 
-def _choice(name: str, allowed: Callable[[], Any]) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        options = list(allowed())
-        if not isinstance(value, str) or value.lower() not in options:
-            raise RecipeError(f"recipe field '{name}': unknown value {value!r}; allowed: {', '.join(options)}")
-        return value.lower()
-    return check
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _ratio(value: Any) -> float:
-    r = _number(value)
-    if r is None or not math.isfinite(r) or r <= 0:
-        raise RecipeError(f"recipe field 'r': the reduction ratio must be a positive number, got {value!r}")
-    return int(r) if r.is_integer() else r
-
-
-def _positive_int(name: str) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        n = _number(value)
-        if n is None or not n.is_integer() or n < 1:
-            raise RecipeError(f"recipe field '{name}': must be a whole number >= 1, got {value!r}")
-        return int(n)
-    return check
-
-
 def _stages(value: Any) -> tuple[int, ...] | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("all", "")):
         return None
@@ -245,14 +209,6 @@ def _stages(value: Any) -> tuple[int, ...] | None:
     if not stages:
         raise RecipeError("recipe field 'stages': empty; use 'all' or stage numbers such as 2,3")
     return stages
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-        return value.strip().lower() in ("true", "yes", "1", "on")
-    raise RecipeError(f"recipe field 'bias': expected true or false, got {value!r}")
 
 
 def _names(name: str, allowed: Callable[[], Any] | None = None,
@@ -280,41 +236,11 @@ def _names(name: str, allowed: Callable[[], Any] | None = None,
     return check
 
 
-def _check_module(recipe: "Recipe") -> None:
-    """The fields a module ignores must keep their defaults; preserve needs a gate that can preserve."""
-    from .attention import ATTENTIONS, BLOCK_FIELDS, preserve_needs_gate, zero_gate_gates
-
-    spec = ATTENTIONS[recipe.module]
-    defaults = Recipe.__dataclass_fields__
-    ignored = [f for f in BLOCK_FIELDS if f not in spec.fields and getattr(recipe, f) != defaults[f].default]
-    if ignored:
-        raise RecipeError(f"recipe field '{ignored[0]}' does not apply to module '{recipe.module}' (it reads "
-                          f"{', '.join(spec.fields) or 'no block field'}); leave it at its default "
-                          f"({defaults[ignored[0]].default}) or use module se")
-    if recipe.init == "preserve" and preserve_needs_gate(recipe.module) and recipe.gate in zero_gate_gates():
-        raise RecipeError(f"recipe fields 'init', 'gate', 'module': init 'preserve' for module "
-                          f"'{recipe.module}' needs a gate that is non-zero at 0 (sigmoid, hard_sigmoid); "
-                          f"gate '{recipe.gate}' is 0 there. Use another gate or init: paper")
-
-
-def _attentions():
-    from .attention import ATTENTIONS
-
-    return ATTENTIONS
-
-
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "position": _choice("position", lambda: POSITIONS),
-    "r": _ratio,
-    "squeeze": _choice("squeeze", lambda: SQUEEZES),
-    "gate": _choice("gate", lambda: GATES),
     "stages": _stages,
-    "divisor": _positive_int("divisor"),
-    "min_width": _positive_int("min_width"),
-    "bias": _bool,
-    "init": _choice("init", lambda: INITS),
-    "module": _choice("module", _attentions),
     "kinds": _names("kinds", lambda: KINDS, aliases={"inside": "conv3x3"}),
     "only": _names("only"),
     "skip": _names("skip"),
+    **BLOCK_CHECKS,  # the block fields: retrofit.block owns their checks
 }
