@@ -51,8 +51,9 @@ from torch import nn
 from .se import GATES
 from .se_layout import LAYOUTS, make_block
 
-# the block fields that shape SE, which reads them all (init and module apply to every module)
-SE_FIELDS = ("r", "squeeze", "gate", "divisor", "min_width", "bias")
+# the block fields that shape SE, which reads them all (init and module apply to every module);
+# allow_wide goes with r: it lets r go below 1
+SE_FIELDS = ("r", "squeeze", "gate", "divisor", "min_width", "bias", "allow_wide")
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def ceca(channels, cfg, dd):
 
 # CBAM's spatial conv is followed by a fresh BatchNorm, which maps the zeroed conv's 0 to 0 in both
 # modes (running mean 0; a batch of zeros has mean 0)
-@register_attention("cbam", fields=("r", "gate", "divisor", "min_width", "bias"),
+@register_attention("cbam", fields=("r", "gate", "divisor", "min_width", "bias", "allow_wide"),
                     paper="https://arxiv.org/abs/1807.06521",
                     preserve=lambda b: _zero(b.channel.fc2, b.spatial.conv.conv))
 def cbam(channels, cfg, dd):
@@ -197,7 +198,7 @@ def cbam(channels, cfg, dd):
                        mlp_bias=cfg.bias, **dd)
 
 
-@register_attention("gc", fields=("r", "gate", "divisor", "min_width"), paper="https://arxiv.org/abs/1904.11492",
+@register_attention("gc", fields=("r", "gate", "divisor", "min_width", "allow_wide"), paper="https://arxiv.org/abs/1904.11492",
                     preserve=lambda b: _zero(b.mlp_scale.fc2))
 def gc(channels, cfg, dd):
     return create_attn("gc", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate, **dd)

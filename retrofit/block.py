@@ -1,11 +1,14 @@
 """One block's configuration: the recipe fields that shape an inserted block, their checks, its width.
 
 :class:`BlockConfig` owns the block fields (``r``, ``squeeze``, ``gate``, ``divisor``, ``min_width``,
-``bias``, ``init``, ``module``): their defaults, one validator each (``CHECKS``), the rules that tie
-them together (a module refuses a changed field it does not read; the preserving init needs a gate it
-can preserve) and the reduced width. :mod:`retrofit.attention` builds a block from one;
+``bias``, ``init``, ``module``, ``allow_wide``): their defaults, one validator each (``CHECKS``), the
+rules that tie them together (a module refuses a changed field it does not read; the preserving init
+needs a gate it can preserve; r below 1 needs allow_wide), the bounds that keep a block from being
+absurdly wide, and the reduced width. :mod:`retrofit.attention` builds a block from one;
 :class:`retrofit.recipe.Recipe` carries the same fields as keys and resolves one :class:`BlockConfig`
-per site. A new block option is a field and its check here, plus the builders that read it.
+per site. A new block option is a field and its check here, the builders that read it, and its
+line in :class:`~retrofit.recipe.Recipe` (which takes the default from here; a test keeps the two in
+step).
 
     >>> BlockConfig(r=8).width(256)
     32
@@ -27,6 +30,12 @@ from .errors import RecipeError
 from .se import GATES, SQUEEZES
 
 INITS = ("preserve", "paper")
+# Bounds that keep a recipe from asking for absurd blocks (a file's metadata can say `r: 1e-4`, which
+# would allocate 2 x 10^4 C^2 weights per block): r below 1 makes a block wider than its input and
+# needs allow_wide; even then a block is at most MAX_EXPANSION times wider than its input. divisor
+# and min_width round the width up: at most MAX_ROUNDING each.
+MAX_EXPANSION = 16
+MAX_ROUNDING = 1024
 
 
 # -- validators: one value of one field; the message names the field and the allowed values ------------
@@ -57,14 +66,20 @@ def ratio(value: Any) -> float:
     r = number(value)
     if r is None or not math.isfinite(r) or r <= 0:
         raise RecipeError(f"recipe field 'r': the reduction ratio must be a positive number, got {value!r}")
+    if r < 1 / MAX_EXPANSION:
+        raise RecipeError(f"recipe field 'r': {value!r} would make each block {1 / r:.3g} times wider than its "
+                          f"input; r must be at least 1/{MAX_EXPANSION} = {1 / MAX_EXPANSION:g}, and at least 1 "
+                          f"unless allow_wide is true")
     return int(r) if r.is_integer() else r
 
 
-def positive_int(name: str) -> Callable[[Any], int]:
+def positive_int(name: str, at_most: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         n = number(value)
         if n is None or not n.is_integer() or n < 1:
             raise RecipeError(f"recipe field '{name}': must be a whole number >= 1, got {value!r}")
+        if at_most is not None and n > at_most:
+            raise RecipeError(f"recipe field '{name}': at most {at_most}, got {value!r}")
         return int(n)
     return check
 
@@ -96,6 +111,8 @@ class BlockConfig:
         module: the block, by name (:mod:`retrofit.attention`): ``se`` (the default), ``ese``,
             ``eca``, ``ceca``, ``cbam``, ``gc``. Each reads only some of the fields above; a
             non-default value of a field it does not read is an error.
+        allow_wide: allow r below 1, a block wider than its input (C / r > C); without it such an r
+            is refused. Even with it r >= 1/16; ``divisor`` and ``min_width`` are at most 1024.
     """
 
     r: float = 16
@@ -106,6 +123,7 @@ class BlockConfig:
     bias: bool = True
     init: str = "preserve"
     module: str = "se"
+    allow_wide: bool = False
 
     def __post_init__(self):
         for f in fields(self):
@@ -115,7 +133,10 @@ class BlockConfig:
             name = unread[0]
             raise RecipeError(f"recipe field '{name}' does not apply to module '{self.module}' (it reads "
                               f"{', '.join(ATTENTIONS[self.module].fields) or 'no block field'}); leave it at "
-                              f"its default ({DEFAULTS[name]}) or use module se")
+                              f"its default ({str(DEFAULTS[name]).lower()}) or use module se")
+        if self.r < 1 and not self.allow_wide and self.reads("r"):
+            raise RecipeError(f"recipe field 'r': {self.r:g} makes every block wider than its input (C / r > C); "
+                              f"use r >= 1, or allow_wide: true (--allow-wide) if that is what you mean")
         if self.init == "preserve" and preserve_needs_gate(self.module) and self.gate in zero_gate_gates():
             raise RecipeError(f"recipe fields 'init', 'gate', 'module': init 'preserve' for module "
                               f"'{self.module}' needs a gate that is non-zero at 0 (sigmoid, hard_sigmoid); "
@@ -147,11 +168,12 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "r": ratio,
     "squeeze": choice("squeeze", lambda: SQUEEZES),
     "gate": choice("gate", lambda: GATES),
-    "divisor": positive_int("divisor"),
-    "min_width": positive_int("min_width"),
+    "divisor": positive_int("divisor", at_most=MAX_ROUNDING),
+    "min_width": positive_int("min_width", at_most=MAX_ROUNDING),
     "bias": boolean("bias"),
     "init": choice("init", lambda: INITS),
     "module": choice("module", lambda: ATTENTIONS),
+    "allow_wide": boolean("allow_wide"),
 }
 BLOCK_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BlockConfig))
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(BlockConfig)}

@@ -4,7 +4,7 @@ A :class:`Recipe` is a frozen dataclass. The same fields are the keys of a recip
 keyword arguments of :func:`retrofit.add_se` and the options of ``retrofit add-se``; one validator per
 field checks all three, so every bad value is reported the same way, naming the field and the allowed
 values. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``, ``min_width``,
-``bias``, ``init``, ``module``) belong to :class:`retrofit.block.BlockConfig`, which holds their
+``bias``, ``init``, ``module``, ``allow_wide``) belong to :class:`retrofit.block.BlockConfig`, which holds their
 defaults, checks and width rule; a recipe carries them as keys and :attr:`Recipe.block` is the
 :class:`~retrofit.block.BlockConfig` they make. Built-in recipes live in ``recipes/`` (shipped inside
 the wheel as ``retrofit/recipes``)::
@@ -61,6 +61,9 @@ class Recipe:
             before; ``paper`` uses PyTorch's default random initialisation.
         module: the block to insert, by name (:mod:`retrofit.attention`): ``se`` (the default),
             ``ese``, ``eca``, ``ceca``, ``cbam``, ``gc``.
+        allow_wide: allow r below 1 (blocks wider than their input); without it such an r is refused,
+            and even with it r is at least 1/16 (``divisor``/``min_width``: at most 1024), so no
+            recipe, file or flag can ask for a block far larger than the layer it serves.
         kinds: site kinds that get blocks: ``residual``, ``inception``, ``conv3x3`` (``inside`` is
             accepted for it); ``None`` means every kind the position applies to.
         only: module-path globs (``fnmatch``, e.g. ``layer3.*``); only sites whose owning module, or
@@ -71,7 +74,7 @@ class Recipe:
             fields for them, e.g. ``[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}]``.
 
     Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
-    ``min_width``, ``bias``, ``init``, ``module``) may also be a map from stage to value, e.g.
+    ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to value, e.g.
     ``r={2: 8, 3: 8, 4: 16, 5: 32}`` or, as text, ``"2:8,3:8,4:16,5:32"``; its ``default`` key (e.g.
     ``{"default": 8, 5: 32}``) is the value of the stages it does not name, else the field's base
     value (``replace`` and the CLI keep the recipe's own; a new recipe, the field's default). The
@@ -95,6 +98,7 @@ class Recipe:
     bias: bool | StageMap = _BLOCK["bias"]
     init: str | StageMap = _BLOCK["init"]
     module: str | StageMap = _BLOCK["module"]
+    allow_wide: bool | StageMap = _BLOCK["allow_wide"]
     kinds: tuple[str, ...] | None = None
     only: tuple[str, ...] | None = None
     skip: tuple[str, ...] | None = None
@@ -149,8 +153,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as in a YAML file (``stages`` is a list or ``"all"``, a per-stage map a dict
-        with its ``default``). ``overrides`` is left out when there are none, so files and training
-        checkpoints written before it existed compare equal."""
+        with its ``default``). ``overrides`` and ``allow_wide`` are left out when unused (none, false),
+        so files and training checkpoints written before they existed compare equal."""
         d: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -162,6 +166,8 @@ class Recipe:
             d["overrides"] = [o.to_dict() for o in self.overrides]
         else:
             del d["overrides"]
+        if self.allow_wide is False:
+            del d["allow_wide"]
         return d
 
     # -- what the recipe implies ---------------------------------------------------------------
@@ -201,6 +207,8 @@ class Recipe:
         """Module, selection and overrides, named only when they differ from the defaults (SE on
         every site)."""
         parts = [] if self.module == "se" else [f"module {_show(self.module)}"]
+        if self.allow_wide is not False:
+            parts.append(f"allow wide {_show(self.allow_wide)}")
         for name in ("kinds", "only", "skip"):
             if getattr(self, name) is not None:
                 parts.append(f"{name} {','.join(getattr(self, name))}")

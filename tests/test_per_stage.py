@@ -64,6 +64,16 @@ def test_per_stage_r_adds_the_closed_form_stage_by_stage(resnet50):
     assert {b["width"] for b in data["blocks"]} == {32, 64}
 
 
+def test_recipe_carries_every_block_field_with_its_default():
+    from dataclasses import fields
+
+    from retrofit.block import BlockConfig
+
+    recipe_fields = {f.name: f.default for f in fields(Recipe)}
+    assert all(recipe_fields[f.name] == f.default for f in fields(BlockConfig))
+    assert Recipe().block == BlockConfig() and Recipe(r=8, gate="tanh").block == BlockConfig(r=8, gate="tanh")
+
+
 # -- priority ---------------------------------------------------------------------------------------
 def test_priority_base_then_maps_then_overrides_in_order():
     recipe = Recipe(r=4, gate={5: "hard_sigmoid"}, overrides=[

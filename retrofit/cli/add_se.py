@@ -28,6 +28,7 @@ def add_se_command(
     bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Biases on the block's two 1x1 convs."),
     init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random) (or per stage, e.g. 5:paper)."),
     module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se), or per stage, e.g. 2:eca,3:eca."),
+    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3)."),
     only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
@@ -56,7 +57,7 @@ def add_se_command(
 
     chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,
                             divisor=divisor, min_width=min_width, bias=bias, init=init, module=module,
-                            kinds=kinds, only=only, skip=skip)
+                            allow_wide=True if allow_wide else None, kinds=kinds, only=only, skip=skip)
     json_target(json_path)
     if finetune is not None and output is None:
         raise RetrofitError("--finetune needs --output FILE for the fine-tuned model (its checkpoints go to "

@@ -24,6 +24,7 @@ def sweep_command(
                                help="Stage sets, comma-separated: all, a stage (3) or several joined by + (3+4)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R",
                                          help="Recipe for the other fields (squeeze, gate, bias...); default: standard."),
+    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
     input_size: Optional[str] = INPUT_SIZE,
     num_classes: Optional[str] = NUM_CLASSES,
     latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original (builds real models; slow)."),
@@ -46,7 +47,7 @@ def sweep_command(
     from ..recipe import resolve_recipe
     from ..sweep import parse_axis, parse_stages, sweep
 
-    base = resolve_recipe(recipe)
+    base = resolve_recipe(recipe, allow_wide=True if allow_wide else None)
     ratios = parse_axis("r", r, lambda v: base.replace(r=v).r)
     positions = parse_axis("position", position, lambda v: base.replace(position=v).position)
     stage_sets = parse_axis("stages", stages, parse_stages)
