@@ -198,7 +198,7 @@ def cbam(channels, cfg, dd):
                        mlp_bias=cfg.bias, **dd)
 
 
-@register_attention("gc", fields=("r", "gate", "divisor", "min_width", "allow_wide"), paper="https://arxiv.org/abs/1904.11492",
-                    preserve=lambda b: _zero(b.mlp_scale.fc2))
+@register_attention("gc", fields=("r", "gate", "divisor", "min_width", "allow_wide"),
+                    paper="https://arxiv.org/abs/1904.11492", preserve=lambda b: _zero(b.mlp_scale.fc2))
 def gc(channels, cfg, dd):
     return create_attn("gc", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate, **dd)

@@ -18,7 +18,7 @@ Block fields may vary by stage and by module (see :class:`Recipe` for the priori
     >>> Recipe(r={2: 8, 3: 8, 4: 16, 5: 32}, gate={5: "hard_sigmoid"})   # per-stage maps
     >>> Recipe(r="2:8,5:32")                                             # the CLI's spelling
     >>> Recipe(overrides=[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}])
-    >>> recipe.block_for(stage=5, path="layer4.2")                       # one site's BlockConfig
+    >>> Recipe(r={5: 32}).block_for(stage=5, path="layer4.2")            # one site's BlockConfig
 """
 from __future__ import annotations
 
@@ -74,10 +74,10 @@ class Recipe:
             fields for them, e.g. ``[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}]``.
 
     Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
-    ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to value, e.g.
-    ``r={2: 8, 3: 8, 4: 16, 5: 32}`` or, as text, ``"2:8,3:8,4:16,5:32"``; its ``default`` key (e.g.
-    ``{"default": 8, 5: 32}``) is the value of the stages it does not name, else the field's base
-    value (``replace`` and the CLI keep the recipe's own; a new recipe, the field's default). The
+    ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to
+    value, e.g. ``r={2: 8, 3: 8, 4: 16, 5: 32}`` or, as text, ``"2:8,3:8,4:16,5:32"``; its ``default``
+    key (e.g. ``{"default": 8, 5: 32}``) is the value of the stages it does not name, else the field's
+    base value (``replace`` and the CLI keep the recipe's own; a new recipe, the field's default). The
     :class:`~retrofit.block.BlockConfig` of a site (:meth:`block_for`) takes each field from, lowest
     priority first: the base fields; the per-stage maps; the ``overrides`` that select the site, in
     order (a later entry wins). A field the site's module does not read (ECA has no ``r``) is an

@@ -14,7 +14,7 @@ from retrofit.check import check_model
 from retrofit.cli import app
 from retrofit.measure import measure_overhead
 from retrofit.sweep import sweep
-from conftest import max_rel_diff, randomize
+from conftest import max_rel_diff, one_error, randomize
 
 runner = CliRunner()
 SMALL = (3, 64, 64)
@@ -27,14 +27,6 @@ def se_params(c, r):
     """2 C w weights + w + C biases, w = C / r (every width here divides exactly)."""
     w = c // r
     return 2 * c * w + w + c
-
-
-def one_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")
