@@ -1,6 +1,7 @@
 """Attention modules the pass can insert, by name: SE (the default and the reference) and timm's others.
 
-Every entry builds one block for a site with ``C`` channels from the recipe. ``se`` is retrofit's
+Every entry builds one block for a site with ``C`` channels from a :class:`retrofit.block.BlockConfig`
+(the recipe's block fields resolved for that site). ``se`` is retrofit's
 :class:`~retrofit.se.SqueezeExcite` (timm's ``SEModule`` layout, with the exact preserving init); the
 others come from timm's attention factory (:func:`timm.layers.create_attn`), under the names timm
 gives them, so their state dicts interchange with timm's own models that use them:
@@ -17,9 +18,10 @@ gc     global context block (attention pooling + a LayerNorm MLP), Cao et al., 2
        https://arxiv.org/abs/1904.11492
 =====  ==============================================================================================
 
-Recipe fields: each module reads only the fields it has a meaning for (``fields`` below: ``r``,
+Block fields: each module reads only the fields it has a meaning for (``fields`` below: ``r``,
 ``divisor`` and ``min_width`` set the reduced width, ``gate`` the gate, ``bias`` the MLP's biases,
-``squeeze`` the pooling); the recipe refuses a non-default value of a field the module ignores.
+``squeeze`` the pooling; every module reads ``init``); :class:`~retrofit.block.BlockConfig` refuses a
+non-default value of a field the module ignores.
 
 ``init: preserve`` for timm's modules: the layer that feeds each gate is zeroed, so every gate sees
 0 whatever the input, and the gate is divided by its value there (``ScaledGate``, like
@@ -29,16 +31,18 @@ the recipe refuses ``tanh``/``relu`` with ``preserve`` for these modules. Unlike
 zeroed layer's inputs get no gradient on the first step (the zeroed layer itself does), as in
 zero-init residual branches. ``init: paper`` keeps timm's own initialisation.
 
-A new module is one registered function::
+A new module is one registered function; ``cfg`` is the site's :class:`~retrofit.block.BlockConfig`::
 
     @register_attention("mine", fields=("r", "gate"), paper="...")
-    def mine(channels, recipe, dd):
-        return MyBlock(channels, recipe.width(channels), **dd)
+    def mine(channels, cfg, dd):
+        return MyBlock(channels, cfg.width(channels), **dd)
+
+This module knows nothing of recipes (:mod:`retrofit.block` imports it, not the other way round).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 from timm.layers import create_attn
@@ -47,19 +51,17 @@ from torch import nn
 from .se import GATES
 from .se_layout import LAYOUTS, make_block
 
-if TYPE_CHECKING:
-    from .recipe import Recipe
-
-# recipe fields that shape a block (the others, position/stages/init/selection, apply to every module)
-BLOCK_FIELDS = ("r", "squeeze", "gate", "divisor", "min_width", "bias")
+# the block fields that shape SE, which reads them all (init and module apply to every module);
+# allow_wide goes with r: it lets r go below 1
+SE_FIELDS = ("r", "squeeze", "gate", "divisor", "min_width", "bias", "allow_wide")
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """A registered module: how to build it, which recipe fields it reads, how it starts as identity."""
+    """A registered module: how to build it, which block fields it reads, how it starts as identity."""
 
     name: str
-    build: Callable[[int, "Recipe", dict], nn.Module]
+    build: Callable[[int, Any, dict], nn.Module]  # (channels, BlockConfig, dd) -> block
     fields: tuple[str, ...]
     preserve: Callable[[nn.Module], None] | None  # zero what feeds the gates; None: handled by build
     paper: str
@@ -73,7 +75,8 @@ ATTENTIONS: dict[str, AttentionSpec] = {}
 def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
                        preserve: Callable[[nn.Module], None] | None = None, fuses_residual_sum: bool = False,
                        layouts: tuple[str, ...] = ("nchw",)):
-    """Register ``build(channels, recipe, dd) -> nn.Module`` under ``name`` (``dd``: device, dtype).
+    """Register ``build(channels, cfg, dd) -> nn.Module`` under ``name`` (``cfg``: a
+    :class:`~retrofit.block.BlockConfig`; ``dd``: device, dtype). ``fields``: the block fields it reads.
 
     ``fuses_residual_sum``: the block's ``forward(x, shortcut)`` returns ``x * s + shortcut``, so the
     standard position may hand it the residual sum it feeds (see :func:`retrofit.insert.prepare`).
@@ -105,22 +108,23 @@ class ScaledGate(nn.Module):
         return f"origin={self.origin:g}"
 
 
-def build_attention(recipe: "Recipe", channels: int, *, layout: str = "nchw", prefix: int = 0, device=None,
+def build_attention(cfg, channels: int, *, layout: str = "nchw", prefix: int = 0, device=None,
                     dtype=None) -> nn.Module:
-    """The block ``recipe.module`` for a site with ``channels`` channels, initialised by ``recipe.init``;
-    ``layout``/``prefix``: the site's feature layout (see :mod:`retrofit.se_layout`).
+    """The block ``cfg.module`` (``cfg``: a :class:`~retrofit.block.BlockConfig`) for a site with
+    ``channels`` channels, initialised by ``cfg.init``; ``layout``/``prefix``: the site's feature
+    layout (see :mod:`retrofit.se_layout`).
 
     Every block gets ``channels`` and ``width`` attributes (the reduced width, 0 without one) for
     the reports.
     """
-    spec = ATTENTIONS[recipe.module]
+    spec = ATTENTIONS[cfg.module]
     if layout not in spec.layouts:
-        raise ValueError(f"module {recipe.module} works on {'/'.join(spec.layouts)} maps, not {layout}")
+        raise ValueError(f"module {cfg.module} works on {'/'.join(spec.layouts)} maps, not {layout}")
     dd = {"device": device, "dtype": dtype}
     if spec.layouts != ("nchw",):
         dd.update(layout=layout, prefix=prefix)
-    block = spec.build(channels, recipe, dd)
-    if recipe.init == "preserve" and spec.preserve is not None:
+    block = spec.build(channels, cfg, dd)
+    if cfg.init == "preserve" and spec.preserve is not None:
         with torch.no_grad():
             spec.preserve(block)
         for parent in list(block.modules()):
@@ -159,42 +163,42 @@ def _zero(*layers: nn.Module | None) -> None:
 
 
 # -- the registry -----------------------------------------------------------------------------------
-@register_attention("se", fields=BLOCK_FIELDS, paper="https://arxiv.org/abs/1709.01507", fuses_residual_sum=True,
+@register_attention("se", fields=SE_FIELDS, paper="https://arxiv.org/abs/1709.01507", fuses_residual_sum=True,
                     layouts=LAYOUTS)
-def se(channels, recipe, dd):
-    return make_block(dd.pop("layout"), channels, recipe.width(channels), prefix=dd.pop("prefix"),
-                      squeeze=recipe.squeeze, gate=recipe.gate, bias=recipe.bias, init=recipe.init, **dd)
+def se(channels, cfg, dd):
+    return make_block(dd.pop("layout"), channels, cfg.width(channels), prefix=dd.pop("prefix"),
+                      squeeze=cfg.squeeze, gate=cfg.gate, bias=cfg.bias, init=cfg.init, **dd)
 
 
 @register_attention("ese", fields=("gate",), paper="https://arxiv.org/abs/1911.06667",
                     preserve=lambda b: _zero(b.fc))
-def ese(channels, recipe, dd):
-    return create_attn("ese", channels, gate_layer=recipe.gate, **dd)
+def ese(channels, cfg, dd):
+    return create_attn("ese", channels, gate_layer=cfg.gate, **dd)
 
 
 @register_attention("eca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
                     preserve=lambda b: _zero(b.conv2 if b.conv2 is not None else b.conv))
-def eca(channels, recipe, dd):
-    return create_attn("eca", channels, gate_layer=recipe.gate, **dd)
+def eca(channels, cfg, dd):
+    return create_attn("eca", channels, gate_layer=cfg.gate, **dd)
 
 
 @register_attention("ceca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
                     preserve=lambda b: _zero(b.conv))
-def ceca(channels, recipe, dd):
-    return create_attn("ceca", channels, gate_layer=recipe.gate, **dd)
+def ceca(channels, cfg, dd):
+    return create_attn("ceca", channels, gate_layer=cfg.gate, **dd)
 
 
 # CBAM's spatial conv is followed by a fresh BatchNorm, which maps the zeroed conv's 0 to 0 in both
 # modes (running mean 0; a batch of zeros has mean 0)
-@register_attention("cbam", fields=("r", "gate", "divisor", "min_width", "bias"),
+@register_attention("cbam", fields=("r", "gate", "divisor", "min_width", "bias", "allow_wide"),
                     paper="https://arxiv.org/abs/1807.06521",
                     preserve=lambda b: _zero(b.channel.fc2, b.spatial.conv.conv))
-def cbam(channels, recipe, dd):
-    return create_attn("cbam", channels, rd_channels=recipe.width(channels), gate_layer=recipe.gate,
-                       mlp_bias=recipe.bias, **dd)
+def cbam(channels, cfg, dd):
+    return create_attn("cbam", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate,
+                       mlp_bias=cfg.bias, **dd)
 
 
-@register_attention("gc", fields=("r", "gate", "divisor", "min_width"), paper="https://arxiv.org/abs/1904.11492",
-                    preserve=lambda b: _zero(b.mlp_scale.fc2))
-def gc(channels, recipe, dd):
-    return create_attn("gc", channels, rd_channels=recipe.width(channels), gate_layer=recipe.gate, **dd)
+@register_attention("gc", fields=("r", "gate", "divisor", "min_width", "allow_wide"),
+                    paper="https://arxiv.org/abs/1904.11492", preserve=lambda b: _zero(b.mlp_scale.fc2))
+def gc(channels, cfg, dd):
+    return create_attn("gc", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate, **dd)

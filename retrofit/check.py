@@ -5,13 +5,15 @@ statistics (fresh timm weights zero the last norm of many residual branches, whi
 broken insertion look function-preserving), picks a small input size, and then, for the ``standard``
 position and, where the model has 3x3 convolutions in residual branches, the ``inside`` position:
 
-1. inserts blocks with the default recipe (r 16, divisor 1, min width 1, biases, preserving init);
+1. inserts blocks with the default recipe (r 16, divisor 1, min width 1, biases, preserving init),
+   or another r: a number, or per stage (``r={2: 8, 5: 32}``, ``--r 2:8,5:32``);
 2. runs forward and backward (every inserted block must receive gradients);
 3. checks the output shape is unchanged and the output equal to the original's
    (``max |a - b| / max(1, max |b|) <= 1e-5``, the core issue's tolerance);
 4. checks the added parameters against the paper's count, computed here and not by the code under
-   test: a block on C channels has ``2 C w + w + C`` parameters with ``w = max(1, floor(C / 16 + 1/2))``,
-   and the blocks' channels must be channels of the sites the analysis reported.
+   test: a block on C channels has ``2 C w + w + C`` parameters with ``w = max(1, floor(C / r + 1/2))``
+   (r of the block's stage when r is given per stage), and the blocks' channels must be channels of
+   the sites the analysis reported.
 
 :func:`check_models` runs many models, catching everything per model (and with a per-model time
 limit), so a model the pass cannot handle is a row with a reason, never the end of a sweep.
@@ -39,7 +41,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -84,10 +86,25 @@ class CheckResult:
         return asdict(self)
 
 
-def se_params(channels: int, r: int = R) -> int:
+def se_params(channels: int, r: float = R) -> int:
     """Parameters of one SE block with biases, by the paper's formula (not by the code under test)."""
     width = max(1, int(channels / r + 0.5))
     return 2 * channels * width + width + channels
+
+
+def parse_ratio(r: Any) -> Any:
+    """The check's r: a number, or a per-stage map (``{2: 8, 5: 32}``, ``"2:8,5:32"``) as the
+    recipe reads it (so it is refused the same way; stages not named get r 16)."""
+    from .recipe import Recipe
+
+    return Recipe(r=r).r
+
+
+def ratio_at(r: Any, stage: int) -> float:
+    """The r of a block in ``stage``: a plain lookup in the map the user gave, not the recipe's."""
+    from .recipe import StageMap
+
+    return dict(r.values).get(stage, r.base) if isinstance(r, StageMap) else r
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -164,7 +181,7 @@ def _build(name: str) -> nn.Module:
 
 def check_model(model: str | nn.Module, *, input_size: Sequence[int] | None = None,
                  family: str | None = None, time_limit_s: float | None = None,
-                 name: str | None = None, inplace: bool = False) -> CheckResult:
+                 name: str | None = None, inplace: bool = False, r: Any = R) -> CheckResult:
     """Check that the pass handles ``model``; never raises for a model it cannot handle.
 
     Args:
@@ -176,22 +193,28 @@ def check_model(model: str | nn.Module, *, input_size: Sequence[int] | None = No
         name: the name to report (default: the model name or class).
         inplace: a module given is randomised and retrofitted itself, not a copy (saves memory
             and time when the caller does not need it afterwards).
+        r: the blocks' reduction ratio, or a per-stage map of them (``{2: 8, 5: 32}``); a stage
+            the map names that the model does not have fails the model.
 
     Returns:
         A :class:`CheckResult`; ``status`` is one of ``STATUSES`` and ``reason`` says why when not ok.
+
+    Raises:
+        RecipeError: a bad ``r`` (before any model is built).
 
     Example::
 
         >>> check_model("vgg11").status, check_model("vgg11").reason
         ('no sites', 'no residual or Inception merge in vgg11')
     """
+    r = parse_ratio(r)
     label = name or (model if isinstance(model, str) else type(model).__name__)
     result = CheckResult(label, family)
     start = time.perf_counter()
     try:
         with time_limit(time_limit_s), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _check(model, label, input_size, result, inplace)
+            _check(model, label, input_size, result, inplace, r)
     except TimeLimit as err:
         result.status, result.reason = "fail", str(err)
     except RetrofitError as err:
@@ -204,7 +227,7 @@ def check_model(model: str | nn.Module, *, input_size: Sequence[int] | None = No
     return result
 
 
-def _check(model, label: str, input_size, result: CheckResult, inplace: bool) -> None:
+def _check(model, label: str, input_size, result: CheckResult, inplace: bool, r: Any = R) -> None:
     from .insert import add_se
 
     net = _build(model) if isinstance(model, str) else model if inplace else copy.deepcopy(model)
@@ -250,14 +273,14 @@ def _check(model, label: str, input_size, result: CheckResult, inplace: bool) ->
     for position in todo:
         candidates = [s for s in found.sites if s.kind in _KINDS[position]]
         try:  # the last position may change the model itself: the reference output is already kept
-            se = add_se(net, position=position, r=R, input_size=size, inplace=position == todo[-1])
+            se = add_se(net, position=position, r=r, input_size=size, inplace=position == todo[-1])
         except RetrofitError:
             if position == "inside":  # e.g. every 3x3 conv already ends its branch: nothing to check
                 continue
             raise
         info = se._retrofit
         result.skipped += len(info.skipped) - len(found.skipped)
-        _verify(base_params, se, info, candidates, x, reference, position, result)
+        _verify(base_params, se, info, candidates, x, reference, position, result, r)
     result.status = "ok"
 
 
@@ -266,7 +289,7 @@ def _unsupported(reason: str) -> bool:
     return any(k in reason for k in ("not supported", "cannot trace", "called", "cannot be", "unknown"))
 
 
-def _verify(base_params, se, info, candidates, x, reference, position, result) -> None:
+def _verify(base_params, se, info, candidates, x, reference, position, result, r=R) -> None:
     where = f"{position} position"
     se.eval()
     out = se(x)
@@ -289,7 +312,7 @@ def _verify(base_params, se, info, candidates, x, reference, position, result) -
     if block_channels - site_channels:
         extra = next(iter(block_channels - site_channels))
         raise RetrofitError(f"{where}: a block on {extra} channels matches no site's channels")
-    expected = sum(se_params(b.channels) for b in info.blocks)
+    expected = sum(se_params(b.channels, ratio_at(r, b.stage)) for b in info.blocks)
     added = sum(p.numel() for p in se.parameters()) - base_params
     if added != expected:
         raise RetrofitError(f"{where}: {added} parameters added, the formula gives {expected}")
@@ -299,14 +322,15 @@ def _verify(base_params, se, info, candidates, x, reference, position, result) -
 
 
 def check_models(models: Iterable[str | tuple[str, str]], *, time_limit_s: float | None = None,
-                 on_result: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
+                 on_result: Callable[[CheckResult], None] | None = None, r: Any = R) -> list[CheckResult]:
     """:func:`check_model` for each model (a name, or ``(family, name)``), one result each, in order.
 
-    ``on_result`` is called after each model (progress output)."""
+    ``on_result`` is called after each model (progress output); ``r`` as for :func:`check_model`."""
+    r = parse_ratio(r)
     results = []
     for item in models:
         family, name = item if isinstance(item, tuple) else (None, item)
-        result = check_model(name, family=family, time_limit_s=time_limit_s)
+        result = check_model(name, family=family, time_limit_s=time_limit_s, r=r)
         results.append(result)
         if on_result is not None:
             on_result(result)

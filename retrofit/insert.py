@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
 import gc
 import warnings
 from collections import Counter
@@ -20,11 +19,12 @@ from torch import fx, nn
 
 from . import nodes as N
 from .attention import ATTENTIONS, build_attention
+from .block import BLOCK_FIELDS, BlockConfig
 from .errors import RetrofitError, RetrofitWarning
 from .graph_forward import install_forward
 from .positions import POSITIONS, Insertion, SkipSite
 from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_name
-from .recipe import Recipe, resolve_recipe
+from .recipe import Recipe, StageMap, matches, resolve_recipe
 from .se_layout import channel_dim
 from .sites import Scan, Skipped, scan
 from .trace import Call, Traced, level_of
@@ -45,6 +45,7 @@ class BlockInfo:
     size: tuple[int, int] = (0, 0)  # height and width of the feature map it scales (tokens: the patch grid)
     layout: str = "nchw"            # nchw, nhwc or tokens (see retrofit.se_layout)
     prefix: int = 0                 # tokens: class/register tokens before the patch grid
+    config: BlockConfig = BlockConfig()  # how the block is built (the recipe resolved for its site)
 
 
 @dataclass
@@ -72,15 +73,18 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
         input_size: ``(C, H, W)`` used to trace shapes; default: timm's ``pretrained_cfg``, else
             ``(3, 224, 224)``.
         **fields: recipe fields overriding the recipe's (``position``, ``r``, ``gate``, ``stages``...;
-            ``module="eca"`` inserts another block, ``only``/``skip``/``kinds`` choose the sites).
+            ``module="eca"`` inserts another block, ``only``/``skip``/``kinds`` choose the sites); a
+            block field may be a per-stage map (``r={2: 8, 5: 32}``) and ``overrides`` set block
+            fields by stage and module glob (see :class:`~retrofit.Recipe`).
 
     Returns:
         The retrofitted model: the same class as ``model``, every original state-dict key unchanged,
         plus one block per site (``<module>.se`` for the standard position).
 
     Raises:
-        RetrofitError: a bad recipe, a position with no site in this model, a stage it does not have,
-            an ``only``/``skip`` glob that matches no site.
+        RetrofitError: a bad recipe, a position with no site in this model, a stage it does not have
+            (in ``stages``, a per-stage map or an override), an ``only``/``skip``/override glob that
+            matches no site.
 
     Example::
 
@@ -88,6 +92,8 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
         >>> se_model = retrofit.add_se(model, position="inside", r=8, stages=[4])
         >>> se_model = retrofit.add_se(model, recipe="timm")   # timm's seresnet50 layout
         >>> eca_model = retrofit.add_se(model, module="eca", only=["layer3.*", "layer4.*"])
+        >>> mixed = retrofit.add_se(model, r={2: 8, 3: 8, 4: 16, 5: 32},
+        ...                         overrides=[{"only": ["layer4.2"], "module": "eca"}])
     """
     from .models import resolve_input_size
 
@@ -118,13 +124,16 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     prepared = prepare(found, recipe)
     info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
                         skipped=list(found.skipped) + prepared.skipped)
-    narrow = []
+    narrow: list[BlockInfo] = []
     for rewrite in prepared.rewrites:
         info.blocks += _install(rewrite, target, recipe, narrow, info.was_none)
-    if narrow:
+    by_config: dict[tuple, list[int]] = {}
+    for b in narrow:
+        by_config.setdefault((b.config.r, b.config.min_width), []).append(b.channels)
+    for (r, min_width), channels in by_config.items():
         warnings.warn(RetrofitWarning(
-            f"r={recipe.r} gives a reduced width below 1 for {len(narrow)} block(s) "
-            f"(fewest channels: {min(narrow)}); raised to min_width={recipe.min_width}"), stacklevel=3)
+            f"r={r:g} gives a reduced width below 1 for {len(channels)} block(s) "
+            f"(fewest channels: {min(channels)}); raised to min_width={min_width}"), stacklevel=3)
     previous = getattr(target, "_retrofit", None)
     if isinstance(previous, RetrofitInfo):  # a second retrofit adds to the first
         info.blocks = previous.blocks + info.blocks
@@ -153,9 +162,10 @@ class Rewrite:
             layout, shape = ins.site.layout, N.shape(ins.value)
             channels = shape[channel_dim(layout)]
             size = {"nchw": shape[2:4], "nhwc": shape[1:3]}.get(layout, ins.site.size)
+            cfg = recipe.block_for(ins.site.stage, ins.site.module)
             out.append(BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
-                                 ins.site.stride, channels, reduced_width(recipe, channels), tuple(size),
-                                 layout, ins.site.prefix))
+                                 ins.site.stride, channels, cfg.reduced_width(channels), tuple(size),
+                                 layout, ins.site.prefix, cfg))
         return out
 
 
@@ -200,14 +210,16 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
     if not rewrites:
         why = Counter(s.reason for s in skipped[:planned]) + failures  # a rewrite's reason once, not per module
         reasons = "; ".join(f"{n} site(s): {reason}" for reason, n in why.most_common())
-        raise RetrofitError(f"no {recipe.module} block could be inserted in {model_name(found.traced.model)} "
+        block = "" if isinstance(recipe.module, StageMap) or recipe.overrides else f"{recipe.module} "
+        raise RetrofitError(f"no {block}block could be inserted in {model_name(found.traced.model)} "
                             f"({reasons})")
     return Prepared(rewrites, skipped)
 
 
 # -- planning -----------------------------------------------------------------------------------
 def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
-    """The insertions ``recipe`` asks for in a scanned model (site kinds and stages checked)."""
+    """The insertions ``recipe`` asks for in a scanned model (site kinds and stages checked, and the
+    per-stage maps and overrides: their stages and globs exist, every site's block can be built)."""
     position = POSITIONS[recipe.position]
     name = model_name(found.traced.model)
     candidates = [s for s in found.sites if s.kind in position.kinds]
@@ -234,10 +246,13 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
             raise RetrofitError(f"stage {','.join(map(str, missing))} does not exist in {name} for position "
                                 f"'{recipe.position}': its sites are in stages {','.join(map(str, stages))} "
                                 f"(stage = log2 of the output stride)")
+    check_variations(candidates, recipe, name)
+    if recipe.stages is not None:
         candidates = [s for s in candidates if s.stage in recipe.stages]
     candidates = select(candidates, recipe, name)
     insertions, skipped = [], []
     for site in candidates:
+        recipe.block_for(site.stage, site.module)  # a combination that cannot be built: RecipeError
         try:
             insertions.append(position.place(site))
         except SkipSite as err:
@@ -248,12 +263,38 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
     return insertions, skipped
 
 
-def matches(path: str, pattern: str) -> bool:
-    """Whether a site's owning module ``path``, or one of its parents, matches the glob ``pattern``
-    (so ``layer3`` selects every site inside ``layer3``; ``<model>`` is the model's own forward)."""
-    parts = path.split(".") if path else []
-    names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] or ["<model>"]
-    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
+    """The stage keys of the recipe's per-stage maps and the selections of its overrides, against the
+    sites of its position in the model (before ``stages``/``only``/``skip`` narrow them, so one
+    recipe file serves several selections): a stage the model does not have, an override glob that
+    matches no site, is a typo and an error."""
+    if not recipe.varies:
+        return
+    stages = sorted({s.stage for s in candidates})
+    present = ",".join(map(str, stages))
+
+    def missing(keys, what):
+        absent = [k for k in keys if k not in stages]
+        if absent:
+            raise RetrofitError(f"{what}: stage {','.join(map(str, absent))} does not exist in {name} for "
+                                f"position '{recipe.position}': its sites are in stages {present} "
+                                f"(stage = log2 of the output stride)")
+    for field_name in BLOCK_FIELDS:
+        value = getattr(recipe, field_name)
+        if isinstance(value, StageMap):
+            missing(value.stages, f"recipe field '{field_name}'")
+    modules = sorted({s.module or "<model>" for s in candidates})
+    shown = ", ".join(modules[:8]) + (f" ... ({len(modules)} in all)" if len(modules) > 8 else "")
+    for i, o in enumerate(recipe.overrides):
+        what = f"recipe field 'overrides', entry {i + 1}"
+        missing(o.stages or (), what)
+        in_stages = [s for s in candidates if o.stages is None or s.stage in o.stages]
+        for pattern in o.only or ():
+            if not any(matches(s.module, pattern) for s in in_stages):
+                where = f" in stages {','.join(map(str, o.stages))}" if o.stages else ""
+                raise RetrofitError(f"{what}: only glob '{pattern}' matches no site of position "
+                                    f"'{recipe.position}'{where} in {name}; site modules: {shown} "
+                                    f"(`retrofit sites MODEL` lists them)")
 
 
 def select(candidates: list, recipe: Recipe, name: str) -> list:
@@ -300,14 +341,15 @@ def owner_of(ins: Insertion) -> Call:
 def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe) -> Rewrite:
     rebuilt = OwnerGraph(owner, traced)
     check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
-    spliced = []
+    spliced, specs = [], []
     for ins in group:
         layout = ins.site.layout
+        spec = ATTENTIONS[recipe.block_for(ins.site.stage, ins.site.module).module]
         if len(N.shape(ins.value)) != (3 if layout == "tokens" else 4):
             raise CannotRewrite(f"the tensor at the {ins.position} position is not {layout} like its site")
-        if layout not in ATTENTIONS[recipe.module].layouts:
-            raise CannotRewrite(f"module {recipe.module} works on {'/'.join(ATTENTIONS[recipe.module].layouts)} "
-                                f"maps, this site is {layout}")
+        if layout not in spec.layouts:
+            raise CannotRewrite(f"module {spec.name} works on {'/'.join(spec.layouts)} maps, this site is {layout}")
+        specs.append(spec)
         value = rebuilt.rep(ins.value)
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
@@ -319,9 +361,9 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         name = _free_name(owner.module, base, taken)
         taken.add(name)
         names.append(name)
-    fusable = ATTENTIONS[recipe.module].fuses_residual_sum
-    return Rewrite(owner, rebuilt, spliced, names,
-                   [_fusable_sum(ins, value, users) if fusable else None for ins, value, users in spliced])
+    return Rewrite(owner, rebuilt, spliced, names,  # fused per insertion: only some modules fuse
+                   [_fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
+                    for (ins, value, users), spec in zip(spliced, specs)])
 
 
 def _fusable_sum(ins: Insertion, value, users):
@@ -338,7 +380,7 @@ def _fusable_sum(ins: Insertion, value, users):
     return add
 
 
-def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[int],
+def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[BlockInfo],
              none_attributes: list[str]) -> list[BlockInfo]:
     """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward."""
     owner, rebuilt = rewrite.owner, rewrite.graph
@@ -353,9 +395,9 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
         replaced = {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
         for (ins, value, users), name, info, add in zip(rewrite.spliced, rewrite.names, infos, fused):
             value = replaced.get(value, value)
-            if info.channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
-                narrow.append(info.channels)
-            block = build_attention(recipe, info.channels, layout=info.layout, prefix=info.prefix,
+            if info.channels / info.config.r < 1 and info.config.reads("r"):
+                narrow.append(info)
+            block = build_attention(info.config, info.channels, layout=info.layout, prefix=info.prefix,
                                     device=_device_of(module, target), dtype=N.tensor(ins.value).dtype)
             if name in vars(module):  # _free_name reuses an attribute only when it is None
                 was_none.append(name)
@@ -396,11 +438,6 @@ def _device_of(module: nn.Module, model: nn.Module):
         for t in source.buffers():
             return t.device
     return None
-
-
-def reduced_width(recipe: Recipe, channels: int) -> int:
-    """The block's reduced width for ``channels`` (0 for a module without one, e.g. ECA)."""
-    return recipe.width(channels) if "r" in ATTENTIONS[recipe.module].fields else 0
 
 
 def _site_name(site) -> str:

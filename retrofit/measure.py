@@ -12,6 +12,7 @@ lacks (``layer1.0.se``...) is one block, so any pair of models can be compared, 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from .shapes import count_macs
 from .trace import Traced, trace
 
 if TYPE_CHECKING:
+    from .block import BlockConfig
     from .insert import BlockInfo
     from .recipe import Recipe
 
@@ -70,6 +72,7 @@ class BlockCost:
     macs: int
     pool_ops: int      # squeeze pass: one read-and-add per input element
     scale_ops: int     # scale pass: one multiplication per input element
+    module: str = ""   # the block's kind (se, eca...), "" if unknown
 
 
 @dataclass(frozen=True)
@@ -197,13 +200,14 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
     c, h, w = shape_in[1:] if shape_in is not None and len(shape_in) == 4 else (0, 0, 0)
     if site is not None:
         stage, stride, kind, position = site.stage, site.stride, site.site_kind, site.position
+        name = site.config.module
     else:  # not from add_se: stage from the block's own input
         stage = max(0, round(math.log2(height / h))) if h else 0
-        stride, kind, position = 2 ** stage, "", ""
+        stride, kind, position, name = 2 ** stage, "", "", ""
     params = sum(p.numel() for p in module.parameters())
     width = getattr(module, "width", None) or getattr(getattr(module, "fc1", None), "out_channels", 0)
     return BlockCost(path, kind, position, stage, stride, c, width, (h, w),
-                     params, macs, elements, elements)
+                     params, macs, elements, elements, name)
 
 
 def _module_order(model: nn.Module):
@@ -212,27 +216,28 @@ def _module_order(model: nn.Module):
 
 
 # -- from a plan: no block built on real memory, no second trace -----------------------------------
-def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Recipe") -> Overhead:
+def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Recipe | None" = None) -> Overhead:
     """The overhead of inserting ``blocks`` (from :func:`retrofit.insert.prepare`) into the model
     ``base`` measures, without re-tracing the retrofitted model: a block adds its own parameters and
-    multiply-adds and changes nothing else, so each is measured alone, once per distinct shape
-    (:func:`block_cost`). ``tests/test_sweep.py`` checks this against :func:`measure_overhead` on
-    really retrofitted models.
+    multiply-adds and changes nothing else, so each is measured alone, once per distinct block
+    configuration and shape (:func:`block_cost`; each block carries its site's resolved config, so
+    per-stage widths and modules are counted as built; ``recipe`` is not needed). ``tests/test_sweep.py``
+    checks this against :func:`measure_overhead` on really retrofitted models.
     """
     costs = []
     for b in blocks:
-        params, macs = block_cost(recipe, b.channels, b.size, b.layout, b.prefix)
+        params, macs = block_cost(b.config, b.channels, b.size, b.layout, b.prefix)
         elements = b.channels * b.size[0] * b.size[1]
         costs.append(BlockCost(b.path, b.site_kind, b.position, b.stage, b.stride, b.channels, b.width,
-                               tuple(b.size), params, macs, elements, elements))
+                               tuple(b.size), params, macs, elements, elements, b.config.module))
     return Overhead(base.traced.input_size, base.params, base.macs, base.params + sum(c.params for c in costs),
                     base.macs + sum(c.macs for c in costs), costs)
 
 
 @functools.lru_cache(maxsize=4096)
-def block_cost(recipe: "Recipe", channels: int, size: tuple[int, int], layout: str = "nchw",
+def block_cost(cfg: "BlockConfig", channels: int, size: tuple[int, int], layout: str = "nchw",
                prefix: int = 0) -> tuple[int, int]:
-    """Parameters and multiply-adds (batch 1) of one block of ``recipe`` on a ``channels x size`` map
+    """Parameters and multiply-adds (batch 1) of one block of ``cfg`` on a ``channels x size`` map
     (of ``layout``, with ``prefix`` tokens before a token grid): the block itself, built and run on
     the meta device under ``torch.utils.flop_counter``."""
     import torch
@@ -241,7 +246,7 @@ def block_cost(recipe: "Recipe", channels: int, size: tuple[int, int], layout: s
     from .attention import build_attention
 
     # the init decides values, not shapes; "paper" skips the preserving init's work on meta tensors
-    block = build_attention(recipe.replace(init="paper"), channels, layout=layout, prefix=prefix, device="meta")
+    block = build_attention(dataclasses.replace(cfg, init="paper"), channels, layout=layout, prefix=prefix, device="meta")
     shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(layout, (1, prefix + size[0] * size[1], channels))
     counter = FlopCounterMode(display=False)
     with counter:

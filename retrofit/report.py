@@ -49,16 +49,25 @@ def sites_table(scan: Scan) -> Table:
 
 
 def blocks_table(report: Overhead, module: str = "se") -> Table:
-    """One row per inserted block (one per site); ``module``: the recipe's block, for the title."""
+    """One row per inserted block (one per site), with its width; ``module``: the block kind for the
+    title when the blocks do not say. Blocks of several kinds (per-stage or per-module recipes) get a
+    ``module`` column instead."""
     names = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
-    table = Table(title=f"{names.get(module, module)} blocks inserted", title_justify="left")
-    for col, justify in (("block", "left"), ("site", "left"), ("stage", "right"), ("channels", "right"),
-                         ("width", "right"), ("size", "right"), ("params", "right"), ("MACs", "right"),
-                         ("pool+scale ops", "right")):
-        table.add_column(col, justify=justify)
+    kinds = list(dict.fromkeys(b.module for b in report.blocks if b.module))
+    mixed = len(kinds) > 1
+    kind = kinds[0] if len(kinds) == 1 else module if isinstance(module, str) else ""
+    title = "Blocks inserted" if mixed or not kind else f"{names.get(kind, kind)} blocks inserted"
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("block", "left"), ("module", "left"), ("site", "left"), ("stage", "right"),
+                         ("channels", "right"), ("width", "right"), ("size", "right"), ("params", "right"),
+                         ("MACs", "right"), ("pool+scale ops", "right")):
+        if col != "module" or mixed:
+            table.add_column(col, justify=justify)
     for b in report.blocks:
-        table.add_row(b.path, b.site, str(b.stage), str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}",
-                      _n(b.params), _n(b.macs), _n(b.pool_ops + b.scale_ops))
+        cells = [b.path, *([names.get(b.module, b.module)] if mixed else []), b.site, str(b.stage),
+                 str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}", _n(b.params), _n(b.macs),
+                 _n(b.pool_ops + b.scale_ops)]
+        table.add_row(*cells)
     return table
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from .errors import RecipeError, RetrofitError
 from .insert import model_name, paused_gc, prepare, retrofit_scanned
 from .measure import planned_overhead, traced_cost
-from .recipe import Recipe, resolve_recipe
+from .recipe import Recipe, StageMap, resolve_recipe
 from .sites import Scan, scan
 
 AXES = ("r", "position", "stages")
@@ -40,7 +40,7 @@ class SweepRow:
     (a position with no site in those stages); its numbers are then 0."""
 
     position: str
-    r: float
+    r: float | StageMap             # a ratio, or a per-stage map of them
     stages: tuple[int, ...] | None  # None: all stages
     blocks: int
     params: int            # parameters added
@@ -58,14 +58,27 @@ class SweepRow:
     def stages_label(self) -> str:
         return stages_label(self.stages)
 
+    @property
+    def r_label(self) -> str:
+        return r_label(self.r)
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """Plain values: ``r`` a number or, per stage, a mapping with its ``default`` (as in a recipe's
+        ``to_dict``); ``r_label`` the table's spelling of it."""
+        d = {**asdict(self), "r": self.r.to_dict() if isinstance(self.r, StageMap) else self.r}
         d["stages"] = self.stages_label
+        d["r_label"] = self.r_label
         return d
 
 
 def stages_label(stages: tuple[int, ...] | None) -> str:
     return "all" if stages is None else "+".join(map(str, stages))
+
+
+def r_label(r: float | StageMap) -> str:
+    """``16``, or a per-stage map as the CLI spells it, ``2:8,5:32`` (``default:V,`` first when the
+    stages it does not name have another r than the default 16)."""
+    return r.label(implied=Recipe().r) if isinstance(r, StageMap) else f"{r:g}"
 
 
 def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterable[str] | str = ("standard",),
@@ -77,7 +90,10 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
 
     Args:
         model: the original network (never modified).
-        r: reduction ratios, e.g. ``[2, 4, 8, 16, 32]``.
+        r: reduction ratios, e.g. ``[2, 4, 8, 16, 32]``; an item may be a per-stage map
+            (``{2: 8, 5: 32}``, or ``"2:8,5:32"``; stages it does not name keep ``recipe``'s r). As
+            one string, items are separated by commas, or by ``;`` when an item is a map
+            (``"16;2:8,3:8,4:16,5:32"``).
         position: positions, e.g. ``["standard", "pre", "post", "identity", "inside"]``.
         stages: stage sets: ``None`` or ``"all"`` for all stages, a stage number (``3``), or a set of
             them (``[3, 4]`` or ``"3+4"``: blocks in stages 3 and 4 only).
@@ -114,6 +130,7 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
         if found is None:
             found = scan(model, size, macs=True)
         check_stages(found, stage_sets)
+        check_stages(found, [stage_map.stages for stage_map in ratios if isinstance(stage_map, StageMap)], "--r")
         base = traced_cost(found.traced, found.macs)
         rows = []
         for pos in positions:
@@ -125,7 +142,7 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
                     rows += [SweepRow(pos, ratio, st, 0, 0, 0.0, 0, 0.0, 0, note=str(err)) for ratio in ratios]
                     continue
                 for ratio in ratios:
-                    this = dataclasses.replace(chosen, r=ratio)
+                    this = dataclasses.replace(chosen, r=ratio)  # ratio: checked, a map has its base
                     report = planned_overhead(base, prepared.blocks(this), this)
                     rows.append(SweepRow(pos, ratio, st, len(report.blocks), report.added_params,
                                          report.params_percent(), report.added_macs, report.macs_percent(),
@@ -163,10 +180,14 @@ def _replace(row: SweepRow, **changes) -> SweepRow:
 
 # -- axes ---------------------------------------------------------------------------------------
 def parse_axis(name: str, values: Any, check) -> list:
-    """A list of axis values from a comma-separated string or an iterable, each checked by ``check``
-    (duplicates dropped, order kept); an empty or malformed item is a RetrofitError naming the axis."""
+    """A list of axis values from a string or an iterable, each checked by ``check`` (duplicates
+    dropped, order kept); an empty or malformed item is a RetrofitError naming the axis.
+
+    A string's items are separated by commas; when an item is a per-stage map (``stage:value``
+    pairs, themselves comma-separated), items are separated by ``;`` instead: ``"16;2:8,5:32"`` is
+    two items, ``"2:8,5:32"`` one map, ``"4,8,16"`` three numbers."""
     if isinstance(values, str):
-        items = values.split(",")
+        items = split_axis(values)
         if not values.strip():
             raise RetrofitError(f"--{name}: empty list; give comma-separated values, e.g. {_EXAMPLES[name]}")
     elif isinstance(values, Iterable):
@@ -178,7 +199,8 @@ def parse_axis(name: str, values: Any, check) -> list:
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str) and not item.strip():
-            raise RetrofitError(f"--{name}: item {i + 1} of {values!r} is empty; give comma-separated "
+            sep = "';'" if isinstance(values, str) and ";" in values else "comma"
+            raise RetrofitError(f"--{name}: item {i + 1} of {values!r} is empty; give {sep}-separated "
                                 f"values, e.g. {_EXAMPLES[name]}")
         try:
             value = check(item.strip() if isinstance(item, str) else item)
@@ -189,7 +211,16 @@ def parse_axis(name: str, values: Any, check) -> list:
     return out
 
 
-_EXAMPLES = {"r": "2,4,8,16,32", "position": "standard,pre,post,identity,inside", "stages": "all,2,3,4,5,3+4"}
+_EXAMPLES = {"r": "2,4,8,16,32 or '16;2:8,3:8,4:16,5:32'", "position": "standard,pre,post,identity,inside",
+             "stages": "all,2,3,4,5,3+4"}
+
+
+def split_axis(text: str) -> list[str]:
+    """An axis string's items: split on ``;`` if it has one, else one per-stage map if it has a
+    ``:``, else split on commas."""
+    if ";" in text:
+        return text.split(";")
+    return [text] if ":" in text else text.split(",")
 
 
 def parse_stages(item: Any) -> tuple[int, ...] | None:
@@ -201,13 +232,14 @@ def parse_stages(item: Any) -> tuple[int, ...] | None:
     return Recipe(stages=item).stages
 
 
-def check_stages(found: Scan, stage_sets: Sequence[tuple[int, ...] | None]) -> None:
+def check_stages(found: Scan, stage_sets: Sequence[tuple[int, ...] | None], option: str = "--stages") -> None:
     """A stage no site of the model lies in is bad input (a position that has no site in an existing
-    stage is a row with a note instead)."""
+    stage is a row with a note instead); ``option`` names the axis it came from (``--r``: the stages
+    of a per-stage map)."""
     present = sorted({s.stage for s in found.sites})
     for st in stage_sets:
         missing = [s for s in st or () if s not in present]
         if missing:
-            raise RetrofitError(f"--stages: stage {','.join(map(str, missing))} does not exist in "
+            raise RetrofitError(f"{option}: stage {','.join(map(str, missing))} does not exist in "
                                 f"{model_name(found.traced.model)}: its sites are in stages "
                                 f"{','.join(map(str, present))} (stage = log2 of the output stride)")

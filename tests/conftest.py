@@ -30,6 +30,16 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
 
 
+def one_error(result, *words):
+    """A CLI run that failed on bad input: exit 2, one `error:` line holding ``words``, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert "Traceback" not in result.output
+
+
 @pytest.fixture(scope="session")
 def resnet50_random():
     """A resnet50 with random (not fresh) weights, eval mode. Tests must not modify it."""

@@ -13,6 +13,7 @@ from retrofit.cli import app
 from retrofit.latency import measure_latency
 from retrofit.measure import measure_overhead
 from retrofit.sweep import sweep
+from conftest import one_error
 
 runner = CliRunner()
 N = (3, 4, 6, 3)                   # ResNet-50 bottleneck units per stage (stages 2..5)
@@ -122,15 +123,6 @@ def test_plot_is_a_png(tmp_path):
     assert result.exit_code == 0, result.output
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p != path]  # no temporary file left
-
-
-def one_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("args, words", [

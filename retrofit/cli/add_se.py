@@ -19,15 +19,16 @@ def add_se_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet101."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: standard)."),
     position: Optional[str] = typer.Option(None, "--position", "-p", help="standard | pre | post | identity | inside."),
-    r: Optional[str] = typer.Option(None, "--r", "-r", help="Reduction ratio r (recipe default 16)."),
-    squeeze: Optional[str] = typer.Option(None, "--squeeze", help="avg | max."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="sigmoid | hard_sigmoid | tanh | relu."),
+    r: Optional[str] = typer.Option(None, "--r", "-r", help="Reduction ratio r (recipe default 16), or per stage: 2:8,3:8,4:16,5:32 (stages not named keep the recipe's r; default:V sets them)."),
+    squeeze: Optional[str] = typer.Option(None, "--squeeze", help="avg | max (or per stage, e.g. 5:max)."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="sigmoid | hard_sigmoid | tanh | relu (or per stage, e.g. 5:tanh)."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Stages to retrofit, e.g. 3,4 or all (stage = log2 output stride)."),
-    divisor: Optional[str] = typer.Option(None, "--divisor", help="Round the reduced width to a multiple of this."),
-    min_width: Optional[str] = typer.Option(None, "--min-width", help="Smallest reduced width."),
+    divisor: Optional[str] = typer.Option(None, "--divisor", help="Round the reduced width to a multiple of this (or per stage, e.g. 4:8,5:8)."),
+    min_width: Optional[str] = typer.Option(None, "--min-width", help="Smallest reduced width (or per stage)."),
     bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Biases on the block's two 1x1 convs."),
-    init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random)."),
-    module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se)."),
+    init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random) (or per stage, e.g. 5:paper)."),
+    module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se), or per stage, e.g. 2:eca,3:eca."),
+    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3)."),
     only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
@@ -56,7 +57,7 @@ def add_se_command(
 
     chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,
                             divisor=divisor, min_width=min_width, bias=bias, init=init, module=module,
-                            kinds=kinds, only=only, skip=skip)
+                            allow_wide=True if allow_wide else None, kinds=kinds, only=only, skip=skip)
     json_target(json_path)
     if finetune is not None and output is None:
         raise RetrofitError("--finetune needs --output FILE for the fine-tuned model (its checkpoints go to "
@@ -93,7 +94,7 @@ def add_se_command(
         console().print(f"[bold]{model_name(net)}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
                   f"recipe: {chosen.describe()}")
         console().print(sites_by_stage(found))
-        console().print(blocks_table(report, chosen.module))
+        console().print(blocks_table(report, chosen.block.module))
         console().print(overhead_table(report))
         if timing is not None:
             console().print(latency_line(timing))

@@ -48,26 +48,28 @@ def check_command(
                                                help="With --all-families: only this family (repeatable)."),
     time_limit: float = typer.Option(300.0, "--time-limit", help="Seconds per model before it counts as failed."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON to FILE (- for stdout)."),
+    r: str = typer.Option("16", "--r", "-r", help="Reduction ratio of the blocks, or per stage, e.g. 2:8,3:8,4:16,5:32 (stages not named: 16); each block's parameters are checked against 2Cw + w + C, w = max(1, floor(C/r + 1/2)) with its stage's r."),
 ):
     """Check the pass on models: sites found, SE inserted at the standard and inside positions,
     forward and backward run, output shape and values preserved, parameters as the paper counts.
 
     One row per model, a summary line; exit status 1 when a model fails (an unknown name included).
     """
-    if _check(models, all_families, family, time_limit, json_path):
+    if _check(models, all_families, family, time_limit, json_path, r):
         raise typer.Exit(1)
 
 
 @fail_cleanly
-def _check(models, all_families, family, time_limit, json_path) -> int:
+def _check(models, all_families, family, time_limit, json_path, r="16") -> int:
     """Run the check and print it; return the number of failed models."""
     import time
 
-    from ..check import check_models, smallest_per_family, summarize
+    from ..check import check_models, parse_ratio, smallest_per_family, summarize
 
     if not models and not all_families:
         raise RetrofitError("name the models to check (e.g. `retrofit check resnet50 vit_tiny_patch16_224`) "
                             "or pass --all-families")
+    ratio = parse_ratio(r)  # a bad --r: one line, before any model is built
     json_target(json_path)
     quiet = json_path == "-"
     err = console(stderr=True)
@@ -83,12 +85,14 @@ def _check(models, all_families, family, time_limit, json_path) -> int:
             mark = "[green]ok[/]" if r.ok else f"[red]{r.status}[/]"
             err.print(f"[dim]{r.family or ''} {r.model}[/] {mark} {'' if r.ok else r.reason[:120]}", soft_wrap=True)
 
-    results = check_models(items, time_limit_s=time_limit, on_result=progress)
+    results = check_models(items, time_limit_s=time_limit, on_result=progress, r=ratio)
     summary = summarize(results)
     seconds = time.perf_counter() - start
     if not quiet:
         console().print(results_table(results))
         console().print(summary_line(summary, seconds))
-    write_json({"summary": {**summary, "seconds": round(seconds, 1)},
+    from ..sweep import r_label
+
+    write_json({"summary": {**summary, "seconds": round(seconds, 1), "r": r_label(ratio)},
                 "results": [r.to_dict() for r in results]}, json_path)
     return summary["fail"]

@@ -17,13 +17,14 @@ PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the ex
 @fail_cleanly
 def sweep_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
-    r: str = typer.Option("16", "--r", "-r", help="Reduction ratios, comma-separated, e.g. 2,4,8,16,32."),
+    r: str = typer.Option("16", "--r", "-r", help="Reduction ratios, comma-separated, e.g. 2,4,8,16,32; an item may be a per-stage map (stage:r pairs), and then items are separated by ';': '16;2:8,3:8,4:16,5:32' (stages a map does not name keep the recipe's r)."),
     position: str = typer.Option("standard", "--position", "-p",
                                  help="Positions, comma-separated: standard,pre,post,identity,inside."),
     stages: str = typer.Option("all", "--stages",
                                help="Stage sets, comma-separated: all, a stage (3) or several joined by + (3+4)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R",
                                          help="Recipe for the other fields (squeeze, gate, bias...); default: standard."),
+    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
     input_size: Optional[str] = INPUT_SIZE,
     num_classes: Optional[str] = NUM_CLASSES,
     latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original (builds real models; slow)."),
@@ -46,7 +47,7 @@ def sweep_command(
     from ..recipe import resolve_recipe
     from ..sweep import parse_axis, parse_stages, sweep
 
-    base = resolve_recipe(recipe)
+    base = resolve_recipe(recipe, allow_wide=True if allow_wide else None)
     ratios = parse_axis("r", r, lambda v: base.replace(r=v).r)
     positions = parse_axis("position", position, lambda v: base.replace(position=v).position)
     stage_sets = parse_axis("stages", stages, parse_stages)
@@ -95,7 +96,7 @@ def sweep_table(rows, latency: bool, batch: int, size):
         table.add_column(col, justify="left" if col == "position" else "right")
     table.add_column("note", justify="left")
     for row in rows:
-        cells = [row.position, f"{row.r:g}", row.stages_label, str(row.blocks), _n(row.params),
+        cells = [row.position, row.r_label, row.stages_label, str(row.blocks), _n(row.params),
                  _pct(row.params_percent), _n(row.macs), _pct(row.macs_percent)]
         if latency:
             cells += ["" if row.latency is None else f"{row.latency:.3f}x",
@@ -117,9 +118,16 @@ def import_pyplot():
 
 
 def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
-    """Overhead against r, one line per position (and stage set, when several were swept)."""
+    """Overhead against r, one line per position (and stage set, when several were swept). r is on a
+    log2 axis; when an r is a per-stage map, the axis is the r values in the order given, each
+    labelled as spelled on the command line."""
     import os
 
+    from ..sweep import r_label
+
+    numeric = all(isinstance(row.r, (int, float)) for row in rows)
+    order = list(dict.fromkeys(row.r for row in rows))
+    x_of = (lambda r: r) if numeric else order.index
     several_stages = len({row.stages for row in rows}) > 1
     lines: dict[str, list] = {}
     for row in rows:
@@ -130,17 +138,20 @@ def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
     second = "latency" if latency else "macs_percent"
     fig, axes = pyplot.subplots(1, 2, figsize=(11, 4.2))
     for label, points in lines.items():
-        points.sort(key=lambda p: p.r)
-        xs = [p.r for p in points]
+        points.sort(key=lambda p: x_of(p.r))
+        xs = [x_of(p.r) for p in points]
         axes[0].plot(xs, [p.params_percent for p in points], marker="o", label=label)
         ys = [(p.latency - 1) * 100 if latency else p.macs_percent for p in points]
         axes[1].plot(xs, ys, marker="o", label=label)
     for ax, title in zip(axes, ("parameters added (%)", "latency overhead (%)" if second == "latency"
                                 else "multiply-adds added (%)")):
-        ax.set_xscale("log", base=2)
-        ticks = sorted({row.r for row in rows})
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_xlabel("reduction ratio r")
+        if numeric:
+            ax.set_xscale("log", base=2)
+            ticks = sorted({row.r for row in rows})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        else:
+            ax.set_xticks(range(len(order)), [r_label(r) for r in order], rotation=20, ha="right", fontsize=8)
+        ax.set_xlabel("reduction ratio r" + ("" if numeric else " (per stage: stage:r)"))
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
