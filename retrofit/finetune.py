@@ -26,16 +26,18 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter import remember_base
+from .bypass import bypass as bypass_se  # its home is retrofit.bypass; kept importable here
 from .data import ImageFolderData, warn_bad
 from .distributed import Dist, setup
 from .errors import RetrofitError, RetrofitWarning, first_line
-from .train_state import STATE_FILE, load_state, rng_state, save_state, set_rng_state
+from .train_state import STATE_FILE, check_model, load_state, restore_training, rng_state, save_state, set_rng_state
 
 LAST_FILE, BEST_FILE, METRICS_FILE = "last.safetensors", "best.safetensors", "metrics.jsonl"
 
@@ -118,32 +120,11 @@ def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epoc
     settings = Settings(epochs, phase2_epochs, lr, phase2_lr, batch_size, accum_steps, opt, weight_decay, sched,
                         warmup_epochs, seed, augment, train_head)
     env = setup(device)
+    remember_base(model)  # the base an adapter of the result is made on (retrofit.adapter): before any change
     try:
         return _Run(model, settings, env, data, input_size, output_dir, resume, workers, progress).run(restore_best)
     finally:
         env.close()
-
-
-def bypass_se(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Within this context the SE blocks of ``model`` pass their input through: the original network."""
-    info = getattr(model, "_retrofit", None)
-    blocks = [model.get_submodule(b.path) for b in info.blocks] if info else []
-
-    @contextlib.contextmanager
-    def ctx() -> Iterator[None]:
-        hooks = [b.register_forward_hook(_passthrough) for b in blocks]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-    return ctx()
-
-
-def _passthrough(block: nn.Module, args: tuple, out):
-    """The block's input instead of its output; a block fused with its residual sum (SE at the
-    standard position, called as ``block(x, shortcut)``) gives the plain sum ``x + shortcut``."""
-    return args[0] + args[1] if len(args) > 1 and args[1] is not None else args[0]
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -225,6 +206,7 @@ class _Run:
         if self.resume and state.is_file():
             self.saved = load_state(state)
             self._check_resumable(self.saved, state)
+            check_model(self.saved, self.model, state)
         elif self.resume:
             if self.env.main:
                 import warnings
@@ -310,8 +292,7 @@ class _Run:
         if scheduler is None:
             raise RetrofitError(f"unknown scheduler {s.sched!r}; use cosine, tanh, step, multistep, plateau or poly")
         if self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1:
-            optimizer.load_state_dict(self.saved["optimizer"])
-            scheduler.load_state_dict(self.saved["scheduler"])
+            restore_training(optimizer, scheduler, self.saved, self.out / STATE_FILE)
             scheduler.step(epoch - 1 if phase == 1 else epoch - 1 - s.epochs)  # the lr of the epoch to run
         net = model
         if self.env.world > 1:
@@ -437,10 +418,10 @@ class _Run:
     def _restore_best(self) -> None:
         weights = self.best_weights
         if weights is None and self.out is not None and (self.out / BEST_FILE).is_file():
-            from safetensors.torch import load_file  # the best epoch came before a resume
+            from .checkpoint import load_into  # the best epoch came before a resume: checked, then loaded
 
-            weights = load_file(str(self.out / BEST_FILE))
-        if weights is not None:
+            load_into(self.model, self.out / BEST_FILE)
+        elif weights is not None:
             self.model.load_state_dict(weights, strict=True)
 
     # -- progress bars (rank 0) --------------------------------------------------------------------
