@@ -154,8 +154,8 @@ def load_adapter(header: "Header", base: Any, *, force: bool = False) -> nn.Modu
     found = base_hash(relied)
     if found != header.base_sha256:
         text = (f"{path} was made on another base: {header.base_name or 'its base'} (sha256 "
-                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), {name} gives {found[:12]} over "
-                f"{len(relied)}")
+                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given ({name}) has "
+                f"{found[:12]} over {len(relied)}")
         if not force:
             raise RetrofitError(f"{text}; give the base it was made on, or --force (force=True) to rebuild it "
                                 f"on this one anyway")
