@@ -214,14 +214,11 @@ def _retrofit_format(path: Path) -> bool:
     """Whether ``path`` is a safetensors file with retrofit metadata (full model or adapter)."""
     if path.suffix != ".safetensors":
         return False
-    from safetensors import SafetensorError, safe_open
-
-    from .checkpoint import ADAPTER_FORMAT, FORMAT
+    from .checkpoint import ADAPTER_FORMAT, FORMAT, safetensors_header
 
     try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") in (FORMAT, ADAPTER_FORMAT)
-    except (SafetensorError, OSError, ValueError):
+        return safetensors_header(path)[0].get("format") in (FORMAT, ADAPTER_FORMAT)
+    except Exception:  # not readable as safetensors: create_model reports it as a weight file
         return False
 
 

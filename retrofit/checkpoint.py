@@ -188,21 +188,32 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
 
 def read_header(path: str | Path) -> Header:
     """Read and check the metadata and tensor list of a retrofit file (no tensor data is read)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise RetrofitError(f"{path} not found")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise RetrofitError(f"cannot read {path}: not a complete safetensors file ({first_line(err)})") from None
+    meta, tensors = _read_safetensors_header(path)
     if meta.get("format") not in (FORMAT, ADAPTER_FORMAT):
         raise RetrofitError(f"{path} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
                             f"use `retrofit add-se MODEL --checkpoint {path.name}`")
     return Header(path=path, format=meta["format"], tensors=tensors, **parse_metadata(meta, str(path)))
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The metadata and each tensor's (dtype name, shape) of a safetensors file: its header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}, {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                                    for k in f.keys()}
+
+
+def _read_safetensors_header(path: Path):
+    from safetensors import SafetensorError
+
+    try:
+        return safetensors_header(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RetrofitError(f"cannot read {path}: not a complete safetensors file ({first_line(err)})") from None
 
 
 def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -289,23 +300,13 @@ def load_into(model: nn.Module, path: str | Path, *, header: Header | None = Non
     from safetensors.torch import load_file
 
     path = Path(path)
-    tensors = header.tensors if header is not None else read_tensor_list(path)
+    tensors = header.tensors if header is not None else _read_safetensors_header(path)[1]
     check_tensors(model, tensors, path, required)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise RetrofitError(f"cannot read {path}: {first_line(err)}") from None
     model.load_state_dict(state, strict=False)  # every name, dtype and shape was checked above
-
-
-def read_tensor_list(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise RetrofitError(f"cannot read {path}: not a complete safetensors file ({first_line(err)})") from None
 
 
 def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, ...]]], where: Path | str,

@@ -75,10 +75,9 @@ def checkpoint_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from .checkpoint import safetensors_header
 
-            with safe_open(str(path), framework="pt") as f:
-                return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+            return safetensors_header(path)[1]
         with torch.serialization.safe_globals([argparse.Namespace]):  # as timm: training checkpoints' args
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
