@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .errors import RetrofitError
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -98,7 +100,10 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
         lines.append(f"- command: `{command}`")
     path = card_path(weights)
     text = "\n".join(lines) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+    except RetrofitError as err:
+        raise RetrofitError(f"{err} ({weights.name} itself is saved)") from None
     return path
 
 

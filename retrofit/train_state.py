@@ -155,8 +155,9 @@ PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 def restore_training(optimizer, scheduler, saved: dict[str, Any], path: Path) -> None:
     """Load the optimizer and scheduler states of ``saved`` (from :func:`load_state`) after checking
-    them against the live objects: the same parameter groups and settings (names, kinds of value),
-    per-parameter states of the parameter's shape, the scheduler's fields with values of their kind."""
+    them against the live objects: the same parameter groups, settings and scheduler fields the live
+    ones have (a subset: one an older version did not save keeps its default), each value of its kind,
+    per-parameter states of the parameter's shape."""
     def bad(what: str) -> RetrofitError:
         return RetrofitError(f"{path} is damaged or was edited: {what}; delete it to start over")
 
@@ -164,10 +165,10 @@ def restore_training(optimizer, scheduler, saved: dict[str, Any], path: Path) ->
     groups = theirs["param_groups"]
     if len(groups) != len(mine["param_groups"]):
         raise bad(f"the optimizer has {len(groups)} parameter groups, this run {len(mine['param_groups'])}")
-    for have, got in zip(mine["param_groups"], groups):
-        if not isinstance(got, dict) or set(got) != set(have) or got["params"] != have["params"]:
+    for have, got in zip(mine["param_groups"], groups):  # a setting an older torch did not save: its default
+        if not isinstance(got, dict) or not set(got) <= set(have) or got.get("params") != have["params"]:
             raise bad("the optimizer's parameter groups are not this run's")
-        wrong = [k for k in have if k != "params" and not _same_kind(got[k], have[k])]
+        wrong = [k for k in got if k != "params" and not _same_kind(got[k], have[k])]
         if wrong:
             raise bad(f"optimizer setting '{wrong[0]}' is {got[wrong[0]]!r}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -180,9 +181,9 @@ def restore_training(optimizer, scheduler, saved: dict[str, Any], path: Path) ->
             if name in PARAM_SHAPED and (not isinstance(value, torch.Tensor) or value.shape != params[index].shape):
                 raise bad(f"optimizer state '{name}' does not have its parameter's shape")
     sched_mine, sched_theirs = scheduler.state_dict(), saved["scheduler"]
-    if set(sched_theirs) != set(sched_mine):
+    if not set(sched_theirs) <= set(sched_mine):  # loading sets attributes: none but the scheduler's own
         raise bad("the scheduler state is not one of this run's scheduler")
-    wrong = [k for k in sched_mine if not _same_kind(sched_theirs[k], sched_mine[k])]
+    wrong = [k for k in sched_theirs if not _same_kind(sched_theirs[k], sched_mine[k])]
     if wrong:
         raise bad(f"scheduler field '{wrong[0]}' is {str(sched_theirs[wrong[0]])[:40]!r}")
     try:
