@@ -15,11 +15,16 @@ Example::
     >>> se_model = retrofit.add_se(model, position="standard", r=16)
     >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
     >>> plain = retrofit.strip(se_model)          # the blocks removed again
+    >>> with retrofit.bypass(se_model): ...       # the original network, blocks switched off
+    >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
+    >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
 
 Other blocks than SE come from :mod:`~retrofit.attention` (``module="eca"``...); :mod:`~retrofit.strip`
-undoes a retrofit.
+undoes a retrofit. :mod:`~retrofit.checkpoint` saves and loads models (and, with
+:mod:`~retrofit.adapter`, adapters on a base model), :mod:`~retrofit.card` writes their model cards.
 """
 from .attention import ATTENTIONS, register_attention
+from .bypass import bypass
 from .checkpoint import load, save
 from .errors import RecipeError, RetrofitError, RetrofitWarning
 from .finetune import FinetuneResult, finetune
@@ -32,11 +37,12 @@ from .se import SqueezeExcite
 from .sites import Site, find_sites
 from .strip import strip
 from .sweep import sweep
+from .trainable import Trainable, trainable_parameters
 
 __all__ = [
     "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
     "register_position", "RetrofitError", "RecipeError", "RetrofitWarning", "strip", "ATTENTIONS",
     "register_attention", "finetune", "FinetuneResult",
-    "sweep", "measure_latency",
+    "sweep", "measure_latency", "bypass", "trainable_parameters", "Trainable",
 ]
 __version__ = "0.1.0"

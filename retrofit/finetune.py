@@ -30,15 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter import remember_base
+from .bypass import bypass as bypass_se  # its home is retrofit.bypass; kept importable here
 from .data import ImageFolderData
 from .distributed import Dist, setup
 from .errors import RetrofitError
 from .train import optim, params
-from .train.evaluate import bypass_se, evaluate
+from .train.evaluate import evaluate
 from .train.loop import seed_all, train_epoch
 from .train.progress import Progress
 from .train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE, RunDir
-from .train_state import rng_state, set_rng_state
+from .train_state import restore_training, rng_state, set_rng_state
 
 
 @dataclass
@@ -119,6 +121,7 @@ def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epoc
     settings = Settings(epochs, phase2_epochs, lr, phase2_lr, batch_size, accum_steps, opt, weight_decay, sched,
                         warmup_epochs, seed, augment, train_head)
     env = setup(device)
+    remember_base(model)  # the base an adapter of the result is made on (retrofit.adapter): before any change
     try:
         return _Run(model, settings, env, data, input_size, output_dir, resume, workers, progress).run(restore_best)
     finally:
@@ -159,7 +162,7 @@ class _Run:
         self.best: dict[str, Any] | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.seen_bad: set[str] = set()
-        self.saved = self.dir.open(resume, self.meta, asdict(s))  # the training state resumed from
+        self.saved = self.dir.open(resume, model, self.meta, asdict(s))  # the training state resumed from
         if len(self.data.train) < s.batch_size:
             raise RetrofitError(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one "
                                 f"batch of {s.batch_size}; lower the batch size")
@@ -203,9 +206,10 @@ class _Run:
                     scheduler=scheduler.state_dict(), epoch=epoch, phase=phase, rng=rng_state(), rows=self.rows,
                     best=self.best), self.rows)
         if restore_best:
-            weights = self.best_weights if self.best_weights is not None else self.dir.best_weights()
-            if weights is not None:
-                model.load_state_dict(weights, strict=True)
+            if self.best_weights is not None:
+                model.load_state_dict(self.best_weights, strict=True)
+            else:  # the best epoch came before a resume: its file, checked, then loaded
+                self.dir.restore_best(model)
         model.eval()
         skipped = self.rows[-1]["skipped_images"]  # in the last epoch's passes over train/ and val/
         return FinetuneResult(self.rows, dict(self.best), skipped, self.dir.path, self.data.classes)
@@ -218,8 +222,7 @@ class _Run:
                                             epochs=s.epochs if phase == 1 else s.phase2_epochs,
                                             warmup_epochs=s.warmup_epochs)
         if self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1:
-            optimizer.load_state_dict(self.saved["optimizer"])
-            scheduler.load_state_dict(self.saved["scheduler"])
+            restore_training(optimizer, scheduler, self.saved, self.dir.state_file)
             scheduler.step(epoch - 1 if phase == 1 else epoch - 1 - s.epochs)  # the lr of the epoch to run
         return optim.wrap(model, self.env), optimizer, scheduler
 

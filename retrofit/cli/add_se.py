@@ -37,7 +37,8 @@ def add_se_command(
     pretrained: bool = PRETRAINED,
     num_classes: Optional[str] = NUM_CLASSES,
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load, and its model card NAME.README.md beside it."),
+    adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new head, and what phase 2 changed) with a hash of the base weights; retrofit.load(OUTPUT, base=CHECKPOINT) rebuilds the model."),
     finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/."),
     epochs: int = EPOCHS,
     latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original (median of interleaved runs)."),
@@ -46,6 +47,8 @@ def add_se_command(
     meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
+    from ..adapter import head_keys, remember_base, state_bytes
+    from ..card import command_line, write_card
     from ..checkpoint import check_writable, save
     from ..insert import model_name, paused_gc, retrofit_scanned
     from ..latency import measure_latency
@@ -54,6 +57,7 @@ def add_se_command(
     from ..models import new_head
     from ..recipe import resolve_recipe
     from ..report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
+    from ..trainable import trainable_parameters
 
     chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,
                             divisor=divisor, min_width=min_width, bias=bias, init=init, module=module,
@@ -68,6 +72,11 @@ def add_se_command(
         if checkpoint is not None and output.resolve() == Path(checkpoint).expanduser().resolve():
             raise RetrofitError(f"--output {output} is the input checkpoint; input weights are never "
                                 f"overwritten, choose another file")
+    if adapter and output is None:
+        raise RetrofitError("--adapter needs --output FILE for the adapter")
+    if adapter and checkpoint is None and not pretrained:
+        raise RetrofitError("--adapter needs a base others can rebuild: --checkpoint FILE or --pretrained (random "
+                            "weights cannot be made again)")
     if batch < 1 or runs < 1:
         raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
     needs_weights = output is not None or checkpoint is not None or pretrained or latency or finetune is not None
@@ -82,12 +91,19 @@ def add_se_command(
         original = copy.deepcopy(net) if latency else None
         info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
         report = planned_overhead(base, info.blocks, chosen)  # a block adds only itself: no second trace
+    head = new_head(model, checkpoint, pretrained, num_classes)
+    trainable = trainable_parameters(net, head=head)  # what phase 1 of a fine-tune trains
+    base_name = f"{model}, " + (f"weights {Path(checkpoint).name}" if checkpoint is not None else
+                                "timm's pretrained weights" if pretrained else "random weights")
+    if adapter:  # the base an adapter is relative to: the weights as built (a new head is not the base's)
+        remember_base(net, base_name, new=head_keys(net) if head else set())
     timing = None
     if latency:
         timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size, runs=runs)
         del original
     data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found),
-            **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped]}
+            **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped],
+            "trainable_parameters": {"trainable": trainable.trainable, "total": trainable.total}}
     if timing is not None:
         data["latency"] = latency_json(timing)
     if json_path != "-":
@@ -96,15 +112,24 @@ def add_se_command(
         console().print(sites_by_stage(found))
         console().print(blocks_table(report, chosen.block.module))
         console().print(overhead_table(report))
+        console().print(str(trainable))
         if timing is not None:
             console().print(latency_line(timing))
         print_skipped(info.skipped)
     write_json(data, json_path)
+    result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
-        run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"), quiet=json_path == "-",
-                     inputs=tuple(p for p in (checkpoint,) if p is not None),
-                     train_head=True if new_head(model, checkpoint, pretrained, num_classes) else None)
+        result = run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"),
+                              quiet=json_path == "-", inputs=tuple(p for p in (checkpoint,) if p is not None),
+                              train_head=True if head else None)
     if output is not None and is_main_process():
-        save(net, output)
+        save(net, output, adapter=adapter)
+        card = write_card(output, net, overhead=report, result=result, command=command_line(), base_name=base_name)
         if json_path != "-":
-            console().print(f"saved {output} (load with retrofit.load)")
+            if adapter:
+                size, full = output.stat().st_size, state_bytes(net)
+                console().print(f"saved adapter {output}: {size / 1e6:.1f} MB, {100 * size / full:.1f}% of the full "
+                                f"model's {full / 1e6:.1f} MB (load with retrofit.load(path, base=...) or "
+                                f"`retrofit finetune {output.name} --base ...`); card: {card}")
+            else:
+                console().print(f"saved {output} (load with retrofit.load); card: {card}")

@@ -14,6 +14,8 @@ import typer
 from ..errors import RetrofitError
 from .common import app, console, fail_cleanly
 
+ADAPTER_FILE = "adapter.safetensors"  # `finetune --adapter`: the best model as an adapter, in the run folder
+
 
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a process on its own."""
@@ -28,9 +30,10 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
     """
     from ..finetune import BEST_FILE, LAST_FILE, METRICS_FILE, finetune, results_table
     from ..train_state import STATE_FILE
+    from ..trainable import trainable_parameters
 
     output_dir = output_dir.expanduser()
-    for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE):
+    for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
         for given in inputs:
             if (output_dir / name).resolve() == Path(given).expanduser().resolve():
                 raise RetrofitError(f"{given} would be overwritten by the fine-tuning run in {output_dir}; input "
@@ -41,8 +44,12 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
                         f"{', new head' if options.get('train_head') else ''}; backbone frozen)"
                         + (f", phase 2 {options['phase2_epochs']} epoch(s) (everything)" if options.get("phase2_epochs") else "")
                         + f"; checkpoints in {output_dir}")
+    classes = getattr(model, "num_classes", None)
     result = finetune(model, data, epochs, output_dir=output_dir, progress=main, **options)
     if main:
+        head = options.get("train_head")
+        head = head if head is not None else isinstance(classes, int) and classes != len(result.classes)
+        console().print(f"{trainable_parameters(model, head=head)} (phase 1)")
         console().print(results_table(result))
         best = result.best
         console().print(f"best: {best['name']}, top-1 {best['top1']:.2f}% -> {output_dir / BEST_FILE}; last: "
@@ -58,7 +65,7 @@ EPOCHS = typer.Option(1, "--epochs", "-e", min=0, help="Phase-1 epochs: only the
 @app.command("finetune")
 @fail_cleanly
 def finetune_command(
-    checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (.safetensors)."),
+    checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (.safetensors), or an adapter (with --base)."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/* and DATA/val/<class>/*."),
     epochs: int = EPOCHS,
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output-dir."),
@@ -78,15 +85,34 @@ def finetune_command(
     workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes per training process."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's."),
+    adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, OUTPUT_DIR/adapter.safetensors (the blocks and what changed, with a hash of the base)."),
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
-    from ..checkpoint import load
+    from ..adapter import BASE_ATTR
+    from ..card import command_line, write_card
+    from ..checkpoint import load, save
+    from ..finetune import BEST_FILE
+    from ..measure import measure_overhead
     from ..models import resolve_input_size
+    from ..strip import strip
 
-    model = load(checkpoint)
+    model = load(checkpoint, base=base, force=force)
     size = resolve_input_size(model, input_size) if input_size is not None else None
     out = output_dir if output_dir is not None else checkpoint.expanduser().with_name(f"{checkpoint.stem}-finetune")
-    run_finetune(model, data, epochs, out, inputs=(checkpoint,), resume=resume, phase2_epochs=phase2_epochs,
-                 lr=lr, phase2_lr=phase2_lr, batch_size=batch_size, accum_steps=accum_steps, opt=opt,
-                 weight_decay=weight_decay, sched=sched, warmup_epochs=warmup_epochs, seed=seed, augment=augment,
-                 train_head=train_head, workers=workers, device=device, input_size=size)
+    result = run_finetune(model, data, epochs, out, inputs=tuple(p for p in (checkpoint, base) if p is not None),
+                          resume=resume, phase2_epochs=phase2_epochs, lr=lr, phase2_lr=phase2_lr,
+                          batch_size=batch_size, accum_steps=accum_steps, opt=opt, weight_decay=weight_decay,
+                          sched=sched, warmup_epochs=warmup_epochs, seed=seed, augment=augment,
+                          train_head=train_head, workers=workers, device=device, input_size=size)
+    if is_main_process():  # the card (and adapter) of the model the run hands over: the best one
+        out = out.expanduser()
+        handed = out / (ADAPTER_FILE if adapter else BEST_FILE)
+        if adapter:
+            save(model, handed, adapter=True)
+        model.to("cpu")
+        overhead = measure_overhead(strip(model), model, model._retrofit.input_size)
+        card = write_card(handed, model, overhead=overhead, result=result, command=command_line(),
+                          base_name=getattr(model, BASE_ATTR).name)
+        console().print(f"{'adapter: ' + str(handed) + '; ' if adapter else ''}card: {card}")

@@ -6,8 +6,8 @@ One concept per module, so a new training option is one local change:
   stay in eval mode;
 * :mod:`.optim`: optimizer and scheduler from timm's factories, and the DDP wrapper;
 * :mod:`.loop`: one training epoch (micro-batches, accumulation, DDP ``no_sync``);
-* :mod:`.evaluate`: validation loss and top-1/top-5, and :func:`~.evaluate.bypass_se` (the original
-  network: the blocks pass their input through);
+* :mod:`.evaluate`: validation loss and top-1/top-5 (the "original" row evaluates the model inside
+  :func:`retrofit.bypass`);
 * :mod:`.run_dir`: the run's folder: the training state, ``last``/``best`` models and ``metrics.jsonl``;
 * :mod:`.progress`: rich progress bars on stderr (rank 0).
 """

@@ -1,9 +1,7 @@
-"""Validation: loss and top-1/top-5 over every image once (summed over processes), and the original
-network to compare with (:func:`bypass_se`: the inserted blocks pass their input through)."""
+"""Validation: loss and top-1/top-5 over every image once (summed over processes)."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,25 +44,3 @@ def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Pro
         raise RetrofitError(f"no image in {root}/val could be decoded")
     return dict(val_loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n, val_images=int(n),
                 skipped_images=int(bad))
-
-
-def bypass_se(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Within this context the SE blocks of ``model`` pass their input through: the original network."""
-    info = getattr(model, "_retrofit", None)
-    blocks = [model.get_submodule(b.path) for b in info.blocks] if info else []
-
-    @contextlib.contextmanager
-    def ctx() -> Iterator[None]:
-        hooks = [b.register_forward_hook(_passthrough) for b in blocks]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-    return ctx()
-
-
-def _passthrough(block: nn.Module, args: tuple, out):
-    """The block's input instead of its output; a block fused with its residual sum (SE at the
-    standard position, called as ``block(x, shortcut)``) gives the plain sum ``x + shortcut``."""
-    return args[0] + args[1] if len(args) > 1 and args[1] is not None else args[0]

@@ -20,12 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..distributed import Dist
 from ..errors import RetrofitError, RetrofitWarning
-from ..train_state import STATE_FILE, load_state, save_state
+from ..train_state import STATE_FILE, check_model, load_state, save_state
 
 LAST_FILE, BEST_FILE, METRICS_FILE = "last.safetensors", "best.safetensors", "metrics.jsonl"
 
@@ -42,12 +41,18 @@ class RunDir:
         """Whether this process writes files: a folder was given and this is rank 0."""
         return self.path is not None and self.env.main
 
-    def open(self, resume: bool, meta: dict[str, str], settings: dict[str, Any]) -> dict[str, Any] | None:
+    @property
+    def state_file(self) -> Path | None:
+        return self.path / STATE_FILE if self.path is not None else None
+
+    def open(self, resume: bool, model: nn.Module, meta: dict[str, str],
+             settings: dict[str, Any]) -> dict[str, Any] | None:
         """Check the folder and create it; return the saved training state when resuming one.
 
         Raises:
             RetrofitError: no parent folder, a file in the way, a run already there (without
-                ``resume``), or a saved run of another model or with other settings.
+                ``resume``), or a saved run of another model, with other settings, or damaged (its
+                weights are checked against ``model``).
         """
         if self.path is None:
             return None
@@ -60,6 +65,7 @@ class RunDir:
         if resume and state.is_file():
             saved = load_state(state)
             _check_resumable(saved, state, meta, settings)
+            check_model(saved, model, state)
         elif resume:
             if self.env.main:
                 warnings.warn(f"nothing to resume in {out}; starting at epoch 1", RetrofitWarning, stacklevel=4)
@@ -101,13 +107,12 @@ class RunDir:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def best_weights(self) -> dict[str, torch.Tensor] | None:
-        """The weights in ``best.safetensors`` (the best epoch came before a resume), if any."""
-        if self.path is None or not (self.path / BEST_FILE).is_file():
-            return None
-        from safetensors.torch import load_file
+    def restore_best(self, model: nn.Module) -> None:
+        """Load ``best.safetensors`` into ``model`` (checked first), if the run has one."""
+        if self.path is not None and (self.path / BEST_FILE).is_file():
+            from ..checkpoint import load_into
 
-        return load_file(str(self.path / BEST_FILE))
+            load_into(model, self.path / BEST_FILE)
 
 
 def _check_resumable(saved: dict[str, Any], path: Path, meta: dict[str, str], settings: dict[str, Any]) -> None:
