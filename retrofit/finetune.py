@@ -13,8 +13,9 @@ What a timm user expects of a fine-tune, each from timm: label smoothing, mixup 
 (:class:`timm.data.Mixup`), model EMA (:class:`timm.utils.ModelEmaV3`, evaluated as a row of its own),
 gradient clipping (``timm.utils.dispatch_clip_grad``), a lower rate for the pretrained parameters than
 for the new ones (``lr_scale`` parameter groups), ``channels_last``; and distillation from the original
-network, which is the same model with its blocks bypassed (:mod:`retrofit.train.loss`). All are off by
-default: ``benchmarks/transfer.py`` measured them and the README reports what it found.
+network, which is the same model with its blocks bypassed (:mod:`retrofit.train.loss`). The defaults
+come from ``benchmarks/transfer.py`` (README, "Does SE help?"): label smoothing 0.1 (a small gain there,
+and timm's default), everything else off (no gain there, or nothing to measure on CPU).
 
 Optimizer and scheduler come from timm's factories (``create_optimizer_v2``, ``create_scheduler_v2``,
 stepped once per epoch), data from timm's dataset and transforms (:mod:`retrofit.data`). Validation
@@ -69,7 +70,7 @@ class Settings:
     train_head: bool | None = None  # default: only when the classifier is new
     train_norms: bool = False       # phase 1 also trains the norm layers' affine parameters
     backbone_lr_scale: float = 1.0  # the parameters that are not new train at the phase's lr x this
-    smoothing: float = 0.0
+    smoothing: float = 0.1          # timm's default, and benchmarks/transfer.py's finding (README)
     mixup: float = 0.0
     cutmix: float = 0.0
     distill: bool = False
@@ -118,7 +119,7 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
              lr: float = 1e-3, phase2_lr: float | None = None, batch_size: int = 32, accum_steps: int = 1,
              opt: str = "adamw", weight_decay: float = 0.0, sched: str = "cosine", warmup_epochs: int = 0,
              seed: int = 0, augment: bool = True, train_head: bool | None = None, train_norms: bool = False,
-             backbone_lr_scale: float = 1.0, smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
+             backbone_lr_scale: float = 1.0, smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0,
              distill: bool = False, distill_weight: float = 1.0, distill_temperature: float = 1.0,
              ema_decay: float | None = None, clip_grad: float | None = None, clip_mode: str = "norm",
              channels_last: bool = False, input_size: tuple[int, ...] | None = None,
@@ -148,12 +149,13 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
             stay frozen).
         backbone_lr_scale: the parameters that are not new (all but the blocks and a new head) train at
             the phase's learning rate times this (timm's ``lr_scale`` parameter groups); 1: one rate.
-        smoothing: label smoothing (timm's ``LabelSmoothingCrossEntropy``, or in mixup's soft targets).
+        smoothing: label smoothing (timm's ``LabelSmoothingCrossEntropy``, or in mixup's soft targets);
+            0.1 by default (timm's default; ``benchmarks/transfer.py`` measured a small gain with it).
         mixup, cutmix: alphas of :class:`timm.data.Mixup` (0: off); an odd micro-batch mixes all but its
             last image.
         distill: add ``distill_weight * T^2 * KL`` to the teacher's softened logits, the teacher being
-            the original network (the model with its blocks bypassed; no extra weights), ``T`` =
-            ``distill_temperature``. Needs blocks.
+            the original network (the model with its blocks bypassed: no extra weights in phase 1; in
+            phase 2 a frozen copy taken when it starts), ``T`` = ``distill_temperature``. Needs blocks.
         ema_decay: keep a model EMA (``timm.utils.ModelEmaV3``, decay warm-up on) and evaluate it after
             every epoch as a row of its own (``epoch N (ema)``), which competes for ``best``.
         clip_grad, clip_mode: clip the gradients before each step (``timm.utils.dispatch_clip_grad``:
@@ -292,6 +294,8 @@ class _Run:
                              phase=phase, rng=rng_state(), rows=self.rows, best=self.best)
                 if self.ema is not None:
                     state["ema"] = self.ema.state_dict()
+                if self.objective.frozen is not None:
+                    state["teacher"] = self.objective.frozen.state_dict()
                 self.dir.commit_epoch(model, state, self.rows)
         if restore_best:
             weights = self.best_weights if self.best_weights is not None else self.dir.best_weights()
@@ -312,10 +316,13 @@ class _Run:
         optimizer, scheduler = optim.create(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay, sched=s.sched,
                                             epochs=s.epochs if phase == 1 else s.phase2_epochs,
                                             warmup_epochs=s.warmup_epochs, groups=groups)
-        if self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1:
+        resumed = self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1
+        if resumed:
             optimizer.load_state_dict(self.saved["optimizer"])
             scheduler.load_state_dict(self.saved["scheduler"])
             scheduler.step(epoch - 1 if phase == 1 else epoch - 1 - s.epochs)  # the lr of the epoch to run
+        if phase == 2:  # the backbone moves from now on: distillation needs a copy of the original
+            self.objective.freeze_teacher(model, self.saved.get("teacher") if resumed else None)
         return optim.wrap(model, self.env), optimizer, scheduler
 
     def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int, int]:

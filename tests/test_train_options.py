@@ -90,9 +90,10 @@ def test_ema_is_its_own_row_and_its_own_weights(data, tmp_path):
 
 
 def test_resume_with_every_option_is_bitwise(data, tmp_path, monkeypatch):
-    """Phase 1 then phase 2 with all the options on, killed in epoch 2: the resumed run's weights, EMA
-    and metrics equal the uninterrupted run's. Batches of 5 are odd: mixup's odd-image path runs."""
-    opts = dict(epochs=1, phase2_epochs=1, batch_size=5, lr=1e-2, workers=0, augment=True, restore_best=False,
+    """Phase 1 then phase 2 with all the options on, killed in epoch 3 (phase 2's second): the resumed
+    run's weights, EMA, phase-2 teacher and metrics equal the uninterrupted run's; that teacher is the
+    model phase 1 left (a phase-1-only run). Batches of 5 are odd: mixup's odd-image path runs."""
+    opts = dict(epochs=1, phase2_epochs=2, batch_size=5, lr=1e-2, workers=0, augment=True, restore_best=False,
                 ema_decay=0.9, mixup=0.4, cutmix=1.0, smoothing=0.1, distill=True, clip_grad=1.0,
                 backbone_lr_scale=0.5, channels_last=True, weight_decay=0.01)
     start = se_model()
@@ -101,22 +102,27 @@ def test_resume_with_every_option_is_bitwise(data, tmp_path, monkeypatch):
 
     real, calls = _Run._train_epoch, {"n": 0}
 
-    def dies_in_epoch_2(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def dies_in_epoch_3(self, net, optimizer, epoch):
+        if epoch == 3:
             raise KeyboardInterrupt
-        return real(self, *args)
+        return real(self, net, optimizer, epoch)
 
-    monkeypatch.setattr(_Run, "_train_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(_Run, "_train_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         retrofit.finetune(copy.deepcopy(start), data, output_dir=tmp_path / "b", **opts)
     monkeypatch.setattr(_Run, "_train_epoch", real)
     retrofit.finetune(copy.deepcopy(start), data, output_dir=tmp_path / "b", resume=True, **opts)
     a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ea, eb = (torch.load(tmp_path / d / "train_state.pt", weights_only=True)["ema"]["module"] for d in "ab")
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    sa, sb = (torch.load(tmp_path / d / "train_state.pt", weights_only=True) for d in "ab")
+    for key in ("ema", "teacher"):
+        ta, tb = (s[key]["module"] if key == "ema" else s[key] for s in (sa, sb))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), key
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    retrofit.finetune(copy.deepcopy(start), data, output_dir=tmp_path / "c", **{**opts, "phase2_epochs": 0})
+    phase1 = load_file(tmp_path / "c" / "last.safetensors")
+    assert all(torch.equal(sa["teacher"][k], phase1[k]) for k in phase1)
+    assert any(not torch.equal(sa["teacher"][k], a[k]) for k in a)  # the student moved on in phase 2
 
 
 def test_clipping_bounds_the_first_step(data):
@@ -199,3 +205,28 @@ def test_phase1_records_no_graph_before_the_first_block_and_no_frozen_gradient(d
     assert needs_grad["layer1.0.se"] == {True} and needs_grad["layer2.0.conv1"] == {True}
     blocks = params.block_params(se)
     assert all(p.grad is None for n, p in se.named_parameters() if n not in blocks)
+
+
+def test_cli_options_reach_the_run_and_bad_values_are_one_line(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from retrofit.cli import app
+
+    runner = CliRunner()
+    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
+    out = tmp_path / "run"
+    args = ["finetune", str(ckpt), "--data", str(data), "-b", "8", "-j", "0", "--output-dir", str(out)]
+    done = runner.invoke(app, args + ["--ema-decay", "0.9", "--distill", "--smoothing", "0.1", "--mixup", "0.2",
+                                      "--clip-grad", "1", "--backbone-lr-scale", "0.5", "--channels-last"])
+    assert done.exit_code == 0, done.output
+    assert "epoch 1 (ema)" in done.output
+    settings = torch.load(out / "train_state.pt", weights_only=True)["settings"]
+    assert (settings["ema_decay"], settings["distill"], settings["smoothing"], settings["mixup"], settings["clip_grad"],
+            settings["backbone_lr_scale"], settings["channels_last"]) == (0.9, True, 0.1, 0.2, 1.0, 0.5, True)
+    bad = runner.invoke(app, args[:-2] + ["--output-dir", str(tmp_path / "bad"), "--smoothing", "1.5"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert [ln for ln in bad.output.splitlines() if ln.startswith("error:")] == [
+        "error: smoothing must be in [0, 1), got 1.5"]
+    assert not (tmp_path / "bad").exists()
+    for command in ("add-se", "sweep"):
+        assert "--distill" in runner.invoke(app, [command, "--help"]).output

@@ -33,10 +33,6 @@ def accuracy_cells(row) -> list[str]:
 def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
     """Val top-1 against added parameters (or latency): one line per position (and stage set, when
     several were swept), error bars over the seeds; the control arms as horizontal lines."""
-    import os
-
-    from ..errors import RetrofitError
-
     several_stages = len({row.stages for row in rows if row.arm == "se"}) > 1
     lines: dict[str, list] = {}
     for row in rows:
@@ -61,6 +57,15 @@ def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"SE retrofit accuracy sweep: {name}")
+    save_figure(pyplot, fig, path)
+
+
+def save_figure(pyplot, fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (a temporary name, then a rename) and close it."""
+    import os
+
+    from ..errors import RetrofitError
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
-from .ablation import accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy
+from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
+                       save_figure)
 from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
@@ -170,8 +171,6 @@ def import_pyplot():
 
 def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
     """Overhead against r, one line per position (and stage set, when several were swept)."""
-    import os
-
     several_stages = len({row.stages for row in rows}) > 1
     lines: dict[str, list] = {}
     for row in rows:
@@ -197,13 +196,4 @@ def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SE retrofit sweep: {name}")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-        pyplot.close(fig)
+    save_figure(pyplot, fig, path)

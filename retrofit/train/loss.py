@@ -10,15 +10,18 @@ optionally, distillation from the original network.
   last one of an epoch, or one that lost an undecodable image) mixes its first ``n - 1`` images and
   keeps the last one as it is, with its own (smoothed) label;
 * **distillation** (Hinton et al., "Distilling the Knowledge in a Neural Network", 2015,
-  https://arxiv.org/abs/1503.02531): the teacher is the network the user brought, which is the same
-  model with its blocks bypassed (:func:`~retrofit.train.evaluate.bypass_se`), so it costs no weights:
-  one more forward pass per step, in eval mode (running statistics, no dropout) and without gradients.
+  https://arxiv.org/abs/1503.02531): the teacher is the network the user brought. In phase 1 that is
+  the model itself with its blocks bypassed (:func:`~retrofit.train.evaluate.bypass_se`: the backbone
+  is frozen), so it costs no weights, only one more forward pass per step, in eval mode (running
+  statistics, no dropout) and without gradients; when the head is new, the teacher uses the head
+  being trained. In phase 2 the backbone moves, so the bypassed model would no longer be the original:
+  the teacher is then a frozen copy taken when phase 2 starts (:meth:`Objective.freeze_teacher`: the
+  original backbone, the blocks bypassed, the head as phase 1 left it), one more copy of the weights
+  in memory and in ``train_state.pt``.
   The loss is ``label loss + weight * T^2 * KL(teacher_T || student_T)`` on the logits softened by the
   temperature ``T``: the formula of timm's ``LogitDistillationTask`` (task weight 1, independent distill
-  weight). That class is not used as such because it wraps a separate teacher model; here the teacher
-  is the student itself, bypassed. In phase 1 the backbone is frozen, so the teacher is exactly the
-  original network (with the head being trained, when the head is new); in phase 2 it is the current
-  backbone without its blocks.
+  weight). That class is not used as such because it wraps a separate teacher model built apart from
+  the student; here the teacher is the student, bypassed.
 
 The random draws (mixup's factor and box) come from NumPy's global generator, which the run seeds at
 every epoch from ``(seed, epoch)``: a resumed run draws the same ones.
@@ -58,6 +61,8 @@ class Objective:
 
     def __post_init__(self) -> None:
         from timm.data import Mixup
+
+        self.frozen: nn.Module | None = None  # phase 2's teacher (see freeze_teacher)
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         self.mixer = None
@@ -96,11 +101,24 @@ class Objective:
         return loss
 
     def teacher_logits(self, model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor | None:
-        """The original network's logits on ``x`` (None when not distilling)."""
+        """The original network's logits on ``x`` (None when not distilling): ``model`` with its blocks
+        bypassed, or the frozen copy of phase 2."""
         if not self.distill:
             return None
-        with torch.no_grad(), eval_mode(model), bypass_se(model), autocast():
-            return model(x).float()
+        teacher = self.frozen if self.frozen is not None else model
+        with torch.no_grad(), eval_mode(teacher), bypass_se(teacher), autocast():
+            return teacher(x).float()
+
+    def freeze_teacher(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+        """From now on the teacher is a frozen copy of ``model`` (its weights now, or ``state``: a
+        resumed phase 2 gets back the copy it started with). Nothing to do when not distilling."""
+        if not self.distill:
+            return
+        import copy
+
+        self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        if state is not None:
+            self.frozen.load_state_dict(state, strict=True)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
