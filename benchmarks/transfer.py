@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--phase2-epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch-size", type=int, default=10)
-    ap.add_argument("--only", default=None, help="comma-separated arm names (default: all)")
+    ap.add_argument("--only", default=None, help="arm names separated by ; (default: all)")
     ap.add_argument("--prepare", type=Path, default=None,
                     help="only write the data (DIR/seed<k>/, DIR/val/) and the pretrained model "
                          "(DIR/pretrained.safetensors) into the new folder DIR, for `retrofit sweep --data`")
@@ -154,7 +154,7 @@ def main() -> None:
     t0 = time.perf_counter()
     chosen = arms(args.epochs, args.phase2_epochs)
     if args.only:
-        chosen = [a for a in chosen if a[0] in args.only.split(",")]
+        chosen = [a for a in chosen if a[0] in args.only.split(";")]
     results: dict[str, list[dict]] = {name: [] for name, *_ in chosen}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) if args.prepare is None else args.prepare

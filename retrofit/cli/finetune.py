@@ -64,7 +64,7 @@ CLIP_GRAD = typer.Option(None, "--clip-grad", help="Clip gradients before each s
 CLIP_MODE = typer.Option("norm", "--clip-mode", help="norm, value or agc (adaptive gradient clipping).")
 BACKBONE_LR_SCALE = typer.Option(1.0, "--backbone-lr-scale", help="The pretrained parameters train at the phase's lr x this; the new blocks and a new head at the full lr (timm lr_scale groups). Default 1: one rate.")
 CHANNELS_LAST = typer.Option(False, "--channels-last/--no-channels-last", help="Train in channels_last memory format (faster convolutions on recent GPUs).")
-DISTILL = typer.Option(False, "--distill/--no-distill", help="Add the KL divergence to the original network's logits (the model with its blocks bypassed: no extra weights). Phase 2 keeps a frozen copy as the teacher. Default off: in benchmarks/transfer.py it changed phase-1 top-1 by -0.27 points [-1.29, +0.76]: no gain there.")
+DISTILL = typer.Option(False, "--distill/--no-distill", help="Add the KL divergence to the original network's logits (the model with its blocks bypassed: no extra weights). Phase 2 keeps a frozen copy as the teacher. Default off: in benchmarks/transfer.py it changed top-1 by -0.27 points [-1.29, +0.76] in phase 1 and -7.68 [-12.82, -2.54] in phase 2.")
 DISTILL_WEIGHT = typer.Option(1.0, "--distill-weight", help="Weight of the distillation term (the label loss has weight 1).")
 DISTILL_TEMPERATURE = typer.Option(1.0, "--distill-temperature", help="Distillation temperature T (the term is scaled by T^2); timm's default 1.")
 
