@@ -82,8 +82,11 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
     from .data import ImageFolderData
     from .distributed import setup
     from .insert import retrofit_scanned
+    from .meta import is_meta
     from .sweep import row_recipe
 
+    if is_meta(model):
+        raise RetrofitError("an accuracy sweep fine-tunes the model: give one with real weights, not a meta one")
     seeds = parse_seeds(seeds)
     train = dict(train or {})
     for key in ("epochs", "phase2_epochs", "seed", "output_dir", "resume", "input_size", "restore_best",
@@ -105,8 +108,8 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
                              ("full", dict(phase1=False))):
             for seed in seeds:
                 result = runs.run(f"control {name}", lambda: copy.deepcopy(model), seed, **kwargs)
-                if isinstance(result, str):
-                    failed[name] = result
+                if isinstance(result, str):  # the arm is a failed row; none of its seeds count
+                    failed[name], controls[name] = result, []
                     break
                 controls[name].append(result)
         originals = next((c for c in controls.values() if c), [])
