@@ -5,7 +5,8 @@ tensors) -> :mod:`~retrofit.sites` (residual/Inception merges, 3x3 convs) -> :mo
 (by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead); then
 :mod:`~retrofit.finetune` trains the new blocks briefly (data: :mod:`~retrofit.data`, checkpoints:
 :mod:`~retrofit.train_state`, torchrun: :mod:`~retrofit.distributed`).
-:func:`~retrofit.sweep.sweep` tabulates many recipes from one scan, :mod:`~retrofit.latency` times them.
+:func:`~retrofit.sweep.sweep` tabulates many recipes from one scan, :mod:`~retrofit.latency` times them,
+and with ``data=`` :mod:`~retrofit.ablation` fine-tunes each over seeds next to control arms.
 
 Example::
 

@@ -29,7 +29,16 @@ def bypass(model: nn.Module) -> Iterator[nn.Module]:
     info = getattr(model, "_retrofit", None)
     if info is None or not info.blocks:
         raise RetrofitError(f"this {type(model).__name__} has no blocks from retrofit.add_se; nothing to bypass")
-    hooks = [model.get_submodule(b.path).register_forward_hook(_passthrough) for b in info.blocks]
+    with blocks_off(model):
+        yield model
+
+
+@contextlib.contextmanager
+def blocks_off(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`bypass` for the fine-tune's own use: a network without blocks (a control arm of the
+    accuracy sweep) is already the original one, so there is nothing to switch off and no error."""
+    info = getattr(model, "_retrofit", None)
+    hooks = [model.get_submodule(b.path).register_forward_hook(_passthrough) for b in info.blocks] if info else []
     try:
         yield model
     finally:

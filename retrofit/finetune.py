@@ -9,6 +9,14 @@ the usual transfer-learning recipe.
   running statistics are bitwise unchanged.
 * **phase 2** (``phase2_epochs``, optional): everything trains at ``phase2_lr``.
 
+What a timm user expects of a fine-tune, each from timm: label smoothing, mixup / cutmix
+(:class:`timm.data.Mixup`), model EMA (:class:`timm.utils.ModelEmaV3`, evaluated as a row of its own),
+gradient clipping (``timm.utils.dispatch_clip_grad``), a lower rate for the pretrained parameters than
+for the new ones (``lr_scale`` parameter groups), ``channels_last``; and distillation from the original
+network, which is the same model with its blocks bypassed (:mod:`retrofit.train.loss`). The defaults
+come from ``benchmarks/transfer.py`` (README, "Does SE help?"): label smoothing 0.1 (a small gain there,
+and timm's default), everything else off (no gain there, or nothing to measure on CPU).
+
 Optimizer and scheduler come from timm's factories (``create_optimizer_v2``, ``create_scheduler_v2``,
 stepped once per epoch), data from timm's dataset and transforms (:mod:`retrofit.data`). Validation
 top-1/top-5 is measured for the original network (the SE blocks bypassed), for the retrofitted one at
@@ -18,12 +26,12 @@ steps on the same images. Checkpoints (:mod:`retrofit.train_state`) make ``resum
 the weights of an uninterrupted run: the data order and every random draw are functions of
 ``(seed, epoch)``.
 
-The pieces (what trains, optimizer, one epoch, evaluation, the run folder, progress) are small
-modules of :mod:`retrofit.train`; :class:`_Run` puts them together.
+The pieces (what trains, optimizer, objective, one epoch, evaluation, EMA, the run folder, progress)
+are small modules of :mod:`retrofit.train`; :class:`_Run` puts them together.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +39,16 @@ import torch
 from torch import nn
 
 from .adapter import remember_base
+from .bypass import blocks_off
 from .bypass import bypass as bypass_se  # its home is retrofit.bypass; kept importable here
 from .data import ImageFolderData
 from .distributed import Dist, setup
 from .errors import RetrofitError
 from .train import optim, params
+from .train.ema import Ema
 from .train.evaluate import evaluate
 from .train.loop import seed_all, train_epoch
+from .train.loss import Objective
 from .train.progress import Progress
 from .train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE, RunDir
 from .train_state import restore_training, rng_state, set_rng_state
@@ -60,6 +71,36 @@ class Settings:
     seed: int = 0
     augment: bool = True
     train_head: bool | None = None  # default: only when the classifier is new
+    train_norms: bool = False       # phase 1 also trains the norm layers' affine parameters
+    backbone_lr_scale: float = 1.0  # the parameters that are not new train at the phase's lr x this
+    smoothing: float = 0.1          # timm's default, and benchmarks/transfer.py's finding (README)
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    distill: bool = False
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    ema_decay: float | None = None  # None: no model EMA
+    clip_grad: float | None = None  # None: no gradient clipping
+    clip_mode: str = "norm"
+    channels_last: bool = False
+
+    def check(self) -> None:
+        """One clear error for a value out of range."""
+        for name in ("epochs", "phase2_epochs", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise RetrofitError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.epochs + self.phase2_epochs < 1:
+            raise RetrofitError("nothing to train: give epochs (phase 1) or phase2_epochs of at least 1")
+        for name, ok, what in (
+                ("smoothing", 0 <= self.smoothing < 1, "in [0, 1)"), ("mixup", self.mixup >= 0, "0 or more"),
+                ("cutmix", self.cutmix >= 0, "0 or more"), ("distill_weight", self.distill_weight >= 0, "0 or more"),
+                ("distill_temperature", self.distill_temperature > 0, "positive"),
+                ("backbone_lr_scale", self.backbone_lr_scale >= 0, "0 or more"),
+                ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1)"),
+                ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "positive"),
+                ("clip_mode", self.clip_mode in ("norm", "value", "agc"), "norm, value or agc")):
+            if not ok:
+                raise RetrofitError(f"{name} must be {what}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -77,17 +118,24 @@ class FinetuneResult:
         return next(r for r in self.rows if r["name"] == name)
 
 
-def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epochs: int = 0, lr: float = 1e-3,
-             phase2_lr: float | None = None, batch_size: int = 32, accum_steps: int = 1, opt: str = "adamw",
-             weight_decay: float = 0.0, sched: str = "cosine", warmup_epochs: int = 0, seed: int = 0,
-             augment: bool = True, train_head: bool | None = None, input_size: tuple[int, ...] | None = None,
+def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int = 1, *, phase2_epochs: int = 0,
+             lr: float = 1e-3, phase2_lr: float | None = None, batch_size: int = 32, accum_steps: int = 1,
+             opt: str = "adamw", weight_decay: float = 0.0, sched: str = "cosine", warmup_epochs: int = 0,
+             seed: int = 0, augment: bool = True, train_head: bool | None = None, train_norms: bool = False,
+             backbone_lr_scale: float = 1.0, smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0,
+             distill: bool = False, distill_weight: float = 1.0, distill_temperature: float = 1.0,
+             ema_decay: float | None = None, clip_grad: float | None = None, clip_mode: str = "norm",
+             channels_last: bool = False, input_size: tuple[int, ...] | None = None,
              output_dir: str | Path | None = None, resume: bool = False, workers: int = 0,
              device: str | None = None, progress: bool = False, restore_best: bool = True) -> FinetuneResult:
     """Fine-tune a retrofitted model briefly on an ImageFolder; returns the metrics.
 
     Args:
-        model: a model from :func:`retrofit.add_se` or :func:`retrofit.load`; trained in place.
-        data: a folder with ``train/<class>/*`` and ``val/<class>/*`` images.
+        model: a model from :func:`retrofit.add_se` or :func:`retrofit.load`; trained in place. A plain
+            network (no blocks) trains too, as the control arms of :func:`retrofit.sweep` do: phase 1
+            then trains what ``train_head``/``train_norms`` name (and it cannot be saved: no ``output_dir``).
+        data: a folder with ``train/<class>/*`` and ``val/<class>/*`` images, or an open
+            :class:`~retrofit.data.ImageFolderData` (its transforms are used as they are).
         epochs: phase-1 epochs (SE blocks, and a new head, train; the backbone is frozen).
         phase2_epochs: then this many epochs with everything trainable at ``phase2_lr``.
         lr, phase2_lr: learning rates (``phase2_lr`` defaults to ``lr / 10``).
@@ -100,6 +148,23 @@ def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epoc
             evaluation transform for training too.
         train_head: train the classifier in phase 1 (default: only when it is new, i.e. when the data has
             another number of classes than the model, which then gets a new head).
+        train_norms: phase 1 also trains the affine parameters of the norm layers (their statistics
+            stay frozen).
+        backbone_lr_scale: the parameters that are not new (all but the blocks and a new head) train at
+            the phase's learning rate times this (timm's ``lr_scale`` parameter groups); 1: one rate.
+        smoothing: label smoothing (timm's ``LabelSmoothingCrossEntropy``, or in mixup's soft targets);
+            0.1 by default (timm's default; ``benchmarks/transfer.py`` measured a small gain with it).
+        mixup, cutmix: alphas of :class:`timm.data.Mixup` (0: off); an odd micro-batch mixes all but its
+            last image.
+        distill: add ``distill_weight * T^2 * KL`` to the teacher's softened logits, the teacher being
+            the original network (the model with its blocks bypassed: no extra weights in phase 1; in
+            phase 2 a frozen copy taken when it starts), ``T`` = ``distill_temperature``. Needs blocks.
+        ema_decay: keep a model EMA (``timm.utils.ModelEmaV3``, decay warm-up on) and evaluate it after
+            every epoch as a row of its own (``epoch N (ema)``), which competes for ``best``.
+        clip_grad, clip_mode: clip the gradients before each step (``timm.utils.dispatch_clip_grad``:
+            ``norm``, ``value`` or ``agc``).
+        channels_last: model and images in ``torch.channels_last`` memory format while training (faster
+            convolutions on recent GPUs); the model is given back in the default format.
         input_size: ``(C, H, W)`` for the transforms (default: the size the model was retrofitted at).
         output_dir: where ``train_state.pt`` (for resume), ``last.safetensors``, ``best.safetensors`` (by
             val top-1, step 0 included) and ``metrics.jsonl`` go; None: nothing is written.
@@ -118,10 +183,11 @@ def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epoc
         >>> result = retrofit.finetune(se, data="data/", epochs=2, output_dir="runs/se50")
         >>> result.row("original")["top1"], result.best["top1"]
     """
-    settings = Settings(epochs, phase2_epochs, lr, phase2_lr, batch_size, accum_steps, opt, weight_decay, sched,
-                        warmup_epochs, seed, augment, train_head)
+    given = locals()
+    settings = Settings(**{f.name: given[f.name] for f in fields(Settings)})
     env = setup(device)
-    remember_base(model)  # the base an adapter of the result is made on (retrofit.adapter): before any change
+    if params.block_params(model):  # a plain network (a sweep's control arm) has no adapter to make
+        remember_base(model)  # the base an adapter of the result is made on (retrofit.adapter): before any change
     try:
         return _Run(model, settings, env, data, input_size, output_dir, resume, workers, progress).run(restore_best)
     finally:
@@ -132,30 +198,44 @@ class _Run:
     """One fine-tuning run: the model, its data and folder, and the phases and epochs that train it.
 
     The pieces live in :mod:`retrofit.train`: what trains (``params``), optimizer and scheduler
-    (``optim``), one epoch (``loop``), validation (``evaluate``), the run folder (``run_dir``).
+    (``optim``), the objective (``loss``), one epoch (``loop``), validation (``evaluate``), the model EMA
+    (``ema``), the run folder (``run_dir``).
     """
 
     def __init__(self, model, s: Settings, env: Dist, data, input_size, output_dir, resume, workers, progress):
         from .checkpoint import metadata
 
-        se_params = params.block_params(model)  # raises for a model without blocks
-        for name in ("epochs", "phase2_epochs", "warmup_epochs"):
-            if getattr(s, name) < 0:
-                raise RetrofitError(f"{name} must be 0 or more, got {getattr(s, name)}")
-        if s.epochs + s.phase2_epochs < 1:
-            raise RetrofitError("nothing to train: give epochs (phase 1) or phase2_epochs of at least 1")
+        s.check()
         if s.accum_steps < 1 or s.batch_size < 1 or s.batch_size % (env.world * s.accum_steps):
             raise RetrofitError(f"batch size {s.batch_size} must be a positive multiple of processes x "
                                 f"accumulation steps ({env.world} x {s.accum_steps})")
-        self.model, self.s, self.env, self.workers = model, s, env, workers
-        self.data = ImageFolderData.open(data, model, input_size or model._retrofit.input_size, augment=s.augment)
+        blocks = params.block_params(model)
+        if s.distill and not blocks:
+            raise RetrofitError("distill needs inserted blocks: the teacher is the model with its blocks "
+                                "bypassed, which for a plain network is the student itself")
+        if output_dir is not None and not blocks:
+            raise RetrofitError("this model has no blocks from retrofit.add_se, so its run cannot be saved; "
+                                "run it without output_dir")
+        self.model, self.s, self.env, self.workers, self.blocks = model, s, env, workers, bool(blocks)
+        if isinstance(data, ImageFolderData):
+            self.data = data
+        else:
+            size = input_size or _input_size(model)
+            self.data = ImageFolderData.open(data, model, size, augment=s.augment)
         new_head = params.fit_head(model, len(self.data.classes), s.seed)
         train_head = new_head if s.train_head is None else s.train_head
         head = params.head_params(model)
         if train_head and not head:
             raise RetrofitError("cannot find this model's classifier to train (it has no get_classifier())")
-        self.phase1_params = se_params | (head if train_head else set())
-        self.meta = metadata(model)
+        self.new = blocks | (head if new_head else set())  # at the full rate with backbone_lr_scale
+        self.phase1_params = (blocks | (head if train_head else set())
+                              | (params.norm_params(model) if s.train_norms else set()))
+        if s.epochs and not self.phase1_params:
+            raise RetrofitError("phase 1 has nothing to train: this model has no blocks from retrofit.add_se; "
+                                "train its head or norm layers (train_head, train_norms) or give only phase2_epochs")
+        self.objective = Objective(len(self.data.classes), s.smoothing, s.mixup, s.cutmix,
+                                   s.distill_weight if s.distill else 0.0, s.distill_temperature)
+        self.meta = metadata(model) if blocks else None
         self.dir = RunDir(output_dir, env)
         self.progress = Progress(progress and env.main)
         self.rows: list[dict[str, Any]] = []
@@ -167,6 +247,9 @@ class _Run:
             raise RetrofitError(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one "
                                 f"batch of {s.batch_size}; lower the batch size")
         model.to(env.device)
+        if s.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.ema = Ema(model, s.ema_decay) if s.ema_decay is not None else None
 
     def run(self, restore_best: bool) -> FinetuneResult:
         s, env, model = self.s, self.env, self.model
@@ -179,37 +262,53 @@ class _Run:
         with self.progress:
             if self.saved is not None:
                 model.load_state_dict(self.saved["model"], strict=True)
+                if self.ema is not None:
+                    if "ema" not in self.saved:
+                        raise RetrofitError("the saved run has no model EMA; resume it without ema_decay")
+                    self.ema.load_state_dict(self.saved["ema"])
                 self.rows, self.best = self.saved["rows"], self.saved["best"]
                 done = self.saved["epoch"]
                 set_rng_state(self.saved["rng"])
             else:
-                with bypass_se(model):
-                    self._record("original", 0, 0, None, self._evaluate("original"))
-                self._record("step 0", 0, 0, None, self._evaluate("step 0"))
+                with blocks_off(model):
+                    original = self._evaluate("original")
+                self._record("original", 0, 0, None, original)
+                self._record("step 0", 0, 0, None, self._evaluate("step 0") if self.blocks else dict(original))
                 self.dir.write_metrics(self.rows)
             for epoch in range(done + 1, total + 1):
                 if (1 if epoch <= s.epochs else 2) != phase:
                     phase = 1 if epoch <= s.epochs else 2
                     net, optimizer, scheduler = self._start_phase(phase, epoch)
                 in_phase = epoch - 1 if phase == 1 else epoch - 1 - s.epochs
-                seed_all(s.seed + 1000 * epoch + rank)  # augmentation and dropout draws of this epoch
+                seed_all(s.seed + 1000 * epoch + rank)  # augmentation, mixup and dropout draws of this epoch
                 self.train_loader.sampler.set_epoch(epoch)
                 params.set_modes(model, frozen_norms=phase == 1)
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, images, bad = self._train_epoch(net, optimizer, epoch)
+                train = dict(train_loss=train_loss, lr=lr, train_images=images)
                 val = self._evaluate(f"epoch {epoch} val")
                 scheduler.step(in_phase + 1, val["top1"])  # the metric: for sched="plateau" (mode max)
                 val["skipped_images"] += bad
-                self._record(f"epoch {epoch}", epoch, phase, dict(train_loss=train_loss, lr=lr, train_images=images), val)
-                self.dir.commit_epoch(model, dict(
-                    meta=self.meta, settings=asdict(s), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), epoch=epoch, phase=phase, rng=rng_state(), rows=self.rows,
-                    best=self.best), self.rows)
+                self._record(f"epoch {epoch}", epoch, phase, train, val)
+                if self.ema is not None:  # the average as a row of its own; it may be the best
+                    ema_val = self._evaluate(f"epoch {epoch} val (ema)", self.ema.module)
+                    ema_val["skipped_images"] = val["skipped_images"]
+                    self._record(f"epoch {epoch} (ema)", epoch, phase, train, ema_val, self.ema.module)
+                state = dict(meta=self.meta, settings=asdict(s), model=model.state_dict(),
+                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
+                             phase=phase, rng=rng_state(), rows=self.rows, best=self.best)
+                if self.ema is not None:
+                    state["ema"] = self.ema.state_dict()
+                if self.objective.frozen is not None:
+                    state["teacher"] = self.objective.frozen.state_dict()
+                self.dir.commit_epoch(model, state, self.rows)
         if restore_best:
             if self.best_weights is not None:
                 model.load_state_dict(self.best_weights, strict=True)
             else:  # the best epoch came before a resume: its file, checked, then loaded
                 self.dir.restore_best(model)
+        if s.channels_last:
+            model.to(memory_format=torch.contiguous_format)
         model.eval()
         skipped = self.rows[-1]["skipped_images"]  # in the last epoch's passes over train/ and val/
         return FinetuneResult(self.rows, dict(self.best), skipped, self.dir.path, self.data.classes)
@@ -218,32 +317,54 @@ class _Run:
         s, model = self.s, self.model
         params.set_trainable(model, self.phase1_params if phase == 1 else None)
         lr = s.lr if phase == 1 else (s.phase2_lr if s.phase2_lr is not None else s.lr / 10)
+        groups = params.lr_groups(model, self.new, s.backbone_lr_scale, s.weight_decay) \
+            if s.backbone_lr_scale != 1 else None
         optimizer, scheduler = optim.create(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay, sched=s.sched,
                                             epochs=s.epochs if phase == 1 else s.phase2_epochs,
-                                            warmup_epochs=s.warmup_epochs)
-        if self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1:
+                                            warmup_epochs=s.warmup_epochs, groups=groups)
+        resumed = self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1
+        if resumed:
             restore_training(optimizer, scheduler, self.saved, self.dir.state_file)
             scheduler.step(epoch - 1 if phase == 1 else epoch - 1 - s.epochs)  # the lr of the epoch to run
+        if phase == 2:  # the backbone moves from now on: distillation needs a copy of the original
+            self.objective.freeze_teacher(model, self.saved.get("teacher") if resumed else None)
         return optim.wrap(model, self.env), optimizer, scheduler
 
     def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int, int]:
-        return train_epoch(net, self.model, self.train_loader, optimizer, accum=self.s.accum_steps, env=self.env,
-                           progress=self.progress, label=f"epoch {epoch} train", seen_bad=self.seen_bad)
+        s, ema = self.s, self.ema
+        return train_epoch(net, self.model, self.train_loader, optimizer, accum=s.accum_steps, env=self.env,
+                           progress=self.progress, label=f"epoch {epoch} train", seen_bad=self.seen_bad,
+                           objective=self.objective, clip_grad=s.clip_grad, clip_mode=s.clip_mode,
+                           channels_last=s.channels_last,
+                           after_step=(lambda: ema.update(self.model)) if ema is not None else None)
 
-    def _evaluate(self, label: str) -> dict[str, Any]:
-        return evaluate(self.model, self.val_loader, classes=len(self.data.classes), env=self.env,
-                        progress=self.progress, label=label, seen_bad=self.seen_bad, root=self.data.root)
+    def _evaluate(self, label: str, module: nn.Module | None = None) -> dict[str, Any]:
+        return evaluate(module if module is not None else self.model, self.val_loader,
+                        classes=len(self.data.classes), env=self.env, progress=self.progress, label=label,
+                        seen_bad=self.seen_bad, root=self.data.root, channels_last=self.s.channels_last)
 
-    def _record(self, name: str, epoch: int, phase: int, train: dict | None, val: dict) -> None:
+    def _record(self, name: str, epoch: int, phase: int, train: dict | None, val: dict,
+                module: nn.Module | None = None) -> None:
         """Add a metrics row; a new best (by val top-1; the original does not compete) is kept in memory
-        and written to ``best.safetensors``."""
+        and written to ``best.safetensors``. ``module``: the weights the row measured (the EMA's)."""
+        module = module if module is not None else self.model
         row = dict(name=name, epoch=epoch, phase=phase, train_loss=None, lr=None, train_images=None, **val)
         row.update(train or {})
         self.rows.append(row)
         if name != "original" and (self.best is None or row["top1"] > self.best["top1"]):
             self.best = row
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self.dir.save_best(self.model)
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            self.dir.save_best(module)
+
+
+def _input_size(model: nn.Module) -> tuple[int, ...]:
+    """The size the model was retrofitted at; for a plain network, timm's ``pretrained_cfg``'s."""
+    info = getattr(model, "_retrofit", None)
+    if info is not None:
+        return info.input_size
+    from .models import resolve_input_size
+
+    return resolve_input_size(model, None)
 
 
 def results_table(result: FinetuneResult, title: str = "Fine-tuning results"):

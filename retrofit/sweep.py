@@ -14,6 +14,9 @@ same run (:mod:`retrofit.latency`).
 
     >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[4, 16], position=["standard", "post"])
     >>> [(row.position, row.r, round(row.params_percent, 2)) for row in rows]
+
+With ``data=`` (an ImageFolder) every combination is also fine-tuned over several seeds, next to
+control arms trained the same way (:mod:`retrofit.ablation`): the accuracy half of the paper's tables.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -53,6 +57,19 @@ class SweepRow:
     latency_ms: float | None = None    # median forward time of the retrofitted model
     base_latency_ms: float | None = None
     note: str = ""
+    # accuracy (sweep(..., data=...), :mod:`retrofit.ablation`): the last epoch's val numbers over seeds
+    arm: str = "se"                    # "se", or a control arm: "original", "head+norms", "full"
+    seeds: tuple[int, ...] = ()
+    top1: float | None = None          # mean over the seeds, percent
+    top1_std: float | None = None      # sample standard deviation over the seeds
+    val_loss: float | None = None
+    val_loss_std: float | None = None
+    top1_per_seed: tuple[float, ...] = ()
+    val_loss_per_seed: tuple[float, ...] = ()
+    delta_top1: float | None = None    # paired difference to the control arm, mean over the seeds
+    delta_top1_std: float | None = None
+    control: str | None = None         # that control arm: the one with the best mean top-1
+    pareto: bool = False               # on the front of top-1 against added parameters (or latency)
 
     @property
     def stages_label(self) -> str:
@@ -64,9 +81,9 @@ class SweepRow:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values: ``r`` a number or, per stage, a mapping with its ``default`` (as in a recipe's
-        ``to_dict``); ``r_label`` the table's spelling of it."""
+        ``to_dict``); ``r_label`` the table's spelling of it; a control arm has no ``stages``."""
         d = {**asdict(self), "r": self.r.to_dict() if isinstance(self.r, StageMap) else self.r}
-        d["stages"] = self.stages_label
+        d["stages"] = self.stages_label if self.arm == "se" else None  # a control arm has no blocks
         d["r_label"] = self.r_label
         return d
 
@@ -85,8 +102,11 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
           stages: Iterable[Any] | Any = (None,), *, recipe: Recipe | str | dict | None = None,
           input_size: tuple[int, ...] | None = None, latency: bool = False, batch: int = 8,
           latency_input_size: tuple[int, ...] | None = None, runs: int = 10, warmup: int = 2,
-          found: Scan | None = None) -> list[SweepRow]:
-    """The cost of every combination of ``r`` x ``position`` x ``stages`` on ``model``.
+          found: Scan | None = None, data: str | Path | None = None, epochs: int = 1,
+          seeds: int | Iterable[int] = 1, train: dict[str, Any] | None = None,
+          on_run: Callable[[str], None] | None = None) -> list[SweepRow]:
+    """The cost of every combination of ``r`` x ``position`` x ``stages`` on ``model``, and with
+    ``data`` its accuracy over seeds next to the control arms (:mod:`retrofit.ablation`).
 
     Args:
         model: the original network (never modified).
@@ -105,9 +125,18 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
         batch, latency_input_size, runs, warmup: the latency measurement (input size default:
             ``input_size``); see :func:`retrofit.latency.measure_latency`.
         found: a scan of ``model`` at ``input_size`` with ``macs=True``, if you have one.
+        data: an ImageFolder (``train/<class>/*``, ``val/<class>/*``): retrofit and fine-tune (phase 1)
+            every combination once per seed, and add the control arms (``model`` needs real weights).
+        epochs: phase-1 epochs of each run.
+        seeds: how many seeds (``0..K-1``), or the seeds.
+        train: other keyword arguments of :func:`retrofit.finetune` for every run (``lr``,
+            ``batch_size``, ``phase2_lr`` for the ``full`` control, ``augment``, ``workers``,
+            ``device``, ``smoothing``, ``distill``...).
+        on_run: called with one line after each fine-tune (progress).
 
     Returns:
-        One :class:`SweepRow` per combination, positions outermost, then stages, then r.
+        One :class:`SweepRow` per combination, positions outermost, then stages, then r; with ``data``,
+        the three control rows (``arm`` ``original``, ``head+norms``, ``full``) first.
 
     Raises:
         RetrofitError: an empty axis, a bad value (named with the axis), a stage the model does not
@@ -149,7 +178,17 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
                                          report.pool_ops + report.scale_ops, len(prepared.skipped)))
     if latency:
         rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup)
+    if data is not None:
+        from .ablation import with_accuracy
+
+        rows = with_accuracy(model, rows, found, base_recipe, data=data, epochs=epochs, seeds=seeds,
+                             input_size=size, latency=latency, train=train, on_run=on_run)
     return rows
+
+
+def row_recipe(base_recipe: Recipe, row: SweepRow) -> Recipe:
+    """The recipe of one combination."""
+    return dataclasses.replace(base_recipe, position=row.position, r=row.r, stages=row.stages)
 
 
 def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup) -> list[SweepRow]:
@@ -160,7 +199,7 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup) ->
         if row.note:
             out.append(row)
             continue
-        chosen = dataclasses.replace(base_recipe, position=row.position, r=row.r, stages=row.stages)
+        chosen = row_recipe(base_recipe, row)
         se_model = copy.deepcopy(model)
         with warnings.catch_warnings():  # narrow widths were already reported by the counts
             warnings.simplefilter("ignore")

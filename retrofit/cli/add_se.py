@@ -10,7 +10,8 @@ import typer
 from ..errors import RetrofitError
 from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, print_skipped, write_json)
-from .finetune import EPOCHS, is_main_process, run_finetune
+from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
+                       DISTILL_WEIGHT, EMA_DECAY, EPOCHS, MIXUP, SMOOTHING, is_main_process, regularisers, run_finetune)
 
 
 @app.command("add-se")
@@ -45,6 +46,10 @@ def add_se_command(
     batch: int = typer.Option(8, "--batch", help="Batch size of the --latency runs."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds per model for --latency."),
     meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
+    smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
+    clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
+    channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
+    distill_temperature: float = DISTILL_TEMPERATURE,
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     from ..adapter import head_keys, remember_base, state_bytes
@@ -121,7 +126,10 @@ def add_se_command(
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
         result = run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"),
                               quiet=json_path == "-", inputs=tuple(p for p in (checkpoint,) if p is not None),
-                              train_head=True if head else None)
+                              train_head=True if head else None,
+                              **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode,
+                                             backbone_lr_scale, channels_last, distill, distill_weight,
+                                             distill_temperature))
     if output is not None and is_main_process():
         save(net, output, adapter=adapter)
         card = write_card(output, net, overhead=report, result=result, command=command_line(), base_name=base_name)

@@ -61,6 +61,29 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
 
 EPOCHS = typer.Option(1, "--epochs", "-e", min=0, help="Phase-1 epochs: only the SE blocks (and a new head) train.")
 
+# The regularisers a timm user expects, shared by `finetune`, `add-se --finetune` and `sweep --data`.
+# Defaults from benchmarks/transfer.py (README, "Does SE help?"): each help text says what it found.
+SMOOTHING = typer.Option(0.1, "--smoothing", help="Label smoothing (timm's LabelSmoothingCrossEntropy; 0: plain cross-entropy). Default 0.1: timm's default, and in benchmarks/transfer.py (digits transfer, 5 seeds) it added +0.67 points of top-1 [95% CI +0.47, +0.87] to head + SE.")
+MIXUP = typer.Option(0.0, "--mixup", help="Mixup alpha (timm.data.Mixup), e.g. 0.2; an odd micro-batch mixes all but its last image. Default 0: in benchmarks/transfer.py mixup 0.2 changed top-1 by +0.09 points [-1.08, +1.26]: no gain there.")
+CUTMIX = typer.Option(0.0, "--cutmix", help="CutMix alpha (timm.data.Mixup; with --mixup, one of the two per batch), e.g. 1.0. Default 0.")
+EMA_DECAY = typer.Option(None, "--ema-decay", help="Keep a model EMA (timm ModelEmaV3, decay warm-up on), e.g. 0.999; each epoch gets an 'epoch N (ema)' row, which may be the best. Default off: in benchmarks/transfer.py an EMA of 0.99 changed top-1 by -0.31 points [-0.56, -0.06] over 50 steps.")
+CLIP_GRAD = typer.Option(None, "--clip-grad", help="Clip gradients before each step (timm dispatch_clip_grad), e.g. 1.0. Default off.")
+CLIP_MODE = typer.Option("norm", "--clip-mode", help="norm, value or agc (adaptive gradient clipping).")
+BACKBONE_LR_SCALE = typer.Option(1.0, "--backbone-lr-scale", help="The pretrained parameters train at the phase's lr x this; the new blocks and a new head at the full lr (timm lr_scale groups). Default 1: one rate.")
+CHANNELS_LAST = typer.Option(False, "--channels-last/--no-channels-last", help="Train in channels_last memory format (faster convolutions on recent GPUs).")
+DISTILL = typer.Option(False, "--distill/--no-distill", help="Add the KL divergence to the original network's logits (the model with its blocks bypassed: no extra weights). Phase 2 keeps a frozen copy as the teacher. Default off: in benchmarks/transfer.py it changed top-1 by -0.27 points [-1.29, +0.76] in phase 1 and -7.68 [-12.82, -2.54] in phase 2.")
+DISTILL_WEIGHT = typer.Option(1.0, "--distill-weight", help="Weight of the distillation term (the label loss has weight 1).")
+DISTILL_TEMPERATURE = typer.Option(1.0, "--distill-temperature", help="Distillation temperature T (the term is scaled by T^2); timm's default 1.")
+
+
+def regularisers(smoothing: float, mixup: float, cutmix: float, ema_decay: Optional[float], clip_grad: Optional[float],
+                 clip_mode: str, backbone_lr_scale: float, channels_last: bool, distill: bool, distill_weight: float,
+                 distill_temperature: float) -> dict[str, Any]:
+    """The keyword arguments of retrofit.finetune for the shared options above."""
+    return dict(smoothing=smoothing, mixup=mixup, cutmix=cutmix, ema_decay=ema_decay, clip_grad=clip_grad,
+                clip_mode=clip_mode, backbone_lr_scale=backbone_lr_scale, channels_last=channels_last, distill=distill,
+                distill_weight=distill_weight, distill_temperature=distill_temperature)
+
 
 @app.command("finetune")
 @fail_cleanly
@@ -88,6 +111,11 @@ def finetune_command(
     base: Optional[Path] = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit)."),
     force: bool = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's."),
     adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, OUTPUT_DIR/adapter.safetensors (the blocks and what changed, with a hash of the base)."),
+    train_norms: bool = typer.Option(False, "--train-norms/--freeze-norms", help="Phase 1 also trains the norm layers' affine parameters (statistics stay frozen)."),
+    smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
+    clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
+    channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
+    distill_temperature: float = DISTILL_TEMPERATURE,
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
     from ..adapter import BASE_ATTR
@@ -105,7 +133,11 @@ def finetune_command(
                           resume=resume, phase2_epochs=phase2_epochs, lr=lr, phase2_lr=phase2_lr,
                           batch_size=batch_size, accum_steps=accum_steps, opt=opt, weight_decay=weight_decay,
                           sched=sched, warmup_epochs=warmup_epochs, seed=seed, augment=augment,
-                          train_head=train_head, workers=workers, device=device, input_size=size)
+                          train_head=train_head, workers=workers, device=device, input_size=size,
+                          train_norms=train_norms,
+                          **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode,
+                                         backbone_lr_scale, channels_last, distill, distill_weight,
+                                         distill_temperature))
     if is_main_process():  # the card (and adapter) of the model the run hands over: the best one
         out = out.expanduser()
         handed = out / (ADAPTER_FILE if adapter else BEST_FILE)

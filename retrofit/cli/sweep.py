@@ -1,4 +1,5 @@
-"""`retrofit sweep`: the cost of every combination of r, position and stages, in one table."""
+"""`retrofit sweep`: the cost of every combination of r, position and stages, in one table; with --data
+also its accuracy over seeds next to the control arms (columns and plot: :mod:`retrofit.cli.ablation`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,12 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
-from .common import INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, write_json
+from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
+                       save_figure)
+from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
+                     json_target, write_json)
+from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
+                       DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
@@ -32,12 +38,34 @@ def sweep_command(
     latency_size: Optional[str] = typer.Option(None, "--latency-size", help="C,H,W of the latency runs (default: --input-size)."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds per model for --latency (median reported)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON to FILE (- for stdout)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw parameter and latency (or MAC) overhead against r, one line per position, to FILE.png."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw parameter and latency (or MAC) overhead against r, one line per position, to FILE.png; with --data: val top-1 against added parameters (or latency), error bars over seeds."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder (DATA/train/<class>/*, DATA/val/<class>/*): also fine-tune every combination (phase 1) and the control arms, and report val top-1 and loss."),
+    epochs: int = typer.Option(1, "--epochs", "-e", help="With --data: phase-1 epochs of each run (the full-network control: as many at --phase2-lr)."),
+    seeds: int = typer.Option(1, "--seeds", help="With --data: seeds 0..K-1 per combination and control (mean ± std, paired differences)."),
+    checkpoint: Optional[Path] = CHECKPOINT,
+    pretrained: bool = PRETRAINED,
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="With --data: global batch size."),
+    lr: float = typer.Option(1e-3, "--lr", help="With --data: phase-1 learning rate (SE arms, head+norms control)."),
+    phase2_lr: Optional[float] = typer.Option(None, "--phase2-lr", help="With --data: learning rate of the full-network control (default: lr / 10)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="With --data: timm's training augmentation."),
+    workers: int = typer.Option(2, "--workers", "-j", min=0, help="With --data: data-loading processes."),
+    device: Optional[str] = typer.Option(None, "--device", help="With --data: cpu or cuda (default: cuda when available)."),
+    smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
+    clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
+    channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
+    distill_temperature: float = DISTILL_TEMPERATURE,
 ):
     """Sweep r x position x stages: added parameters, multiply-adds and (--latency) latency per combination.
 
-    The model is traced once; without --latency no SE block is built (counts come from the plan,
-    on the meta device), so a 5 x 5 sweep costs about one add-se.
+    The model is traced once; without --latency or --data no SE block is built (counts come from the
+    plan, on the meta device), so a 5 x 5 sweep costs about one add-se.
+
+    With --data every combination is also retrofitted and fine-tuned (phase 1) once per seed, next to
+    three control arms trained with the same seeds, data order and steps: the original at step 0, the
+    original with its head and norm affine parameters trained, and the full original network at
+    --phase2-lr. The table adds val top-1 and loss (mean ± std over seeds), the paired difference to
+    the best control, and the Pareto front of top-1 against added parameters (or --latency).
+    Under torchrun each run is DistributedDataParallel over all processes.
     """
     from ..checkpoint import check_writable
     from ..insert import model_name
@@ -53,28 +81,43 @@ def sweep_command(
     stage_sets = parse_axis("stages", stages, parse_stages)
     if batch < 1 or runs < 1:
         raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
+    train = None
+    if data is not None:
+        if epochs < 1 or seeds < 1:
+            raise RetrofitError(f"--epochs and --seeds must be at least 1, got {epochs} and {seeds}")
+        train = dict(lr=lr, phase2_lr=phase2_lr, batch_size=batch_size, augment=augment, workers=workers, device=device,
+                     **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode, backbone_lr_scale,
+                                    channels_last, distill, distill_weight, distill_temperature))
+    elif epochs != 1 or seeds != 1:
+        raise RetrofitError("--epochs and --seeds set an accuracy sweep, which needs --data DIR")
     json_target(json_path)
     if plot is not None:
         plot = plot.expanduser()
         check_writable(plot)
         pyplot = import_pyplot()
-    net, found = build_and_scan(lambda: build_model(model, None, False, num_classes), input_size, meta=not latency)
+    real = latency or data is not None or checkpoint is not None or pretrained
+    net, found = build_and_scan(lambda: build_model(model, checkpoint, pretrained, num_classes), input_size, meta=not real)
     size = found.traced.input_size
     timing_size = resolve_input_size(net, latency_size) if latency_size is not None else size
+    talk = json_path != "-" and is_main_process()
     rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
-                 latency_input_size=timing_size, runs=runs, found=found)
+                 latency_input_size=timing_size, runs=runs, found=found, data=data, epochs=epochs, seeds=seeds,
+                 train=train, on_run=(lambda line: console(stderr=True).print(line)) if talk else None)
     name = model_name(net)
-    data = {"model": name, "input_size": list(size), "recipe": base.to_dict(),
-            "latency": {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None,
-            "base": {"params": count_params(net), "macs": found.macs},
-            "rows": [row.to_dict() for row in rows]}
+    out = {"model": name, "input_size": list(size), "recipe": base.to_dict(),
+           "latency": {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None,
+           "accuracy": {"data": str(data), "epochs": epochs, "seeds": list(range(seeds)), "train": train}
+           if data is not None else None,
+           "base": {"params": count_params(net), "macs": found.macs},
+           "rows": [row.to_dict() for row in rows]}
     if json_path != "-":
         console().print(f"[bold]{name}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
-                        f"{len(rows)} combinations; other fields: {base.describe()}")
+                        f"{sum(row.arm == 'se' for row in rows)} combinations; other fields: {base.describe()}")
         console().print(sweep_table(rows, latency, batch, timing_size))
-    write_json(data, json_path)
-    if plot is not None:
-        draw(pyplot, rows, name, plot, latency)
+    if is_main_process():
+        write_json(out, json_path)
+    if plot is not None and is_main_process():
+        (draw_accuracy if has_accuracy(rows) else draw)(pyplot, rows, name, plot, latency)
         if json_path != "-":
             console().print(f"saved {plot}")
 
@@ -88,19 +131,29 @@ def sweep_table(rows, latency: bool, batch: int, size):
     if latency:
         caption += (f" latency: median forward time of the retrofitted model over the original's, measured in "
                     f"turns in the same run (batch {batch}, {'x'.join(map(str, size))}, CPU unless on GPU).")
+    accuracy = has_accuracy(rows)
+    if accuracy:
+        caption += " " + accuracy_caption(rows, latency)
     table = Table(title="Sweep", title_justify="left", caption=caption, caption_justify="left")
     columns = ["position", "r", "stages", "blocks", "params added", "% params", "MACs added", "% MACs"]
     if latency:
         columns += ["latency", "ms"]
     for col in columns:
         table.add_column(col, justify="left" if col == "position" else "right")
+    if accuracy:
+        accuracy_columns(table, rows)
     table.add_column("note", justify="left")
     for row in rows:
-        cells = [row.position, row.r_label, row.stages_label, str(row.blocks), _n(row.params),
-                 _pct(row.params_percent), _n(row.macs), _pct(row.macs_percent)]
+        if row.arm != "se":  # a control arm: the original architecture, nothing added
+            cells = [f"control: {row.arm}", "", "", "", "0", "", "", ""]
+        else:
+            cells = [row.position, row.r_label, row.stages_label, str(row.blocks), _n(row.params),
+                     _pct(row.params_percent), _n(row.macs), _pct(row.macs_percent)]
         if latency:
             cells += ["" if row.latency is None else f"{row.latency:.3f}x",
                       "" if row.latency_ms is None else f"{row.latency_ms:.1f}"]
+        if accuracy:
+            cells += accuracy_cells(row)
         note = row.note or (f"{row.skipped} site(s) skipped" if row.skipped else "")
         table.add_row(*cells, note)
     return table
@@ -121,8 +174,6 @@ def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
     """Overhead against r, one line per position (and stage set, when several were swept). r is on a
     log2 axis; when an r is a per-stage map, the axis is the r values in the order given, each
     labelled as spelled on the command line."""
-    import os
-
     from ..sweep import r_label
 
     numeric = all(isinstance(row.r, (int, float)) for row in rows)
@@ -156,13 +207,4 @@ def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SE retrofit sweep: {name}")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-        pyplot.close(fig)
+    save_figure(pyplot, fig, path)

@@ -2,10 +2,12 @@
 
 One concept per module, so a new training option is one local change:
 
-* :mod:`.params`: what trains in each phase (the blocks, a new head, everything) and which layers
-  stay in eval mode;
+* :mod:`.params`: what trains in each phase (the blocks, a head, norm layers, everything), at which
+  rate, and which layers stay in eval mode;
 * :mod:`.optim`: optimizer and scheduler from timm's factories, and the DDP wrapper;
-* :mod:`.loop`: one training epoch (micro-batches, accumulation, DDP ``no_sync``);
+* :mod:`.loss`: the objective: label smoothing, mixup / cutmix, distillation from the original network;
+* :mod:`.loop`: one training epoch (micro-batches, accumulation, DDP ``no_sync``, gradient clipping);
+* :mod:`.ema`: the model EMA (timm's ``ModelEmaV3``), evaluated as a row of its own;
 * :mod:`.evaluate`: validation loss and top-1/top-5 (the "original" row evaluates the model inside
   :func:`retrofit.bypass`);
 * :mod:`.run_dir`: the run's folder: the training state, ``last``/``best`` models and ``metrics.jsonl``;

@@ -15,10 +15,11 @@ from .progress import Progress
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Progress, label: str,
-             seen_bad: set[str], root) -> dict[str, Any]:
+             seen_bad: set[str], root, channels_last: bool = False) -> dict[str, Any]:
     """``val_loss``, ``top1``, ``top5`` (percent), ``val_images`` and ``skipped_images`` of ``model``
     on ``loader`` (the shard of this process; the sums are global)."""
     dev = env.device
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.eval()
     loss_sum = n = top1 = top5 = bad = 0.0
     task = progress.task(label, len(loader))
@@ -27,7 +28,7 @@ def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Pro
         if env.main:
             warn_bad(batch.bad, seen_bad)
         if len(batch.targets):
-            x, y = batch.images.to(dev), batch.targets.to(dev)
+            x, y = batch.images.to(dev, memory_format=fmt), batch.targets.to(dev)
             with env.autocast():
                 logits = model(x).float()
             if logits.dim() != 2 or logits.shape[1] < classes:

@@ -1,15 +1,17 @@
-"""One training epoch: micro-batches, gradient accumulation, and DDP's ``no_sync`` between steps."""
+"""One training epoch: micro-batches, gradient accumulation, DDP's ``no_sync`` between steps, gradient
+clipping and the updates after each step (model EMA)."""
 from __future__ import annotations
 
 import contextlib
 import random
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import warn_bad
 from ..distributed import Dist
+from .loss import Objective
 from .progress import Progress
 
 
@@ -23,13 +25,23 @@ def seed_all(seed: int) -> None:
 
 
 def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: int, env: Dist,
-                progress: Progress, label: str, seen_bad: set[str]) -> tuple[float, int, int]:
+                progress: Progress, label: str, seen_bad: set[str], objective: Objective,
+                clip_grad: float | None = None, clip_mode: str = "norm", channels_last: bool = False,
+                after_step: Callable[[], None] | None = None) -> tuple[float, int, int]:
     """Train ``net`` (``model``, or its DDP wrapper) for one pass over ``loader``.
+
+    Each micro-batch: mixup / cutmix (``objective.mix``), the forward pass, the teacher's logits when
+    distilling (``model`` with its blocks bypassed), the loss (``objective``). Before each optimizer
+    step the gradients are clipped (``timm.utils.dispatch_clip_grad``: ``clip_mode`` norm, value or
+    agc) when ``clip_grad`` is set; after it ``after_step()`` runs (the EMA update).
 
     Returns the mean training loss, the number of images trained on and the number of undecodable
     images skipped, each summed over the processes.
     """
+    from timm.utils import dispatch_clip_grad
+
     dev = env.device
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     steps = len(loader)
     loss_sum, seen, bad = 0.0, 0, 0
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -43,17 +55,24 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
         no_sync = net.no_sync() if (net is not model and not sync) else contextlib.nullcontext()
         with no_sync:
             if len(batch.targets):
-                x, y = batch.images.to(dev, non_blocking=True), batch.targets.to(dev, non_blocking=True)
+                x = batch.images.to(dev, non_blocking=True, memory_format=fmt)
+                y = batch.targets.to(dev, non_blocking=True)
+                x, target = objective.mix(x, y)
+                teacher = objective.teacher_logits(model, x, env.autocast)
                 with env.autocast():
-                    loss = F.cross_entropy(net(x).float(), y)
+                    loss = objective(net(x).float(), target, teacher)
                 loss_sum += loss.item() * len(y)
                 seen += len(y)
             else:  # every image of this micro-batch was bad: a zero step keeps processes in lock-step
                 loss = sum(p.sum() * 0 for p in trainable)
             (loss / accum).backward()
         if sync:
+            if clip_grad is not None:
+                dispatch_clip_grad(trainable, clip_grad, mode=clip_mode)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
         progress.advance(task, loss=loss_sum / max(seen, 1))
     loss_sum, seen, bad = env.sum([loss_sum, seen, bad])
     return loss_sum / max(seen, 1), int(seen), int(bad)

@@ -10,14 +10,18 @@ from ..errors import RetrofitError, first_line
 
 
 def create(model: nn.Module, *, opt: str, lr: float, weight_decay: float, sched: str, epochs: int,
-           warmup_epochs: int) -> tuple[Any, Any]:
+           warmup_epochs: int, groups: list[dict] | None = None) -> tuple[Any, Any]:
     """``timm.optim.create_optimizer_v2`` over the parameters that require gradients (timm skips the
-    others) and ``timm.scheduler.create_scheduler_v2`` stepped once per epoch; bad names are one line."""
+    others) and ``timm.scheduler.create_scheduler_v2`` stepped once per epoch; bad names are one line.
+
+    ``groups``: parameter groups (:func:`retrofit.train.params.lr_groups`: ``lr_scale`` per group,
+    applied by timm's scheduler) instead of timm's own grouping of ``model``."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     try:
-        optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay)
+        optimizer = create_optimizer_v2(model if groups is None else groups, opt=opt, lr=lr,
+                                        weight_decay=weight_decay)
     except (ValueError, AssertionError, KeyError) as err:
         raise RetrofitError(f"optimizer {opt!r}: {first_line(err)}; timm.optim.list_optimizers() lists "
                             f"the names") from None
