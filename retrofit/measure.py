@@ -174,7 +174,7 @@ def compare(base: ModelCost, retro: ModelCost) -> Overhead:
     calls: dict[str, list] = {}
     for call in retro.traced.calls():
         calls.setdefault(call.path, []).append(call)
-    height = retro.traced.input_size[-2]
+    height = retro.traced.image_size[0]
     blocks = [_block_cost(p, model.get_submodule(p), calls.get(p, []), sites.get(p), height) for p in new]
     return Overhead(retro.traced.input_size, base.params, base.macs, retro.params, retro.macs, blocks)
 

@@ -167,9 +167,7 @@ class _Analysis:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.data = self._data_nodes()
         self.idom = self._dominators()
-        self.skipped: list[Skipped] = [
-            Skipped(path, f"torch.fx cannot trace {reason}; kept as one opaque node, no site inside")
-            for path, reason in traced.opaque]
+        self.skipped: list[Skipped] = [Skipped(path or "<model>", line) for path, line in traced.opaque]
 
     # -- graph facts -----------------------------------------------------------------------
     def _data_nodes(self) -> set:
@@ -234,7 +232,7 @@ class _Analysis:
     def _spatial(self, h: int, w: int) -> bool:
         """Whether (h, w) can be the image's height and width at some output stride: both sides
         shrunk by the same power of two (NCHW). A channels-last (N, H, W, C) tensor fails this."""
-        in_h, in_w = self.traced.input_size[-2:]
+        in_h, in_w = self.traced.image_size
         return h > 0 and w > 0 and round(math.log2(in_h / h)) == round(math.log2(in_w / w)) and \
             abs(in_h / h - in_w / w) <= 0.5 * max(in_h / h, in_w / w)
 
@@ -255,7 +253,7 @@ class _Analysis:
         grid = self._token_grid(n, shape[1])
         if grid is None:
             return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
-                    f"{self.traced.input_size[-2]}x{self.traced.input_size[-1]} input: the squeeze axis is unknown")
+                    f"{self.traced.image_size[0]}x{self.traced.image_size[1]} input: the squeeze axis is unknown")
         return "tokens", grid[:2], grid[2]
 
     def _token_grid(self, n: fx.Node, tokens: int) -> tuple[int, int, int] | None:
@@ -267,7 +265,7 @@ class _Analysis:
             p = getattr(call.module, "num_prefix_tokens", None)
             known = p if isinstance(p, int) and not isinstance(p, bool) else None
             call = call.parent
-        in_h, in_w = self.traced.input_size[-2:]
+        in_h, in_w = self.traced.image_size
         # the model's prefix first; then any (CaiT's patch blocks run before its class token joins)
         for wanted in ([known] if known is not None else []) + [None]:
             best = None
@@ -286,7 +284,7 @@ class _Analysis:
         shape = N.shape(at or anchor)
         name, size, prefix = layout or ("nchw", (shape[2], shape[3]), 0)
         channels = shape[1] if name == "nchw" else shape[-1]
-        height = self.traced.input_size[-2]
+        height = self.traced.image_size[0]
         stage = max(0, round(math.log2(height / size[0]))) if size[0] > 0 else 0
         return Site(kind, level_of(anchor).path, anchor.name, channels, size, 2 ** stage, stage, detail, refs,
                     name, prefix)
