@@ -26,7 +26,8 @@ from .positions import POSITIONS, Insertion, SkipSite
 from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_name
 from .recipe import Recipe, resolve_recipe
 from .se_layout import channel_dim
-from .sites import Scan, Skipped, scan
+from .named import named_sites
+from .sites import KINDS, NAMED, Scan, Skipped, scan
 from .trace import Call, Traced, level_of
 
 
@@ -207,14 +208,48 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
 
 # -- planning -----------------------------------------------------------------------------------
 def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
-    """The insertions ``recipe`` asks for in a scanned model (site kinds and stages checked)."""
-    position = POSITIONS[recipe.position]
+    """The insertions ``recipe`` asks for in a scanned model (site kinds and stages checked): at the
+    discovered sites its position applies to, and on the modules its ``at`` globs name."""
     name = model_name(found.traced.model)
+    kinds = recipe.kinds if recipe.kinds is not None or recipe.at is None else (NAMED,)
+    candidates = _discovered(found, recipe, kinds, name) if set(kinds or KINDS) - {NAMED} else []
+    if recipe.at is not None and NAMED in (kinds or ()):
+        candidates += named_sites(found.traced, recipe.at, name)
+    if recipe.stages is not None:
+        stages = sorted({s.stage for s in candidates})
+        missing = [s for s in recipe.stages if s not in stages]
+        if missing:
+            raise RetrofitError(f"stage {','.join(map(str, missing))} does not exist in {name} for position "
+                                f"'{recipe.position}': its sites are in stages {','.join(map(str, stages))} "
+                                f"(stage = log2 of the output stride)")
+        candidates = [s for s in candidates if s.stage in recipe.stages]
+    candidates = select(candidates, recipe, name)
+    position = POSITIONS[recipe.position]
+    insertions, skipped = [], []
+    for site in candidates:
+        if site.kind == NAMED:  # on the module's output, whatever the position
+            insertions.append(Insertion(site, site.refs.anchor, None, "at"))
+            continue
+        try:
+            insertions.append(position.place(site))
+        except SkipSite as err:
+            skipped.append(Skipped(_site_name(site), f"{recipe.position}: {err}"))
+    if not insertions:
+        raise RetrofitError(f"position '{recipe.position}' has no usable site in {name}: "
+                            f"{skipped[0].reason}")
+    return insertions, skipped
+
+
+def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name: str) -> list:
+    """The discovered sites (residual, Inception, 3x3 conv) of the kinds asked for that the recipe's
+    position applies to."""
+    position = POSITIONS[recipe.position]
     candidates = [s for s in found.sites if s.kind in position.kinds]
-    if recipe.kinds is not None:
-        candidates = [s for s in candidates if s.kind in recipe.kinds]
+    if kinds is not None:
+        candidates = [s for s in candidates if s.kind in kinds]
         if not candidates and found.sites:
-            raise RetrofitError(f"kinds {','.join(recipe.kinds)} have no site in {name} for position "
+            wanted = [k for k in kinds if k != NAMED]
+            raise RetrofitError(f"kinds {','.join(wanted)} have no site in {name} for position "
                                 f"'{recipe.position}': the model has {found.summary()}")
     if not candidates:
         usable = [p for p, spec in POSITIONS.items() if any(s.kind in spec.kinds for s in found.sites)]
@@ -226,26 +261,9 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
         else:
             hint = "it has no residual or Inception merge at all"
         raise RetrofitError(f"position '{recipe.position}' has no site in {name}: it needs "
-                            f"{' or '.join(position.kinds)} sites and the model has {found.summary()}; {hint}")
-    if recipe.stages is not None:
-        stages = sorted({s.stage for s in candidates})
-        missing = [s for s in recipe.stages if s not in stages]
-        if missing:
-            raise RetrofitError(f"stage {','.join(map(str, missing))} does not exist in {name} for position "
-                                f"'{recipe.position}': its sites are in stages {','.join(map(str, stages))} "
-                                f"(stage = log2 of the output stride)")
-        candidates = [s for s in candidates if s.stage in recipe.stages]
-    candidates = select(candidates, recipe, name)
-    insertions, skipped = [], []
-    for site in candidates:
-        try:
-            insertions.append(position.place(site))
-        except SkipSite as err:
-            skipped.append(Skipped(_site_name(site), f"{recipe.position}: {err}"))
-    if not insertions:
-        raise RetrofitError(f"position '{recipe.position}' has no usable site in {name}: "
-                            f"{skipped[0].reason}")
-    return insertions, skipped
+                            f"{' or '.join(position.kinds)} sites and the model has {found.summary()}; {hint}; "
+                            f"`at:` puts blocks on the outputs of modules you name")
+    return candidates
 
 
 def matches(path: str, pattern: str) -> bool:
@@ -298,6 +316,8 @@ def owner_of(ins: Insertion) -> Call:
 
 # -- surgery ------------------------------------------------------------------------------------
 def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe) -> Rewrite:
+    if owner.kept is not None:  # retrofit.opaque: fx cannot trace it, its forward stays as it is
+        raise CannotRewrite("its forward is kept as is (fx cannot trace it)")
     rebuilt = OwnerGraph(owner, traced)
     check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
     spliced = []
@@ -311,7 +331,7 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         value = rebuilt.rep(ins.value)
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
-    bases = [("se" if ins.position == "standard" else f"se_{ins.position}") for ins, _, _ in spliced]
+    bases = [_base_name(ins, owner) for ins, _, _ in spliced]
     names, taken = [], set()
     for (ins, value, users), base in zip(spliced, bases):
         if bases.count(base) > 1:
@@ -380,6 +400,15 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
     prefix = f"{owner.path}." if owner.path else ""
     none_attributes += [prefix + name for name in was_none]
     return infos
+
+
+def _base_name(ins: Insertion, owner: Call) -> str:
+    """``se`` at the standard position (timm's name), ``se_<position>`` at the others; a block on a
+    named module's output (``at``) is ``se_<its name>`` in the forward that reads it, or ``se_out``
+    at the end of the module's own forward."""
+    if ins.position == "at":
+        return "se_out" if ins.site.module == owner.path else f"se_{ins.site.module.rpartition('.')[2]}"
+    return "se" if ins.position == "standard" else f"se_{ins.position}"
 
 
 def _free_name(module: nn.Module, base: str, taken: set = frozenset()) -> str:

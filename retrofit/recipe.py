@@ -25,7 +25,7 @@ from timm.layers import make_divisible
 from .errors import RecipeError
 from .positions import POSITIONS
 from .se import GATES, SQUEEZES
-from .sites import KINDS
+from .sites import KINDS, NAMED
 
 INITS = ("preserve", "paper")
 
@@ -55,6 +55,10 @@ class Recipe:
         only: module-path globs (``fnmatch``, e.g. ``layer3.*``); only sites whose owning module, or
             one of its parents, matches one of them get blocks. ``None``: every site.
         skip: module-path globs of sites that get no block (matched like ``only``).
+        at: module-path globs (``features.denseblock*``; ``*`` within one name, ``**`` across names):
+            a block on the output of each module they match, as sites of kind ``module``
+            (:mod:`retrofit.named`), whatever the position. With ``at`` and no ``kinds``, these are
+            the only sites; ``kinds: [residual, module]`` adds the discovered ones.
     """
 
     position: str = "standard"
@@ -70,15 +74,20 @@ class Recipe:
     kinds: tuple[str, ...] | None = None
     only: tuple[str, ...] | None = None
     skip: tuple[str, ...] | None = None
+    at: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, _CHECKS[f.name](getattr(self, f.name)))
         _check_module(self)
-        if self.kinds is not None and not set(self.kinds) & set(POSITIONS[self.position].kinds):
+        found = [k for k in self.kinds or () if k != NAMED]  # `at` sites take any position
+        if found and not set(found) & set(POSITIONS[self.position].kinds):
             raise RecipeError(f"recipe fields 'kinds', 'position': position '{self.position}' applies to "
                               f"{' and '.join(POSITIONS[self.position].kinds)} sites, not to "
-                              f"{', '.join(self.kinds)}; choose kinds it applies to or another position")
+                              f"{', '.join(found)}; choose kinds it applies to or another position")
+        if (NAMED in (self.kinds or ())) != (self.at is not None) and self.kinds is not None:
+            raise RecipeError("recipe fields 'kinds', 'at': kind 'module' is the sites `at` names; give both "
+                              "(at: [module globs] and module in kinds) or neither")
         if self.init == "preserve" and not self.bias and GATES[self.gate].at_zero == 0:
             raise RecipeError(
                 f"recipe fields 'init', 'bias', 'gate': init 'preserve' without biases needs a gate "
@@ -123,7 +132,7 @@ class Recipe:
         """Plain values, as in a YAML file (``stages`` is a list or ``"all"``)."""
         d = dataclasses.asdict(self)
         d["stages"] = "all" if self.stages is None else list(self.stages)
-        for name in ("kinds", "only", "skip"):
+        for name in ("kinds", "only", "skip", "at"):
             d[name] = None if d[name] is None else list(d[name])
         return d
 
@@ -141,7 +150,7 @@ class Recipe:
     def _describe_selection(self) -> str:
         """Module and selection, named only when they differ from the defaults (SE on every site)."""
         parts = [] if self.module == "se" else [f"module {self.module}"]
-        for name in ("kinds", "only", "skip"):
+        for name in ("kinds", "only", "skip", "at"):
             if getattr(self, name) is not None:
                 parts.append(f"{name} {','.join(getattr(self, name))}")
         return "".join(", " + p for p in parts)
@@ -314,7 +323,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "bias": _bool,
     "init": _choice("init", lambda: INITS),
     "module": _choice("module", _attentions),
-    "kinds": _names("kinds", lambda: KINDS, aliases={"inside": "conv3x3"}),
+    "kinds": _names("kinds", lambda: KINDS + (NAMED,), aliases={"inside": "conv3x3"}),
     "only": _names("only"),
     "skip": _names("skip"),
+    "at": _names("at"),
 }

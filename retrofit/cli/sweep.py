@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
-from .common import INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, write_json
+from .common import AT, INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, write_json
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
@@ -24,6 +24,7 @@ def sweep_command(
                                help="Stage sets, comma-separated: all, a stage (3) or several joined by + (3+4)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R",
                                          help="Recipe for the other fields (squeeze, gate, bias...); default: standard."),
+    at: Optional[str] = AT,
     input_size: Optional[str] = INPUT_SIZE,
     num_classes: Optional[str] = NUM_CLASSES,
     latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original (builds real models; slow)."),
@@ -46,7 +47,7 @@ def sweep_command(
     from ..recipe import resolve_recipe
     from ..sweep import parse_axis, parse_stages, sweep
 
-    base = resolve_recipe(recipe)
+    base = resolve_recipe(recipe, at=at)
     ratios = parse_axis("r", r, lambda v: base.replace(r=v).r)
     positions = parse_axis("position", position, lambda v: base.replace(position=v).position)
     stage_sets = parse_axis("stages", stages, parse_stages)
