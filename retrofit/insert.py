@@ -404,10 +404,13 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
 
 def _base_name(ins: Insertion, owner: Call) -> str:
     """``se`` at the standard position (timm's name), ``se_<position>`` at the others; a block on a
-    named module's output (``at``) is ``se_<its name>`` in the forward that reads it, or ``se_out``
-    at the end of the module's own forward."""
+    named module's output (``at``) is ``se_<its path from there>`` in the forward that reads it
+    (``features.se_denseblock1``, ``se_blocks_0``), or ``se_out`` at the end of its own forward."""
     if ins.position == "at":
-        return "se_out" if ins.site.module == owner.path else f"se_{ins.site.module.rpartition('.')[2]}"
+        if ins.site.module == owner.path:
+            return "se_out"
+        relative = ins.site.module[len(owner.path) + 1:] if owner.path else ins.site.module
+        return "se_" + relative.replace(".", "_")
     return "se" if ins.position == "standard" else f"se_{ins.position}"
 
 
