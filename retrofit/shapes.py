@@ -90,9 +90,13 @@ class MetaShapeProp(fx.Interpreter):
         try:
             out = super().run_node(n)
         except Exception:
+            self.retrying(n)
             out = self._run_fake(n)
         n.meta["val"] = out
         return out
+
+    def retrying(self, n: fx.Node) -> None:
+        """Called before each new attempt at ``n`` (fake tensors, then real ones) after one failed."""
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
@@ -135,6 +139,7 @@ class MetaShapeProp(fx.Interpreter):
                 out = self._call(n, args, kwargs) if n.op in CALLS else super().run_node(n)
         except Exception as err:
             try:
+                self.retrying(n)
                 return self._run_real(n)
             except Exception:
                 pass
@@ -182,15 +187,23 @@ def count_macs(traced: Traced, batch: int = 1) -> int:
     counter = FlopCounterMode(display=False)
 
     class Counting(MetaShapeProp):
+        """Each node's multiply-adds: those of its last attempt (a failed one may have run convs)."""
+        wasted = 0
+
         def run_node(self, n):
-            before = counter.get_total_flops()
+            self.start = before = counter.get_total_flops()
             out = super().run_node(n)
-            n.meta["macs"] = (counter.get_total_flops() - before) // 2
+            n.meta["macs"] = (counter.get_total_flops() - self.start) // 2
+            self.wasted += self.start - before
             return out
 
+        def retrying(self, n):
+            self.start = counter.get_total_flops()
+
     with counter:
-        Counting(traced.model, traced.graph, traced.constants).run(*_meta_inputs(traced, batch))
-    return counter.get_total_flops() // 2 - _counted_twice(traced)
+        counting = Counting(traced.model, traced.graph, traced.constants)
+        counting.run(*_meta_inputs(traced, batch))
+    return (counter.get_total_flops() - counting.wasted) // 2 - _counted_twice(traced)
 
 
 def _counted_twice(traced: Traced) -> int:

@@ -8,9 +8,12 @@ original back. Weights are randomised (tests/conftest.py): fresh ones would hide
 import pytest
 import timm
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import detection, segmentation
 
 import retrofit
+from retrofit.report import sites_json
 from retrofit.sites import scan
 from conftest import randomize
 
@@ -193,6 +196,10 @@ def test_hugging_face(kind):
     assert blocks_of(se) == units
     assert [b.stage for b in se._retrofit.blocks] == [2, 3, 3, 4, 5]
     assert {s.where for s in se._retrofit.skipped if "kept as is" in s.reason} == {p or "<model>" for p in HF_KEPT[kind]}
+    counter = FlopCounterMode(display=False)  # the kept forwards hold no multiply-add of their own
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert scan(model, (3, 64, 64), macs=True).macs == counter.get_total_flops() // 2
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         reference, out = model(x, output_hidden_states=True), se.eval()(x, output_hidden_states=True)
@@ -217,3 +224,42 @@ def test_at_on_a_part_called_by_a_kept_forward_ends_its_own_forward():
     with pytest.raises(retrofit.RetrofitError, match=r"at: resnet.embedder.pooler \(MaxPool2d\) is called by a "
                                                      r"forward kept as is \(resnet.embedder"):
         retrofit.add_se(model, at=["resnet.embedder.pooler"], input_size=(3, 64, 64))
+
+
+# -- a kept module inside a traced forward --------------------------------------------------------------
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow around a residual unit: fx cannot trace it, it can trace the unit."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.unit = Residual(c)
+
+    def forward(self, x):
+        y = self.unit(x)
+        return y if y.mean() > 0 else -y
+
+
+def test_a_kept_module_inside_is_gone_into_and_counted_once():
+    net = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Gate(8), Residual(8)))
+    found = scan(net, (3, 16, 16), macs=True)
+    assert [s.module for s in found.sites if s.kind == "residual"] == ["1.unit", "2"]
+    assert sites_json(found)["kept"] == [{"module": "1", "reason": found.traced.opaque[0][1]}]
+    assert "torch.fx cannot trace Gate" in found.traced.opaque[0][1]
+    counter = FlopCounterMode(display=False)  # the reference: one real forward, counted by torch
+    with counter, torch.no_grad():
+        net(torch.randn(1, 3, 16, 16))
+    assert found.macs == counter.get_total_flops() // 2  # Gate's node and its traced unit: once
+    se = retrofit.add_se(net, r=4, input_size=(3, 16, 16)).eval()
+    assert blocks_of(se) == ["1.unit.se", "2.se"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(se(x), net(x)) and torch.equal(se(-x), net(-x))  # both sides of the branch
