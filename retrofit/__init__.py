@@ -17,7 +17,9 @@ Example::
     >>> plain = retrofit.strip(se_model)          # the blocks removed again
 
 Other blocks than SE come from :mod:`~retrofit.attention` (``module="eca"``...); :mod:`~retrofit.strip`
-undoes a retrofit.
+undoes a retrofit. Modules fx cannot trace (a detector, a Hugging Face model) keep their forward and
+the parts they call are retrofitted (:mod:`~retrofit.opaque`); a recipe's ``at`` puts blocks on the
+outputs of modules you name (:mod:`~retrofit.named`).
 """
 from .attention import ATTENTIONS, register_attention
 from .checkpoint import load, save

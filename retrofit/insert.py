@@ -70,10 +70,12 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
         recipe: a :class:`~retrofit.Recipe`, a built-in recipe name (``"timm"``, ``"post"``...), a
             YAML path or a dict; default: ``Recipe()`` (standard position, r=16, preserving init).
         inplace: modify ``model`` itself instead of a deep copy.
-        input_size: ``(C, H, W)`` used to trace shapes; default: timm's ``pretrained_cfg``, else
-            ``(3, 224, 224)``.
+        input_size: ``(C, H, W)`` used to trace shapes; default: the model's own
+            (:func:`retrofit.models.own_input_size`: timm's ``pretrained_cfg``, a torchvision
+            detector's transform, a Hugging Face config), else ``(3, 224, 224)``.
         **fields: recipe fields overriding the recipe's (``position``, ``r``, ``gate``, ``stages``...;
-            ``module="eca"`` inserts another block, ``only``/``skip``/``kinds`` choose the sites).
+            ``module="eca"`` inserts another block, ``only``/``skip``/``kinds`` choose the sites,
+            ``at=["features.denseblock*"]`` puts blocks on the outputs of the modules named).
 
     Returns:
         The retrofitted model: the same class as ``model``, every original state-dict key unchanged,
@@ -81,7 +83,8 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
 
     Raises:
         RetrofitError: a bad recipe, a position with no site in this model, a stage it does not have,
-            an ``only``/``skip`` glob that matches no site.
+            an ``only``/``skip`` glob that matches no site, an ``at`` glob that names no module or a
+            module whose output is not a feature map.
 
     Example::
 
@@ -89,6 +92,7 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
         >>> se_model = retrofit.add_se(model, position="inside", r=8, stages=[4])
         >>> se_model = retrofit.add_se(model, recipe="timm")   # timm's seresnet50 layout
         >>> eca_model = retrofit.add_se(model, module="eca", only=["layer3.*", "layer4.*"])
+        >>> dense = retrofit.add_se(timm.create_model("densenet121"), at=["features.denseblock*"])
     """
     from .models import resolve_input_size
 

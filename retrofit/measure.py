@@ -148,7 +148,8 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
         model: the original network.
         se_model: the retrofitted one (from :func:`retrofit.add_se`, or any model that extends
             ``model`` with extra modules).
-        input_size: ``(C, H, W)``; default: timm's ``pretrained_cfg``, else ``(3, 224, 224)``.
+        input_size: ``(C, H, W)``; default: the model's own (timm's ``pretrained_cfg``, a detector's
+            transform...), else ``(3, 224, 224)``.
 
     Example::
 

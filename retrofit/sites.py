@@ -119,8 +119,8 @@ def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> l
 
     Args:
         model: the network; it is traced, never run on real data.
-        input_size: ``(C, H, W)`` of one input; default: the timm ``pretrained_cfg`` input size, else
-            ``(3, 224, 224)``.
+        input_size: ``(C, H, W)`` of one input; default: the model's own
+            (:func:`retrofit.models.own_input_size`), else ``(3, 224, 224)``.
 
     Example::
 
