@@ -114,7 +114,7 @@ class OwnerGraph:
             return type(value)(self._result(v) for v in value)
         if type(value) is dict:
             return {k: self._result(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple, dict)):  # a ModelOutput, say: a rebuilt forward would lose it
+        if isinstance(value, dict):  # a ModelOutput, say: a rebuilt forward would return a plain dict
             raise CannotRewrite(f"it returns a {type(value).__name__}, which a rebuilt forward cannot build")
         return self._map(value)
 

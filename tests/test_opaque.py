@@ -263,3 +263,36 @@ def test_a_kept_module_inside_is_gone_into_and_counted_once():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(se(x), net(x)) and torch.equal(se(-x), net(-x))  # both sides of the branch
+
+
+class Output(dict):
+    """A dict subclass like Hugging Face's ModelOutput."""
+
+
+class DictUnit(nn.Module):
+    def __init__(self, returns):
+        super().__init__()
+        self.conv, self.returns = nn.Conv2d(4, 4, 3, padding=1), returns
+
+    def forward(self, x):
+        return self.returns(y=torch.relu(x + self.conv(x)))
+
+
+class DictNet(nn.Module):
+    def __init__(self, returns):
+        super().__init__()
+        self.stem, self.unit = nn.Conv2d(3, 4, 1), DictUnit(returns)
+
+    def forward(self, x):
+        return self.unit(self.stem(x))["y"]
+
+
+def test_a_rebuilt_forward_returns_the_same_container_type():
+    from collections import OrderedDict
+
+    net = randomize(DictNet(OrderedDict))  # torchvision's FPN returns one
+    se = retrofit.add_se(net, r=2, input_size=(3, 8, 8)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert type(se.unit(se.stem(x))) is OrderedDict and torch.equal(se(x), net(x))
+    with pytest.raises(retrofit.RetrofitError, match="it returns a Output, which a rebuilt forward cannot build"):
+        retrofit.add_se(DictNet(Output), r=2, input_size=(3, 8, 8))
