@@ -51,7 +51,8 @@ class Recipe:
         module: the block to insert, by name (:mod:`retrofit.attention`): ``se`` (the default),
             ``ese``, ``eca``, ``ceca``, ``cbam``, ``gc``.
         kinds: site kinds that get blocks: ``residual``, ``inception``, ``conv3x3`` (``inside`` is
-            accepted for it); ``None`` means every kind the position applies to.
+            accepted for it), ``module`` (the ``at`` sites); ``None`` means every kind the position
+            applies to (with ``at``: the ``at`` sites only).
         only: module-path globs (``fnmatch``, e.g. ``layer3.*``); only sites whose owning module, or
             one of its parents, matches one of them get blocks. ``None``: every site.
         skip: module-path globs of sites that get no block (matched like ``only``).
