@@ -27,6 +27,7 @@ from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_na
 from .recipe import Recipe, resolve_recipe
 from .se_layout import channel_dim
 from .named import named_sites
+from .opaque import fixed_length
 from .sites import KINDS, NAMED, Scan, Skipped, scan
 from .trace import Call, Traced, level_of
 
@@ -322,6 +323,10 @@ def owner_of(ins: Insertion) -> Call:
 def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe) -> Rewrite:
     if owner.kept is not None:  # retrofit.opaque: fx cannot trace it, its forward stays as it is
         raise CannotRewrite("its forward is kept as is (fx cannot trace it)")
+    if owner.parent is not None and owner.parent.kept is not None and \
+            (sequence := fixed_length(owner.args, owner.kwargs)) is not None:
+        raise CannotRewrite(f"a forward kept as is passes it {sequence}: a rewritten forward would take "
+                            f"only that many (one per image?)")
     rebuilt = OwnerGraph(owner, traced)
     check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
     spliced = []

@@ -151,6 +151,20 @@ def not_tensors(value: Any, literals: bool = False) -> str | None:
     return "None" if value is None else f"a value of type {type(value).__name__}"
 
 
+def fixed_length(args: tuple, kwargs: dict) -> str | None:
+    """A list or tuple among a call's arguments (``"a list of 5"``), or None. A rewritten forward
+    unrolls it to the length it was traced with: right for a traced parent, which passes as many every
+    time, not for a forward kept as is, which may pass one per image."""
+    return next((f for v in (*args, *kwargs.values()) if (f := _sequence(v)) is not None), None)
+
+
+def _sequence(value: Any) -> str | None:
+    if isinstance(value, (list, tuple)) and not _is_namedtuple(value):
+        return f"{'a list' if isinstance(value, list) else 'a tuple'} of {len(value)}"
+    items = value if _is_namedtuple(value) else value.values() if isinstance(value, dict) else ()
+    return next((f for v in items if (f := _sequence(v)) is not None), None)
+
+
 def why_not_a_sub_root(record: Recorded, recording: Recording) -> str | None:
     """Why the call ``record`` cannot be traced as a sub-root (None: it can)."""
     calls = recording.count[id(record.module)]

@@ -296,3 +296,33 @@ def test_a_rebuilt_forward_returns_the_same_container_type():
     assert type(se.unit(se.stem(x))) is OrderedDict and torch.equal(se(x), net(x))
     with pytest.raises(retrofit.RetrofitError, match="it returns a Output, which a rebuilt forward cannot build"):
         retrofit.add_se(DictNet(Output), r=2, input_size=(3, 8, 8))
+
+
+class PerImage(nn.Module):
+    """Called by a kept forward with one tensor per image: a rewrite would be fixed to that count."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, xs):
+        return [torch.relu(x + self.conv(x)) for x in xs]
+
+
+class Loop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.unit = PerImage(), Residual(3)
+
+    def forward(self, x):
+        return [self.unit(y) for y in self.head(list(x.unbind(0)))]  # fx cannot iterate x
+
+
+def test_a_part_given_a_list_by_a_kept_forward_is_not_rewritten():
+    net = randomize(Loop())
+    se = retrofit.add_se(net, r=1, input_size=(3, 8, 8))
+    assert blocks_of(se) == ["unit.se"]
+    assert any(s.where.startswith("head") and "passes it a list of 1" in s.reason for s in se._retrofit.skipped)
+    x = torch.randn(3, 3, 8, 8)  # three images where the recorded run had one
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(se.eval()(x), net(x)))
