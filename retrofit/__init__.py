@@ -22,7 +22,9 @@ Example::
 
 Other blocks than SE come from :mod:`~retrofit.attention` (``module="eca"``...); :mod:`~retrofit.strip`
 undoes a retrofit. :mod:`~retrofit.checkpoint` saves and loads models (and, with
-:mod:`~retrofit.adapter`, adapters on a base model), :mod:`~retrofit.card` writes their model cards.
+:mod:`~retrofit.adapter`, adapters on a base model), :mod:`~retrofit.card` writes their model cards. Modules fx cannot trace (a detector, a Hugging Face model) keep their forward and
+the parts they call are retrofitted (:mod:`~retrofit.opaque`); a recipe's ``at`` puts blocks on the
+outputs of modules you name (:mod:`~retrofit.named`).
 """
 from .attention import ATTENTIONS, register_attention
 from .bypass import bypass

@@ -26,7 +26,9 @@ from .positions import POSITIONS, Insertion, SkipSite
 from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_name
 from .recipe import Recipe, StageMap, matches, resolve_recipe
 from .se_layout import channel_dim
-from .sites import Scan, Skipped, scan
+from .named import named_sites
+from .opaque import fixed_length
+from .sites import KINDS, NAMED, Scan, Skipped, scan
 from .trace import Call, Traced, level_of
 
 
@@ -70,12 +72,14 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
         recipe: a :class:`~retrofit.Recipe`, a built-in recipe name (``"timm"``, ``"post"``...), a
             YAML path or a dict; default: ``Recipe()`` (standard position, r=16, preserving init).
         inplace: modify ``model`` itself instead of a deep copy.
-        input_size: ``(C, H, W)`` used to trace shapes; default: timm's ``pretrained_cfg``, else
-            ``(3, 224, 224)``.
+        input_size: ``(C, H, W)`` used to trace shapes; default: the model's own
+            (:func:`retrofit.models.own_input_size`: timm's ``pretrained_cfg``, a torchvision
+            detector's transform, a Hugging Face config), else ``(3, 224, 224)``.
         **fields: recipe fields overriding the recipe's (``position``, ``r``, ``gate``, ``stages``...;
-            ``module="eca"`` inserts another block, ``only``/``skip``/``kinds`` choose the sites); a
-            block field may be a per-stage map (``r={2: 8, 5: 32}``) and ``overrides`` set block
-            fields by stage and module glob (see :class:`~retrofit.Recipe`).
+            ``module="eca"`` inserts another block, ``only``/``skip``/``kinds`` choose the sites,
+            ``at=["features.denseblock*"]`` puts blocks on the outputs of the modules named); a block
+            field may be a per-stage map (``r={2: 8, 5: 32}``) and ``overrides`` set block fields by
+            stage and module glob (see :class:`~retrofit.Recipe`).
 
     Returns:
         The retrofitted model: the same class as ``model``, every original state-dict key unchanged,
@@ -84,7 +88,8 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
     Raises:
         RetrofitError: a bad recipe, a position with no site in this model, a stage it does not have
             (in ``stages``, a per-stage map or an override), an ``only``/``skip``/override glob that
-            matches no site.
+            matches no site, an ``at`` glob that names no module or a module whose output is not a
+            feature map.
 
     Example::
 
@@ -94,6 +99,7 @@ def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inpla
         >>> eca_model = retrofit.add_se(model, module="eca", only=["layer3.*", "layer4.*"])
         >>> mixed = retrofit.add_se(model, r={2: 8, 3: 8, 4: 16, 5: 32},
         ...                         overrides=[{"only": ["layer4.2"], "module": "eca"}])
+        >>> dense = retrofit.add_se(timm.create_model("densenet121"), at=["features.denseblock*"])
     """
     from .models import resolve_input_size
 
@@ -218,27 +224,14 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
 
 # -- planning -----------------------------------------------------------------------------------
 def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
-    """The insertions ``recipe`` asks for in a scanned model (site kinds and stages checked, and the
+    """The insertions ``recipe`` asks for in a scanned model: at the discovered sites its position
+    applies to, and on the modules its ``at`` globs name (site kinds and stages checked, and the
     per-stage maps and overrides: their stages and globs exist, every site's block can be built)."""
-    position = POSITIONS[recipe.position]
     name = model_name(found.traced.model)
-    candidates = [s for s in found.sites if s.kind in position.kinds]
-    if recipe.kinds is not None:
-        candidates = [s for s in candidates if s.kind in recipe.kinds]
-        if not candidates and found.sites:
-            raise RetrofitError(f"kinds {','.join(recipe.kinds)} have no site in {name} for position "
-                                f"'{recipe.position}': the model has {found.summary()}")
-    if not candidates:
-        usable = [p for p, spec in POSITIONS.items() if any(s.kind in spec.kinds for s in found.sites)]
-        if usable:
-            hint = f"positions that fit it: {', '.join(usable)}"
-        elif found.skipped:
-            reason, n = Counter(s.reason for s in found.skipped).most_common(1)[0]
-            hint = f"it has no residual or Inception merge the pass supports ({n} candidates skipped: {reason})"
-        else:
-            hint = "it has no residual or Inception merge at all"
-        raise RetrofitError(f"position '{recipe.position}' has no site in {name}: it needs "
-                            f"{' or '.join(position.kinds)} sites and the model has {found.summary()}; {hint}")
+    kinds = recipe.kinds if recipe.kinds is not None or recipe.at is None else (NAMED,)
+    candidates = _discovered(found, recipe, kinds, name) if set(kinds or KINDS) - {NAMED} else []
+    if recipe.at is not None and NAMED in (kinds or ()):
+        candidates += named_sites(found.traced, recipe.at, name)
     if recipe.stages is not None:
         stages = sorted({s.stage for s in candidates})
         missing = [s for s in recipe.stages if s not in stages]
@@ -250,9 +243,13 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
     if recipe.stages is not None:
         candidates = [s for s in candidates if s.stage in recipe.stages]
     candidates = select(candidates, recipe, name)
+    position = POSITIONS[recipe.position]
     insertions, skipped = [], []
     for site in candidates:
         recipe.block_for(site.stage, site.module)  # a combination that cannot be built: RecipeError
+        if site.kind == NAMED:  # on the module's output, whatever the position
+            insertions.append(Insertion(site, site.refs.anchor, None, "at"))
+            continue
         try:
             insertions.append(position.place(site))
         except SkipSite as err:
@@ -261,6 +258,32 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
         raise RetrofitError(f"position '{recipe.position}' has no usable site in {name}: "
                             f"{skipped[0].reason}")
     return insertions, skipped
+
+
+def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name: str) -> list:
+    """The discovered sites (residual, Inception, 3x3 conv) of the kinds asked for that the recipe's
+    position applies to."""
+    position = POSITIONS[recipe.position]
+    candidates = [s for s in found.sites if s.kind in position.kinds]
+    if kinds is not None:
+        candidates = [s for s in candidates if s.kind in kinds]
+        if not candidates and found.sites:
+            wanted = [k for k in kinds if k != NAMED]
+            raise RetrofitError(f"kinds {','.join(wanted)} have no site in {name} for position "
+                                f"'{recipe.position}': the model has {found.summary()}")
+    if not candidates:
+        usable = [p for p, spec in POSITIONS.items() if any(s.kind in spec.kinds for s in found.sites)]
+        if usable:
+            hint = f"positions that fit it: {', '.join(usable)}"
+        elif found.skipped:
+            reason, n = Counter(s.reason for s in found.skipped).most_common(1)[0]
+            hint = f"it has no residual or Inception merge the pass supports ({n} candidates skipped: {reason})"
+        else:
+            hint = "it has no residual or Inception merge at all"
+        raise RetrofitError(f"position '{recipe.position}' has no site in {name}: it needs "
+                            f"{' or '.join(position.kinds)} sites and the model has {found.summary()}; {hint}; "
+                            f"`at:` puts blocks on the outputs of modules you name")
+    return candidates
 
 
 def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
@@ -339,6 +362,12 @@ def owner_of(ins: Insertion) -> Call:
 
 # -- surgery ------------------------------------------------------------------------------------
 def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe) -> Rewrite:
+    if owner.kept is not None:  # retrofit.opaque: fx cannot trace it, its forward stays as it is
+        raise CannotRewrite("its forward is kept as is (fx cannot trace it)")
+    if owner.parent is not None and owner.parent.kept is not None and \
+            (sequence := fixed_length(owner.args, owner.kwargs)) is not None:
+        raise CannotRewrite(f"a forward kept as is passes it {sequence}: a rewritten forward would take "
+                            f"only that many (one per image?)")
     rebuilt = OwnerGraph(owner, traced)
     check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
     spliced, specs = [], []
@@ -353,7 +382,7 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         value = rebuilt.rep(ins.value)
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
-    bases = [("se" if ins.position == "standard" else f"se_{ins.position}") for ins, _, _ in spliced]
+    bases = [_base_name(ins, owner) for ins, _, _ in spliced]
     names, taken = [], set()
     for (ins, value, users), base in zip(spliced, bases):
         if bases.count(base) > 1:
@@ -422,6 +451,18 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
     prefix = f"{owner.path}." if owner.path else ""
     none_attributes += [prefix + name for name in was_none]
     return infos
+
+
+def _base_name(ins: Insertion, owner: Call) -> str:
+    """``se`` at the standard position (timm's name), ``se_<position>`` at the others; a block on a
+    named module's output (``at``) is ``se_<its path from there>`` in the forward that reads it
+    (``features.se_denseblock1``, ``se_blocks_0``), or ``se_out`` at the end of its own forward."""
+    if ins.position == "at":
+        if ins.site.module == owner.path:
+            return "se_out"
+        relative = ins.site.module[len(owner.path) + 1:] if owner.path else ins.site.module
+        return "se_" + relative.replace(".", "_")
+    return "se" if ins.position == "standard" else f"se_{ins.position}"
 
 
 def _free_name(module: nn.Module, base: str, taken: set = frozenset()) -> str:

@@ -151,7 +151,8 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
         model: the original network.
         se_model: the retrofitted one (from :func:`retrofit.add_se`, or any model that extends
             ``model`` with extra modules).
-        input_size: ``(C, H, W)``; default: timm's ``pretrained_cfg``, else ``(3, 224, 224)``.
+        input_size: ``(C, H, W)``; default: the model's own (timm's ``pretrained_cfg``, a detector's
+            transform...), else ``(3, 224, 224)``.
 
     Example::
 
@@ -177,7 +178,7 @@ def compare(base: ModelCost, retro: ModelCost) -> Overhead:
     calls: dict[str, list] = {}
     for call in retro.traced.calls():
         calls.setdefault(call.path, []).append(call)
-    height = retro.traced.input_size[-2]
+    height = retro.traced.image_size[0]
     blocks = [_block_cost(p, model.get_submodule(p), calls.get(p, []), sites.get(p), height) for p in new]
     return Overhead(retro.traced.input_size, base.params, base.macs, retro.params, retro.macs, blocks)
 

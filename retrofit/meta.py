@@ -5,7 +5,8 @@ Sites, shapes and the parameter and multiply-add counts need the model's structu
 skips its weight initialisation, so ``retrofit add-se resnext101_32x32d`` (468 M parameters, 1.9 GB
 in float32) reports in seconds on a laptop. Saving, loading a checkpoint, fine-tuning and timing
 need real weights and build the model normally. A model whose construction or shape pass needs real
-tensors falls back to a real build.
+tensors falls back to a real build, and so does one with a module fx cannot trace that a forward on
+meta tensors cannot go into (:mod:`retrofit.opaque` records one real forward to trace its parts).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def build_and_scan(build: Callable[[], nn.Module], input_size, meta: bool,
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 net = build()
-            return net, scan(net, resolve_input_size(net, input_size), macs=macs)
+            found = scan(net, resolve_input_size(net, input_size), macs=macs)
+            if not found.traced.needs_real_run:
+                return net, found
         except Exception:  # a constructor or forward that needs real values: build it for real
             pass
     net = build()

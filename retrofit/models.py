@@ -165,10 +165,9 @@ def new_head(name: str, checkpoint: str | Path | None, pretrained: bool, num_cla
 
 
 def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None = None) -> tuple[int, ...]:
-    """``(C, H, W)``: the given size, else timm's ``pretrained_cfg["input_size"]``, else 3x224x224."""
+    """``(C, H, W)``: the given size, else the model's own (:func:`own_input_size`), else 3x224x224."""
     if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size", DEFAULT_INPUT_SIZE) if isinstance(cfg, dict) else DEFAULT_INPUT_SIZE
+        input_size = own_input_size(model) or DEFAULT_INPUT_SIZE
     if isinstance(input_size, str):
         input_size = input_size.replace("x", ",").split(",")
     try:
@@ -179,6 +178,29 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None 
         raise RetrofitError(f"input size must be three positive whole numbers C,H,W (e.g. 3,224,224), "
                             f"got {input_size!r}")
     return size
+
+
+def own_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    """The input size a model states: timm's ``pretrained_cfg["input_size"]``; a torchvision
+    detector's transform, which resizes every image to ``min_size`` on its short side (at most
+    ``max_size`` on its long one), so a square image of that side is what its backbone sees; a
+    Hugging Face vision config's ``num_channels`` and ``image_size``. None when it states none."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    transform = getattr(model, "transform", None)
+    if isinstance(transform, GeneralizedRCNNTransform):
+        side = min(int(transform.min_size[-1]), int(transform.max_size))
+        return (len(transform.image_mean), side, side)
+    config = getattr(model, "config", None)
+    image, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(image, int) and isinstance(channels, int):
+        return (channels, image, image)
+    if isinstance(image, (tuple, list)) and len(image) == 2 and isinstance(channels, int):
+        return (channels, *map(int, image))
+    return None
 
 
 def describe_mismatch(err: BaseException) -> str:

@@ -16,6 +16,7 @@ import inspect
 import itertools
 import operator
 import re
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -101,7 +102,21 @@ class OwnerGraph:
                 self.env[ev] = g.create_node(ev.op, ev.target, map_arg(ev.args, self.lookup),
                                              map_arg(ev.kwargs, self.lookup), name=clean_name(ev.name))
         if self.call.parent is not None:
-            g.output(self._map(self.call.result))
+            g.output(self._result(self.call.result))
+
+    def _result(self, value: Any) -> Any:
+        """What the rebuilt forward returns: the call's result, with its container types."""
+        if type(value) is OrderedDict:  # torchvision's FPN: returned as the same type
+            return self.graph.call_function(OrderedDict, ([(k, self._result(v)) for k, v in value.items()],))
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*(self._result(v) for v in value))
+        if type(value) in (list, tuple):
+            return type(value)(self._result(v) for v in value)
+        if type(value) is dict:
+            return {k: self._result(v) for k, v in value.items()}
+        if isinstance(value, dict):  # a ModelOutput, say: a rebuilt forward would return a plain dict
+            raise CannotRewrite(f"it returns a {type(value).__name__}, which a rebuilt forward cannot build")
+        return self._map(value)
 
     def _map(self, value: Any) -> Any:
         """Values passed to or returned by a traced-through call, as arguments of this graph."""

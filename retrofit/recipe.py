@@ -38,7 +38,7 @@ from .block import ALWAYS_READ, BLOCK_FIELDS, CHECKS as BLOCK_CHECKS, DEFAULTS a
 from .block import choice as _choice, positive_int as _positive_int
 from .errors import RecipeError
 from .positions import POSITIONS
-from .sites import KINDS
+from .sites import KINDS, NAMED
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,18 @@ class Recipe:
             and even with it r is at least 1/16 (``divisor``/``min_width``: at most 1024), so no
             recipe, file or flag can ask for a block far larger than the layer it serves.
         kinds: site kinds that get blocks: ``residual``, ``inception``, ``conv3x3`` (``inside`` is
-            accepted for it); ``None`` means every kind the position applies to.
+            accepted for it), ``module`` (the ``at`` sites); ``None`` means every kind the position
+            applies to (with ``at``: the ``at`` sites only).
         only: module-path globs (``fnmatch``, e.g. ``layer3.*``); only sites whose owning module, or
             one of its parents, matches one of them get blocks. ``None``: every site.
         skip: module-path globs of sites that get no block (matched like ``only``).
         overrides: an ordered list of entries, each selecting sites by ``stages`` and/or ``only``
             (module-path globs, matched like ``only``; both given: sites in both) and setting block
             fields for them, e.g. ``[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}]``.
+        at: module-path globs (``features.denseblock*``; ``*`` within one name, ``**`` across names):
+            a block on the output of each module they match, as sites of kind ``module``
+            (:mod:`retrofit.named`), whatever the position. With ``at`` and no ``kinds``, these are
+            the only sites; ``kinds: [residual, module]`` adds the discovered ones.
 
     Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
     ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to
@@ -103,16 +108,21 @@ class Recipe:
     only: tuple[str, ...] | None = None
     skip: tuple[str, ...] | None = None
     overrides: tuple[Override, ...] = ()
+    at: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, _CHECKS[f.name](getattr(self, f.name)))
         self.block  # noqa: B018 - the block fields together: a module's fields, the init's gate
         _check_resolvable(self)
-        if self.kinds is not None and not set(self.kinds) & set(POSITIONS[self.position].kinds):
+        found = [k for k in self.kinds or () if k != NAMED]  # `at` sites take any position
+        if found and not set(found) & set(POSITIONS[self.position].kinds):
             raise RecipeError(f"recipe fields 'kinds', 'position': position '{self.position}' applies to "
                               f"{' and '.join(POSITIONS[self.position].kinds)} sites, not to "
-                              f"{', '.join(self.kinds)}; choose kinds it applies to or another position")
+                              f"{', '.join(found)}; choose kinds it applies to or another position")
+        if (NAMED in (self.kinds or ())) != (self.at is not None) and self.kinds is not None:
+            raise RecipeError("recipe fields 'kinds', 'at': kind 'module' is the sites `at` names; give both "
+                              "(at: [module globs] and module in kinds) or neither")
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -153,14 +163,14 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as in a YAML file (``stages`` is a list or ``"all"``, a per-stage map a dict
-        with its ``default``). ``overrides`` and ``allow_wide`` are left out when unused (none, false),
+        with its ``default``). ``overrides``, ``allow_wide`` and ``at`` are left out when unused (none, false),
         so files and training checkpoints written before they existed compare equal."""
         d: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             d[f.name] = value.to_dict() if isinstance(value, StageMap) else value
         d["stages"] = "all" if self.stages is None else list(self.stages)
-        for name in ("kinds", "only", "skip"):
+        for name in ("kinds", "only", "skip", "at"):
             d[name] = None if d[name] is None else list(d[name])
         if self.overrides:
             d["overrides"] = [o.to_dict() for o in self.overrides]
@@ -168,6 +178,8 @@ class Recipe:
             del d["overrides"]
         if self.allow_wide is False:
             del d["allow_wide"]
+        if self.at is None:
+            del d["at"]
         return d
 
     # -- what the recipe implies ---------------------------------------------------------------
@@ -209,7 +221,7 @@ class Recipe:
         parts = [] if self.module == "se" else [f"module {_show(self.module)}"]
         if self.allow_wide is not False:
             parts.append(f"allow wide {_show(self.allow_wide)}")
-        for name in ("kinds", "only", "skip"):
+        for name in ("kinds", "only", "skip", "at"):
             if getattr(self, name) is not None:
                 parts.append(f"{name} {','.join(getattr(self, name))}")
         if self.overrides:
@@ -564,9 +576,10 @@ def _check_resolvable(recipe: "Recipe") -> None:
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "position": _choice("position", lambda: POSITIONS),
     "stages": _stages,
-    "kinds": _names("kinds", lambda: KINDS, aliases={"inside": "conv3x3"}),
+    "kinds": _names("kinds", lambda: KINDS + (NAMED,), aliases={"inside": "conv3x3"}),
     "only": _names("only"),
     "skip": _names("skip"),
     "overrides": _overrides,
+    "at": _names("at"),
     **{name: _staged(name) for name in BLOCK_FIELDS},  # the block fields: retrofit.block owns their checks
 }

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from .measure import Overhead
-from .sites import KINDS, Scan
+from .sites import KINDS, NAMED, Scan, Site
 
 if TYPE_CHECKING:
     from .latency import Timing
@@ -20,29 +20,31 @@ def _pct(x: float) -> str:
     return f"{x:.2f}%" if x >= 0.01 or x == 0 else f"{x:.4f}%"
 
 
-def sites_by_stage(scan: Scan) -> Table:
-    """Sites found, one row per stage."""
+def sites_by_stage(scan: Scan, named: list[Site] = ()) -> Table:
+    """Sites found, one row per stage (and the ``named`` ones, a recipe's ``at``, in a column)."""
     table = Table(title="Sites found", title_justify="left")
-    for col in ("stage", "stride", "size", *KINDS):
+    kinds = KINDS + ((NAMED,) if named else ())
+    for col in ("stage", "stride", "size", *kinds):
         table.add_column(col, justify="right")
     stages: dict[int, dict] = {}
-    for s in scan.sites:
-        row = stages.setdefault(s.stage, {"size": s.size, **{k: 0 for k in KINDS}})
+    for s in [*scan.sites, *named]:
+        row = stages.setdefault(s.stage, {"size": s.size, **{k: 0 for k in kinds}})
         row[s.kind] += 1
     for stage, row in sorted(stages.items()):
         table.add_row(str(stage), str(2 ** stage), f"{row['size'][0]}x{row['size'][1]}",
-                      *(str(row[k]) for k in KINDS))
-    table.add_row("all", "", "", *(str(scan.count(k)) for k in KINDS), style="bold")
+                      *(str(row[k]) for k in kinds))
+    table.add_row("all", "", "", *(str(scan.count(k)) for k in KINDS), *([str(len(named))] if named else []),
+                  style="bold")
     return table
 
 
-def sites_table(scan: Scan) -> Table:
-    """Every site, one row each."""
+def sites_table(scan: Scan, named: list[Site] = ()) -> Table:
+    """Every site, one row each (the discovered ones, then the ``named`` ones)."""
     table = Table(title="Sites", title_justify="left")
     for col, justify in (("#", "right"), ("kind", "left"), ("module", "left"), ("stage", "right"),
                          ("stride", "right"), ("channels", "right"), ("size", "right"), ("detail", "left")):
         table.add_column(col, justify=justify)
-    for i, s in enumerate(scan.sites):
+    for i, s in enumerate([*scan.sites, *named]):
         table.add_row(str(i), s.kind, s.module or "<model>", str(s.stage), str(s.stride), str(s.channels),
                       f"{s.size[0]}x{s.size[1]}", s.detail)
     return table
@@ -109,12 +111,17 @@ def latency_json(timing: "Timing") -> dict[str, Any]:
             "ratio": round(timing.ratio("retrofitted", "original"), 4)}
 
 
-def sites_json(scan: Scan) -> dict[str, Any]:
+def sites_json(scan: Scan, named: list[Site] = ()) -> dict[str, Any]:
+    counts = {k: scan.count(k) for k in KINDS}
+    if named:
+        counts[NAMED] = len(named)
     return {
         "input_size": list(scan.traced.input_size),
-        "counts": {k: scan.count(k) for k in KINDS},
+        "image_size": list(scan.traced.image_size),  # what strides are measured against
+        "counts": counts,
         "sites": [{"kind": s.kind, "module": s.module, "node": s.node, "stage": s.stage, "stride": s.stride,
                    "channels": s.channels, "size": list(s.size), "detail": s.detail, "layout": s.layout,
-                   "prefix": s.prefix} for s in scan.sites],
+                   "prefix": s.prefix} for s in [*scan.sites, *named]],
+        "kept": [{"module": path, "reason": line} for path, line in scan.traced.opaque],
         "skipped": [{"where": s.where, "reason": s.reason} for s in scan.skipped],
     }

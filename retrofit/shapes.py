@@ -90,9 +90,13 @@ class MetaShapeProp(fx.Interpreter):
         try:
             out = super().run_node(n)
         except Exception:
+            self.retrying(n)
             out = self._run_fake(n)
         n.meta["val"] = out
         return out
+
+    def retrying(self, n: fx.Node) -> None:
+        """Called before each new attempt at ``n`` (fake tensors, then real ones) after one failed."""
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
@@ -135,6 +139,7 @@ class MetaShapeProp(fx.Interpreter):
                 out = self._call(n, args, kwargs) if n.op in CALLS else super().run_node(n)
         except Exception as err:
             try:
+                self.retrying(n)
                 return self._run_real(n)
             except Exception:
                 pass
@@ -174,7 +179,7 @@ class MetaShapeProp(fx.Interpreter):
 
 def propagate_shapes(traced: Traced, batch: int = 1) -> None:
     """Give every node of ``traced.graph`` its output (a meta tensor) in ``node.meta["val"]``."""
-    MetaShapeProp(traced.model, traced.graph, traced.constants).run(_meta_input(traced, batch))
+    MetaShapeProp(traced.model, traced.graph, traced.constants).run(*_meta_inputs(traced, batch))
 
 
 def count_macs(traced: Traced, batch: int = 1) -> int:
@@ -182,17 +187,54 @@ def count_macs(traced: Traced, batch: int = 1) -> int:
     counter = FlopCounterMode(display=False)
 
     class Counting(MetaShapeProp):
+        """Each node's multiply-adds: those of its last attempt (a failed one may have run convs)."""
+        wasted = 0
+
         def run_node(self, n):
-            before = counter.get_total_flops()
+            self.start = before = counter.get_total_flops()
             out = super().run_node(n)
-            n.meta["macs"] = (counter.get_total_flops() - before) // 2
+            n.meta["macs"] = (counter.get_total_flops() - self.start) // 2
+            self.wasted += self.start - before
             return out
 
+        def retrying(self, n):
+            self.start = counter.get_total_flops()
+
     with counter:
-        Counting(traced.model, traced.graph, traced.constants).run(_meta_input(traced, batch))
-    return counter.get_total_flops() // 2
+        counting = Counting(traced.model, traced.graph, traced.constants)
+        counting.run(*_meta_inputs(traced, batch))
+    return (counter.get_total_flops() - counting.wasted) // 2 - _counted_twice(traced)
 
 
-def _meta_input(traced: Traced, batch: int) -> torch.Tensor:
+def _counted_twice(traced: Traced) -> int:
+    """A kept module inside a traced forward is one node there, run whole, and the modules it calls
+    are traced again as sub-roots (retrofit.opaque): the node keeps only its own forward's share."""
+    twice = 0
+    for call in traced.calls():
+        if call.kept is not None and call.node is not None:
+            inner = sum(n.meta.get("macs", 0) for sub in call.children() for n in _nodes_of(sub))
+            share = min(inner, call.node.meta.get("macs", 0))
+            call.node.meta["macs"] = call.node.meta.get("macs", 0) - share
+            twice += share
+    return twice
+
+
+def _nodes_of(call) -> list[fx.Node]:
+    return [call.node] if call.leaf and call.node is not None else list(call.nodes())
+
+
+def _meta_inputs(traced: Traced, batch: int) -> list:
+    """What the graph's placeholders are fed: the image for the model's own input, and for the inputs
+    of the parts a kept forward calls, meta tensors shaped like what they received (retrofit.opaque)."""
     dtype = next((p.dtype for p in traced.model.parameters() if p.is_floating_point()), torch.float32)
-    return torch.empty((batch, *traced.input_size), dtype=dtype, device="meta")
+    image = torch.empty((batch, *traced.input_size), dtype=dtype, device="meta")
+    holders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    if not any("example" in n.meta for n in holders):
+        return [image]
+    values = []
+    for n in holders:
+        if "example" in n.meta:
+            values.append(n.meta["example"])
+        else:  # the model's own inputs: the image first, the others' defaults
+            values.append(image if not values else (n.args[0] if n.args else None))
+    return values

@@ -39,6 +39,8 @@ from .shapes import count_macs, propagate_shapes
 from .trace import Traced, level_of, trace
 
 KINDS = ("residual", "inception", "conv3x3")
+# The kind of the sites a recipe names by module path (`at:`, retrofit.named): not discovered, asked for.
+NAMED = "module"
 # At most this many prefix (class, register, distillation) tokens before a token sequence's patch grid.
 MAX_PREFIX_TOKENS = 16
 # A shortcut is an identity or a projection: a 1x1 conv (ResNet), pooling + 1x1 conv (ResNet-D),
@@ -117,8 +119,8 @@ def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> l
 
     Args:
         model: the network; it is traced, never run on real data.
-        input_size: ``(C, H, W)`` of one input; default: the timm ``pretrained_cfg`` input size, else
-            ``(3, 224, 224)``.
+        input_size: ``(C, H, W)`` of one input; default: the model's own
+            (:func:`retrofit.models.own_input_size`), else ``(3, 224, 224)``.
 
     Example::
 
@@ -167,9 +169,7 @@ class _Analysis:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.data = self._data_nodes()
         self.idom = self._dominators()
-        self.skipped: list[Skipped] = [
-            Skipped(path, f"torch.fx cannot trace {reason}; kept as one opaque node, no site inside")
-            for path, reason in traced.opaque]
+        self.skipped: list[Skipped] = [Skipped(path or "<model>", line) for path, line in traced.opaque]
 
     # -- graph facts -----------------------------------------------------------------------
     def _data_nodes(self) -> set:
@@ -231,63 +231,16 @@ class _Analysis:
             stack.extend(v.all_input_nodes)
         return region, weighted
 
-    def _spatial(self, h: int, w: int) -> bool:
-        """Whether (h, w) can be the image's height and width at some output stride: both sides
-        shrunk by the same power of two (NCHW). A channels-last (N, H, W, C) tensor fails this."""
-        in_h, in_w = self.traced.input_size[-2:]
-        return h > 0 and w > 0 and round(math.log2(in_h / h)) == round(math.log2(in_w / w)) and \
-            abs(in_h / h - in_w / w) <= 0.5 * max(in_h / h, in_w / w)
-
     def _where(self, n: fx.Node) -> str:
         path = level_of(n).path
         return f"{path or '<model>'} ({n.name})"
-
-    def _layout(self, n: fx.Node, shape: tuple[int, ...]) -> tuple[str, tuple[int, int], int] | str:
-        """``(layout, spatial size, prefix tokens)`` of a merge's output, or why it has none."""
-        if len(shape) == 4 and self._spatial(shape[2], shape[3]):
-            return "nchw", (shape[2], shape[3]), 0
-        if len(shape) == 4 and self._spatial(shape[1], shape[2]):
-            return "nhwc", (shape[1], shape[2]), 0
-        if len(shape) == 4:
-            return "4-d tensors whose dims are neither (N, C, H, W) nor (N, H, W, C) of the image"
-        if shape[1] == 1:
-            return "one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to squeeze"
-        grid = self._token_grid(n, shape[1])
-        if grid is None:
-            return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
-                    f"{self.traced.input_size[-2]}x{self.traced.input_size[-1]} input: the squeeze axis is unknown")
-        return "tokens", grid[:2], grid[2]
-
-    def _token_grid(self, n: fx.Node, tokens: int) -> tuple[int, int, int] | None:
-        """``(grid height, grid width, prefix)`` with ``tokens = prefix + height * width`` for a
-        patch grid of the input; the prefix from the nearest module saying ``num_prefix_tokens``
-        (timm's ViT family), else the smallest one that fits."""
-        known, call = None, level_of(n)
-        while call is not None and known is None:
-            p = getattr(call.module, "num_prefix_tokens", None)
-            known = p if isinstance(p, int) and not isinstance(p, bool) else None
-            call = call.parent
-        in_h, in_w = self.traced.input_size[-2:]
-        # the model's prefix first; then any (CaiT's patch blocks run before its class token joins)
-        for wanted in ([known] if known is not None else []) + [None]:
-            best = None
-            for patch in range(1, min(in_h, in_w) + 1):
-                for gh, gw in ((in_h // patch, in_w // patch), (-(-in_h // patch), -(-in_w // patch))):
-                    prefix = tokens - gh * gw
-                    fits = prefix == wanted if wanted is not None else 0 <= prefix <= MAX_PREFIX_TOKENS
-                    if fits and (best is None or prefix < best[2]):
-                        best = (gh, gw, prefix)
-                if best is not None:
-                    return best
-        return None
 
     def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None,
               layout: tuple[str, tuple[int, int], int] | None = None) -> Site:
         shape = N.shape(at or anchor)
         name, size, prefix = layout or ("nchw", (shape[2], shape[3]), 0)
         channels = shape[1] if name == "nchw" else shape[-1]
-        height = self.traced.input_size[-2]
-        stage = max(0, round(math.log2(height / size[0]))) if size[0] > 0 else 0
+        stage = stage_of(self.traced, size[0])
         return Site(kind, level_of(anchor).path, anchor.name, channels, size, 2 ** stage, stage, detail, refs,
                     name, prefix)
 
@@ -308,7 +261,7 @@ class _Analysis:
             return None
         if len(shape) not in (3, 4):
             return None
-        layout = self._layout(n, shape)
+        layout = layout_of(self.traced, n, shape)
         if isinstance(layout, str):
             self.skipped.append(Skipped(self._where(n), f"sum of {layout}: not supported"))
             return None
@@ -402,6 +355,61 @@ class _Analysis:
                 refs = SiteRefs(v, fork=unit.refs.fork, chain_end=end, unit=unit)
                 sites.append(self._site("conv3x3", v, path, refs, at=end))
         return sites
+
+
+def stage_of(traced: Traced, height: int) -> int:
+    """log2 of the output stride of a map ``height`` high: the image's height over it, rounded."""
+    return max(0, round(math.log2(traced.image_size[0] / height))) if height > 0 else 0
+
+
+def spatial(traced: Traced, h: int, w: int) -> bool:
+    """Whether (h, w) can be the image's height and width at some output stride: both sides
+    shrunk by the same power of two (NCHW). A channels-last (N, H, W, C) tensor fails this."""
+    in_h, in_w = traced.image_size
+    return h > 0 and w > 0 and round(math.log2(in_h / h)) == round(math.log2(in_w / w)) and \
+        abs(in_h / h - in_w / w) <= 0.5 * max(in_h / h, in_w / w)
+
+
+def layout_of(traced: Traced, n: fx.Node, shape: tuple[int, ...]) -> tuple[str, tuple[int, int], int] | str:
+    """``(layout, spatial size, prefix tokens)`` of the tensor ``n`` of ``shape`` (a merge's output,
+    a module's), or why it has none."""
+    if len(shape) == 4 and spatial(traced, shape[2], shape[3]):
+        return "nchw", (shape[2], shape[3]), 0
+    if len(shape) == 4 and spatial(traced, shape[1], shape[2]):
+        return "nhwc", (shape[1], shape[2]), 0
+    if len(shape) == 4:
+        return "4-d tensors whose dims are neither (N, C, H, W) nor (N, H, W, C) of the image"
+    if shape[1] == 1:
+        return "one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to squeeze"
+    grid = token_grid(traced, n, shape[1])
+    if grid is None:
+        return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
+                f"{traced.image_size[0]}x{traced.image_size[1]} input: the squeeze axis is unknown")
+    return "tokens", grid[:2], grid[2]
+
+
+def token_grid(traced: Traced, n: fx.Node, tokens: int) -> tuple[int, int, int] | None:
+    """``(grid height, grid width, prefix)`` with ``tokens = prefix + height * width`` for a
+    patch grid of the input; the prefix from the nearest module saying ``num_prefix_tokens``
+    (timm's ViT family), else the smallest one that fits."""
+    known, call = None, level_of(n)
+    while call is not None and known is None:
+        p = getattr(call.module, "num_prefix_tokens", None)
+        known = p if isinstance(p, int) and not isinstance(p, bool) else None
+        call = call.parent
+    in_h, in_w = traced.image_size
+    # the model's prefix first; then any (CaiT's patch blocks run before its class token joins)
+    for wanted in ([known] if known is not None else []) + [None]:
+        best = None
+        for patch in range(1, min(in_h, in_w) + 1):
+            for gh, gw in ((in_h // patch, in_w // patch), (-(-in_h // patch), -(-in_w // patch))):
+                prefix = tokens - gh * gw
+                fits = prefix == wanted if wanted is not None else 0 <= prefix <= MAX_PREFIX_TOKENS
+                if fits and (best is None or prefix < best[2]):
+                    best = (gh, gw, prefix)
+            if best is not None:
+                return best
+    return None
 
 
 def chain_end(node: fx.Node, follows) -> fx.Node:

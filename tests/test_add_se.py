@@ -256,13 +256,18 @@ class Untraceable(nn.Module):
         return x
 
 
-def test_an_untraceable_model_is_one_clear_error():
-    # the model's own forward: nothing to fall back on
-    with pytest.raises(RetrofitError, match=r"torch.fx cannot trace Untraceable: .*register_notrace_module"):
+def test_an_untraceable_model_keeps_its_forward_and_says_why():
+    # its own forward is kept, what it calls is analysed (one conv here: no site), and the reason shown
+    with pytest.raises(RetrofitError, match=r"no site in Untraceable.*torch.fx cannot trace Untraceable: "
+                                            r"symbolically traced.*kept as is"):
         retrofit.add_se(Untraceable(), input_size=(3, 8, 8))
-    # a submodule: kept opaque, and here it held the only site
+    # a submodule: kept as one node, and here it held the only site
     with pytest.raises(RetrofitError, match=r"no site in Sequential.*torch.fx cannot trace Untraceable"):
         retrofit.add_se(nn.Sequential(nn.Identity(), Untraceable()), input_size=(3, 8, 8))
+    # what the parts of a kept forward receive comes from one run: an input it does not take is one line
+    with pytest.raises(RetrofitError, match=r"cannot trace Untraceable.*did not run on a random 1x4x8x8 input.*"
+                                            r"input size it takes"):
+        retrofit.add_se(Untraceable(), input_size=(4, 8, 8))
 
 
 def test_a_new_position_is_one_registered_function(resnet50_random):

@@ -45,7 +45,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     save_file(timm.create_model("resnet50").state_dict(), "my_resnet50.safetensors")
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
@@ -54,3 +54,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["report"].added_params > 0
     assert len(namespace["again"]._retrofit.blocks) == 2
+    assert len(namespace["se_detector"]._retrofit.blocks) == 19 and len(namespace["detections"]) == 2
+    assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
-from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
+from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, print_skipped, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, EPOCHS, MIXUP, SMOOTHING, is_main_process, regularisers, run_finetune)
@@ -33,6 +33,7 @@ def add_se_command(
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3)."),
     only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
+    at: Optional[str] = AT,
     input_size: Optional[str] = INPUT_SIZE,
     checkpoint: Optional[Path] = CHECKPOINT,
     pretrained: bool = PRETRAINED,
@@ -60,13 +61,14 @@ def add_se_command(
     from ..measure import planned_overhead, traced_cost
     from ..meta import build_and_scan
     from ..models import new_head
+    from ..named import named_sites
     from ..recipe import resolve_recipe
     from ..report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
     from ..trainable import trainable_parameters
 
     chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,
                             divisor=divisor, min_width=min_width, bias=bias, init=init, module=module,
-                            allow_wide=True if allow_wide else None, kinds=kinds, only=only, skip=skip)
+                            allow_wide=True if allow_wide else None, kinds=kinds, only=only, skip=skip, at=at)
     json_target(json_path)
     if finetune is not None and output is None:
         raise RetrofitError("--finetune needs --output FILE for the fine-tuned model (its checkpoints go to "
@@ -92,6 +94,8 @@ def add_se_command(
         net, found = build_and_scan(lambda: build_model(model, checkpoint, pretrained, num_classes), input_size,
                                     meta=not needs_weights if meta is None else meta)
         size = found.traced.input_size
+        # the modules `at` names, read before the surgery adds its own (a glob could match those)
+        named = named_sites(found.traced, chosen.at, model_name(net)) if chosen.at else []
         base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
         original = copy.deepcopy(net) if latency else None
         info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
@@ -106,21 +110,21 @@ def add_se_command(
     if latency:
         timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size, runs=runs)
         del original
-    data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found),
+    data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found, named),
             **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped],
             "trainable_parameters": {"trainable": trainable.trainable, "total": trainable.total}}
     if timing is not None:
         data["latency"] = latency_json(timing)
     if json_path != "-":
-        console().print(f"[bold]{model_name(net)}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
-                  f"recipe: {chosen.describe()}")
-        console().print(sites_by_stage(found))
+        console().print(f"[bold]{model_name(net)}[/]: {found.summary()}{f', {len(named)} named' if named else ''} "
+                        f"sites at input {'x'.join(map(str, size))}; recipe: {chosen.describe()}")
+        console().print(sites_by_stage(found, named))
         console().print(blocks_table(report, chosen.block.module))
         console().print(overhead_table(report))
         console().print(str(trainable))
         if timing is not None:
             console().print(latency_line(timing))
-        print_skipped(info.skipped)
+        print_skipped(info.skipped, found.traced.opaque)
     write_json(data, json_path)
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets

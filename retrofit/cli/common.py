@@ -101,10 +101,13 @@ def write_json(data: dict, path: Optional[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def print_skipped(skipped) -> None:
-    if not skipped:
-        return
-    for reason, n in Counter(s.reason for s in skipped).most_common():
+def print_skipped(skipped, kept=()) -> None:
+    """The candidates passed over, one line per reason; first the modules whose forward is kept as
+    is (``kept``: ``Traced.opaque``), one line each with its path."""
+    for path, line in kept:
+        console().print(f"[dim]kept as is: {path or '<model>'}: {line}[/]")
+    said = {line for _, line in kept}
+    for reason, n in Counter(s.reason for s in skipped if s.reason not in said).most_common():
         console().print(f"[dim]skipped {n} candidate(s): {reason}[/]")
 
 
@@ -112,3 +115,5 @@ CHECKPOINT = typer.Option(None, "--checkpoint", help="Local weights (.safetensor
 PRETRAINED = typer.Option(False, "--pretrained", help="Download timm's weights (needs network access).")
 NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size (a new head when it differs).")
 INPUT_SIZE = typer.Option(None, "--input-size", help="C,H,W to trace with (default: the model's own).")
+AT = typer.Option(None, "--at", help="Module-path globs: a block on the output of each module they match, e.g. "
+                                     "'features.denseblock*,features.transition*' (* within one name, ** across).")

@@ -5,27 +5,35 @@ from typing import Optional
 
 import typer
 
-from .common import INPUT_SIZE, NUM_CLASSES, console, fail_cleanly, json_target, build_model, print_skipped, write_json, app
+from .common import (AT, INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, print_skipped,
+                     write_json)
 
 
 @app.command("sites")
 @fail_cleanly
 def sites_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
+    at: Optional[str] = AT,
     input_size: Optional[str] = INPUT_SIZE,
     num_classes: Optional[str] = NUM_CLASSES,
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the sites as JSON to FILE (- for stdout)."),
 ):
-    """List the sites the pass finds: residual merges, Inception merges, 3x3 convs in residual branches."""
+    """List the sites the pass finds: residual merges, Inception merges, 3x3 convs in residual branches
+    (and, with --at, the outputs of the modules named); modules whose forward is kept as is, with why."""
+    from ..insert import model_name
     from ..models import resolve_input_size
+    from ..named import named_sites
+    from ..recipe import Recipe
     from ..report import sites_by_stage, sites_json, sites_table
     from ..sites import scan
 
+    globs = Recipe(at=at).at  # checked like the recipe field
     json_target(json_path)
     net = build_model(model, None, False, num_classes)
     found = scan(net, resolve_input_size(net, input_size))
+    named = named_sites(found.traced, globs, model_name(net)) if globs else []
     if json_path != "-":
-        console().print(sites_table(found))
-        console().print(sites_by_stage(found))
-        print_skipped(found.skipped)
-    write_json(sites_json(found), json_path)
+        console().print(sites_table(found, named))
+        console().print(sites_by_stage(found, named))
+        print_skipped(found.skipped, found.traced.opaque)
+    write_json(sites_json(found, named), json_path)

@@ -10,7 +10,7 @@ import typer
 from ..errors import RetrofitError
 from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
                        save_figure)
-from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
+from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
@@ -31,6 +31,7 @@ def sweep_command(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R",
                                          help="Recipe for the other fields (squeeze, gate, bias...); default: standard."),
     allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
+    at: Optional[str] = AT,
     input_size: Optional[str] = INPUT_SIZE,
     num_classes: Optional[str] = NUM_CLASSES,
     latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original (builds real models; slow)."),
@@ -75,7 +76,7 @@ def sweep_command(
     from ..recipe import resolve_recipe
     from ..sweep import parse_axis, parse_stages, sweep
 
-    base = resolve_recipe(recipe, allow_wide=True if allow_wide else None)
+    base = resolve_recipe(recipe, allow_wide=True if allow_wide else None, at=at)
     ratios = parse_axis("r", r, lambda v: base.replace(r=v).r)
     positions = parse_axis("position", position, lambda v: base.replace(position=v).position)
     stage_sets = parse_axis("stages", stages, parse_stages)
