@@ -24,7 +24,7 @@ def sites_by_stage(scan: Scan) -> Table:
     """Sites found, one row per stage."""
     table = Table(title="Sites found", title_justify="left")
     for col in ("stage", "stride", "size", *KINDS):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     stages: dict[int, dict] = {}
     for s in scan.sites:
         row = stages.setdefault(s.stage, {"size": s.size, **{k: 0 for k in KINDS}})
@@ -41,25 +41,64 @@ def sites_table(scan: Scan) -> Table:
     table = Table(title="Sites", title_justify="left")
     for col, justify in (("#", "right"), ("kind", "left"), ("module", "left"), ("stage", "right"),
                          ("stride", "right"), ("channels", "right"), ("size", "right"), ("detail", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=col == "module")
     for i, s in enumerate(scan.sites):
         table.add_row(str(i), s.kind, s.module or "<model>", str(s.stage), str(s.stride), str(s.channels),
                       f"{s.size[0]}x{s.size[1]}", s.detail)
     return table
 
 
-def blocks_table(report: Overhead, module: str = "se") -> Table:
-    """One row per inserted block (one per site); ``module``: the recipe's block, for the title."""
+def blocks_table(report: Overhead, module: str = "se", every: bool = False) -> Table:
+    """The inserted blocks (one per site); ``module``: the recipe's block, for the title.
+
+    Folded by default, so a deep network fits a terminal: per stage the first and the last block, and
+    between them one row ``... N more`` (their width, size and per-block costs when the N blocks are
+    alike, else blank). ``every``: one row per block. Block and site names are never cut (they are
+    what ``--only``/``--skip`` take): a narrow terminal folds other columns first.
+    """
     names = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
-    table = Table(title=f"{names.get(module, module)} blocks inserted", title_justify="left")
+    folded = not every and any(len(group) > 3 for group in _by_stage(report.blocks))
+    table = Table(title=f"{names.get(module, module)} blocks inserted", title_justify="left",
+                  caption="... N more: the blocks between a stage's first and last, with the costs of each "
+                          "(blank where they differ); --blocks lists every block." if folded else None,
+                  caption_justify="left")
+    longest = max((len(b.path) for b in report.blocks), default=5)
     for col, justify in (("block", "left"), ("site", "left"), ("stage", "right"), ("channels", "right"),
                          ("width", "right"), ("size", "right"), ("params", "right"), ("MACs", "right"),
                          ("pool+scale ops", "right")):
-        table.add_column(col, justify=justify)
-    for b in report.blocks:
-        table.add_row(b.path, b.site, str(b.stage), str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}",
-                      _n(b.params), _n(b.macs), _n(b.pool_ops + b.scale_ops))
+        table.add_column(col, justify=justify, overflow="fold",
+                         min_width=longest if col == "block" else None, no_wrap=col in ("block", "site"))
+    for group in _by_stage(report.blocks):
+        shown = group if every or len(group) <= 3 else [group[0], group[1:-1], group[-1]]
+        for b in shown:
+            if isinstance(b, list):
+                table.add_row(*_middle_row(b), style="dim")
+            else:
+                table.add_row(b.path, b.site, str(b.stage), str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}",
+                              _n(b.params), _n(b.macs), _n(b.pool_ops + b.scale_ops))
     return table
+
+
+def _by_stage(blocks: list) -> list[list]:
+    """The blocks in order, in runs of one stage."""
+    groups: list[list] = []
+    for b in blocks:
+        if groups and groups[-1][-1].stage == b.stage:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _middle_row(blocks: list) -> list[str]:
+    """``... N more`` and the values the folded blocks share (blank where they differ)."""
+    def same(get, fmt=str) -> str:
+        values = {get(b) for b in blocks}
+        return fmt(values.pop()) if len(values) == 1 else ""
+
+    return [f"... {len(blocks)} more", same(lambda b: b.site), same(lambda b: b.stage),
+            same(lambda b: b.channels), same(lambda b: b.width), same(lambda b: b.size, lambda s: f"{s[0]}x{s[1]}"),
+            same(lambda b: b.params, _n), same(lambda b: b.macs, _n), same(lambda b: b.pool_ops + b.scale_ops, _n)]
 
 
 def overhead_table(report: Overhead) -> Table:
@@ -70,7 +109,7 @@ def overhead_table(report: Overhead) -> Table:
                           "(C x H x W each), elementwise, not multiply-adds.",
                   caption_justify="left")
     for col in ("stage", "stride", "blocks", "params added", "% params", "MACs added", "% MACs", "pool+scale ops"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")  # a narrow terminal folds numbers, never cuts them
     for s in report.stages():
         table.add_row(str(s.stage), str(s.stride), str(s.blocks), _n(s.params), _pct(report.params_percent(s.params)),
                       _n(s.macs), _pct(report.macs_percent(s.macs)), _n(s.pool_ops + s.scale_ops))

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import RetrofitError
 from .common import (CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, print_skipped, write_json)
+                     json_target, print_skipped, say, write_json)
 from .finetune import EPOCHS, is_main_process, run_finetune
 
 
@@ -35,6 +35,7 @@ def add_se_command(
     checkpoint: Optional[Path] = CHECKPOINT,
     pretrained: bool = PRETRAINED,
     num_classes: Optional[str] = NUM_CLASSES,
+    every_block: bool = typer.Option(False, "--blocks", help="List every inserted block (default: per stage the first and the last, the others folded into one row)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load."),
     finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/."),
@@ -90,13 +91,13 @@ def add_se_command(
     if timing is not None:
         data["latency"] = latency_json(timing)
     if json_path != "-":
-        console().print(f"[bold]{model_name(net)}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
-                  f"recipe: {chosen.describe()}")
+        say((model_name(net), "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
+            f"recipe: {chosen.describe()}")
         console().print(sites_by_stage(found))
-        console().print(blocks_table(report, chosen.module))
+        console().print(blocks_table(report, chosen.module, every=every_block))
         console().print(overhead_table(report))
         if timing is not None:
-            console().print(latency_line(timing))
+            say(latency_line(timing))
         print_skipped(info.skipped)
     write_json(data, json_path)
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
@@ -106,4 +107,4 @@ def add_se_command(
     if output is not None and is_main_process():
         save(net, output)
         if json_path != "-":
-            console().print(f"saved {output} (load with retrofit.load)")
+            say(f"saved {output} (load with retrofit.load)")

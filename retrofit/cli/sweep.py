@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
-from .common import INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, write_json
+from .common import INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, say, write_json
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
@@ -68,14 +68,14 @@ def sweep_command(
             "base": {"params": count_params(net), "macs": found.macs},
             "rows": [row.to_dict() for row in rows]}
     if json_path != "-":
-        console().print(f"[bold]{name}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
-                        f"{len(rows)} combinations; other fields: {base.describe()}")
+        say((name, "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
+            f"{len(rows)} combinations; other fields: {base.describe()}")
         console().print(sweep_table(rows, latency, batch, timing_size))
     write_json(data, json_path)
     if plot is not None:
         draw(pyplot, rows, name, plot, latency)
         if json_path != "-":
-            console().print(f"saved {plot}")
+            say(f"saved {plot}")
 
 
 def sweep_table(rows, latency: bool, batch: int, size):
