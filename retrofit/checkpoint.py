@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import RetrofitError
 from .recipe import Recipe
 
@@ -22,20 +23,18 @@ FORMAT = "retrofit/1"
 
 
 def save(model: nn.Module, path: str | Path) -> Path:
-    """Write a retrofitted ``model`` (from :func:`retrofit.add_se`) to ``path`` (``.safetensors``)."""
+    """Write a retrofitted ``model`` (from :func:`retrofit.add_se`) to ``path`` (``.safetensors``).
+
+    Raises:
+        WriteError: the write failed (a full disk...); the previous file at ``path`` is kept.
+    """
     from safetensors.torch import save_model
 
     meta = metadata(model)
     path = Path(path).expanduser()
     check_writable(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_write(path) as tmp:  # a full disk: WriteError (safetensors says "os error 28")
         save_model(model, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise RetrofitError(f"cannot write {path}: {err.strerror or err}; nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -23,6 +23,7 @@ modules of :mod:`retrofit.train`; :class:`_Run` puts them together.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from torch import nn
 
 from .data import ImageFolderData
 from .distributed import Dist, setup
-from .errors import RetrofitError
+from .errors import RetrofitError, RetrofitWarning
 from .train import optim, params
 from .train.evaluate import bypass_se, evaluate
 from .train.loop import seed_all, train_epoch
@@ -119,9 +120,13 @@ def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epoc
     settings = Settings(epochs, phase2_epochs, lr, phase2_lr, batch_size, accum_steps, opt, weight_decay, sched,
                         warmup_epochs, seed, augment, train_head)
     env = setup(device)
+    run = None
     try:
-        return _Run(model, settings, env, data, input_size, output_dir, resume, workers, progress).run(restore_best)
+        run = _Run(model, settings, env, data, input_size, output_dir, resume, workers, progress)
+        return run.run(restore_best)
     finally:
+        if run is not None:
+            run.dir.close()  # the folder's lock
         env.close()
 
 
@@ -159,49 +164,53 @@ class _Run:
         self.best: dict[str, Any] | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.seen_bad: set[str] = set()
-        self.saved = self.dir.open(resume, self.meta, asdict(s))  # the training state resumed from
-        if len(self.data.train) < s.batch_size:
-            raise RetrofitError(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one "
-                                f"batch of {s.batch_size}; lower the batch size")
+        self.said_left_out = False
+        if len(self.data.train) < s.batch_size and env.main:
+            warnings.warn(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one batch of "
+                          f"{s.batch_size}: each epoch is one step on all of them", RetrofitWarning, stacklevel=3)
+        self.saved = self.dir.open(resume, self.meta, asdict(s))  # the training state resumed from (last: it locks)
         model.to(env.device)
 
     def run(self, restore_best: bool) -> FinetuneResult:
         s, env, model = self.s, self.env, self.model
         rank, world, micro = env.rank, env.world, s.batch_size // (env.world * s.accum_steps)
-        self.train_loader = self.data.train_loader(micro, seed=s.seed, rank=rank, world=world, workers=self.workers)
+        self.train_loader = self.data.train_loader(micro, batch_size=s.batch_size, seed=s.seed, rank=rank, world=world,
+                                                   workers=self.workers)
         self.val_loader = self.data.val_loader(micro * s.accum_steps, rank=rank, world=world, workers=self.workers)
         done = 0
         total = s.epochs + s.phase2_epochs
         net, optimizer, scheduler, phase = None, None, None, 0
         with self.progress:
+            self.progress.note(f"{self.data.root}: {self.data.describe()}")
             if self.saved is not None:
                 model.load_state_dict(self.saved["model"], strict=True)
                 self.rows, self.best = self.saved["rows"], self.saved["best"]
                 done = self.saved["epoch"]
                 set_rng_state(self.saved["rng"])
+                self.dir.recover(model, self.saved)  # the files a kill after the state's commit missed
             else:
                 with bypass_se(model):
                     self._record("original", 0, 0, None, self._evaluate("original"))
                 self._record("step 0", 0, 0, None, self._evaluate("step 0"))
-                self.dir.write_metrics(self.rows)
+                self.dir.commit_step0(model, self.rows)
             for epoch in range(done + 1, total + 1):
                 if (1 if epoch <= s.epochs else 2) != phase:
                     phase = 1 if epoch <= s.epochs else 2
                     net, optimizer, scheduler = self._start_phase(phase, epoch)
                 in_phase = epoch - 1 if phase == 1 else epoch - 1 - s.epochs
                 seed_all(s.seed + 1000 * epoch + rank)  # augmentation and dropout draws of this epoch
-                self.train_loader.sampler.set_epoch(epoch)
+                self._set_epoch(epoch, phase)
                 params.set_modes(model, frozen_norms=phase == 1)
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, images, bad = self._train_epoch(net, optimizer, epoch)
                 val = self._evaluate(f"epoch {epoch} val")
                 scheduler.step(in_phase + 1, val["top1"])  # the metric: for sched="plateau" (mode max)
                 val["skipped_images"] += bad
-                self._record(f"epoch {epoch}", epoch, phase, dict(train_loss=train_loss, lr=lr, train_images=images), val)
+                row = self._record(f"epoch {epoch}", epoch, phase, dict(train_loss=train_loss, lr=lr, train_images=images), val)
                 self.dir.commit_epoch(model, dict(
                     meta=self.meta, settings=asdict(s), model=model.state_dict(), optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), epoch=epoch, phase=phase, rng=rng_state(), rows=self.rows,
-                    best=self.best), self.rows)
+                    best=self.best), self.rows, best=self.best is row)
         if restore_best:
             weights = self.best_weights if self.best_weights is not None else self.dir.best_weights()
             if weights is not None:
@@ -223,24 +232,40 @@ class _Run:
             scheduler.step(epoch - 1 if phase == 1 else epoch - 1 - s.epochs)  # the lr of the epoch to run
         return optim.wrap(model, self.env), optimizer, scheduler
 
+    def _set_epoch(self, epoch: int, phase: int) -> None:
+        """The epoch's data order; phase 2 (norm layers on batch statistics) leaves out a last batch that
+        would give a process one image (said once)."""
+        batches = self.train_loader.batch_sampler
+        batches.set_epoch(epoch, no_single=phase == 2)
+        if batches.left_out and self.env.main and not self.said_left_out:
+            self.said_left_out = True
+            warnings.warn(f"phase 2 leaves out {batches.left_out} image(s) of each epoch: the last batch would give "
+                          f"a process a batch of one image, on which the norm layers cannot train", RetrofitWarning,
+                          stacklevel=3)
+
     def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int, int]:
-        return train_epoch(net, self.model, self.train_loader, optimizer, accum=self.s.accum_steps, env=self.env,
-                           progress=self.progress, label=f"epoch {epoch} train", seen_bad=self.seen_bad)
+        loss, images, bad = train_epoch(net, self.model, self.train_loader, optimizer, accum=self.s.accum_steps,
+                                        env=self.env, progress=self.progress, label=f"epoch {epoch} train",
+                                        seen_bad=self.seen_bad)
+        if images == 0:
+            raise RetrofitError(f"none of the {bad} images in {self.data.root}/train could be decoded (each is "
+                                f"named in a warning); replace or remove them")
+        return loss, images, bad
 
     def _evaluate(self, label: str) -> dict[str, Any]:
         return evaluate(self.model, self.val_loader, classes=len(self.data.classes), env=self.env,
                         progress=self.progress, label=label, seen_bad=self.seen_bad, root=self.data.root)
 
-    def _record(self, name: str, epoch: int, phase: int, train: dict | None, val: dict) -> None:
-        """Add a metrics row; a new best (by val top-1; the original does not compete) is kept in memory
-        and written to ``best.safetensors``."""
+    def _record(self, name: str, epoch: int, phase: int, train: dict | None, val: dict) -> dict[str, Any]:
+        """Add a metrics row and return it; a new best (by val top-1; the original does not compete) is
+        kept in memory (the run folder writes it with the epoch's commit)."""
         row = dict(name=name, epoch=epoch, phase=phase, train_loss=None, lr=None, train_images=None, **val)
         row.update(train or {})
         self.rows.append(row)
         if name != "original" and (self.best is None or row["top1"] > self.best["top1"]):
             self.best = row
             self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self.dir.save_best(self.model)
+        return row
 
 
 def results_table(result: FinetuneResult, title: str = "Fine-tuning results"):

@@ -103,15 +103,10 @@ def write_json(data: dict, path: Optional[str]) -> None:
     if path == "-":
         sys.stdout.write(text + "\n")
     elif path is not None:
-        target = Path(path).expanduser()
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        from ..atomic import atomic_write
+
+        with atomic_write(Path(path).expanduser()) as tmp:
             tmp.write_text(text + "\n")
-            os.replace(tmp, target)
-        except OSError as e:
-            raise RetrofitError(f"cannot write {target}: {e.strerror or e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def print_skipped(skipped) -> None:

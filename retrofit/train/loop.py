@@ -28,6 +28,11 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
 
     Returns the mean training loss, the number of images trained on and the number of undecodable
     images skipped, each summed over the processes.
+
+    Each image weighs ``1 / images of its optimizer step over all processes`` (``loader.batch_sampler``
+    is a :class:`~retrofit.data.TrainBatches`), so a step's gradient is the mean over its global batch
+    whether the step is full or the smaller last one, and whatever the number of processes (DDP
+    averages the processes' gradients, hence the factor ``world``).
     """
     dev = env.device
     steps = len(loader)
@@ -45,12 +50,13 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
             if len(batch.targets):
                 x, y = batch.images.to(dev, non_blocking=True), batch.targets.to(dev, non_blocking=True)
                 with env.autocast():
-                    loss = F.cross_entropy(net(x).float(), y)
-                loss_sum += loss.item() * len(y)
+                    summed = F.cross_entropy(net(x).float(), y, reduction="sum")
+                loss_sum += summed.item()
                 seen += len(y)
-            else:  # every image of this micro-batch was bad: a zero step keeps processes in lock-step
+                loss = summed * (env.world / loader.batch_sampler.step_images(i))
+            else:  # no image here (all bad, or none left for this process): a zero step keeps processes in lock-step
                 loss = sum(p.sum() * 0 for p in trainable)
-            (loss / accum).backward()
+            loss.backward()
         if sync:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
