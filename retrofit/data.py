@@ -227,18 +227,19 @@ def find_images(folder: Path) -> "FoundImages":
     if loose:
         raise RetrofitError(f"{len(loose)} image(s) directly in {folder} (e.g. {loose[0]}) belong to no class; "
                             f"move them into {folder}/<class>/ (a folder per class)")
-    seen: set[tuple[int, int]] = set()
+    dirs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+    seen = {_inode(p) for p in (folder, *dirs)}  # a class never reads the split or another class
     again: list[str] = []
     samples, classes = [], []
-    for d in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
+    for d in dirs:
+        seen.discard(_inode(d))
         files = []
         for where, subdirs, names in os.walk(d, followlinks=True):
-            st = os.stat(where)
-            if (st.st_dev, st.st_ino) in seen:  # a loop, or a folder linked twice: read once
+            if _inode(where) in seen:  # a loop, or a folder linked twice: read once
                 again.append(where)
                 subdirs[:] = []
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            seen.add(_inode(where))
             files += [os.path.join(where, n) for n in names if os.path.splitext(n)[1].lower() in types]
         if files:
             samples += [(f, len(classes)) for f in files]
@@ -250,6 +251,11 @@ def find_images(folder: Path) -> "FoundImages":
         raise RetrofitError(f"no images in {folder}; put each class's images in {folder}/<class>/ "
                             f"({', '.join(sorted(types))})")
     return FoundImages(folder, sorted(samples, key=lambda k: natural_key(k[0])), classes)
+
+
+def _inode(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 class FoundImages(ReaderImageFolder):
