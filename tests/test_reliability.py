@@ -1,7 +1,7 @@
 """What a kill, a full disk, a second run and a bad output folder do to a fine-tuning run, through the
-real command line: a killed process is a `python -m retrofit` subprocess that gets SIGKILL right before
-a chosen rename (a `sitecustomize.py` on its PYTHONPATH wraps `os.replace`; the product has no fault
-injection), then `--resume` must give the files and the table of an uninterrupted run."""
+real command line: a killed run is a process running the installed entry point (``retrofit.cli:main``,
+what ``python -m retrofit`` runs) that gets SIGKILL right before a chosen rename; the product has no
+fault injection. Then ``--resume`` must give the files and the table of an uninterrupted run."""
 import errno
 import io
 import json
@@ -12,40 +12,99 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
-from test_finetune import make_folder, se_model, sha
+from test_finetune import make_folder, se_model
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
-KILLER = '''
-import os, signal, time
-_spec = os.environ.get("KILL_BEFORE")  # "NAME" or "NAME@AFTER": the first rename onto NAME (after one onto AFTER)
-if _spec:
-    _name, _, _after = _spec.partition("@")
-    _real, _done = os.replace, set()
+# One process imports torch, timm and retrofit once (5 s), computes nothing, and forks one child per
+# command: each child is a fresh process running the CLI's entry point, killed (SIGKILL) right before
+# the first rename onto NAME (after one onto AFTER: "NAME@AFTER"). Forking a process that never ran a
+# torch op is safe (no thread pool exists yet), and saves the import in each of the eight runs.
+LAUNCHER = r"""
+import json, os, signal, sys, time, traceback
+from retrofit.cli import main
 
-    def _replace(src, dst, *args, **kwargs):
-        name = os.path.basename(os.fspath(dst))
-        if name == _name and (not _after or _after in _done):
-            pause = os.environ.get("PAUSE_DIR")
+def kill_before(spec, pause):
+    name, _, after = spec.partition("@")
+    real, done = os.replace, set()
+
+    def replace(src, dst, *args, **kwargs):
+        target = os.path.basename(os.fspath(dst))
+        if target == name and (not after or after in done):
             if pause:  # say where we are, wait for the test to look, then die
                 open(os.path.join(pause, "paused"), "w").write(str(os.getpid()))
                 deadline = time.time() + 120
                 while not os.path.exists(os.path.join(pause, "go")) and time.time() < deadline:
                     time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
-        _done.add(name)
-        return _real(src, dst, *args, **kwargs)
+        done.add(target)
+        return real(src, dst, *args, **kwargs)
+    return replace
 
-    os.replace = _replace
-'''
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        if job["kill"]:
+            os.replace = kill_before(job["kill"], job["pause"])
+        sys.argv = ["retrofit", *job["args"]]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    died = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    print(json.dumps({"pid": pid, "signal": died, "code": os.WEXITSTATUS(status) if not died else None}), flush=True)
+"""
+
+
+class Launcher:
+    """Runs ``retrofit ARGS`` in fresh processes (see LAUNCHER); ``run`` returns (exit code or -signal,
+    stdout, stderr)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.n = folder, 0
+        script = folder / "launcher.py"
+        script.write_text(LAUNCHER)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def start(self, args, kill=None, pause=None):
+        self.n += 1
+        self.out, self.err = self.folder / f"{self.n}.out", self.folder / f"{self.n}.err"
+        self.proc.stdin.write(json.dumps({"args": [str(a) for a in args], "kill": kill, "pause": pause and str(pause),
+                                          "stdout": str(self.out), "stderr": str(self.err)}) + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self):
+        line = self.proc.stdout.readline()
+        assert line, "the launcher died"
+        done = json.loads(line)
+        return -done["signal"] if done["signal"] else done["code"], self.out.read_text(), self.err.read_text()
+
+    def run(self, args, kill=None):
+        self.start(args, kill)
+        return self.wait()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(60)
 
 
 def table(output: str) -> str:
@@ -67,58 +126,52 @@ def temps(folder: Path) -> list[str]:
 
 def test_a_kill_at_any_rename_then_resume_gives_the_uninterrupted_run(tmp_path):
     """Every rename point: step 0 (best, metrics; no state yet: the run starts over) and an epoch's commit
-    (state, last, best, metrics), the last one after the final epoch (nothing left to train: the metrics
+    (state, best, last, metrics), the last one after the final epoch (nothing left to train: the metrics
     row must still come back). 24 images in batches of 10: the last step of each epoch is partial."""
     data = make_folder(tmp_path / "data")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    args = ["finetune", str(ckpt), "--data", str(data), "--epochs", "3", "-b", "10", "--lr", "0.05", "--train-head",
+    args = ["finetune", ckpt, "--data", data, "--epochs", "3", "-b", "10", "--lr", "0.05", "--train-head",
             "-j", "0", "--device", "cpu"]
-    reference = runner.invoke(app, args + ["--output-dir", str(tmp_path / "ref")])
-    assert reference.exit_code == 0, reference.output
-    ref = tmp_path / "ref"
-    rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 5 and rows[2]["top1"] > rows[1]["top1"]  # epoch 1 beats step 0: it writes best.safetensors
-
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(KILLER)
-    out, pause = tmp_path / "run", tmp_path / "pause"
+    ref, out, pause = tmp_path / "ref", tmp_path / "run", tmp_path / "pause"
     pause.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "retrofit", *args, "--output-dir", str(out)]
+    launcher = Launcher(tmp_path)
+    try:
+        code, reference, _ = launcher.run(args + ["--output-dir", ref])
+        assert code == 0, reference
+        rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 5 and rows[2]["top1"] > rows[1]["top1"]  # epoch 1 beats step 0: it writes best
 
-    # 1. step 0's best.safetensors; paused there (holding the folder), a second run is refused and
-    #    told which process holds it, and leaves that process's temporary file alone
-    first = subprocess.Popen(cmd, env={**env, "KILL_BEFORE": "best.safetensors", "PAUSE_DIR": str(pause)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (pause / "paused").exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert (pause / "paused").exists(), first.communicate()
-    pid = (pause / "paused").read_text()
-    second = runner.invoke(app, args + ["--output-dir", str(out), "--resume"])
-    assert f"in use by another fine-tuning run (process {pid} on" in error_line(second)
-    assert temps(out) == [f".best.safetensors.{pid}.tmp"]
-    (pause / "go").write_text("")
-    assert first.wait(60) == -signal.SIGKILL
+        # 1. step 0's best.safetensors; paused there (holding the folder), a second run is refused and
+        #    told which process holds it, and leaves that process's temporary file alone
+        launcher.start(args + ["--output-dir", out], kill="best.safetensors", pause=pause)
+        deadline = time.time() + 120
+        while not (pause / "paused").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        pid = (pause / "paused").read_text()
+        second = runner.invoke(app, [str(a) for a in args] + ["--output-dir", str(out), "--resume"])
+        assert f"in use by another fine-tuning run (process {pid} on" in error_line(second)
+        assert temps(out) == [f".best.safetensors.{pid}.tmp"]
+        (pause / "go").write_text("")
+        assert launcher.wait()[0] == -signal.SIGKILL
 
-    # 2. to 6.: each run is killed at the next point; the next resumes (or, before any state, starts over)
-    for kill in ("metrics.jsonl",                        # step 0's metrics
-                 "train_state.pt",                       # epoch 1's commit
-                 "best.safetensors@train_state.pt",      # epoch 1 (best) after its commit
-                 "last.safetensors@train_state.pt",      # epoch 2 after its commit
-                 "metrics.jsonl@train_state.pt"):        # epoch 3, the last, after its commit
-        proc = subprocess.run(cmd + ["--resume"], env={**env, "KILL_BEFORE": kill}, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == -signal.SIGKILL, (kill, proc.stdout[-2000:], proc.stderr[-2000:])
-        assert len(temps(out)) == 1, (kill, temps(out))  # the killed run's own; the earlier ones are gone
-    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 3
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # the last row is not there yet
+        # 2. to 6.: each run is killed at the next point; the next resumes (or, before any state, starts over)
+        for kill in ("metrics.jsonl",                        # step 0's metrics
+                     "train_state.pt",                       # epoch 1's commit
+                     "best.safetensors@train_state.pt",      # epoch 1 (the best so far) after its commit
+                     "last.safetensors@train_state.pt",      # epoch 2 after its commit
+                     "metrics.jsonl@train_state.pt"):        # epoch 3, the last, after its commit
+            code, stdout, stderr = launcher.run(args + ["--output-dir", out, "--resume"], kill=kill)
+            assert code == -signal.SIGKILL, (kill, stdout[-2000:], stderr[-2000:])
+            assert len(temps(out)) == 1, (kill, temps(out))  # the killed run's own; the earlier ones are gone
+        assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 3
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # the last row is not there yet
 
-    final = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr[-3000:]
+        code, final, stderr = launcher.run(args + ["--output-dir", out, "--resume"])
+        assert code == 0, stderr[-3000:]
+    finally:
+        launcher.close()
     assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
-    assert table(final.stdout) == table(reference.stdout)
+    assert table(final) == table(reference)
     for name in ("last.safetensors", "best.safetensors"):
         a, b = load_file(ref / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
