@@ -90,7 +90,8 @@ def finetune(model: nn.Module, data: str | Path, epochs: int = 1, *, phase2_epoc
         epochs: phase-1 epochs (SE blocks, and a new head, train; the backbone is frozen).
         phase2_epochs: then this many epochs with everything trainable at ``phase2_lr``.
         lr, phase2_lr: learning rates (``phase2_lr`` defaults to ``lr / 10``).
-        batch_size: the global batch (split over processes and ``accum_steps`` micro-batches).
+        batch_size: the global batch (split over processes and ``accum_steps`` micro-batches); every
+            image trains each epoch, so the last batch may be smaller (see :class:`retrofit.data.TrainBatches`).
         accum_steps: gradient accumulation: micro-batches per optimizer step.
         opt, weight_decay: passed to ``timm.optim.create_optimizer_v2`` (``adamw``, ``sgd``, ``lamb``...).
         sched, warmup_epochs: passed to ``timm.scheduler.create_scheduler_v2`` (``cosine``, ``step``...).
