@@ -93,9 +93,12 @@ class RunDir:
         out = self.path
         try:
             out.mkdir(exist_ok=True)
-            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             return f"cannot create the output folder {out}: {err.strerror or err}; choose a folder you can write to"
+        try:
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            return f"cannot write in the output folder {out}: {err.strerror or err}; choose a folder you can write to"
         try:
             import fcntl  # POSIX; the kernel drops the lock when the process ends, however it ends
 
