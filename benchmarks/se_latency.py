@@ -5,7 +5,7 @@ Rows: seresnet50 twice (its ratio to itself is the machine's noise floor), the p
 resnet50 retrofitted with the `timm` recipe (seresnet50's layout; its standard-position blocks are
 fused with their residual sums, x * s + shortcut in one torch.addcmul pass), the same with the
 fusion turned off (the unfused x * s, then the sum: what the fusion saves), and the default recipe.
-Targets: retrofit / seresnet50 <= 1.02.
+Targets: retrofit / seresnet50 <= 1.02. Last, the timer's sanity: twice the work should time about 2x.
 
 Run: python benchmarks/se_latency.py [--runs N] [--threads T]
 """
@@ -48,6 +48,18 @@ def main(runs: int) -> None:
         print(f"  {name:32s} {timing.median(name) * 1e3:10.1f} {timing.ratio(name, ref):13.3f} "
               f"{timing.ratio(name, plain):11.3f}")
     print("  target: retrofit / seresnet50 <= 1.02")
+    twice_the_work()
+
+
+def twice_the_work(runs: int = 15) -> None:
+    """The timer's sanity on this machine: a conv stack and the same stack with one more conv (about
+    twice the multiply-adds) should time about 2x (the unit tests check the bookkeeping on a fake clock)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1))
+    twice = torch.nn.Sequential(net, torch.nn.ReLU(), *list(net.children())[1:])
+    timing = measure_latency({"one": net, "two": twice}, batch=2, input_size=(3, 48, 48), runs=runs, warmup=2)
+    ratio = timing.ratio("two", "one")
+    print(f"timer sanity: one more conv of the same size, ratio {ratio:.2f} (about 2 expected; "
+          f"{'ok' if 1.3 < ratio < 4 else 'the machine is too noisy for timings now'})")
 
 
 if __name__ == "__main__":

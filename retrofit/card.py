@@ -42,7 +42,8 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
         base_name: what the base is, when the file does not say (a full model's card).
     """
     from . import __version__
-    from .checkpoint import atomic_write, read_header
+    from .atomic import atomic_write
+    from .checkpoint import read_header
 
     weights = Path(weights)
     header = read_header(weights)
@@ -101,7 +102,8 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
     path = card_path(weights)
     text = "\n".join(lines) + "\n"
     try:
-        atomic_write(path, lambda tmp: tmp.write_text(text))
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
     except RetrofitError as err:
         raise RetrofitError(f"{err} ({weights.name} itself is saved)") from None
     return path

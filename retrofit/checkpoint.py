@@ -20,11 +20,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import RetrofitError, first_line
 from .recipe import Recipe
 
@@ -60,6 +61,9 @@ def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any
 
     Returns:
         ``path``.
+
+    Raises:
+        WriteError: the write failed (a full disk...); the previous file at ``path`` is kept.
     """
     path = Path(path).expanduser()
     check_writable(path)
@@ -67,12 +71,14 @@ def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any
         from .adapter import adapter_tensors
 
         tensors, meta = adapter_tensors(model, base)
-        atomic_write(path, lambda tmp: _save_file(tensors, tmp, meta))
+        with atomic_write(path) as tmp:  # a full disk: WriteError (safetensors says "os error 28")
+            _save_file(tensors, tmp, meta)
     else:
         from safetensors.torch import save_model
 
         meta = metadata(model)
-        atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=meta))
+        with atomic_write(path) as tmp:
+            save_model(model, str(tmp), metadata=meta)
     if card:
         from .card import write_card
 
@@ -84,19 +90,6 @@ def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, meta: dict[str, str]
     from safetensors.torch import save_file
 
     save_file(tensors, str(tmp), metadata=meta)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``: ``path`` is the old file or the new one, never a
-    part; on failure the temporary file is removed and one line says nothing was written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise RetrofitError(f"cannot write {path}: {err.strerror or err}; nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def metadata(model: nn.Module) -> dict[str, str]:

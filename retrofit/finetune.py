@@ -31,6 +31,7 @@ are small modules of :mod:`retrofit.train`; :class:`_Run` puts them together.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from .bypass import blocks_off
 from .bypass import bypass as bypass_se  # its home is retrofit.bypass; kept importable here
 from .data import ImageFolderData
 from .distributed import Dist, setup
-from .errors import RetrofitError
+from .errors import RetrofitError, RetrofitWarning
 from .train import optim, params
 from .train.ema import Ema
 from .train.evaluate import evaluate
@@ -139,7 +140,8 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
         epochs: phase-1 epochs (SE blocks, and a new head, train; the backbone is frozen).
         phase2_epochs: then this many epochs with everything trainable at ``phase2_lr``.
         lr, phase2_lr: learning rates (``phase2_lr`` defaults to ``lr / 10``).
-        batch_size: the global batch (split over processes and ``accum_steps`` micro-batches).
+        batch_size: the global batch (split over processes and ``accum_steps`` micro-batches); every
+            image trains each epoch, so the last batch may be smaller (see :class:`retrofit.data.TrainBatches`).
         accum_steps: gradient accumulation: micro-batches per optimizer step.
         opt, weight_decay: passed to ``timm.optim.create_optimizer_v2`` (``adamw``, ``sgd``, ``lamb``...).
         sched, warmup_epochs: passed to ``timm.scheduler.create_scheduler_v2`` (``cosine``, ``step``...).
@@ -188,9 +190,13 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
     env = setup(device)
     if params.block_params(model):  # a plain network (a sweep's control arm) has no adapter to make
         remember_base(model)  # the base an adapter of the result is made on (retrofit.adapter): before any change
+    run = None
     try:
-        return _Run(model, settings, env, data, input_size, output_dir, resume, workers, progress).run(restore_best)
+        run = _Run(model, settings, env, data, input_size, output_dir, resume, workers, progress)
+        return run.run(restore_best)
     finally:
+        if run is not None:
+            run.dir.close()  # the folder's lock
         env.close()
 
 
@@ -240,12 +246,15 @@ class _Run:
         self.progress = Progress(progress and env.main)
         self.rows: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.best_module: nn.Module | None = None  # whose weights the best row measured (the model, or the EMA)
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.seen_bad: set[str] = set()
-        self.saved = self.dir.open(resume, model, self.meta, asdict(s))  # the training state resumed from
-        if len(self.data.train) < s.batch_size:
-            raise RetrofitError(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one "
-                                f"batch of {s.batch_size}; lower the batch size")
+        self.said_left_out = False
+        if len(self.data.train) < s.batch_size and env.main:
+            warnings.warn(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one batch of "
+                          f"{s.batch_size}: each epoch is one step on all of them", RetrofitWarning, stacklevel=3)
+        # the training state resumed from (last: it locks the folder)
+        self.saved = self.dir.open(resume, model, self.meta, asdict(s))
         model.to(env.device)
         if s.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -254,12 +263,14 @@ class _Run:
     def run(self, restore_best: bool) -> FinetuneResult:
         s, env, model = self.s, self.env, self.model
         rank, world, micro = env.rank, env.world, s.batch_size // (env.world * s.accum_steps)
-        self.train_loader = self.data.train_loader(micro, seed=s.seed, rank=rank, world=world, workers=self.workers)
+        self.train_loader = self.data.train_loader(micro, batch_size=s.batch_size, seed=s.seed, rank=rank, world=world,
+                                                   workers=self.workers)
         self.val_loader = self.data.val_loader(micro * s.accum_steps, rank=rank, world=world, workers=self.workers)
         done = 0
         total = s.epochs + s.phase2_epochs
         net, optimizer, scheduler, phase = None, None, None, 0
         with self.progress:
+            self.progress.note(f"{self.data.root}: {self.data.describe()}")
             if self.saved is not None:
                 model.load_state_dict(self.saved["model"], strict=True)
                 if self.ema is not None:
@@ -269,19 +280,21 @@ class _Run:
                 self.rows, self.best = self.saved["rows"], self.saved["best"]
                 done = self.saved["epoch"]
                 set_rng_state(self.saved["rng"])
+                # the files a kill after the state's commit missed
+                self.dir.recover(model, self.saved, self.ema.module if self.ema is not None else None)
             else:
                 with blocks_off(model):
                     original = self._evaluate("original")
                 self._record("original", 0, 0, None, original)
                 self._record("step 0", 0, 0, None, self._evaluate("step 0") if self.blocks else dict(original))
-                self.dir.write_metrics(self.rows)
+                self.dir.commit_step0(model, self.rows)
             for epoch in range(done + 1, total + 1):
                 if (1 if epoch <= s.epochs else 2) != phase:
                     phase = 1 if epoch <= s.epochs else 2
                     net, optimizer, scheduler = self._start_phase(phase, epoch)
                 in_phase = epoch - 1 if phase == 1 else epoch - 1 - s.epochs
                 seed_all(s.seed + 1000 * epoch + rank)  # augmentation, mixup and dropout draws of this epoch
-                self.train_loader.sampler.set_epoch(epoch)
+                self._set_epoch(epoch, phase)
                 params.set_modes(model, frozen_norms=phase == 1)
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, images, bad = self._train_epoch(net, optimizer, epoch)
@@ -289,6 +302,7 @@ class _Run:
                 val = self._evaluate(f"epoch {epoch} val")
                 scheduler.step(in_phase + 1, val["top1"])  # the metric: for sched="plateau" (mode max)
                 val["skipped_images"] += bad
+                best = self.best
                 self._record(f"epoch {epoch}", epoch, phase, train, val)
                 if self.ema is not None:  # the average as a row of its own; it may be the best
                     ema_val = self._evaluate(f"epoch {epoch} val (ema)", self.ema.module)
@@ -301,7 +315,7 @@ class _Run:
                     state["ema"] = self.ema.state_dict()
                 if self.objective.frozen is not None:
                     state["teacher"] = self.objective.frozen.state_dict()
-                self.dir.commit_epoch(model, state, self.rows)
+                self.dir.commit_epoch(model, state, self.rows, best=self.best_module if self.best is not best else None)
         if restore_best:
             if self.best_weights is not None:
                 model.load_state_dict(self.best_weights, strict=True)
@@ -330,13 +344,28 @@ class _Run:
             self.objective.freeze_teacher(model, self.saved.get("teacher") if resumed else None)
         return optim.wrap(model, self.env), optimizer, scheduler
 
+    def _set_epoch(self, epoch: int, phase: int) -> None:
+        """The epoch's data order; phase 2 (norm layers on batch statistics) leaves out a last batch that
+        would give a process one image (said once)."""
+        batches = self.train_loader.batch_sampler
+        batches.set_epoch(epoch, no_single=phase == 2)
+        if batches.left_out and self.env.main and not self.said_left_out:
+            self.said_left_out = True
+            warnings.warn(f"phase 2 leaves out {batches.left_out} image(s) of each epoch: the last batch would give "
+                          f"a process a batch of one image, on which the norm layers cannot train", RetrofitWarning,
+                          stacklevel=3)
+
     def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int, int]:
         s, ema = self.s, self.ema
-        return train_epoch(net, self.model, self.train_loader, optimizer, accum=s.accum_steps, env=self.env,
-                           progress=self.progress, label=f"epoch {epoch} train", seen_bad=self.seen_bad,
-                           objective=self.objective, clip_grad=s.clip_grad, clip_mode=s.clip_mode,
-                           channels_last=s.channels_last,
-                           after_step=(lambda: ema.update(self.model)) if ema is not None else None)
+        loss, images, bad = train_epoch(
+            net, self.model, self.train_loader, optimizer, accum=s.accum_steps, env=self.env, progress=self.progress,
+            label=f"epoch {epoch} train", seen_bad=self.seen_bad, objective=self.objective, clip_grad=s.clip_grad,
+            clip_mode=s.clip_mode, channels_last=s.channels_last,
+            after_step=(lambda: ema.update(self.model)) if ema is not None else None)
+        if images == 0:
+            raise RetrofitError(f"none of the {bad} images in {self.data.root}/train could be decoded (each is "
+                                f"named in a warning); replace or remove them")
+        return loss, images, bad
 
     def _evaluate(self, label: str, module: nn.Module | None = None) -> dict[str, Any]:
         return evaluate(module if module is not None else self.model, self.val_loader,
@@ -344,9 +373,10 @@ class _Run:
                         seen_bad=self.seen_bad, root=self.data.root, channels_last=self.s.channels_last)
 
     def _record(self, name: str, epoch: int, phase: int, train: dict | None, val: dict,
-                module: nn.Module | None = None) -> None:
-        """Add a metrics row; a new best (by val top-1; the original does not compete) is kept in memory
-        and written to ``best.safetensors``. ``module``: the weights the row measured (the EMA's)."""
+                module: nn.Module | None = None) -> dict[str, Any]:
+        """Add a metrics row and return it; a new best (by val top-1; the original does not compete) is
+        kept in memory (the run folder writes it with the epoch's commit). ``module``: the weights the
+        row measured (the EMA's), default the model's."""
         module = module if module is not None else self.model
         row = dict(name=name, epoch=epoch, phase=phase, train_loss=None, lr=None, train_images=None, **val)
         row.update(train or {})
@@ -354,7 +384,8 @@ class _Run:
         if name != "original" and (self.best is None or row["top1"] > self.best["top1"]):
             self.best = row
             self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-            self.dir.save_best(module)
+            self.best_module = module
+        return row
 
 
 def _input_size(model: nn.Module) -> tuple[int, ...]:

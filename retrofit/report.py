@@ -25,7 +25,7 @@ def sites_by_stage(scan: Scan, named: list[Site] = ()) -> Table:
     table = Table(title="Sites found", title_justify="left")
     kinds = KINDS + ((NAMED,) if named else ())
     for col in ("stage", "stride", "size", *kinds):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     stages: dict[int, dict] = {}
     for s in [*scan.sites, *named]:
         row = stages.setdefault(s.stage, {"size": s.size, **{k: 0 for k in kinds}})
@@ -43,34 +43,79 @@ def sites_table(scan: Scan, named: list[Site] = ()) -> Table:
     table = Table(title="Sites", title_justify="left")
     for col, justify in (("#", "right"), ("kind", "left"), ("module", "left"), ("stage", "right"),
                          ("stride", "right"), ("channels", "right"), ("size", "right"), ("detail", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=col == "module")
     for i, s in enumerate([*scan.sites, *named]):
         table.add_row(str(i), s.kind, s.module or "<model>", str(s.stage), str(s.stride), str(s.channels),
                       f"{s.size[0]}x{s.size[1]}", s.detail)
     return table
 
 
-def blocks_table(report: Overhead, module: str = "se") -> Table:
-    """One row per inserted block (one per site), with its width; ``module``: the block kind for the
-    title when the blocks do not say. Blocks of several kinds (per-stage or per-module recipes) get a
-    ``module`` column instead."""
+def blocks_table(report: Overhead, module: str = "se", every: bool = False) -> Table:
+    """The inserted blocks (one per site); ``module``: the block kind for the title when the blocks do
+    not say. Blocks of several kinds (per-stage or per-module recipes) get a ``module`` column instead.
+
+    Folded by default, so a deep network fits a terminal: per stage the first and the last block, and
+    between them one row ``... N more`` (their width, size and per-block costs when the N blocks are
+    alike, else blank). ``every``: one row per block. Block and site names are never cut (they are
+    what ``--only``/``--skip`` take): a narrow terminal folds other columns first.
+    """
     names = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
     kinds = list(dict.fromkeys(b.module for b in report.blocks if b.module))
     mixed = len(kinds) > 1
     kind = kinds[0] if len(kinds) == 1 else module if isinstance(module, str) else ""
     title = "Blocks inserted" if mixed or not kind else f"{names.get(kind, kind)} blocks inserted"
-    table = Table(title=title, title_justify="left")
+    folded = not every and any(len(group) > 3 for group in _by_stage(report.blocks))
+    table = Table(title=title, title_justify="left",
+                  caption="... N more: the blocks between a stage's first and last, with the costs of each "
+                          "(blank where they differ); --blocks lists every block." if folded else None,
+                  caption_justify="left")
+    longest = max((len(b.path) for b in report.blocks), default=5)
     for col, justify in (("block", "left"), ("module", "left"), ("site", "left"), ("stage", "right"),
                          ("channels", "right"), ("width", "right"), ("size", "right"), ("params", "right"),
                          ("MACs", "right"), ("pool+scale ops", "right")):
         if col != "module" or mixed:
-            table.add_column(col, justify=justify)
-    for b in report.blocks:
-        cells = [b.path, *([names.get(b.module, b.module)] if mixed else []), b.site, str(b.stage),
-                 str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}", _n(b.params), _n(b.macs),
-                 _n(b.pool_ops + b.scale_ops)]
-        table.add_row(*cells)
+            table.add_column(col, justify=justify, overflow="fold",
+                             min_width=longest if col == "block" else None, no_wrap=col in ("block", "site"))
+    for group in _by_stage(report.blocks):
+        shown = group if every or len(group) <= 3 else [group[0], group[1:-1], group[-1]]
+        for b in shown:
+            if isinstance(b, list):
+                row = _middle_row(b)
+                if mixed:
+                    row.insert(1, _same(b, lambda x: names.get(x.module, x.module)))
+                table.add_row(*row, style="dim")
+            else:
+                table.add_row(b.path, *([names.get(b.module, b.module)] if mixed else []), b.site, str(b.stage),
+                              str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}", _n(b.params), _n(b.macs),
+                              _n(b.pool_ops + b.scale_ops))
     return table
+
+
+def _by_stage(blocks: list) -> list[list]:
+    """The blocks in order, in runs of one stage."""
+    groups: list[list] = []
+    for b in blocks:
+        if groups and groups[-1][-1].stage == b.stage:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _same(blocks: list, get, fmt=str) -> str:
+    """The value ``get`` gives every one of ``blocks``, formatted; blank where they differ."""
+    values = {get(b) for b in blocks}
+    return fmt(values.pop()) if len(values) == 1 else ""
+
+
+def _middle_row(blocks: list) -> list[str]:
+    """``... N more`` and the values the folded blocks share (blank where they differ)."""
+    def same(get, fmt=str) -> str:
+        return _same(blocks, get, fmt)
+
+    return [f"... {len(blocks)} more", same(lambda b: b.site), same(lambda b: b.stage),
+            same(lambda b: b.channels), same(lambda b: b.width), same(lambda b: b.size, lambda s: f"{s[0]}x{s[1]}"),
+            same(lambda b: b.params, _n), same(lambda b: b.macs, _n), same(lambda b: b.pool_ops + b.scale_ops, _n)]
 
 
 def overhead_table(report: Overhead) -> Table:
@@ -81,7 +126,7 @@ def overhead_table(report: Overhead) -> Table:
                           "(C x H x W each), elementwise, not multiply-adds.",
                   caption_justify="left")
     for col in ("stage", "stride", "blocks", "params added", "% params", "MACs added", "% MACs", "pool+scale ops"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")  # a narrow terminal folds numbers, never cuts them
     for s in report.stages():
         table.add_row(str(s.stage), str(s.stride), str(s.blocks), _n(s.params), _pct(report.params_percent(s.params)),
                       _n(s.macs), _pct(report.macs_percent(s.macs)), _n(s.pool_ops + s.scale_ops))

@@ -148,12 +148,15 @@ def scan(model: nn.Module, input_size: tuple[int, ...], macs: bool = False) -> S
     traced = trace(model, input_size)
     try:
         found = shapes(traced)
-    except RetrofitError:
+    except RetrofitError as first:
         if not _none_defaults(model):
             raise
         # a placeholder for an optional input (Hiera's mask=None) took the branch for a given one
-        traced = trace(model, input_size, none_inputs=True)
-        found = shapes(traced)
+        try:
+            traced = trace(model, input_size, none_inputs=True)
+            found = shapes(traced)
+        except RetrofitError:
+            raise first from first.__cause__  # the retry failed too: the first failure is the real cause
     return analyse(traced, found)
 
 

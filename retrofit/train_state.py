@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import RecordingFile, atomic_write
 from .errors import RetrofitError, first_line
 
 FORMAT = "retrofit-train/1"
@@ -39,20 +40,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically; on failure the previous file is untouched."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file
-        os.replace(tmp, path)
-    except OSError as err:
-        kept = f"; the previous {path.name} is kept" if path.exists() else ""
-        raise RetrofitError(f"cannot write {path}: {err.strerror or first_line(err)}{kept}; free space "
-                            f"and rerun with --resume") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``state`` to ``path`` atomically; on failure the previous file is untouched.
+
+    Raises:
+        WriteError: the write failed (a full disk: torch's writer reports it as a ``RuntimeError``,
+            the ``OSError`` it met is what is said).
+    """
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        sink = RecordingFile(f)
+        try:
+            torch.save({"format": FORMAT, **state}, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file
 
 
 def load_state(path: Path) -> dict[str, Any]:

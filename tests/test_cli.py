@@ -40,6 +40,12 @@ def test_mission_command(tmp_path, model, position):
     assert data["added"]["params"] == sum(b["params"] for b in data["blocks"])
     assert data["added"]["params"] == data["retrofitted"]["params"] - data["base"]["params"]
     assert data["added"]["macs"] == sum(b["macs"] for b in data["blocks"])
+    # the closed form of an SE block on C channels, width w = C / r (ResNet widths divide by 16):
+    # two 1x1 convs with biases, 2Cw + w + C parameters, 2Cw multiply-adds at batch 1
+    widths = [b["channels"] // 16 for b in data["blocks"]]
+    assert [b["width"] for b in data["blocks"]] == widths
+    assert data["added"]["params"] == sum(2 * b["channels"] * w + w + b["channels"] for b, w in zip(data["blocks"], widths))
+    assert data["added"]["macs"] == sum(2 * b["channels"] * w for b, w in zip(data["blocks"], widths))
     assert f'{data["added"]["params"]:,}' in result.stdout
 
 
@@ -183,3 +189,89 @@ def test_sites_json_says_each_site_layout():
     assert result.exit_code == 0, result.output
     sites = json.loads(result.output)["sites"]
     assert len(sites) == 24 and {(s["layout"], s["prefix"], tuple(s["size"])) for s in sites} == {("tokens", 1, (14, 14))}
+
+
+def test_the_block_table_fits_a_terminal_and_never_cuts_a_name():
+    """resnet101 has 33 blocks: folded by default (per stage the first, '... N more', the last), every
+    block with --blocks; at 100 columns no name a user types back (--only, --skip) is cut."""
+    names = [f"layer{i}.{j}.se_post" for i, n in enumerate((3, 4, 23, 3), start=1) for j in range(n)]
+    folded = runner.invoke(app, ["add-se", "resnet101", "--position", "post"], env={"COLUMNS": "100"})
+    assert folded.exit_code == 0, folded.output
+    rows = [ln for ln in folded.stdout.splitlines() if ln[:1] in set("┏┃┡│├└")]  # the tables' lines
+    assert len(rows) > 30 and max(len(ln) for ln in rows) <= 100 and "…" not in folded.stdout
+    table = folded.stdout.split("SE blocks inserted")[1].split("Overhead")[0]
+    shown = [n for n in names if f" {n} " in table]
+    assert shown == ["layer1.0.se_post", "layer1.1.se_post", "layer1.2.se_post", "layer2.0.se_post",
+                     "layer2.3.se_post", "layer3.0.se_post", "layer3.22.se_post", "layer4.0.se_post",
+                     "layer4.1.se_post", "layer4.2.se_post"]
+    assert "... 2 more" in table and "... 21 more" in table
+    every = runner.invoke(app, ["add-se", "resnet101", "--position", "post", "--blocks"], env={"COLUMNS": "100"})
+    assert every.exit_code == 0, every.output
+    assert all(f" {n} " in every.stdout for n in names) and "more" not in every.stdout.split("Overhead")[0]
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_3(monkeypatch):
+    """A bug (not bad input) still ends in one line, with the way to see the traceback; its text is
+    printed as it is, markup-like brackets included."""
+    import retrofit.recipe
+
+    def broken(*args, **kwargs):
+        raise ValueError("unexpected [/bold] value [red]x[/]")
+
+    monkeypatch.setattr(retrofit.recipe, "resolve_recipe", broken)
+    result = run("add-se", "resnet18")
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        "internal error: ValueError: unexpected [/bold] value [red]x[/] (rerun with RETROFIT_DEBUG=1 for the "
+        "traceback and report it)"]
+
+
+def test_markup_in_messages_and_paths_prints_as_text(tmp_path):
+    from test_finetune import make_folder, se_model
+
+    data = make_folder(tmp_path / "[/x]", train=2, val=1)
+    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
+    out = tmp_path / "[/x]" / "[bold]run[red]"
+    result = run("finetune", ckpt, "--data", data, "--epochs", "1", "-b", "6", "-j", "0", "--output-dir", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"fine-tuning on {data}:" in result.stdout and f"-> {out / 'best.safetensors'}" in result.stdout
+    assert f"warning: nothing to resume in {out};" in result.stderr
+    bad = run("add-se", "resnet18", "--recipe", "[/bold]missing[red].yaml")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: recipe file [/bold]missing[red].yaml not found;")
+
+
+def test_a_wrong_input_size_is_reported_at_once_without_a_real_build(monkeypatch):
+    """ViT's patch embedding takes 224x224 only: the meta build says so; no real build is tried (it would
+    spend the memory and time the meta build saves, and fail the same way)."""
+    import retrofit.cli.add_se as add_se
+
+    built, real = [], add_se.build_model
+
+    def counted(*args):
+        built.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(add_se, "build_model", counted)
+    result = run("add-se", "vit_tiny_patch16_224", "--input-size", "3,96,96")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith("error: vit_tiny_patch16_224 takes 224x224 images only")
+    assert "--input-size 3,224,224" in result.stderr
+    assert len(built) == 1
+
+
+def test_the_meta_build_falls_back_where_real_values_are_needed():
+    from torch import nn
+
+    from retrofit.meta import build_and_scan, is_meta
+
+    class NeedsValues(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.gain = float(self.conv.weight.abs().sum().item() > 0)  # .item() has no value on meta
+
+        def forward(self, x):
+            return x + self.gain * self.conv(x)
+
+    net, found = build_and_scan(NeedsValues, (3, 8, 8), meta=True)
+    assert not is_meta(net) and found.count("residual") == 1

@@ -36,3 +36,24 @@ def test_native_checkpoint_file_loads_into_the_retrofit(tmp_path):
     se.load_state_dict(load_file(str(path)), strict=True)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(se(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_standard_block_sits_before_drop_path_as_in_timm():
+    """Stochastic depth: timm's blocks apply SE, then drop-path, then the residual sum. In train mode with
+    ``drop_path_rate > 0`` and one seed, the retrofit must draw the same masks on the same tensors; a block
+    placed after the drop-path would see the rescaled branch (x / keep) and give other outputs."""
+    se = retrofit.add_se(timm.create_model("resnet18", drop_path_rate=0.5), recipe="timm", input_size=(3, 32, 32))
+    reference = randomize(timm.create_model("seresnet18", drop_path_rate=0.5), seed=3)
+    se.load_state_dict(reference.state_dict(), strict=True)
+    se.train(), reference.train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for model in (se, reference):
+        torch.manual_seed(11)  # the same drop-path masks, drawn in the same order
+        with torch.no_grad():
+            outs.append(model(x))
+    torch.manual_seed(12)
+    with torch.no_grad():
+        other_masks = reference(x)
+    assert not torch.allclose(other_masks, outs[1])  # the masks do matter here
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

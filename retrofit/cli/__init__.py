@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from .common import app, console
+from .common import app, say
 
 COMMANDS = ("add_se", "sites", "recipes", "finetune", "sweep", "check")  # one module each, registered on `app` when imported
 for _command in COMMANDS:
@@ -29,10 +29,10 @@ def main() -> None:
             sys.exit(0)
         ctx = getattr(e, "ctx", None)
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-        console(stderr=True).print(f"[red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        say(("error:", "red"), f" {e.format_message()}{hint}", stderr=True)
         sys.exit(getattr(e, "exit_code", 2))
     except typer.Abort:
-        console(stderr=True).print("[red]interrupted[/]")
+        say(("interrupted", "red"), stderr=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

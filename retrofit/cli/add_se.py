@@ -9,7 +9,7 @@ import typer
 
 from ..errors import RetrofitError
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, print_skipped, write_json)
+                     json_target, print_skipped, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, EPOCHS, MIXUP, SMOOTHING, is_main_process, regularisers, run_finetune)
 
@@ -38,6 +38,7 @@ def add_se_command(
     checkpoint: Optional[Path] = CHECKPOINT,
     pretrained: bool = PRETRAINED,
     num_classes: Optional[str] = NUM_CLASSES,
+    every_block: bool = typer.Option(False, "--blocks", help="List every inserted block (default: per stage the first and the last, the others folded into one row)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load, and its model card NAME.README.md beside it."),
     adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new head, and what phase 2 changed) with a hash of the base weights; retrofit.load(OUTPUT, base=CHECKPOINT) rebuilds the model."),
@@ -116,14 +117,14 @@ def add_se_command(
     if timing is not None:
         data["latency"] = latency_json(timing)
     if json_path != "-":
-        console().print(f"[bold]{model_name(net)}[/]: {found.summary()}{f', {len(named)} named' if named else ''} "
-                        f"sites at input {'x'.join(map(str, size))}; recipe: {chosen.describe()}")
+        say((model_name(net), "bold"), f": {found.summary()}{f', {len(named)} named' if named else ''} sites at "
+            f"input {'x'.join(map(str, size))}; recipe: {chosen.describe()}")
         console().print(sites_by_stage(found, named))
-        console().print(blocks_table(report, chosen.block.module))
+        console().print(blocks_table(report, chosen.block.module, every=every_block))
         console().print(overhead_table(report))
         console().print(str(trainable))
         if timing is not None:
-            console().print(latency_line(timing))
+            say(latency_line(timing))
         print_skipped(info.skipped, found.traced.opaque)
     write_json(data, json_path)
     result = None
@@ -140,8 +141,8 @@ def add_se_command(
         if json_path != "-":
             if adapter:
                 size, full = output.stat().st_size, state_bytes(net)
-                console().print(f"saved adapter {output}: {size / 1e6:.1f} MB, {100 * size / full:.1f}% of the full "
-                                f"model's {full / 1e6:.1f} MB (load with retrofit.load(path, base=...) or "
-                                f"`retrofit finetune {output.name} --base ...`); card: {card}")
+                say(f"saved adapter {output}: {size / 1e6:.1f} MB, {100 * size / full:.1f}% of the full "
+                f"model's {full / 1e6:.1f} MB (load with retrofit.load(path, base=...) or "
+                f"`retrofit finetune {output.name} --base ...`); card: {card}")
             else:
-                console().print(f"saved {output} (load with retrofit.load); card: {card}")
+                say(f"saved {output} (load with retrofit.load); card: {card}")

@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from ..errors import RetrofitError
-from .common import app, console, fail_cleanly, json_target, write_json
+from .common import app, console, fail_cleanly, json_target, say, write_json
 
 
 def _row(r) -> tuple[str, ...]:
@@ -72,18 +72,17 @@ def _check(models, all_families, family, time_limit, json_path, r="16") -> int:
     ratio = parse_ratio(r)  # a bad --r: one line, before any model is built
     json_target(json_path)
     quiet = json_path == "-"
-    err = console(stderr=True)
     items: list = list(models or [])
     start = time.perf_counter()
     if all_families:
         if not quiet:
-            err.print("[dim]picking the smallest model of each timm family (parameters counted on meta)...[/]")
+            say(("picking the smallest model of each timm family (parameters counted on meta)...", "dim"), stderr=True)
         items += smallest_per_family(only=family or None)
 
     def progress(r):
         if not quiet:
-            mark = "[green]ok[/]" if r.ok else f"[red]{r.status}[/]"
-            err.print(f"[dim]{r.family or ''} {r.model}[/] {mark} {'' if r.ok else r.reason[:120]}", soft_wrap=True)
+            mark = ("ok", "green") if r.ok else (r.status, "red")
+            say((f"{r.family or ''} {r.model}", "dim"), " ", mark, f" {'' if r.ok else r.reason[:120]}", stderr=True)
 
     results = check_models(items, time_limit_s=time_limit, on_result=progress, r=ratio)
     summary = summarize(results)

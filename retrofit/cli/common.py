@@ -3,6 +3,9 @@
 Every command turns bad input into one red line and a non-zero exit (see :mod:`retrofit.errors`).
 Recipe options are taken as text and checked by the recipe's own validators, so ``--r abc`` is
 reported like ``r: abc`` in a YAML file: naming the field and the allowed values.
+
+Everything is printed as text, never as rich markup: a message, a path or a module name holding
+``[/x]`` or ``:smile:`` prints as it is (styles come from :class:`rich.text.Text`, see :func:`say`).
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, first_line
 
 app = typer.Typer(
     name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,12 +32,21 @@ app = typer.Typer(
 
 def console(stderr: bool = False) -> Console:
     """A console for this print: it follows a redirected ``sys.stdout``, and output to a file or pipe
-    gets a wide fixed width instead of rich's 80 columns, so no number in a table is cut. Under
+    gets a wide fixed width instead of rich's 80 columns, so no number in a table is cut (an exported
+    ``COLUMNS`` wins, as on a terminal). Markup and emoji codes are off: text prints as it is. Under
     torchrun only rank 0 speaks: N processes hitting the same bad input print one ``error:`` line."""
     stream = sys.stderr if stderr else sys.stdout
     tty = stream.isatty()
     quiet = os.environ.get("RANK", "0") != "0"
-    return Console(stderr=stderr, highlight=False, width=None if tty else 200, soft_wrap=not tty, quiet=quiet)
+    fixed = not tty and not os.environ.get("COLUMNS", "").isdigit()
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False, width=200 if fixed else None,
+                   soft_wrap=fixed, quiet=quiet)
+
+
+def say(*parts: str | tuple[str, str], stderr: bool = False) -> None:
+    """Print one line of text; a ``(text, style)`` part is styled (``("error:", "red")``), no part is
+    ever read as markup. Long lines are not wrapped, so a path is never broken."""
+    console(stderr=stderr).print(Text.assemble(*parts), soft_wrap=True)
 
 
 def fail_cleanly(fn):
@@ -47,19 +59,20 @@ def fail_cleanly(fn):
                 result = fn(*args, **kwargs)
             for w in caught:
                 if issubclass(w.category, UserWarning) and "retrofit" in str(w.category.__module__):
-                    console(stderr=True).print(f"[yellow]warning:[/] {w.message}")
+                    say(("warning:", "yellow"), f" {w.message}", stderr=True)
             return result
         except RetrofitError as e:
-            console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # '[plot]' is text
+            # one line: torch.fx's interpreter appends "While executing ..." lines to what passes through it
+            say(("error:", "red"), f" {(str(e).strip().splitlines() or [''])[0]}", stderr=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            console(stderr=True).print("[red]interrupted[/]")
+            say(("interrupted", "red"), stderr=True)
             raise typer.Exit(130)
         except Exception as e:  # a bug: still one line, with a way to see more
             if os.environ.get("RETROFIT_DEBUG"):
                 raise
-            console(stderr=True).print(f"[red]internal error:[/] {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-                      f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", soft_wrap=True)
+            say(("internal error:", "red"), f" {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
+                f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", stderr=True)
             raise typer.Exit(3)
     return run
 
@@ -90,25 +103,20 @@ def write_json(data: dict, path: Optional[str]) -> None:
     if path == "-":
         sys.stdout.write(text + "\n")
     elif path is not None:
-        target = Path(path).expanduser()
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        from ..atomic import atomic_write
+
+        with atomic_write(Path(path).expanduser()) as tmp:
             tmp.write_text(text + "\n")
-            os.replace(tmp, target)
-        except OSError as e:
-            raise RetrofitError(f"cannot write {target}: {e.strerror or e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def print_skipped(skipped, kept=()) -> None:
     """The candidates passed over, one line per reason; first the modules whose forward is kept as
     is (``kept``: ``Traced.opaque``), one line each with its path."""
     for path, line in kept:
-        console().print(f"[dim]kept as is: {path or '<model>'}: {line}[/]")
+        say((f"kept as is: {path or '<model>'}: {line}", "dim"))
     said = {line for _, line in kept}
     for reason, n in Counter(s.reason for s in skipped if s.reason not in said).most_common():
-        console().print(f"[dim]skipped {n} candidate(s): {reason}[/]")
+        say((f"skipped {n} candidate(s): {reason}", "dim"))
 
 
 CHECKPOINT = typer.Option(None, "--checkpoint", help="Local weights (.safetensors, .pth) loaded through timm.")

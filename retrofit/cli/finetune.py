@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import RetrofitError
-from .common import app, console, fail_cleanly
+from .common import app, console, fail_cleanly, say
 
 ADAPTER_FILE = "adapter.safetensors"  # `finetune --adapter`: the best model as an adapter, in the run folder
 
@@ -40,10 +40,10 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
                                     f"weights are never overwritten, choose another --output-dir")
     main = is_main_process() and not quiet
     if main:
-        console().print(f"fine-tuning on {data}: phase 1 {epochs} epoch(s) (SE blocks"
-                        f"{', new head' if options.get('train_head') else ''}; backbone frozen)"
-                        + (f", phase 2 {options['phase2_epochs']} epoch(s) (everything)" if options.get("phase2_epochs") else "")
-                        + f"; checkpoints in {output_dir}")
+        say(f"fine-tuning on {data}: phase 1 {epochs} epoch(s) (SE blocks"
+            f"{', new head' if options.get('train_head') else ''}; backbone frozen)"
+            + (f", phase 2 {options['phase2_epochs']} epoch(s) (everything)" if options.get("phase2_epochs") else "")
+            + f"; checkpoints in {output_dir}")
     classes = getattr(model, "num_classes", None)
     result = finetune(model, data, epochs, output_dir=output_dir, progress=main, **options)
     if main:
@@ -52,10 +52,10 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
         console().print(f"{trainable_parameters(model, head=head)} (phase 1)")
         console().print(results_table(result))
         best = result.best
-        console().print(f"best: {best['name']}, top-1 {best['top1']:.2f}% -> {output_dir / BEST_FILE}; last: "
-                        f"{output_dir / LAST_FILE}; metrics: {output_dir / METRICS_FILE}")
+        say(f"best: {best['name']}, top-1 {best['top1']:.2f}% -> {output_dir / BEST_FILE}; last: "
+            f"{output_dir / LAST_FILE}; metrics: {output_dir / METRICS_FILE}")
         if result.skipped_images:
-            console().print(f"[yellow]{result.skipped_images} image(s) could not be decoded and were skipped[/]")
+            say((f"{result.skipped_images} image(s) could not be decoded and were skipped", "yellow"))
     return result
 
 

@@ -11,7 +11,7 @@ from ..errors import RetrofitError
 from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
                        save_figure)
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, write_json)
+                     json_target, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
 
@@ -112,15 +112,15 @@ def sweep_command(
            "base": {"params": count_params(net), "macs": found.macs},
            "rows": [row.to_dict() for row in rows]}
     if json_path != "-":
-        console().print(f"[bold]{name}[/]: {found.summary()} sites at input {'x'.join(map(str, size))}; "
-                        f"{sum(row.arm == 'se' for row in rows)} combinations; other fields: {base.describe()}")
+        say((name, "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
+            f"{sum(row.arm == 'se' for row in rows)} combinations; other fields: {base.describe()}")
         console().print(sweep_table(rows, latency, batch, timing_size))
     if is_main_process():
         write_json(out, json_path)
     if plot is not None and is_main_process():
         (draw_accuracy if has_accuracy(rows) else draw)(pyplot, rows, name, plot, latency)
         if json_path != "-":
-            console().print(f"saved {plot}")
+            say(f"saved {plot}")
 
 
 def sweep_table(rows, latency: bool, batch: int, size):

@@ -10,6 +10,7 @@ One concept per module, so a new training option is one local change:
 * :mod:`.ema`: the model EMA (timm's ``ModelEmaV3``), evaluated as a row of its own;
 * :mod:`.evaluate`: validation loss and top-1/top-5 (the "original" row evaluates the model inside
   :func:`retrofit.bypass`);
-* :mod:`.run_dir`: the run's folder: the training state, ``last``/``best`` models and ``metrics.jsonl``;
+* :mod:`.run_dir`: the run's folder: the training state (one commit per epoch), ``last``/``best``
+  models and ``metrics.jsonl`` rewritten from it on resume, the folder's lock;
 * :mod:`.progress`: rich progress bars on stderr (rank 0).
 """

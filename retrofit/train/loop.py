@@ -37,6 +37,11 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
 
     Returns the mean training loss, the number of images trained on and the number of undecodable
     images skipped, each summed over the processes.
+
+    Each image weighs ``1 / images of its optimizer step over all processes`` (``loader.batch_sampler``
+    is a :class:`~retrofit.data.TrainBatches`), so a step's gradient is the mean over its global batch
+    whether the step is full or the smaller last one, and whatever the number of processes (DDP
+    averages the processes' gradients, hence the factor ``world``).
     """
     from timm.utils import dispatch_clip_grad
 
@@ -60,12 +65,15 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
                 x, target = objective.mix(x, y)
                 teacher = objective.teacher_logits(model, x, env.autocast)
                 with env.autocast():
-                    loss = objective(net(x).float(), target, teacher)
-                loss_sum += loss.item() * len(y)
+                    # the objective is a mean over the micro-batch (mixed, smoothed, distilled): times its
+                    # size, the sum the step's weighting below divides
+                    summed = objective(net(x).float(), target, teacher) * len(y)
+                loss_sum += summed.item()
                 seen += len(y)
-            else:  # every image of this micro-batch was bad: a zero step keeps processes in lock-step
+                loss = summed * (env.world / loader.batch_sampler.step_images(i))
+            else:  # no image here (all bad, or none left for this process): a zero step keeps processes in lock-step
                 loss = sum(p.sum() * 0 for p in trainable)
-            (loss / accum).backward()
+            loss.backward()
         if sync:
             if clip_grad is not None:
                 dispatch_clip_grad(trainable, clip_grad, mode=clip_mode)

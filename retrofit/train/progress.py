@@ -31,6 +31,13 @@ class Progress:
             self._bars.__exit__(*exc)
             self._bars = None
 
+    def note(self, text: str) -> None:
+        """One line of text above the bars (as text: never read as markup)."""
+        if self._bars is not None:
+            from rich.text import Text
+
+            self._bars.console.print(Text(text), soft_wrap=True)
+
     def task(self, label: str, total: int):
         return self._bars.add_task(label, total=total, info="") if self._bars is not None else None
 

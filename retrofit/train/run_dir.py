@@ -1,32 +1,42 @@
 """The run's folder: what ``--resume`` needs, the last and best models, and the metrics.
 
-Files (rank 0 writes, every file atomically: a temporary name, then ``os.replace``):
+Files (rank 0 writes, every file atomically: :mod:`retrofit.atomic`):
 
 * ``train_state.pt`` (:mod:`retrofit.train_state`): model, recipe metadata, settings, optimizer,
-  scheduler, epoch, RNG state and the metric rows so far, in one file;
+  scheduler, epoch, RNG state, the metric rows so far and the best row, in one file;
 * ``last.safetensors``, ``best.safetensors`` (by val top-1, step 0 included): loadable with
   :func:`retrofit.load`;
-* ``metrics.jsonl``: one JSON line per evaluation.
+* ``metrics.jsonl``: one JSON line per evaluation;
+* ``.retrofit.lock``: held (``fcntl.flock``) by the run using the folder, and naming its process.
 
-An epoch ends with: best (already written when it improved) -> last -> train_state -> metrics. A
-kill between two of them resumes from the previous ``train_state.pt`` and redoes the epoch, which
-rewrites the same files.
+**One commit per epoch.** ``train_state.pt`` is the commit: an epoch ends with train_state -> last ->
+best (when the epoch is the best so far) -> metrics, and everything after the state is derived from
+it. A run that resumes rewrites them from the state first (:meth:`RunDir.recover`), so a kill at any
+point leaves, after ``--resume``, the files of an uninterrupted run: a kill before the state's rename
+redoes the epoch; a kill after it (even after the last epoch, when nothing is left to train) rewrites
+the last model, the best one if it is that epoch, and every metrics row. Step 0 (before any state)
+writes best -> metrics; a kill there starts the run over. A kill leaves its temporary files
+(``.<name>.<pid>.tmp``); the next run in the folder removes them once it holds the lock.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..atomic import WriteError, atomic_write, remove_stale_temps
 from ..distributed import Dist
 from ..errors import RetrofitError, RetrofitWarning
 from ..train_state import STATE_FILE, check_model, load_state, save_state
 
 LAST_FILE, BEST_FILE, METRICS_FILE = "last.safetensors", "best.safetensors", "metrics.jsonl"
+LOCK_FILE = ".retrofit.lock"
+RESUME = "rerun with --resume"
 
 
 class RunDir:
@@ -35,6 +45,7 @@ class RunDir:
     def __init__(self, path: str | Path | None, env: Dist):
         self.path = Path(path).expanduser() if path is not None else None
         self.env = env
+        self._lock: int | None = None  # the open lock file's descriptor while this run holds it
 
     @property
     def writes(self) -> bool:
@@ -47,12 +58,13 @@ class RunDir:
 
     def open(self, resume: bool, model: nn.Module, meta: dict[str, str],
              settings: dict[str, Any]) -> dict[str, Any] | None:
-        """Check the folder and create it; return the saved training state when resuming one.
+        """Check the folder, create and lock it; return the saved training state when resuming one.
 
         Raises:
-            RetrofitError: no parent folder, a file in the way, a run already there (without
-                ``resume``), or a saved run of another model, with other settings, or damaged (its
-                weights are checked against ``model``).
+            RetrofitError: no parent folder, a file in the way, a folder that cannot be created, a
+                folder another run holds, a run already there (without ``resume``), or a saved run
+                of another model, with other settings, or damaged (its weights are checked against
+                ``model``).
         """
         if self.path is None:
             return None
@@ -61,51 +73,114 @@ class RunDir:
             raise RetrofitError(f"output folder {out.parent} does not exist; create it first")
         if out.exists() and not out.is_dir():
             raise RetrofitError(f"output {out} is a file; give a folder for the fine-tuning run")
-        saved = None
-        if resume and state.is_file():
-            saved = load_state(state)
-            _check_resumable(saved, state, meta, settings)
-            check_model(saved, model, state)
-        elif resume:
-            if self.env.main:
-                warnings.warn(f"nothing to resume in {out}; starting at epoch 1", RetrofitWarning, stacklevel=4)
-        elif state.exists():
-            raise RetrofitError(f"{out} already holds a fine-tuning run; pass --resume (resume=True) to "
-                                f"continue it, or delete it, or choose another output folder")
-        if self.env.main:
-            out.mkdir(exist_ok=True)
+        problem = self._create_and_lock() if self.env.main else None
+        try:
+            if self.env.any(problem is not None):  # every rank stops together (only rank 0 prints)
+                raise RetrofitError(problem or f"rank 0 could not open {out}")
+            saved = None
+            if resume and state.is_file():
+                saved = load_state(state)
+                _check_resumable(saved, state, meta, settings)
+                check_model(saved, model, state)
+            elif resume:
+                if self.env.main:
+                    warnings.warn(f"nothing to resume in {out}; starting at epoch 1", RetrofitWarning, stacklevel=4)
+            elif state.exists():
+                raise RetrofitError(f"{out} already holds a fine-tuning run; pass --resume (resume=True) to "
+                                    f"continue it, or delete it, or choose another output folder")
+        except BaseException:
+            self.close()
+            raise
         self.env.barrier()
         return saved
 
-    def save_best(self, model: nn.Module) -> None:
+    def _create_and_lock(self) -> str | None:
+        """Create the folder, take its lock, remove a killed run's temporary files; or say why not."""
+        out = self.path
+        try:
+            out.mkdir(exist_ok=True)
+        except OSError as err:
+            return f"cannot create the output folder {out}: {err.strerror or err}; choose a folder you can write to"
+        try:
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            return f"cannot write in the output folder {out}: {err.strerror or err}; choose a folder you can write to"
+        try:
+            import fcntl  # POSIX; the kernel drops the lock when the process ends, however it ends
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): run without the lock
+            pass
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return (f"{out} is in use by another fine-tuning run ({holder}); wait for it to end or choose "
+                    f"another output folder")
+        except OSError as err:  # a file system without locks: say so, go on
+            warnings.warn(f"cannot lock {out} ({err.strerror or err}); make sure no other run writes there",
+                          RetrofitWarning, stacklevel=5)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._lock = fd
+        remove_stale_temps(out, (STATE_FILE, LAST_FILE, BEST_FILE, METRICS_FILE))
+        return None
+
+    def close(self) -> None:
+        """Release the folder's lock (the lock file stays: removing it would race a waiting run)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def recover(self, model: nn.Module, saved: dict[str, Any], ema: nn.Module | None = None) -> None:
+        """Rewrite what follows the committed state: ``model`` (and ``ema``, the model EMA, when the run
+        has one) holds its weights (see the module doc)."""
         if self.writes:
-            from ..checkpoint import save
+            self._save_model(model, LAST_FILE)
+            best = saved["best"]
+            if best is not None and best["epoch"] == saved["epoch"]:  # the saved epoch was the best
+                self._save_model(ema if ema is not None and best["name"].endswith("(ema)") else model, BEST_FILE)
+            self.write_metrics(saved["rows"])
+        self.env.barrier()
 
-            save(model, self.path / BEST_FILE)
-
-    def commit_epoch(self, model: nn.Module, state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """After an epoch: last model, then the training state, then the metrics (every rank waits)."""
+    def commit_step0(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
+        """Before the first epoch: the model at step 0 is the best so far; then the metrics."""
         if self.writes:
-            from ..checkpoint import save
-
-            save(model, self.path / LAST_FILE)
-            save_state(self.path / STATE_FILE, state)
+            self._save_model(model, BEST_FILE)
             self.write_metrics(rows)
         self.env.barrier()
+
+    def commit_epoch(self, model: nn.Module, state: dict[str, Any], rows: list[dict[str, Any]],
+                     best: nn.Module | None) -> None:
+        """After an epoch: the training state (the commit), then the last model, the best one (``best``:
+        the module whose weights are this epoch's best row, the model or its EMA; None when the epoch
+        is not the best so far) and the metrics (every rank waits)."""
+        if self.writes:
+            try:
+                save_state(self.path / STATE_FILE, state)
+            except WriteError as err:
+                raise err.advise(RESUME) from None
+            self._save_model(model, LAST_FILE)
+            if best is not None:
+                self._save_model(best, BEST_FILE)
+            self.write_metrics(rows)
+        self.env.barrier()
+
+    def _save_model(self, model: nn.Module, name: str) -> None:
+        from ..checkpoint import save
+
+        try:
+            save(model, self.path / name)
+        except WriteError as err:
+            raise err.advise(RESUME) from None
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         if not self.writes:
             return
-        path = self.path / METRICS_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, path)
-        except OSError as err:
-            raise RetrofitError(f"cannot write {path}: {err.strerror or err}; the checkpoints are kept, "
-                                f"free space and rerun with --resume") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+            with atomic_write(self.path / METRICS_FILE) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        except WriteError as err:
+            raise err.advise(RESUME) from None
 
     def restore_best(self, model: nn.Module) -> None:
         """Load ``best.safetensors`` into ``model`` (checked first), if the run has one."""
