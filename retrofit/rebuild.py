@@ -6,6 +6,10 @@ module it calls becomes a single ``call_module`` node (the child keeps its own f
 behaviour included), placeholders follow its ``forward`` signature. Surgery then splices SE nodes into
 this graph (:meth:`OwnerGraph.splice`) and installs it (:mod:`retrofit.graph_forward`).
 
+A module whose own forward computes different things in train and eval mode (it reads
+``training``: an inline dropout or drop-path) is rebuilt in the other mode too (:func:`other_mode`),
+and :class:`Correspondence` says where the insertions go there.
+
 Anything that cannot be rebuilt faithfully raises :class:`CannotRewrite` with the reason, and the
 site is reported as skipped instead of rewritten wrongly.
 """

@@ -79,6 +79,20 @@ def test_torch_save_of_inception_v3(inception_v3_random):
     assert any(installed(m) is not None for m in loaded.modules())
 
 
+def test_a_forward_that_pickle_cannot_name_is_one_clear_error():
+    def local_relu(x):  # a function pickle cannot import
+        return x.clamp(min=0)
+    module = nn.Sequential(nn.Conv2d(2, 2, 1))
+    graph = fx.symbolic_trace(module).graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        relu = graph.call_function(local_relu, (out.args[0],))
+    out.args = (relu,)
+    install_forward(module, graph)
+    with pytest.raises(retrofit.RetrofitError, match="rewritten forward of Sequential.*retrofit.save"):
+        torch.save(module, io.BytesIO())
+
+
 def test_torch_jit_script_of_a_retrofitted_timm_model(resnet):
     _, se = resnet
     scripted = torch.jit.script(se)
@@ -170,6 +184,15 @@ class DropBranch(nn.Module):
         return x + y
 
 
+def assert_preserves_in_both_modes(model, se, x):
+    for mode in (True, False):
+        model.train(mode), se.train(mode)
+        torch.manual_seed(0)  # the same random drops in both
+        expected = model(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(se(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("traced_in", ["train", "eval"])
 def test_a_train_eval_dependent_forward_preserves_in_both_modes(traced_in):
     model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DropBranch(), DropBranch()))
@@ -177,12 +200,7 @@ def test_a_train_eval_dependent_forward_preserves_in_both_modes(traced_in):
     se = retrofit.add_se(model, r=4, input_size=(3, 8, 8))
     assert [b.path for b in se._retrofit.blocks] == ["1.se", "2.se"] and installed(se[1]).two_modes
     x = torch.randn(4, 3, 8, 8)
-    for mode in (True, False):
-        model.train(mode), se.train(mode)
-        torch.manual_seed(0)
-        expected = model(x)
-        torch.manual_seed(0)
-        torch.testing.assert_close(se(x), expected, rtol=0, atol=0)
+    assert_preserves_in_both_modes(model, se, x)
     paper = retrofit.add_se(model, r=4, init="paper", input_size=(3, 8, 8))
     scripted = torch.jit.script(paper)
     outputs = []
@@ -202,10 +220,4 @@ def test_a_timm_block_with_a_train_eval_dependent_forward():
                                         attn_drop_rate=0.2, num_classes=10))
     se = retrofit.add_se(model, input_size=(3, 32, 32))
     assert all(installed(b).two_modes for b in se.blocks)
-    x = torch.randn(2, 3, 32, 32)
-    for mode in (True, False):
-        model.train(mode), se.train(mode)
-        torch.manual_seed(0)
-        expected = model(x)
-        torch.manual_seed(0)
-        torch.testing.assert_close(se(x), expected, rtol=0, atol=0)
+    assert_preserves_in_both_modes(model, se, torch.randn(2, 3, 32, 32))
