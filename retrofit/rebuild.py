@@ -314,6 +314,9 @@ def other_mode(module: nn.Module, reserved: frozenset[str] = frozenset()) -> Own
     return OwnerGraph(other.root_call, other, reserved)
 
 
+_COMMUTATIVE = frozenset({operator.add, operator.mul, torch.add, torch.mul})
+
+
 class Correspondence:
     """The nodes of graph ``a`` that have a counterpart in graph ``b`` (the two modes of one forward).
 
@@ -355,9 +358,14 @@ class Correspondence:
     def _same_inputs(self, x: fx.Node, y: fx.Node) -> bool:
         if len(x.args) != len(y.args) or x.kwargs.keys() != y.kwargs.keys():
             return False
+        if x.target in _COMMUTATIVE and len(y.args) == 2 and not y.kwargs and self._same_args(x, y.args[::-1], {}):
+            return True  # a + b and b + a (a fused block's sum reads back as block + shortcut)
+        return self._same_args(x, y.args, y.kwargs)
+
+    def _same_args(self, x: fx.Node, args: tuple, kwargs: dict) -> bool:
         lx, ly = [], []
         map_aggregate((x.args, tuple(x.kwargs.values())), lx.append)
-        map_aggregate((y.args, tuple(y.kwargs.values())), ly.append)
+        map_aggregate((args, tuple(kwargs.values())), ly.append)
         if len(lx) != len(ly):
             return False
         for u, v in zip(lx, ly):
