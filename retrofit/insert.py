@@ -342,8 +342,14 @@ def _in_both_modes(graph: fx.Graph, other: fx.Graph, spliced: list, traced_mode:
     reader, when the block took every reader). A value with no counterpart that only modifies one input
     (train mode's drop-path mask ``y * mask``) moves to that input in both modes: the block goes before
     the mask, as it goes before timm's DropPath module."""
-    match = Correspondence(graph, other)
     mode = "eval" if traced_mode else "train"
+    inputs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    twins = [n for n in other.nodes if n.op == "placeholder"]
+    if [n.name for n in twins] != list(inputs):
+        raise CannotRewrite(f"its forward takes other inputs in {mode} mode")
+    for n in twins:  # one signature for both: annotations as the rebuilt graph has them (evaluated)
+        n.type, n.args = inputs[n.name].type, inputs[n.name].args
+    match = Correspondence(graph, other)
     here, there = [], []
     for ins, value, users in spliced:
         anchor = match.anchor(value, match.pairs)
