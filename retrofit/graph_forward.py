@@ -101,7 +101,7 @@ def compile_graphs(graphs: dict[bool, fx.Graph], label: str = "a module") -> Com
         fns = {mode: _exec(c.src, c.globals, f"{label}, {'train' if mode else 'eval'} mode")["forward"]
                for mode, c in codes.items()}
         src, globals_ = _two_mode_source(codes[True], codes[False])
-        namespace = _exec(src + _CALL, globals_, label)  # its forward is read by TorchScript and inspect, not called
+        namespace = _exec(src + _CALL, globals_, label)  # its forward: read by TorchScript and inspect, never run
     method = namespace["_retrofit_call"]
     method.__name__ = "forward"  # what pickle looks the bound method up by (GraphForward.forward)
     method.__wrapped__ = namespace["forward"]

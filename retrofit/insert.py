@@ -178,8 +178,9 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
     """Plan ``recipe`` on a scan and rebuild every forward it touches, without touching the model.
 
     All that can make an insertion fail is checked here (a shared module, a forward that cannot be
-    rebuilt, an insertion with no counterpart in the forward's other mode), so :func:`retrofit.sweep.sweep` counts exactly the blocks
-    :func:`add_se` would insert, and an error leaves the model as it was.
+    rebuilt, an insertion with no counterpart in the forward's other train/eval mode), so
+    :func:`retrofit.sweep.sweep` counts exactly the blocks :func:`add_se` would insert, and an error
+    leaves the model as it was.
 
     Raises:
         RetrofitError: no site for the position or stage, or no block could be placed.
@@ -397,7 +398,7 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
     try:
         graphs = [rebuilt] + ([rewrite.other] if rewrite.other is not None else [])
         for name, tensor in (item for g in graphs for item in g.constants.items()):
-            module.register_buffer(name, tensor.clone(), persistent=False)  # tensors fx kept aside: now the module's
+            module.register_buffer(name, tensor.clone(), persistent=False)  # kept aside by fx: now the module's
             buffers.append(name)
         for (ins, _, _), name, info in zip(rewrite.spliced, rewrite.names, infos):
             if info.channels / recipe.r < 1 and "r" in ATTENTIONS[recipe.module].fields:
@@ -408,12 +409,12 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
                 was_none.append(name)
             setattr(module, name, block)
             blocks.append(name)
-        _splice(rebuilt.graph, rebuilt, [(v, u) for _, v, u in rewrite.spliced], rewrite.names, rewrite.fused)
+        _splice(rebuilt, [(v, u) for _, v, u in rewrite.spliced], rewrite.names, rewrite.fused)
         if rewrite.other is None:
             install_forward(module, rebuilt.graph)
         else:
             other = rewrite.other
-            _splice(other.graph, other, rewrite.other_spliced, rewrite.names, rewrite.other_fused)
+            _splice(other, rewrite.other_spliced, rewrite.names, rewrite.other_fused)
             mode = owner.module.training  # the mode the analysis graph was traced in
             install_forward(module, {mode: rebuilt.graph, not mode: other.graph})
     except BaseException:
@@ -427,11 +428,10 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[i
     return infos
 
 
-def _splice(graph: fx.Graph, owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str],
-            fused: list[Any]) -> None:
-    """Call the blocks ``names`` on the values of ``spliced`` in ``graph``; a fused residual sum is
-    replaced by ``block(value, shortcut)``."""
-    replaced = {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
+def _splice(owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str], fused: list[Any]) -> None:
+    """Call the blocks ``names`` on the values of ``spliced`` in ``owner``'s graph; a fused residual sum
+    is replaced by ``block(value, shortcut)``."""
+    graph, replaced = owner.graph, {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
     for (value, users), name, add in zip(spliced, names, fused or [None] * len(spliced)):
         value = replaced.get(value, value)
         if add is None:
