@@ -17,7 +17,10 @@ as ``self``. What is installed, and why:
   generated ``forward(self, ...)``, whose source is registered in ``linecache`` (as fx does for a
   GraphModule) and whose globals are the names it uses; a two-mode forward is one function with both
   bodies under ``if self.training:``. So ``torch.jit.script(model)`` scripts the rewritten forwards,
-  and ``inspect.signature(module.forward)`` shows the forward's own parameters.
+  and ``inspect.signature(module.forward)`` shows the forward's own parameters. TorchScript compiles
+  one forward per class and set of attributes: the module also gets a constant naming its generated
+  code (``_retrofit_forward``, listed in an instance ``__constants__``), so a rewritten module does
+  not share the class's forward, or another rewrite's.
 * ``module._replicate_for_data_parallel`` (what ``nn.DataParallel``'s ``replicate`` calls on every
   module) gives each replica a holder of its own: a replica's ``__dict__`` is a shallow copy of the
   module's, and a forward still bound to the original would compute with the original's weights.
@@ -79,7 +82,7 @@ def _exec(src: str, globals_: dict[str, Any], label: str) -> dict[str, Any]:
     filename = f"<retrofit forward of {label} #{next(_COUNTER)}>"  # what tracebacks and TorchScript errors name
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)  # tracebacks, inspect, jit
     namespace = dict(globals_, __file__=filename)
-    exec(compile(src, filename, "exec"), namespace)
+    exec(compile(src, filename, "exec", dont_inherit=True), namespace)  # not this file's future annotations
     return namespace
 
 
@@ -103,7 +106,7 @@ def compile_graphs(graphs: dict[bool, fx.Graph], label: str = "a module") -> Com
         src, globals_ = _two_mode_source(codes[True], codes[False])
         namespace = _exec(src + _CALL, globals_, label)  # its forward: read by TorchScript and inspect, never run
     method = namespace["_retrofit_call"]
-    method.__name__ = "forward"  # what pickle looks the bound method up by (GraphForward.forward)
+    method.__name__ = method.__qualname__ = "forward"  # pickle looks the bound method up by it (GraphForward.forward)
     method.__wrapped__ = namespace["forward"]
     method.__doc__ = "The forward rewritten by retrofit (see retrofit.graph_forward)."
     method.code = src
