@@ -106,7 +106,7 @@ def compile_graphs(graphs: dict[bool, fx.Graph], label: str = "a module") -> Com
         src, globals_ = _two_mode_source(codes[True], codes[False])
         namespace = _exec(src + _CALL, globals_, label)  # its forward: read by TorchScript and inspect, never run
     method = namespace["_retrofit_call"]
-    method.__name__ = method.__qualname__ = "forward"  # pickle looks the bound method up by it (GraphForward.forward)
+    method.__name__ = method.__qualname__ = "forward"  # pickle looks the bound method up by name
     method.__wrapped__ = namespace["forward"]
     method.__doc__ = "The forward rewritten by retrofit (see retrofit.graph_forward)."
     method.code = src
@@ -119,7 +119,8 @@ def compile_graphs(graphs: dict[bool, fx.Graph], label: str = "a module") -> Com
 def _two_mode_source(train: fx.graph.PythonCode, evaluation: fx.graph.PythonCode) -> tuple[str, dict]:
     """One ``forward`` holding both bodies under ``if self.training:``, for TorchScript: it compiles
     the train/eval switch itself (``training`` is an attribute of every scripted module)."""
-    (head, definition, train_body), (eval_head, eval_definition, eval_body) = map(_split, (train.src, evaluation.src))
+    head, definition, train_body = _split(train.src)
+    eval_head, eval_definition, eval_body = _split(evaluation.src)
     if definition != eval_definition:
         raise RetrofitError(f"the train and eval forwards take different parameters ({definition} vs "
                             f"{eval_definition})")
