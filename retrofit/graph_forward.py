@@ -29,7 +29,8 @@ as ``self``. What is installed, and why:
   stored under the public name it is imported by); ``copy.deepcopy`` (EMA copies) shares the compiled
   code, which is never mutated. Equal graphs (the units of a stage) are compiled once.
 
-``module.forward.code`` shows the generated source; :func:`installed` returns the holder.
+``module.forward.code`` shows the generated source; :func:`installed` returns the holder (its
+``graph``, ``graphs``, ``two_modes``).
 """
 from __future__ import annotations
 
@@ -193,6 +194,11 @@ class GraphForward:
     @property
     def code(self) -> str:
         return self.compiled.code
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The graph the module runs in its current mode."""
+        return self.graphs[self.module.training]
 
     @property
     def two_modes(self) -> bool:
