@@ -99,7 +99,7 @@ class ScaledGate(nn.Module):
     def __init__(self, gate: nn.Module):
         super().__init__()
         self.gate = gate
-        self.origin = float(gate(torch.zeros((), dtype=torch.float32)))
+        self.origin = float(gate(torch.zeros((), dtype=torch.float32, device="cpu")))  # cpu: also for meta builds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(x) / self.origin

@@ -23,7 +23,7 @@ from .block import BLOCK_FIELDS, BlockConfig
 from .errors import RetrofitError, RetrofitWarning
 from .graph_forward import install_forward
 from .positions import POSITIONS, Insertion, SkipSite
-from .rebuild import CannotRewrite, OwnerGraph, check_mode_independent, clean_name
+from .rebuild import CannotRewrite, Correspondence, OwnerGraph, clean_name, other_mode
 from .recipe import Recipe, StageMap, matches, resolve_recipe
 from .se_layout import channel_dim
 from .named import named_sites
@@ -159,6 +159,10 @@ class Rewrite:
     spliced: list[tuple[Insertion, Any, Any]]  # (insertion, this level's value node, its users or None)
     names: list[str]                            # the blocks' attribute names on the module
     fused: list[Any] = field(default_factory=list)  # per insertion: the residual sum it fuses, or None
+    # a forward that differs by train/eval mode: the other mode's graph, with the same insertions
+    other: OwnerGraph | None = None
+    other_spliced: list[tuple[Any, Any]] = field(default_factory=list)  # (value node, users or None)
+    other_fused: list[Any] = field(default_factory=list)
 
     def blocks(self, recipe: Recipe) -> list[BlockInfo]:
         """What the blocks will be, from the recipe alone (widths, sizes, stages)."""
@@ -190,8 +194,9 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
     """Plan ``recipe`` on a scan and rebuild every forward it touches, without touching the model.
 
     All that can make an insertion fail is checked here (a shared module, a forward that cannot be
-    rebuilt or differs by train/eval mode), so :func:`retrofit.sweep.sweep` counts exactly the blocks
-    :func:`add_se` would insert, and an error leaves the model as it was.
+    rebuilt, an insertion with no counterpart in the forward's other train/eval mode), so
+    :func:`retrofit.sweep.sweep` counts exactly the blocks :func:`add_se` would insert, and an error
+    leaves the model as it was.
 
     Raises:
         RetrofitError: no site for the position or stage, or no block could be placed.
@@ -369,7 +374,8 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         raise CannotRewrite(f"a forward kept as is passes it {sequence}: a rewritten forward would take "
                             f"only that many (one per image?)")
     rebuilt = OwnerGraph(owner, traced)
-    check_mode_independent(owner.module)  # the scanned module: the target is it or a copy of it
+    # the scanned module (the target is it or a copy of it) in the mode it was not traced in
+    other = other_mode(owner.module, frozenset(rebuilt.constants))
     spliced, specs = [], []
     for ins in group:
         layout = ins.site.layout
@@ -382,6 +388,8 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         value = rebuilt.rep(ins.value)
         users = None if ins.users is None else rebuilt.rep_users(ins.value, ins.users)
         spliced.append((ins, value, users))
+    if other is not None:  # a forward that differs by mode: the insertions in the other mode's graph too
+        spliced, other_spliced = _in_both_modes(rebuilt.graph, other.graph, spliced, owner.module.training)
     bases = [_base_name(ins, owner) for ins, _, _ in spliced]
     names, taken = [], set()
     for (ins, value, users), base in zip(spliced, bases):
@@ -390,9 +398,52 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         name = _free_name(owner.module, base, taken)
         taken.add(name)
         names.append(name)
-    return Rewrite(owner, rebuilt, spliced, names,  # fused per insertion: only some modules fuse
-                   [_fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
-                    for (ins, value, users), spec in zip(spliced, specs)])
+    # fused per insertion: only some modules fuse
+    rewrite = Rewrite(owner, rebuilt, spliced, names,
+                      [_fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
+                       for (ins, value, users), spec in zip(spliced, specs)])
+    if other is not None:
+        rewrite.other, rewrite.other_spliced = other, other_spliced
+        rewrite.other_fused = [_fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
+                               for (ins, _, _), (value, users), spec in zip(spliced, other_spliced, specs)]
+    return rewrite
+
+
+def _in_both_modes(graph: fx.Graph, other: fx.Graph, spliced: list, traced_mode: bool) -> tuple[list, list]:
+    """The insertions made in ``graph`` (one mode of a forward), and where they go in ``other`` (its
+    other mode): at the counterpart of each value, before the counterparts of its readers (of every
+    reader, when the block took every reader). A value with no counterpart that only modifies one input
+    (train mode's drop-path mask ``y * mask``) moves to that input in both modes: the block goes before
+    the mask, as it goes before timm's DropPath module."""
+    mode = "eval" if traced_mode else "train"
+    inputs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    twins = [n for n in other.nodes if n.op == "placeholder"]
+    if [n.name for n in twins] != list(inputs):
+        raise CannotRewrite(f"its forward takes other inputs in {mode} mode")
+    for n in twins:  # one signature for both: annotations as the rebuilt graph has them (evaluated)
+        n.type, n.args = inputs[n.name].type, inputs[n.name].args
+    match = Correspondence(graph, other)
+    here, there = [], []
+    for ins, value, users in spliced:
+        anchor = match.anchor(value, match.pairs)
+        if anchor is None:
+            raise CannotRewrite(f"its forward differs in {mode} mode, and the tensor at the {ins.position} "
+                                f"position ({value.name}) has no counterpart there")
+        twin = match.get(anchor)
+        if anchor is not value:
+            here.append((ins, anchor, list(anchor.users)))
+            there.append((twin, list(twin.users)))
+        elif users is None or set(users) == set(value.users):
+            here.append((ins, value, users))
+            there.append((twin, list(twin.users)))
+        else:
+            readers = [match.get(u) for u in users]
+            if any(r is None or twin not in r.all_input_nodes for r in readers):
+                raise CannotRewrite(f"its forward differs in {mode} mode, and what reads the tensor at the "
+                                    f"{ins.position} position ({value.name}) has no counterpart there")
+            here.append((ins, value, users))
+            there.append((twin, readers))
+    return here, there
 
 
 def _fusable_sum(ins: Insertion, value, users):
@@ -417,13 +468,11 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
     infos = rewrite.blocks(recipe)
     buffers, blocks, was_none = [], [], []  # registered so far, removed again if the rewrite fails
     try:
-        for name, tensor in rebuilt.constants.items():  # tensors fx kept aside: now the module's own
-            module.register_buffer(name, tensor.clone(), persistent=False)
+        graphs = [rebuilt] + ([rewrite.other] if rewrite.other is not None else [])
+        for name, tensor in (item for g in graphs for item in g.constants.items()):
+            module.register_buffer(name, tensor.clone(), persistent=False)  # kept aside by fx: now the module's
             buffers.append(name)
-        fused = rewrite.fused or [None] * len(rewrite.spliced)
-        replaced = {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
-        for (ins, value, users), name, info, add in zip(rewrite.spliced, rewrite.names, infos, fused):
-            value = replaced.get(value, value)
+        for (ins, _, _), name, info in zip(rewrite.spliced, rewrite.names, infos):
             if info.channels / info.config.r < 1 and info.config.reads("r"):
                 narrow.append(info)
             block = build_attention(info.config, info.channels, layout=info.layout, prefix=info.prefix,
@@ -432,16 +481,14 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
                 was_none.append(name)
             setattr(module, name, block)
             blocks.append(name)
-            if add is None:
-                rebuilt.splice(value, users, name)
-            else:  # block(value, shortcut) replaces the sum
-                a, b = N.add_operands(add)
-                with rebuilt.graph.inserting_after(add):
-                    se = rebuilt.graph.call_module(name, (value, b if a is value else a))
-                add.replace_all_uses_with(se)
-                rebuilt.graph.erase_node(add)
-                replaced[add] = se
-        install_forward(module, rebuilt.graph)
+        _splice(rebuilt, [(v, u) for _, v, u in rewrite.spliced], rewrite.names, rewrite.fused)
+        if rewrite.other is None:
+            install_forward(module, rebuilt.graph)
+        else:
+            other = rewrite.other
+            _splice(other, rewrite.other_spliced, rewrite.names, rewrite.other_fused)
+            mode = owner.module.training  # the mode the analysis graph was traced in
+            install_forward(module, {mode: rebuilt.graph, not mode: other.graph})
     except BaseException:
         for name in buffers + blocks:
             delattr(module, name)
@@ -463,6 +510,23 @@ def _base_name(ins: Insertion, owner: Call) -> str:
         relative = ins.site.module[len(owner.path) + 1:] if owner.path else ins.site.module
         return "se_" + relative.replace(".", "_")
     return "se" if ins.position == "standard" else f"se_{ins.position}"
+
+
+def _splice(owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str], fused: list[Any]) -> None:
+    """Call the blocks ``names`` on the values of ``spliced`` in ``owner``'s graph; a fused residual sum
+    is replaced by ``block(value, shortcut)``."""
+    graph, replaced = owner.graph, {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
+    for (value, users), name, add in zip(spliced, names, fused or [None] * len(spliced)):
+        value = replaced.get(value, value)
+        if add is None:
+            owner.splice(value, users, name)
+        else:  # block(value, shortcut) replaces the sum
+            a, b = N.add_operands(add)
+            with graph.inserting_after(add):
+                se = graph.call_module(name, (value, b if a is value else a))
+            add.replace_all_uses_with(se)
+            graph.erase_node(add)
+            replaced[add] = se
 
 
 def _free_name(module: nn.Module, base: str, taken: set = frozenset()) -> str:

@@ -6,11 +6,17 @@ module it calls becomes a single ``call_module`` node (the child keeps its own f
 behaviour included), placeholders follow its ``forward`` signature. Surgery then splices SE nodes into
 this graph (:meth:`OwnerGraph.splice`) and installs it (:mod:`retrofit.graph_forward`).
 
+A module whose own forward computes different things in train and eval mode (it reads
+``training``: an inline dropout or drop-path) is rebuilt in the other mode too (:func:`other_mode`),
+and :class:`Correspondence` says where the insertions go there.
+
 Anything that cannot be rebuilt faithfully raises :class:`CannotRewrite` with the reason, and the
 site is reported as skipped instead of rewritten wrongly.
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import functools
 import inspect
 import itertools
@@ -24,6 +30,8 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate, map_arg
 
 from . import nodes as N
+from .errors import first_line
+from .graph_forward import installed
 from .trace import Call, RetrofitTracer, Traced, attributes_kept
 
 
@@ -32,31 +40,43 @@ class CannotRewrite(Exception):
 
 
 class OwnerGraph:
-    """One module call's forward rebuilt at its own level from the analysis graph."""
+    """One module call's forward rebuilt at its own level from the analysis graph.
 
-    def __init__(self, call: Call, traced: Traced):
+    ``reserved``: constant names another graph of the same module already uses (its other mode's).
+    """
+
+    def __init__(self, call: Call, traced: Traced, reserved: frozenset[str] = frozenset()):
         self.call = call
         self.traced = traced
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}      # analysis node -> node of this graph
         self.children: dict[int, fx.Node] = {}      # id(child Call) -> its call_module node
         self.constants: dict[str, Any] = {}         # tensors to register on the module (non-persistent)
+        self.reserved = reserved
         self.prefix = f"{call.path}." if call.path else ""
         if call.parent is not None:
             self._placeholders()
         self._build()
 
+    @classmethod
+    def of(cls, graph: fx.Graph) -> "OwnerGraph":
+        """An OwnerGraph around a graph built before (a retrofitted module's other mode), for splicing."""
+        self = cls.__new__(cls)
+        self.graph, self.env, self.children, self.constants = graph, {}, {}, {}
+        return self
+
     # -- building ---------------------------------------------------------------------------
     def _placeholders(self) -> None:
         module = self.call.module
         try:
-            sig = inspect.signature(module.forward)
+            sig = _signature(module.forward)
             bound = sig.bind(*self.call.args, **self.call.kwargs)
         except (TypeError, ValueError) as err:
             raise CannotRewrite(f"its forward signature cannot be bound ({err})") from None
         if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
             raise CannotRewrite("its forward takes *args or **kwargs")
-        holders = {p.name: self.graph.placeholder(p.name, default_value=p.default)
+        # the annotations go into the generated code: TorchScript reads them (Optional[Tensor] = None...)
+        holders = {p.name: self.graph.placeholder(p.name, type_expr=_annotation(p), default_value=p.default)
                    for p in sig.parameters.values()}
         for name, value in bound.arguments.items():
             self._bind(holders[name], value)
@@ -97,7 +117,8 @@ class OwnerGraph:
             elif ev.op == "output":
                 g.output(map_arg(ev.args[0], self.lookup))
             elif ev.op == "placeholder":
-                self.env[ev] = g.placeholder(ev.target, default_value=ev.args[0] if ev.args else inspect.Parameter.empty)
+                self.env[ev] = g.placeholder(ev.target, type_expr=ev.type,
+                                             default_value=ev.args[0] if ev.args else inspect.Parameter.empty)
             else:
                 self.env[ev] = g.create_node(ev.op, ev.target, map_arg(ev.args, self.lookup),
                                              map_arg(ev.kwargs, self.lookup), name=clean_name(ev.name))
@@ -145,7 +166,8 @@ class OwnerGraph:
         if not isinstance(value, torch.Tensor):
             raise CannotRewrite(f"its forward uses a {type(value).__name__} constant")
         name, k = "_retrofit_constant", 0
-        while hasattr(self.call.module, f"{name}{k}") or f"{name}{k}" in self.constants:
+        while hasattr(self.call.module, f"{name}{k}") or f"{name}{k}" in self.constants \
+                or f"{name}{k}" in self.reserved:
             k += 1
         self.constants[f"{name}{k}"] = value
         return self.graph.get_attr(f"{name}{k}")
@@ -214,6 +236,17 @@ class OwnerGraph:
                 u.replace_input_with(value, se)
 
 
+def _signature(forward) -> inspect.Signature:
+    try:
+        return inspect.signature(forward, eval_str=True)  # `from __future__ import annotations` strings
+    except Exception:  # an annotation that names what only a type checker imports: left out
+        return inspect.signature(forward)
+
+
+def _annotation(p: inspect.Parameter) -> Any:
+    return None if p.annotation is p.empty or isinstance(p.annotation, str) else p.annotation
+
+
 _LITERALS = (type(None), bool, int, float, complex, str, type(Ellipsis), torch.dtype, torch.device,
              torch.memory_format, torch.layout)
 
@@ -259,20 +292,102 @@ class _OneLevelTracer(RetrofitTracer):
         return m is not self.only
 
 
-def check_mode_independent(module: nn.Module) -> None:
-    """A rebuilt forward is traced in one mode; refuse modules whose own forward differs by mode."""
-    if not _reads_training(type(module)) or isinstance(module, fx.GraphModule):
-        return
+def _trace_one_level(module: nn.Module, mode: bool) -> Traced:
+    """``module``'s own forward traced in train (True) or eval mode, every child a leaf."""
     saved = module.training
+    constants: dict[str, Any] = {}
+    tracer = _OneLevelTracer(module)
     try:
-        graphs = []
-        for mode in (True, False):
-            module.training = mode
-            with attributes_kept(module, {}):
-                graphs.append(str(_OneLevelTracer(module).trace(module)))
-    except Exception as err:
-        raise CannotRewrite(f"its forward cannot be traced in train and eval mode ({err})") from None
+        module.training = mode
+        with attributes_kept(module, constants):
+            graph = tracer.trace(module)
     finally:
         module.training = saved
-    if graphs[0] != graphs[1]:
-        raise CannotRewrite("its forward computes different things in train and eval mode")
+    return Traced(module, graph, tracer.root_call, (), constants, dict(tracer.tensor_attrs))
+
+
+def other_mode(module: nn.Module, reserved: frozenset[str] = frozenset()) -> OwnerGraph | None:
+    """``module``'s own forward rebuilt in the mode it is not in (the analysis traced it in its own
+    mode), or None when both modes compute the same: then one graph serves both.
+
+    Only a forward that reads ``training`` can differ; both modes are traced one level deep (children
+    keep their own forward, train/eval behaviour included) and compared. A module retrofitted before
+    has its graphs already.
+    """
+    holder = installed(module)
+    if holder is not None:
+        return OwnerGraph.of(copy.deepcopy(holder.graphs[not module.training])) if holder.two_modes else None
+    if not _reads_training(type(module)) or isinstance(module, fx.GraphModule):
+        return None
+    try:
+        traces = {mode: _trace_one_level(module, mode) for mode in (True, False)}
+    except Exception as err:
+        raise CannotRewrite(f"its forward cannot be traced in train and eval mode ({first_line(err)})") from None
+    if str(traces[True].graph) == str(traces[False].graph):
+        return None
+    other = traces[not module.training]
+    return OwnerGraph(other.root_call, other, reserved)
+
+
+_COMMUTATIVE = frozenset({operator.add, operator.mul, torch.add, torch.mul})
+
+
+class Correspondence:
+    """The nodes of graph ``a`` that have a counterpart in graph ``b`` (the two modes of one forward).
+
+    The two modes of one forward are mostly the same code with a few nodes more or less (a dropout, a
+    drop-path mask). The longest common subsequence of the two node sequences by (op, target)
+    (:mod:`difflib`) pairs them up; a pair is kept when it reads counterparts (constants may differ:
+    ``dropout(..., training=True)`` and ``training=False`` correspond), where a node with no
+    counterpart that only modifies one input with one (``y * mask``) stands for that input, so the
+    residual sum ``x + y * mask`` of train mode corresponds to ``x + y`` of eval mode.
+    """
+
+    def __init__(self, a: fx.Graph, b: fx.Graph):
+        na, nb = list(a.nodes), list(b.nodes)
+        self.pairs: dict[fx.Node, fx.Node] = {}
+        self.back: dict[fx.Node, fx.Node] = {}
+        def sig(n):
+            return n.op, (n.target if n.op != "output" else None)
+        try:
+            matcher = difflib.SequenceMatcher(None, [sig(n) for n in na], [sig(n) for n in nb], autojunk=False)
+        except TypeError:  # an unhashable target: nothing corresponds
+            return
+        for block in matcher.get_matching_blocks():  # in order: a node's inputs are decided before it
+            for k in range(block.size):
+                x, y = na[block.a + k], nb[block.b + k]
+                if self._same_inputs(x, y):
+                    self.pairs[x], self.back[y] = y, x
+
+    def get(self, n: fx.Node) -> fx.Node | None:
+        return self.pairs.get(n)
+
+    @staticmethod
+    def anchor(n: fx.Node, paired: dict) -> fx.Node | None:
+        """``n`` if it has a counterpart; else the one input with a counterpart it modifies."""
+        if n in paired:
+            return n
+        kept = [i for i in n.all_input_nodes if i in paired]
+        return kept[0] if len(kept) == 1 else None
+
+    def _same_inputs(self, x: fx.Node, y: fx.Node) -> bool:
+        if len(x.args) != len(y.args) or x.kwargs.keys() != y.kwargs.keys():
+            return False
+        if x.target in _COMMUTATIVE and len(y.args) == 2 and not y.kwargs and self._same_args(x, y.args[::-1], {}):
+            return True  # a + b and b + a (a fused block's sum reads back as block + shortcut)
+        return self._same_args(x, y.args, y.kwargs)
+
+    def _same_args(self, x: fx.Node, args: tuple, kwargs: dict) -> bool:
+        lx, ly = [], []
+        map_aggregate((x.args, tuple(x.kwargs.values())), lx.append)
+        map_aggregate((args, tuple(kwargs.values())), ly.append)
+        if len(lx) != len(ly):
+            return False
+        for u, v in zip(lx, ly):
+            if isinstance(u, fx.Node) != isinstance(v, fx.Node):
+                return False
+            if isinstance(u, fx.Node):
+                ua, va = self.anchor(u, self.pairs), self.anchor(v, self.back)
+                if ua is None or self.pairs[ua] is not va:
+                    return False
+        return True

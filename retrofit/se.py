@@ -122,15 +122,16 @@ class SqueezeExcite(nn.Module):
             self.fc2.weight.mul_(4096).round_().div_(4096)  # in place: no temporaries to page in
             nn.init.zeros_(self.fc1.weight)
             nn.init.ones_(self.fc1.bias)
-            hidden = float(self.act(torch.ones(())))
+            hidden = float(self.act(torch.ones((), device="cpu")))  # cpu: a meta-device build has no values
             z = GATES[self.gate_type].preserve_bias
             self.fc2.bias.copy_(z - hidden * self.fc2.weight.sum(dim=(1, 2, 3)))
         else:
             self.fc1.reset_parameters()
             nn.init.zeros_(self.fc2.weight)
             z = 0.0
-        # the same gate on the same constant: s / gate_origin is then exactly 1 (float32)
-        self.gate_origin = float(self.gate(torch.tensor(z, dtype=torch.float32)))
+        # the same gate on the same constant: s / gate_origin is then exactly 1 (float32); computed on
+        # the cpu, so a block built under `with torch.device("meta")` gets the same constant
+        self.gate_origin = float(self.gate(torch.tensor(z, dtype=torch.float32, device="cpu")))
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, width={self.width}, squeeze={self.squeeze_type}, "

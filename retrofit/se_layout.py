@@ -51,13 +51,14 @@ class ChannelsLastSqueezeExcite(SqueezeExcite):
         self.prefix = prefix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = x[:, self.prefix:] if self.prefix else x
-        dims = tuple(range(1, x.dim() - 1))
+        # written for TorchScript too: lists, not tuples of ranges or starred arguments
+        grid = x[:, self.prefix:] if self.prefix > 0 else x
+        dims = [d for d in range(1, x.dim() - 1)]
         z = grid.amax(dim=dims) if self.squeeze_type == "max" else grid.mean(dim=dims)
         s = self.gate(self.fc2(self.act(self.fc1(z[:, :, None, None]))))
         if self.gate_origin != 1.0:
             s = s / self.gate_origin
-        return x * s.reshape(x.shape[0], *([1] * (x.dim() - 2)), self.channels)
+        return x * s.reshape([x.shape[0]] + [1] * (x.dim() - 2) + [self.channels])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, prefix={self.prefix}"

@@ -2,9 +2,9 @@
 
 :func:`retrofit.add_se` changes a model in two ways only: it adds block submodules (and, for some
 forwards, non-persistent constant buffers) and installs a regenerated forward on the instances that
-hold them (:mod:`retrofit.graph_forward`). Stripping removes both: the instance attribute ``forward``
-is deleted, so the class's own ``forward`` applies again, exactly the code that ran before the
-retrofit; a ``torch.fx.GraphModule`` (which keeps its forward in its graph) gets the block nodes
+hold them (:mod:`retrofit.graph_forward`). Stripping removes both: the instance attributes ``forward``
+and ``_replicate_for_data_parallel`` are deleted, so the class's own ``forward`` applies again,
+exactly the code that ran before the retrofit; a ``torch.fx.GraphModule`` (which keeps its forward in its graph) gets the block nodes
 removed from its graph instead. The original parameters and buffers were never touched, so the
 stripped model's state dict and outputs are the original's, as long as it was not trained since.
 """
@@ -16,7 +16,7 @@ import operator
 from torch import fx, nn
 
 from .errors import RetrofitError
-from .graph_forward import GraphForward
+from .graph_forward import uninstall
 
 CONSTANT_PREFIX = "_retrofit_constant"  # buffers rebuild.OwnerGraph registers for values fx kept aside
 
@@ -84,8 +84,7 @@ def _strip_module(module: nn.Module, names: list[str]) -> None:
         graph.lint()
         module.recompile()
     else:
-        if isinstance(module.__dict__.get("forward"), GraphForward):
-            del module.forward  # the class's forward applies again
+        uninstall(module)  # the class's forward applies again
         for name, _ in list(module.named_buffers(recurse=False)):
             if name.startswith(CONSTANT_PREFIX):
                 delattr(module, name)

@@ -34,6 +34,7 @@ from torch.fx.node import map_aggregate
 from timm.layers import get_notrace_functions, get_notrace_modules
 
 from .errors import RetrofitError, first_line
+from .graph_forward import traced_as_root
 
 
 def output_marker(x):
@@ -161,7 +162,8 @@ class RetrofitTracer(fx.Tracer):
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.root_call = Call("", root, None, leaf=False, kept=self.kept.get(id(root)))
         self._stack = [self.root_call]
-        graph = super().trace(root, concrete_args)
+        with traced_as_root(self, root):  # a root retrofitted before: its rewritten forward, not its class's
+            graph = super().trace(root, concrete_args)
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         self.root_call.result = output.args[0]
         return graph

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 import retrofit
 from retrofit import RetrofitError
+from retrofit.graph_forward import installed
 from conftest import max_rel_diff, randomize
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -149,12 +150,24 @@ class ModeDependent(nn.Module):
         return x + y
 
 
-def test_a_forward_that_depends_on_mode_is_skipped_with_its_reason():
-    model = nn.Sequential(ModeDependent(), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), ModeDependent())
-    model[1] = Residualish()
-    se = retrofit.add_se(model, r=4, input_size=(8, 8, 8))
-    assert [b.path for b in se._retrofit.blocks] == ["1.se"]
-    assert sum("train and eval mode" in s.reason for s in se._retrofit.skipped) == 2
+def test_a_forward_that_depends_on_mode_gets_one_forward_per_mode():
+    """ModeDependent scales its branch in train mode only: both modes are rebuilt, with the block before
+    the scaling in each, and the retrofitted model follows train()/eval() like the original."""
+    model = randomize(nn.Sequential(ModeDependent(), Residualish(), ModeDependent())).train()
+    se = retrofit.add_se(model, r=4, init="paper", input_size=(8, 8, 8))
+    assert [b.path for b in se._retrofit.blocks] == ["0.se", "1.se", "2.se"] and not se._retrofit.skipped
+    x = torch.randn(2, 8, 8, 8)
+    for mode in (True, False):
+        se.train(mode)
+        block, conv = se[0].se, se[0].conv  # hand-run: x + s(y) * y, times 0.5 in train mode only
+        expected = x + block(conv(x)) * (0.5 if mode else 1.0)
+        torch.testing.assert_close(se[0](x), expected)
+    stripped = retrofit.strip(se)
+    preserved = retrofit.add_se(model, r=4, input_size=(8, 8, 8))
+    for mode in (True, False):
+        model.train(mode), preserved.train(mode), stripped.train(mode)
+        torch.testing.assert_close(preserved(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(stripped(x), model(x), rtol=0, atol=0)
 
 
 class Residualish(nn.Module):
@@ -180,7 +193,9 @@ def test_deepcopy_and_pickle_keep_the_rewritten_forward(resnet50_random):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded(X), expected)
-    assert pickle.loads(pickle.dumps(se.layer2[0].forward)).graph is not None
+    holder = installed(loaded.layer2[0])  # the loaded forward is bound to the loaded module
+    assert holder.module is loaded.layer2[0] and holder.code == installed(se.layer2[0]).code
+    assert installed(pickle.loads(pickle.dumps(se)).layer2[0]) is not None
 
 
 def test_graph_module_input_stays_a_graph_module():

@@ -12,6 +12,7 @@ import retrofit
 from retrofit import Recipe, RecipeError, RetrofitError
 from retrofit.check import check_model
 from retrofit.cli import app
+from retrofit.graph_forward import installed
 from retrofit.measure import measure_overhead
 from retrofit.sweep import sweep
 from conftest import max_rel_diff, one_error, randomize
@@ -96,8 +97,8 @@ def test_mixed_modules_keep_the_function_and_fuse_only_se(resnet18):
     kinds = {b.path: type(se.get_submodule(b.path)).__name__ for b in se._retrofit.blocks}
     assert kinds["layer1.0.se"] == "SqueezeExcite" and kinds["layer4.1.se"] == "EcaModule"
     assert se.layer1[0].se.width == 16 and se.layer2[0].se.width == 8
-    se_calls = [(n.target, len(n.args)) for n in se.layer1[0].forward.graph.nodes if n.op == "call_module"]
-    eca_calls = [(n.target, len(n.args)) for n in se.layer4[1].forward.graph.nodes if n.op == "call_module"]
+    se_calls = [(n.target, len(n.args)) for n in installed(se.layer1[0]).graph.nodes if n.op == "call_module"]
+    eca_calls = [(n.target, len(n.args)) for n in installed(se.layer4[1]).graph.nodes if n.op == "call_module"]
     assert ("se", 2) in se_calls and ("se", 1) in eca_calls  # SE takes the sum; ECA only scales
     x = torch.randn(2, *SMALL, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

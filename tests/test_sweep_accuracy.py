@@ -44,6 +44,9 @@ class _Logged:
     def __len__(self):
         return len(self.loader)
 
+    def __getattr__(self, name):  # the loop reads the loader's batch_sampler (each step's image count)
+        return getattr(self.loader, name)
+
     def __iter__(self):
         for batch in self.loader:
             self.log.append((batch.targets.tolist(), batch.images.double().sum().item()))
