@@ -47,12 +47,12 @@ def pretrain(model: torch.nn.Module, data, epochs: int, batch: int, lr: float, s
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    loader = data.train_loader(batch, seed=seed)
+    loader = data.train_loader(batch, batch_size=batch, seed=seed)  # one process: micro-batch = batch
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=0.05)
     sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=epochs)
     model.train()
     for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         for batch_ in loader:
             loss = F.cross_entropy(model(batch_.images), batch_.targets)
             opt.zero_grad()

@@ -60,12 +60,25 @@ def build(arm: str, model_name: str, size: int, classes: int):
     return model, optimizer
 
 
+class Steps(list):
+    """Batches of one epoch, each a whole optimizer step: what the loop asks of its loader's batch
+    sampler (a step's image count, to weigh each image) is answered from the batch itself."""
+
+    @property
+    def batch_sampler(self) -> "Steps":
+        return self
+
+    def step_images(self, i: int) -> int:
+        return len(self[i].targets)
+
+
 def batches(n: int, batch: int, size: int, classes: int):
     from retrofit.data import Batch
 
     g = torch.Generator().manual_seed(0)
-    return [Batch(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g), ())
-            for _ in range(n)]
+    return Steps([Batch(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g),
+                        ())
+                  for _ in range(n)])
 
 
 def step_fn(model, optimizer, loader, classes: int):
