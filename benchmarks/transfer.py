@@ -31,7 +31,7 @@ paired difference to the ``head only`` and ``full fine-tune`` controls (and, for
 settings are the tool's defaults plus a learning rate chosen before any arm was run.
 
 Run: ``python benchmarks/transfer.py`` (needs ``pip install -c constraints.txt '.[bench]'``); 2 CPU
-threads; about 10 minutes on a quiet 2-core machine (validation after every epoch is most of it).
+threads; about 12 minutes on a quiet 2-core machine (validation after every epoch is most of it).
 """
 from __future__ import annotations
 

@@ -63,15 +63,15 @@ EPOCHS = typer.Option(1, "--epochs", "-e", min=0, help="Phase-1 epochs: only the
 
 # The regularisers a timm user expects, shared by `finetune`, `add-se --finetune` and `sweep --data`.
 # Defaults from benchmarks/transfer.py (README, "Does SE help?"): each help text says what it found.
-SMOOTHING = typer.Option(0.1, "--smoothing", help="Label smoothing (timm's LabelSmoothingCrossEntropy; 0: plain cross-entropy). Default 0.1: timm's default, and in benchmarks/transfer.py (digits transfer, 5 seeds) it added +0.67 points of top-1 [95% CI +0.47, +0.87] to head + SE.")
-MIXUP = typer.Option(0.0, "--mixup", help="Mixup alpha (timm.data.Mixup), e.g. 0.2; an odd micro-batch mixes all but its last image. Default 0: in benchmarks/transfer.py mixup 0.2 changed top-1 by +0.09 points [-1.08, +1.26]: no gain there.")
+SMOOTHING = typer.Option(0.1, "--smoothing", help="Label smoothing (timm's LabelSmoothingCrossEntropy; 0: plain cross-entropy). Default 0.1: timm's default, and in benchmarks/transfer.py (digits transfer, 5 seeds) it added +0.89 points of top-1 to head + SE [95% CI -0.01, +1.79] (+0.67 [+0.47, +0.87] in an earlier run).")
+MIXUP = typer.Option(0.0, "--mixup", help="Mixup alpha (timm.data.Mixup), e.g. 0.2; an odd micro-batch mixes all but its last image. Default 0: in benchmarks/transfer.py mixup 0.2 changed top-1 by +0.04 points [-0.90, +0.99]: no gain there.")
 CUTMIX = typer.Option(0.0, "--cutmix", help="CutMix alpha (timm.data.Mixup; with --mixup, one of the two per batch), e.g. 1.0. Default 0.")
-EMA_DECAY = typer.Option(None, "--ema-decay", help="Keep a model EMA (timm ModelEmaV3, decay warm-up on), e.g. 0.999; each epoch gets an 'epoch N (ema)' row, which may be the best. Default off: in benchmarks/transfer.py an EMA of 0.99 changed top-1 by -0.31 points [-0.56, -0.06] over 50 steps.")
+EMA_DECAY = typer.Option(None, "--ema-decay", help="Keep a model EMA (timm ModelEmaV3, decay warm-up on), e.g. 0.999; each epoch gets an 'epoch N (ema)' row, which may be the best. Default off: in benchmarks/transfer.py an EMA of 0.99 changed top-1 by -0.54 points [-1.17, +0.10] over 50 steps.")
 CLIP_GRAD = typer.Option(None, "--clip-grad", help="Clip gradients before each step (timm dispatch_clip_grad), e.g. 1.0. Default off.")
 CLIP_MODE = typer.Option("norm", "--clip-mode", help="norm, value or agc (adaptive gradient clipping).")
 BACKBONE_LR_SCALE = typer.Option(1.0, "--backbone-lr-scale", help="The pretrained parameters train at the phase's lr x this; the new blocks and a new head at the full lr (timm lr_scale groups). Default 1: one rate.")
 CHANNELS_LAST = typer.Option(False, "--channels-last/--no-channels-last", help="Train in channels_last memory format (faster convolutions on recent GPUs).")
-DISTILL = typer.Option(False, "--distill/--no-distill", help="Add the KL divergence to the original network's logits (the model with its blocks bypassed: no extra weights). Phase 2 keeps a frozen copy as the teacher. Default off: in benchmarks/transfer.py it changed top-1 by -0.27 points [-1.29, +0.76] in phase 1 and -7.68 [-12.82, -2.54] in phase 2.")
+DISTILL = typer.Option(False, "--distill/--no-distill", help="Add the KL divergence to the original network's logits (the model with its blocks bypassed: no extra weights). Phase 2 keeps a frozen copy as the teacher. Default off: in benchmarks/transfer.py it changed top-1 by -0.40 points [-1.41, +0.61] in phase 1 and -8.57 [-12.15, -4.99] in phase 2.")
 DISTILL_WEIGHT = typer.Option(1.0, "--distill-weight", help="Weight of the distillation term (the label loss has weight 1).")
 DISTILL_TEMPERATURE = typer.Option(1.0, "--distill-temperature", help="Distillation temperature T (the term is scaled by T^2); timm's default 1.")
 
