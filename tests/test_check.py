@@ -12,7 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import retrofit
-from conftest import ChannelsLast, randomize
+from conftest import ChannelsLast, Residual, randomize
 from retrofit.check import check_model, check_models, se_params, smallest_per_family, summarize
 from retrofit.cli import app
 from retrofit.se_layout import ChannelsLastSqueezeExcite
@@ -117,15 +117,6 @@ class Gate(nn.Module):
         if y.mean() > 0:
             return x + y
         return x - y
-
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
 
 
 def untraceable_net():

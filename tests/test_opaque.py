@@ -15,7 +15,7 @@ from torchvision.models import detection, segmentation
 import retrofit
 from retrofit.report import sites_json
 from retrofit.sites import scan
-from conftest import randomize
+from conftest import Residual, randomize
 
 SIDE = 128  # detectors resize every image to this (min_size = max_size): small, CPU-friendly
 
@@ -227,15 +227,6 @@ def test_at_on_a_part_called_by_a_kept_forward_ends_its_own_forward():
 
 
 # -- a kept module inside a traced forward --------------------------------------------------------------
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
 class Gate(nn.Module):
     """Data-dependent control flow around a residual unit: fx cannot trace it, it can trace the unit."""
 
