@@ -79,7 +79,7 @@ def make_data(root: Path, size: int, shots: int, seeds: list[int]) -> dict[int, 
         chosen = np.concatenate([g.choice(pool[y[pool] == c], shots, replace=False) for c in range(5, 10)])
         folder = root / f"seed{seed}"
         write_images(folder / "train", x, y, chosen, size)
-        (folder / "val").symlink_to(root / "val", target_is_directory=True)
+        (folder / "val").symlink_to(Path("..") / "val", target_is_directory=True)  # relative to the link
         folders[seed] = folder
     return folders
 
