@@ -6,13 +6,17 @@ the target only when it is complete, so a crash, a kill or a full disk never lea
 at the target: the previous file, if any, is kept. A failed write, whichever library made it, becomes
 one :class:`WriteError` line that says why (``No space left on device``) and what to do.
 
-A process killed by SIGKILL cannot remove its temporary file; :func:`remove_stale_temps` lets the next
-run in a folder remove the ones it owns (see :mod:`retrofit.train.run_dir`).
+A process killed by SIGKILL cannot remove its temporary file. Each write first removes the temporaries
+of the same target whose writer is dead (:func:`remove_dead_temps`: no lock held on them, no such
+process), so a killed ``add-se --output F`` leaves nothing behind once F is written again;
+:func:`remove_stale_temps` lets a run folder's lock holder remove all of its own at once
+(see :mod:`retrofit.train.run_dir`).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -42,13 +46,55 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but is another user's
+        return True
+    return True
+
+
+def remove_dead_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` (``.<name>.<pid>.tmp``) whose writer is dead, and returns
+    them. A writer holds an exclusive ``flock`` on its temporary file while it writes (the kernel drops
+    it when the process dies, however it dies), so a file whose lock can be taken and whose pid is no
+    process here has no writer left."""
+    path = Path(path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = TEMP.match(name)
+        if not match or match.group("name") != path.name or int(match.group("pid")) == os.getpid():
+            continue
+        p = path.parent / name
+        with contextlib.suppress(OSError):  # locked (a writer is alive), gone meanwhile, not ours to remove
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _alive(int(match.group("pid"))):
+                    p.unlink()
+                    removed.append(p)
+            finally:
+                os.close(fd)  # drops the lock
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yield the temporary path to write; on success it replaces ``path``, on failure it is removed and
-    an I/O failure is raised as :class:`WriteError` (other errors pass through)."""
+    an I/O failure is raised as :class:`WriteError` (other errors pass through). The temporaries a
+    killed writer of the same target left are removed first (:func:`remove_dead_temps`)."""
     path = Path(path)
-    tmp = temp_name(path)
+    remove_dead_temps(path)
+    tmp, fd = temp_name(path), None
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: see remove_dead_temps
         yield tmp
         os.replace(tmp, path)
     except Exception as err:
@@ -58,6 +104,8 @@ def atomic_write(path: Path) -> Iterator[Path]:
         raise WriteError(path, reason, kept=path.exists()) from None
     finally:
         tmp.unlink(missing_ok=True)
+        if fd is not None:
+            os.close(fd)
 
 
 def io_reason(err: BaseException) -> str | None:

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import gc
 import json
-import os
 import re
 import signal
 import threading
@@ -46,6 +45,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .atomic import WriteError, atomic_write
 from .errors import RetrofitError, first_line
 from .sites import KINDS, scan
 
@@ -406,9 +406,8 @@ def smallest_per_family(only: Iterable[str] | None = None, cache: bool = True) -
             known[family] = min(sized)[1] if sized else names[0]
         picked.append((family, known[family]))
     if cache:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, WriteError):  # a cache: not being able to write it is harmless
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
     return picked

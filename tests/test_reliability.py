@@ -278,3 +278,52 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypat
         out.parent.chmod(0o700)
     assert error_line(result) == (f"error: cannot create the output folder {out}: Permission denied; choose a "
                                      f"folder you can write to")
+
+
+def test_a_killed_add_se_output_leaves_no_temporary_file_once_written_again(tmp_path):
+    """``add-se --output F`` killed right before its rename leaves ``.F.<pid>.tmp`` (no lock to clean it
+    under, unlike a run folder); the next write of F removes it, since its writer is dead."""
+    out = tmp_path / "models" / "se.safetensors"
+    out.parent.mkdir()
+    args = ["add-se", "resnet18", "--input-size", "3,32,32", "--output", out]
+    launcher = Launcher(tmp_path)
+    try:
+        code, stdout, stderr = launcher.run(args, kill="se.safetensors")
+        assert code == -signal.SIGKILL, (stdout[-2000:], stderr[-2000:])
+        left = temps(out.parent)
+        assert len(left) == 1 and left[0].startswith(".se.safetensors.") and not out.exists()
+        assert (out.parent / left[0]).stat().st_size > 1_000_000  # the weights were being written
+        code, stdout, stderr = launcher.run(args)
+        assert code == 0, stderr[-2000:]
+    finally:
+        launcher.close()
+    assert out.exists() and temps(out.parent) == []
+
+
+def test_a_write_leaves_a_live_writers_temporary_file_alone(tmp_path):
+    """Only a temporary file with no lock on it and no process of its pid is removed: a live writer (its
+    lock held, whatever its pid says) and a writer that has just created its file (its pid alive, not
+    locked yet) keep theirs."""
+    from retrofit.atomic import atomic_write
+
+    target = tmp_path / "model.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(tmp_path / f'.model.safetensors.{dead}0.tmp')!r}, 'w')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        orphan = tmp_path / f".model.safetensors.{dead}.tmp"        # dead pid, no lock: removed
+        starting = tmp_path / f".model.safetensors.{holder.pid}.tmp"  # live pid, no lock yet: kept
+        other = tmp_path / f".other.safetensors.{dead}.tmp"          # another target's: not looked at
+        for p in (orphan, starting, other):
+            p.write_bytes(b"partial")
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"done")
+        assert target.read_bytes() == b"done"
+        assert temps(tmp_path) == sorted([f".model.safetensors.{dead}0.tmp", starting.name, other.name])
+    finally:
+        holder.kill()
+        holder.wait()

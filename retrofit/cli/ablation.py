@@ -61,18 +61,13 @@ def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
 
 
 def save_figure(pyplot, fig, path: Path) -> None:
-    """Write ``fig`` to ``path`` atomically (a temporary name, then a rename) and close it."""
-    import os
-
-    from ..errors import RetrofitError
+    """Write ``fig`` to ``path`` atomically (:func:`retrofit.atomic.atomic_write`) and close it; the
+    format follows ``path``'s suffix."""
+    from ..atomic import atomic_write
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or None)
     finally:
-        tmp.unlink(missing_ok=True)
         pyplot.close(fig)
