@@ -1,16 +1,20 @@
-"""Atomic file writes: a temporary name next to the target, then ``os.replace``.
+"""Atomic file writes: a temporary folder next to the target, then ``os.replace``.
 
-Every file retrofit writes (models, training states, metrics, JSON reports) goes through
-:func:`atomic_write`: the data goes to ``.<name>.<pid>.tmp`` in the target's folder and is renamed onto
-the target only when it is complete, so a crash, a kill or a full disk never leaves a half-written file
-at the target: the previous file, if any, is kept. A failed write, whichever library made it, becomes
-one :class:`WriteError` line that says why (``No space left on device``) and what to do.
+Every file retrofit writes (models, adapters, cards, training states, metrics, JSON reports, plots)
+goes through :func:`atomic_write`: the data goes to ``.<name>.<pid>.tmp/<name>`` in the target's folder
+and is renamed onto the target only when it is complete, so a crash, a kill or a full disk never
+leaves a half-written file at the target: the previous file, if any, is kept. A failed write,
+whichever library made it, becomes one :class:`WriteError` line that says why (``No space left on
+device``) and what to do.
 
-A process killed by SIGKILL cannot remove its temporary file. Each write first removes the temporaries
-of the same target whose writer is dead (:func:`remove_dead_temps`: no lock held on them, no such
-process), so a killed ``add-se --output F`` leaves nothing behind once F is written again;
-:func:`remove_stale_temps` lets a run folder's lock holder remove all of its own at once
-(see :mod:`retrofit.train.run_dir`).
+The temporary is a folder, not a file, because a library may write through its own temporary file:
+safetensors (0.8) writes ``.tmpXXXXXX`` next to the path it is given and renames it there, so a kill
+in the middle of its write would leave a file of no recognisable name. In the folder, everything one
+write leaves has one name. A process killed by SIGKILL cannot remove it: each write first removes the
+temporaries of the same target whose writer is dead (:func:`remove_dead_temps`: no ``flock`` held on
+the folder, no such process), so a killed ``add-se --output F`` leaves nothing behind once F is written
+again; :func:`remove_stale_temps` lets a run folder's lock holder remove all of its own at once (see
+:mod:`retrofit.train.run_dir`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -57,10 +62,10 @@ def _alive(pid: int) -> bool:
 
 
 def remove_dead_temps(path: Path) -> list[Path]:
-    """Remove the temporary files of ``path`` (``.<name>.<pid>.tmp``) whose writer is dead, and returns
-    them. A writer holds an exclusive ``flock`` on its temporary file while it writes (the kernel drops
-    it when the process dies, however it dies), so a file whose lock can be taken and whose pid is no
-    process here has no writer left."""
+    """Remove the temporaries of ``path`` (``.<name>.<pid>.tmp``) whose writer is dead, and return them.
+    A writer holds an exclusive ``flock`` on its temporary folder while it writes (the kernel drops it
+    when the process dies, however it dies), so one whose lock can be taken and whose pid is no process
+    here (a writer that has just made its folder holds no lock yet) has no writer left."""
     path = Path(path)
     try:
         names = os.listdir(path.parent)
@@ -77,24 +82,37 @@ def remove_dead_temps(path: Path) -> list[Path]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if not _alive(int(match.group("pid"))):
-                    p.unlink()
+                    _remove(p)
                     removed.append(p)
             finally:
                 os.close(fd)  # drops the lock
     return removed
 
 
+def _remove(p: Path) -> None:
+    """Remove a temporary: a folder (this version's) or a file (earlier versions')."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield the temporary path to write; on success it replaces ``path``, on failure it is removed and
-    an I/O failure is raised as :class:`WriteError` (other errors pass through). The temporaries a
-    killed writer of the same target left are removed first (:func:`remove_dead_temps`)."""
+    """Yield the temporary path to write (``.<name>.<pid>.tmp/<name>``, next to ``path``); on success
+    it replaces ``path``, and the temporary folder is removed either way. An I/O failure is raised as
+    :class:`WriteError` (other errors pass through). The temporaries a killed writer of the same target
+    left are removed first (:func:`remove_dead_temps`)."""
     path = Path(path)
     remove_dead_temps(path)
-    tmp, fd = temp_name(path), None
+    folder, fd = temp_name(path), None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with contextlib.suppress(FileNotFoundError):
+            _remove(folder)  # a dead process that had our pid left it
+        folder.mkdir()
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: see remove_dead_temps
+        tmp = folder / path.name
         yield tmp
         os.replace(tmp, path)
     except Exception as err:
@@ -103,7 +121,7 @@ def atomic_write(path: Path) -> Iterator[Path]:
             raise
         raise WriteError(path, reason, kept=path.exists()) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
         if fd is not None:
             os.close(fd)
 
@@ -150,7 +168,8 @@ def remove_stale_temps(folder: Path, names: Iterable[str]) -> list[Path]:
     removed = []
     for p in folder.iterdir():
         match = TEMP.match(p.name)
-        if match and match.group("name") in names and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+        if match and match.group("name") in names:
+            with contextlib.suppress(OSError):
+                _remove(p)
+                removed.append(p)
     return removed

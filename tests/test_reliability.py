@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,38 +293,78 @@ def test_a_killed_add_se_output_leaves_no_temporary_file_once_written_again(tmp_
         assert code == -signal.SIGKILL, (stdout[-2000:], stderr[-2000:])
         left = temps(out.parent)
         assert len(left) == 1 and left[0].startswith(".se.safetensors.") and not out.exists()
-        assert (out.parent / left[0]).stat().st_size > 1_000_000  # the weights were being written
+        assert (out.parent / left[0] / out.name).stat().st_size > 1_000_000  # the weights were written
         code, stdout, stderr = launcher.run(args)
         assert code == 0, stderr[-2000:]
     finally:
         launcher.close()
-    assert out.exists() and temps(out.parent) == []
+    assert out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["se.README.md", "se.safetensors"]
 
 
-def test_a_write_leaves_a_live_writers_temporary_file_alone(tmp_path):
-    """Only a temporary file with no lock on it and no process of its pid is removed: a live writer (its
-    lock held, whatever its pid says) and a writer that has just created its file (its pid alive, not
-    locked yet) keep theirs."""
+KILLED_IN_SAFETENSORS = r"""
+import os, signal, sys, threading, time, torch
+from safetensors.torch import save_file
+from retrofit.atomic import atomic_write
+
+def kill_once_safetensors_writes(folder):
+    while True:  # safetensors writes through its own temporary file (.tmpXXXXXX) next to the path
+        if any(name.startswith(".tmp") for name in os.listdir(folder)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.001)
+
+with atomic_write(sys.argv[1]) as tmp:
+    threading.Thread(target=kill_once_safetensors_writes, args=(tmp.parent,), daemon=True).start()
+    save_file({"w": torch.zeros(50_000_000)}, str(tmp))
+"""
+
+
+def test_a_kill_inside_a_safetensors_write_leaves_only_what_the_next_write_removes(tmp_path):
+    """safetensors writes ``.tmpXXXXXX`` and renames it: a kill in the middle must not leave that file
+    where nothing knows its name (it would stay forever); it is inside the writer's ``.F.<pid>.tmp``."""
+    from retrofit.atomic import atomic_write
+
+    target = tmp_path / "models" / "last.safetensors"
+    target.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", KILLED_IN_SAFETENSORS, str(target)], env=env, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert len(left) == 1 and re.fullmatch(r"\.last\.safetensors\.\d+\.tmp", left[0]), left
+    assert any(p.name.startswith(".tmp") for p in (target.parent / left[0]).iterdir())
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"next")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.safetensors"]
+
+
+def test_a_write_leaves_a_live_writers_temporary_folder_alone(tmp_path):
+    """Only a temporary with no lock on it and no process of its pid is removed: a live writer (its lock
+    held, whatever its pid says) and a writer that has just made its folder (its pid alive, not locked
+    yet) keep theirs."""
     from retrofit.atomic import atomic_write
 
     target = tmp_path / "model.safetensors"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
-                               f"f = open({str(tmp_path / f'.model.safetensors.{dead}0.tmp')!r}, 'w')\n"
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+    locked = tmp_path / f".model.safetensors.{dead}0.tmp"
+    locked.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(locked)!r}, os.O_RDONLY)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         orphan = tmp_path / f".model.safetensors.{dead}.tmp"        # dead pid, no lock: removed
         starting = tmp_path / f".model.safetensors.{holder.pid}.tmp"  # live pid, no lock yet: kept
         other = tmp_path / f".other.safetensors.{dead}.tmp"          # another target's: not looked at
+        old = tmp_path / f".model.safetensors.{dead}1.tmp"          # an earlier version's file: removed
         for p in (orphan, starting, other):
-            p.write_bytes(b"partial")
+            p.mkdir()
+            (p / "model.safetensors").write_bytes(b"partial")
+        old.write_bytes(b"partial")
         with atomic_write(target) as tmp:
             tmp.write_bytes(b"done")
         assert target.read_bytes() == b"done"
-        assert temps(tmp_path) == sorted([f".model.safetensors.{dead}0.tmp", starting.name, other.name])
+        assert temps(tmp_path) == sorted([locked.name, starting.name, other.name])
     finally:
         holder.kill()
         holder.wait()

@@ -15,8 +15,8 @@ it. A run that resumes rewrites them from the state first (:meth:`RunDir.recover
 point leaves, after ``--resume``, the files of an uninterrupted run: a kill before the state's rename
 redoes the epoch; a kill after it (even after the last epoch, when nothing is left to train) rewrites
 the last model, the best one if it is that epoch, and every metrics row. Step 0 (before any state)
-writes best -> metrics; a kill there starts the run over. A kill leaves its temporary files
-(``.<name>.<pid>.tmp``); the next run in the folder removes them once it holds the lock.
+writes best -> metrics; a kill there starts the run over. A kill leaves its temporary folders
+(``.<name>.<pid>.tmp``, :mod:`retrofit.atomic`); the next run in the folder removes them once it holds the lock.
 """
 from __future__ import annotations
 
