@@ -38,3 +38,35 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert two[-1]["train_images"] == one.rows[-1]["train_images"] == 27
     assert two[-1]["train_loss"] == pytest.approx(one.rows[-1]["train_loss"], rel=1e-4)
     assert two[0]["top1"] == one.rows[0]["top1"]  # before any training: the same counts exactly
+
+
+def test_torchrun_accuracy_sweep_equals_one_process(tmp_path):
+    """`retrofit sweep --data` under a real 2-process torchrun: each run is DDP over both processes, so
+    every arm whose norms keep their running statistics (the original, head+norms, the phase-1 SE arms)
+    gives one process's numbers to float rounding; only rank 0 prints and writes the JSON. `-r`, not
+    `--r`: torchrun's own parser reads `--r` as an ambiguous abbreviation of its options."""
+    from safetensors.torch import save_model
+    from test_sweep_accuracy import five_class_model
+
+    data = make_folder(tmp_path / "data")
+    save_model(five_class_model(), str(tmp_path / "plain.safetensors"))
+    args = ["sweep", "test_resnet", "--checkpoint", str(tmp_path / "plain.safetensors"), "--num-classes", "5",
+            "--input-size", "3,32,32", "-r", "4,8", "--data", str(data), "--seeds", "2", "--epochs", "1", "-b", "8",
+            "--lr", "1e-2", "-j", "0", "--no-augment", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "retrofit", *args, "--json", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("Sweep") == 1 and two.stderr.count("[1/8]") == 1  # rank 0 alone reports
+    one = subprocess.run([sys.executable, "-m", "retrofit", *args, "--json", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("one", "two"))
+    assert [(r["arm"], r["r"]) for r in a] == [(r["arm"], r["r"]) for r in b] == [
+        ("original", 0), ("head+norms", 0), ("full", 0), ("se", 4), ("se", 8)]
+    for x, y in zip(a, b):
+        if x["arm"] == "full":  # trains BatchNorm statistics per process, as `finetune` does
+            continue
+        assert x["top1_per_seed"] == y["top1_per_seed"], x["arm"]
+        assert y["val_loss_per_seed"] == pytest.approx(x["val_loss_per_seed"], rel=1e-5), x["arm"]
