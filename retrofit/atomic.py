@@ -24,6 +24,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -97,6 +98,26 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def _mode_for(path: Path) -> int:
+    """The permission bits a plain in-place write of ``path`` would leave: the existing file's, or, for a
+    new file, ``0o666`` less the umask. A rename installs the temporary's inode, whose mode is whatever
+    its writer gave it: safetensors >= 0.8 creates its files 0600 whatever the umask (its tempfile:
+    safetensors/safetensors#782), which would make a saved model unreadable to a team's other users."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError, StopIteration):  # Linux >= 4.7 reports it: no need to set it
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yield the temporary path to write (``.<name>.<pid>.tmp/<name>``, next to ``path``); on success
@@ -114,6 +135,7 @@ def atomic_write(path: Path) -> Iterator[Path]:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: see remove_dead_temps
         tmp = folder / path.name
         yield tmp
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except Exception as err:
         reason = io_reason(err)

@@ -368,3 +368,30 @@ def test_a_write_leaves_a_live_writers_temporary_folder_alone(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_saved_files_get_the_permissions_a_plain_write_would(tmp_path):
+    """safetensors >= 0.8 creates every file 0600 whatever the umask (its own temporary file), so a model
+    saved for a team was readable by its writer alone. A new file follows the umask, as torch.save's
+    would; an existing file keeps its mode when it is written again."""
+    import stat
+
+    from retrofit.atomic import atomic_write
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    model = se_model()
+    old = os.umask(0o022)
+    try:
+        shared = retrofit.save(model, tmp_path / "shared.safetensors")
+        with atomic_write(tmp_path / "state.pt") as tmp:
+            torch.save({"a": 1}, tmp)
+        assert mode(shared) == mode(tmp_path / "state.pt") == 0o644
+        os.chmod(shared, 0o640)
+        retrofit.save(model, shared)  # written again: keeps the mode its owner chose
+        assert mode(shared) == 0o640
+        os.umask(0o077)
+        assert mode(retrofit.save(model, tmp_path / "private.safetensors")) == 0o600
+    finally:
+        os.umask(old)
