@@ -68,21 +68,15 @@ def remove_dead_temps(path: Path) -> list[Path]:
     when the process dies, however it dies), so one whose lock can be taken and whose pid is no process
     here (a writer that has just made its folder holds no lock yet) has no writer left."""
     path = Path(path)
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return []
     removed = []
-    for name in names:
-        match = TEMP.match(name)
-        if not match or match.group("name") != path.name or int(match.group("pid")) == os.getpid():
+    for p, pid in _temps(path.parent, {path.name}):
+        if pid == os.getpid():
             continue
-        p = path.parent / name
         with contextlib.suppress(OSError):  # locked (a writer is alive), gone meanwhile, not ours to remove
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if not _alive(int(match.group("pid"))):
+                if not _alive(pid):
                     _remove(p)
                     removed.append(p)
             finally:
@@ -184,14 +178,21 @@ class RecordingFile:
 
 
 def remove_stale_temps(folder: Path, names: Iterable[str]) -> list[Path]:
-    """Remove the temporary files (``.<name>.<pid>.tmp``) of ``names`` that a killed writer left in
+    """Remove the temporaries (``.<name>.<pid>.tmp``) of ``names`` that a killed writer left in
     ``folder``; returns them. Call it only while no other process may be writing there (a lock)."""
-    names = set(names)
     removed = []
-    for p in folder.iterdir():
-        match = TEMP.match(p.name)
-        if match and match.group("name") in names:
-            with contextlib.suppress(OSError):
-                _remove(p)
-                removed.append(p)
+    for p, _ in _temps(folder, set(names)):
+        with contextlib.suppress(OSError):
+            _remove(p)
+            removed.append(p)
     return removed
+
+
+def _temps(folder: Path, names: set[str]) -> list[tuple[Path, int]]:
+    """The temporaries of ``names`` in ``folder`` (``.<name>.<pid>.tmp``), each with its writer's pid."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    return [(folder / entry, int(match.group("pid"))) for entry in entries
+            if (match := TEMP.match(entry)) and match.group("name") in names]
