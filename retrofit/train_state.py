@@ -10,6 +10,7 @@ with ``torch.load(weights_only=True)``: no pickled code runs. What it reads is c
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
@@ -75,9 +76,7 @@ def load_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise RetrofitError(f"{path} is not a retrofit training checkpoint; delete it to start over")
 
-    def bad(what: str) -> RetrofitError:
-        return RetrofitError(f"{path} is damaged or was edited: {what}; delete it to start over")
-
+    bad = functools.partial(_damaged, path)
     for key, kind in (("meta", dict), ("settings", dict), ("model", dict), ("optimizer", dict),
                       ("scheduler", dict), ("epoch", int), ("phase", int), ("rng", dict), ("rows", list),
                       ("best", dict)):
@@ -105,6 +104,10 @@ def load_state(path: Path) -> dict[str, Any]:
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
         raise bad("'model' must map names to tensors")
     return state
+
+
+def _damaged(path: Path, what: str) -> RetrofitError:
+    return RetrofitError(f"{path} is damaged or was edited: {what}; delete it to start over")
 
 
 def check_model(saved: dict[str, Any], model: nn.Module, path: Path) -> None:
@@ -161,9 +164,7 @@ def restore_training(optimizer, scheduler, saved: dict[str, Any], path: Path) ->
     them against the live objects: the same parameter groups, settings and scheduler fields the live
     ones have (a subset: one an older version did not save keeps its default), each value of its kind,
     per-parameter states of the parameter's shape."""
-    def bad(what: str) -> RetrofitError:
-        return RetrofitError(f"{path} is damaged or was edited: {what}; delete it to start over")
-
+    bad = functools.partial(_damaged, path)
     mine, theirs = optimizer.state_dict(), saved["optimizer"]
     groups = theirs["param_groups"]
     if len(groups) != len(mine["param_groups"]):
