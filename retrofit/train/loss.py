@@ -61,10 +61,9 @@ class Objective:
 
     def __post_init__(self) -> None:
         from timm.data import Mixup
-
-        self.frozen: nn.Module | None = None  # phase 2's teacher (see freeze_teacher)
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+        self.frozen: nn.Module | None = None  # phase 2's teacher (see freeze_teacher)
         self.mixer = None
         if self.mixup > 0 or self.cutmix > 0:
             self.mixer = Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, label_smoothing=self.smoothing,
