@@ -13,7 +13,7 @@ import gc
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from torch import fx, nn
 
@@ -238,12 +238,7 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
     if recipe.at is not None and NAMED in (kinds or ()):
         candidates += named_sites(found.traced, recipe.at, name)
     if recipe.stages is not None:
-        stages = sorted({s.stage for s in candidates})
-        missing = [s for s in recipe.stages if s not in stages]
-        if missing:
-            raise RetrofitError(f"stage {','.join(map(str, missing))} does not exist in {name} for position "
-                                f"'{recipe.position}': its sites are in stages {','.join(map(str, stages))} "
-                                f"(stage = log2 of the output stride)")
+        require_stages(recipe.stages, {s.stage for s in candidates}, name, position=recipe.position)
     check_variations(candidates, recipe, name)
     if recipe.stages is not None:
         candidates = [s for s in candidates if s.stage in recipe.stages]
@@ -291,6 +286,19 @@ def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name
     return candidates
 
 
+def require_stages(keys: Iterable[int], present: Iterable[int], name: str, *, position: str | None = None,
+                   what: str | None = None) -> None:
+    """A stage key (of ``stages``, a per-stage map, an override, a sweep axis: ``what``) that no site of
+    model ``name`` (of ``position``'s sites) lies in is a typo: one error naming the stages there are."""
+    present = sorted(set(present))
+    absent = [k for k in keys if k not in present]
+    if absent:
+        where = f" for position '{position}'" if position else ""
+        raise RetrofitError(f"{f'{what}: ' if what else ''}stage {','.join(map(str, absent))} does not exist in "
+                            f"{name}{where}: its sites are in stages {','.join(map(str, present))} "
+                            f"(stage = log2 of the output stride)")
+
+
 def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
     """The stage keys of the recipe's per-stage maps and the selections of its overrides, against the
     sites of its position in the model (before ``stages``/``only``/``skip`` narrow them, so one
@@ -298,15 +306,10 @@ def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
     matches no site, is a typo and an error."""
     if not recipe.varies:
         return
-    stages = sorted({s.stage for s in candidates})
-    present = ",".join(map(str, stages))
+    stages = {s.stage for s in candidates}
 
     def missing(keys, what):
-        absent = [k for k in keys if k not in stages]
-        if absent:
-            raise RetrofitError(f"{what}: stage {','.join(map(str, absent))} does not exist in {name} for "
-                                f"position '{recipe.position}': its sites are in stages {present} "
-                                f"(stage = log2 of the output stride)")
+        require_stages(keys, stages, name, position=recipe.position, what=what)
     for field_name in BLOCK_FIELDS:
         value = getattr(recipe, field_name)
         if isinstance(value, StageMap):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from .errors import RecipeError, RetrofitError
-from .insert import model_name, paused_gc, prepare, retrofit_scanned
+from .insert import model_name, paused_gc, prepare, require_stages, retrofit_scanned
 from .measure import planned_overhead, traced_cost
 from .recipe import Recipe, StageMap, resolve_recipe
 from .sites import Scan, scan
@@ -275,10 +275,6 @@ def check_stages(found: Scan, stage_sets: Sequence[tuple[int, ...] | None], opti
     """A stage no site of the model lies in is bad input (a position that has no site in an existing
     stage is a row with a note instead); ``option`` names the axis it came from (``--r``: the stages
     of a per-stage map)."""
-    present = sorted({s.stage for s in found.sites})
+    present = {s.stage for s in found.sites}
     for st in stage_sets:
-        missing = [s for s in st or () if s not in present]
-        if missing:
-            raise RetrofitError(f"{option}: stage {','.join(map(str, missing))} does not exist in "
-                                f"{model_name(found.traced.model)}: its sites are in stages "
-                                f"{','.join(map(str, present))} (stage = log2 of the output stride)")
+        require_stages(st or (), present, model_name(found.traced.model), what=option)
