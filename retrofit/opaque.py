@@ -119,9 +119,14 @@ def _meta(value: Any) -> Any:
     """``value`` with every tensor in plain containers replaced by a meta tensor of its shape."""
     if isinstance(value, torch.Tensor):
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    if type(value) in PLAIN or _is_namedtuple(value):
+    if is_plain(value):
         return rebuild(value, _meta)
     return value
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is a container :func:`rebuild` rebuilds: one of :data:`PLAIN` or a namedtuple."""
+    return type(value) in PLAIN or _is_namedtuple(value)
 
 
 def _is_namedtuple(value: Any) -> bool:
@@ -145,7 +150,7 @@ def not_tensors(value: Any, literals: bool = False) -> str | None:
     (``literals``: None, bools, numbers and strings are accepted too)."""
     if isinstance(value, torch.Tensor) or (literals and isinstance(value, LITERALS)):
         return None
-    if type(value) in PLAIN or _is_namedtuple(value):
+    if is_plain(value):
         items = value.values() if isinstance(value, dict) else value
         return next((found for v in items if (found := not_tensors(v, literals)) is not None), None)
     return "None" if value is None else f"a value of type {type(value).__name__}"

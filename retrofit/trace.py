@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -35,6 +34,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 
 from .errors import RetrofitError, first_line
 from .graph_forward import traced_as_root
+from .opaque import is_plain, rebuild
 
 
 def output_marker(x):
@@ -93,13 +93,7 @@ def _copied(value: Any) -> Any:
     """A copy of a forward's result, its lists, tuples and dicts copied with their types (an
     ``OrderedDict`` stays one: a rebuilt forward must return what the original did); any other
     object is kept as it is."""
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_copied(v) for v in value))
-    if type(value) in (list, tuple):
-        return type(value)(_copied(v) for v in value)
-    if type(value) in (dict, OrderedDict):
-        return type(value)((k, _copied(v)) for k, v in value.items())
-    return value
+    return rebuild(value, _copied) if is_plain(value) else value
 
 
 def level_of(node: fx.Node) -> Call:
@@ -244,8 +238,6 @@ class RetrofitTracer(fx.Tracer):
 
     def _placeholders(self, callee) -> tuple[tuple, dict]:
         """The recorded arguments of ``callee`` with each tensor a new placeholder (shaped like it)."""
-        from .opaque import PLAIN, rebuild
-
         stem = callee.path.replace(".", "_") or "input"
 
         def holder(value):
@@ -253,7 +245,7 @@ class RetrofitTracer(fx.Tracer):
                 proxy = self.create_proxy("placeholder", stem, (), {})
                 proxy.node.meta["example"] = value  # a meta tensor: what shape propagation feeds it
                 return proxy
-            if type(value) in PLAIN or (isinstance(value, tuple) and hasattr(value, "_fields")):
+            if is_plain(value):
                 return rebuild(value, holder)
             return value
         return holder(callee.args), holder(callee.kwargs)
