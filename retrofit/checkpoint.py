@@ -37,11 +37,13 @@ ADAPTER_KEYS = KEYS + ("base_sha256", "base_tensors", "base_name")
 # constructor arguments a file may pass to timm.create_model, with their smallest value: nothing that
 # names a file, a url or a download (pretrained, pretrained_cfg_overlay, checkpoint_path...)
 MODEL_KWARGS = {"num_classes": 0, "in_chans": 1}
-# safetensors dtype names; a float tensor may be stored at another float precision (a model saved in
-# half precision loads into float32), any other tensor must have its exact type
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-EXACT_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors' names of the torch dtypes; a float tensor may be stored at another float precision (a
+# model saved in half precision loads into float32), any other tensor must have its exact type
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+FLOAT_DTYPES = {name for dtype, name in DTYPE_NAMES.items() if dtype.is_floating_point}
+EXACT_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items() if not dtype.is_floating_point}
 
 
 def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any = None,

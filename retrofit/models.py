@@ -108,12 +108,9 @@ def checkpoint_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def dtype_name(dtype) -> str:
     """safetensors' name of a torch dtype (``F32``, ``I64``...)."""
-    import torch
+    from .checkpoint import DTYPE_NAMES
 
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
-    return names.get(dtype, str(dtype).replace("torch.", ""))
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def _check_dtypes(model: nn.Module, tensors: dict[str, tuple[str, tuple[int, ...]]], checkpoint) -> None:
