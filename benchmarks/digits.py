@@ -74,7 +74,7 @@ def main() -> None:
     from rich.table import Table
 
     import retrofit
-    from retrofit.data import ImageFolderData
+    from retrofit.train.data import ImageFolderData
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="test_resnet", help="a plain timm CNN (test_resnet: timm's tiny ResNet; resnet18...)")

@@ -73,7 +73,7 @@ class Steps(list):
 
 
 def batches(n: int, batch: int, size: int, classes: int):
-    from retrofit.data import Batch
+    from retrofit.train.data import Batch
 
     g = torch.Generator().manual_seed(0)
     return Steps([Batch(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g),
@@ -82,7 +82,7 @@ def batches(n: int, batch: int, size: int, classes: int):
 
 
 def step_fn(model, optimizer, loader, classes: int):
-    from retrofit.distributed import Dist
+    from retrofit.train.distributed import Dist
     from retrofit.train.loop import train_epoch
     from retrofit.train.loss import Objective
     from retrofit.train.progress import Progress

@@ -1,5 +1,5 @@
 """Forward latency of the retrofitted resnet50 against timm's native seresnet50 and the plain resnet50
-(CPU, batch 8, 224x224, inference mode), measured in turns in one run (retrofit.latency).
+(CPU, batch 8, 224x224, inference mode), measured in turns in one run (retrofit.measure.latency).
 
 Rows: seresnet50 twice (its ratio to itself is the machine's noise floor), the plain resnet50, and
 resnet50 retrofitted with the `timm` recipe (seresnet50's layout; its standard-position blocks are
@@ -16,7 +16,7 @@ import timm
 import torch
 
 import retrofit
-from retrofit.latency import measure_latency
+from retrofit.measure.latency import measure_latency
 
 
 def main(runs: int) -> None:
@@ -24,7 +24,7 @@ def main(runs: int) -> None:
     native = timm.create_model("seresnet50").eval()
     fused = retrofit.add_se(timm.create_model("resnet50"), recipe="timm").eval()
     fused.load_state_dict(native.state_dict())
-    with mock.patch("retrofit.insert._fusable_sum", lambda *a: None):
+    with mock.patch("retrofit.surgery.prepare._fusable_sum", lambda *a: None):
         unfused = retrofit.add_se(timm.create_model("resnet50"), recipe="timm").eval()
     unfused.load_state_dict(native.state_dict())
     models = {

@@ -5,7 +5,7 @@
    for, imports included, against just building the model.
 2. Growth: ``retrofit.add_se`` on resnet152 over resnet50 (target <= 3.5; 50 / 16 = 3.1 blocks),
    in one process, a fresh model for every call; with ``inplace=True`` too (no deep copy).
-3. Analysis growth: trace + shapes + sites (``retrofit.sites.scan``) on resnet152 over resnet50, and
+3. Analysis growth: trace + shapes + sites (``retrofit.surgery.sites.scan``) on resnet152 over resnet50, and
    on hrnet_w18 (many fusions) over resnet50.
 4. In one process: ``retrofit.add_se(resnet101, position="post")`` over ``timm.create_model("resnet101")``
    (the core issue's target <= 0.3), with the default deep copy and with ``inplace=True``.
@@ -40,7 +40,7 @@ def growth(runs: int) -> None:
     import timm
 
     import retrofit
-    from retrofit.sites import scan
+    from retrofit.surgery.sites import scan
 
     retrofit.add_se(timm.create_model("resnet18"))  # first-call costs out of the way
     for inplace in (False, True):

@@ -89,7 +89,7 @@ def pretrain_on(model: torch.nn.Module, root: Path, size: int, epochs: int) -> f
     stack); returns its val top-1."""
     from digits import pretrain
 
-    from retrofit.data import ImageFolderData
+    from retrofit.train.data import ImageFolderData
 
     data = ImageFolderData.open(root, model, (3, size, size), augment=False)
     torch.manual_seed(0)

@@ -1,12 +1,6 @@
 """retrofit: add Squeeze-and-Excitation blocks to a trained network by torch.fx surgery.
 
-The steps, one module each: :mod:`~retrofit.trace` (fx, timm-aware) -> :mod:`~retrofit.shapes` (meta
-tensors) -> :mod:`~retrofit.sites` (residual/Inception merges, 3x3 convs) -> :mod:`~retrofit.insert`
-(by :mod:`~retrofit.recipe` and :mod:`~retrofit.positions`) -> :mod:`~retrofit.measure` (overhead); then
-:mod:`~retrofit.finetune` trains the new blocks briefly (data: :mod:`~retrofit.data`, checkpoints:
-:mod:`~retrofit.train_state`, torchrun: :mod:`~retrofit.distributed`).
-:func:`~retrofit.sweep.sweep` tabulates many recipes from one scan, :mod:`~retrofit.latency` times them,
-and with ``data=`` :mod:`~retrofit.ablation` fine-tunes each over seeds next to control arms.
+Method: Hu et al., "Squeeze-and-Excitation Networks" (CVPR 2018), https://arxiv.org/abs/1709.01507.
 
 Example::
 
@@ -20,32 +14,94 @@ Example::
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
     >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
 
-Other blocks than SE come from :mod:`~retrofit.attention` (``module="eca"``...); :mod:`~retrofit.strip`
-undoes a retrofit. :mod:`~retrofit.checkpoint` saves and loads models (and, with
-:mod:`~retrofit.adapter`, adapters on a base model), :mod:`~retrofit.card` writes their model cards. Modules fx cannot trace (a detector, a Hugging Face model) keep their forward and
-the parts they call are retrofitted (:mod:`~retrofit.opaque`); a recipe's ``at`` puts blocks on the
-outputs of modules you name (:mod:`~retrofit.named`).
-"""
-from .attention import ATTENTIONS, register_attention
-from .bypass import bypass
-from .checkpoint import load, save
-from .errors import RecipeError, RetrofitError, RetrofitWarning
-from .finetune import FinetuneResult, finetune
-from .insert import add_se
-from .latency import measure_latency
-from .measure import Overhead, measure_overhead
-from .positions import POSITIONS, register_position
-from .recipe import Recipe, builtin_recipes
-from .se import SqueezeExcite
-from .sites import Site, find_sites
-from .strip import strip
-from .sweep import sweep
-from .trainable import Trainable, trainable_parameters
+The package reads as its layers, lowest first; a module imports only from its own layer and those
+below (``lint-imports`` checks it; docs/architecture.md draws it):
 
-__all__ = [
-    "add_se", "find_sites", "measure_overhead", "Overhead", "save", "load", "Recipe", "builtin_recipes", "Site", "SqueezeExcite", "POSITIONS",
-    "register_position", "RetrofitError", "RecipeError", "RetrofitWarning", "strip", "ATTENTIONS",
-    "register_attention", "finetune", "FinetuneResult",
-    "sweep", "measure_latency", "bypass", "trainable_parameters", "Trainable",
-]
-__version__ = "0.1.0"
+* :mod:`retrofit.errors`: the error users see;
+* :mod:`retrofit.blocks`: what is inserted (SE, timm's other attention blocks, their configuration);
+* :mod:`retrofit.graph`: torch.fx machinery (trace, shapes, rebuilt and installed forwards);
+* :mod:`retrofit.surgery`: where and how (recipe, sites, positions, plan, insertion, strip, bypass);
+* :mod:`retrofit.measure`: overhead, latency, report tables;
+* :mod:`retrofit.files`: save, load, adapters, model cards, weight files;
+* :mod:`retrofit.train`: the fine-tune;
+* :mod:`retrofit.sweep`: the cost grid, the accuracy arms, the coverage check;
+* :mod:`retrofit.cli`: the ``retrofit`` command.
+
+The names below are the public API. Each is imported on first use (PEP 562's module ``__getattr__``),
+so ``import retrofit`` and ``retrofit --help`` import neither torch nor timm.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+# `retrofit.sweep` is the sweep function. Its layer package (which imports nothing) is imported first
+# and the attribute the import system binds to it is taken off again, so a later `import
+# retrofit.sweep.grid` cannot bind the package over the function: like every public name, `sweep` is
+# looked up in _API on first use.
+importlib.import_module(".sweep", __name__)
+globals().pop("sweep")
+
+# public name -> the module (under retrofit) that defines it
+_API: dict[str, str] = {
+    "add_se": "surgery.insert",
+    "find_sites": "surgery.sites",
+    "Site": "surgery.sites",
+    "Recipe": "surgery.recipe",
+    "builtin_recipes": "surgery.recipe",
+    "POSITIONS": "surgery.positions",
+    "register_position": "surgery.positions",
+    "strip": "surgery.strip",
+    "bypass": "surgery.bypass",
+    "trainable_parameters": "surgery.trainable",
+    "Trainable": "surgery.trainable",
+    "SqueezeExcite": "blocks.se",
+    "ATTENTIONS": "blocks.attention",
+    "register_attention": "blocks.attention",
+    "measure_overhead": "measure.overhead",
+    "Overhead": "measure.overhead",
+    "measure_latency": "measure.latency",
+    "save": "files.checkpoint",
+    "load": "files.checkpoint",
+    "finetune": "train.finetune",
+    "FinetuneResult": "train.settings",
+    "sweep": "sweep.grid",
+    "RetrofitError": "errors",
+    "RecipeError": "errors",
+    "RetrofitWarning": "errors",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps it equal to _API
+    from .blocks.attention import ATTENTIONS, register_attention
+    from .blocks.se import SqueezeExcite
+    from .errors import RecipeError, RetrofitError, RetrofitWarning
+    from .files.checkpoint import load, save
+    from .measure.latency import measure_latency
+    from .measure.overhead import Overhead, measure_overhead
+    from .surgery.bypass import bypass
+    from .surgery.insert import add_se
+    from .surgery.positions import POSITIONS, register_position
+    from .surgery.recipe import Recipe, builtin_recipes
+    from .surgery.sites import Site, find_sites
+    from .surgery.strip import strip
+    from .surgery.trainable import Trainable, trainable_parameters
+    from .sweep.grid import sweep
+    from .train.finetune import finetune
+    from .train.settings import FinetuneResult
+
+__all__ = list(_API)
+__version__ = version("retrofit")
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # found by plain lookup from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from retrofit.check import randomize  # the sweep's randomiser: one way to make weights not fresh
+from retrofit.sweep.check import randomize  # the sweep's randomiser: one way to make weights not fresh
 
 
 class ChannelsLast(nn.Module):
@@ -37,7 +37,7 @@ class Residual(nn.Module):
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max(1, max |b|): the preservation criterion of the core issue. Kept here, apart
-    from retrofit.check's, so the tests' yardstick is not the code under test."""
+    from retrofit.sweep.check's, so the tests' yardstick is not the code under test."""
     return ((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
 
 

@@ -1,7 +1,9 @@
-"""The accuracy columns and plot of `retrofit sweep --data` (rows from :mod:`retrofit.ablation`)."""
+"""The accuracy columns and plot of `retrofit sweep --data` (rows from :mod:`retrofit.sweep.ablation`)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from ..files.atomic import atomic_write
 
 
 def has_accuracy(rows) -> bool:
@@ -61,10 +63,8 @@ def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
 
 
 def save_figure(pyplot, fig, path: Path) -> None:
-    """Write ``fig`` to ``path`` atomically (:func:`retrofit.atomic.atomic_write`) and close it; the
+    """Write ``fig`` to ``path`` atomically (:func:`retrofit.files.atomic.atomic_write`) and close it; the
     format follows ``path``'s suffix."""
-    from ..atomic import atomic_write
-
     fig.tight_layout()
     try:
         with atomic_write(path) as tmp:

@@ -54,18 +54,21 @@ def add_se_command(
     distill_temperature: float = DISTILL_TEMPERATURE,
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
-    from ..adapter import head_keys, remember_base, state_bytes
-    from ..card import command_line, write_card
-    from ..checkpoint import check_writable, save
-    from ..insert import model_name, paused_gc, retrofit_scanned
-    from ..latency import measure_latency
-    from ..measure import planned_overhead, traced_cost
-    from ..meta import build_and_scan
-    from ..models import new_head
-    from ..named import named_sites
-    from ..recipe import resolve_recipe
-    from ..report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
-    from ..trainable import trainable_parameters
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..files.adapter import head_keys, remember_base, state_bytes
+    from ..files.card import command_line, write_card
+    from ..files.atomic import check_writable
+    from ..files.checkpoint import save
+    from ..graph.model import model_name
+    from ..surgery.insert import paused_gc, retrofit_scanned
+    from ..measure.latency import measure_latency
+    from ..measure.overhead import planned_overhead, traced_cost
+    from ..measure.meta import build_and_scan
+    from ..files.models import new_head
+    from ..surgery.named import named_sites
+    from ..surgery.recipe import resolve_recipe
+    from ..measure.report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
+    from ..surgery.trainable import trainable_parameters
 
     chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,
                             divisor=divisor, min_width=min_width, bias=bias, init=init, module=module,

@@ -1,6 +1,7 @@
 """`retrofit check`: does the pass work on these models (or on one model of every timm family)?"""
 from __future__ import annotations
 
+import time
 from typing import List, Optional
 
 import typer
@@ -62,9 +63,8 @@ def check_command(
 @fail_cleanly
 def _check(models, all_families, family, time_limit, json_path, r="16") -> int:
     """Run the check and print it; return the number of failed models."""
-    import time
-
-    from ..check import check_models, parse_ratio, smallest_per_family, summarize
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..sweep.check import check_models, parse_ratio, smallest_per_family, summarize
 
     if not models and not all_families:
         raise RetrofitError("name the models to check (e.g. `retrofit check resnet50 vit_tiny_patch16_224`) "
@@ -90,7 +90,8 @@ def _check(models, all_families, family, time_limit, json_path, r="16") -> int:
     if not quiet:
         console().print(results_table(results))
         console().print(summary_line(summary, seconds))
-    from ..sweep import r_label
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..sweep.rows import r_label
 
     write_json({"summary": {**summary, "seconds": round(seconds, 1), "r": r_label(ratio)},
                 "results": [r.to_dict() for r in results]}, json_path)

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..errors import RetrofitError, first_line
+from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
 
 app = typer.Typer(
     name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -78,7 +79,8 @@ def fail_cleanly(fn):
 
 
 def build_model(name: str, checkpoint: Optional[Path], pretrained: bool, num_classes: Optional[str]):
-    from ..models import create_model
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..files.models import create_model
 
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
@@ -91,8 +93,6 @@ def build_model(name: str, checkpoint: Optional[Path], pretrained: bool, num_cla
 def json_target(path: Optional[str]) -> Optional[Path]:
     if path is None or path == "-":
         return None
-    from ..checkpoint import check_writable
-
     target = Path(path).expanduser()
     check_writable(target)
     return target
@@ -103,8 +103,6 @@ def write_json(data: dict, path: Optional[str]) -> None:
     if path == "-":
         sys.stdout.write(text + "\n")
     elif path is not None:
-        from ..atomic import atomic_write
-
         with atomic_write(Path(path).expanduser()) as tmp:
             tmp.write_text(text + "\n")
 

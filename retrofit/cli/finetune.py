@@ -1,7 +1,7 @@
 """`retrofit finetune`: train the SE blocks of a saved retrofitted model briefly on an ImageFolder.
 
 Also used by ``retrofit add-se ... --finetune DIR``. Under ``torchrun`` every process runs this
-command; only rank 0 prints and writes (see :mod:`retrofit.distributed`).
+command; only rank 0 prints and writes (see :mod:`retrofit.train.distributed`).
 """
 from __future__ import annotations
 
@@ -28,9 +28,12 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
 
     ``inputs``: the weight files this run was started from; none of them may be among the run's outputs.
     """
-    from ..finetune import BEST_FILE, LAST_FILE, METRICS_FILE, finetune, results_table
-    from ..train_state import STATE_FILE
-    from ..trainable import trainable_parameters
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..measure.report import results_table
+    from ..train.finetune import finetune
+    from ..train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE
+    from ..train.state import STATE_FILE
+    from ..surgery.trainable import trainable_parameters
 
     output_dir = output_dir.expanduser()
     for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
@@ -118,13 +121,14 @@ def finetune_command(
     distill_temperature: float = DISTILL_TEMPERATURE,
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
-    from ..adapter import BASE_ATTR
-    from ..card import command_line, write_card
-    from ..checkpoint import load, save
-    from ..finetune import BEST_FILE
-    from ..measure import measure_overhead
-    from ..models import resolve_input_size
-    from ..strip import strip
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..files.adapter import BASE_ATTR
+    from ..files.card import command_line, write_card
+    from ..files.checkpoint import load, save
+    from ..train.run_dir import BEST_FILE
+    from ..measure.overhead import measure_overhead
+    from ..graph.model import resolve_input_size
+    from ..surgery.strip import strip
 
     model = load(checkpoint, base=base, force=force)
     size = resolve_input_size(model, input_size) if input_size is not None else None

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 from .common import console, fail_cleanly, app
+from rich.table import Table
 
 
 @app.command("recipes")
 @fail_cleanly
 def recipes_command():
     """List the built-in recipes."""
-    from rich.table import Table
-
-    from ..recipe import Recipe, builtin_recipes
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..surgery.recipe import Recipe, builtin_recipes
 
     table = Table(title="Built-in recipes (use by name: --recipe NAME)", title_justify="left")
     table.add_column("name")

@@ -20,12 +20,13 @@ def sites_command(
 ):
     """List the sites the pass finds: residual merges, Inception merges, 3x3 convs in residual branches
     (and, with --at, the outputs of the modules named); modules whose forward is kept as is, with why."""
-    from ..insert import model_name
-    from ..models import resolve_input_size
-    from ..named import named_sites
-    from ..recipe import Recipe
-    from ..report import sites_by_stage, sites_json, sites_table
-    from ..sites import scan
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..graph.model import model_name
+    from ..graph.model import resolve_input_size
+    from ..surgery.named import named_sites
+    from ..surgery.recipe import Recipe
+    from ..measure.report import sites_by_stage, sites_json, sites_table
+    from ..surgery.sites import scan
 
     globs = Recipe(at=at).at  # checked like the recipe field
     json_target(json_path)

@@ -14,6 +14,7 @@ from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, b
                      json_target, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
+from rich.table import Table
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
@@ -68,13 +69,14 @@ def sweep_command(
     the best control, and the Pareto front of top-1 against added parameters (or --latency).
     Under torchrun each run is DistributedDataParallel over all processes.
     """
-    from ..checkpoint import check_writable
-    from ..insert import model_name
-    from ..measure import count_params
-    from ..meta import build_and_scan
-    from ..models import resolve_input_size
-    from ..recipe import resolve_recipe
-    from ..sweep import parse_axis, parse_stages, sweep
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..files.atomic import check_writable
+    from ..graph.model import model_name
+    from ..measure.overhead import count_params
+    from ..measure.meta import build_and_scan
+    from ..graph.model import resolve_input_size
+    from ..surgery.recipe import resolve_recipe
+    from ..sweep.grid import parse_axis, parse_stages, sweep
 
     base = resolve_recipe(recipe, allow_wide=True if allow_wide else None, at=at)
     ratios = parse_axis("r", r, lambda v: base.replace(r=v).r)
@@ -124,9 +126,8 @@ def sweep_command(
 
 
 def sweep_table(rows, latency: bool, batch: int, size):
-    from rich.table import Table
-
-    from ..report import _n, _pct
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..measure.report import _n, _pct
 
     caption = "MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1."
     if latency:
@@ -162,10 +163,10 @@ def sweep_table(rows, latency: bool, batch: int, size):
 
 def import_pyplot():
     """matplotlib's pyplot on a file backend, or one clear error when the `plot` extra is missing."""
-    try:
+    try:  # deferred: matplotlib is optional (the plot extra)
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as pyplot
+        import matplotlib.pyplot as pyplot  # deferred too, after the backend is chosen
     except ImportError:
         raise RetrofitError(PLOT_MISSING) from None
     return pyplot
@@ -175,7 +176,8 @@ def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
     """Overhead against r, one line per position (and stage set, when several were swept). r is on a
     log2 axis; when an r is a per-stage map, the axis is the r values in the order given, each
     labelled as spelled on the command line."""
-    from ..sweep import r_label
+    # deferred: torch and timm load when a command runs, not for --help
+    from ..sweep.rows import r_label
 
     numeric = all(isinstance(row.r, (int, float)) for row in rows)
     order = list(dict.fromkeys(row.r for row in rows))

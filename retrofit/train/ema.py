@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from timm.utils import ModelEmaV3
 from torch import nn
 
 
@@ -18,8 +19,6 @@ class Ema:
     """The moving average of ``model`` and the number of updates so far."""
 
     def __init__(self, model: nn.Module, decay: float):
-        from timm.utils import ModelEmaV3
-
         self.ema = ModelEmaV3(model, decay=decay, use_warmup=True)
         self.steps = 0
 

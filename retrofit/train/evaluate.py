@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import warn_bad
-from ..distributed import Dist
 from ..errors import RetrofitError
+from .data import warn_bad
+from .distributed import Dist
 from .progress import Progress
 
 

@@ -6,19 +6,19 @@ import contextlib
 import random
 from typing import Callable
 
+import numpy as np
 import torch
+from timm.utils import dispatch_clip_grad
 from torch import nn
 
-from ..data import warn_bad
-from ..distributed import Dist
+from .data import warn_bad
+from .distributed import Dist
 from .loss import Objective
 from .progress import Progress
 
 
 def seed_all(seed: int) -> None:
     """Seed Python, NumPy and torch: a run's random draws are functions of the seed (and epoch)."""
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -39,12 +39,10 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
     images skipped, each summed over the processes.
 
     Each image weighs ``1 / images of its optimizer step over all processes`` (``loader.batch_sampler``
-    is a :class:`~retrofit.data.TrainBatches`), so a step's gradient is the mean over its global batch
+    is a :class:`~retrofit.train.data.TrainBatches`), so a step's gradient is the mean over its global batch
     whether the step is full or the smaller last one, and whatever the number of processes (DDP
     averages the processes' gradients, hence the factor ``world``).
     """
-    from timm.utils import dispatch_clip_grad
-
     dev = env.device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     steps = len(loader)

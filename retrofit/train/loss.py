@@ -29,15 +29,19 @@ every epoch from ``(seed, epoch)``: a resumed run draws the same ones.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from ..errors import RetrofitError
-from ..bypass import blocks_off
+from ..surgery.bypass import blocks_off
 
 
 @dataclass
@@ -60,9 +64,6 @@ class Objective:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
         self.frozen: nn.Module | None = None  # phase 2's teacher (see freeze_teacher)
         self.mixer = None
         if self.mixup > 0 or self.cutmix > 0:
@@ -79,7 +80,6 @@ class Objective:
         ``(x, y)`` unchanged."""
         if self.mixer is None:
             return x, y
-        from timm.data.mixup import mixup_target
 
         target = mixup_target(y, self.classes, 1.0, self.smoothing)  # each image its own (smoothed) label
         even = len(x) - len(x) % 2
@@ -113,7 +113,6 @@ class Objective:
         resumed phase 2 gets back the copy it started with). Nothing to do when not distilling."""
         if not self.distill:
             return
-        import copy
 
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
         if state is not None:

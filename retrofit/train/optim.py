@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from ..distributed import Dist
 from ..errors import RetrofitError, first_line
+from .distributed import Dist
 
 
 def create(model: nn.Module, *, opt: str, lr: float, weight_decay: float, sched: str, epochs: int,
@@ -16,8 +19,6 @@ def create(model: nn.Module, *, opt: str, lr: float, weight_decay: float, sched:
 
     ``groups``: parameter groups (:func:`retrofit.train.params.lr_groups`: ``lr_scale`` per group,
     applied by timm's scheduler) instead of timm's own grouping of ``model``."""
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     try:
         optimizer = create_optimizer_v2(model if groups is None else groups, opt=opt, lr=lr,
@@ -35,7 +36,6 @@ def wrap(model: nn.Module, env: Dist) -> nn.Module:
     """The module the loop calls: ``model`` itself, or a DDP wrapper of it under torchrun."""
     if env.world == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)

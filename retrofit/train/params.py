@@ -17,6 +17,8 @@ different rates (:func:`lr_groups`, timm's ``lr_scale`` convention).
 """
 from __future__ import annotations
 
+import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from ..errors import RetrofitError
@@ -51,8 +53,6 @@ def fit_head(model: nn.Module, classes: int, seed: int) -> bool:
     """Give ``model`` a new classifier when the data has another number of classes; True if it did.
     Seeded, so a resumed run rebuilds the same head before the saved weights are loaded over it, and
     every arm of a sweep (with or without blocks) gets the same head for the same seed."""
-    import torch
-
     have = getattr(model, "num_classes", None)
     if not isinstance(have, int) or have == classes:
         return False
@@ -75,8 +75,6 @@ def lr_groups(model: nn.Module, new: set[str], scale: float, weight_decay: float
     ``new`` at the phase's learning rate, the other trainable ones at ``scale`` times it (timm's
     schedulers multiply a group's rate by its ``lr_scale``, as for layer decay). Weight decay is split
     as timm splits it (none on biases and norm parameters, nor on ``model.no_weight_decay()``)."""
-    from timm.optim import param_groups_weight_decay
-
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
     name_of = {id(p): n for n, p in model.named_parameters()}

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
 
 class Progress:
     """One display for the whole run; each epoch's training and each evaluation is a task on it.
@@ -17,9 +21,6 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeRemainingColumn
-
             self._bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                               console=Console(stderr=True), transient=True)
@@ -34,8 +35,6 @@ class Progress:
     def note(self, text: str) -> None:
         """One line of text above the bars (as text: never read as markup)."""
         if self._bars is not None:
-            from rich.text import Text
-
             self._bars.console.print(Text(text), soft_wrap=True)
 
     def task(self, label: str, total: int):

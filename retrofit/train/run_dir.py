@@ -1,8 +1,8 @@
 """The run's folder: what ``--resume`` needs, the last and best models, and the metrics.
 
-Files (rank 0 writes, every file atomically: :mod:`retrofit.atomic`):
+Files (rank 0 writes, every file atomically: :mod:`retrofit.files.atomic`):
 
-* ``train_state.pt`` (:mod:`retrofit.train_state`): model, recipe metadata, settings, optimizer,
+* ``train_state.pt`` (:mod:`retrofit.train.state`): model, recipe metadata, settings, optimizer,
   scheduler, epoch, RNG state, the metric rows so far and the best row, in one file;
 * ``last.safetensors``, ``best.safetensors`` (by val top-1, step 0 included): loadable with
   :func:`retrofit.load`;
@@ -16,10 +16,11 @@ point leaves, after ``--resume``, the files of an uninterrupted run: a kill befo
 redoes the epoch; a kill after it (even after the last epoch, when nothing is left to train) rewrites
 the last model, the best one if it is that epoch, and every metrics row. Step 0 (before any state)
 writes best -> metrics; a kill there starts the run over. A kill leaves its temporary folders
-(``.<name>.<pid>.tmp``, :mod:`retrofit.atomic`); the next run in the folder removes them once it holds the lock.
+(``.<name>.<pid>.tmp``, :mod:`retrofit.files.atomic`); the next run in the folder removes them once it holds the lock.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -29,10 +30,12 @@ from typing import Any
 
 from torch import nn
 
-from ..atomic import WriteError, atomic_write, remove_stale_temps
-from ..distributed import Dist
 from ..errors import RetrofitError, RetrofitWarning
-from ..train_state import STATE_FILE, check_model, load_state, save_state
+from ..files.atomic import WriteError, atomic_write, remove_stale_temps
+from ..files.checkpoint import save
+from ..files.tensors import load_into
+from .distributed import Dist
+from .state import STATE_FILE, check_model, load_state, save_state
 
 LAST_FILE, BEST_FILE, METRICS_FILE = "last.safetensors", "best.safetensors", "metrics.jsonl"
 LOCK_FILE = ".retrofit.lock"
@@ -105,12 +108,8 @@ class RunDir:
             fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             return f"cannot write in the output folder {out}: {err.strerror or err}; choose a folder you can write to"
-        try:
-            import fcntl  # POSIX; the kernel drops the lock when the process ends, however it ends
-
+        try:  # the kernel drops the lock when the process ends, however it ends
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no flock (Windows): run without the lock
-            pass
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
@@ -166,8 +165,6 @@ class RunDir:
         self.env.barrier()
 
     def _save_model(self, model: nn.Module, name: str) -> None:
-        from ..checkpoint import save
-
         try:
             save(model, self.path / name)
         except WriteError as err:
@@ -185,8 +182,6 @@ class RunDir:
     def restore_best(self, model: nn.Module) -> None:
         """Load ``best.safetensors`` into ``model`` (checked first), if the run has one."""
         if self.path is not None and (self.path / BEST_FILE).is_file():
-            from ..checkpoint import load_into
-
             load_into(model, self.path / BEST_FILE)
 
 

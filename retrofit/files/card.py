@@ -1,0 +1,126 @@
+"""Model cards: a markdown ``<name>.README.md`` next to each saved model or adapter (PEFT writes a
+``README.md`` beside its adapters; here one folder can hold several models, so each card is named after
+its file and two outputs never overwrite each other's card).
+
+A card says what the file is and how to load it: the base model (architecture, the weights it was made
+on, for an adapter the sha256 it checks), the recipe, the blocks' overhead, the file's size against the
+full model's, the fine-tuning results when there was a fine-tune, the date and the command line. Its
+facts about the file are read back from the file itself. It is written atomically, like the weights.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from rich.table import Table
+from torch import nn
+
+from ..errors import RetrofitError
+from ..measure.report import overhead_table, results_table
+from .adapter import state_bytes
+from .atomic import atomic_write
+from .header import read_header
+
+
+def card_path(weights: str | Path) -> Path:
+    """``se_resnet50.safetensors`` -> ``se_resnet50.README.md``."""
+    weights = Path(weights)
+    return weights.with_name(f"{weights.stem}.README.md")
+
+
+def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead: Any = None, result: Any = None,
+               command: str | None = None, base_name: str | None = None) -> Path:
+    """Write the card of the retrofit file ``weights`` (already saved) and return its path.
+
+    Args:
+        weights: a file written by :func:`retrofit.save` (full model or adapter).
+        model: the model it was saved from (for the full model's size next to an adapter's).
+        overhead: a :class:`retrofit.Overhead` (add-se's report) for the overhead table.
+        result: a :class:`retrofit.FinetuneResult` for the fine-tuning table.
+        command: the command line that made the file.
+        base_name: what the base is, when the file does not say (a full model's card).
+    """
+    weights = Path(weights)
+    header = read_header(weights)
+    retrofit_version = version("retrofit")
+    size = weights.stat().st_size
+    arch = header.architecture or "a network that is not from timm"
+    kind = "adapter" if header.adapter else "retrofitted model"
+    lines = [f"# {weights.stem}", "",
+             f"{'An adapter' if header.adapter else 'A model'}: `{arch}` with {header.blocks} `{header.recipe.module}` "
+             f"block(s) inserted by retrofit {retrofit_version} (recipe: {header.recipe.describe()}).", "",
+             "## Base model", "",
+             f"- architecture: `{arch}`" + (" (timm)" if header.architecture else ""),
+             f"- constructor arguments: `{json.dumps(header.model_kwargs)}`; traced at input "
+             f"{'x'.join(map(str, header.input_size))}"]
+    name = header.base_name if header.adapter else base_name
+    if name:
+        lines.append(f"- base weights: {name}")
+    if header.adapter:
+        lines.append(f"- sha256 of the {header.base_tensors} base tensors it takes from the base (name, dtype, "
+                     f"shape, bytes; checked on load): `{header.base_sha256}`")
+    lines += ["", "## Loading", "", "```python", "import retrofit", ""]
+    if header.adapter:
+        lines.append(f'model = retrofit.load("{weights.name}", base="BASE_WEIGHTS")  # or base=the base nn.Module')
+    elif header.architecture:
+        lines.append(f'model = retrofit.load("{weights.name}")')
+    else:
+        lines.append(f'model = retrofit.load("{weights.name}", model=MyNet())  # the plain network')
+    lines += ["```", ""]
+    if header.adapter:
+        lines += [f"or `retrofit finetune {weights.name} --base BASE_WEIGHTS --data DIR` to fine-tune it further.", ""]
+    lines += ["## Recipe", "", "```json", json.dumps(header.recipe.to_dict(), indent=2), "```", ""]
+    if overhead is not None:
+        lines += ["## Overhead", "", table_markdown(overhead_table(overhead)), ""]
+    lines += ["## File", "", "| file | size |", "| --- | --- |", f"| `{weights.name}` ({kind}) | {_mb(size)} |"]
+    if header.adapter and model is not None:
+        full = state_bytes(model)
+        lines.append(f"| the full model's weights | {_mb(full)} (the adapter is {100 * size / full:.1f}%) |")
+    lines.append("")
+    if result is not None:
+        lines += ["## Fine-tuning", "", table_markdown(results_table(result, title="")),
+                  f"Best by val top-1: {result.best['name']} ({result.best['top1']:.2f}%); "
+                  f"{len(result.classes)} classes.", ""]
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines += ["## Provenance", "", f"- written {now}; retrofit {retrofit_version}, torch {torch.__version__}, timm "
+                                   f"{timm.__version__}, Python {platform.python_version()}"]
+    if command:
+        lines.append(f"- command: `{command}`")
+    path = card_path(weights)
+    text = "\n".join(lines) + "\n"
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
+    except RetrofitError as err:
+        raise RetrofitError(f"{err} ({weights.name} itself is saved)") from None
+    return path
+
+
+def command_line() -> str:
+    """The command line of this process, as a user would type it (``retrofit add-se ...``)."""
+    return shlex.join(["retrofit", *sys.argv[1:]])
+
+
+def table_markdown(table: Table) -> str:
+    """A rich table (the one the CLI prints) as a markdown table: title, header, rows, caption."""
+    columns = table.columns
+    rows = list(zip(*[[str(c) for c in col.cells] for col in columns])) if columns else []
+    out = [f"**{table.title}**", ""] if table.title else []
+    out.append("| " + " | ".join(str(c.header) or " " for c in columns) + " |")
+    out.append("| " + " | ".join("---:" if c.justify == "right" else "---" for c in columns) + " |")
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    if table.caption:
+        out += ["", f"{table.caption}"]
+    return "\n".join(out)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB ({n:,} bytes)"

@@ -1,0 +1,32 @@
+"""A full model file: the plain network rebuilt from the file's metadata, retrofitted by its recipe,
+then its weights loaded after every tensor's name, dtype and shape is checked."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import RetrofitError
+from ..surgery.insert import add_se
+from .header import Header
+from .models import create_model
+from .tensors import load_into
+
+
+def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
+    """The file's architecture (or ``model``), retrofitted with the file's recipe: no weights loaded yet."""
+    if model is None:
+        if not header.architecture:
+            raise RetrofitError(f"{header.path} holds a model that is not from timm: pass the plain network, "
+                                f"retrofit.load(path, model=MyNet())")
+        model = create_model(header.architecture, **header.model_kwargs)
+    model = add_se(model, header.recipe, inplace=True, input_size=header.input_size)
+    if len(model._retrofit.blocks) != header.blocks:
+        raise RetrofitError(f"{header.path} says {header.blocks} blocks but its recipe gives "
+                            f"{len(model._retrofit.blocks)} on this model; is it the network it was saved from?")
+    return model
+
+
+def load_full(header: Header, model: nn.Module | None = None) -> nn.Module:
+    """The model of the full file ``header`` describes (rebuilt on ``model``, a plain network, if given)."""
+    model = rebuild(header, model)
+    load_into(model, header.path, tensors=header.tensors)
+    return model

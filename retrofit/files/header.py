@@ -1,0 +1,169 @@
+"""A retrofit file's metadata: what it must say to be rebuilt, and the checks before anything is built.
+
+A file holds everything needed to rebuild the model besides its weights: the timm architecture (and
+the constructor arguments that change shapes: ``num_classes``, ``in_chans``), the recipe and the input
+size it was traced at, and the number of blocks the recipe gives there.
+
+A file is data, never instructions: before anything is built from it, every metadata value is
+checked for its type and against an allow-list (only the keys retrofit writes; constructor arguments
+only ``num_classes`` and ``in_chans``, so a file cannot ask timm for a download or another file). A
+file that fails any check is refused with one line naming the problem.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+from torch import nn
+
+from ..errors import RetrofitError, first_line
+from ..surgery.recipe import Recipe
+from .tensors import read_safetensors_header
+
+FORMAT = "retrofit/1"
+ADAPTER_FORMAT = "retrofit-adapter/1"
+
+
+# the metadata keys retrofit writes; any other key is refused (see read_header)
+KEYS = ("format", "architecture", "model_kwargs", "recipe", "input_size", "blocks")
+ADAPTER_KEYS = KEYS + ("base_sha256", "base_tensors", "base_name")
+
+
+# constructor arguments a file may pass to timm.create_model, with their smallest value: nothing that
+# names a file, a url or a download (pretrained, pretrained_cfg_overlay, checkpoint_path...)
+MODEL_KWARGS = {"num_classes": 0, "in_chans": 1}
+
+
+def metadata(model: nn.Module) -> dict[str, str]:
+    """What a file needs to rebuild ``model`` besides its weights: architecture, constructor arguments,
+    recipe, input size (all strings, as safetensors metadata). Training checkpoints store it too."""
+    info = getattr(model, "_retrofit", None)
+    if info is None:
+        raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
+    return {
+        "format": FORMAT,
+        "architecture": info.architecture or "",
+        "model_kwargs": json.dumps(_model_kwargs(model, info.input_size)),
+        "recipe": json.dumps(info.recipe.to_dict()),
+        "input_size": json.dumps(list(info.input_size)),
+        "blocks": str(len(info.blocks)),
+    }
+
+
+@dataclass
+class Header:
+    """The checked metadata of a retrofit file and the name, dtype and shape of each of its tensors."""
+
+    path: Path
+    format: str
+    architecture: str
+    model_kwargs: dict[str, int]
+    recipe: Recipe
+    input_size: tuple[int, ...]
+    blocks: int
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    base_sha256: str = ""
+    base_tensors: int = 0
+    base_name: str = ""
+
+    @property
+    def adapter(self) -> bool:
+        return self.format == ADAPTER_FORMAT
+
+
+def read_header(path: str | Path) -> Header:
+    """Read and check the metadata and tensor list of a retrofit file (no tensor data is read)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RetrofitError(f"{path} not found")
+    meta, tensors = read_safetensors_header(path)
+    if meta.get("format") not in (FORMAT, ADAPTER_FORMAT):
+        raise RetrofitError(f"{path} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
+                            f"use `retrofit add-se MODEL --checkpoint {path.name}`")
+    return Header(path=path, format=meta["format"], tensors=tensors, **parse_metadata(meta, str(path)))
+
+
+def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The values of retrofit metadata, each checked for its type; anything else is refused.
+
+    Returns the fields of :class:`Header` (``architecture``, ``model_kwargs``, ``recipe``...)."""
+    def bad(key: str, why: str) -> RetrofitError:
+        return RetrofitError(f"{where}: metadata '{key}' {why}; the file was not written by retrofit or was "
+                             f"edited, rebuild it from its source")
+
+    allowed = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
+    for key in meta:
+        if key not in allowed:
+            raise bad(key, f"is not one retrofit writes ({', '.join(allowed)})")
+    for key in allowed:
+        if key not in meta:
+            raise bad(key, "is missing")
+        if not isinstance(meta[key], str):
+            raise bad(key, "is not text")
+
+    def json_value(key: str, kind: type, what: str):
+        try:
+            value = json.loads(meta[key])
+        except json.JSONDecodeError:
+            raise bad(key, "is not valid JSON") from None
+        if not isinstance(value, kind):
+            raise bad(key, f"must be {what}, got {type(value).__name__}")
+        return value
+
+    out: dict[str, Any] = {}
+    arch = meta["architecture"]
+    if arch:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", arch) or not timm.is_model(arch):
+            raise bad("architecture", f"{arch[:60]!r} is not a timm model name")
+    out["architecture"] = arch
+    kwargs = json_value("model_kwargs", dict, "a mapping")
+    for key, value in kwargs.items():
+        if key not in MODEL_KWARGS:
+            raise bad("model_kwargs", f"names {key!r}: only {', '.join(MODEL_KWARGS)} are allowed (a file may "
+                                      f"not ask for downloads or other files)")
+        if not _is_int(value) or value < MODEL_KWARGS[key]:
+            raise bad("model_kwargs", f"gives {key} = {value!r}, not a whole number >= {MODEL_KWARGS[key]}")
+    out["model_kwargs"] = kwargs
+    size = json_value("input_size", list, "a list [C, H, W]")
+    if len(size) != 3 or not all(_is_int(v) and v >= 1 for v in size):
+        raise bad("input_size", f"must be three positive whole numbers [C, H, W], got {size!r}"[:200])
+    if kwargs.get("in_chans", 3) != size[0]:
+        raise bad("input_size", f"has {size[0]} channels but the model {kwargs.get('in_chans', 3)}")
+    out["input_size"] = tuple(size)
+    recipe = json_value("recipe", dict, "a mapping of recipe fields")
+    try:
+        out["recipe"] = Recipe.from_dict(recipe, origin=f"recipe stored in {where}")
+    except RetrofitError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        raise bad("recipe", f"has a bad value ({first_line(err)})") from None
+    if not meta["blocks"].isdigit() or int(meta["blocks"]) < 1:
+        raise bad("blocks", f"must be a positive whole number, got {meta['blocks'][:40]!r}")
+    out["blocks"] = int(meta["blocks"])
+    if meta.get("format") == ADAPTER_FORMAT:
+        if not re.fullmatch(r"[0-9a-f]{64}", meta["base_sha256"]):
+            raise bad("base_sha256", "must be 64 hexadecimal digits")
+        if not meta["base_tensors"].isdigit():
+            raise bad("base_tensors", "must be a whole number")
+        if len(meta["base_name"]) > 200 or not meta["base_name"].isprintable():
+            raise bad("base_name", "must be one printable line of at most 200 characters")
+        out.update(base_sha256=meta["base_sha256"], base_tensors=int(meta["base_tensors"]),
+                   base_name=meta["base_name"])
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _model_kwargs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    if input_size and input_size[0] != 3:
+        kwargs["in_chans"] = input_size[0]
+    return kwargs

@@ -1,0 +1,104 @@
+"""The tensors of a weight file, read from its header and checked against a model before any is loaded.
+
+Names, dtypes (safetensors' names: ``F32``, ``I64``...) and shapes come from the header alone, so a
+file is judged before its data is read: an unknown or missing name, a wrong shape, or an integer
+tensor relabelled as a float (and the reverse) is refused in one line. A float tensor may come at
+another float precision (a model saved in half precision loads into float32).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import RetrofitError, first_line
+
+# safetensors' names of the torch dtypes; a float tensor may be stored at another float precision (a
+# model saved in half precision loads into float32), any other tensor must have its exact type
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+FLOAT_DTYPES = {name for dtype, name in DTYPE_NAMES.items() if dtype.is_floating_point}
+EXACT_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items() if not dtype.is_floating_point}
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The metadata and each tensor's (dtype name, shape) of a safetensors file: its header only."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}, {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                                    for k in f.keys()}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """:func:`safetensors_header`, a file that is not complete safetensors one line."""
+    try:
+        return safetensors_header(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RetrofitError(f"cannot read {path}: not a complete safetensors file ({first_line(err)})") from None
+
+
+def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = None,
+              required: Iterable[str] | None = None) -> None:
+    """Load the tensors of a safetensors file into ``model`` after checking each one's name, dtype and
+    shape against ``model.state_dict()``: no unknown name, no missing one (of ``required``: default every
+    key of the model; a key that shares its storage with a key in the file counts as present).
+    ``tensors``: the file's header, when it was read already."""
+    path = Path(path)
+    tensors = read_safetensors_header(path)[1] if tensors is None else tensors
+    check_tensors(model, tensors, path, required)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise RetrofitError(f"cannot read {path}: {first_line(err)}") from None
+    model.load_state_dict(state, strict=False)  # every name, dtype and shape was checked above
+
+
+def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, ...]]], where: Path | str,
+                  required: Iterable[str] | None = None) -> None:
+    """Refuse (one line: counts and an example of each problem) tensors that do not fit ``model``."""
+    state = model.state_dict()
+    unexpected = [k for k in tensors if k not in state]
+    aliases = alias_groups(state)
+    required = state.keys() if required is None else required
+    missing = [k for k in required if not any(a in tensors for a in aliases.get(k, (k,)))]
+    shapes, dtypes = [], []
+    for key, (dtype, shape) in tensors.items():
+        have = state.get(key)
+        if have is None:
+            continue
+        if tuple(have.shape) != tuple(shape):
+            shapes.append(f"{key}: {list(shape)} in the file, {list(have.shape)} in the model")
+        elif not dtype_fits(dtype, have.dtype):
+            dtypes.append(f"{key}: {dtype} in the file, {str(have.dtype).replace('torch.', '')} in the model")
+    problems = []
+    for label, found in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes), ("dtype mismatches", dtypes)):
+        if found:
+            problems.append(f"{len(found)} {label} (e.g. {found[0]})")
+    if problems:
+        raise RetrofitError(f"weights in {where} do not fit the rebuilt model: {', '.join(problems)}")
+
+
+def dtype_fits(stored: str, wanted: torch.dtype) -> bool:
+    """A float tensor from any float precision; an integer or bool tensor only from its own type."""
+    if wanted.is_floating_point:
+        return stored in FLOAT_DTYPES
+    return EXACT_DTYPES.get(stored) == wanted
+
+
+def alias_groups(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
+    """Keys that share one storage (tied weights): safetensors writes one name of each group."""
+    groups: dict[tuple, list[str]] = {}
+    for key, value in state.items():
+        if value.device.type != "meta" and value.numel():
+            groups.setdefault((value.device, value.untyped_storage().data_ptr(), value.shape), []).append(key)
+    return {k: tuple(g) for g in groups.values() if len(g) > 1 for k in g}
+
+
+def dtype_name(dtype) -> str:
+    """safetensors' name of a torch dtype (``F32``, ``I64``...)."""
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))

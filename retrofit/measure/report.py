@@ -1,0 +1,187 @@
+"""Rich tables and JSON for sites, overhead reports, latency and fine-tuning results."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from ..surgery.sites import KINDS, NAMED, Scan, Site
+from .overhead import Overhead
+
+if TYPE_CHECKING:
+    from .latency import Timing
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}%" if x >= 0.01 or x == 0 else f"{x:.4f}%"
+
+
+def sites_by_stage(scan: Scan, named: list[Site] = ()) -> Table:
+    """Sites found, one row per stage (and the ``named`` ones, a recipe's ``at``, in a column)."""
+    table = Table(title="Sites found", title_justify="left")
+    kinds = KINDS + ((NAMED,) if named else ())
+    for col in ("stage", "stride", "size", *kinds):
+        table.add_column(col, justify="right", overflow="fold")
+    stages: dict[int, dict] = {}
+    for s in [*scan.sites, *named]:
+        row = stages.setdefault(s.stage, {"size": s.size, **{k: 0 for k in kinds}})
+        row[s.kind] += 1
+    for stage, row in sorted(stages.items()):
+        table.add_row(str(stage), str(2 ** stage), f"{row['size'][0]}x{row['size'][1]}",
+                      *(str(row[k]) for k in kinds))
+    table.add_row("all", "", "", *(str(scan.count(k)) for k in KINDS), *([str(len(named))] if named else []),
+                  style="bold")
+    return table
+
+
+def sites_table(scan: Scan, named: list[Site] = ()) -> Table:
+    """Every site, one row each (the discovered ones, then the ``named`` ones)."""
+    table = Table(title="Sites", title_justify="left")
+    for col, justify in (("#", "right"), ("kind", "left"), ("module", "left"), ("stage", "right"),
+                         ("stride", "right"), ("channels", "right"), ("size", "right"), ("detail", "left")):
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=col == "module")
+    for i, s in enumerate([*scan.sites, *named]):
+        table.add_row(str(i), s.kind, s.module or "<model>", str(s.stage), str(s.stride), str(s.channels),
+                      f"{s.size[0]}x{s.size[1]}", s.detail)
+    return table
+
+
+def blocks_table(report: Overhead, module: str = "se", every: bool = False) -> Table:
+    """The inserted blocks (one per site); ``module``: the block kind for the title when the blocks do
+    not say. Blocks of several kinds (per-stage or per-module recipes) get a ``module`` column instead.
+
+    Folded by default, so a deep network fits a terminal: per stage the first and the last block, and
+    between them one row ``... N more`` (their width, size and per-block costs when the N blocks are
+    alike, else blank). ``every``: one row per block. Block and site names are never cut (they are
+    what ``--only``/``--skip`` take): a narrow terminal folds other columns first.
+    """
+    names = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
+    kinds = list(dict.fromkeys(b.module for b in report.blocks if b.module))
+    mixed = len(kinds) > 1
+    kind = kinds[0] if len(kinds) == 1 else module if isinstance(module, str) else ""
+    title = "Blocks inserted" if mixed or not kind else f"{names.get(kind, kind)} blocks inserted"
+    folded = not every and any(len(group) > 3 for group in _by_stage(report.blocks))
+    table = Table(title=title, title_justify="left",
+                  caption="... N more: the blocks between a stage's first and last, with the costs of each "
+                          "(blank where they differ); --blocks lists every block." if folded else None,
+                  caption_justify="left")
+    longest = max((len(b.path) for b in report.blocks), default=5)
+    for col, justify in (("block", "left"), ("module", "left"), ("site", "left"), ("stage", "right"),
+                         ("channels", "right"), ("width", "right"), ("size", "right"), ("params", "right"),
+                         ("MACs", "right"), ("pool+scale ops", "right")):
+        if col != "module" or mixed:
+            table.add_column(col, justify=justify, overflow="fold",
+                             min_width=longest if col == "block" else None, no_wrap=col in ("block", "site"))
+    for group in _by_stage(report.blocks):
+        shown = group if every or len(group) <= 3 else [group[0], group[1:-1], group[-1]]
+        for b in shown:
+            if isinstance(b, list):
+                row = _middle_row(b)
+                if mixed:
+                    row.insert(1, _same(b, lambda x: names.get(x.module, x.module)))
+                table.add_row(*row, style="dim")
+            else:
+                table.add_row(b.path, *([names.get(b.module, b.module)] if mixed else []), b.site, str(b.stage),
+                              str(b.channels), str(b.width), f"{b.size[0]}x{b.size[1]}", _n(b.params), _n(b.macs),
+                              _n(b.pool_ops + b.scale_ops))
+    return table
+
+
+def _by_stage(blocks: list) -> list[list]:
+    """The blocks in order, in runs of one stage."""
+    groups: list[list] = []
+    for b in blocks:
+        if groups and groups[-1][-1].stage == b.stage:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _same(blocks: list, get, fmt=str) -> str:
+    """The value ``get`` gives every one of ``blocks``, formatted; blank where they differ."""
+    values = {get(b) for b in blocks}
+    return fmt(values.pop()) if len(values) == 1 else ""
+
+
+def _middle_row(blocks: list) -> list[str]:
+    """``... N more`` and the values the folded blocks share (blank where they differ)."""
+    def same(get, fmt=str) -> str:
+        return _same(blocks, get, fmt)
+
+    return [f"... {len(blocks)} more", same(lambda b: b.site), same(lambda b: b.stage),
+            same(lambda b: b.channels), same(lambda b: b.width), same(lambda b: b.size, lambda s: f"{s[0]}x{s[1]}"),
+            same(lambda b: b.params, _n), same(lambda b: b.macs, _n), same(lambda b: b.pool_ops + b.scale_ops, _n)]
+
+
+def overhead_table(report: Overhead) -> Table:
+    """Added parameters and multiply-adds per stage and in total, against the base model."""
+    table = Table(title="Overhead", title_justify="left",
+                  caption="MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1. "
+                          "pool+scale ops: the squeeze and scale passes over each block's input "
+                          "(C x H x W each), elementwise, not multiply-adds.",
+                  caption_justify="left")
+    for col in ("stage", "stride", "blocks", "params added", "% params", "MACs added", "% MACs", "pool+scale ops"):
+        table.add_column(col, justify="right", overflow="fold")  # a narrow terminal folds numbers, never cuts them
+    for s in report.stages():
+        table.add_row(str(s.stage), str(s.stride), str(s.blocks), _n(s.params), _pct(report.params_percent(s.params)),
+                      _n(s.macs), _pct(report.macs_percent(s.macs)), _n(s.pool_ops + s.scale_ops))
+    table.add_row("total", "", str(len(report.blocks)), _n(report.added_params), _pct(report.params_percent()),
+                  _n(report.added_macs), _pct(report.macs_percent()), _n(report.pool_ops + report.scale_ops),
+                  style="bold")
+    table.add_section()
+    table.add_row("base", "", "", _n(report.base_params), "", _n(report.base_macs), "", "")
+    table.add_row("retrofitted", "", "", _n(report.params), "", _n(report.macs), "", "")
+    return table
+
+
+def latency_line(timing: "Timing") -> str:
+    """The measured latency overhead of an add-se run, in one line."""
+    ratio = timing.ratio("retrofitted", "original")
+    return (f"Latency (median of {len(timing.samples['original'])} forward passes each, batch {timing.batch}, "
+            f"{'x'.join(map(str, timing.input_size))}, the two models in turns in one run): original "
+            f"{timing.median('original') * 1e3:.1f} ms, retrofitted {timing.median('retrofitted') * 1e3:.1f} ms, "
+            f"ratio {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+
+
+def latency_json(timing: "Timing") -> dict[str, Any]:
+    """The latency measurement of an add-se run: medians (ms), their ratio, and the settings."""
+    return {"batch": timing.batch, "input_size": list(timing.input_size), "runs": len(timing.samples["original"]),
+            "original_ms": round(timing.median("original") * 1e3, 3),
+            "retrofitted_ms": round(timing.median("retrofitted") * 1e3, 3),
+            "ratio": round(timing.ratio("retrofitted", "original"), 4)}
+
+
+def sites_json(scan: Scan, named: list[Site] = ()) -> dict[str, Any]:
+    counts = {k: scan.count(k) for k in KINDS}
+    if named:
+        counts[NAMED] = len(named)
+    return {
+        "input_size": list(scan.traced.input_size),
+        "image_size": list(scan.traced.image_size),  # what strides are measured against
+        "counts": counts,
+        "sites": [{"kind": s.kind, "module": s.module, "node": s.node, "stage": s.stage, "stride": s.stride,
+                   "channels": s.channels, "size": list(s.size), "detail": s.detail, "layout": s.layout,
+                   "prefix": s.prefix} for s in [*scan.sites, *named]],
+        "kept": [{"module": path, "reason": line} for path, line in scan.traced.opaque],
+        "skipped": [{"where": s.where, "reason": s.reason} for s in scan.skipped],
+    }
+
+
+def results_table(result: Any, title: str = "Fine-tuning results") -> Table:
+    """One rich table of a :class:`retrofit.FinetuneResult` (its ``rows`` and ``best``): original,
+    step 0 and every epoch, with the best one marked."""
+    table = Table(title=title, title_justify="left")
+    for col, just in (("model", "left"), ("phase", "right"), ("lr", "right"), ("train loss", "right"),
+                      ("val loss", "right"), ("top-1 %", "right"), ("top-5 %", "right"), ("", "left")):
+        table.add_column(col, justify=just)
+    for r in result.rows:
+        label = {"original": "original (no SE)", "step 0": "retrofitted, step 0"}.get(r["name"], r["name"])
+        table.add_row(label, str(r["phase"] or ""), f"{r['lr']:.2e}" if r["lr"] is not None else "",
+                      f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "", f"{r['val_loss']:.4f}",
+                      f"{r['top1']:.2f}", f"{r['top5']:.2f}", "best" if r["name"] == result.best["name"] else "")
+    return table

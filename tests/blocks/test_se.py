@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import SEModule
+
+from retrofit import SqueezeExcite
+from retrofit.blocks.se import GATES
+
+
+def reference(block: SqueezeExcite, x: torch.Tensor, squeeze: str, gate) -> torch.Tensor:
+    """The paper's equations written out with plain tensor ops."""
+    z = x.mean((2, 3)) if squeeze == "avg" else x.amax((2, 3))
+    w1, b1 = block.fc1.weight.flatten(1), block.fc1.bias
+    w2, b2 = block.fc2.weight.flatten(1), block.fc2.bias
+    s = gate(F.linear(F.relu(F.linear(z, w1, b1)), w2, b2))
+    return x * s[:, :, None, None]
+
+
+GATE_FNS = {"sigmoid": torch.sigmoid, "hard_sigmoid": lambda t: F.relu6(t + 3) / 6, "tanh": torch.tanh, "relu": F.relu}
+
+
+@pytest.mark.parametrize("squeeze", ["avg", "max"])
+@pytest.mark.parametrize("gate", list(GATES))
+def test_forward_matches_the_equations(squeeze, gate):
+    torch.manual_seed(0)
+    block = SqueezeExcite(32, 4, squeeze=squeeze, gate=gate, init="paper")
+    x = torch.randn(3, 32, 5, 7)
+    torch.testing.assert_close(block(x), reference(block, x, squeeze, GATE_FNS[gate]))
+
+
+def test_parameter_layout_interchanges_with_timm_semodule():
+    torch.manual_seed(0)
+    theirs = SEModule(64, rd_ratio=1 / 16, rd_divisor=8)
+    ours = SqueezeExcite(64, theirs.fc1.out_channels, init="paper")
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 64, 6, 6)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+# without biases only gates non-zero at 0 can preserve (the recipe rejects the others: test_recipe)
+@pytest.mark.parametrize("gate, bias", [(g, True) for g in GATES] + [(g, False) for g in GATES if GATES[g].at_zero])
+def test_preserving_init_is_an_identity_that_learns(gate, bias):
+    torch.manual_seed(0)
+    block = SqueezeExcite(48, 6, gate=gate, bias=bias, init="preserve")
+    x = torch.randn(4, 48, 5, 5, requires_grad=True)
+    y = block(x)
+    if gate == "tanh":  # tanh(0.5) is not a binary fraction: equal to float rounding
+        assert (y - x).abs().max().item() <= 1e-6 * x.abs().max().item()
+    else:  # gate(constant) / gate_origin is exactly 1
+        assert torch.equal(y, x)
+    (y * torch.randn_like(y)).sum().backward()
+    grads = {n: p.grad for n, p in block.named_parameters()}
+    learning = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias") if bias else ("fc2.weight",)
+    for name in learning:
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_paper_init_is_random_and_divides_by_nothing():
+    torch.manual_seed(0)
+    block = SqueezeExcite(16, 4, init="paper")
+    assert block.gate_origin == 1.0
+    x = torch.randn(2, 16, 3, 3)
+    assert not torch.allclose(block(x), x)

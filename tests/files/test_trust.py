@@ -1,0 +1,284 @@
+"""Files the tool reads are data, never code or orders: tampered files are refused in one line, metadata
+cannot reach the network or the disk, and a malicious pickle in any pickle-capable input never runs."""
+import copy
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import retrofit
+from retrofit import RetrofitError
+from retrofit.cli import app
+from retrofit.files.header import metadata
+from retrofit.files.models import create_model
+from conftest import randomize
+from support import CLASSES, FAST, SIZE, make_folder, one_error_line, se_model
+
+runner = CliRunner()
+
+
+def rewrite_header(src: Path, dst: Path, edit) -> Path:
+    """Copy a safetensors file with its JSON header edited by ``edit(header)``: the data stay as they are."""
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A retrofitted test_resnet (random blocks, eval mode) and the file it was saved to."""
+    model = randomize(retrofit.add_se(timm.create_model("test_resnet", num_classes=CLASSES), r=4, init="paper",
+                                      input_size=(3, SIZE, SIZE)))
+    return model, retrofit.save(model, tmp_path_factory.mktemp("saved") / "se.safetensors")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+def relabel_floats(header):
+    for key, entry in header.items():
+        if key != "__metadata__" and entry["dtype"] == "F32":
+            entry["dtype"] = "I32"  # same byte size: safetensors itself accepts the file
+
+
+def test_relabelled_dtypes_are_refused(saved, tmp_path):
+    """Issue 11.4: F32 tensors relabelled I32 loaded without error and gave NaN logits."""
+    model, path = saved
+    bad = rewrite_header(path, tmp_path / "bad.safetensors", relabel_floats)
+    assert load_file(str(bad))["conv1.0.weight"].dtype == torch.int32  # the tampered file is a valid safetensors
+    with pytest.raises(RetrofitError, match=r"do not fit the rebuilt model: \d+ dtype mismatches \(e.g. .*: I32 in "
+                                            r"the file, float32 in the model\)"):
+        retrofit.load(bad)
+    plain = tmp_path / "plain.safetensors"  # the same through --checkpoint: timm's loader would cast silently
+    save_file(randomize(timm.create_model("test_resnet")).state_dict(), str(plain))
+    rewrite_header(plain, plain, relabel_floats)
+    with pytest.raises(RetrofitError, match="is I32 in the file but F32 in ResNet; the file was edited"):
+        create_model("test_resnet", checkpoint=plain)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("recipe", "null", "metadata 'recipe' must be a mapping of recipe fields, got NoneType"),
+    ("recipe", '{"r": [1]}', "recipe stored in"),
+    ("input_size", '"5"', "metadata 'input_size' must be a list"),
+    ("input_size", "[3, 32]", "three positive whole numbers"),
+    ("input_size", "[1, 32, 32]", "has 1 channels but the model 3"),
+    ("model_kwargs", "[1]", "metadata 'model_kwargs' must be a mapping, got list"),
+    ("model_kwargs", '{"num_classes": "3"}', "num_classes = '3', not a whole number"),
+    ("model_kwargs", '{"num_classes": true}', "not a whole number"),
+    ("blocks", "many", "metadata 'blocks' must be a positive whole number"),
+    ("blocks", "3", "says 3 blocks but its recipe gives 4"),
+    ("architecture", "hf-hub:timm/resnet18", "is not a timm model name"),
+    ("architecture", "../../model", "is not a timm model name"),
+    ("comment", "hello", "metadata 'comment' is not one retrofit writes"),
+    ("format", None, "not a retrofit file"),
+])
+def test_metadata_of_the_wrong_type_is_refused(saved, tmp_path, key, value, message):
+    """Issue 11.4: recipe null, input_size "5" or model_kwargs [1] raised TypeError from retrofit.load."""
+    def edit(header):
+        meta = header["__metadata__"]
+        meta.pop(key) if value is None else meta.__setitem__(key, value)
+
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors", edit)
+    with pytest.raises(RetrofitError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        retrofit.load(bad)
+
+
+@pytest.mark.parametrize("kwargs", [{"pretrained": True}, {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+                                    {"pretrained_cfg_overlay": {"url": "https://example.com/w.pth"}},
+                                    {"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg": {"hf_hub_id": "x/y"}}])
+def test_metadata_cannot_reach_the_network_or_the_disk(saved, tmp_path, monkeypatch, kwargs):
+    """Issue 11.13: model_kwargs {"pretrained": true} made retrofit.load contact a model hub, and a
+    pretrained_cfg_overlay in it was honoured. Refused before any model is built."""
+    built = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(k) or pytest.fail("a model was built"))
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
+                         lambda h: h["__metadata__"].update(model_kwargs=json.dumps({"num_classes": 3, **kwargs})))
+    with pytest.raises(RetrofitError, match=f"names '{next(iter(kwargs))}': only num_classes, in_chans are allowed"):
+        retrofit.load(bad)
+    assert not built
+
+
+def test_missing_and_extra_keys_are_refused(saved, tmp_path):
+    """A load that ignored missing or unexpected keys (strict=False) would build a half-random model."""
+    model, path = saved
+    state, meta = load_file(str(path)), metadata(model)
+    fewer = {k: v for k, v in state.items() if k != "layer1.0.se.fc2.weight"}
+    save_file(fewer, str(tmp_path / "fewer.safetensors"), metadata=meta)
+    with pytest.raises(RetrofitError, match=r"1 missing keys \(e.g. layer1.0.se.fc2.weight\)"):
+        retrofit.load(tmp_path / "fewer.safetensors")
+    more = {**state, "layer1.0.se.extra": torch.zeros(2)}
+    save_file(more, str(tmp_path / "more.safetensors"), metadata=meta)
+    with pytest.raises(RetrofitError, match=r"1 unexpected keys \(e.g. layer1.0.se.extra\)"):
+        retrofit.load(tmp_path / "more.safetensors")
+
+
+def test_one_channel_model_round_trip(tmp_path):
+    """in_chans of a non-RGB model is stored: a 1-channel model saved and loaded back is the same model."""
+    se = randomize(retrofit.add_se(timm.create_model("test_resnet", in_chans=1), r=4, init="paper",
+                                   input_size=(1, SIZE, SIZE)))
+    again = retrofit.load(retrofit.save(se, tmp_path / "gray.safetensors"))
+    first_conv = next(m for m in again.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 1
+    x = torch.randn(2, 1, SIZE, SIZE)
+    assert torch.equal(again.eval()(x), se.eval()(x))
+
+
+# -- train_state.pt ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run2(data, tmp_path_factory):
+    """A finished 2-epoch run; its state with epoch set back to 1 is a valid state of a run killed after
+    epoch 1 (the resume then restores the optimizer and scheduler)."""
+    out = tmp_path_factory.mktemp("run2")
+    retrofit.finetune(se_model(), data, epochs=2, output_dir=out / "run", **FAST)
+    state = torch.load(out / "run" / "train_state.pt", weights_only=True)
+    state.update(epoch=1, rows=state["rows"][:3])
+    return state
+
+
+def _set(path):
+    *parents, last = path.split(".")
+
+    def edit(state, value):
+        for p in parents:
+            state = state[int(p) if p.isdigit() else p]
+        state[int(last) if last.isdigit() else last] = value
+    return edit
+
+
+TAMPERED = {
+    "no rows": (lambda s: s.pop("rows"), "no 'rows' entry"),
+    "no rng": (lambda s: s.pop("rng"), "no 'rng' entry"),
+    "no optimizer": (lambda s: s.pop("optimizer"), "no 'optimizer' entry"),
+    "epoch as text": (lambda s: _set("epoch")(s, "1"), "'epoch' is a str, not a int"),
+    "phase 2 in phase 1": (lambda s: _set("phase")(s, 2), "phase 2 does not match epoch 1"),
+    "epoch past the end": (lambda s: _set("epoch")(s, 9), "epoch 9 is not within"),
+    "rows without top1": (lambda s: s["rows"][2].pop("top1"), "has no valid 'top1'"),
+    "python rng": (lambda s: _set("rng.python")(s, (3, (1, 2), None)), "no valid Python random state"),
+    "torch rng": (lambda s: _set("rng.torch")(s, torch.zeros(3, dtype=torch.uint8)), "no valid torch generator"),
+    "weights relabelled": (lambda s: s["model"].update({"conv1.0.weight": s["model"]["conv1.0.weight"].view(torch.int32)}),
+                           "1 dtype mismatches \\(e.g. conv1.0.weight: I32 in the file, float32 in the model\\)"),
+    "weights missing": (lambda s: s["model"].pop("fc.bias"), "1 missing keys \\(e.g. fc.bias\\)"),
+    "adam state shape": (lambda s: _set("optimizer.state.0.exp_avg")(s, torch.zeros(3)),
+                         "optimizer state 'exp_avg' does not have its parameter's shape"),
+    "optimizer lr as text": (lambda s: _set("optimizer.param_groups.0.lr")(s, "fast"), "optimizer setting 'lr'"),
+    "scheduler field": (lambda s: _set("scheduler.t_initial")(s, "long"), "scheduler field 't_initial'"),
+    "scheduler extra field": (lambda s: _set("scheduler.optimizer")(s, {}), "not one of this run's scheduler"),
+}
+
+
+@pytest.mark.parametrize("case", ["untampered", *TAMPERED])
+def test_tampered_training_state_is_refused(run2, data, tmp_path, case):
+    """Issue 11.4: a weights-only-valid train_state.pt missing a key gave KeyError on --resume. Every entry
+    is checked before use; the untampered state resumes (the checks are not what fails)."""
+    state = copy.deepcopy(run2)
+    out = tmp_path / "run"
+    out.mkdir()
+    if case != "untampered":
+        TAMPERED[case][0](state)
+    torch.save(state, out / "train_state.pt")
+    resume = lambda: retrofit.finetune(se_model(), data, epochs=2, output_dir=out, resume=True, **FAST)  # noqa: E731
+    if case == "untampered":
+        assert resume().rows[-1]["name"] == "epoch 2"
+        return
+    with pytest.raises(RetrofitError, match=TAMPERED[case][1]):
+        resume()
+
+
+def test_tampered_training_state_is_one_error_line(run2, data, tmp_path):
+    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
+    state = copy.deepcopy(run2)
+    state.pop("best")
+    (tmp_path / "run").mkdir()
+    torch.save(state, tmp_path / "run" / "train_state.pt")
+    line = one_error_line(runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "2", "-b", "8",
+                                              "-j", "0", "--lr", str(FAST["lr"]), "-o", str(tmp_path / "run"),
+                                              "--resume"]))
+    assert "train_state.pt is damaged or was edited: no 'best' entry; delete it to start over" in line
+
+
+# -- malicious pickles (issue 11.15) ----------------------------------------------------------------------
+class Plant:
+    """Unpickling this creates the file ``marker``: what any code in a pickle could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path, around: dict | None = None) -> Path:
+    torch.save({**(around or {}), "evil": Plant(marker)}, path)
+    return path
+
+
+def test_the_planted_pickle_does_run_when_unpickled_unsafely(tmp_path):
+    """The payload is live: torch.load(weights_only=False) and yaml.unsafe_load create the marker, so the
+    tests below, which assert it is absent, would fail if any reader unpickled unsafely."""
+    marker = tmp_path / "pwned"
+    torch.load(plant(tmp_path / "evil.pth", marker), weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    yaml.unsafe_load(f"r: !!python/object/apply:builtins.open ['{marker}', 'w']")
+    assert marker.exists()
+    marker.unlink()
+    pickle.loads(pickle.dumps(Plant(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
+def test_planted_pickle_in_a_checkpoint_never_runs(tmp_path, suffix):
+    """add-se --checkpoint (timm's pretrained path and retrofit's own reading of the file)."""
+    marker = tmp_path / "pwned"
+    evil = plant(tmp_path / f"weights{suffix}", marker, timm.create_model("test_resnet").state_dict())
+    line = one_error_line(runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(evil), "--input-size",
+                                              "3,32,32", "--output", str(tmp_path / "se.safetensors")]))
+    assert "cannot read checkpoint" in line
+    assert not marker.exists()
+    assert not (tmp_path / "se.safetensors").exists()
+
+
+def test_planted_pickle_in_the_training_state_never_runs(data, tmp_path):
+    """finetune --resume reads train_state.pt."""
+    marker = tmp_path / "pwned"
+    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
+    (tmp_path / "run").mkdir()
+    plant(tmp_path / "run" / "train_state.pt", marker, {"format": "retrofit-train/1"})
+    line = one_error_line(runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "-o", str(tmp_path / "run"),
+                                              "--resume", "-j", "0"]))
+    assert "not a complete training checkpoint" in line
+    assert not marker.exists()
+
+
+def test_planted_pickle_as_an_adapter_base_or_a_model_never_runs(data, tmp_path, saved):
+    """finetune ADAPTER --base FILE reads the base; finetune FILE reads the model (a pickle named .safetensors)."""
+    marker = tmp_path / "pwned"
+    adapter = retrofit.save(retrofit.load(saved[1]), tmp_path / "adapter.safetensors", adapter=True)
+    evil = plant(tmp_path / "base.pth", marker, timm.create_model("test_resnet").state_dict())
+    line = one_error_line(runner.invoke(app, ["finetune", str(adapter), "--base", str(evil), "--data", str(data)]))
+    assert "cannot read checkpoint" in line and not marker.exists()
+    evil_model = plant(tmp_path / "model.safetensors", marker)
+    line = one_error_line(runner.invoke(app, ["finetune", str(evil_model), "--data", str(data)]))
+    assert "not a complete safetensors file" in line and not marker.exists()
+
+
+def test_planted_yaml_recipe_never_runs(tmp_path):
+    """add-se --recipe FILE reads YAML (yaml.safe_load: no python tags)."""
+    marker = tmp_path / "pwned"
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(f"r: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    line = one_error_line(runner.invoke(app, ["add-se", "test_resnet", "--recipe", str(recipe)]))
+    assert "not valid YAML" in line and not marker.exists()

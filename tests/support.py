@@ -1,0 +1,94 @@
+"""Helpers the tests of several layers share: a tiny ImageFolder and the models trained on it, small
+networks of one's own, and the one-error-line check of the CLI. Fixtures live in conftest.py."""
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+import retrofit
+from conftest import randomize
+
+CLASSES, SIZE = 3, 32  # the fine-tune tests' data: 3 classes of SIZE x SIZE images
+
+
+def make_folder(root, train=8, val=4, seed=0):
+    """Class c: noise plus a bright channel c, so a small net can learn it."""
+    g = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(CLASSES):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = (g.random((SIZE, SIZE, 3)) * 80).astype(np.uint8)
+                a[..., c] += 140
+                Image.fromarray(a).save(d / f"{i}.png")
+    return root
+
+
+def plain_model(seed=0):
+    return randomize(timm.create_model("test_resnet", num_classes=CLASSES), seed=seed)
+
+
+def se_model(plain=None, **recipe):
+    torch.manual_seed(0)  # fc2's random init draws from the global RNG: the same model in any test order
+    return retrofit.add_se(plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE), **{"r": 4, **recipe})
+
+
+FAST = dict(batch_size=8, lr=1e-2, workers=0)
+
+
+def reference_top1(model, root):
+    """Top-1 on val/ computed here, from PIL and timm's eval transform, not by the code under test."""
+    cfg = timm.data.resolve_data_config({"input_size": (3, SIZE, SIZE)}, model=model)
+    tf = timm.data.create_transform(**cfg, is_training=False)
+    classes = sorted(p.name for p in (root / "val").iterdir())
+    hits = total = 0
+    with torch.no_grad():
+        for c, name in enumerate(classes):
+            for f in sorted((root / "val" / name).iterdir()):
+                x = tf(Image.open(f).convert("RGB"))[None]
+                hits += int(model.eval()(x).argmax(1).item() == c)
+                total += 1
+    return 100 * hits / total
+
+
+def one_error_line(result):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+class Unit(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def custom_net():
+    torch.manual_seed(0)
+    return randomize(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), Unit(16), Unit(16), nn.Conv2d(16, 32, 3, 2, 1), Unit(32)))
+
+
+def five_class_model():
+    """5 outputs for 3 classes of data: every arm gets a new head, which must be the same in all."""
+    return randomize(timm.create_model("test_resnet", num_classes=5), seed=0)
