@@ -2,8 +2,8 @@
 
 A :class:`Recipe` is a frozen dataclass. The same fields are the keys of a recipe YAML file, the
 keyword arguments of :func:`retrofit.add_se` and the options of ``retrofit add-se``; one validator per
-field checks all three, so every bad value is reported the same way, naming the field and the allowed
-values. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``, ``min_width``,
+field (:mod:`retrofit.surgery.recipe_fields`) checks all three, so every bad value is reported the same
+way, naming the field and the allowed values; a site's block is resolved by :mod:`retrofit.surgery.per_site`. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``, ``min_width``,
 ``bias``, ``init``, ``module``, ``allow_wide``) belong to :class:`retrofit.blocks.config.BlockConfig`, which holds their
 defaults, checks and width rule; a recipe carries them as keys and :attr:`Recipe.block` is the
 :class:`~retrofit.blocks.config.BlockConfig` they make. Built-in recipes live in ``recipes/`` (shipped inside
