@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -35,64 +34,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved, med  # noqa: E402
+from common import batches, build, interleaved, med, peak_rss, reset_peak_rss, rss_now, step_fn  # noqa: E402
 
 ARMS = ("phase1", "full")
-
-
-def build(arm: str, model_name: str, size: int, classes: int):
-    """The model of one arm with its trainable parameters set, the optimizer, and the norm modes."""
-    import timm
-
-    import retrofit
-    from retrofit.train import optim, params
-
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=classes)
-    if arm == "phase1":
-        model = retrofit.add_se(model, input_size=(3, size, size), inplace=True)
-        params.set_trainable(model, params.block_params(model))
-    else:
-        params.set_trainable(model, None)
-    params.set_modes(model, frozen_norms=arm == "phase1")
-    optimizer, _ = optim.create(model, opt="adamw", lr=1e-4, weight_decay=0.0, sched="cosine", epochs=1,
-                                warmup_epochs=0)
-    return model, optimizer
-
-
-class Steps(list):
-    """Batches of one epoch, each a whole optimizer step: what the loop asks of its loader's batch
-    sampler (a step's image count, to weigh each image) is answered from the batch itself."""
-
-    @property
-    def batch_sampler(self) -> "Steps":
-        return self
-
-    def step_images(self, i: int) -> int:
-        return len(self[i].targets)
-
-
-def batches(n: int, batch: int, size: int, classes: int):
-    from retrofit.train.data import Batch
-
-    g = torch.Generator().manual_seed(0)
-    return Steps([Batch(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g),
-                        ())
-                  for _ in range(n)])
-
-
-def step_fn(model, optimizer, loader, classes: int):
-    from retrofit.train.distributed import Dist
-    from retrofit.train.loop import train_epoch
-    from retrofit.train.loss import Objective
-    from retrofit.train.progress import Progress
-
-    objective = Objective(classes)
-
-    def run():
-        train_epoch(model, model, loader, optimizer, accum=1, env=Dist(), progress=Progress(False), label="",
-                    seen_bad=set(), objective=objective)
-    return run
 
 
 def kept_bytes(model, optimizer, batch) -> dict[str, int]:
@@ -118,22 +62,6 @@ def kept_bytes(model, optimizer, batch) -> dict[str, int]:
     return {"saved_for_backward": sum(saved.values()), "gradients": grads, "optimizer_state": state}
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def memory_child(args) -> None:
     """One arm in this fresh process: RSS just before the steps and the peak during them."""
     torch.set_num_threads(args.threads)
@@ -141,12 +69,7 @@ def memory_child(args) -> None:
     loader = batches(args.steps, args.batch, args.size, args.classes)
     run = step_fn(model, optimizer, loader, args.classes)
     before = rss_now()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_peak_rss()
     run()
     print(json.dumps({"before": before, "peak": peak_rss(), "reset": reset}))
 
