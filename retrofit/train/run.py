@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import RetrofitError, RetrofitWarning
 from ..files.header import metadata
+from ..files.tensors import with_metadata
 from ..graph.model import resolve_input_size
 from ..surgery.bypass import blocks_off
 from . import optim, params
@@ -119,7 +120,7 @@ class Run:
             self.record.add("step 0", 0, 0, None, self._evaluate("step 0") if self.blocks else dict(original), model)
             self.dir.commit_step0(model, self.record.rows)
             return 0
-        model.load_state_dict(saved["model"], strict=True)
+        model.load_state_dict(with_metadata(saved["model"], model), strict=True)
         if self.ema is not None:
             if "ema" not in saved:
                 raise RetrofitError("the saved run has no model EMA; resume it without ema_decay")
@@ -162,7 +163,7 @@ class Run:
         model, record = self.model, self.record
         if restore_best:
             if record.best_weights is not None:
-                model.load_state_dict(record.best_weights, strict=True)
+                model.load_state_dict(with_metadata(record.best_weights, model), strict=True)
             else:  # the best epoch came before a resume: its file, checked, then loaded
                 self.dir.restore_best(model)
         if self.s.channels_last:

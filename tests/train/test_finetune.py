@@ -6,6 +6,7 @@ import hashlib
 import pytest
 import timm
 import torch
+import torchvision
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -63,6 +64,18 @@ def test_phase2_moves_the_backbone_and_best_is_restored(data):
         assert not changed
     else:
         assert any("conv1" in k or "bn1" in k for k in changed)  # the backbone trained in phase 2
+
+
+def test_a_model_that_reads_its_state_dict_version_gets_its_best_weights_back(data, tmp_path):
+    """torchvision's MNASNet refuses a state dict without ``_metadata`` (its version); the best weights
+    kept in memory are a copy, and the file has none (issue 17, item 2). The reference: best.safetensors,
+    loaded on a fresh network."""
+    torch.manual_seed(0)
+    plain = randomize(torchvision.models.mnasnet0_5(num_classes=CLASSES))
+    se = retrofit.add_se(plain, input_size=(3, SIZE, SIZE))
+    retrofit.finetune(se, data, epochs=1, augment=False, output_dir=tmp_path / "run", **FAST)
+    best = retrofit.load(tmp_path / "run" / "best.safetensors", model=torchvision.models.mnasnet0_5(num_classes=CLASSES))
+    assert all(torch.equal(v, best.state_dict()[k]) for k, v in se.state_dict().items())
 
 
 def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path, monkeypatch):
