@@ -78,6 +78,24 @@ def test_a_model_that_reads_its_state_dict_version_gets_its_best_weights_back(da
     assert all(torch.equal(v, best.state_dict()[k]) for k, v in se.state_dict().items())
 
 
+def test_output_folders_are_created_as_mkdir_p_makes_them(tmp_path, monkeypatch):
+    """Issue 17, item 7: output_dir="runs/se50" in a fresh checkout was refused ('output folder runs does
+    not exist'), and so was retrofit.save into a new folder. A folder under a regular file is one error."""
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "data")
+    se = se_model()
+    retrofit.finetune(se, data="data/", epochs=1, output_dir="runs/se50", **FAST)
+    assert {p.name for p in (tmp_path / "runs" / "se50").iterdir()} >= {"best.safetensors", "last.safetensors",
+                                                                        "metrics.jsonl", "train_state.pt"}
+    retrofit.save(se, "out/sub/se.safetensors")
+    assert torch.equal(retrofit.load("out/sub/se.safetensors").state_dict()["fc.weight"], se.state_dict()["fc.weight"])
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(RetrofitError, match="cannot create the output folder afile/run"):
+        retrofit.finetune(se, data="data/", epochs=1, output_dir="afile/run", **FAST)
+    with pytest.raises(RetrofitError, match="cannot create the output folder afile/sub: afile is a file"):
+        retrofit.save(se, "afile/sub/se.safetensors")
+
+
 def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path, monkeypatch):
     opts = dict(epochs=2, augment=True, restore_best=False, **FAST)  # killed in epoch 2: optimizer state resumes
     start = se_model()  # one input for every run (its fc2 init draws from the global RNG)
