@@ -70,5 +70,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["report"].added_params > 0
     assert len(namespace["again"]._retrofit.blocks) == 2
-    assert len(namespace["se_detector"]._retrofit.blocks) == 19 and len(namespace["detections"]) == 2
+    assert len(namespace["se_detector"]._retrofit.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
     assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])

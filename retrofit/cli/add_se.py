@@ -30,7 +30,7 @@ def add_se_command(
     init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random) (or per stage, e.g. 5:paper)."),
     module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se), or per stage, e.g. 2:eca,3:eca."),
     allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
-    kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3)."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3; pyramid: feature-pyramid merges, an FPN's top-down sums, off by default)."),
     only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
     at: Optional[str] = AT,
@@ -129,6 +129,8 @@ def add_se_command(
         if timing is not None:
             say(latency_line(timing))
         print_skipped(info.skipped, found.traced.opaque)
+        if found.pyramid_note():
+            say((found.pyramid_note(), "dim"))
     write_json(data, json_path)
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
