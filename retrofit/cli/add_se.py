@@ -103,6 +103,7 @@ def add_se_command(
         base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
         original = copy.deepcopy(net) if latency else None
         info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
+        info.weights = "checkpoint" if checkpoint is not None else "pretrained" if pretrained else "random"
         report = planned_overhead(base, info.blocks, chosen)  # a block adds only itself: no second trace
     head = new_head(model, checkpoint, pretrained, num_classes)
     trainable = trainable_parameters(net, head=head)  # what phase 1 of a fine-tune trains
@@ -131,10 +132,13 @@ def add_se_command(
         print_skipped(info.skipped, found.traced.opaque)
         if found.pyramid_note():
             say((found.pyramid_note(), "dim"))
+        if info.weights == "random" and (output is not None or finetune is not None):
+            say(("note:", "yellow"), f" {model} has random weights (no --checkpoint or --pretrained): its sites and "
+                "costs hold for any weights, but a fine-tune of it is only a demonstration")
     write_json(data, json_path)
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
-        result = run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"),
+        result = run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"), said_random=True,
                               quiet=json_path == "-", inputs=tuple(p for p in (checkpoint,) if p is not None),
                               train_head=True if head else None,
                               **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode,

@@ -23,6 +23,7 @@ import timm
 from torch import nn
 
 from ..errors import RetrofitError, first_line
+from ..surgery.info import WEIGHTS
 from ..surgery.recipe import Recipe
 from .bounds import out_of_bounds, whole_number
 from .tensors import read_safetensors_header
@@ -34,6 +35,8 @@ ADAPTER_FORMAT = "retrofit-adapter/1"
 # the metadata keys retrofit writes; any other key is refused (see read_header)
 KEYS = ("format", "architecture", "model_kwargs", "recipe", "input_size", "blocks")
 ADAPTER_KEYS = KEYS + ("base_sha256", "base_tensors", "base_name")
+# keys a file may lack (older versions did not write them): where the weights came from (WEIGHTS)
+OPTIONAL_KEYS = ("weights",)
 
 
 # constructor arguments a file may pass to timm.create_model (their bounds: retrofit.files.bounds):
@@ -63,6 +66,7 @@ def metadata(model: nn.Module) -> dict[str, str]:
         "recipe": json.dumps(info.recipe.to_dict()),
         "input_size": json.dumps(list(info.input_size)),
         "blocks": str(len(info.blocks)),
+        **({"weights": info.weights} if info.weights in WEIGHTS else {}),
     }
 
 
@@ -81,6 +85,7 @@ class Header:
     base_sha256: str = ""
     base_tensors: int = 0
     base_name: str = ""
+    weights: str = ""  # where the weights came from (retrofit.surgery.info.WEIGHTS); "": not recorded
 
     @property
     def adapter(self) -> bool:
@@ -107,15 +112,18 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
         return RetrofitError(f"{where}: metadata '{key}' {why}; the file was not written by retrofit or was "
                              f"edited, rebuild it from its source")
 
-    allowed = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
+    required = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
     for key in meta:
-        if key not in allowed:
-            raise bad(key, f"is not one retrofit writes ({', '.join(allowed)})")
-    for key in allowed:
+        if key not in required + OPTIONAL_KEYS:
+            raise bad(key, f"is not one retrofit writes ({', '.join(required + OPTIONAL_KEYS)})")
+    for key in required:
         if key not in meta:
             raise bad(key, "is missing")
+    for key in meta:
         if not isinstance(meta[key], str):
             raise bad(key, "is not text")
+    if meta.get("weights", WEIGHTS[0]) not in WEIGHTS:
+        raise bad("weights", f"is {meta['weights'][:40]!r}, not one of {', '.join(WEIGHTS)}")
 
     def json_value(key: str, kind: type, what: str):
         try:
@@ -131,7 +139,7 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     if arch:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", arch) or not timm.is_model(arch):
             raise bad("architecture", f"{arch[:60]!r} is not a timm model name")
-    out["architecture"] = arch
+    out["architecture"], out["weights"] = arch, meta.get("weights", "")
     kwargs = json_value("model_kwargs", dict, "a mapping")
     for key in kwargs:
         if key not in MODEL_KWARGS:

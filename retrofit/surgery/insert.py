@@ -115,6 +115,7 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     if isinstance(previous, RetrofitInfo):  # a second retrofit adds to the first
         info.blocks = previous.blocks + info.blocks
         info.was_none = previous.was_none + info.was_none
+        info.weights = previous.weights
     target._retrofit = info
     if isinstance(target, fx.GraphModule):  # GraphModule's deepcopy keeps only attributes listed here
         target.meta.setdefault("_user_preserved_attributes", {})["_retrofit"] = info
