@@ -110,3 +110,14 @@ class DropBranch(nn.Module):
             mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.drop).div(1 - self.drop)
             return x + y * mask
         return x + y
+
+
+def moved_off_identity(se, plain, generator):
+    """``se``'s new parameters (those ``plain`` has not) moved by noise, as a fine-tune moves them: a
+    check against the model's own outputs then sees a block that was dropped or did not load."""
+    keys = set(plain.state_dict())
+    with torch.no_grad():
+        for name, p in se.named_parameters():
+            if name not in keys:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return se

@@ -15,6 +15,7 @@ import torchvision
 
 import retrofit
 from conftest import randomize
+from support import moved_off_identity
 
 SMALL = {  # the classes of maxvit_t and vit_b_32, small enough for a 32x32 input and a fast test
     "MaxVit": partial(torchvision.models.MaxVit, input_size=(32, 32), stem_channels=16, partition_size=2,
@@ -51,11 +52,8 @@ def test_torchvision_classifier_round_trip(tmp_path, name):
     torch.manual_seed(0)
     plain = randomize(build(num_classes=10, **kwargs)).eval()
     se = retrofit.add_se(plain, r=8, input_size=(3, side, side), **recipe).eval()
-    keys, g = set(plain.state_dict()), torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in se.named_parameters():
-            if key not in keys:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    g = torch.Generator().manual_seed(1)
+    moved_off_identity(se, plain, g)
     path = retrofit.save(se, tmp_path / f"{name}.safetensors")
     back = retrofit.load(path, model=build(num_classes=10, **kwargs)).eval()
     x = torch.randn(2, 3, side, side, generator=g)

@@ -23,7 +23,7 @@ import retrofit
 from retrofit.blocks.se import SqueezeExcite
 from retrofit.graph.forward import traced_as_root
 from conftest import randomize
-from support import DropBranch, Net
+from support import DropBranch, Net, moved_off_identity
 
 # small configurations of the token-layout (ViT, Swin) and channels-last (ConvNeXt) models
 MODELS = {
@@ -54,12 +54,8 @@ def retrofitted(build, side):
     torch.manual_seed(0)
     plain = randomize(build()).eval()
     se = retrofit.add_se(plain, r=4, input_size=(3, side, side)).eval()
-    keys, g = set(plain.state_dict()), torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in se.named_parameters():
-            if name not in keys:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return se, torch.randn(2, 3, side, side, generator=g)
+    g = torch.Generator().manual_seed(1)
+    return moved_off_identity(se, plain, g), torch.randn(2, 3, side, side, generator=g)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
