@@ -92,3 +92,32 @@ def custom_net():
 def five_class_model():
     """5 outputs for 3 classes of data: every arm gets a new head, which must be the same in all."""
     return randomize(timm.create_model("test_resnet", num_classes=5), seed=0)
+
+
+class DropBranch(nn.Module):
+    """A residual unit with stochastic depth written inline (as efficientvit_msra's ResidualDrop):
+    its forward computes different things in train and eval mode."""
+
+    def __init__(self, c=8, drop=0.5):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.drop = drop
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.training and self.drop > 0:
+            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.drop).div(1 - self.drop)
+            return x + y * mask
+        return x + y
+
+
+def moved_off_identity(se, plain, generator):
+    """``se``'s new parameters (those ``plain`` has not) moved by noise, as a fine-tune moves them: a
+    check against the model's own outputs then sees a block that was dropped or did not load."""
+    keys = set(plain.state_dict())
+    with torch.no_grad():
+        for name, p in se.named_parameters():
+            if name not in keys:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return se

@@ -38,6 +38,22 @@ def test_wheel_ships_every_package_and_the_builtin_recipes(tmp_path):
         assert module.relative_to(ROOT).as_posix() in names
 
 
+def test_readme_inline_finetune_call_runs_as_written(tmp_path, monkeypatch):
+    """The README's one-line Python fine-tune (prose, not a python block), on a model whose blocks
+    learn, in a folder holding only data/: its output_dir's parents did not exist (issue 17, item 7)."""
+    from support import make_folder, se_model
+
+    text = (ROOT / "README.md").read_text()
+    (call,) = set(re.findall(r"`(retrofit\.finetune\(model, [^`]*\))`", text))
+    assert 'output_dir="runs/se50"' in call
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "data")
+    namespace = {"retrofit": __import__("retrofit"), "model": se_model(position="post")}
+    result = eval(compile(call, "README.md", "eval"), namespace)
+    assert (tmp_path / "runs" / "se50" / "best.safetensors").is_file()
+    assert [r["name"] for r in result.rows] == ["original", "step 0", "epoch 1", "epoch 2"]
+
+
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     """The README's Python blocks, run as written (with a weights file and recipes they refer to)."""
     import timm
@@ -54,5 +70,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["report"].added_params > 0
     assert len(namespace["again"]._retrofit.blocks) == 2
-    assert len(namespace["se_detector"]._retrofit.blocks) == 19 and len(namespace["detections"]) == 2
+    assert len(namespace["se_detector"]._retrofit.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
     assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])

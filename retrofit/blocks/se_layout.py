@@ -51,14 +51,17 @@ class ChannelsLastSqueezeExcite(SqueezeExcite):
         self.prefix = prefix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # written for TorchScript too: lists, not tuples of ranges or starred arguments
+        # Never reads the tensor's rank: under torch.fx ``x.dim()`` is a Proxy, which a user's
+        # ``symbolic_trace`` or torchvision's ``create_feature_extractor`` (tracers that do not keep
+        # this class as a leaf) cannot loop over or build a shape from. TorchScript compiles it too.
         grid = x[:, self.prefix:] if self.prefix > 0 else x
-        dims = [d for d in range(1, x.dim() - 1)]
-        z = grid.amax(dim=dims) if self.squeeze_type == "max" else grid.mean(dim=dims)
+        grid = grid.flatten(1, -2)  # (N, positions, C): a map's H x W, or the grid tokens
+        z = grid.amax(dim=1) if self.squeeze_type == "max" else grid.mean(dim=1)
         s = self.gate(self.fc2(self.act(self.fc1(z[:, :, None, None]))))
         if self.gate_origin != 1.0:
             s = s / self.gate_origin
-        return x * s.reshape([x.shape[0]] + [1] * (x.dim() - 2) + [self.channels])
+        # the (N, C) gates broadcast over every middle axis: the batch moved next to the channels and back
+        return (x.movedim(0, -2) * s.flatten(1)).movedim(-2, 0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, prefix={self.prefix}"

@@ -30,7 +30,7 @@ def add_se_command(
     init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random) (or per stage, e.g. 5:paper)."),
     module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se), or per stage, e.g. 2:eca,3:eca."),
     allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
-    kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3)."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3; pyramid: feature-pyramid merges, an FPN's top-down sums, off by default)."),
     only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
     at: Optional[str] = AT,
@@ -103,6 +103,7 @@ def add_se_command(
         base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
         original = copy.deepcopy(net) if latency else None
         info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
+        info.weights = "checkpoint" if checkpoint is not None else "pretrained" if pretrained else "random"
         report = planned_overhead(base, info.blocks, chosen)  # a block adds only itself: no second trace
     head = new_head(model, checkpoint, pretrained, num_classes)
     trainable = trainable_parameters(net, head=head)  # what phase 1 of a fine-tune trains
@@ -129,10 +130,15 @@ def add_se_command(
         if timing is not None:
             say(latency_line(timing))
         print_skipped(info.skipped, found.traced.opaque)
+        if found.pyramid_note():
+            say((found.pyramid_note(), "dim"))
+        if info.weights == "random" and (output is not None or finetune is not None):
+            say(("note:", "yellow"), f" {model} has random weights (no --checkpoint or --pretrained): its sites and "
+                "costs hold for any weights, but a fine-tune of it is only a demonstration")
     write_json(data, json_path)
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
-        result = run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"),
+        result = run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"), said_random=True,
                               quiet=json_path == "-", inputs=tuple(p for p in (checkpoint,) if p is not None),
                               train_head=True if head else None,
                               **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode,

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from ..errors import RetrofitError, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
+from ..files.bounds import whole_number  # no torch
 
 app = typer.Typer(
     name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -86,7 +87,10 @@ def build_model(name: str, checkpoint: Optional[Path], pretrained: bool, num_cla
     if num_classes is not None:
         if not num_classes.strip().isdigit():
             raise RetrofitError(f"--num-classes must be a whole number, got {num_classes!r}")
-        kwargs["num_classes"] = int(num_classes)
+        try:  # before the head is built: a file of it could not be loaded either
+            kwargs["num_classes"] = whole_number(num_classes.strip(), "num_classes")
+        except ValueError as err:
+            raise RetrofitError(f"--num-classes: {err}") from None
     return create_model(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
 
 

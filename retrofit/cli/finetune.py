@@ -23,12 +23,14 @@ def is_main_process() -> bool:
 
 
 def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple[Path, ...] = (), quiet: bool = False,
-                 **options: Any):
+                 said_random: bool = False, **options: Any):
     """Fine-tune ``model`` in place, print the results table (rank 0) and return the result.
 
     ``inputs``: the weight files this run was started from; none of them may be among the run's outputs.
+    ``said_random``: the caller has said already that the weights are random (``add-se --finetune``).
     """
     # deferred: torch and timm load when a command runs, not for --help
+    from ..files.provenance import random_weights
     from ..measure.report import results_table
     from ..train.finetune import finetune
     from ..train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE
@@ -47,6 +49,9 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
             f"{', new head' if options.get('train_head') else ''}; backbone frozen)"
             + (f", phase 2 {options['phase2_epochs']} epoch(s) (everything)" if options.get("phase2_epochs") else "")
             + f"; checkpoints in {output_dir}")
+        why = None if said_random else random_weights(model)
+        if why:
+            say(("note:", "yellow"), f" this model's weights are random ({why}): the results are only a demonstration")
     classes = getattr(model, "num_classes", None)
     result = finetune(model, data, epochs, output_dir=output_dir, progress=main, **options)
     if main:

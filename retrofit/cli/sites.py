@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from .common import (AT, INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, print_skipped,
-                     write_json)
+                     say, write_json)
 
 
 @app.command("sites")
@@ -18,8 +18,9 @@ def sites_command(
     num_classes: Optional[str] = NUM_CLASSES,
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the sites as JSON to FILE (- for stdout)."),
 ):
-    """List the sites the pass finds: residual merges, Inception merges, 3x3 convs in residual branches
-    (and, with --at, the outputs of the modules named); modules whose forward is kept as is, with why."""
+    """List the sites the pass finds: residual merges, Inception merges, 3x3 convs in residual branches,
+    feature-pyramid merges (and, with --at, the outputs of the modules named); modules whose forward is
+    kept as is, and what was skipped, with why."""
     # deferred: torch and timm load when a command runs, not for --help
     from ..graph.model import model_name
     from ..graph.model import resolve_input_size
@@ -37,4 +38,6 @@ def sites_command(
         console().print(sites_table(found, named))
         console().print(sites_by_stage(found, named))
         print_skipped(found.skipped, found.traced.opaque)
+        if found.pyramid_note():
+            say((found.pyramid_note(), "dim"))
     write_json(sites_json(found, named), json_path)

@@ -116,9 +116,11 @@ def _umask() -> int:
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yield the temporary path to write (``.<name>.<pid>.tmp/<name>``, next to ``path``); on success
     it replaces ``path``, and the temporary folder is removed either way. An I/O failure is raised as
-    :class:`WriteError` (other errors pass through). The temporaries a killed writer of the same target
-    left are removed first (:func:`remove_dead_temps`)."""
+    :class:`WriteError` (other errors pass through). The folders above ``path`` are created if missing
+    (:func:`make_folders`), and the temporaries a killed writer of the same target left are removed
+    first (:func:`remove_dead_temps`)."""
     path = Path(path)
+    make_folders(path.parent)
     remove_dead_temps(path)
     folder, fd = temp_name(path), None
     try:
@@ -199,10 +201,26 @@ def _temps(folder: Path, names: set[str]) -> list[tuple[Path, int]]:
 
 
 def check_writable(path: Path) -> None:
-    """Fail early (before any work) when ``path`` cannot be written."""
+    """Fail early (before any work) when ``path`` cannot be written. Missing folders above it are
+    fine: :func:`atomic_write` creates them (as ``mkdir -p`` would), so nothing is created here, and a
+    command that fails later leaves no empty folder behind."""
+    path = Path(path)
     if path.is_dir():
         raise RetrofitError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
-    if not path.parent.is_dir():
-        raise RetrofitError(f"output folder {path.parent} does not exist; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise RetrofitError(f"output folder {path.parent} is not writable")
+    existing = next((p for p in path.parents if p.exists()), Path("."))  # the nearest folder that exists
+    if not existing.is_dir():
+        raise RetrofitError(f"cannot create the output folder {path.parent}: {existing} is a file; choose another "
+                            f"output path")
+    if not os.access(existing, os.W_OK):
+        raise RetrofitError(f"output folder {existing} is not writable")
+
+
+def make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents (``mkdir -p``, as timm's and Lightning's output
+    folders are), or say in one line why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way (FileExistsError, NotADirectoryError), no permission...
+        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+        raise RetrofitError(f"cannot create the output folder {folder}: {reason or err}; choose another "
+                            f"output path") from None

@@ -31,7 +31,7 @@ def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any
 
     Args:
         model: a retrofitted model.
-        path: the file to write (its folder must exist).
+        path: the file to write (missing folders above it are created, as by ``mkdir -p``).
         adapter: write only the inserted blocks, the base tensors that differ from the base model and a
             new head, with a hash of the base weights the rest is taken from (see
             :mod:`retrofit.files.adapter`); :func:`load` with ``base=`` rebuilds the full model.

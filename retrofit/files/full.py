@@ -22,6 +22,7 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
     if len(model._retrofit.blocks) != header.blocks:
         raise RetrofitError(f"{header.path} says {header.blocks} blocks but its recipe gives "
                             f"{len(model._retrofit.blocks)} on this model; is it the network it was saved from?")
+    model._retrofit.weights = header.weights  # where the file says its weights came from
     return model
 
 

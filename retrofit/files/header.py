@@ -6,8 +6,10 @@ size it was traced at, and the number of blocks the recipe gives there.
 
 A file is data, never instructions: before anything is built from it, every metadata value is
 checked for its type and against an allow-list (only the keys retrofit writes; constructor arguments
-only ``num_classes`` and ``in_chans``, so a file cannot ask timm for a download or another file). A
-file that fails any check is refused with one line naming the problem.
+only ``num_classes`` and ``in_chans``, so a file cannot ask timm for a download or another file), and
+every size-like value against the bounds of :mod:`retrofit.files.bounds`, so it cannot ask for any
+amount of memory. A file that fails any check is refused with one line naming the problem. Retrofit
+writes no file outside those bounds (:func:`metadata`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import timm
 from torch import nn
 
 from ..errors import RetrofitError, first_line
+from ..surgery.info import WEIGHTS
 from ..surgery.recipe import Recipe
+from .bounds import out_of_bounds, whole_number
 from .tensors import read_safetensors_header
 
 FORMAT = "retrofit/1"
@@ -31,26 +35,38 @@ ADAPTER_FORMAT = "retrofit-adapter/1"
 # the metadata keys retrofit writes; any other key is refused (see read_header)
 KEYS = ("format", "architecture", "model_kwargs", "recipe", "input_size", "blocks")
 ADAPTER_KEYS = KEYS + ("base_sha256", "base_tensors", "base_name")
+# keys a file may lack (older versions did not write them): where the weights came from (WEIGHTS)
+OPTIONAL_KEYS = ("weights",)
 
 
-# constructor arguments a file may pass to timm.create_model, with their smallest value: nothing that
-# names a file, a url or a download (pretrained, pretrained_cfg_overlay, checkpoint_path...)
-MODEL_KWARGS = {"num_classes": 0, "in_chans": 1}
+# constructor arguments a file may pass to timm.create_model (their bounds: retrofit.files.bounds):
+# nothing that names a file, a url or a download (pretrained, pretrained_cfg_overlay, checkpoint_path...)
+MODEL_KWARGS = ("num_classes", "in_chans")
 
 
 def metadata(model: nn.Module) -> dict[str, str]:
     """What a file needs to rebuild ``model`` besides its weights: architecture, constructor arguments,
-    recipe, input size (all strings, as safetensors metadata). Training checkpoints store it too."""
+    recipe, input size (all strings, as safetensors metadata). Training checkpoints store it too.
+
+    Raises:
+        RetrofitError: a size outside the bounds a file may ask for (:mod:`retrofit.files.bounds`):
+            retrofit would refuse to load the file, so it is not written.
+    """
     info = getattr(model, "_retrofit", None)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
+    kwargs = _model_kwargs(model, info.input_size)
+    problem = size_problem(kwargs, list(info.input_size)) or ("blocks", out_of_bounds("blocks", len(info.blocks)))
+    if problem[1]:
+        raise RetrofitError(f"cannot save this model: {problem[1]}, so retrofit.load would refuse the file")
     return {
         "format": FORMAT,
         "architecture": info.architecture or "",
-        "model_kwargs": json.dumps(_model_kwargs(model, info.input_size)),
+        "model_kwargs": json.dumps(kwargs),
         "recipe": json.dumps(info.recipe.to_dict()),
         "input_size": json.dumps(list(info.input_size)),
         "blocks": str(len(info.blocks)),
+        **({"weights": info.weights} if info.weights in WEIGHTS else {}),
     }
 
 
@@ -69,6 +85,7 @@ class Header:
     base_sha256: str = ""
     base_tensors: int = 0
     base_name: str = ""
+    weights: str = ""  # where the weights came from (retrofit.surgery.info.WEIGHTS); "": not recorded
 
     @property
     def adapter(self) -> bool:
@@ -95,21 +112,24 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
         return RetrofitError(f"{where}: metadata '{key}' {why}; the file was not written by retrofit or was "
                              f"edited, rebuild it from its source")
 
-    allowed = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
+    required = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
     for key in meta:
-        if key not in allowed:
-            raise bad(key, f"is not one retrofit writes ({', '.join(allowed)})")
-    for key in allowed:
+        if key not in required + OPTIONAL_KEYS:
+            raise bad(key, f"is not one retrofit writes ({', '.join(required + OPTIONAL_KEYS)})")
+    for key in required:
         if key not in meta:
             raise bad(key, "is missing")
+    for key in meta:
         if not isinstance(meta[key], str):
             raise bad(key, "is not text")
+    if meta.get("weights", WEIGHTS[0]) not in WEIGHTS:
+        raise bad("weights", f"is {meta['weights'][:40]!r}, not one of {', '.join(WEIGHTS)}")
 
     def json_value(key: str, kind: type, what: str):
         try:
             value = json.loads(meta[key])
-        except json.JSONDecodeError:
-            raise bad(key, "is not valid JSON") from None
+        except ValueError as err:  # JSONDecodeError, or a number of more digits than Python converts
+            raise bad(key, f"is not valid JSON ({first_line(err)[:80]})") from None
         if not isinstance(value, kind):
             raise bad(key, f"must be {what}, got {type(value).__name__}")
         return value
@@ -119,21 +139,21 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     if arch:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", arch) or not timm.is_model(arch):
             raise bad("architecture", f"{arch[:60]!r} is not a timm model name")
-    out["architecture"] = arch
+    out["architecture"], out["weights"] = arch, meta.get("weights", "")
     kwargs = json_value("model_kwargs", dict, "a mapping")
-    for key, value in kwargs.items():
+    for key in kwargs:
         if key not in MODEL_KWARGS:
-            raise bad("model_kwargs", f"names {key!r}: only {', '.join(MODEL_KWARGS)} are allowed (a file may "
-                                      f"not ask for downloads or other files)")
-        if not _is_int(value) or value < MODEL_KWARGS[key]:
-            raise bad("model_kwargs", f"gives {key} = {value!r}, not a whole number >= {MODEL_KWARGS[key]}")
-    out["model_kwargs"] = kwargs
+            raise bad("model_kwargs", f"names {str(key)[:60]!r}: only {', '.join(MODEL_KWARGS)} are allowed (a "
+                                      f"file may not ask for downloads or other files)")
     size = json_value("input_size", list, "a list [C, H, W]")
     if len(size) != 3 or not all(_is_int(v) and v >= 1 for v in size):
         raise bad("input_size", f"must be three positive whole numbers [C, H, W], got {size!r}"[:200])
+    problem = size_problem(kwargs, size)  # before anything is built from them
+    if problem:
+        raise bad(problem[0], f"gives {problem[1]}")
     if kwargs.get("in_chans", 3) != size[0]:
         raise bad("input_size", f"has {size[0]} channels but the model {kwargs.get('in_chans', 3)}")
-    out["input_size"] = tuple(size)
+    out["model_kwargs"], out["input_size"] = kwargs, tuple(size)
     recipe = json_value("recipe", dict, "a mapping of recipe fields")
     try:
         out["recipe"] = Recipe.from_dict(recipe, origin=f"recipe stored in {where}")
@@ -141,19 +161,30 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise
     except (TypeError, ValueError, AttributeError, KeyError) as err:
         raise bad("recipe", f"has a bad value ({first_line(err)})") from None
-    if not meta["blocks"].isdigit() or int(meta["blocks"]) < 1:
-        raise bad("blocks", f"must be a positive whole number, got {meta['blocks'][:40]!r}")
-    out["blocks"] = int(meta["blocks"])
+    for key in ("blocks", "base_tensors") if meta.get("format") == ADAPTER_FORMAT else ("blocks",):
+        try:
+            out[key] = whole_number(meta[key], key)
+        except ValueError as err:
+            raise bad(key, f"gives {err}") from None
     if meta.get("format") == ADAPTER_FORMAT:
         if not re.fullmatch(r"[0-9a-f]{64}", meta["base_sha256"]):
             raise bad("base_sha256", "must be 64 hexadecimal digits")
-        if not meta["base_tensors"].isdigit():
-            raise bad("base_tensors", "must be a whole number")
         if len(meta["base_name"]) > 200 or not meta["base_name"].isprintable():
             raise bad("base_name", "must be one printable line of at most 200 characters")
-        out.update(base_sha256=meta["base_sha256"], base_tensors=int(meta["base_tensors"]),
-                   base_name=meta["base_name"])
+        out.update(base_sha256=meta["base_sha256"], base_name=meta["base_name"])
     return out
+
+
+def size_problem(kwargs: Mapping[str, Any], size: list) -> tuple[str, str] | None:
+    """The first of the constructor arguments and the input's sides (H, W of ``size``) outside its bound
+    (:mod:`retrofit.files.bounds`): its metadata key and the clause that names the bound; None when
+    all are within."""
+    values = [("model_kwargs", k, v) for k, v in kwargs.items()] + [("input_size", "input side", v) for v in size[1:]]
+    for key, name, value in values:
+        problem = out_of_bounds(name, value)
+        if problem:
+            return key, problem
+    return None
 
 
 def _is_int(value: Any) -> bool:

@@ -7,6 +7,7 @@ another float precision (a model saved in half precision loads into float32).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -54,7 +55,18 @@ def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = N
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise RetrofitError(f"cannot read {path}: {first_line(err)}") from None
-    model.load_state_dict(state, strict=False)  # every name, dtype and shape was checked above
+    model.load_state_dict(with_metadata(state, model), strict=False)  # every name, dtype and shape checked above
+
+
+def with_metadata(state: Mapping[str, torch.Tensor], model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """``state`` with the per-module ``_metadata`` of ``model``'s own ``state_dict()`` (each module's
+    state-dict ``version``). A safetensors file, or a dict copied key by key, has none, and a module
+    whose ``_load_from_state_dict`` reads its version refuses ``None`` (torchvision's MNASNet: "version
+    should be set to 1 or 2"). Retrofit wrote the weights from the code they are loaded into, so the
+    versions are its own; one read from a file is never used (a file is data)."""
+    out = OrderedDict(state)
+    out._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out
 
 
 def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, ...]]], where: Path | str,

@@ -260,19 +260,25 @@ def traced_as_root(tracer: fx.Tracer, root: Any):
     """Make ``tracer`` trace the forward installed on ``root``. fx traces a root module's *class*
     forward (``type(root).forward``), not one installed on the instance, so a module whose own forward
     was rewritten would be traced as it was before: while tracing, the installed code of the root's
-    mode is put on the class under a private name, and the tracer traces that name."""
+    mode is put on the class under a private name, and the tracer traces that name. Whatever way the
+    trace ends (a tracer that raises included), the class and the tracer are put back as they were: a
+    trace nested in another one (two retrofitted instances of one class) finds the outer one's code."""
     holder = installed(root) if isinstance(root, nn.Module) else None
     if holder is None:
         yield
         return
     cls, saved = type(root), tracer.traced_func_name
+    outer = cls.__dict__.get(_TRACED, _TRACED)  # _TRACED itself: no outer trace's code is there
     setattr(cls, _TRACED, holder.fns[root.training])
     tracer.traced_func_name = _TRACED
     try:
         yield
     finally:
         tracer.traced_func_name = saved
-        delattr(cls, _TRACED)
+        if outer is _TRACED:
+            delattr(cls, _TRACED)
+        else:
+            setattr(cls, _TRACED, outer)
 
 
 def install_forward(module: nn.Module, graphs: fx.Graph | dict[bool, fx.Graph]) -> None:

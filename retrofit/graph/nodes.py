@@ -30,6 +30,8 @@ _ACTIVATION_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.le
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 _REGULARIZERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _REGULARIZER_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+_UPSAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
+_UPSAMPLE_MODULES = (nn.Upsample, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def module_of(node: fx.Node) -> nn.Module | None:
@@ -143,3 +145,16 @@ def in_excitation(node: fx.Node) -> bool:
         call = call.parent
     return False
 
+
+def is_upsample(node: fx.Node) -> bool:
+    """A resize to a larger map (``F.interpolate``, ``nn.Upsample``, a transposed convolution) of a
+    coarser one, markers stepped over: the top-down path of a feature pyramid, or a decoder's."""
+    while is_marker(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    resizes = (node.op == "call_function" and node.target in _UPSAMPLE_FUNCTIONS) or \
+        isinstance(module_of(node), _UPSAMPLE_MODULES)
+    if not resizes or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = shape(node.args[0]), shape(node)
+    return before is not None and after is not None and len(before) == len(after) >= 3 and \
+        all(b <= a for b, a in zip(before[2:], after[2:])) and before[2:] != after[2:]

@@ -23,7 +23,7 @@ def _pct(x: float) -> str:
 def sites_by_stage(scan: Scan, named: list[Site] = ()) -> Table:
     """Sites found, one row per stage (and the ``named`` ones, a recipe's ``at``, in a column)."""
     table = Table(title="Sites found", title_justify="left")
-    kinds = KINDS + ((NAMED,) if named else ())
+    kinds = scan.kinds() + ((NAMED,) if named else ())
     for col in ("stage", "stride", "size", *kinds):
         table.add_column(col, justify="right", overflow="fold")
     stages: dict[int, dict] = {}
@@ -33,7 +33,7 @@ def sites_by_stage(scan: Scan, named: list[Site] = ()) -> Table:
     for stage, row in sorted(stages.items()):
         table.add_row(str(stage), str(2 ** stage), f"{row['size'][0]}x{row['size'][1]}",
                       *(str(row[k]) for k in kinds))
-    table.add_row("all", "", "", *(str(scan.count(k)) for k in KINDS), *([str(len(named))] if named else []),
+    table.add_row("all", "", "", *(str(scan.count(k)) for k in scan.kinds()), *([str(len(named))] if named else []),
                   style="bold")
     return table
 

@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..blocks.config import BlockConfig
+
+# Where a model's weights came from, as a file records it (metadata key `weights`, optional): built
+# with random weights, timm's pretrained ones, a checkpoint of the user's, or trained by a phase-2
+# fine-tune since. A phase-1 fine-tune leaves the backbone as it was, and so its provenance.
+WEIGHTS = ("random", "pretrained", "checkpoint", "fine-tuned")
 from .recipe import Recipe
 from .sites import Skipped
 
@@ -42,3 +47,4 @@ class RetrofitInfo:
     skipped: list[Skipped] = field(default_factory=list)
     # blocks that took the place of an attribute set to None (timm's `self.se = None`): strip restores it
     was_none: list[str] = field(default_factory=list)
+    weights: str = ""  # one of WEIGHTS, or "" when not known (a model given to retrofit.add_se)

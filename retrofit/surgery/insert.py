@@ -93,8 +93,17 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
                         skipped=list(found.skipped) + prepared.skipped)
     narrow: list[BlockInfo] = []
+    in_root = 0  # blocks in the root's own forward
     for rewrite in prepared.rewrites:
-        info.blocks += _install(rewrite, target, recipe, narrow, info.was_none)
+        added = _install(rewrite, target, recipe, narrow, info.was_none)
+        info.blocks += added
+        in_root += len(added) if not rewrite.owner.path else 0
+    if in_root and not isinstance(target, fx.GraphModule):
+        warnings.warn(RetrofitWarning(
+            f"{in_root} block(s) went into the forward of the model itself ({type(target).__name__}): it runs "
+            f"them, but fx tracers (torch.fx.symbolic_trace, torchvision's feature extraction) trace a root's "
+            f"class forward and would leave them out; to trace it, retrofit a GraphModule: "
+            f"retrofit.add_se(torch.fx.symbolic_trace(model))"), stacklevel=3)
     by_config: dict[tuple, list[int]] = {}
     for b in narrow:
         by_config.setdefault((b.config.r, b.config.min_width), []).append(b.channels)
@@ -106,6 +115,7 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     if isinstance(previous, RetrofitInfo):  # a second retrofit adds to the first
         info.blocks = previous.blocks + info.blocks
         info.was_none = previous.was_none + info.was_none
+        info.weights = previous.weights
     target._retrofit = info
     if isinstance(target, fx.GraphModule):  # GraphModule's deepcopy keeps only attributes listed here
         target.meta.setdefault("_user_preserved_attributes", {})["_retrofit"] = info

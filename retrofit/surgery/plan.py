@@ -19,7 +19,7 @@ from .named import named_sites
 from .positions import POSITIONS, Insertion, SkipSite
 from .recipe import Recipe
 from .recipe_fields import StageMap, matches
-from .sites import KINDS, NAMED, Scan, Skipped
+from .sites import DEFAULT_OFF, KINDS, NAMED, Scan, Skipped
 
 
 # -- planning -----------------------------------------------------------------------------------
@@ -56,10 +56,10 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
 
 
 def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name: str) -> list:
-    """The discovered sites (residual, Inception, 3x3 conv) of the kinds asked for that the recipe's
-    position applies to."""
+    """The discovered sites (residual, Inception, 3x3 conv; pyramid merges only when ``kinds`` names
+    them) of the kinds asked for that the recipe's position applies to."""
     position = POSITIONS[recipe.position]
-    candidates = [s for s in found.sites if s.kind in position.kinds]
+    candidates = [s for s in found.sites if s.kind in position.kinds and (kinds is not None or s.kind not in DEFAULT_OFF)]
     if kinds is not None:
         candidates = [s for s in candidates if s.kind in kinds]
         if not candidates and found.sites:

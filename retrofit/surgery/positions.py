@@ -24,6 +24,9 @@ inside        after each 3x3 convolution of the branch and its norm/activation (
 
 Inception merges have no sum and no shortcut: for ``standard``, ``pre``, ``post`` and ``identity``
 their block goes on the module's output (the concatenation), the one placement the paper defines.
+
+Feature-pyramid merges (``pyramid`` sites, only when a recipe's ``kinds`` names them) take ``standard``,
+on the upsampled top-down map before the sum, and ``post``, on the merged map.
 """
 from __future__ import annotations
 
@@ -102,7 +105,7 @@ def closing(site) -> fx.Node:
     return chain_end(site.refs.anchor, N.is_activation)
 
 
-@register_position("standard", ("residual", "inception"), "on the residual branch, before the sum")
+@register_position("standard", ("residual", "inception", "pyramid"), "on the residual branch, before the sum")
 def standard(site) -> Insertion:
     if site.kind == "inception":
         return _inception_output(site)
@@ -121,7 +124,7 @@ def pre(site) -> Insertion:
     return Insertion(site, fork, users)
 
 
-@register_position("post", ("residual", "inception"), "after the sum and the unit's closing activation")
+@register_position("post", ("residual", "inception", "pyramid"), "after the sum and the unit's closing activation")
 def post(site) -> Insertion:
     if site.kind == "inception":
         return _inception_output(site)

@@ -63,8 +63,9 @@ class Recipe:
             and even with it r is at least 1/16 (``divisor``/``min_width``: at most 1024), so no
             recipe, file or flag can ask for a block far larger than the layer it serves.
         kinds: site kinds that get blocks: ``residual``, ``inception``, ``conv3x3`` (``inside`` is
-            accepted for it), ``module`` (the ``at`` sites); ``None`` means every kind the position
-            applies to (with ``at``: the ``at`` sites only).
+            accepted for it), ``pyramid`` (feature-pyramid merges: an FPN's top-down sums, not residual
+            units), ``module`` (the ``at`` sites); ``None`` means every kind the position applies to
+            except ``pyramid`` (with ``at``: the ``at`` sites only).
         only: module-path globs (``fnmatch``, e.g. ``layer3.*``); only sites whose owning module, or
             one of its parents, matches one of them get blocks. ``None``: every site.
         skip: module-path globs of sites that get no block (matched like ``only``).

@@ -1,6 +1,6 @@
 """Find the sites of a traced model: where an SE block can go.
 
-Three kinds, read off the flat analysis graph (see :mod:`retrofit.graph.trace`) with its shapes:
+Four kinds, read off the flat analysis graph (see :mod:`retrofit.graph.trace`) with its shapes:
 
 * ``residual``: an addition of two same-shaped NCHW tensors that both come from one *fork* node
   (the fork is the merge's immediate dominator in the data flow: every path from the input to the
@@ -14,6 +14,11 @@ Three kinds, read off the flat analysis graph (see :mod:`retrofit.graph.trace`) 
   are residual units).
 * ``conv3x3``: a 3x3 convolution on a residual branch, with the chain of norms and activations that
   follows it (the ``inside`` position puts the block at the end of that chain).
+* ``pyramid``: a feature-pyramid merge (an FPN's top-down sum): a coarser map upsampled
+  (``F.interpolate``, ``nn.Upsample``, a transposed convolution) plus a lateral projection of this
+  level. It looks like a residual unit with a projection shortcut, but it is none: its deep side leaves
+  this resolution and comes back, and the paper never put SE there. Off by default (``DEFAULT_OFF``):
+  a recipe gets these sites only when its ``kinds`` names them.
 
 A site's stage is log2 of its output stride (input height / site height, rounded), as in the notes:
 stage 2 is the first ResNet stage (stride 4), stage 5 the last (stride 32).
@@ -40,7 +45,12 @@ from ..graph.model import resolve_input_size
 from ..graph.shapes import count_macs, propagate_shapes
 from ..graph.trace import Traced, level_of, none_defaults, trace
 
-KINDS = ("residual", "inception", "conv3x3")
+KINDS = ("residual", "inception", "conv3x3", "pyramid")
+# The kinds a recipe gets only when its `kinds` names them.
+DEFAULT_OFF = ("pyramid",)
+# Why a pyramid site is not a residual unit: what `retrofit sites` and `add-se` say of them.
+PYRAMID_NOTE = ("a coarser map upsampled plus a lateral projection of this level, not a residual unit (its deep side "
+                "leaves this resolution and comes back; the paper never put SE there)")
 # The kind of the sites a recipe names by module path (`at:`, retrofit.surgery.named): not discovered, asked for.
 NAMED = "module"
 # At most this many prefix (class, register, distillation) tokens before a token sequence's patch grid.
@@ -68,12 +78,13 @@ class Site:
     """A place where an SE block can go.
 
     Attributes:
-        kind: ``residual``, ``inception`` or ``conv3x3``.
+        kind: ``residual``, ``inception``, ``conv3x3`` or ``pyramid``.
         module: path of the module whose ``forward`` holds the site (``""``: the model itself).
         node: name of the anchoring node in the analysis graph (merge, concatenation, convolution).
         channels, size: channels and (height, width) of the anchor's output.
         stride, stage: output stride of the site and its stage, ``log2(stride)``.
-        detail: ``identity``/``projection`` shortcut, number of Inception branches, or the conv's path.
+        detail: ``identity``/``projection`` shortcut, number of Inception branches, the conv's path, or
+            ``top-down + lateral`` (a pyramid merge).
         layout: ``nchw``, ``nhwc`` (channels last) or ``tokens`` (B, N, C); ``size`` is the spatial
             grid in each (for tokens: the patch grid, without the prefix tokens).
         prefix: tokens layout: the number of prefix (class, register) tokens before the patch grid.
@@ -112,8 +123,19 @@ class Scan:
     def count(self, kind: str) -> int:
         return sum(s.kind == kind for s in self.sites)
 
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds to report: the first three always, ``pyramid`` where the model has such sites."""
+        return tuple(k for k in KINDS if k not in DEFAULT_OFF or self.count(k))
+
     def summary(self) -> str:
-        return ", ".join(f"{self.count(k)} {k}" for k in KINDS)
+        return ", ".join(f"{self.count(k)} {k}" for k in self.kinds())
+
+    def pyramid_note(self) -> str | None:
+        """One line on the model's pyramid sites, why they are not residual units and how to select
+        them; None when it has none."""
+        n = self.count("pyramid")
+        return (f"{n} pyramid site(s), feature-pyramid merges: {PYRAMID_NOTE}; off by default, --kinds "
+                f"residual,pyramid (recipe kinds: [residual, pyramid]) selects them") if n else None
 
 
 def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> list[Site]:
@@ -246,10 +268,12 @@ class _Analysis:
 
     # -- the three kinds -----------------------------------------------------------------
     def run(self, macs: int) -> Scan:
-        residual = self._outermost([s for n in self.nodes if (s := self._residual(n)) is not None])
+        sums = [s for n in self.nodes if (s := self._residual(n)) is not None]
+        residual = self._outermost([s for s in sums if s.kind == "residual"])
+        pyramid = [s for s in sums if s.kind == "pyramid"]
         inception = self._inception(residual)
         convs = self._convs(residual)
-        sites = sorted(residual + inception + convs, key=lambda s: self.order[s.refs.anchor])
+        sites = sorted(residual + inception + convs + pyramid, key=lambda s: self.order[s.refs.anchor])
         return Scan(self.traced, sites, self.skipped, macs)
 
     def _residual(self, n: fx.Node) -> Site | None:
@@ -282,6 +306,9 @@ class _Analysis:
                                             f"shortcut, not a residual unit"))
                 return None
             branch, shortcut = (a, b) if depth[a] > depth[b] else (b, a)
+            if N.is_upsample(branch):  # an FPN's top-down sum: the lateral conv looked like a projection
+                refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut)
+                return self._site("pyramid", n, "top-down + lateral", refs, layout=layout)
             region = walks[branch][0] if depth[branch] <= MAX_PROJECTION else self._region(branch, fork)[0]
             kind = "identity" if depth[shortcut] == 0 else "projection"
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))

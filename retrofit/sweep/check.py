@@ -24,7 +24,7 @@ Example::
     >>> from retrofit.sweep.check import check_model
     >>> r = check_model("resnet18")
     >>> r.status, r.sites, r.params_added["standard"]
-    ('ok', {'residual': 8, 'inception': 0, 'conv3x3': 16}, 89080)
+    ('ok', {'residual': 8, 'inception': 0, 'conv3x3': 16, 'pyramid': 0}, 89080)
 """
 from __future__ import annotations
 

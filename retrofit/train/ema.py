@@ -14,6 +14,8 @@ from typing import Any
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from ..files.tensors import with_metadata
+
 
 class Ema:
     """The moving average of ``model`` and the number of updates so far."""
@@ -40,7 +42,7 @@ class Ema:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema.module.load_state_dict(state["module"], strict=True)
+        self.ema.module.load_state_dict(with_metadata(state["module"], self.ema.module), strict=True)
         self.steps = int(state["steps"])
         rounding = getattr(self.ema, "_sr_generator", None)
         if rounding is not None and "rounding" in state:

@@ -104,6 +104,11 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
     Returns:
         :class:`FinetuneResult`; ``result.row("step 0")["top1"]``, ``result.best["name"]``...
 
+    Raises:
+        RetrofitError: bad settings or data, or a phase whose first step gives no trainable parameter a
+            gradient (it would train nothing; :mod:`retrofit.train.gradients` says why and what to do).
+            Tensors that get none while others do are named in one ``RetrofitWarning``.
+
     Example::
 
         >>> se = retrofit.add_se(timm.create_model("resnet50", pretrained=True), r=16)

@@ -27,13 +27,16 @@ def seed_all(seed: int) -> None:
 def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: int, env: Dist,
                 progress: Progress, label: str, seen_bad: set[str], objective: Objective,
                 clip_grad: float | None = None, clip_mode: str = "norm", channels_last: bool = False,
-                after_step: Callable[[], None] | None = None) -> tuple[float, int, int]:
+                after_step: Callable[[], None] | None = None,
+                check_step: Callable[[], None] | None = None) -> tuple[float, int, int]:
     """Train ``net`` (``model``, or its DDP wrapper) for one pass over ``loader``.
 
     Each micro-batch: mixup / cutmix (``objective.mix``), the forward pass, the teacher's logits when
     distilling (``model`` with its blocks bypassed), the loss (``objective``). Before each optimizer
     step the gradients are clipped (``timm.utils.dispatch_clip_grad``: ``clip_mode`` norm, value or
-    agc) when ``clip_grad`` is set; after it ``after_step()`` runs (the EMA update).
+    agc) when ``clip_grad`` is set; after it ``after_step()`` runs (the EMA update). ``check_step()`` runs
+    once, before the first optimizer step in which some process trained on images (the gradients are
+    all-reduced by then, so every process makes the same call): the phase's first-step check.
 
     Returns the mean training loss, the number of images trained on and the number of undecodable
     images skipped, each summed over the processes.
@@ -50,6 +53,7 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     task = progress.task(label, steps)
+    had_images = False
     for i, batch in enumerate(loader):
         bad += len(batch.bad)
         if env.main:
@@ -58,6 +62,7 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
         no_sync = net.no_sync() if (net is not model and not sync) else contextlib.nullcontext()
         with no_sync:
             if len(batch.targets):
+                had_images = True
                 x = batch.images.to(dev, non_blocking=True, memory_format=fmt)
                 y = batch.targets.to(dev, non_blocking=True)
                 x, target = objective.mix(x, y)
@@ -73,6 +78,10 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: i
                 loss = sum(p.sum() * 0 for p in trainable)
             loss.backward()
         if sync:
+            if check_step is not None and env.any(had_images):  # a step of zero steps (no image) proves nothing
+                check_step()
+                check_step = None
+            had_images = False
             if clip_grad is not None:
                 dispatch_clip_grad(trainable, clip_grad, mode=clip_mode)
             optimizer.step()

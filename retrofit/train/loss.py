@@ -41,6 +41,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from ..errors import RetrofitError
+from ..files.tensors import with_metadata
 from ..surgery.bypass import blocks_off
 
 
@@ -116,7 +117,7 @@ class Objective:
 
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
         if state is not None:
-            self.frozen.load_state_dict(state, strict=True)
+            self.frozen.load_state_dict(with_metadata(state, self.frozen), strict=True)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -17,9 +17,12 @@ from torch import nn
 
 from ..errors import RetrofitError, RetrofitWarning
 from ..files.header import metadata
+from ..files.tensors import with_metadata
 from ..graph.model import resolve_input_size
 from ..surgery.bypass import blocks_off
+from ..files.provenance import mark_trained
 from . import optim, params
+from .gradients import check_first_step
 from .data import ImageFolderData
 from .distributed import Dist
 from .ema import Ema
@@ -119,7 +122,7 @@ class Run:
             self.record.add("step 0", 0, 0, None, self._evaluate("step 0") if self.blocks else dict(original), model)
             self.dir.commit_step0(model, self.record.rows)
             return 0
-        model.load_state_dict(saved["model"], strict=True)
+        model.load_state_dict(with_metadata(saved["model"], model), strict=True)
         if self.ema is not None:
             if "ema" not in saved:
                 raise RetrofitError("the saved run has no model EMA; resume it without ema_decay")
@@ -162,7 +165,7 @@ class Run:
         model, record = self.model, self.record
         if restore_best:
             if record.best_weights is not None:
-                model.load_state_dict(record.best_weights, strict=True)
+                model.load_state_dict(with_metadata(record.best_weights, model), strict=True)
             else:  # the best epoch came before a resume: its file, checked, then loaded
                 self.dir.restore_best(model)
         if self.s.channels_last:
@@ -186,6 +189,7 @@ class Run:
             scheduler.step(epoch - 1 if phase == 1 else epoch - 1 - s.epochs)  # the lr of the epoch to run
         if phase == 2:  # the backbone moves from now on: distillation needs a copy of the original
             self.objective.freeze_teacher(model, self.saved.get("teacher") if resumed else None)
+            mark_trained(model, self.ema.module if self.ema is not None else None)  # what its files record
         return optim.wrap(model, self.env), optimizer, scheduler
 
     def _set_epoch(self, epoch: int, phase: int) -> None:
@@ -201,11 +205,17 @@ class Run:
 
     def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int, int]:
         s, ema = self.s, self.ema
+        phase = 1 if epoch <= s.epochs else 2
+
+        def check() -> None:  # the phase's first step: anything trainable that gets no gradient
+            check_first_step(self.model, phase, s.train_norms or phase == 2, warn=self.env.main)
+
         loss, images, bad = train_epoch(
             net, self.model, self.train_loader, optimizer, accum=s.accum_steps, env=self.env, progress=self.progress,
             label=f"epoch {epoch} train", seen_bad=self.seen_bad, objective=self.objective, clip_grad=s.clip_grad,
             clip_mode=s.clip_mode, channels_last=s.channels_last,
-            after_step=(lambda: ema.update(self.model)) if ema is not None else None)
+            after_step=(lambda: ema.update(self.model)) if ema is not None else None,
+            check_step=check if epoch in (1, s.epochs + 1) else None)
         if images == 0:
             raise RetrofitError(f"none of the {bad} images in {self.data.root}/train could be decoded (each is "
                                 f"named in a warning); replace or remove them")

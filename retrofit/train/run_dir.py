@@ -64,7 +64,8 @@ class RunDir:
         """Check the folder, create and lock it; return the saved training state when resuming one.
 
         Raises:
-            RetrofitError: no parent folder, a file in the way, a folder that cannot be created, a
+            RetrofitError: a file in the way, a folder that cannot be created (missing parents are
+                created, as by ``mkdir -p``), a
                 folder another run holds, a run already there (without ``resume``), or a saved run
                 of another model, with other settings, or damaged (its weights are checked against
                 ``model``).
@@ -72,8 +73,6 @@ class RunDir:
         if self.path is None:
             return None
         out, state = self.path, self.path / STATE_FILE
-        if not out.parent.is_dir():
-            raise RetrofitError(f"output folder {out.parent} does not exist; create it first")
         if out.exists() and not out.is_dir():
             raise RetrofitError(f"output {out} is a file; give a folder for the fine-tuning run")
         problem = self._create_and_lock() if self.env.main else None
@@ -101,7 +100,7 @@ class RunDir:
         """Create the folder, take its lock, remove a killed run's temporary files; or say why not."""
         out = self.path
         try:
-            out.mkdir(exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)  # mkdir -p: runs/se50 in a fresh checkout
         except OSError as err:
             return f"cannot create the output folder {out}: {err.strerror or err}; choose a folder you can write to"
         try:

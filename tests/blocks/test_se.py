@@ -5,6 +5,7 @@ from timm.layers import SEModule
 
 from retrofit import SqueezeExcite
 from retrofit.blocks.se import GATES
+from retrofit.blocks.se_layout import ChannelsLastSqueezeExcite
 
 
 def reference(block: SqueezeExcite, x: torch.Tensor, squeeze: str, gate) -> torch.Tensor:
@@ -62,3 +63,24 @@ def test_paper_init_is_random_and_divides_by_nothing():
     assert block.gate_origin == 1.0
     x = torch.randn(2, 16, 3, 3)
     assert not torch.allclose(block(x), x)
+
+
+@pytest.mark.parametrize("squeeze", ["avg", "max"])
+@pytest.mark.parametrize("shape, prefix", [((2, 5, 7, 16), 0), ((2, 1 + 12, 16), 1), ((2, 12, 16), 0),
+                                           ((2, 3, 4, 5, 16), 0)])
+def test_channels_last_block_at_any_rank_traced_and_scripted(squeeze, shape, prefix):
+    """(N, ..., C) maps and token sequences: the equations written out per rank (the prefix tokens left
+    out of the squeeze, every token scaled); a plain torch.fx.symbolic_trace (which does not keep the
+    block as a leaf, as a user's or torchvision's tracer does not) and TorchScript compute the same."""
+    torch.manual_seed(0)
+    block = ChannelsLastSqueezeExcite(16, 4, squeeze=squeeze, prefix=prefix, init="paper")
+    for x in (torch.randn(*shape), torch.randn(*reversed(shape)).permute(*reversed(range(len(shape))))):
+        grid = x[:, prefix:]
+        axes = tuple(range(1, x.dim() - 1))
+        z = grid.mean(axes) if squeeze == "avg" else grid.amax(axes)
+        s = torch.sigmoid(F.linear(F.relu(F.linear(z, block.fc1.weight.flatten(1), block.fc1.bias)),
+                                   block.fc2.weight.flatten(1), block.fc2.bias))
+        expected = x * s.reshape(shape[0], *[1] * (x.dim() - 2), 16)
+        torch.testing.assert_close(block(x), expected)
+        torch.testing.assert_close(torch.fx.symbolic_trace(block)(x), expected)
+        torch.testing.assert_close(torch.jit.script(block)(x), expected)

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 import retrofit
 from retrofit.files.checkpoint import load
 from retrofit.cli import app
+from conftest import one_error
+from support import make_folder
 
 runner = CliRunner()
 BLOCKS = {  # units per model: ResNet-18 8 BasicBlocks, ResNet-50 16 and ResNet-101 33 bottlenecks
@@ -119,6 +121,12 @@ def bad_recipe_file(tmp_path):
     return path
 
 
+def under_a_file(tmp_path):
+    """An output path whose folder would have to be made inside a regular file."""
+    (tmp_path / "afile").write_text("a file, not a folder")
+    return tmp_path / "afile" / "dir" / "x.safetensors"
+
+
 def corrupted_checkpoint(tmp_path):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(b"\x00" * 40)
@@ -139,7 +147,7 @@ BAD_INPUT = [
     (["add-se", "resnet50", "--stages", "x"], "'stages'"),
     (["add-se", "inception_v3", "--position", "inside"], "position 'inside' has no site in inception_v3"),
     (["add-se", "vgg11"], "no residual or Inception merge at all"),
-    (["add-se", "resnet18", "--output", "/nonexistent/dir/x.safetensors"], "folder /nonexistent/dir does not exist"),
+    (["add-se", "resnet18", "--output", under_a_file], "cannot create the output folder"),
     (["add-se", "resnet18", "--checkpoint", corrupted_checkpoint], "cannot read checkpoint"),
     (["add-se", "resnet18", "--checkpoint", "nothere.pth"], "checkpoint nothere.pth not found"),
     (["add-se", "resnet18", "--input-size", "3,abc"], "input size must be"),
@@ -275,3 +283,28 @@ def test_the_meta_build_falls_back_where_real_values_are_needed():
 
     net, found = build_and_scan(NeedsValues, (3, 8, 8), meta=True)
     assert not is_meta(net) and found.count("residual") == 1
+
+
+def test_missing_output_folders_are_created(tmp_path, monkeypatch):
+    """Issue 17, item 7: every output path (--output, --json, --plot, --output-dir) was refused with
+    'output folder ... does not exist; create it first'. They are made as `mkdir -p` makes them, and a
+    command that fails on bad input creates none."""
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "data")
+    commands = [
+        ["add-se", "test_resnet", "--num-classes", "3", "--input-size", "3,32,32", "--position", "post",
+         "--output", "new/a/se.safetensors", "--json", "new/b/add.json"],
+        ["sites", "test_resnet", "--json", "new/c/sites.json"],
+        ["sweep", "test_resnet", "--r", "4,8", "--json", "new/d/sweep.json", "--plot", "new/e/sweep.png"],
+        ["check", "test_resnet", "--json", "new/f/check.json"],
+        ["finetune", "new/a/se.safetensors", "--data", "data", "--epochs", "1", "-b", "8", "-j", "0",
+         "--output-dir", "new/g/run"],
+    ]
+    for args in commands:
+        result = run(*args)
+        assert result.exit_code == 0, (args, result.output)
+    for path in ("a/se.safetensors", "a/se.README.md", "b/add.json", "c/sites.json", "d/sweep.json", "e/sweep.png",
+                 "f/check.json", "g/run/best.safetensors", "g/run/metrics.jsonl"):
+        assert (tmp_path / "new" / path).is_file(), path
+    one_error(run("add-se", "no_such_model", "--output", "later/se.safetensors"), "unknown model")
+    assert not (tmp_path / "later").exists()

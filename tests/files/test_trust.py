@@ -78,7 +78,7 @@ def test_relabelled_dtypes_are_refused(saved, tmp_path):
     ("model_kwargs", "[1]", "metadata 'model_kwargs' must be a mapping, got list"),
     ("model_kwargs", '{"num_classes": "3"}', "num_classes = '3', not a whole number"),
     ("model_kwargs", '{"num_classes": true}', "not a whole number"),
-    ("blocks", "many", "metadata 'blocks' must be a positive whole number"),
+    ("blocks", "many", "metadata 'blocks' gives blocks = 'many', not a whole number from 1 to 100,000"),
     ("blocks", "3", "says 3 blocks but its recipe gives 4"),
     ("architecture", "hf-hub:timm/resnet18", "is not a timm model name"),
     ("architecture", "../../model", "is not a timm model name"),
@@ -109,6 +109,43 @@ def test_metadata_cannot_reach_the_network_or_the_disk(saved, tmp_path, monkeypa
     with pytest.raises(RetrofitError, match=f"names '{next(iter(kwargs))}': only num_classes, in_chans are allowed"):
         retrofit.load(bad)
     assert not built
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(model_kwargs='{"num_classes": 1000000000}'), "num_classes = 1,000,000,000, not a whole number from 0 to 1,000,000"),
+    (dict(model_kwargs='{"num_classes": 3, "in_chans": 100000000}', input_size="[100000000, 32, 32]"),
+     "in_chans = 100,000,000, not a whole number from 1 to 1,024"),
+    (dict(input_size="[3, 1000000, 1000000]"), "input side = 1,000,000, not a whole number from 1 to 8,192"),
+    (dict(input_size="[3, 32, 10000]"), "input side = 10,000, not a whole number from 1 to 8,192"),
+    (dict(model_kwargs='{"num_classes": ' + "9" * 5000 + "}"), "metadata 'model_kwargs' is not valid JSON"),
+    (dict(blocks="9" * 5000), "blocks = '99999"),
+    (dict(blocks="1000000"), "blocks = '1000000', not a whole number from 1 to 100,000"),
+])
+def test_a_file_cannot_ask_for_any_amount_of_memory(saved, tmp_path, monkeypatch, edit, message):
+    """Issue 17, item 6: model_kwargs {"num_classes": 10^9} made retrofit.load allocate a 2 TB head, a
+    10^6 x 10^6 input size loaded (and a fine-tune would have made images of it), and numbers of
+    thousands of digits gave an internal error. Each is refused in one line that names the bound,
+    before any model is built."""
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(edit))
+    with pytest.raises(RetrofitError, match=message.replace("(", r"\(").replace("[", r"\[")) as caught:
+        retrofit.load(bad)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("classes, side, message", [(2_000_000, 32, "num_classes = 2,000,000, not a whole number"),
+                                                    (10, 10_000, "input side = 10,000, not a whole number")])
+def test_retrofit_writes_no_file_it_would_refuse(tmp_path, classes, side, message):
+    """The same bounds at save time: on the meta device (no memory) a model of 2 million classes, or
+    traced at 10,000 pixels a side, can be retrofitted, but not saved."""
+    with torch.device("meta"):
+        se = retrofit.add_se(timm.create_model("test_resnet", num_classes=classes), r=4, input_size=(3, side, side))
+    with pytest.raises(RetrofitError, match=f"cannot save this model: {message}.*retrofit.load would refuse"):
+        retrofit.save(se, tmp_path / "se.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    result = runner.invoke(app, ["add-se", "test_resnet", "--num-classes", "2000000", "--output",
+                                 str(tmp_path / "cli.safetensors")])
+    assert "from 0 to 1,000,000" in one_error_line(result) and list(tmp_path.iterdir()) == []
 
 
 def test_missing_and_extra_keys_are_refused(saved, tmp_path):

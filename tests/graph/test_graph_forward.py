@@ -16,6 +16,7 @@ import retrofit
 from retrofit.graph.forward import install_forward, installed
 from retrofit.blocks.se_layout import ChannelsLastSqueezeExcite
 from conftest import randomize
+from support import DropBranch
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -164,24 +165,6 @@ def test_add_se_on_a_meta_device_model():
     se.eval()
     with torch.no_grad():
         torch.testing.assert_close(se(X), real(X))
-
-
-class DropBranch(nn.Module):
-    """A residual unit with stochastic depth written inline (as efficientvit_msra's ResidualDrop):
-    its forward computes different things in train and eval mode."""
-
-    def __init__(self, c=8, drop=0.5):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.bn = nn.BatchNorm2d(c)
-        self.drop = drop
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        if self.training and self.drop > 0:
-            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.drop).div(1 - self.drop)
-            return x + y * mask
-        return x + y
 
 
 def assert_preserves_in_both_modes(model, se, x):

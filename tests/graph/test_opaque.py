@@ -48,7 +48,7 @@ def check_strip(se, model, run):
 
 # -- torchvision detectors ---------------------------------------------------------------------------
 RESNET50_UNITS = [f"backbone.body.layer{i}.{j}.se" for i, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for j in range(n)]
-DETECTORS = {  # builder, FPN merges (top-down sums: the lateral 1x1 conv is their projection shortcut)
+DETECTORS = {  # builder, FPN merges: `pyramid` sites, off by default (their lateral 1x1 conv looks like a shortcut)
     "fasterrcnn_resnet50_fpn": (detection.fasterrcnn_resnet50_fpn, 3),
     "maskrcnn_resnet50_fpn": (detection.maskrcnn_resnet50_fpn, 3),
     "retinanet_resnet50_fpn": (detection.retinanet_resnet50_fpn, 2),  # FPN on layer2..4 only
@@ -90,9 +90,7 @@ def images_and_targets():
 def test_detector(name):
     model = detector(name)
     se = retrofit.add_se(model)  # the input size comes from the transform: 3 x SIDE x SIDE
-    fpn = sorted(p for p in blocks_of(se) if p.startswith("backbone.fpn."))
-    assert sorted(p for p in blocks_of(se) if not p.startswith("backbone.fpn.")) == sorted(RESNET50_UNITS)
-    assert len(fpn) == DETECTORS[name][1] and all(p.startswith("backbone.fpn.se") for p in fpn)
+    assert sorted(blocks_of(se)) == sorted(RESNET50_UNITS)  # the FPN's merges are no residual units
     strides = {b.path.split(".")[2]: b.stride for b in se._retrofit.blocks if ".body." in b.path}
     assert strides == {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # of the resized image
     assert {s.where for s in se._retrofit.skipped if "kept as is" in s.reason} == \
@@ -114,6 +112,45 @@ def test_detector(name):
     check_grads(se, sum(se_losses.values()))
 
     check_strip(se, model, lambda m: [r[k] for r in m(images) for k in sorted(r)])
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_fpn_merges_are_pyramid_sites_off_by_default(name):
+    """Issue 17, item 5: an FPN's top-down sums (a coarser map upsampled plus the lateral 1x1 conv) were
+    taken for residual units with a projection shortcut, and got 3 of fasterrcnn's 19 blocks. They are
+    sites of their own kind, which only `kinds` selects. The reference counts are torchvision's: 16
+    bottlenecks in ResNet-50, one merge per FPN level below the top (4 levels; retinanet's FPN has 3)."""
+    model = detector(name)
+    found = scan(model, (3, SIDE, SIDE))
+    assert sorted(s.module + ".se" for s in found.sites if s.kind == "residual") == sorted(RESNET50_UNITS)
+    pyramid = [s for s in found.sites if s.kind == "pyramid"]
+    assert len(pyramid) == DETECTORS[name][1] and {s.module for s in pyramid} == {"backbone.fpn"}
+    assert found.summary().endswith(f"{DETECTORS[name][1]} pyramid") and "not a residual unit" in found.pyramid_note()
+    se = retrofit.add_se(model, kinds=["residual", "pyramid"])
+    fpn = [p for p in blocks_of(se) if p.startswith("backbone.fpn.")]
+    assert len(fpn) == DETECTORS[name][1] and len(blocks_of(se)) == 16 + len(fpn)
+    only = retrofit.add_se(model, kinds=["pyramid"], position="post")
+    assert [p.rsplit(".", 1)[0] for p in blocks_of(only)] == ["backbone.fpn"] * DETECTORS[name][1]
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        for r, o in zip(model(images), se.eval()(images)):
+            assert r.keys() == o.keys() and all(torch.equal(r[k], o[k]) for k in r)
+    with pytest.raises(retrofit.RetrofitError, match="position 'identity' applies to residual and inception sites"):
+        retrofit.add_se(model, kinds=["pyramid"], position="identity")
+
+
+def test_sites_says_why_pyramid_merges_are_not_residual_units(monkeypatch):
+    from typer.testing import CliRunner
+    import retrofit.cli.sites
+
+    monkeypatch.setattr(retrofit.cli.sites, "build_model", lambda *args: detector("retinanet_resnet50_fpn"))
+    result = CliRunner().invoke(retrofit.cli.app, ["sites", "retinanet", "--input-size", f"3,{SIDE},{SIDE}"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert sum(" pyramid " in line and "top-down + lateral" in line for line in lines) == 2  # the sites table
+    (note,) = [line for line in lines if "pyramid site(s)" in line]
+    assert note.startswith("2 pyramid site(s), feature-pyramid merges: a coarser map upsampled plus a lateral "
+                           "projection of this level, not a residual unit") and "--kinds residual,pyramid" in note
 
 
 def test_detector_strides_are_of_the_image_its_backbone_sees():
