@@ -67,8 +67,9 @@ def load_state(path: Path) -> dict[str, Any]:
     ``epoch``, ``phase`` (and that they agree with the saved settings), ``meta``, ``settings``, ``rows``
     and ``best`` (the metrics so far), ``rng``, the structure of ``model`` (names to tensors; checked
     against the live model by :func:`check_model`), ``optimizer`` and ``scheduler`` (checked against the
-    live objects by :func:`restore_training`). Keys this version does not read are ignored (they are
-    data; nothing in the file can run code)."""
+    live objects by :func:`restore_training`), and when present the model EMA (``ema``: its weights and
+    step count) and phase 2's frozen teacher (``teacher``), both checked against the live model too.
+    Keys this version does not read are ignored (they are data; nothing in the file can run code)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, unpickling refused, I/O: all mean "not a usable state"
@@ -101,10 +102,31 @@ def load_state(path: Path) -> dict[str, Any]:
     optimizer = state["optimizer"]
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         raise bad("'optimizer' has no 'state' mapping and 'param_groups' list")
-    weights = state["model"]
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
-        raise bad("'model' must map names to tensors")
+    for key, weights in _weight_entries(state, bad):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+            raise bad(f"'{key}' must map names to tensors")
     return state
+
+
+def _weight_entries(state: dict[str, Any], bad) -> list[tuple[str, dict]]:
+    """The state's model weights, and its EMA's and teacher's when it has them (their forms checked)."""
+    entries = [("model", state["model"])]
+    ema = state.get("ema")
+    if ema is not None:
+        if not isinstance(ema, dict) or not isinstance(ema.get("module"), dict):
+            raise bad("'ema' is not a mapping with the averaged weights under 'module'")
+        steps = ema.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise bad("'ema' has no whole number of 'steps'")
+        if "rounding" in ema and not isinstance(ema["rounding"], torch.Tensor):
+            raise bad("'ema' has a 'rounding' state that is not a tensor")
+        entries.append(("ema", ema["module"]))
+    teacher = state.get("teacher")
+    if teacher is not None:
+        if not isinstance(teacher, dict):
+            raise bad("'teacher' is not a mapping of names to tensors")
+        entries.append(("teacher", teacher))
+    return entries
 
 
 def _damaged(path: Path, what: str) -> RetrofitError:
@@ -112,8 +134,15 @@ def _damaged(path: Path, what: str) -> RetrofitError:
 
 
 def check_model(saved: dict[str, Any], model: nn.Module, path: Path) -> None:
-    """The saved weights (from :func:`load_state`) against ``model``: every name, dtype and shape."""
-    check_tensors(model, {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in saved["model"].items()}, path)
+    """The saved weights (from :func:`load_state`), the EMA's and the teacher's too, against ``model``:
+    every name, dtype and shape (the EMA and the teacher are copies of the model)."""
+    for key, weights in _weight_entries(saved, functools.partial(_damaged, path)):
+        try:
+            check_tensors(model, {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in weights.items()}, path)
+        except RetrofitError as err:
+            if key == "model":
+                raise
+            raise _damaged(path, f"'{key}': {err}") from None
 
 
 ROW_FIELDS = {"name": (str,), "phase": (int,), "val_loss": (int, float), "top1": (int, float),

@@ -284,3 +284,24 @@ def test_bypassed_blocks_give_the_original_network(position):
         assert not torch.equal(model(x), plain(x))  # the blocks do change the function
         with bypass_se(model):
             assert torch.equal(model(x), plain(x))
+
+
+@pytest.mark.parametrize("entry, edit", [
+    ("ema", lambda s: s["ema"]["module"].pop(next(iter(s["ema"]["module"])))),          # a missing tensor
+    ("ema", lambda s: s["ema"].update(steps="many")),                                    # not a count
+    ("ema", lambda s: s.update(ema=[1, 2])),                                             # not a mapping
+    ("teacher", lambda s: s["teacher"].update({"fc.weight": torch.zeros(1)})),           # a wrong shape
+    ("teacher", lambda s: s.update(teacher={"fc.weight": "x"})),                         # not a tensor
+])
+def test_resume_refuses_an_edited_ema_or_teacher_in_one_line(data, tmp_path, entry, edit):
+    """The EMA and the phase-2 teacher of a training state are data like the rest: an edited one is
+    one `error:` line naming the entry, not an internal error when it reaches load_state_dict."""
+    opts = dict(epochs=1, phase2_epochs=1, ema_decay=0.9, distill=True, **FAST)
+    retrofit.finetune(se_model(), data, output_dir=tmp_path / "run", **opts)
+    path = tmp_path / "run" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    assert entry in state
+    edit(state)
+    torch.save(state, path)
+    with pytest.raises(RetrofitError, match=f"damaged or was edited: .*'{entry}'"):
+        retrofit.finetune(se_model(), data, output_dir=tmp_path / "run", resume=True, **dict(opts, phase2_epochs=1))
