@@ -76,6 +76,7 @@ def sweep_command(
     from ..measure.meta import build_and_scan
     from ..graph.model import resolve_input_size
     from ..surgery.recipe import resolve_recipe
+    from ..sweep.ablation import verdict
     from ..sweep.grid import parse_axis, parse_stages, sweep
 
     base = resolve_recipe(recipe, allow_wide=True if allow_wide else None, at=at)
@@ -112,7 +113,7 @@ def sweep_command(
            "accuracy": {"data": str(data), "epochs": epochs, "seeds": list(range(seeds)), "train": train}
            if data is not None else None,
            "base": {"params": count_params(net), "macs": found.macs},
-           "rows": [row.to_dict() for row in rows]}
+           "rows": [row.to_dict() for row in rows], "verdict": verdict(rows)}
     if json_path != "-":
         say((name, "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
             f"{sum(row.arm == 'se' for row in rows)} combinations; other fields: {base.describe()}")
@@ -123,6 +124,8 @@ def sweep_command(
         (draw_accuracy if has_accuracy(rows) else draw)(pyplot, rows, name, plot, latency)
         if json_path != "-":
             say(f"saved {plot}")
+    if out["verdict"] and json_path != "-":  # the last line: did any recipe beat the best control?
+        say(out["verdict"])
 
 
 def sweep_table(rows, latency: bool, batch: int, size):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -150,7 +149,7 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup) ->
 
 
 def _replace(row: SweepRow, **changes) -> SweepRow:
-    return SweepRow(**{**asdict(row), **changes})
+    return dataclasses.replace(row, **changes)
 
 
 # -- axes ---------------------------------------------------------------------------------------
