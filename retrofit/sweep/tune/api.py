@@ -16,7 +16,7 @@ import functools
 import random
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -30,6 +30,7 @@ from ...surgery.insert import paused_gc
 from ...surgery.recipe import Recipe, resolve_recipe
 from ...surgery.sites import Scan, scan
 from ...train.data import ImageFolderData
+from ...train.settings import Settings
 from ...train.distributed import setup
 from ..ablation import check_accuracy_run, verdict
 from ..rows import SweepRow
@@ -197,7 +198,11 @@ def _results(search: Search, s: dict, rows, summ, finish_rows, storage) -> dict[
 
 
 def _identity(search: Search, s: dict) -> dict[str, Any]:
-    settings = {k: v for k, v in search.train.items() if k != "workers"}  # data loaders change no number
+    # every setting that decides a number, defaults filled in (so the CLI's and a Python call's compare equal);
+    # the data loaders' process count decides none
+    settings = {f.name: search.train.get(f.name, f.default) for f in fields(Settings)
+                if f.name not in ("epochs", "phase2_epochs", "seed", "train_head", "train_norms")}
+    settings["device"] = search.train.get("device")
     return identity(model=model_identity(search.model, search.input_size), data=data_identity(search.pipeline),
                     space=search.space.to_dict(),
                     settings={"epochs": search.epochs, "search_seed": search.seed, "train": settings,

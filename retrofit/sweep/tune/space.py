@@ -231,7 +231,7 @@ def parse_space(base: Recipe, *, position: Any = None, r: Any = None, stages: An
                       stages=tuple(stage_sets))
     else:
         items = split_axis(r) if isinstance(r, str) else r if isinstance(r, (list, tuple)) else [r]
-        if any(str(v).strip().lower() == OFF for v in items):
+        if any(v is False or str(v).strip().lower() == OFF for v in items):
             raise RetrofitError("--r: 'off' (no block in a stage) needs --per-stage or a per-stage r mapping")
         ratios = parse_axis("r", r if r is not None else base.r, lambda v: base.replace(r=v).r)
         fields.update(r=tuple(ratios), stages=tuple(stage_sets))
@@ -289,7 +289,7 @@ def _stage(key: Any) -> int:
 
 def _stage_ratio(base: Recipe):
     def check(value):
-        if isinstance(value, str) and value.strip().lower() == OFF:
+        if (isinstance(value, str) and value.strip().lower() == OFF) or value is False:  # YAML reads off as false
             return OFF
         return Recipe(r=value, allow_wide=base.block.allow_wide).r  # a plain ratio (a map is per stage already)
     return check

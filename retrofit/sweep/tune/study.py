@@ -53,8 +53,11 @@ def identity(**parts: dict[str, Any]) -> dict[str, Any]:
 def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str, Any]):
     """The study ``name`` in ``storage`` (``where`` names it in messages): created, or resumed when its
     identity is ``ident``; one error otherwise."""
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
+    try:  # an existing study is loaded first: creating one appends to the journal even when it exists
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
     if study.direction != StudyDirection.MAXIMIZE:
         raise RetrofitError(f"study '{name}' in {where} minimizes its value: it is not a retrofit tune; use another "
                             f"--study or --output-dir")
@@ -75,7 +78,7 @@ def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str,
 def difference(old: Any, new: Any, path: str = "") -> str:
     """Where two identity values first differ: ``train.images: 24, now 27``."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
+        for key in [*old, *(k for k in new if k not in old)]:
             if old.get(key) != new.get(key):
                 return difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
     shown = [canonical(v) for v in (old, new)]
