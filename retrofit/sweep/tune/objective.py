@@ -152,7 +152,12 @@ def train_trial(search: Search, trial, cand: Candidate, model: nn.Module) -> flo
 def follow_trial(search: Search, number: int, recipe: Recipe, searched: dict[str, Any]) -> None:
     """A rank other than 0: train the trial rank 0 sent; its pruning decisions arrive through the fine-tune
     (the hook is rank 0's alone)."""
-    search.run(f"trial {number}", recipe, searched, search.seed)
+    search.run(f"trial {number}", recipe, searched, search.seed, on_epoch=_listen)
+
+
+def _listen(row: dict[str, Any]) -> bool:
+    """A follower's hook: it decides nothing, but joins the per-epoch vote in which rank 0's stop arrives."""
+    return False
 
 
 def skip(search: Search, trial, reason: str, cand: Candidate | None):
