@@ -49,7 +49,8 @@ def tuned(tmp_path_factory):
         mp.setattr(ablation_module, "finetune", recording)
         result = runner.invoke(app, ["tune", *model_args(tmp), "--data", str(data), *SPACE, *TRAIN, "--trials", "6",
                                      "--pruner", "sha", "--max-params", f"{LIMIT:g}%", "--finalists", "2",
-                                     "--seeds", "2", "-o", str(tmp / "out"), "--json", str(tmp / "t.json")])
+                                     "--seeds", "2", "-o", str(tmp / "out"), "--json", str(tmp / "t.json"),
+                                     "--plot", str(tmp / "tune.png")])
     assert result.exit_code == 0, result.output
     return dict(tmp=tmp, data=data, out=tmp / "out", output=result.output, calls=calls,
                 json=json.loads((tmp / "t.json").read_text()))
@@ -151,6 +152,7 @@ def test_best_recipe_yaml_rebuilds_the_winner_through_add_se(tuned):
     saved = retrofit.load(out / "best.safetensors")  # the winner's seed-0 model, loadable
     assert saved._retrofit.recipe == retrofit.Recipe.from_dict(win["recipe"])
     assert not (out / "finalists").exists() and not list(out.rglob("*.tmp"))
+    assert (tuned["tmp"] / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --plot drew every trial
 
 
 def test_the_python_api_gives_the_same_rows_and_summary(tuned, monkeypatch):
