@@ -3,7 +3,6 @@ lines and the closing summary, all read from the store."""
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from optuna.trial import TrialState
@@ -86,7 +85,3 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.0f}%" if b else "-"
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
