@@ -24,11 +24,12 @@ below (``lint-imports`` checks it; docs/architecture.md draws it):
 * :mod:`retrofit.measure`: overhead, latency, report tables;
 * :mod:`retrofit.files`: save, load, adapters, model cards, weight files;
 * :mod:`retrofit.train`: the fine-tune;
-* :mod:`retrofit.sweep`: the cost grid, the accuracy arms, the coverage check;
+* :mod:`retrofit.sweep`: the cost grid, the accuracy arms, the recipe search (``tune``), the coverage check;
 * :mod:`retrofit.cli`: the ``retrofit`` command.
 
 The names below are the public API. Each is imported on first use (PEP 562's module ``__getattr__``),
-so ``import retrofit`` and ``retrofit --help`` import neither torch nor timm.
+so ``import retrofit`` and ``retrofit --help`` import neither torch nor timm (nor Optuna, which
+``retrofit.tune`` needs: the optional ``tune`` extra).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ _API: dict[str, str] = {
     "finetune": "train.finetune",
     "FinetuneResult": "train.settings",
     "sweep": "sweep.grid",
+    "tune": "sweep.tune.api",
+    "TuneResult": "sweep.tune.api",
     "RetrofitError": "errors",
     "RecipeError": "errors",
     "RetrofitWarning": "errors",
@@ -87,6 +90,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .surgery.strip import strip
     from .surgery.trainable import Trainable, trainable_parameters
     from .sweep.grid import sweep
+    from .sweep.tune.api import TuneResult, tune
     from .train.finetune import finetune
     from .train.settings import FinetuneResult
 

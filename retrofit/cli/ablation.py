@@ -14,7 +14,7 @@ def accuracy_caption(rows, latency: bool) -> str:
     seeds = next((len(row.seeds) for row in rows if row.seeds), 0)
     control = next((row.control for row in rows if row.control), None)
     return (f"top-1, val loss: the last epoch's, mean ± std over {seeds} seed(s). Δ top-1: paired difference "
-            f"to the control arm '{control}' (the best control), mean ± std over the seeds. front: on the "
+            f"to the control arm '{control}' (the best control), mean ± std over the seeds [its 95% t-interval]. front: on the "
             f"Pareto front of top-1 against {'latency' if latency else 'added parameters'}, controls included.")
 
 
@@ -28,6 +28,8 @@ def accuracy_cells(row) -> list[str]:
     if row.top1 is None:
         return ["", "", "", ""]
     delta = "" if row.delta_top1 is None else f"{row.delta_top1:+.2f} ± {row.delta_top1_std:.2f}"
+    if row.delta_top1_ci is not None:
+        delta += f" [{row.delta_top1_ci[0]:+.2f}, {row.delta_top1_ci[1]:+.2f}]"
     return [f"{row.top1:.2f} ± {row.top1_std:.2f}", f"{row.val_loss:.4f} ± {row.val_loss_std:.4f}", delta,
             "*" if row.pareto else ""]
 
@@ -52,14 +54,21 @@ def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
                     marker="o", capsize=3, label=label)
         for p in points:
             ax.annotate(f"r={p.r_label}", (x_of(p), p.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for style, row in zip(("--", "-.", ":"), [r for r in rows if r.arm != "se" and r.top1 is not None]):
-        ax.axhline(row.top1, linestyle=style, color="gray", label=f"control: {row.arm} ({row.top1:.2f} ± {row.top1_std:.2f})")
+    control_lines(ax, rows)
     ax.set_xlabel("latency overhead (%)" if latency else "parameters added (%)")
     ax.set_ylabel("val top-1 (%), mean ± std over seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"SE retrofit accuracy sweep: {name}")
     save_figure(pyplot, fig, path)
+
+
+def control_lines(ax, rows) -> None:
+    """The control arms of ``rows`` as horizontal lines at their mean top-1, labelled with mean ± std."""
+    styles = ("--", "-.", ":")
+    for i, row in enumerate(r for r in rows if r.arm != "se" and r.top1 is not None):
+        ax.axhline(row.top1, linestyle=styles[i % len(styles)], color="gray",
+                   label=f"control: {row.arm} ({row.top1:.2f} ± {row.top1_std:.2f})")
 
 
 def save_figure(pyplot, fig, path: Path) -> None:

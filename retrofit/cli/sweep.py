@@ -20,6 +20,14 @@ PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the ex
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
 
 
+# the accuracy runs' options, shared with `retrofit tune` (whose runs are the same fine-tunes)
+BATCH_SIZE = typer.Option(32, "--batch-size", "-b", help="With --data: global batch size.")
+PHASE2_LR = typer.Option(None, "--phase2-lr", help="With --data: learning rate of the full-network control (default: lr / 10).")
+AUGMENT = typer.Option(True, "--augment/--no-augment", help="With --data: timm's training augmentation.")
+WORKERS = typer.Option(2, "--workers", "-j", min=0, help="With --data: data-loading processes.")
+DEVICE = typer.Option(None, "--device", help="With --data: cpu or cuda (default: cuda when available).")
+
+
 @app.command("sweep")
 @fail_cleanly
 def sweep_command(
@@ -46,12 +54,10 @@ def sweep_command(
     seeds: int = typer.Option(1, "--seeds", help="With --data: seeds 0..K-1 per combination and control (mean ± std, paired differences)."),
     checkpoint: Optional[Path] = CHECKPOINT,
     pretrained: bool = PRETRAINED,
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="With --data: global batch size."),
+    batch_size: int = BATCH_SIZE,
     lr: float = typer.Option(1e-3, "--lr", help="With --data: phase-1 learning rate (SE arms, head+norms control)."),
-    phase2_lr: Optional[float] = typer.Option(None, "--phase2-lr", help="With --data: learning rate of the full-network control (default: lr / 10)."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="With --data: timm's training augmentation."),
-    workers: int = typer.Option(2, "--workers", "-j", min=0, help="With --data: data-loading processes."),
-    device: Optional[str] = typer.Option(None, "--device", help="With --data: cpu or cuda (default: cuda when available)."),
+    phase2_lr: Optional[float] = PHASE2_LR, augment: bool = AUGMENT, workers: int = WORKERS,
+    device: Optional[str] = DEVICE,
     smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
     clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
     channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
@@ -76,6 +82,7 @@ def sweep_command(
     from ..measure.meta import build_and_scan
     from ..graph.model import resolve_input_size
     from ..surgery.recipe import resolve_recipe
+    from ..sweep.ablation import verdict
     from ..sweep.grid import parse_axis, parse_stages, sweep
 
     base = resolve_recipe(recipe, allow_wide=True if allow_wide else None, at=at)
@@ -112,7 +119,7 @@ def sweep_command(
            "accuracy": {"data": str(data), "epochs": epochs, "seeds": list(range(seeds)), "train": train}
            if data is not None else None,
            "base": {"params": count_params(net), "macs": found.macs},
-           "rows": [row.to_dict() for row in rows]}
+           "rows": [row.to_dict() for row in rows], "verdict": verdict(rows)}
     if json_path != "-":
         say((name, "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
             f"{sum(row.arm == 'se' for row in rows)} combinations; other fields: {base.describe()}")
@@ -123,9 +130,11 @@ def sweep_command(
         (draw_accuracy if has_accuracy(rows) else draw)(pyplot, rows, name, plot, latency)
         if json_path != "-":
             say(f"saved {plot}")
+    if out["verdict"] and json_path != "-":  # the last line: did any recipe beat the best control?
+        say(out["verdict"])
 
 
-def sweep_table(rows, latency: bool, batch: int, size):
+def sweep_table(rows, latency: bool, batch: int, size, title: str = "Sweep", note: str = ""):
     # deferred: torch and timm load when a command runs, not for --help
     from ..measure.report import _n, _pct
 
@@ -136,7 +145,8 @@ def sweep_table(rows, latency: bool, batch: int, size):
     accuracy = has_accuracy(rows)
     if accuracy:
         caption += " " + accuracy_caption(rows, latency)
-    table = Table(title="Sweep", title_justify="left", caption=caption, caption_justify="left")
+    caption += note
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     columns = ["position", "r", "stages", "blocks", "params added", "% params", "MACs added", "% MACs"]
     if latency:
         columns += ["latency", "ms"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import statistics
 import warnings
 from pathlib import Path
@@ -85,57 +86,33 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
             ``batch_size``, ``phase2_lr``, ``augment``, ``workers``, ``device``, ``smoothing``...).
         on_run: called with one line after each run (progress for the CLI).
     """
-    if is_meta(model):
-        raise RetrofitError("an accuracy sweep fine-tunes the model: give one with real weights, not a meta one")
-    seeds = parse_seeds(seeds)
-    train = dict(train or {})
-    for key in ("epochs", "phase2_epochs", "seed", "output_dir", "resume", "input_size", "restore_best",
-                "train_head", "train_norms", "progress"):
-        if key in train:
-            raise RetrofitError(f"the sweep sets {key} itself for each run; leave it out of the training options")
-    if epochs < 1:
-        raise RetrofitError(f"--epochs must be at least 1 for an accuracy sweep, got {epochs}")
+    seeds, train = check_accuracy_run(model, seeds, epochs, train)
     distill = train.pop("distill", False)
     env = setup(train.get("device"))  # held for the whole sweep: each run joins the same process group
     try:
         pipeline = ImageFolderData.open(data, model, input_size, augment=train.get("augment", True))
         runs = _Runner(pipeline, epochs, input_size, train, on_run)
-        total = (2 + sum(1 for r in rows if not r.note)) * len(seeds)
-        runs.total = total
-        controls = {name: [] for name in CONTROLS}
-        failed: dict[str, str] = {}
-        for name, kwargs in (("head+norms", dict(train_head=True, train_norms=True)),
-                             ("full", dict(phase1=False))):
+        runs.total = (2 + sum(1 for r in rows if not r.note)) * len(seeds)
+        controls: dict[str, list[dict] | str] = {}
+        for name in ("head+norms", "full"):
+            controls[name] = []
             for seed in seeds:
-                result = runs.run(f"control {name}", lambda: copy.deepcopy(model), seed, **kwargs)
+                result = runs.run(f"control {name}", lambda: copy.deepcopy(model), seed, **CONTROL_OPTIONS[name])
                 if isinstance(result, str):  # the arm is a failed row; none of its seeds count
-                    failed[name], controls[name] = result, []
+                    controls[name] = result
                     break
                 controls[name].append(result)
-        originals = next((c for c in controls.values() if c), [])
-        controls["original"] = [dict(r, last=r["original"]) for r in originals]
-        control_rows = [_control_row(name, controls[name] if name not in failed else None, failed.get(name),
-                                     seeds, latency) for name in CONTROLS]
-        best = max((r for r in control_rows if r.top1 is not None), key=lambda r: r.top1, default=None)
-        base_per_seed = controls[best.arm] if best is not None else None
+        control_rows_, base = control_rows(controls, seeds, latency)
         out = []
         for row in rows:
             if row.note:
                 out.append(dataclasses.replace(row, seeds=tuple(seeds)))
                 continue
             recipe = row_recipe(base_recipe, row)
-
-            def build(seed: int, recipe=recipe) -> nn.Module:
-                se_model = copy.deepcopy(model)
-                torch.manual_seed(seed)  # the blocks' random init: a function of the seed
-                with warnings.catch_warnings():  # narrow widths were already reported by the counts
-                    warnings.simplefilter("ignore")
-                    retrofit_scanned(found, se_model, recipe)
-                return se_model
-
             per_seed = []
             for seed in seeds:
-                result = runs.run(_label(row), lambda: build(seed), seed, distill=distill)
+                result = runs.run(_label(row), lambda: build_retrofitted(model, found, recipe, seed), seed,
+                                  distill=distill)
                 if isinstance(result, str):
                     per_seed = result
                     break
@@ -143,10 +120,61 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
             if isinstance(per_seed, str):
                 out.append(dataclasses.replace(row, seeds=tuple(seeds), note=f"fine-tune failed: {per_seed}"))
                 continue
-            out.append(_with_stats(row, per_seed, seeds, base_per_seed, best.arm if best else None))
-        return pareto(control_rows + out, latency)
+            out.append(with_stats(row, per_seed, seeds, base))
+        return pareto(control_rows_ + out, latency)
     finally:
         env.close()
+
+
+def check_accuracy_run(model: nn.Module, seeds: int | Iterable[int], epochs: int,
+                       train: dict[str, Any] | None) -> tuple[list[int], dict[str, Any]]:
+    """The seeds and a copy of the training options of an accuracy run (the sweep's, the tune's), checked:
+    one clear error for a meta model, no seed, no epoch or an option the runs set themselves."""
+    if is_meta(model):
+        raise RetrofitError("an accuracy sweep fine-tunes the model: give one with real weights, not a meta one")
+    seeds = parse_seeds(seeds)
+    train = dict(train or {})
+    for key in ("epochs", "phase2_epochs", "seed", "output_dir", "resume", "input_size", "restore_best",
+                "train_head", "train_norms", "progress", "on_epoch"):
+        if key in train:
+            raise RetrofitError(f"the sweep sets {key} itself for each run; leave it out of the training options")
+    if epochs < 1:
+        raise RetrofitError(f"--epochs must be at least 1 for an accuracy sweep, got {epochs}")
+    return seeds, train
+
+
+# what each trained control arm changes in the fine-tune (the original arm is the runs' step 0)
+CONTROL_OPTIONS: dict[str, dict[str, Any]] = {"head+norms": dict(train_head=True, train_norms=True),
+                                              "full": dict(phase1=False)}
+
+
+def build_retrofitted(model: nn.Module, found, recipe, seed: int) -> nn.Module:
+    """``model``'s copy with the blocks of ``recipe`` whose random init is a function of ``seed``: those of
+    ``torch.manual_seed(seed); retrofit.add_se(model, recipe)``."""
+    se_model = copy.deepcopy(model)
+    torch.manual_seed(seed)  # the blocks' random init: a function of the seed
+    with warnings.catch_warnings():  # narrow widths were already reported by the counts
+        warnings.simplefilter("ignore")
+        retrofit_scanned(found, se_model, recipe)
+    return se_model
+
+
+def run_arm(pipeline: ImageFolderData, model: nn.Module, seed: int, *, epochs: int, input_size,
+            train: dict[str, Any], phase1: bool = True, phase2_epochs: int = 0,
+            on_epoch: Callable[[dict], bool] | None = None, **options) -> dict[str, Any]:
+    """One fine-tune of an accuracy run: ``model`` (trained in place) with ``seed``; ``phase1=False`` trains
+    ``epochs`` epochs of phase 2 only (the ``full`` control). Returns ``last`` (the last epoch's row),
+    ``original`` (the original's row) and ``rows``; a failure raises."""
+    planned = dict(epochs=epochs, phase2_epochs=phase2_epochs) if phase1 else dict(epochs=0, phase2_epochs=epochs)
+    result = finetune(model, pipeline, **planned, seed=seed, input_size=input_size, restore_best=False,
+                      on_epoch=on_epoch, **train, **options)
+    last = next(r for r in reversed(result.rows) if not r["name"].endswith("(ema)"))  # the live weights' row
+    return {"last": last, "original": result.row("original"), "rows": result.rows}
+
+
+def failure(err: Exception) -> str:
+    """The reason a run failed, as a row's note says it."""
+    return first_line(err) if isinstance(err, RetrofitError) else f"{type(err).__name__}: {first_line(err)}"
 
 
 class _Runner:
@@ -158,17 +186,16 @@ class _Runner:
 
     def run(self, label: str, build: Callable[[], nn.Module], seed: int, phase1: bool = True, **options):
         """A dict (``last``, ``original``: metric rows) or, when the run fails, the reason (a string)."""
-        epochs = dict(epochs=self.epochs) if phase1 else dict(epochs=0, phase2_epochs=self.epochs)
         try:
-            result = finetune(build(), self.pipeline, **epochs, seed=seed, input_size=self.input_size,
-                              restore_best=False, **self.train, **options)
+            result = run_arm(self.pipeline, build(), seed, epochs=self.epochs, input_size=self.input_size,
+                             train=self.train, phase1=phase1, **options)
         except Exception as err:  # noqa: BLE001 - a failed combination is a row with its reason
-            reason = first_line(err) if isinstance(err, RetrofitError) else f"{type(err).__name__}: {first_line(err)}"
+            reason = failure(err)
             self._say(f"{label}, seed {seed}: failed ({reason})")
             return reason
-        last = result.row(f"epoch {self.epochs}")
+        last = result["last"]
         self._say(f"{label}, seed {seed}: top-1 {last['top1']:.2f}%, val loss {last['val_loss']:.4f}")
-        return {"last": last, "original": result.row("original")}
+        return result
 
     def _say(self, text: str) -> None:
         self.done += 1
@@ -185,6 +212,22 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+# Student's t quantiles t(0.975, df) for df = 1..30 (beyond: the normal's 1.96); a table, so the core
+# package needs no scipy (benchmarks/transfer.py's interval() computes the same with scipy.stats.t.ppf)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_interval(xs: list[float]) -> tuple[float, float] | None:
+    """The 95% t-interval of the mean of ``xs`` (paired differences over seeds); None for one value."""
+    if len(xs) < 2:
+        return None
+    mean, std = mean_std(xs)
+    half = (_T975[len(xs) - 2] if len(xs) - 1 <= len(_T975) else 1.96) * std / math.sqrt(len(xs))
+    return mean - half, mean + half
+
+
 def _stats(per_seed: list[dict]) -> dict[str, Any]:
     top1 = [r["last"]["top1"] for r in per_seed]
     loss = [r["last"]["val_loss"] for r in per_seed]
@@ -193,23 +236,64 @@ def _stats(per_seed: list[dict]) -> dict[str, Any]:
                 val_loss_per_seed=tuple(loss))
 
 
-def _with_stats(row, per_seed: list[dict], seeds: list[int], control: list[dict] | None, control_name):
+def with_stats(row, per_seed: list[dict], seeds: list[int], control) -> SweepRow:
+    """``row`` with the accuracy of its runs (one per seed) and the paired difference to ``control`` (the
+    best control row, or None)."""
     stats = _stats(per_seed)
-    if control:
-        diffs = [a - b["last"]["top1"] for a, b in zip(stats["top1_per_seed"], control)]
+    if control is not None:
+        diffs = [a - b for a, b in zip(stats["top1_per_seed"], control.top1_per_seed)]
         stats["delta_top1"], stats["delta_top1_std"] = mean_std(diffs)
-        stats["control"] = control_name
+        stats["delta_top1_ci"] = t_interval(diffs)
+        stats["control"] = control.arm
     return dataclasses.replace(row, seeds=tuple(seeds), **stats)
 
 
-def _control_row(name: str, per_seed: list[dict] | None, failed: str | None, seeds: list[int], latency: bool):
-    note = {"original": "the original at step 0", "head+norms": "original, head + norm affine trained at lr",
-            "full": "original, every parameter trained at the phase-2 lr"}[name]
-    row = SweepRow("", 0.0, None, 0, 0, 0.0, 0, 0.0, 0, arm=name, seeds=tuple(seeds), note=note,
-                   latency=1.0 if latency else None)  # the original architecture: latency ratio 1
-    if not per_seed:
-        return dataclasses.replace(row, note=f"failed: {failed}" if failed else "no run succeeded")
-    return dataclasses.replace(row, **_stats(per_seed))
+NOTES = {"original": "the original at step 0", "head+norms": "original, head + norm affine trained at lr",
+         "full": "original, every parameter trained at the phase-2 lr"}
+
+
+def control_rows(controls: dict[str, list[dict] | str], seeds: list[int], latency: bool,
+                 notes: dict[str, str] | None = None) -> tuple[list[SweepRow], SweepRow | None]:
+    """The control rows and the best of them (highest mean top-1; None if none ran). ``controls``: each
+    trained arm (``head+norms``, ``full``; any name) -> its per-seed results, or why it failed; the
+    ``original`` arm is the step-0 row those runs share."""
+    originals = next((c for c in controls.values() if not isinstance(c, str) and c), [])
+    every = {"original": [dict(r, last=r["original"]) for r in originals], **controls}
+    rows = []
+    for name, per_seed in every.items():
+        note = (notes or {}).get(name) or NOTES.get(name, "")
+        row = SweepRow("", 0.0, None, 0, 0, 0.0, 0, 0.0, 0, arm=name, seeds=tuple(seeds), note=note,
+                       latency=1.0 if latency else None)  # the original architecture: latency ratio 1
+        if isinstance(per_seed, str) or not per_seed:
+            row = dataclasses.replace(row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run succeeded")
+        else:
+            row = dataclasses.replace(row, **_stats(per_seed))
+        rows.append(row)
+    best = max((r for r in rows if r.top1 is not None), key=lambda r: r.top1, default=None)
+    return rows, best
+
+
+def verdict(rows: list) -> str | None:
+    """The closing line of an accuracy run: whether a recipe beat the best control beyond the 95% interval
+    of its paired difference (the interval's low end above 0). None when no recipe row has a difference."""
+    scored = [r for r in rows if r.arm == "se" and r.delta_top1 is not None]
+    if not scored:
+        return None
+    control = scored[0].control
+    winners = [r for r in scored if r.delta_top1_ci is not None and r.delta_top1_ci[0] > 0]
+    best = max(winners or scored, key=lambda r: (r.delta_top1, -r.params))
+    delta = f"Δ top-1 {best.delta_top1:+.2f} points" + (
+        f" [95% CI {best.delta_top1_ci[0]:+.2f}, {best.delta_top1_ci[1]:+.2f}]" if best.delta_top1_ci
+        else " (one seed: no interval)")
+    if winners:
+        return f"{describe_row(best)} beat the control '{control}' on this data: {delta}"
+    return f"no recipe beat the control '{control}' on this data: best {describe_row(best)}, {delta}"
+
+
+def describe_row(row) -> str:
+    """A recipe row as the verdict names it: ``identity r=4 stages all`` (and its trial in a tune)."""
+    text = _label(row) + (f" ({row.label})" if row.label else "")
+    return text + (f" (trial {row.trial})" if row.trial is not None else "")
 
 
 def pareto(rows: list, latency: bool) -> list:

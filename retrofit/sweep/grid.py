@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -150,7 +149,7 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup) ->
 
 
 def _replace(row: SweepRow, **changes) -> SweepRow:
-    return SweepRow(**{**asdict(row), **changes})
+    return dataclasses.replace(row, **changes)
 
 
 # -- axes ---------------------------------------------------------------------------------------
@@ -187,7 +186,8 @@ def parse_axis(name: str, values: Any, check) -> list:
 
 
 _EXAMPLES = {"r": "2,4,8,16,32 or '16;2:8,3:8,4:16,5:32'", "position": "standard,pre,post,identity,inside",
-             "stages": "all,2,3,4,5,3+4"}
+             "stages": "all,2,3,4,5,3+4", "module": "se,eca,cbam", "gate": "sigmoid,hard_sigmoid",
+             "squeeze": "avg,max", "phase2-epochs": "0,2"}  # the last four: retrofit tune's axes
 
 
 def split_axis(text: str) -> list[str]:

@@ -40,8 +40,15 @@ class SweepRow:
     val_loss_per_seed: tuple[float, ...] = ()
     delta_top1: float | None = None    # paired difference to the control arm, mean over the seeds
     delta_top1_std: float | None = None
+    delta_top1_ci: tuple[float, float] | None = None  # its 95% t-interval over the seeds (None: one seed)
     control: str | None = None         # that control arm: the one with the best mean top-1
     pareto: bool = False               # on the front of top-1 against added parameters (or latency)
+    # a tune's finalist (:mod:`retrofit.sweep.tune`): its whole recipe (module, gate, squeeze too), the
+    # fine-tune settings it searched (lr, phase2_epochs), its trial and what the three axes do not show
+    recipe: Recipe | None = None
+    train: dict[str, Any] | None = None
+    trial: int | None = None
+    label: str = ""
 
     @property
     def stages_label(self) -> str:
@@ -54,7 +61,8 @@ class SweepRow:
     def to_dict(self) -> dict[str, Any]:
         """Plain values: ``r`` a number or, per stage, a mapping with its ``default`` (as in a recipe's
         ``to_dict``); ``r_label`` the table's spelling of it; a control arm has no ``stages``."""
-        d = {**asdict(self), "r": self.r.to_dict() if isinstance(self.r, StageMap) else self.r}
+        d = {**asdict(self), "r": self.r.to_dict() if isinstance(self.r, StageMap) else self.r,
+             "recipe": self.recipe.to_dict() if self.recipe is not None else None}
         d["stages"] = self.stages_label if self.arm == "se" else None  # a control arm has no blocks
         d["r_label"] = self.r_label
         return d
@@ -71,5 +79,7 @@ def r_label(r: float | StageMap) -> str:
 
 
 def row_recipe(base_recipe: Recipe, row: SweepRow) -> Recipe:
-    """The recipe of one combination."""
+    """The recipe of one combination (a tune's finalist: its own)."""
+    if row.recipe is not None:
+        return row.recipe
     return dataclasses.replace(base_recipe, position=row.position, r=row.r, stages=row.stages)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, Callable
 
 from torch import nn
 
@@ -53,7 +54,8 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
              ema_decay: float | None = None, clip_grad: float | None = None, clip_mode: str = "norm",
              channels_last: bool = False, input_size: tuple[int, ...] | None = None,
              output_dir: str | Path | None = None, resume: bool = False, workers: int = 0,
-             device: str | None = None, progress: bool = False, restore_best: bool = True) -> FinetuneResult:
+             device: str | None = None, progress: bool = False, restore_best: bool = True,
+             on_epoch: Callable[[dict[str, Any]], bool] | None = None) -> FinetuneResult:
     """Fine-tune a retrofitted model briefly on an ImageFolder; returns the metrics.
 
     Args:
@@ -100,6 +102,12 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
         device: ``cpu``/``cuda`` (default: CUDA when available; bf16 autocast on CUDA, fp32 on CPU).
         progress: rich progress bars on stderr (rank 0).
         restore_best: end with the best weights by val top-1 in ``model`` (else the last ones).
+        on_epoch: called with a copy of each epoch's row (``epoch N``) once the epoch is committed; a true
+            return value ends the run there, as if it had been given that many epochs (the schedule stays
+            that of all of them: the rows so far are those of the full run). It must draw no random
+            numbers, so the run is bitwise the same with it as without it (``retrofit tune`` reports each
+            epoch to its pruner through it). Under torchrun it is called on every process, and the run
+            ends on all of them when it returns true on one.
 
     Returns:
         :class:`FinetuneResult`; ``result.row("step 0")["top1"]``, ``result.best["name"]``...
@@ -123,7 +131,7 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
     run = None
     try:
         run = Run(model, settings, env, data, input_size, output_dir, resume, workers, progress)
-        return run.run(restore_best)
+        return run.run(restore_best, on_epoch)
     finally:
         if run is not None:
             run.dir.close()  # the folder's lock

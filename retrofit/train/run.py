@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -93,7 +93,9 @@ class Run:
             raise RetrofitError("phase 1 has nothing to train: this model has no blocks from retrofit.add_se; "
                                 "train its head or norm layers (train_head, train_norms) or give only phase2_epochs")
 
-    def run(self, restore_best: bool) -> FinetuneResult:
+    def run(self, restore_best: bool, on_epoch: Callable[[dict], bool] | None = None) -> FinetuneResult:
+        """Train the epochs left and return the result; ``on_epoch(row)`` (see :func:`retrofit.finetune`)
+        after each committed epoch may end the run there: the run is then complete up to that epoch."""
         s, env = self.s, self.env
         micro = s.batch_size // (env.world * s.accum_steps)
         self.train_loader = self.data.train_loader(micro, batch_size=s.batch_size, seed=s.seed, rank=env.rank,
@@ -108,7 +110,10 @@ class Run:
                 if (1 if epoch <= s.epochs else 2) != phase:
                     phase = 1 if epoch <= s.epochs else 2
                     net, optimizer, scheduler = self._start_phase(phase, epoch)
-                self._epoch(epoch, phase, net, optimizer, scheduler)
+                row = self._epoch(epoch, phase, net, optimizer, scheduler)
+                # every process stops when the hook says so on one (a tune decides on rank 0 alone)
+                if on_epoch is not None and env.any(bool(on_epoch(dict(row)))):
+                    break
         return self._finish(restore_best)
 
     def _begin(self) -> int:
@@ -133,8 +138,9 @@ class Run:
         self.dir.recover(model, saved, self.ema.module if self.ema is not None else None)
         return saved["epoch"]
 
-    def _epoch(self, epoch: int, phase: int, net: nn.Module, optimizer, scheduler) -> None:
-        """Train one epoch, evaluate it (and the EMA), and commit the epoch to the run folder."""
+    def _epoch(self, epoch: int, phase: int, net: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+        """Train one epoch, evaluate it (and the EMA), and commit the epoch to the run folder; returns the
+        epoch's row (the live weights', not the EMA's)."""
         s, model, record = self.s, self.model, self.record
         in_phase = epoch - 1 if phase == 1 else epoch - 1 - s.epochs
         seed_all(s.seed + 1000 * epoch + self.env.rank)  # augmentation, mixup and dropout draws of this epoch
@@ -147,7 +153,7 @@ class Run:
         scheduler.step(in_phase + 1, val["top1"])  # the metric: for sched="plateau" (mode max)
         val["skipped_images"] += bad
         best = record.best
-        record.add(f"epoch {epoch}", epoch, phase, train, val, model)
+        row = record.add(f"epoch {epoch}", epoch, phase, train, val, model)
         if self.ema is not None:  # the average as a row of its own; it may be the best
             ema_val = self._evaluate(f"epoch {epoch} val (ema)", self.ema.module)
             ema_val["skipped_images"] = val["skipped_images"]
@@ -160,6 +166,7 @@ class Run:
         if self.objective.frozen is not None:
             state["teacher"] = self.objective.frozen.state_dict()
         self.dir.commit_epoch(model, state, record.rows, best=record.best_module if record.best is not best else None)
+        return row
 
     def _finish(self, restore_best: bool) -> FinetuneResult:
         model, record = self.model, self.record

@@ -62,7 +62,8 @@ def test_rows_are_finetune_runs_and_the_controls_see_the_same_batches(tmp_path, 
                                  "--r", ",".join(map(str, RATIOS)), "--data", str(root), "--seeds", str(len(SEEDS)),
                                  *TRAIN, "--json", "-"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["rows"]
+    swept = json.loads(result.stdout)
+    rows = swept["rows"]
     assert [(r["arm"], r["r"]) for r in rows] == [("original", 0), ("head+norms", 0), ("full", 0), ("se", 4), ("se", 8)]
     runs = [log for _, log in recorder.runs]
     assert len(runs) == 4 * len(SEEDS)  # 2 controls + 2 combinations, each once per seed
@@ -97,9 +98,17 @@ def test_rows_are_finetune_runs_and_the_controls_see_the_same_batches(tmp_path, 
         if row["arm"] == "se":
             diffs = [a - b for a, b in zip(row["top1_per_seed"], best["top1_per_seed"])]
             assert row["control"] == best["arm"] and row["delta_top1"] == pytest.approx(statistics.fmean(diffs))
+            half = 12.706 * statistics.stdev(diffs) / 2 ** 0.5  # t(0.975, 1 df): two seeds
+            assert row["delta_top1_ci"] == pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half])
         dominated = any(o["params"] <= row["params"] and o["top1"] >= row["top1"]
                         and (o["params"] < row["params"] or o["top1"] > row["top1"]) for o in rows)
         assert row["pareto"] == (not dominated)
+    se = [r for r in rows if r["arm"] == "se"]
+    beat = [r for r in se if r["delta_top1_ci"][0] > 0]
+    top = max(beat or se, key=lambda r: (r["delta_top1"], -r["params"]))  # a tie: the cheaper recipe
+    words = "beat the control" if beat else f"no recipe beat the control '{best['arm']}' on this data: best"
+    assert words in swept["verdict"] and f"r={top['r_label']}" in swept["verdict"]
+    assert f"Δ top-1 {top['delta_top1']:+.2f} points" in swept["verdict"]
 
 
 def test_a_failed_combination_is_a_row(tmp_path, monkeypatch):

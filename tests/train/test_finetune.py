@@ -305,3 +305,20 @@ def test_resume_refuses_an_edited_ema_or_teacher_in_one_line(data, tmp_path, ent
     torch.save(state, path)
     with pytest.raises(RetrofitError, match=f"damaged or was edited: .*'{entry}'"):
         retrofit.finetune(se_model(), data, output_dir=tmp_path / "run", resume=True, **dict(opts, phase2_epochs=1))
+
+
+def test_the_epoch_hook_sees_each_row_draws_nothing_and_can_end_the_run(data, tmp_path):
+    """`on_epoch` (what `retrofit tune` reports to its pruner through): with it the rows are bitwise those
+    of a run without it; a true answer after epoch 1 of 3 ends there, with the first rows of the full run
+    (the schedule stays that of 3 epochs) and a run folder complete up to that epoch."""
+    full = retrofit.finetune(se_model(), data, epochs=3, restore_best=False, **FAST)
+    seen = []
+    watched = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
+                                on_epoch=lambda row: seen.append(row) and False, **FAST)
+    assert watched.rows == full.rows
+    assert [r["name"] for r in seen] == ["epoch 1", "epoch 2", "epoch 3"] and seen == full.rows[2:]
+    stopped = retrofit.finetune(se_model(), data, epochs=3, restore_best=False, on_epoch=lambda row: row["epoch"] == 1,
+                                output_dir=tmp_path / "run", **FAST)
+    assert stopped.rows == full.rows[:3]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 3 and not list((tmp_path / "run").glob(".*.tmp"))

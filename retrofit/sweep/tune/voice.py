@@ -1,0 +1,58 @@
+"""Under torchrun: rank 0 holds the study and decides, every rank trains the same recipe.
+
+The known pitfall is each rank asking its own sampler (two ranks drew x = 0.61 and 0.49 in the design's
+test) or pruning on one rank only. Here rank 0 alone opens the store, asks, checks the limits and dedupes;
+it sends each trial's recipe (one ``broadcast_object_list``), every rank builds and fine-tunes it as one
+DistributedDataParallel run, rank 0 reports each epoch to the pruner and its decision reaches every rank
+through the fine-tune's ``on_epoch`` hook (the run ends on all of them when it ends on one). The finish's
+jobs go the same way, and a last message carries the result (or rank 0's error, so no rank waits for ever).
+
+Hand-written rather than optuna-integration's ``TorchDistributedTrial`` (experimental, a further package):
+that one needs every rank to know the number of trials in advance (there is no stop message, which rules
+out the claim loop, budgets and resume), broadcasts six properties per call (100 broadcasts for 6 trials
+against 21 here) and leaves the ranks in mismatched collectives when rank 0 raises.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from ...errors import RetrofitError, first_line
+
+
+class Voice:
+    """Rank 0's messages to the others (nothing at all in a single process)."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def send(self, message: tuple) -> None:
+        if self.world > 1:
+            dist.broadcast_object_list([message], src=0)
+
+    def receive(self) -> tuple:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def lead(self, work: Callable[[], Any]) -> Any:
+        """Rank 0: run ``work`` (which sends ``("trial", ...)``/``("job", ...)`` messages), then send its
+        result, or its error as one line (the other ranks raise it)."""
+        try:
+            result = work()
+        except BaseException as err:
+            self.send(("error", first_line(err) if str(err).strip() else type(err).__name__))
+            raise
+        self.send(("done", result))
+        return result
+
+    def follow(self, handlers: dict[str, Callable[..., None]]) -> Any:
+        """The other ranks: run each message's handler until the result (returned) or an error (raised)."""
+        while True:
+            kind, *args = self.receive()
+            if kind == "done":
+                return args[0]
+            if kind == "error":
+                raise RetrofitError(f"rank 0 stopped: {args[0]}")
+            handlers[kind](*args)
