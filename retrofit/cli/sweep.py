@@ -8,13 +8,13 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
+from ..measure.fit import Col, FitTable  # rich only: no torch
 from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
                        save_figure)
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
-from rich.table import Table
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
@@ -136,15 +136,15 @@ def sweep_table(rows, latency: bool, batch: int, size):
     accuracy = has_accuracy(rows)
     if accuracy:
         caption += " " + accuracy_caption(rows, latency)
-    table = Table(title="Sweep", title_justify="left", caption=caption, caption_justify="left")
-    columns = ["position", "r", "stages", "blocks", "params added", "% params", "MACs added", "% MACs"]
+    # the combination, what it adds, its latency and accuracy stay at any width; the rest goes first
+    cols = [Col("position", "left"), Col("r"), Col("stages"), Col("blocks", drop=4), Col("params added"),
+            Col("% params"), Col("MACs added", drop=3), Col("% MACs", drop=1)]
     if latency:
-        columns += ["latency", "ms"]
-    for col in columns:
-        table.add_column(col, justify="left" if col == "position" else "right")
+        cols += [Col("latency"), Col("ms", drop=5)]
     if accuracy:
-        accuracy_columns(table, rows)
-    table.add_column("note", justify="left")
+        cols += accuracy_columns(rows)
+    cols.append(Col("note", "left", drop=0, text=True))
+    table = FitTable(cols, title="Sweep", caption=caption)
     for row in rows:
         if row.arm != "se":  # a control arm: the original architecture, nothing added
             cells = [f"control: {row.arm}", "", "", "", "0", "", "", ""]
