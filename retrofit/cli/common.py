@@ -9,6 +9,7 @@ Everything is printed as text, never as rich markup: a message, a path or a modu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -46,8 +47,35 @@ def console(stderr: bool = False) -> Console:
 
 def say(*parts: str | tuple[str, str], stderr: bool = False) -> None:
     """Print one line of text; a ``(text, style)`` part is styled (``("error:", "red")``), no part is
-    ever read as markup. Long lines are not wrapped, so a path is never broken."""
-    console(stderr=stderr).print(Text.assemble(*parts), soft_wrap=True)
+    ever read as markup. Long lines are not wrapped, so a path is never broken.
+
+    The line is rendered here and written to ``sys.stderr`` (``sys.stdout``) as text: while rich's live
+    progress display runs in a terminal, that stream is its proxy, which prints the line above the bars.
+    A console printing on its own would unwrap the proxy (rich's ``rich_proxied_file``) and write into
+    the bars."""
+    out = console(stderr=stderr)
+    if out.quiet:
+        return
+    with out.capture() as captured:
+        out.print(Text.assemble(*parts), soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    stream.write(captured.get())
+    stream.flush()
+
+
+@contextlib.contextmanager
+def warnings_as_they_happen():
+    """Each of retrofit's warnings printed as one ``warning:`` line on stderr when it is raised, others
+    silenced. Before, a command's warnings were recorded and printed after it: below its results, and
+    not at all when it then failed."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and "retrofit" in str(category.__module__):
+            say(("warning:", "yellow"), f" {message}", stderr=True)
+
+    with warnings.catch_warnings():  # restores the filters and warnings.showwarning afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
 
 
 def fail_cleanly(fn):
@@ -55,13 +83,8 @@ def fail_cleanly(fn):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = fn(*args, **kwargs)
-            for w in caught:
-                if issubclass(w.category, UserWarning) and "retrofit" in str(w.category.__module__):
-                    say(("warning:", "yellow"), f" {w.message}", stderr=True)
-            return result
+            with warnings_as_they_happen():
+                return fn(*args, **kwargs)
         except RetrofitError as e:
             # one line: torch.fx's interpreter appends "While executing ..." lines to what passes through it
             say(("error:", "red"), f" {(str(e).strip().splitlines() or [''])[0]}", stderr=True)
@@ -69,6 +92,8 @@ def fail_cleanly(fn):
         except KeyboardInterrupt:
             say(("interrupted", "red"), stderr=True)
             raise typer.Exit(130)
+        except typer.Exit:  # a command's own exit, its message said
+            raise
         except Exception as e:  # a bug: still one line, with a way to see more
             if os.environ.get("RETROFIT_DEBUG"):
                 raise
