@@ -9,7 +9,7 @@ import typer
 
 from ..errors import RetrofitError
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, print_skipped, say, write_json)
+                     json_target, print_skipped, rounds_bar, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, EPOCHS, MIXUP, SMOOTHING, is_main_process, regularisers, run_finetune)
 
@@ -44,9 +44,9 @@ def add_se_command(
     adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new head, and what phase 2 changed) with a hash of the base weights; retrofit.load(OUTPUT, base=CHECKPOINT) rebuilds the model."),
     finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/."),
     epochs: int = EPOCHS,
-    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original (median of interleaved runs)."),
+    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original: the median ratio of the two, back to back in each round, with its interval over the rounds (at least 95%)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the --latency runs."),
-    runs: int = typer.Option(10, "--runs", help="Timed rounds per model for --latency."),
+    runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (each times both models)."),
     meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
     smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
     clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
@@ -112,7 +112,9 @@ def add_se_command(
         remember_base(net, base_name, new=head_keys(net) if head else set())
     timing = None
     if latency:
-        timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size, runs=runs)
+        with rounds_bar("timing the original and the retrofitted model, in turns", quiet=json_path == "-") as bar:
+            timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size,
+                                     runs=runs, on_round=bar)
         del original
     data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found, named),
             **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped],

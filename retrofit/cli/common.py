@@ -78,6 +78,21 @@ def warnings_as_they_happen():
         yield
 
 
+@contextlib.contextmanager
+def rounds_bar(label: str, quiet: bool = False):
+    """A transient progress bar on stderr while something counts rounds (rank 0; none when ``quiet``);
+    yields ``on_round(done, total)``, as :func:`retrofit.measure.latency.measure_latency` calls it."""
+    if quiet or os.environ.get("RANK", "0") != "0":
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bars:
+        task = bars.add_task(label, total=None)
+        yield lambda done, total: bars.update(task, completed=done, total=total)
+
+
 def fail_cleanly(fn):
     """One clear line and a non-zero exit for bad input; never a traceback (RETROFIT_DEBUG=1 shows it)."""
     @functools.wraps(fn)

@@ -12,7 +12,7 @@ from ..measure.fit import Col, FitTable  # rich only: no torch
 from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
                        save_figure)
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, say, write_json)
+                     json_target, rounds_bar, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
 
@@ -38,7 +38,7 @@ def sweep_command(
     latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original (builds real models; slow)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the latency runs."),
     latency_size: Optional[str] = typer.Option(None, "--latency-size", help="C,H,W of the latency runs (default: --input-size)."),
-    runs: int = typer.Option(10, "--runs", help="Timed rounds per model for --latency (median reported)."),
+    runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (median ratio and its interval reported)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON to FILE (- for stdout)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw parameter and latency (or MAC) overhead against r, one line per position, to FILE.png; with --data: val top-1 against added parameters (or latency), error bars over seeds."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder (DATA/train/<class>/*, DATA/val/<class>/*): also fine-tune every combination (phase 1) and the control arms, and report val top-1 and loss."),
@@ -103,9 +103,10 @@ def sweep_command(
     size = found.traced.input_size
     timing_size = resolve_input_size(net, latency_size) if latency_size is not None else size
     talk = json_path != "-" and is_main_process()
-    rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
-                 latency_input_size=timing_size, runs=runs, found=found, data=data, epochs=epochs, seeds=seeds,
-                 train=train, on_run=(lambda line: console(stderr=True).print(line)) if talk else None)
+    with rounds_bar("timing each combination against the original, in turns", quiet=not latency or not talk) as bar:
+        rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
+                     latency_input_size=timing_size, runs=runs, found=found, data=data, epochs=epochs, seeds=seeds,
+                     train=train, on_run=(lambda line: say(line, stderr=True)) if talk else None, on_round=bar)
     name = model_name(net)
     out = {"model": name, "input_size": list(size), "recipe": base.to_dict(),
            "latency": {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None,
@@ -127,12 +128,13 @@ def sweep_command(
 
 def sweep_table(rows, latency: bool, batch: int, size):
     # deferred: torch and timm load when a command runs, not for --help
-    from ..measure.report import _n, _pct
+    from ..measure.report import _n, _pct, latency_cell
 
     caption = "MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1."
     if latency:
-        caption += (f" latency: median forward time of the retrofitted model over the original's, measured in "
-                    f"turns in the same run (batch {batch}, {'x'.join(map(str, size))}, CPU unless on GPU).")
+        caption += (f" latency: the retrofitted model's forward time over the original's, the two back to back in "
+                    f"each round, median over the rounds [its interval, at least 95%; noise: it holds 1, no "
+                    f"difference measured] (batch {batch}, {'x'.join(map(str, size))}, CPU unless on GPU).")
     accuracy = has_accuracy(rows)
     if accuracy:
         caption += " " + accuracy_caption(rows, latency)
@@ -152,7 +154,8 @@ def sweep_table(rows, latency: bool, batch: int, size):
             cells = [row.position, row.r_label, row.stages_label, str(row.blocks), _n(row.params),
                      _pct(row.params_percent), _n(row.macs), _pct(row.macs_percent)]
         if latency:
-            cells += ["" if row.latency is None else f"{row.latency:.3f}x",
+            cells += ["" if row.latency is None else f"{row.latency:.3f}x" if row.latency_low is None
+                      else latency_cell(row.latency, row.latency_low, row.latency_high),
                       "" if row.latency_ms is None else f"{row.latency_ms:.1f}"]
         if accuracy:
             cells += accuracy_cells(row)

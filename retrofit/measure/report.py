@@ -132,20 +132,33 @@ def overhead_table(report: Overhead) -> FitTable:
 
 
 def latency_line(timing: "Timing") -> str:
-    """The measured latency overhead of an add-se run, in one line."""
+    """The measured latency overhead of an add-se run, in one line, with its interval over the rounds."""
     ratio = timing.ratio("retrofitted", "original")
-    return (f"Latency (median of {len(timing.samples['original'])} forward passes each, batch {timing.batch}, "
-            f"{'x'.join(map(str, timing.input_size))}, the two models in turns in one run): original "
-            f"{timing.median('original') * 1e3:.1f} ms, retrofitted {timing.median('retrofitted') * 1e3:.1f} ms, "
-            f"ratio {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+    low, high, coverage = timing.interval("retrofitted", "original")
+    verdict = ("within noise: no difference measurable in this run" if low <= 1 <= high
+               else f"{100 * (ratio - 1):+.1f}%")
+    return (f"Latency ({len(timing.samples['original'])} rounds, the two models back to back in each, batch "
+            f"{timing.batch}, {'x'.join(map(str, timing.input_size))}): original "
+            f"{timing.median('original') * 1e3:.1f} ms, retrofitted {timing.median('retrofitted') * 1e3:.1f} ms "
+            f"(medians); ratio {ratio:.3f} [{low:.3f}, {high:.3f}] ({100 * coverage:.0f}% interval of the "
+            f"median per-round ratio): {verdict}")
+
+
+def latency_cell(ratio: float, low: float, high: float) -> str:
+    """A sweep row's latency: ``1.130x [1.09, 1.19]``, ending `` noise`` when the interval holds 1.0."""
+    return f"{ratio:.3f}x [{low:.2f}, {high:.2f}]" + (" noise" if low <= 1 <= high else "")
 
 
 def latency_json(timing: "Timing") -> dict[str, Any]:
-    """The latency measurement of an add-se run: medians (ms), their ratio, and the settings."""
+    """The latency measurement of an add-se run: medians (ms), the ratio with its interval, every sample."""
+    low, high, coverage = timing.interval("retrofitted", "original")
     return {"batch": timing.batch, "input_size": list(timing.input_size), "runs": len(timing.samples["original"]),
             "original_ms": round(timing.median("original") * 1e3, 3),
             "retrofitted_ms": round(timing.median("retrofitted") * 1e3, 3),
-            "ratio": round(timing.ratio("retrofitted", "original"), 4)}
+            "ratio": round(timing.ratio("retrofitted", "original"), 4),  # the median of the per-round ratios
+            "ratio_low": round(low, 4), "ratio_high": round(high, 4), "ratio_coverage": round(coverage, 4),
+            "within_noise": low <= 1 <= high,
+            "samples_ms": {name: [round(t * 1e3, 4) for t in v] for name, v in timing.samples.items()}}
 
 
 def sites_json(scan: Scan, named: list[Site] = ()) -> dict[str, Any]:
