@@ -108,8 +108,8 @@ def add_se_command(
     trainable = trainable_parameters(net, head=head)  # what phase 1 of a fine-tune trains
     base_name = f"{model}, " + (f"weights {Path(checkpoint).name}" if checkpoint is not None else
                                 "timm's pretrained weights" if pretrained else "random weights")
-    if adapter:  # the base an adapter is relative to: the weights as built (a new head is not the base's)
-        remember_base(net, base_name, new=head_keys(net) if head else set())
+    if adapter or finetune is not None:  # the base: the weights as built (a new head is not the base's, and
+        remember_base(net, base_name, new=head_keys(net) if head else set())  # the fine-tune says it is new)
     timing = None
     if latency:
         with rounds_bar("timing the original and the retrofitted model, in turns", quiet=json_path == "-") as bar:

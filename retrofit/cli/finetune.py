@@ -33,7 +33,6 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
     from ..train.finetune import finetune
     from ..train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE
     from ..train.state import STATE_FILE
-    from ..surgery.trainable import trainable_parameters
 
     output_dir = output_dir.expanduser()
     for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
@@ -42,17 +41,10 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
                 raise RetrofitError(f"{given} would be overwritten by the fine-tuning run in {output_dir}; input "
                                     f"weights are never overwritten, choose another --output-dir")
     main = is_main_process() and not quiet
-    if main:
-        say(f"fine-tuning on {data}: phase 1 {epochs} epoch(s) (SE blocks"
-            f"{', new head' if options.get('train_head') else ''}; backbone frozen)"
-            + (f", phase 2 {options['phase2_epochs']} epoch(s) (everything)" if options.get("phase2_epochs") else "")
-            + f"; checkpoints in {output_dir}")
-    classes = getattr(model, "num_classes", None)
+    if main:  # what trains (SE blocks, a new 3-class head...) the run says once it has opened the data
+        say(f"fine-tuning on {data}; checkpoints in {output_dir}")
     result = finetune(model, data, epochs, output_dir=output_dir, progress=main, **options)
     if main:
-        head = options.get("train_head")
-        head = head if head is not None else isinstance(classes, int) and classes != len(result.classes)
-        console().print(f"{trainable_parameters(model, head=head)} (phase 1)")
         console().print(results_table(result))
         best = result.best
         say(f"best: {best['name']}, top-1 {best['top1']:.2f}% -> {output_dir / BEST_FILE}; last: "

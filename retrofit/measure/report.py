@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..blocks.attention import DISPLAY_NAMES
 from ..surgery.sites import KINDS, NAMED, Scan, Site
 from .fit import Col, FitTable
 from .overhead import Overhead
@@ -57,7 +58,7 @@ def blocks_table(report: Overhead, module: str = "se", every: bool = False) -> F
     alike, else blank). ``every``: one row per block. Block names, parameters and multiply-adds are
     never cut (the names are what ``--only``/``--skip`` take): a narrow terminal leaves other columns out.
     """
-    names = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
+    names = DISPLAY_NAMES
     kinds = list(dict.fromkeys(b.module for b in report.blocks if b.module))
     mixed = len(kinds) > 1
     kind = kinds[0] if len(kinds) == 1 else module if isinstance(module, str) else ""
