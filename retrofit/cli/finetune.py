@@ -31,9 +31,12 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
     # deferred: torch and timm load when a command runs, not for --help
     from ..measure.report import results_table
     from ..train.finetune import finetune
+    from ..train.distributed import check_device
     from ..train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE
     from ..train.state import STATE_FILE
 
+    if options.get("device") is not None:  # before anything is said or made (finetune() checks it too)
+        check_device(options["device"])
     output_dir = output_dir.expanduser()
     for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
         for given in inputs:

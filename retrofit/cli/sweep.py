@@ -91,6 +91,10 @@ def sweep_command(
         train = dict(lr=lr, phase2_lr=phase2_lr, batch_size=batch_size, augment=augment, workers=workers, device=device,
                      **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode, backbone_lr_scale,
                                     channels_last, distill, distill_weight, distill_temperature))
+        if device is not None:  # deferred: torch loads when a command runs, not for --help
+            from ..train.distributed import check_device
+
+            check_device(device)  # before the model is built
     elif epochs != 1 or seeds != 1:
         raise RetrofitError("--epochs and --seeds set an accuracy sweep, which needs --data DIR")
     json_target(json_path)
