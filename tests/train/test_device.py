@@ -39,3 +39,12 @@ def test_sweep_data_checks_it_before_building_the_model(tmp_path, monkeypatch, c
                                   "--data", str(data), "-j", "0", "--device", "cuda", "--json",
                                   str(tmp_path / "s.json")]), "no CUDA GPU found")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_add_se_finetune_checks_it_before_building_the_model(tmp_path, monkeypatch, ckpt_and_data):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    _, data = ckpt_and_data
+    one_error(runner.invoke(app, ["add-se", "test_resnet", "--num-classes", "3", "--input-size", "3,32,32",
+                                  "--finetune", str(data), "--output", str(tmp_path / "se.safetensors"),
+                                  "--device", "cuda"]), "no CUDA GPU found")
+    assert list(tmp_path.iterdir()) == []
