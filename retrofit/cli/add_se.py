@@ -13,7 +13,7 @@ from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, b
 from .finetune import finetune_options, is_main_process, run_finetune
 
 
-@app.command("add-se")
+@app.command("add-se", short_help="Insert SE blocks by a recipe; report the sites and the overhead.")
 @fail_cleanly
 @finetune_options
 def add_se_command(
@@ -73,8 +73,8 @@ def add_se_command(
     if finetune is not None and output is None:
         raise RetrofitError("--finetune needs --output FILE for the fine-tuned model (its checkpoints go to "
                             "FILE's name + -add-se/)")
-    if finetune is not None and train["device"] is not None:  # deferred: torch loads when a command runs
-        from ..train.distributed import check_device
+    if finetune is not None and train["device"] is not None:
+        from ..train.distributed import check_device  # deferred: torch loads when a command runs
 
         check_device(train["device"])  # before the model is built
     if output is not None:

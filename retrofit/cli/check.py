@@ -39,7 +39,7 @@ def summary_line(summary: dict, seconds: float) -> str:
             f"{100 * summary['success_rate']:.1f}% of the models with merges pass; {seconds:.0f} s")
 
 
-@app.command("check")
+@app.command("check", short_help="Check the pass on models (or one of every timm family).")
 def check_command(
     models: Optional[List[str]] = typer.Argument(None, help="timm model names to check."),
     all_families: bool = typer.Option(False, "--all-families",

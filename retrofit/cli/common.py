@@ -21,13 +21,56 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 from rich.text import Text
 
 from ..errors import RetrofitError, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
 
+NB_HYPHEN = "\u2011"  # a non-breaking hyphen: textwrap does not break a word there
+
+
+class HelpFormatter(typer.Context.formatter_class):
+    """click's help formatter (public API: ``Context.formatter_class``), wrapping at spaces only.
+
+    click wraps help with textwrap's ``break_on_hyphens``, which cut ``--input-size`` into ``--input-`` /
+    ``size`` and ``[default: no-channels-last]`` at its hyphens. Each text is written with its hyphens
+    made non-breaking (the same width), and they are plain hyphens again in the help printed."""
+
+    def write_usage(self, prog: str, args: str = "", prefix: str | None = None) -> None:
+        super().write_usage(prog, args.replace("-", NB_HYPHEN), prefix)
+
+    def write_text(self, text: str) -> None:
+        super().write_text(text.replace("-", NB_HYPHEN))
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:
+        super().write_dl([(first, second.replace("-", NB_HYPHEN)) for first, second in rows], col_max, col_spacing)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(NB_HYPHEN, "-")
+
+
+class HelpContext(typer.Context):
+    formatter_class = HelpFormatter
+
+
+class Group(TyperGroup):
+    """The app's click group: it and each of its commands format their help with :class:`HelpFormatter`."""
+
+    context_class = HelpContext
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():  # click's Command.context_class: the context make_context makes
+            command.context_class = HelpContext
+
+
 app = typer.Typer(
-    name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Group,
+    # click's plain help, wrapped to the terminal: typer's rich panels share 80 columns between 6 or 7
+    # columns and cut the rest with an ellipsis, option names included (--backbone-lr-sc…)
+    rich_markup_mode=None,
     help="Add Squeeze-and-Excitation blocks to a trained network, keeping its weights, and report the overhead.",
 )
 
@@ -85,8 +128,6 @@ def rounds_bar(label: str, quiet: bool = False):
     if quiet or os.environ.get("RANK", "0") != "0":
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bars:
         task = bars.add_task(label, total=None)

@@ -133,7 +133,7 @@ def finetune_options(fn):
     return run
 
 
-@app.command("finetune")
+@app.command("finetune", short_help="Fine-tune a retrofitted model: SE blocks first, optionally all.")
 @fail_cleanly
 @finetune_options
 def finetune_command(

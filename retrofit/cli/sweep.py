@@ -20,7 +20,7 @@ PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the ex
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
 
 
-@app.command("sweep")
+@app.command("sweep", short_help="Sweep r x position x stages: overhead, latency, accuracy.")
 @fail_cleanly
 def sweep_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
@@ -91,8 +91,8 @@ def sweep_command(
         train = dict(lr=lr, phase2_lr=phase2_lr, batch_size=batch_size, augment=augment, workers=workers, device=device,
                      **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode, backbone_lr_scale,
                                     channels_last, distill, distill_weight, distill_temperature))
-        if device is not None:  # deferred: torch loads when a command runs, not for --help
-            from ..train.distributed import check_device
+        if device is not None:
+            from ..train.distributed import check_device  # deferred: torch loads when a command runs
 
             check_device(device)  # before the model is built
     elif epochs != 1 or seeds != 1:
