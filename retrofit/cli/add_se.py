@@ -135,7 +135,7 @@ def add_se_command(
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
         result = run_finetune(net, finetune, output.with_name(f"{output.stem}-add-se"), quiet=json_path == "-",
-                              inputs=tuple(p for p in (checkpoint,) if p is not None), **train)
+                              resumable=False, inputs=tuple(p for p in (checkpoint,) if p is not None), **train)
     if output is not None and is_main_process():
         save(net, output, adapter=adapter)
         card = write_card(output, net, overhead=report, result=result, command=command_line(), base_name=base_name)

@@ -153,6 +153,9 @@ def fail_cleanly(fn):
         except Exception as e:  # a bug: still one line, with a way to see more
             if os.environ.get("RETROFIT_DEBUG"):
                 raise
+            if isinstance(e.__context__, KeyboardInterrupt):  # a Ctrl-C inside an import surfaces as another error
+                say(("interrupted", "red"), stderr=True)
+                raise typer.Exit(130)
             say(("internal error:", "red"), f" {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
                 f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", stderr=True)
             raise typer.Exit(3)
@@ -186,6 +189,11 @@ def write_json(data: dict, path: Optional[str]) -> None:
     elif path is not None:
         with atomic_write(Path(path).expanduser()) as tmp:
             tmp.write_text(text + "\n")
+
+
+def plural(n: int, word: str) -> str:
+    """``1 combination``, ``2 combinations``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def print_skipped(skipped, kept=()) -> None:

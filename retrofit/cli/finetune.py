@@ -25,9 +25,10 @@ def is_main_process() -> bool:
 
 
 def run_finetune(model, data: Path, output_dir: Path, inputs: tuple[Path, ...] = (), quiet: bool = False,
-                 **options: Any):
+                 resumable: bool = True, **options: Any):
     """Fine-tune ``model`` in place, print the results table (rank 0) and return the result; ``options``:
-    the keyword arguments of :func:`retrofit.finetune` (``epochs``...).
+    the keyword arguments of :func:`retrofit.finetune` (``epochs``...). ``resumable``: the command takes
+    ``--resume`` (``finetune`` does, ``add-se --finetune`` does not), for what a refusal or a Ctrl-C says.
 
     ``inputs``: the weight files this run was started from; none of them may be among the run's outputs.
     """
@@ -46,10 +47,20 @@ def run_finetune(model, data: Path, output_dir: Path, inputs: tuple[Path, ...] =
             if (output_dir / name).resolve() == Path(given).expanduser().resolve():
                 raise RetrofitError(f"{given} would be overwritten by the fine-tuning run in {output_dir}; input "
                                     f"weights are never overwritten, choose another --output-dir")
+    if not options.get("resume") and (output_dir / STATE_FILE).exists():  # the library's words are resume=True
+        raise RetrofitError(f"{output_dir} already holds a fine-tuning run; " + (
+            "add --resume to continue it, delete it, or choose another --output-dir" if resumable else
+            "delete it or choose another --output"))
     main = is_main_process() and not quiet
     if main:  # what trains (SE blocks, a new 3-class head...) the run says once it has opened the data
         say(f"fine-tuning on {data}; checkpoints in {output_dir}")
-    result = finetune(model, data, output_dir=output_dir, progress=main, **options)
+    try:
+        result = finetune(model, data, output_dir=output_dir, progress=main, **options)
+    except KeyboardInterrupt:
+        if is_main_process():
+            saved = (output_dir / STATE_FILE).is_file()
+            say(("interrupted", "red"), f"; {how_to_continue(saved, output_dir, data, resumable)}", stderr=True)
+        raise typer.Exit(130) from None
     if main:
         console().print(results_table(result))
         best = result.best
@@ -58,6 +69,16 @@ def run_finetune(model, data: Path, output_dir: Path, inputs: tuple[Path, ...] =
         if result.skipped_images:
             say((f"{result.skipped_images} image(s) could not be decoded and were skipped", "yellow"))
     return result
+
+
+def how_to_continue(saved: bool, output_dir: Path, data: Path, resumable: bool) -> str:
+    """What a Ctrl-C leaves (``saved``: a finished epoch's state) and how to go on from it."""
+    if not saved:
+        return "no epoch had finished: nothing to resume"
+    if resumable:
+        return f"the finished epochs are saved in {output_dir}: rerun the same command with --resume to continue"
+    return (f"the finished epochs are in {output_dir}, but add-se --finetune cannot resume; for a run that can, "
+            f"save with `retrofit add-se ... --output FILE`, then `retrofit finetune FILE --data {data}`")
 
 
 EPOCHS = typer.Option(1, "--epochs", "-e", min=0, help="Phase-1 epochs: only the SE blocks (and a new head) train.")

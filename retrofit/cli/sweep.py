@@ -12,7 +12,7 @@ from ..measure.fit import Col, FitTable  # rich only: no torch
 from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
                        save_figure)
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, rounds_bar, say, write_json)
+                     json_target, plural, rounds_bar, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
 
@@ -120,7 +120,7 @@ def sweep_command(
            "rows": [row.to_dict() for row in rows]}
     if json_path != "-":
         say((name, "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
-            f"{sum(row.arm == 'se' for row in rows)} combinations; other fields: {base.describe()}")
+            f"{plural(sum(row.arm == 'se' for row in rows), 'combination')}; other fields: {base.describe()}")
         console().print(sweep_table(rows, latency, batch, timing_size))
     if is_main_process():
         write_json(out, json_path)
