@@ -9,9 +9,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 import retrofit
+from retrofit.cli import app
 from retrofit.files.canonical import sort_metadata
+from support import make_folder, se_model
 
 TESTS = Path(__file__).resolve().parents[1]
 SAVE = ("import sys; sys.path.insert(0, {tests!r}); import retrofit; from support import se_model; "
@@ -57,13 +60,7 @@ def test_sort_metadata_keeps_the_length_the_entries_and_the_data(tmp_path):
         assert torch.equal(f.get_tensor("b"), tensors["b"]) and torch.equal(f.get_tensor("a"), tensors["a"])
 
 
-
 def test_two_equal_fine_tunes_give_equal_files(tmp_path):
-    from typer.testing import CliRunner
-
-    from retrofit.cli import app
-    from support import make_folder, se_model
-
     data = make_folder(tmp_path / "data")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     for run in ("a", "b"):
@@ -72,23 +69,3 @@ def test_two_equal_fine_tunes_give_equal_files(tmp_path):
         assert result.exit_code == 0, result.output
     for name in ("last.safetensors", "best.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-
-
-def test_two_equal_fine_tunes_give_equal_files(tmp_path):
-    from typer.testing import CliRunner
-
-    from retrofit.cli import app
-    from support import make_folder, se_model
-
-    data = make_folder(tmp_path / "data")
-    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    for run in ("a", "b"):
-        result = CliRunner().invoke(app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "2", "-b", "8",
-                                          "-j", "0", "-o", str(tmp_path / run)])
-        assert result.exit_code == 0, result.output
-    for name in ("last.safetensors", "best.safetensors"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-
-
-def header(path):
-    return header_of(Path(path).read_bytes())
