@@ -70,6 +70,8 @@ class AttentionSpec:
 
 
 ATTENTIONS: dict[str, AttentionSpec] = {}
+# how the tables and messages name each built-in block (a block registered later: by its own name)
+DISPLAY_NAMES = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
 
 
 def register_attention(name: str, *, fields: tuple[str, ...], paper: str,

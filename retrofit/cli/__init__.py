@@ -31,7 +31,7 @@ def main() -> None:
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         say(("error:", "red"), f" {e.format_message()}{hint}", stderr=True)
         sys.exit(getattr(e, "exit_code", 2))
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):  # a Ctrl-C while typer parses, before a command's own handler
         say(("interrupted", "red"), stderr=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

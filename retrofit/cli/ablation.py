@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files.atomic import atomic_write
+from ..measure.fit import Col  # rich only: no torch
 
 
 def has_accuracy(rows) -> bool:
@@ -14,14 +15,15 @@ def accuracy_caption(rows, latency: bool) -> str:
     seeds = next((len(row.seeds) for row in rows if row.seeds), 0)
     control = next((row.control for row in rows if row.control), None)
     return (f"top-1, val loss: the last epoch's, mean ± std over {seeds} seed(s). Δ top-1: paired difference "
-            f"to the control arm '{control}' (the best control), mean ± std over the seeds [its 95% t-interval]. front: on the "
-            f"Pareto front of top-1 against {'latency' if latency else 'added parameters'}, controls included.")
+            f"to the control arm '{control}' (the best control), mean ± std over the seeds [its 95% t-interval]. "
+            f"front: on the Pareto front of top-1 against {'latency' if latency else 'added parameters'}, controls included.")
 
 
-def accuracy_columns(table, rows) -> None:
+def accuracy_columns(rows) -> list:
+    """The accuracy columns of the sweep table: top-1 and its difference to the control are headline
+    columns (never left out), val loss and the front optional (:class:`retrofit.measure.fit.Col`)."""
     control = next((row.control for row in rows if row.control), "control")
-    for col in ("top-1 %", "val loss", f"Δ top-1 vs {control}", "front"):
-        table.add_column(col, justify="right")
+    return [Col("top-1 %"), Col("val loss", drop=2), Col(f"Δ top-1 vs {control}"), Col("front", drop=6)]
 
 
 def accuracy_cells(row) -> list[str]:

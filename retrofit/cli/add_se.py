@@ -9,13 +9,13 @@ import typer
 
 from ..errors import RetrofitError
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, print_skipped, say, write_json)
-from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
-                       DISTILL_WEIGHT, EMA_DECAY, EPOCHS, MIXUP, SMOOTHING, is_main_process, regularisers, run_finetune)
+                     json_target, print_skipped, rounds_bar, say, write_json)
+from .finetune import finetune_options, is_main_process, run_finetune
 
 
-@app.command("add-se")
+@app.command("add-se", short_help="Insert SE blocks by a recipe; report the sites and the overhead.")
 @fail_cleanly
+@finetune_options
 def add_se_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet101."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: standard)."),
@@ -42,16 +42,12 @@ def add_se_command(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load, and its model card NAME.README.md beside it."),
     adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new head, and what phase 2 changed) with a hash of the base weights; retrofit.load(OUTPUT, base=CHECKPOINT) rebuilds the model."),
-    finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/."),
-    epochs: int = EPOCHS,
-    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original (median of interleaved runs)."),
+    finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val), with the fine-tune options below (those of `retrofit finetune`); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/. It cannot be resumed: for a run to resume, save with `add-se ... --output F`, then `retrofit finetune F --data DIR` (which takes --resume)."),
+    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original: the median ratio of the two, back to back in each round, with its interval over the rounds (at least 95%)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the --latency runs."),
-    runs: int = typer.Option(10, "--runs", help="Timed rounds per model for --latency."),
+    runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (each times both models)."),
     meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
-    smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
-    clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
-    channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
-    distill_temperature: float = DISTILL_TEMPERATURE,
+    *, train: dict,
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     # deferred: torch and timm load when a command runs, not for --help
@@ -77,6 +73,10 @@ def add_se_command(
     if finetune is not None and output is None:
         raise RetrofitError("--finetune needs --output FILE for the fine-tuned model (its checkpoints go to "
                             "FILE's name + -add-se/)")
+    if finetune is not None and train["device"] is not None:
+        from ..train.distributed import check_device  # deferred: torch loads when a command runs
+
+        check_device(train["device"])  # before the model is built
     if output is not None:
         output = output.expanduser()
         check_writable(output)
@@ -109,11 +109,13 @@ def add_se_command(
     trainable = trainable_parameters(net, head=head)  # what phase 1 of a fine-tune trains
     base_name = f"{model}, " + (f"weights {Path(checkpoint).name}" if checkpoint is not None else
                                 "timm's pretrained weights" if pretrained else "random weights")
-    if adapter:  # the base an adapter is relative to: the weights as built (a new head is not the base's)
-        remember_base(net, base_name, new=head_keys(net) if head else set())
+    if adapter or finetune is not None:  # the base: the weights as built (a new head is not the base's, and
+        remember_base(net, base_name, new=head_keys(net) if head else set())  # the fine-tune says it is new)
     timing = None
     if latency:
-        timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size, runs=runs)
+        with rounds_bar("timing the original and the retrofitted model, in turns", quiet=json_path == "-") as bar:
+            timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size,
+                                     runs=runs, on_round=bar)
         del original
     data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found, named),
             **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped],
@@ -138,12 +140,9 @@ def add_se_command(
     write_json(data, json_path)
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
-        result = run_finetune(net, finetune, epochs, output.with_name(f"{output.stem}-add-se"), said_random=True,
-                              quiet=json_path == "-", inputs=tuple(p for p in (checkpoint,) if p is not None),
-                              train_head=True if head else None,
-                              **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode,
-                                             backbone_lr_scale, channels_last, distill, distill_weight,
-                                             distill_temperature))
+        result = run_finetune(net, finetune, output.with_name(f"{output.stem}-add-se"), quiet=json_path == "-",
+                              resumable=False, said_random=True,
+                              inputs=tuple(p for p in (checkpoint,) if p is not None), **train)
     if output is not None and is_main_process():
         save(net, output, adapter=adapter)
         card = write_card(output, net, overhead=report, result=result, command=command_line(), base_name=base_name)

@@ -5,9 +5,9 @@ import time
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import RetrofitError
+from ..measure.fit import Col, FitTable  # rich only: no torch
 from .common import app, console, fail_cleanly, json_target, say, write_json
 
 
@@ -21,13 +21,12 @@ def _row(r) -> tuple[str, ...]:
             str(r.skipped), blocks, params, f"{r.seconds:.1f}", result)
 
 
-def results_table(results) -> Table:
-    table = Table(title="Coverage check", title_justify="left")
-    for col, justify in (("family", "left"), ("model", "left"), ("input", "right"), ("residual", "right"),
-                         ("inception", "right"), ("conv3x3", "right"), ("skipped", "right"),
-                         ("blocks std/inside", "right"), ("params added std/inside", "right"), ("s", "right"),
-                         ("result", "left")):
-        table.add_column(col, justify=justify, overflow="fold" if col == "result" else "ellipsis")
+def results_table(results) -> FitTable:
+    """One row per model; the model, its blocks, parameters and result are never left out."""
+    cols = [Col("family", "left", drop=4), Col("model", "left"), Col("input", drop=2), Col("residual", drop=5),
+            Col("inception", drop=1), Col("conv3x3", drop=6), Col("skipped", drop=3), Col("blocks std/inside"),
+            Col("params added std/inside"), Col("s", drop=0), Col("result", "left", text=True)]
+    table = FitTable(cols, title="Coverage check")
     for r in results:
         style = None if r.ok else ("dim" if r.status == "no sites" else "red")
         table.add_row(*_row(r), style=style)
@@ -40,7 +39,7 @@ def summary_line(summary: dict, seconds: float) -> str:
             f"{100 * summary['success_rate']:.1f}% of the models with merges pass; {seconds:.0f} s")
 
 
-@app.command("check")
+@app.command("check", short_help="Check the pass on models (or one of every timm family).")
 def check_command(
     models: Optional[List[str]] = typer.Argument(None, help="timm model names to check."),
     all_families: bool = typer.Option(False, "--all-families",

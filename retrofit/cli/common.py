@@ -9,6 +9,7 @@ Everything is printed as text, never as rich markup: a message, a path or a modu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -20,14 +21,57 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 from rich.text import Text
 
 from ..errors import RetrofitError, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
 from ..files.bounds import whole_number  # no torch
 
+NB_HYPHEN = "\u2011"  # a non-breaking hyphen: textwrap does not break a word there
+
+
+class HelpFormatter(typer.Context.formatter_class):
+    """click's help formatter (public API: ``Context.formatter_class``), wrapping at spaces only.
+
+    click wraps help with textwrap's ``break_on_hyphens``, which cut ``--input-size`` into ``--input-`` /
+    ``size`` and ``[default: no-channels-last]`` at its hyphens. Each text is written with its hyphens
+    made non-breaking (the same width), and they are plain hyphens again in the help printed."""
+
+    def write_usage(self, prog: str, args: str = "", prefix: str | None = None) -> None:
+        super().write_usage(prog, args.replace("-", NB_HYPHEN), prefix)
+
+    def write_text(self, text: str) -> None:
+        super().write_text(text.replace("-", NB_HYPHEN))
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:
+        super().write_dl([(first, second.replace("-", NB_HYPHEN)) for first, second in rows], col_max, col_spacing)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(NB_HYPHEN, "-")
+
+
+class HelpContext(typer.Context):
+    formatter_class = HelpFormatter
+
+
+class Group(TyperGroup):
+    """The app's click group: it and each of its commands format their help with :class:`HelpFormatter`."""
+
+    context_class = HelpContext
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():  # click's Command.context_class: the context make_context makes
+            command.context_class = HelpContext
+
+
 app = typer.Typer(
-    name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Group,
+    # click's plain help, wrapped to the terminal: typer's rich panels share 80 columns between 6 or 7
+    # columns and cut the rest with an ellipsis, option names included (--backbone-lr-sc…)
+    rich_markup_mode=None,
     help="Add Squeeze-and-Excitation blocks to a trained network, keeping its weights, and report the overhead.",
 )
 
@@ -47,8 +91,48 @@ def console(stderr: bool = False) -> Console:
 
 def say(*parts: str | tuple[str, str], stderr: bool = False) -> None:
     """Print one line of text; a ``(text, style)`` part is styled (``("error:", "red")``), no part is
-    ever read as markup. Long lines are not wrapped, so a path is never broken."""
-    console(stderr=stderr).print(Text.assemble(*parts), soft_wrap=True)
+    ever read as markup. Long lines are not wrapped, so a path is never broken.
+
+    The line is rendered here and written to ``sys.stderr`` (``sys.stdout``) as text: while rich's live
+    progress display runs in a terminal, that stream is its proxy, which prints the line above the bars.
+    A console printing on its own would unwrap the proxy (rich's ``rich_proxied_file``) and write into
+    the bars."""
+    out = console(stderr=stderr)
+    if out.quiet:
+        return
+    with out.capture() as captured:
+        out.print(Text.assemble(*parts), soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    stream.write(captured.get())
+    stream.flush()
+
+
+@contextlib.contextmanager
+def warnings_as_they_happen():
+    """Each of retrofit's warnings printed as one ``warning:`` line on stderr when it is raised, others
+    silenced. Before, a command's warnings were recorded and printed after it: below its results, and
+    not at all when it then failed."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and "retrofit" in str(category.__module__):
+            say(("warning:", "yellow"), f" {message}", stderr=True)
+
+    with warnings.catch_warnings():  # restores the filters and warnings.showwarning afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
+@contextlib.contextmanager
+def rounds_bar(label: str, quiet: bool = False):
+    """A transient progress bar on stderr while something counts rounds (rank 0; none when ``quiet``);
+    yields ``on_round(done, total)``, as :func:`retrofit.measure.latency.measure_latency` calls it."""
+    if quiet or os.environ.get("RANK", "0") != "0":
+        yield None
+        return
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bars:
+        task = bars.add_task(label, total=None)
+        yield lambda done, total: bars.update(task, completed=done, total=total)
 
 
 def fail_cleanly(fn):
@@ -56,13 +140,8 @@ def fail_cleanly(fn):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = fn(*args, **kwargs)
-            for w in caught:
-                if issubclass(w.category, UserWarning) and "retrofit" in str(w.category.__module__):
-                    say(("warning:", "yellow"), f" {w.message}", stderr=True)
-            return result
+            with warnings_as_they_happen():
+                return fn(*args, **kwargs)
         except RetrofitError as e:
             # one line: torch.fx's interpreter appends "While executing ..." lines to what passes through it
             say(("error:", "red"), f" {(str(e).strip().splitlines() or [''])[0]}", stderr=True)
@@ -70,9 +149,14 @@ def fail_cleanly(fn):
         except KeyboardInterrupt:
             say(("interrupted", "red"), stderr=True)
             raise typer.Exit(130)
+        except typer.Exit:  # a command's own exit, its message said
+            raise
         except Exception as e:  # a bug: still one line, with a way to see more
             if os.environ.get("RETROFIT_DEBUG"):
                 raise
+            if isinstance(e.__context__, KeyboardInterrupt):  # a Ctrl-C inside an import surfaces as another error
+                say(("interrupted", "red"), stderr=True)
+                raise typer.Exit(130)
             say(("internal error:", "red"), f" {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
                 f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", stderr=True)
             raise typer.Exit(3)
@@ -109,6 +193,11 @@ def write_json(data: dict, path: Optional[str]) -> None:
     elif path is not None:
         with atomic_write(Path(path).expanduser()) as tmp:
             tmp.write_text(text + "\n")
+
+
+def plural(n: int, word: str) -> str:
+    """``1 combination``, ``2 combinations``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def print_skipped(skipped, kept=()) -> None:

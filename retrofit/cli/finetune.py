@@ -5,6 +5,8 @@ command; only rank 0 prints and writes (see :mod:`retrofit.train.distributed`).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -22,9 +24,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple[Path, ...] = (), quiet: bool = False,
-                 said_random: bool = False, **options: Any):
-    """Fine-tune ``model`` in place, print the results table (rank 0) and return the result.
+def run_finetune(model, data: Path, output_dir: Path, inputs: tuple[Path, ...] = (), quiet: bool = False,
+                 resumable: bool = True, said_random: bool = False, **options: Any):
+    """Fine-tune ``model`` in place, print the results table (rank 0) and return the result; ``options``:
+    the keyword arguments of :func:`retrofit.finetune` (``epochs``...). ``resumable``: the command takes
+    ``--resume`` (``finetune`` does, ``add-se --finetune`` does not), for what a refusal or a Ctrl-C says.
 
     ``inputs``: the weight files this run was started from; none of them may be among the run's outputs.
     ``said_random``: the caller has said already that the weights are random (``add-se --finetune``).
@@ -33,31 +37,36 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
     from ..files.provenance import random_weights
     from ..measure.report import results_table
     from ..train.finetune import finetune
+    from ..train.distributed import check_device
     from ..train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE
     from ..train.state import STATE_FILE
-    from ..surgery.trainable import trainable_parameters
 
+    if options.get("device") is not None:  # before anything is said or made (finetune() checks it too)
+        check_device(options["device"])
     output_dir = output_dir.expanduser()
     for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
         for given in inputs:
             if (output_dir / name).resolve() == Path(given).expanduser().resolve():
                 raise RetrofitError(f"{given} would be overwritten by the fine-tuning run in {output_dir}; input "
                                     f"weights are never overwritten, choose another --output-dir")
+    if not options.get("resume") and (output_dir / STATE_FILE).exists():  # the library's words are resume=True
+        raise RetrofitError(f"{output_dir} already holds a fine-tuning run; " + (
+            "add --resume to continue it, delete it, or choose another --output-dir" if resumable else
+            "delete it or choose another --output"))
     main = is_main_process() and not quiet
-    if main:
-        say(f"fine-tuning on {data}: phase 1 {epochs} epoch(s) (SE blocks"
-            f"{', new head' if options.get('train_head') else ''}; backbone frozen)"
-            + (f", phase 2 {options['phase2_epochs']} epoch(s) (everything)" if options.get("phase2_epochs") else "")
-            + f"; checkpoints in {output_dir}")
+    if main:  # what trains (SE blocks, a new 3-class head...) the run says once it has opened the data
+        say(f"fine-tuning on {data}; checkpoints in {output_dir}")
         why = None if said_random else random_weights(model)
         if why:
             say(("note:", "yellow"), f" this model's weights are random ({why}): the results are only a demonstration")
-    classes = getattr(model, "num_classes", None)
-    result = finetune(model, data, epochs, output_dir=output_dir, progress=main, **options)
+    try:
+        result = finetune(model, data, output_dir=output_dir, progress=main, **options)
+    except KeyboardInterrupt:
+        if is_main_process():
+            saved = (output_dir / STATE_FILE).is_file()
+            say(("interrupted", "red"), f"; {how_to_continue(saved, output_dir, data, resumable)}", stderr=True)
+        raise typer.Exit(130) from None
     if main:
-        head = options.get("train_head")
-        head = head if head is not None else isinstance(classes, int) and classes != len(result.classes)
-        console().print(f"{trainable_parameters(model, head=head)} (phase 1)")
         console().print(results_table(result))
         best = result.best
         say(f"best: {best['name']}, top-1 {best['top1']:.2f}% -> {output_dir / BEST_FILE}; last: "
@@ -65,6 +74,16 @@ def run_finetune(model, data: Path, epochs: int, output_dir: Path, inputs: tuple
         if result.skipped_images:
             say((f"{result.skipped_images} image(s) could not be decoded and were skipped", "yellow"))
     return result
+
+
+def how_to_continue(saved: bool, output_dir: Path, data: Path, resumable: bool) -> str:
+    """What a Ctrl-C leaves (``saved``: a finished epoch's state) and how to go on from it."""
+    if not saved:
+        return "no epoch had finished: nothing to resume"
+    if resumable:
+        return f"the finished epochs are saved in {output_dir}: rerun the same command with --resume to continue"
+    return (f"the finished epochs are in {output_dir}, but add-se --finetune cannot resume; for a run that can, "
+            f"save with `retrofit add-se ... --output FILE`, then `retrofit finetune FILE --data {data}`")
 
 
 EPOCHS = typer.Option(1, "--epochs", "-e", min=0, help="Phase-1 epochs: only the SE blocks (and a new head) train.")
@@ -93,37 +112,66 @@ def regularisers(smoothing: float, mixup: float, cutmix: float, ema_decay: Optio
                 distill_weight=distill_weight, distill_temperature=distill_temperature)
 
 
-@app.command("finetune")
+# Every option of the fine-tune itself, one definition for `retrofit finetune` and `add-se --finetune`
+# (name -> annotation and typer option): @finetune_options gives a command all of them.
+FINETUNE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "epochs": (int, EPOCHS),
+    "phase2_epochs": (int, typer.Option(0, "--phase2-epochs", min=0, help="Then train everything for this many epochs.")),
+    "lr": (float, typer.Option(1e-3, "--lr", help="Phase-1 learning rate.")),
+    "phase2_lr": (Optional[float], typer.Option(None, "--phase2-lr", help="Phase-2 learning rate (default: lr / 10).")),
+    "batch_size": (int, typer.Option(32, "--batch-size", "-b", min=1, help="Global batch size (over all processes).")),
+    "accum_steps": (int, typer.Option(1, "--accum-steps", min=1, help="Gradient accumulation: micro-batches per step.")),
+    "opt": (str, typer.Option("adamw", "--opt", help="timm optimizer name (adamw, sgd, lamb...).")),
+    "weight_decay": (float, typer.Option(0.0, "--weight-decay", help="Weight decay.")),
+    "sched": (str, typer.Option("cosine", "--sched", help="timm scheduler name (cosine, step, plateau...).")),
+    "warmup_epochs": (int, typer.Option(0, "--warmup-epochs", min=0, help="Warm-up epochs of the scheduler.")),
+    "seed": (int, typer.Option(0, "--seed", help="Data order, augmentation and a new head follow it.")),
+    "augment": (bool, typer.Option(True, "--augment/--no-augment", help="timm's training augmentation.")),
+    "train_head": (Optional[bool], typer.Option(None, "--train-head/--freeze-head", help="Train the classifier in phase 1 (default: only a new one).")),
+    "train_norms": (bool, typer.Option(False, "--train-norms/--freeze-norms", help="Phase 1 also trains the norm layers' affine parameters (statistics stay frozen).")),
+    "workers": (int, typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes per training process (the weights do not depend on it).")),
+    "device": (Optional[str], typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available).")),
+    "smoothing": (float, SMOOTHING), "mixup": (float, MIXUP), "cutmix": (float, CUTMIX),
+    "ema_decay": (Optional[float], EMA_DECAY), "clip_grad": (Optional[float], CLIP_GRAD), "clip_mode": (str, CLIP_MODE),
+    "backbone_lr_scale": (float, BACKBONE_LR_SCALE), "channels_last": (bool, CHANNELS_LAST), "distill": (bool, DISTILL),
+    "distill_weight": (float, DISTILL_WEIGHT), "distill_temperature": (float, DISTILL_TEMPERATURE),
+}
+
+
+def finetune_options(fn):
+    """Give a typer command every option of :data:`FINETUNE_OPTIONS`: they are added to ``fn``'s
+    signature (typer reads ``inspect.signature``), after its own parameters, and ``fn`` receives them
+    as one keyword argument, ``train``: the keyword arguments of :func:`retrofit.finetune`."""
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.name != "train"]
+    clash = {p.name for p in own} & set(FINETUNE_OPTIONS)
+    if clash:
+        raise TypeError(f"{fn.__name__} defines fine-tune options of its own: {sorted(clash)}")
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, (kind, option) in FINETUNE_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        train = {name: kwargs.pop(name) for name in FINETUNE_OPTIONS}
+        return fn(*args, train=train, **kwargs)
+
+    run.__signature__ = sig.replace(parameters=own + added)
+    return run
+
+
+@app.command("finetune", short_help="Fine-tune a retrofitted model: SE blocks first, optionally all.")
 @fail_cleanly
+@finetune_options
 def finetune_command(
     checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (.safetensors), or an adapter (with --base)."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/* and DATA/val/<class>/*."),
-    epochs: int = EPOCHS,
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output-dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, metrics.jsonl (default: CHECKPOINT's name + -finetune/)."),
-    phase2_epochs: int = typer.Option(0, "--phase2-epochs", min=0, help="Then train everything for this many epochs."),
-    lr: float = typer.Option(1e-3, "--lr", help="Phase-1 learning rate."),
-    phase2_lr: Optional[float] = typer.Option(None, "--phase2-lr", help="Phase-2 learning rate (default: lr / 10)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Global batch size (over all processes)."),
-    accum_steps: int = typer.Option(1, "--accum-steps", min=1, help="Gradient accumulation: micro-batches per step."),
-    opt: str = typer.Option("adamw", "--opt", help="timm optimizer name (adamw, sgd, lamb...)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay."),
-    sched: str = typer.Option("cosine", "--sched", help="timm scheduler name (cosine, step, plateau...)."),
-    warmup_epochs: int = typer.Option(0, "--warmup-epochs", min=0, help="Warm-up epochs of the scheduler."),
-    seed: int = typer.Option(0, "--seed", help="Data order, augmentation and a new head follow it."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="timm's training augmentation."),
-    train_head: Optional[bool] = typer.Option(None, "--train-head/--freeze-head", help="Train the classifier in phase 1 (default: only a new one)."),
-    workers: int = typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes per training process."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."),
     base: Optional[Path] = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit)."),
     force: bool = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's."),
     adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, OUTPUT_DIR/adapter.safetensors (the blocks and what changed, with a hash of the base)."),
-    train_norms: bool = typer.Option(False, "--train-norms/--freeze-norms", help="Phase 1 also trains the norm layers' affine parameters (statistics stay frozen)."),
-    smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
-    clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
-    channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
-    distill_temperature: float = DISTILL_TEMPERATURE,
+    *, train: dict,
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
     # deferred: torch and timm load when a command runs, not for --help
@@ -138,15 +186,8 @@ def finetune_command(
     model = load(checkpoint, base=base, force=force)
     size = resolve_input_size(model, input_size) if input_size is not None else None
     out = output_dir if output_dir is not None else checkpoint.expanduser().with_name(f"{checkpoint.stem}-finetune")
-    result = run_finetune(model, data, epochs, out, inputs=tuple(p for p in (checkpoint, base) if p is not None),
-                          resume=resume, phase2_epochs=phase2_epochs, lr=lr, phase2_lr=phase2_lr,
-                          batch_size=batch_size, accum_steps=accum_steps, opt=opt, weight_decay=weight_decay,
-                          sched=sched, warmup_epochs=warmup_epochs, seed=seed, augment=augment,
-                          train_head=train_head, workers=workers, device=device, input_size=size,
-                          train_norms=train_norms,
-                          **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode,
-                                         backbone_lr_scale, channels_last, distill, distill_weight,
-                                         distill_temperature))
+    result = run_finetune(model, data, out, inputs=tuple(p for p in (checkpoint, base) if p is not None),
+                          resume=resume, input_size=size, **train)
     if is_main_process():  # the card (and adapter) of the model the run hands over: the best one
         out = out.expanduser()
         handed = out / (ADAPTER_FILE if adapter else BEST_FILE)

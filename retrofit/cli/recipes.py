@@ -5,7 +5,7 @@ from .common import console, fail_cleanly, app
 from rich.table import Table
 
 
-@app.command("recipes")
+@app.command("recipes", short_help="List the built-in recipes.")
 @fail_cleanly
 def recipes_command():
     """List the built-in recipes."""

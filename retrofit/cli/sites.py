@@ -9,7 +9,7 @@ from .common import (AT, INPUT_SIZE, NUM_CLASSES, app, build_model, console, fai
                      say, write_json)
 
 
-@app.command("sites")
+@app.command("sites", short_help="List the sites the pass finds in a model.")
 @fail_cleanly
 def sites_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),

@@ -8,13 +8,13 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
+from ..measure.fit import Col, FitTable  # rich only: no torch
 from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
                        save_figure)
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, say, write_json)
+                     json_target, plural, rounds_bar, say, write_json)
 from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
                        DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
-from rich.table import Table
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
@@ -28,7 +28,7 @@ WORKERS = typer.Option(2, "--workers", "-j", min=0, help="With --data: data-load
 DEVICE = typer.Option(None, "--device", help="With --data: cpu or cuda (default: cuda when available).")
 
 
-@app.command("sweep")
+@app.command("sweep", short_help="Sweep r x position x stages: overhead, latency, accuracy.")
 @fail_cleanly
 def sweep_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
@@ -46,7 +46,7 @@ def sweep_command(
     latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original (builds real models; slow)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the latency runs."),
     latency_size: Optional[str] = typer.Option(None, "--latency-size", help="C,H,W of the latency runs (default: --input-size)."),
-    runs: int = typer.Option(10, "--runs", help="Timed rounds per model for --latency (median reported)."),
+    runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (median ratio and its interval reported)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON to FILE (- for stdout)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw parameter and latency (or MAC) overhead against r, one line per position, to FILE.png; with --data: val top-1 against added parameters (or latency), error bars over seeds."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder (DATA/train/<class>/*, DATA/val/<class>/*): also fine-tune every combination (phase 1) and the control arms, and report val top-1 and loss."),
@@ -98,6 +98,10 @@ def sweep_command(
         train = dict(lr=lr, phase2_lr=phase2_lr, batch_size=batch_size, augment=augment, workers=workers, device=device,
                      **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode, backbone_lr_scale,
                                     channels_last, distill, distill_weight, distill_temperature))
+        if device is not None:
+            from ..train.distributed import check_device  # deferred: torch loads when a command runs
+
+            check_device(device)  # before the model is built
     elif epochs != 1 or seeds != 1:
         raise RetrofitError("--epochs and --seeds set an accuracy sweep, which needs --data DIR")
     json_target(json_path)
@@ -110,9 +114,10 @@ def sweep_command(
     size = found.traced.input_size
     timing_size = resolve_input_size(net, latency_size) if latency_size is not None else size
     talk = json_path != "-" and is_main_process()
-    rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
-                 latency_input_size=timing_size, runs=runs, found=found, data=data, epochs=epochs, seeds=seeds,
-                 train=train, on_run=(lambda line: console(stderr=True).print(line)) if talk else None)
+    with rounds_bar("timing each combination against the original, in turns", quiet=not latency or not talk) as bar:
+        rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
+                     latency_input_size=timing_size, runs=runs, found=found, data=data, epochs=epochs, seeds=seeds,
+                     train=train, on_run=(lambda line: say(line, stderr=True)) if talk else None, on_round=bar)
     name = model_name(net)
     out = {"model": name, "input_size": list(size), "recipe": base.to_dict(),
            "latency": {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None,
@@ -122,7 +127,7 @@ def sweep_command(
            "rows": [row.to_dict() for row in rows], "verdict": verdict(rows)}
     if json_path != "-":
         say((name, "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
-            f"{sum(row.arm == 'se' for row in rows)} combinations; other fields: {base.describe()}")
+            f"{plural(sum(row.arm == 'se' for row in rows), 'combination')}; other fields: {base.describe()}")
         console().print(sweep_table(rows, latency, batch, timing_size))
     if is_main_process():
         write_json(out, json_path)
@@ -136,25 +141,26 @@ def sweep_command(
 
 def sweep_table(rows, latency: bool, batch: int, size, title: str = "Sweep", note: str = ""):
     # deferred: torch and timm load when a command runs, not for --help
-    from ..measure.report import _n, _pct
+    from ..measure.report import _n, _pct, latency_cell
 
     caption = "MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1."
     if latency:
-        caption += (f" latency: median forward time of the retrofitted model over the original's, measured in "
-                    f"turns in the same run (batch {batch}, {'x'.join(map(str, size))}, CPU unless on GPU).")
+        caption += (f" latency: the retrofitted model's forward time over the original's, the two back to back in "
+                    f"each round, median over the rounds [its interval, at least 95%; noise: it holds 1, no "
+                    f"difference measured] (batch {batch}, {'x'.join(map(str, size))}, CPU unless on GPU).")
     accuracy = has_accuracy(rows)
     if accuracy:
         caption += " " + accuracy_caption(rows, latency)
     caption += note
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    columns = ["position", "r", "stages", "blocks", "params added", "% params", "MACs added", "% MACs"]
+    # the combination, what it adds, its latency and accuracy stay at any width; the rest goes first
+    cols = [Col("position", "left"), Col("r"), Col("stages"), Col("blocks", drop=4), Col("params added"),
+            Col("% params"), Col("MACs added", drop=3), Col("% MACs", drop=1)]
     if latency:
-        columns += ["latency", "ms"]
-    for col in columns:
-        table.add_column(col, justify="left" if col == "position" else "right")
+        cols += [Col("latency"), Col("ms", drop=5)]
     if accuracy:
-        accuracy_columns(table, rows)
-    table.add_column("note", justify="left")
+        cols += accuracy_columns(rows)
+    cols.append(Col("note", "left", drop=0, text=True))
+    table = FitTable(cols, title=title, caption=caption)
     for row in rows:
         if row.arm != "se":  # a control arm: the original architecture, nothing added
             cells = [f"control: {row.arm}", "", "", "", "0", "", "", ""]
@@ -162,7 +168,8 @@ def sweep_table(rows, latency: bool, batch: int, size, title: str = "Sweep", not
             cells = [row.position, row.r_label, row.stages_label, str(row.blocks), _n(row.params),
                      _pct(row.params_percent), _n(row.macs), _pct(row.macs_percent)]
         if latency:
-            cells += ["" if row.latency is None else f"{row.latency:.3f}x",
+            cells += ["" if row.latency is None else f"{row.latency:.3f}x" if row.latency_low is None
+                      else latency_cell(row.latency, row.latency_low, row.latency_high),
                       "" if row.latency_ms is None else f"{row.latency_ms:.1f}"]
         if accuracy:
             cells += accuracy_cells(row)

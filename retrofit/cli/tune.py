@@ -16,7 +16,7 @@ from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, C
 from .sweep import AUGMENT, BATCH_SIZE, DEVICE, PHASE2_LR, WORKERS, import_pyplot, sweep_table
 
 
-@app.command("tune")
+@app.command("tune", short_help="Search the recipe that pays, on Optuna; end with the control arms.")
 @fail_cleanly
 def tune_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),

@@ -24,6 +24,7 @@ from rich.table import Table
 from torch import nn
 
 from ..errors import RetrofitError
+from ..measure.fit import FitTable
 from ..measure.report import overhead_table, results_table
 from .adapter import state_bytes
 from .atomic import atomic_write
@@ -109,8 +110,11 @@ def command_line() -> str:
     return shlex.join(["retrofit", *sys.argv[1:]])
 
 
-def table_markdown(table: Table) -> str:
-    """A rich table (the one the CLI prints) as a markdown table: title, header, rows, caption."""
+def table_markdown(table: Table | FitTable) -> str:
+    """A table the CLI prints as a markdown table: title, header, rows, caption (every column: a card is
+    not a console)."""
+    if isinstance(table, FitTable):
+        table = table.full()
     columns = table.columns
     rows = list(zip(*[[str(c) for c in col.cells] for col in columns])) if columns else []
     out = [f"**{table.title}**", ""] if table.title else []

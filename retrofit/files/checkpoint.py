@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import RetrofitError
 from .adapter import adapter_tensors, load_adapter
 from .atomic import atomic_write, check_writable
+from .canonical import sort_metadata
 from .card import write_card
 from .full import load_full
 from .header import metadata, read_header
@@ -52,10 +53,12 @@ def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any
         tensors, meta = adapter_tensors(model, base)
         with atomic_write(path) as tmp:  # a full disk: WriteError (safetensors says "os error 28")
             _save_file(tensors, tmp, meta)
+            sort_metadata(tmp)  # equal adapters, equal bytes
     else:
         meta = metadata(model)
         with atomic_write(path) as tmp:
             save_model(model, str(tmp), metadata=meta)
+            sort_metadata(tmp)  # equal models, equal bytes (safetensors orders the metadata at random)
     if card:
         write_card(path, model)
     return path

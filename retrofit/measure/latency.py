@@ -2,18 +2,23 @@
 
 One process, one input, inference mode: every model is warmed up, then the models run in turns, the
 order rotating at each round, so a drift of the machine (another job, a frequency change) hits them
-alike; each model's time is the median of its rounds, and the ratio is taken between medians of the
-same run. Timings of two separate runs are not comparable on a shared machine; ratios from one run are.
+alike. A round times each model once, back to back, so the ratio of two models' times in one round
+compares them under the same load; the ratio reported is the median of those per-round ratios, with a
+distribution-free confidence interval for it (:meth:`Timing.interval`): when the interval holds 1.0
+the run measured no difference. Timings of two separate runs are not comparable on a shared machine;
+ratios from one run are.
 
     >>> timing = measure_latency({"resnet50": plain, "se": se_model}, batch=8, input_size=(3, 224, 224))
     >>> timing.ratio("se", "resnet50")      # e.g. 1.07: the retrofit costs 7% more time per batch
+    >>> timing.interval("se", "resnet50")   # e.g. (1.04, 1.10, 0.979): its 97.9% interval over 10 rounds
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -32,22 +37,47 @@ class Timing:
     def median(self, name: str) -> float:
         return statistics.median(self.samples[name])
 
+    def ratios(self, name: str, reference: str) -> list[float]:
+        """One ratio per round: ``name``'s time over ``reference``'s in the same round."""
+        return [a / b for a, b in zip(self.samples[name], self.samples[reference])]
+
     def ratio(self, name: str, reference: str) -> float:
-        """Median time of ``name`` over median time of ``reference`` (1.05: 5% slower)."""
-        return self.median(name) / self.median(reference)
+        """The median of the per-round ratios of ``name`` over ``reference`` (1.05: 5% slower)."""
+        return statistics.median(self.ratios(name, reference))
+
+    def interval(self, name: str, reference: str, level: float = 0.95) -> tuple[float, float, float]:
+        """``(low, high, coverage)``: a confidence interval for the median per-round ratio, from order
+        statistics alone (no normality assumed): the k-th smallest and the k-th largest of the n ratios,
+        k the largest with P(Binomial(n, 1/2) <= k - 1) <= (1 - level) / 2, so ``coverage`` =
+        1 - 2 P(Binomial(n, 1/2) <= k - 1) >= ``level`` (10 rounds: the 2nd and 9th, 97.9%). Under 6
+        rounds no k reaches 95%: the smallest and the largest ratio, with their lower coverage."""
+        r = sorted(self.ratios(name, reference))
+        n, alpha = len(r), (1 - level) / 2
+        k, below = 0, 0.0  # k ratios left out on each side; below = P(Binomial(n, 1/2) <= k - 1)
+        while k < n // 2 and below + math.comb(n, k) / 2 ** n <= alpha:
+            below, k = below + math.comb(n, k) / 2 ** n, k + 1
+        if k == 0:
+            return r[0], r[-1], 1 - 2 / 2 ** n
+        return r[k - 1], r[n - k], 1 - 2 * below
+
+    def within_noise(self, name: str, reference: str, level: float = 0.95) -> bool:
+        """The interval holds 1.0: this run measured no difference between the two."""
+        low, high, _ = self.interval(name, reference, level)
+        return low <= 1.0 <= high
 
 
 def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
                     input_size: tuple[int, ...] = (3, 224, 224), runs: int = 10, warmup: int = 2,
-                    seed: int = 0) -> Timing:
+                    seed: int = 0, on_round: Optional[Callable[[int, int], None]] = None) -> Timing:
     """Time the forward passes of ``models`` on one random input, interleaved (see the module doc).
 
     Args:
         models: name -> model; each is put in eval mode (and back in its own mode afterwards).
         batch: images per forward pass.
         input_size: ``(C, H, W)`` of one image.
-        runs: timed rounds per model (the median is reported).
+        runs: timed rounds (each times every model once).
         warmup: untimed rounds per model first (allocator, caches, lazy init).
+        on_round: called as ``on_round(done, total)`` after each round, warm-up included (a progress bar).
 
     Raises:
         RetrofitError: a bad batch or run count, or a model that lives on the meta device.
@@ -69,9 +99,11 @@ def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
         for m in models.values():
             m.eval()
         with torch.inference_mode():
-            for _ in range(warmup):
+            for w in range(warmup):
                 for name in names:
                     models[name](x)
+                if on_round is not None:
+                    on_round(w + 1, warmup + runs)
             for i in range(runs):
                 k = i % len(names)
                 for name in names[k:] + names[:k]:  # rotating order: no model always runs first
@@ -80,6 +112,8 @@ def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
                     models[name](x)
                     _sync(device)
                     samples[name].append(time.perf_counter() - t)
+                if on_round is not None:
+                    on_round(warmup + i + 1, warmup + runs)
     finally:
         for name, m in models.items():
             m.train(modes[name])

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rich.table import Table
-
+from ..blocks.attention import DISPLAY_NAMES
 from ..surgery.sites import KINDS, NAMED, Scan, Site
+from .fit import Col, FitTable
 from .overhead import Overhead
 
 if TYPE_CHECKING:
@@ -20,12 +20,11 @@ def _pct(x: float) -> str:
     return f"{x:.2f}%" if x >= 0.01 or x == 0 else f"{x:.4f}%"
 
 
-def sites_by_stage(scan: Scan, named: list[Site] = ()) -> Table:
+def sites_by_stage(scan: Scan, named: list[Site] = ()) -> FitTable:
     """Sites found, one row per stage (and the ``named`` ones, a recipe's ``at``, in a column)."""
-    table = Table(title="Sites found", title_justify="left")
     kinds = scan.kinds() + ((NAMED,) if named else ())
-    for col in ("stage", "stride", "size", *kinds):
-        table.add_column(col, justify="right", overflow="fold")
+    table = FitTable([Col("stage"), Col("stride", drop=1), Col("size", drop=0), *(Col(k) for k in kinds)],
+                     title="Sites found")
     stages: dict[int, dict] = {}
     for s in [*scan.sites, *named]:
         row = stages.setdefault(s.stage, {"size": s.size, **{k: 0 for k in kinds}})
@@ -38,44 +37,39 @@ def sites_by_stage(scan: Scan, named: list[Site] = ()) -> Table:
     return table
 
 
-def sites_table(scan: Scan, named: list[Site] = ()) -> Table:
-    """Every site, one row each (the discovered ones, then the ``named`` ones)."""
-    table = Table(title="Sites", title_justify="left")
-    for col, justify in (("#", "right"), ("kind", "left"), ("module", "left"), ("stage", "right"),
-                         ("stride", "right"), ("channels", "right"), ("size", "right"), ("detail", "left")):
-        table.add_column(col, justify=justify, overflow="fold", no_wrap=col == "module")
+def sites_table(scan: Scan, named: list[Site] = ()) -> FitTable:
+    """Every site, one row each (the discovered ones, then the ``named`` ones); a module path is never cut
+    (it is what ``--only``/``--skip``/``--at`` take)."""
+    table = FitTable([Col("#"), Col("kind", "left"), Col("module", "left"), Col("stage", drop=4),
+                      Col("stride", drop=0), Col("channels", drop=3), Col("size", drop=1),
+                      Col("detail", "left", drop=2, text=True)], title="Sites")
     for i, s in enumerate([*scan.sites, *named]):
         table.add_row(str(i), s.kind, s.module or "<model>", str(s.stage), str(s.stride), str(s.channels),
                       f"{s.size[0]}x{s.size[1]}", s.detail)
     return table
 
 
-def blocks_table(report: Overhead, module: str = "se", every: bool = False) -> Table:
+def blocks_table(report: Overhead, module: str = "se", every: bool = False) -> FitTable:
     """The inserted blocks (one per site); ``module``: the block kind for the title when the blocks do
     not say. Blocks of several kinds (per-stage or per-module recipes) get a ``module`` column instead.
 
     Folded by default, so a deep network fits a terminal: per stage the first and the last block, and
     between them one row ``... N more`` (their width, size and per-block costs when the N blocks are
-    alike, else blank). ``every``: one row per block. Block and site names are never cut (they are
-    what ``--only``/``--skip`` take): a narrow terminal folds other columns first.
+    alike, else blank). ``every``: one row per block. Block names, parameters and multiply-adds are
+    never cut (the names are what ``--only``/``--skip`` take): a narrow terminal leaves other columns out.
     """
-    names = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
+    names = DISPLAY_NAMES
     kinds = list(dict.fromkeys(b.module for b in report.blocks if b.module))
     mixed = len(kinds) > 1
     kind = kinds[0] if len(kinds) == 1 else module if isinstance(module, str) else ""
     title = "Blocks inserted" if mixed or not kind else f"{names.get(kind, kind)} blocks inserted"
     folded = not every and any(len(group) > 3 for group in _by_stage(report.blocks))
-    table = Table(title=title, title_justify="left",
-                  caption="... N more: the blocks between a stage's first and last, with the costs of each "
-                          "(blank where they differ); --blocks lists every block." if folded else None,
-                  caption_justify="left")
-    longest = max((len(b.path) for b in report.blocks), default=5)
-    for col, justify in (("block", "left"), ("module", "left"), ("site", "left"), ("stage", "right"),
-                         ("channels", "right"), ("width", "right"), ("size", "right"), ("params", "right"),
-                         ("MACs", "right"), ("pool+scale ops", "right")):
-        if col != "module" or mixed:
-            table.add_column(col, justify=justify, overflow="fold",
-                             min_width=longest if col == "block" else None, no_wrap=col in ("block", "site"))
+    cols = [Col("block", "left"), *([Col("module", "left", drop=6)] if mixed else []), Col("site", "left", drop=5),
+            Col("stage", drop=4), Col("channels", drop=3), Col("width", drop=2), Col("size", drop=1), Col("params"),
+            Col("MACs"), Col("pool+scale ops", drop=0)]
+    table = FitTable(cols, title=title,
+                     caption="... N more: the blocks between a stage's first and last, with the costs of each "
+                             "(blank where they differ); --blocks lists every block." if folded else None)
     for group in _by_stage(report.blocks):
         shown = group if every or len(group) <= 3 else [group[0], group[1:-1], group[-1]]
         for b in shown:
@@ -118,15 +112,14 @@ def _middle_row(blocks: list) -> list[str]:
             same(lambda b: b.params, _n), same(lambda b: b.macs, _n), same(lambda b: b.pool_ops + b.scale_ops, _n)]
 
 
-def overhead_table(report: Overhead) -> Table:
+def overhead_table(report: Overhead) -> FitTable:
     """Added parameters and multiply-adds per stage and in total, against the base model."""
-    table = Table(title="Overhead", title_justify="left",
-                  caption="MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1. "
-                          "pool+scale ops: the squeeze and scale passes over each block's input "
-                          "(C x H x W each), elementwise, not multiply-adds.",
-                  caption_justify="left")
-    for col in ("stage", "stride", "blocks", "params added", "% params", "MACs added", "% MACs", "pool+scale ops"):
-        table.add_column(col, justify="right", overflow="fold")  # a narrow terminal folds numbers, never cuts them
+    cols = [Col("stage"), Col("stride", drop=1), Col("blocks", drop=3), Col("params added"), Col("% params"),
+            Col("MACs added"), Col("% MACs", drop=2), Col("pool+scale ops", drop=0)]
+    table = FitTable(cols, title="Overhead",
+                     caption="MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1. "
+                             "pool+scale ops: the squeeze and scale passes over each block's input "
+                             "(C x H x W each), elementwise, not multiply-adds.")
     for s in report.stages():
         table.add_row(str(s.stage), str(s.stride), str(s.blocks), _n(s.params), _pct(report.params_percent(s.params)),
                       _n(s.macs), _pct(report.macs_percent(s.macs)), _n(s.pool_ops + s.scale_ops))
@@ -140,20 +133,33 @@ def overhead_table(report: Overhead) -> Table:
 
 
 def latency_line(timing: "Timing") -> str:
-    """The measured latency overhead of an add-se run, in one line."""
+    """The measured latency overhead of an add-se run, in one line, with its interval over the rounds."""
     ratio = timing.ratio("retrofitted", "original")
-    return (f"Latency (median of {len(timing.samples['original'])} forward passes each, batch {timing.batch}, "
-            f"{'x'.join(map(str, timing.input_size))}, the two models in turns in one run): original "
-            f"{timing.median('original') * 1e3:.1f} ms, retrofitted {timing.median('retrofitted') * 1e3:.1f} ms, "
-            f"ratio {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+    low, high, coverage = timing.interval("retrofitted", "original")
+    verdict = ("within noise: no difference measurable in this run" if low <= 1 <= high
+               else f"{100 * (ratio - 1):+.1f}%")
+    return (f"Latency ({len(timing.samples['original'])} rounds, the two models back to back in each, batch "
+            f"{timing.batch}, {'x'.join(map(str, timing.input_size))}): original "
+            f"{timing.median('original') * 1e3:.1f} ms, retrofitted {timing.median('retrofitted') * 1e3:.1f} ms "
+            f"(medians); ratio {ratio:.3f} [{low:.3f}, {high:.3f}] ({100 * coverage:.0f}% interval of the "
+            f"median per-round ratio): {verdict}")
+
+
+def latency_cell(ratio: float, low: float, high: float) -> str:
+    """A sweep row's latency: ``1.130x [1.09, 1.19]``, ending `` noise`` when the interval holds 1.0."""
+    return f"{ratio:.3f}x [{low:.2f}, {high:.2f}]" + (" noise" if low <= 1 <= high else "")
 
 
 def latency_json(timing: "Timing") -> dict[str, Any]:
-    """The latency measurement of an add-se run: medians (ms), their ratio, and the settings."""
+    """The latency measurement of an add-se run: medians (ms), the ratio with its interval, every sample."""
+    low, high, coverage = timing.interval("retrofitted", "original")
     return {"batch": timing.batch, "input_size": list(timing.input_size), "runs": len(timing.samples["original"]),
             "original_ms": round(timing.median("original") * 1e3, 3),
             "retrofitted_ms": round(timing.median("retrofitted") * 1e3, 3),
-            "ratio": round(timing.ratio("retrofitted", "original"), 4)}
+            "ratio": round(timing.ratio("retrofitted", "original"), 4),  # the median of the per-round ratios
+            "ratio_low": round(low, 4), "ratio_high": round(high, 4), "ratio_coverage": round(coverage, 4),
+            "within_noise": low <= 1 <= high,
+            "samples_ms": {name: [round(t * 1e3, 4) for t in v] for name, v in timing.samples.items()}}
 
 
 def sites_json(scan: Scan, named: list[Site] = ()) -> dict[str, Any]:
@@ -172,13 +178,12 @@ def sites_json(scan: Scan, named: list[Site] = ()) -> dict[str, Any]:
     }
 
 
-def results_table(result: Any, title: str = "Fine-tuning results") -> Table:
-    """One rich table of a :class:`retrofit.FinetuneResult` (its ``rows`` and ``best``): original,
-    step 0 and every epoch, with the best one marked."""
-    table = Table(title=title, title_justify="left")
-    for col, just in (("model", "left"), ("phase", "right"), ("lr", "right"), ("train loss", "right"),
-                      ("val loss", "right"), ("top-1 %", "right"), ("top-5 %", "right"), ("", "left")):
-        table.add_column(col, justify=just)
+def results_table(result: Any, title: str = "Fine-tuning results") -> FitTable:
+    """One table of a :class:`retrofit.FinetuneResult` (its ``rows`` and ``best``): original, step 0 and
+    every epoch, with the best one marked; losses and top-1 are never left out at any width."""
+    table = FitTable([Col("model", "left"), Col("phase", drop=2), Col("lr", drop=1), Col("train loss"),
+                      Col("val loss"), Col("top-1 %"), Col("top-5 %", drop=0), Col("", "left")], title=title,
+                     elsewhere="metrics.jsonl")
     for r in result.rows:
         label = {"original": "original (no SE)", "step 0": "retrofitted, step 0"}.get(r["name"], r["name"])
         table.add_row(label, str(r["phase"] or ""), f"{r['lr']:.2e}" if r["lr"] is not None else "",

@@ -326,7 +326,7 @@ def check_models(models: Iterable[str | tuple[str, str]], *, time_limit_s: float
     r = parse_ratio(r)
     results = []
     for item in models:
-        family, name = item if isinstance(item, tuple) else (None, item)
+        family, name = item if isinstance(item, tuple) else (family_of(item), item)
         result = check_model(name, family=family, time_limit_s=time_limit_s, r=r)
         results.append(result)
         if on_result is not None:
@@ -343,6 +343,12 @@ def summarize(results: Sequence[CheckResult]) -> dict:
 
 
 # -- families --------------------------------------------------------------------------------------
+def family_of(name: str) -> str | None:
+    """The timm family (the defining module, as :func:`families` has it) of a model name, a pretrained
+    tag (``resnet18.a1_in1k``) allowed; None for a name timm does not know."""
+    return _model_to_module.get(timm.models.get_arch_name(name))
+
+
 def families() -> dict[str, list[str]]:
     """timm's architecture families: the module that defines each model (``resnet``, ``byobnet``,
     ``vision_transformer``...), as timm's registry records it; model names in registry order."""

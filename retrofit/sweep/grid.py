@@ -50,7 +50,8 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
           latency_input_size: tuple[int, ...] | None = None, runs: int = 10, warmup: int = 2,
           found: Scan | None = None, data: str | Path | None = None, epochs: int = 1,
           seeds: int | Iterable[int] = 1, train: dict[str, Any] | None = None,
-          on_run: Callable[[str], None] | None = None) -> list[SweepRow]:
+          on_run: Callable[[str], None] | None = None,
+          on_round: Callable[[int, int], None] | None = None) -> list[SweepRow]:
     """The cost of every combination of ``r`` x ``position`` x ``stages`` on ``model``, and with
     ``data`` its accuracy over seeds next to the control arms (:mod:`retrofit.sweep.ablation`).
 
@@ -79,6 +80,8 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
             ``batch_size``, ``phase2_lr`` for the ``full`` control, ``augment``, ``workers``,
             ``device``, ``smoothing``, ``distill``...).
         on_run: called with one line after each fine-tune (progress).
+        on_round: with ``latency``, called as ``on_round(done, total)`` after each timed (or warm-up)
+            round, counted over all combinations (a progress bar).
 
     Returns:
         One :class:`SweepRow` per combination, positions outermost, then stages, then r; with ``data``,
@@ -121,15 +124,17 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
                                          report.params_percent(), report.added_macs, report.macs_percent(),
                                          report.pool_ops + report.scale_ops, len(prepared.skipped)))
     if latency:
-        rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup)
+        rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup,
+                             on_round)
     if data is not None:
         rows = with_accuracy(model, rows, found, base_recipe, data=data, epochs=epochs, seeds=seeds,
                              input_size=size, latency=latency, train=train, on_run=on_run)
     return rows
 
 
-def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup) -> list[SweepRow]:
-    out = []
+def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup, on_round=None) -> list[SweepRow]:
+    out, each = [], warmup + runs
+    total = each * sum(not row.note for row in rows)
     for row in rows:
         if row.note:
             out.append(row)
@@ -139,9 +144,12 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup) ->
         with warnings.catch_warnings():  # narrow widths were already reported by the counts
             warnings.simplefilter("ignore")
             retrofit_scanned(found, se_model, chosen)
+        before = each * sum(not r.note for r in out)
         timing = measure_latency({"original": model, "retrofitted": se_model}, batch=batch, input_size=size,
-                                 runs=runs, warmup=warmup)
-        out.append(_replace(row, latency=timing.ratio("retrofitted", "original"),
+                                 runs=runs, warmup=warmup,
+                                 on_round=None if on_round is None else lambda done, _: on_round(before + done, total))
+        low, high, _ = timing.interval("retrofitted", "original")
+        out.append(_replace(row, latency=timing.ratio("retrofitted", "original"), latency_low=low, latency_high=high,
                             latency_ms=timing.median("retrofitted") * 1e3,
                             base_latency_ms=timing.median("original") * 1e3))
         del se_model

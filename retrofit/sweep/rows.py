@@ -25,7 +25,9 @@ class SweepRow:
     macs_percent: float
     pool_scale_ops: int    # the squeeze and scale passes, C x H x W each per block
     skipped: int = 0       # sites of this position and stages that could not be rewritten
-    latency: float | None = None       # median forward time retrofitted / original, same run
+    latency: float | None = None       # median per-round forward time retrofitted / original, same run
+    latency_low: float | None = None   # its interval over the rounds (Timing.interval)
+    latency_high: float | None = None
     latency_ms: float | None = None    # median forward time of the retrofitted model
     base_latency_ms: float | None = None
     note: str = ""

@@ -23,16 +23,26 @@ warns once per file and counts them (an epoch with no usable image is refused by
 Training batches (:class:`TrainBatches`) cover every image of an epoch, the last batch smaller when the
 set does not divide (phase 1 freezes the norm layers, so a small batch changes nothing but the step's
 noise); a set smaller than one batch is one step.
+
+An image's augmentation is drawn from ``(seed, epoch, index)`` alone (:func:`sample_rng`), in whichever
+process loads it: ``workers=0`` and ``workers=N`` train on the same images and give the same weights.
+(Left to themselves, timm's transforms draw from the global RNGs, which a DataLoader worker reseeds
+from its own id: an image's crop depended on the worker that loaded it, and with no workers the
+transforms' draws interleaved with the main process's mixup and dropout.)
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform, resolve_data_config
@@ -61,10 +71,43 @@ class Batch(NamedTuple):
     bad: tuple[BadImage, ...]  # images of this batch that were dropped
 
 
-class SkippingImageDataset(ImageDataset):
-    """timm's ImageDataset that yields a :class:`BadImage` for a file it cannot decode."""
+class SampleKey(NamedTuple):
+    """A training image of one epoch, as :class:`TrainBatches` yields it: its augmentation is drawn from
+    ``(seed, epoch, index)`` (:func:`sample_rng`)."""
 
-    def __getitem__(self, index: int):
+    index: int
+    seed: int
+    epoch: int
+
+
+@contextlib.contextmanager
+def sample_rng(key: SampleKey) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generator seeded from a hash of ``key`` for one image's
+    transform, then restored: timm's random resized crop and erasing draw from ``random``, torchvision's
+    flip and colour jitter from torch, and the draws of the process that loads the image (mixup,
+    dropout in the main process) stay as they were."""
+    digest = hashlib.blake2b(f"{key.seed}:{key.epoch}:{key.index}".encode(), digest_size=8).digest()
+    h = int.from_bytes(digest, "little")
+    cpu = torch.random.default_generator  # not torch.manual_seed: that reseeds the GPUs' generators too
+    saved = random.getstate(), np.random.get_state(), cpu.get_state()
+    random.seed(h)
+    np.random.seed(h % 2**32)
+    cpu.manual_seed(h)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        cpu.set_state(saved[2])
+
+
+class SkippingImageDataset(ImageDataset):
+    """timm's ImageDataset that yields a :class:`BadImage` for a file it cannot decode; given a
+    :class:`SampleKey`, it draws the image's augmentation from it."""
+
+    def __getitem__(self, index: int | SampleKey):
+        key = index if isinstance(index, SampleKey) else None
+        index = key.index if key is not None else index
         path, target = self.reader.samples[index]  # the path: the reader's own item is an open file
         try:
             with open(path, "rb") as f:
@@ -74,7 +117,8 @@ class SkippingImageDataset(ImageDataset):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return BadImage(str(path), first_line(err))
         if self.transform is not None:
-            img = self.transform(img)
+            with sample_rng(key) if key is not None else contextlib.nullcontext():
+                img = self.transform(img)
         return img, target
 
 
@@ -165,8 +209,9 @@ class ImageFolderData:
                           num_workers=workers, collate_fn=collate)
 
 
-class TrainBatches(Sampler[list[int]]):
-    """This process's micro-batches of one epoch, cut from one order of the whole training set.
+class TrainBatches(Sampler[list[SampleKey]]):
+    """This process's micro-batches of one epoch, cut from one order of the whole training set; each
+    image is a :class:`SampleKey`, so its augmentation follows ``(seed, epoch, index)``.
 
     The order is ``randperm(len, seed + epoch)``, whatever the number of processes; optimizer step
     ``s`` takes images ``[s * batch, (s + 1) * batch)`` of it, cut into micro-batches of ``micro *
@@ -198,13 +243,13 @@ class TrainBatches(Sampler[list[int]]):
         """Images of each epoch that :meth:`set_epoch` left out (0 but in phase 2 with a tail of one)."""
         return self.size - self.used
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)  # as DistributedSampler orders: the same global order
         order = torch.randperm(self.size, generator=g).tolist()[:self.used]
         group = self.micro * self.world
         for start in range(0, self.used, group):
-            yield order[start:start + group][self.rank::self.world]
+            yield [SampleKey(i, self.seed, self.epoch) for i in order[start:start + group][self.rank::self.world]]
 
     def __len__(self) -> int:
         return math.ceil(self.used / (self.micro * self.world))

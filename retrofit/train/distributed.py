@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import RetrofitError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -58,8 +60,14 @@ def setup(device: str | None = None) -> Dist:
     Args:
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available). Under torchrun each process
             takes GPU ``LOCAL_RANK``.
+
+    Raises:
+        RetrofitError: ``device`` is no device name, or this machine does not have it (before any folder
+            is made or model moved).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is not None:
+        check_device(device)
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if world <= 1:
         return Dist(device=torch.device(device or ("cuda" if want_cuda else "cpu")))
@@ -71,3 +79,26 @@ def setup(device: str | None = None) -> Dist:
     if started:
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=dev, started_here=started)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or one error that says what this machine has. Unchecked, a missing
+    GPU surfaced from deep inside ``model.to`` as torch's "Found no NVIDIA driver", after the run folder
+    was made and locked."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise RetrofitError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()  # 0, no exception, without a driver or on a CPU-only build of torch
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise RetrofitError(f"device {device}: no CUDA GPU found (torch {torch.__version__}, {build}); use "
+                                f"--device cpu, or leave --device out to take a GPU when there is one")
+        if dev.index is not None and dev.index >= count:
+            raise RetrofitError(f"device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RetrofitError(f"device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise RetrofitError(f"device {device}: not supported; use cpu or cuda")
+    return dev

@@ -98,7 +98,8 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
         output_dir: where ``train_state.pt`` (for resume), ``last.safetensors``, ``best.safetensors`` (by
             val top-1, step 0 included) and ``metrics.jsonl`` go; None: nothing is written.
         resume: continue the run saved in ``output_dir``.
-        workers: data-loading processes per training process.
+        workers: data-loading processes per training process (the weights do not depend on it: each
+            image's augmentation is drawn from ``(seed, epoch, index)``, :func:`retrofit.train.data.sample_rng`).
         device: ``cpu``/``cuda`` (default: CUDA when available; bf16 autocast on CUDA, fp32 on CPU).
         progress: rich progress bars on stderr (rank 0).
         restore_best: end with the best weights by val top-1 in ``model`` (else the last ones).

@@ -22,6 +22,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from ..errors import RetrofitError
+from ..files.adapter import BASE_ATTR, BaseRecord
 
 
 def block_params(model: nn.Module) -> set[str]:
@@ -38,6 +39,14 @@ def head_params(model: nn.Module) -> set[str]:
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def head_is_recorded_new(model: nn.Module) -> bool:
+    """Whether the model's recorded base (:func:`retrofit.files.adapter.remember_base`, as ``add-se
+    --num-classes`` records it) leaves its classifier out: a head created anew, not the base's."""
+    record = getattr(model, BASE_ATTR, None)
+    head = head_params(model)
+    return isinstance(record, BaseRecord) and bool(head) and not head & set(record.digests)
 
 
 def norm_params(model: nn.Module) -> set[str]:

@@ -15,12 +15,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..blocks.attention import DISPLAY_NAMES
 from ..errors import RetrofitError, RetrofitWarning
 from ..files.header import metadata
 from ..files.tensors import with_metadata
 from ..graph.model import resolve_input_size
 from ..surgery.bypass import blocks_off
 from ..files.provenance import mark_trained
+from ..surgery.trainable import Trainable
 from . import optim, params
 from .gradients import check_first_step
 from .data import ImageFolderData
@@ -81,8 +83,10 @@ class Run:
         """The parameters of phase 1, and the new ones (at the full rate with ``backbone_lr_scale``);
         a classifier of the wrong size for the data is replaced first."""
         s, model = self.s, self.model
-        new_head = params.fit_head(model, len(self.data.classes), s.seed)
+        # a head made for the data now, or one add-se --num-classes made (not the base's weights)
+        new_head = params.fit_head(model, len(self.data.classes), s.seed) or params.head_is_recorded_new(model)
         train_head = new_head if s.train_head is None else s.train_head
+        self.new_head, self.train_head = new_head, train_head  # said by plan()
         head = params.head_params(model)
         if train_head and not head:
             raise RetrofitError("cannot find this model's classifier to train (it has no get_classifier())")
@@ -105,6 +109,7 @@ class Run:
         net, optimizer, scheduler, phase = None, None, None, 0
         with self.progress:
             self.progress.note(f"{self.data.root}: {self.data.describe()}")
+            self.progress.note(self.plan())
             done = self._begin()
             for epoch in range(done + 1, s.epochs + s.phase2_epochs + 1):
                 if (1 if epoch <= s.epochs else 2) != phase:
@@ -115,6 +120,27 @@ class Run:
                 if on_epoch is not None and env.any(bool(on_epoch(dict(row)))):
                     break
         return self._finish(restore_best)
+
+    def plan(self) -> str:
+        """What each phase trains, said before the first epoch, e.g. ``phase 1, 2 epoch(s): SE blocks, new
+        3-class head train, the rest is frozen (trainable parameters: 46,079 || all: ...); phase 2, 1
+        epoch(s): everything trains``. The head is replaced here, once the data is open, so only the run
+        can say it (a command line could not)."""
+        s, model = self.s, self.model
+        parts = []
+        if s.epochs:
+            kinds = sorted({b.config.module for b in model._retrofit.blocks}) if self.blocks else []
+            what = [f"{DISPLAY_NAMES.get(kinds[0], kinds[0])} blocks" if len(kinds) == 1 else "blocks"] if kinds else []
+            if self.train_head:
+                what.append(f"new {len(self.data.classes)}-class head" if self.new_head else "head")
+            if s.train_norms:
+                what.append("norm affine parameters")
+            count = Trainable(sum(p.numel() for n, p in model.named_parameters() if n in self.phase1_params),
+                              sum(p.numel() for p in model.parameters()))
+            parts.append(f"phase 1, {s.epochs} epoch(s): {', '.join(what)} train, the rest is frozen ({count})")
+        if s.phase2_epochs:
+            parts.append(f"phase 2, {s.phase2_epochs} epoch(s): everything trains")
+        return "; ".join(parts)
 
     def _begin(self) -> int:
         """The epochs done already: those of the resumed state, or none after evaluating the original

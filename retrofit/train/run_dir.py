@@ -88,8 +88,8 @@ class RunDir:
                 if self.env.main:
                     warnings.warn(f"nothing to resume in {out}; starting at epoch 1", RetrofitWarning, stacklevel=4)
             elif state.exists():
-                raise RetrofitError(f"{out} already holds a fine-tuning run; pass --resume (resume=True) to "
-                                    f"continue it, or delete it, or choose another output folder")
+                raise RetrofitError(f"{out} already holds a fine-tuning run; pass resume=True to continue it, "
+                                    f"or delete it, or choose another output_dir")
         except BaseException:
             self.close()
             raise

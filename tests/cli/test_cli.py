@@ -242,7 +242,8 @@ def test_markup_in_messages_and_paths_prints_as_text(tmp_path):
     out = tmp_path / "[/x]" / "[bold]run[red]"
     result = run("finetune", ckpt, "--data", data, "--epochs", "1", "-b", "6", "-j", "0", "--output-dir", out, "--resume")
     assert result.exit_code == 0, result.output
-    assert f"fine-tuning on {data}:" in result.stdout and f"-> {out / 'best.safetensors'}" in result.stdout
+    assert f"fine-tuning on {data}; checkpoints in {out}" in result.stdout
+    assert f"-> {out / 'best.safetensors'}" in result.stdout
     assert f"warning: nothing to resume in {out};" in result.stderr
     bad = run("add-se", "resnet18", "--recipe", "[/bold]missing[red].yaml")
     assert bad.exit_code == 2 and bad.stderr.startswith("error: recipe file [/bold]missing[red].yaml not found;")

@@ -135,7 +135,7 @@ def test_adapter_command_line_and_cards(data, tmp_path):
     tuned = runner.invoke(app, ["finetune", str(out), "--base", str(base), "--data", str(data), "--epochs", "1",
                                 "-b", "8", "-j", "0", "--adapter", "-o", str(tmp_path / "run")])
     assert tuned.exit_code == 0, tuned.output
-    assert f"{expected} (phase 1)" in tuned.output
+    assert f"phase 1, 1 epoch(s): SE blocks train, the rest is frozen ({expected})" in tuned.output
     again = retrofit.load(tmp_path / "run" / "adapter.safetensors", base=base)
     assert_same_state(again.state_dict(), load_file(str(tmp_path / "run" / "best.safetensors")))
     card = (tmp_path / "run" / "adapter.README.md").read_text()

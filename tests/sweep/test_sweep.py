@@ -120,10 +120,13 @@ def test_latency_takes_medians_of_interleaved_rounds(monkeypatch):
 
     monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     one, two = Costs("one", [9.0] + [1.0] * 5), Costs("two", [9.0, 2.0, 2.0, 50.0, 2.0, 2.0])  # warm-up first
-    timing = measure_latency({"one": one, "two": two}, batch=1, input_size=(1, 1, 1), runs=5, warmup=1)
+    rounds = []
+    timing = measure_latency({"one": one, "two": two}, batch=1, input_size=(1, 1, 1), runs=5, warmup=1,
+                             on_round=lambda done, total: rounds.append((done, total)))
     assert timing.samples == {"one": [1.0] * 5, "two": [2.0, 2.0, 50.0, 2.0, 2.0]}  # warm-up not timed
     assert timing.ratio("two", "one") == 2.0
     assert calls == ["one", "two"] + ["one", "two", "two", "one"] * 2 + ["one", "two"]  # turns rotate
+    assert rounds == [(i, 6) for i in range(1, 7)]  # after every round, the warm-up one included
 
 
 def test_add_se_latency_in_the_report():
@@ -132,7 +135,20 @@ def test_add_se_latency_in_the_report():
     assert result.exit_code == 0, result.output
     latency = json.loads(result.stdout)["latency"]
     assert latency["batch"] == 1 and latency["runs"] == 2 and latency["input_size"] == [3, 32, 32]
-    assert latency["ratio"] == pytest.approx(latency["retrofitted_ms"] / latency["original_ms"], rel=1e-2)
+    samples = latency["samples_ms"]  # the ratio: the median of the two rounds' ratios
+    assert latency["ratio"] == pytest.approx((samples["retrofitted"][0] / samples["original"][0]
+                                              + samples["retrofitted"][1] / samples["original"][1]) / 2, rel=1e-3)
+
+
+def test_sweep_latency_has_its_interval(tmp_path):
+    result = run("sweep", "resnet18", "--r", "4,16", "--latency", "--runs", "6", "--batch", "1", "--input-size",
+                 "3,32,32", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert all(r["latency_low"] <= r["latency"] <= r["latency_high"] for r in rows)
+    for r in rows:  # the cell: ratio [low, high], "noise" when the interval holds 1
+        cell = f"{r['latency']:.3f}x [{r['latency_low']:.2f}, {r['latency_high']:.2f}]"
+        assert cell + (" noise" if r["latency_low"] <= 1 <= r["latency_high"] else " ") in result.stdout
 
 
 def test_plot_is_a_png(tmp_path):

@@ -89,7 +89,9 @@ def test_train_batches_are_the_global_batches_whatever_the_processes(world, accu
     for rank in range(world):
         sampler = TrainBatches(size, batch, micro, seed=seed, rank=rank, world=world)
         sampler.set_epoch(epoch)
-        per_rank.append(list(sampler))
+        keys = list(sampler)
+        assert {(k.seed, k.epoch) for b in keys for k in b} == {(seed, epoch)}  # what the augmentation follows
+        per_rank.append([[k.index for k in b] for b in keys])
         assert len(sampler) == len(per_rank[-1])
     assert len({len(b) for b in per_rank}) == 1  # the same number of micro-batches on every process
     merged = [i for group in zip(*per_rank) for i in sorted(sum(group, []), key=order.index)]
