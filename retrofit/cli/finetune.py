@@ -88,7 +88,7 @@ def how_to_continue(saved: bool, output_dir: Path, data: Path, resumable: bool) 
 
 EPOCHS = typer.Option(1, "--epochs", "-e", min=0, help="Phase-1 epochs: only the SE blocks (and a new head) train.")
 
-# The regularisers a timm user expects, shared by `finetune`, `add-se --finetune` and `sweep --data`.
+# The regularisers a timm user expects, in FINETUNE_OPTIONS below (so in every command that fine-tunes).
 # Defaults from benchmarks/transfer.py (README, "Does SE help?"): each help text says what it found.
 SMOOTHING = typer.Option(0.1, "--smoothing", help="Label smoothing (timm's LabelSmoothingCrossEntropy; 0: plain cross-entropy). Default 0.1: timm's default, and in benchmarks/transfer.py (digits transfer, 5 seeds) it added +0.89 points of top-1 to head + SE [95% CI -0.01, +1.79] (+0.67 [+0.47, +0.87] in an earlier run).")
 MIXUP = typer.Option(0.0, "--mixup", help="Mixup alpha (timm.data.Mixup), e.g. 0.2; an odd micro-batch mixes all but its last image. Default 0: in benchmarks/transfer.py mixup 0.2 changed top-1 by +0.04 points [-0.90, +0.99]: no gain there.")
@@ -103,22 +103,14 @@ DISTILL_WEIGHT = typer.Option(1.0, "--distill-weight", help="Weight of the disti
 DISTILL_TEMPERATURE = typer.Option(1.0, "--distill-temperature", help="Distillation temperature T (the term is scaled by T^2); timm's default 1.")
 
 
-def regularisers(smoothing: float, mixup: float, cutmix: float, ema_decay: Optional[float], clip_grad: Optional[float],
-                 clip_mode: str, backbone_lr_scale: float, channels_last: bool, distill: bool, distill_weight: float,
-                 distill_temperature: float) -> dict[str, Any]:
-    """The keyword arguments of retrofit.finetune for the shared options above."""
-    return dict(smoothing=smoothing, mixup=mixup, cutmix=cutmix, ema_decay=ema_decay, clip_grad=clip_grad,
-                clip_mode=clip_mode, backbone_lr_scale=backbone_lr_scale, channels_last=channels_last, distill=distill,
-                distill_weight=distill_weight, distill_temperature=distill_temperature)
-
-
-# Every option of the fine-tune itself, one definition for `retrofit finetune` and `add-se --finetune`
-# (name -> annotation and typer option): @finetune_options gives a command all of them.
+# Every option of the fine-tune itself, one definition for `retrofit finetune`, `add-se --finetune` and
+# the runs of `sweep --data` and `tune` (name -> annotation and typer option): @finetune_options gives a
+# command all of them, or the ones it names.
 FINETUNE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "epochs": (int, EPOCHS),
     "phase2_epochs": (int, typer.Option(0, "--phase2-epochs", min=0, help="Then train everything for this many epochs.")),
     "lr": (float, typer.Option(1e-3, "--lr", help="Phase-1 learning rate.")),
-    "phase2_lr": (Optional[float], typer.Option(None, "--phase2-lr", help="Phase-2 learning rate (default: lr / 10).")),
+    "phase2_lr": (Optional[float], typer.Option(None, "--phase2-lr", help="Phase-2 learning rate (default: lr / 10); in sweep --data and tune, the rate of the full-network control.")),
     "batch_size": (int, typer.Option(32, "--batch-size", "-b", min=1, help="Global batch size (over all processes).")),
     "accum_steps": (int, typer.Option(1, "--accum-steps", min=1, help="Gradient accumulation: micro-batches per step.")),
     "opt": (str, typer.Option("adamw", "--opt", help="timm optimizer name (adamw, sgd, lamb...).")),
@@ -138,25 +130,36 @@ FINETUNE_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def finetune_options(fn):
-    """Give a typer command every option of :data:`FINETUNE_OPTIONS`: they are added to ``fn``'s
-    signature (typer reads ``inspect.signature``), after its own parameters, and ``fn`` receives them
-    as one keyword argument, ``train``: the keyword arguments of :func:`retrofit.finetune`."""
+def finetune_options(fn=None, *, only: tuple[str, ...] | None = None):
+    """Give a typer command the options of :data:`FINETUNE_OPTIONS` (``only``: these of them; default
+    every one): they are added to ``fn``'s signature (typer reads ``inspect.signature``), after its own
+    parameters, and ``fn`` receives them as one keyword argument, ``train``: keyword arguments of
+    :func:`retrofit.finetune`. Used bare (``@finetune_options``) or as ``@finetune_options(only=...)``."""
+    if fn is None:
+        return functools.partial(finetune_options, only=only)
+    chosen = {name: FINETUNE_OPTIONS[name] for name in (only or FINETUNE_OPTIONS)}
     sig = inspect.signature(fn, eval_str=True)
     own = [p for p in sig.parameters.values() if p.name != "train"]
-    clash = {p.name for p in own} & set(FINETUNE_OPTIONS)
+    clash = {p.name for p in own} & set(chosen)
     if clash:
         raise TypeError(f"{fn.__name__} defines fine-tune options of its own: {sorted(clash)}")
     added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-             for name, (kind, option) in FINETUNE_OPTIONS.items()]
+             for name, (kind, option) in chosen.items()]
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        train = {name: kwargs.pop(name) for name in FINETUNE_OPTIONS}
+        train = {name: kwargs.pop(name) for name in chosen}
         return fn(*args, train=train, **kwargs)
 
     run.__signature__ = sig.replace(parameters=own + added)
     return run
+
+
+# What one accuracy run of `sweep --data` or `tune` takes from the user; the sweep sets the epochs, the
+# seeds, what trains and the input size itself, and each command has its own --lr
+RUN_OPTIONS = ("phase2_lr", "batch_size", "augment", "workers", "device", "smoothing", "mixup", "cutmix",
+               "ema_decay", "clip_grad", "clip_mode", "backbone_lr_scale", "channels_last", "distill",
+               "distill_weight", "distill_temperature")
 
 
 @app.command("finetune", short_help="Fine-tune a retrofitted model: SE blocks first, optionally all.")

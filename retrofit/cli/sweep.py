@@ -13,23 +13,15 @@ from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_
                        save_figure)
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, plural, rounds_bar, say, write_json)
-from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
-                       DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
+from .finetune import RUN_OPTIONS, finetune_options, is_main_process
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
                 "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
 
 
-# the accuracy runs' options, shared with `retrofit tune` (whose runs are the same fine-tunes)
-BATCH_SIZE = typer.Option(32, "--batch-size", "-b", help="With --data: global batch size.")
-PHASE2_LR = typer.Option(None, "--phase2-lr", help="With --data: learning rate of the full-network control (default: lr / 10).")
-AUGMENT = typer.Option(True, "--augment/--no-augment", help="With --data: timm's training augmentation.")
-WORKERS = typer.Option(2, "--workers", "-j", min=0, help="With --data: data-loading processes.")
-DEVICE = typer.Option(None, "--device", help="With --data: cpu or cuda (default: cuda when available).")
-
-
 @app.command("sweep", short_help="Sweep r x position x stages: overhead, latency, accuracy.")
 @fail_cleanly
+@finetune_options(only=RUN_OPTIONS)
 def sweep_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
     r: str = typer.Option("16", "--r", "-r", help="Reduction ratios, comma-separated, e.g. 2,4,8,16,32; an item may be a per-stage map (stage:r pairs), and then items are separated by ';': '16;2:8,3:8,4:16,5:32' (stages a map does not name keep the recipe's r)."),
@@ -54,14 +46,8 @@ def sweep_command(
     seeds: int = typer.Option(1, "--seeds", help="With --data: seeds 0..K-1 per combination and control (mean ± std, paired differences)."),
     checkpoint: Optional[Path] = CHECKPOINT,
     pretrained: bool = PRETRAINED,
-    batch_size: int = BATCH_SIZE,
     lr: float = typer.Option(1e-3, "--lr", help="With --data: phase-1 learning rate (SE arms, head+norms control)."),
-    phase2_lr: Optional[float] = PHASE2_LR, augment: bool = AUGMENT, workers: int = WORKERS,
-    device: Optional[str] = DEVICE,
-    smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
-    clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
-    channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
-    distill_temperature: float = DISTILL_TEMPERATURE,
+    *, train: dict,
 ):
     """Sweep r x position x stages: added parameters, multiply-adds and (--latency) latency per combination.
 
@@ -91,17 +77,15 @@ def sweep_command(
     stage_sets = parse_axis("stages", stages, parse_stages)
     if batch < 1 or runs < 1:
         raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
-    train = None
+    runs_with = None  # the fine-tune options of every accuracy run
     if data is not None:
         if epochs < 1 or seeds < 1:
             raise RetrofitError(f"--epochs and --seeds must be at least 1, got {epochs} and {seeds}")
-        train = dict(lr=lr, phase2_lr=phase2_lr, batch_size=batch_size, augment=augment, workers=workers, device=device,
-                     **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode, backbone_lr_scale,
-                                    channels_last, distill, distill_weight, distill_temperature))
-        if device is not None:
+        runs_with = dict(lr=lr, **train)
+        if train["device"] is not None:
             from ..train.distributed import check_device  # deferred: torch loads when a command runs
 
-            check_device(device)  # before the model is built
+            check_device(train["device"])  # before the model is built
     elif epochs != 1 or seeds != 1:
         raise RetrofitError("--epochs and --seeds set an accuracy sweep, which needs --data DIR")
     json_target(json_path)
@@ -117,7 +101,7 @@ def sweep_command(
     with rounds_bar("timing each combination against the original, in turns", quiet=not latency or not talk) as bar:
         rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
                      latency_input_size=timing_size, runs=runs, found=found, data=data, epochs=epochs, seeds=seeds,
-                     train=train, on_run=(lambda line: say(line, stderr=True)) if talk else None, on_round=bar)
+                     train=runs_with, on_run=(lambda line: say(line, stderr=True)) if talk else None, on_round=bar)
     name = model_name(net)
     out = {"model": name, "input_size": list(size), "recipe": base.to_dict(),
            "latency": {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None,

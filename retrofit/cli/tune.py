@@ -11,13 +11,13 @@ import typer
 from ..errors import RetrofitError
 from .ablation import control_lines, save_figure
 from .common import CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly, json_target, say, write_json
-from .finetune import (BACKBONE_LR_SCALE, CHANNELS_LAST, CLIP_GRAD, CLIP_MODE, CUTMIX, DISTILL, DISTILL_TEMPERATURE,
-                       DISTILL_WEIGHT, EMA_DECAY, MIXUP, SMOOTHING, is_main_process, regularisers)
-from .sweep import AUGMENT, BATCH_SIZE, DEVICE, PHASE2_LR, WORKERS, import_pyplot, sweep_table
+from .finetune import RUN_OPTIONS, finetune_options, is_main_process
+from .sweep import import_pyplot, sweep_table
 
 
 @app.command("tune", short_help="Search the recipe that pays, on Optuna; end with the control arms.")
 @fail_cleanly
+@finetune_options(only=RUN_OPTIONS)
 def tune_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/*, DATA/val/<class>/*."),
@@ -50,12 +50,8 @@ def tune_command(
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write tune.json to FILE (- for stdout only)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw every trial (added parameters against top-1, pruned ones hollow), the finalists with error bars and the controls as lines, to FILE.png."),
     checkpoint: Optional[Path] = CHECKPOINT, pretrained: bool = PRETRAINED, num_classes: Optional[str] = NUM_CLASSES,
-    input_size: Optional[str] = INPUT_SIZE, batch_size: int = BATCH_SIZE, phase2_lr: Optional[float] = PHASE2_LR,
-    augment: bool = AUGMENT, workers: int = WORKERS, device: Optional[str] = DEVICE,
-    smoothing: float = SMOOTHING, mixup: float = MIXUP, cutmix: float = CUTMIX, ema_decay: Optional[float] = EMA_DECAY,
-    clip_grad: Optional[float] = CLIP_GRAD, clip_mode: str = CLIP_MODE, backbone_lr_scale: float = BACKBONE_LR_SCALE,
-    channels_last: bool = CHANNELS_LAST, distill: bool = DISTILL, distill_weight: float = DISTILL_WEIGHT,
-    distill_temperature: float = DISTILL_TEMPERATURE,
+    input_size: Optional[str] = INPUT_SIZE,
+    *, train: dict,
 ):
     """Search recipes within a budget, then re-run the best over seeds next to the control arms.
 
@@ -93,10 +89,7 @@ def tune_command(
         plot = plot.expanduser()
         check_writable(plot)
         pyplot = import_pyplot()
-    train = dict(lr=fixed_lr if fixed_lr is not None else 1e-3, phase2_lr=phase2_lr, batch_size=batch_size,
-                 augment=augment, workers=workers, device=device,
-                 **regularisers(smoothing, mixup, cutmix, ema_decay, clip_grad, clip_mode, backbone_lr_scale,
-                                channels_last, distill, distill_weight, distill_temperature))
+    train = dict(lr=fixed_lr if fixed_lr is not None else 1e-3, **train)
     net, found = build_and_scan(lambda: build_model(model, checkpoint, pretrained, num_classes), input_size, meta=False)
     talk = json_path != "-" and is_main_process()
     result = tune(net, data, chosen, trials=trials, budget=budget, epochs=epochs, recipe=base,
