@@ -3,7 +3,6 @@ cannot reach the network or the disk, and a malicious pickle in any pickle-capab
 import copy
 import json
 import pickle
-import struct
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,9 @@ from retrofit.cli import app
 from retrofit.files.header import metadata
 from retrofit.files.models import create_model
 from conftest import randomize
-from support import CLASSES, FAST, SIZE, make_folder, one_error_line, se_model
+from support import CLASSES, FAST, SIZE, make_folder, one_error_line, rewrite_header, se_model
 
 runner = CliRunner()
-
-
-def rewrite_header(src: Path, dst: Path, edit) -> Path:
-    """Copy a safetensors file with its JSON header edited by ``edit(header)``: the data stay as they are."""
-    raw = src.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
-    return dst
 
 
 @pytest.fixture(scope="module")
