@@ -42,7 +42,7 @@ def out_of_bounds(name: str, value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
         return None
     shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**30 \
-        else repr(value)[:40]
+        else excerpt(value, 40)
     return f"{name} = {shown}, not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
 
 

@@ -140,7 +140,7 @@ def select(candidates: list, recipe: Recipe, name: str) -> list:
             if (recipe.only is None or any(matches(s.module, p) for p in recipe.only))
             and not any(matches(s.module, p) for p in recipe.skip or ())]
     if not kept:
-        raise RetrofitError(f"only {','.join(recipe.only or ['*'])} and skip {','.join(recipe.skip or [])} "
+        raise RetrofitError(f"only {excerpt(','.join(recipe.only or ['*']), bare=True)} and skip {excerpt(','.join(recipe.skip or []), bare=True)} "
                             f"leave no site of position '{recipe.position}' in {name}")
     return kept
 

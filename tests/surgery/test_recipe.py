@@ -160,3 +160,29 @@ def test_a_special_recipe_file_is_named_for_what_it_is(tmp_path, kind):
     path, what = special_files(tmp_path, ".yaml")[kind]
     with pytest.raises(RecipeError, match=re.escape(f"recipe file {path} {what}")):
         Recipe.load(path)
+
+
+# -- issue 22's hand mutations of surgery/recipe_fields.py ---------------------------------------------
+@pytest.mark.parametrize("value", ["2:8,02:16", "2:8, 2 :16", {2: 8, "2": 16}, {"default": 4, 3: 8, " 3": 16}])
+def test_a_stage_given_twice_is_an_error(value):
+    """Mutation recipe_fields.py:181 (the duplicate-stage check off): `-r 2:8,02:16` kept the last one."""
+    with pytest.raises(RecipeError, match=r"recipe field 'r': stage [23] is given twice"):
+        Recipe(r=value)
+
+
+@pytest.mark.parametrize("key", [0, "0", -1, "x", 2.5, True])
+def test_a_stage_key_is_a_whole_number_from_1(key):
+    """Mutation recipe_fields.py:209 (stage key 0 accepted). Stage 1 is the smallest: output stride 2."""
+    with pytest.raises(RecipeError, match=r"recipe field 'r': .* is not a stage number"):
+        Recipe(r={key: 8})
+    assert Recipe(r={1: 8, "2": 4}).r.values == ((1, 8), (2, 4))
+
+
+def test_an_override_must_select_its_sites():
+    """Mutation recipe_fields.py:249 (the "selects every site" error off): an override without stages
+    or only would set its fields everywhere, which is the base field's job."""
+    with pytest.raises(RecipeError, match=r"recipe field 'overrides', entry 2: selects every site; give stages and/or "
+                                          r"only"):
+        Recipe(overrides=[{"stages": [4], "r": 8}, {"r": 32}])
+    for entry in ({"stages": [4], "r": 8}, {"only": ["layer4.*"], "r": 8}, {"stages": [5], "only": ["layer4.2"], "r": 8}):
+        assert Recipe(overrides=[entry]).overrides[0].values == (("r", 8),)
