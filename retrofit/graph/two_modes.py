@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
-import inspect
 import operator
 from typing import Any
 
@@ -20,6 +18,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from ..errors import first_line
+from .code import names_read
 from .forward import installed
 from .rebuild import CannotRewrite, OwnerGraph
 from .restore import attributes_kept
@@ -27,24 +26,9 @@ from .trace import RetrofitTracer, Traced
 
 
 # -- train/eval mode ------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def _reads_training(cls: type) -> bool:
     """Whether the class's forward (or a method of the class it calls) mentions ``training``."""
-    seen, todo = set(), [getattr(cls, "forward", None)]
-    while todo:
-        fn = todo.pop()
-        code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
-        stack = [code] if code is not None else []
-        while stack:
-            c = stack.pop()
-            if c in seen:
-                continue
-            seen.add(c)
-            if "training" in c.co_names:
-                return True
-            stack.extend(k for k in c.co_consts if inspect.iscode(k))
-            todo.extend(m for name in c.co_names if inspect.isfunction(m := getattr(cls, name, None)))
-    return False
+    return "training" in names_read(cls)
 
 
 class _OneLevelTracer(RetrofitTracer):
