@@ -2,6 +2,7 @@
 import pytest
 import timm
 import torch
+from timm.models.rexnet import LinearBottleneck
 
 import retrofit
 from retrofit.blocks.se import GATES, SqueezeExcite
@@ -63,7 +64,6 @@ def partial_and_norm_models():
 def test_one_block_per_unit_of_convnextv2_and_rexnet(partial_and_norm_models, name, position):
     """One block per ConvNeXt-V2 block (none in its GlobalResponseNorm) and per ReXNet bottleneck with a
     shortcut (none on its closing concatenation), as wide as the tensor it scales; outputs preserved."""
-    from timm.models.rexnet import LinearBottleneck
     model = partial_and_norm_models[name]
     se = retrofit.add_se(model, position=position, input_size=(3, 32, 32))
     if name == "rexnet_100":

@@ -3,6 +3,7 @@ from collections import Counter
 import pytest
 import timm
 import torch
+from timm.models.rexnet import LinearBottleneck
 import torchvision
 from torch import fx, nn
 
@@ -170,7 +171,6 @@ def test_convnextv2_sums_inside_global_response_norm_are_not_sites():
 def test_rexnet_partial_residual_is_one_site_per_bottleneck():
     """ReXNet's LinearBottleneck ends in ``cat([y[:, :C] + x, y[:, C:]])``: one residual unit (its identity
     covers the first C channels), anchored at the concatenation; no Inception merge, no second site."""
-    from timm.models.rexnet import LinearBottleneck
     model = timm.create_model("rexnet_100")
     found = scan(model, (3, 32, 32))
     units = {n: m for n, m in model.named_modules() if isinstance(m, LinearBottleneck) and m.use_shortcut}
