@@ -18,9 +18,10 @@ from torch import fx, nn
 from ..blocks.attention import build_attention
 from ..errors import RetrofitWarning
 from ..graph import nodes as N
-from ..graph.forward import forward_state, install_forward, restore_forward
+from ..graph.forward import forward_state, install_forward, installed, restore_forward
 from ..graph.model import architecture_of, resolve_input_size
-from ..graph.rebuild import OwnerGraph
+from ..graph.rebuild import splice_blocks
+from ..graph.specialise import specialisation
 from .info import BlockInfo, RetrofitInfo
 from .prepare import Rewrite, prepare
 from .recipe import Recipe, resolve_recipe
@@ -137,6 +138,8 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
     infos = rewrite.blocks(recipe)
     buffers, blocks, was_none = [], [], []  # registered so far, removed again if the rewrite fails
     forward = forward_state(module)
+    before = installed(module)  # retrofitted before: its blocks are in the rebuilt forward too
+    earlier = before.specialised if before is not None and before.specialised is not None else None
 
     def rollback() -> None:
         restore_forward(module, forward)
@@ -159,14 +162,17 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
                 was_none.append(name)
             setattr(module, name, block)
             blocks.append(name)
-        _splice(rebuilt, [(v, u) for _, v, u in rewrite.spliced], rewrite.names, rewrite.fused)
-        if rewrite.other is None:
-            install_forward(module, rebuilt.graph)
-        else:
-            other = rewrite.other
-            _splice(other, rewrite.other_spliced, rewrite.names, rewrite.other_fused)
+        splice_blocks(rebuilt, [(v, u) for _, v, u in rewrite.spliced], rewrite.names, rewrite.fused)
+        graphs = rebuilt.graph
+        if rewrite.other is not None:
+            splice_blocks(rewrite.other, rewrite.other_spliced, rewrite.names, rewrite.other_fused)
             mode = owner.module.training  # the mode the analysis graph was traced in
-            install_forward(module, {mode: rebuilt.graph, not mode: other.graph})
+            graphs = {mode: rebuilt.graph, not mode: rewrite.other.graph}
+        # what the forward was traced with, so it follows the module's attributes (set_input_size)
+        spec = None if isinstance(module, fx.GraphModule) else specialisation(
+            module, (earlier.blocks if earlier else ()) + tuple(rewrite.names),
+            (earlier.was_none if earlier else ()) + tuple(was_none))
+        install_forward(module, graphs, spec)
     except BaseException:
         rollback()
         raise
@@ -174,23 +180,6 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
     prefix = f"{owner.path}." if owner.path else ""
     none_attributes += [prefix + name for name in was_none]
     return infos
-
-
-def _splice(owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str], fused: list[Any]) -> None:
-    """Call the blocks ``names`` on the values of ``spliced`` in ``owner``'s graph; a fused residual sum
-    is replaced by ``block(value, shortcut)``."""
-    graph, replaced = owner.graph, {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
-    for (value, users), name, add in zip(spliced, names, fused or [None] * len(spliced)):
-        value = replaced.get(value, value)
-        if add is None:
-            owner.splice(value, users, name)
-        else:  # block(value, shortcut) replaces the sum
-            a, b = N.add_operands(add)
-            with graph.inserting_after(add):
-                se = graph.call_module(name, (value, b if a is value else a))
-            add.replace_all_uses_with(se)
-            graph.erase_node(add)
-            replaced[add] = se
 
 
 def _device_of(module: nn.Module, model: nn.Module):

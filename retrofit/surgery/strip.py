@@ -17,9 +17,9 @@ from torch import fx, nn
 
 from ..errors import RetrofitError, excerpt
 from ..graph.forward import uninstall
+from ..graph.rebuild import CONSTANT_PREFIX  # buffers OwnerGraph registers for values fx kept aside
 from .info import RetrofitInfo
 
-CONSTANT_PREFIX = "_retrofit_constant"  # buffers rebuild.OwnerGraph registers for values fx kept aside
 
 
 def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:

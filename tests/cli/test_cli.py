@@ -309,3 +309,18 @@ def test_missing_output_folders_are_created(tmp_path, monkeypatch):
         assert (tmp_path / "new" / path).is_file(), path
     one_error(run("add-se", "no_such_model", "--output", "later/se.safetensors"), "unknown model")
     assert not (tmp_path / "later").exists()
+
+
+@pytest.mark.parametrize(("model", "block"), [("tiny_vit_5m_224", "TinyVitBlock"), ("nf_regnet_b0", "NormFreeBlock")])
+def test_sites_lists_the_blocks_timm_marks_untraceable(model, block):
+    """timm registers these blocks as fx leaves: the pass sees none of their residual sums, and says so,
+    one line per block, in the table's report and in the JSON's kept and skipped lists."""
+    paths = [n for n, m in timm.create_model(model).named_modules() if type(m).__name__ == block]
+    assert len(paths) >= 10
+    result = run("sites", model, "--input-size", "3,64,64")
+    assert result.exit_code == 0, result.output
+    said = f"{block} is a timm notrace module"
+    assert [ln.split(": ")[1] for ln in result.stdout.splitlines() if said in ln] == paths  # "kept as is: PATH: ..."
+    data = json.loads(run("sites", model, "--input-size", "3,64,64", "--json", "-").stdout)
+    assert [k["module"] for k in data["kept"] if said in k["reason"]] == paths
+    assert [s["where"] for s in data["skipped"] if said in s["reason"]] == paths

@@ -354,3 +354,15 @@ def test_a_part_given_a_list_by_a_kept_forward_is_not_rewritten():
     x = torch.randn(3, 3, 8, 8)  # three images where the recorded run had one
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(se.eval()(x), net(x)))
+
+
+def test_blocks_timm_marks_untraceable_are_in_the_models_skipped_list():
+    """TinyViT: the 10 TinyVitBlocks of stages 1-3 are timm notrace modules (2 residual sums each, out of
+    the pass's sight); the retrofitted model's skipped list names each, and why."""
+    model = timm.create_model("tiny_vit_5m_224")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "TinyVitBlock"]
+    assert len(blocks) == 10
+    se = retrofit.add_se(model, input_size=(3, 64, 64))
+    assert {b.path.rsplit(".", 1)[0] for b in se._retrofit.blocks} == {"stages.0.blocks.0", "stages.0.blocks.1"}
+    listed = [s for s in se._retrofit.skipped if s.reason.startswith("TinyVitBlock is a timm notrace module")]
+    assert [s.where for s in listed] == blocks

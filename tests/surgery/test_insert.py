@@ -34,11 +34,11 @@ def test_a_failure_halfway_leaves_the_model_as_it_was(fail_at, monkeypatch):
     keys, out = list(model.state_dict()), model.eval()(X)
     real, calls = insert_module.install_forward, []
 
-    def install(module, graphs):
+    def install(module, graphs, *args):
         calls.append(module)
         if len(calls) == fail_at:
             raise KeyboardInterrupt  # what a Ctrl-C raises wherever it lands
-        real(module, graphs)
+        real(module, graphs, *args)
 
     monkeypatch.setattr(insert_module, "install_forward", install)
     with pytest.raises(KeyboardInterrupt):
@@ -57,11 +57,11 @@ def test_a_failed_second_retrofit_leaves_the_first(monkeypatch):
     before, out = forwards(model), model.eval()(X)
     real, calls = insert_module.install_forward, []
 
-    def install(module, graphs):
+    def install(module, graphs, *args):
         calls.append(module)
         if len(calls) == 4:
             raise RuntimeError("fails halfway")
-        real(module, graphs)
+        real(module, graphs, *args)
 
     monkeypatch.setattr(insert_module, "install_forward", install)
     with pytest.raises(RuntimeError, match="fails halfway"):
