@@ -209,8 +209,9 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
         stride, kind, position, name = 2 ** stage, "", "", ""
     params = sum(p.numel() for p in module.parameters())
     width = getattr(module, "width", None) or getattr(getattr(module, "fc1", None), "out_channels", 0)
+    pooled = elements if getattr(module, "squeezes", True) else 0  # a folded block's channel scale: no squeeze
     return BlockCost(path, kind, position, stage, stride, c, width, (h, w),
-                     params, macs, elements, elements, name)
+                     params, macs, pooled, elements, name)
 
 
 def _module_order(model: nn.Module):
