@@ -38,6 +38,7 @@ def fold_command(
     from ..files.checkpoint import load, save
     from ..measure.latency import measure_latency
     from ..measure.report import blocks_table, fold_table, latency_json, latency_line, overhead_table
+    from ..surgery.fold import info_of
     from ..sweep.fold import fold
 
     json_target(json_path)
@@ -49,7 +50,7 @@ def fold_command(
     timing = None
     if latency:
         with rounds_bar("timing the unfolded and the folded model, in turns", quiet=json_path == "-") as bar:
-            timing = measure_latency({"unfolded": model, "folded": result.model}, input_size=model._retrofit.input_size,
+            timing = measure_latency({"unfolded": model, "folded": result.model}, input_size=info_of(model).input_size,
                                      runs=runs, on_round=bar)
     save(result.model, output, adapter=adapter)
     card = write_card(output, result.model, overhead=result.overhead_after, command=command_line(),

@@ -59,6 +59,17 @@ def gates(model: nn.Module) -> tuple[list[BlockInfo], list[tuple[BlockInfo, str]
     return found, others
 
 
+def require_gates(model: nn.Module, verb: str) -> list[BlockInfo]:
+    """The model's channel gates, or the error that says why there is none to ``verb`` (inspect, fold)."""
+    found, others = gates(model)
+    if found:
+        return found
+    info = info_of(model)
+    why = (f"{others[0][0]}: {others[0][1]}" if others else
+           f"all {len(info.gone)} of its blocks were folded into their neighbours")
+    raise RetrofitError(f"this model has no channel gate to {verb} ({why})")
+
+
 def constant_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """The input-independent gates of ``model`` (:func:`retrofit.blocks.excitation.input_independent`:
     known from the weights, no data) and the scale each multiplies every input by."""

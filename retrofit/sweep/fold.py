@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import RetrofitError
 from ..files.adapter import remember_base
 from ..measure.overhead import Overhead, compare, cost
-from ..surgery.fold import constant_scales, fold_scales, gates
+from ..surgery.fold import constant_scales, fold_scales, gates, info_of, require_gates
 from ..surgery.recipe_fields import matches
 from ..surgery.strip import strip
 from ..train.data import ImageFolderData
@@ -131,7 +131,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
     tolerance = check_tolerance(tolerance)
     candidates = _candidates(model, blocks)
     target = copy.deepcopy(model)
-    already = len(target._retrofit.folds)  # folds of an earlier call stay; the report is of this one's
+    already = len(info_of(target).folds)  # folds of an earlier call stay; the report is of this one's
     remember_base(target)  # the unfolded weights: an adapter of the folded model carries the neighbours changed
     constants = {p: s for p, s in constant_scales(target).items() if p in candidates}
     searching = bool(tolerance)
@@ -139,8 +139,9 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
     if data is None and (searching or (blocks and tolerance is None and varying)):
         what = f"tolerance {tolerance:g}" if searching else f"block {varying[0]} (its excitation depends on its input)"
         raise RetrofitError(f"{what}: the mean excitation and top-1 need the data it was trained on (--data DIR)")
-    base = cost(strip(target), target._retrofit.input_size)
-    before_cost = compare(base, cost(target, target._retrofit.input_size))
+    size = info_of(target).input_size
+    base = cost(strip(target), size)
+    before_cost = compare(base, cost(target, size))
     opened = open_images(target, data, images=images, batch_size=batch_size, workers=workers,
                          device=device) if data is not None else None
     row, reports = (read_gates(target, opened)[:2]) if opened is not None else (None, [])
@@ -154,8 +155,8 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         folded, probes = target, []
         fold_scales(folded, {p: constants[p] if p in constants else local[p].scale for p in chosen})
         after = opened.evaluate(folded, "after the fold") if opened is not None else None
-    after_cost = compare(base, cost(folded, folded._retrofit.input_size))
-    out = _report(folded, folded._retrofit.folds[already:], before_cost, local, constants)
+    after_cost = compare(base, cost(folded, size))
+    out = _report(folded, info_of(folded).folds[already:], before_cost, local, constants)
     metrics = (lambda r: {"top1": r["top1"], "val_loss": r["val_loss"]} if r is not None else None)
     return FoldResult(folded, out, len(candidates), tolerance, opened.count if opened is not None else 0, before_cost,
                       after_cost, metrics(row), metrics(after), probes)
@@ -172,10 +173,7 @@ def check_tolerance(tolerance: Any) -> float | None:
 
 def _candidates(model: nn.Module, globs: Sequence[str] | None) -> list[str]:
     """The gates to consider, in model order: every one, or those the globs name."""
-    found, others = gates(model)
-    if not found:
-        path, why = others[0] if others else ("model", "it has none")
-        raise RetrofitError(f"this model has no channel gate to fold ({path}: {why})")
+    found, others = require_gates(model, "fold"), gates(model)[1]
     if not globs:
         return [b.path for b in found]
     for pattern in globs:
@@ -207,7 +205,7 @@ def _search(target: nn.Module, order: list[str], scales: dict[str, torch.Tensor]
 
 
 def _report(model: nn.Module, folds: list, before: Overhead, local: dict, constants: dict) -> list[FoldedBlock]:
-    info, costs = model._retrofit, {b.path: b for b in before.blocks}
+    info, costs = info_of(model), {b.path: b for b in before.blocks}
     sites = {b.path: b for b in [*info.blocks, *info.gone]}
     out = []
     for f in folds:

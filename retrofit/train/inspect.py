@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from ..blocks.excitation import input_independent
 from ..errors import RetrofitError
 from ..measure.excitation import GateReport, Recorder, replaced
-from ..surgery.fold import gates, info_of
+from ..surgery.fold import gates, info_of, require_gates
 from .data import ImageFolderData, collate
 from .distributed import Dist, check_device
 from .evaluate import evaluate
@@ -188,10 +188,8 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
         >>> report = retrofit.inspect(model, "digits/", images=500)
         >>> [(b.path, round(b.class_spread, 3)) for b in report.blocks]
     """
-    found, others = gates(model)
-    if not found:
-        why = others[0][1] if others else "it has none"
-        raise RetrofitError(f"this model has no channel gate to inspect ({others[0][0] if others else 'model'}: {why})")
+    require_gates(model, "inspect")
+    others = gates(model)[1]
     opened = open_images(model, data, images=images, batch_size=batch_size, workers=workers, device=device)
     mode = model.training
     try:
