@@ -116,14 +116,14 @@ def findings(stages: dict) -> list[str]:
     one = spread[0] == min(spread)
     two = all(b > a for a, b in zip(spread, spread[1:]))
     three = change[-1] == min(change)
-    nums = ", ".join(f"stage {s} {c:.4f}" for s, c in zip(order, spread))
+    nums = ", ".join(f"stage {s} {c:.3g}" for s, c in zip(order, spread))
     return [f"1. early gates alike for every class (stage {order[0]} has the smallest class spread): "
             f"{'confirmed' if one else 'NOT confirmed'} here (class spread: {nums})",
             f"2. deeper gates class-specific (class spread grows with every stage): "
             f"{'confirmed' if two else 'NOT confirmed'} here",
             f"3. last-stage gates recalibrate little (stage {order[-1]} moves the logits least at its mean): "
             f"{'confirmed' if three else 'NOT confirmed'} here (logit change: "
-            + ", ".join(f"stage {s} {c:.4f}" for s, c in zip(order, change)) + ")"]
+            + ", ".join(f"stage {s} {c:.3g}" for s, c in zip(order, change)) + ")"]
 
 
 def print_phase(console, name: str, runs: list[dict]) -> None:
@@ -136,7 +136,7 @@ def print_phase(console, name: str, runs: list[dict]) -> None:
         table.add_column(col, justify="right")
     gates = {s: sum(b["stage"] == s for b in runs[0]["blocks"]) for s in stages}
     for s, row in stages.items():
-        table.add_row(str(s), str(gates[s]), *(ms(row[k], "{:.3f}" if k == "saturated" else "{:.4f}") for k in STATS))
+        table.add_row(str(s), str(gates[s]), *(ms(row[k], "{:.3g}") for k in STATS))
     console.print(table)
     for line in findings(stages):
         console.print(line)
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    console = Console(width=250)
+    console = Console(width=250, markup=False, highlight=False)  # "[low, high]" is text, not markup
     t0 = time.perf_counter()
     seeds = list(range(args.seeds))
     phases: dict[str, list[dict]] = {"after phase 1": [], "after phase 2": []}
