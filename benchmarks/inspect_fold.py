@@ -89,7 +89,8 @@ def ms(xs, fmt="{:.4f}") -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
         return ""
-    return (fmt + " ± " + fmt).format(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    spread = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.replace('+', '').format(spread)}"
 
 
 def stage_rows(runs: list[dict]) -> dict[int, dict[str, list[float]]]:

@@ -238,3 +238,15 @@ def test_apply_folds_rebuilds_the_structure_from_the_records():
     with pytest.raises(retrofit.RetrofitError, match="not a layer"):
         apply_folds(retrofit.add_se(plain, input_size=(3, 32, 32), r=4),
                     [type(folds[0])("layer1.0.se", "conv_in", "layer1.0.bn2")])
+
+
+def test_a_graph_module_folds_in_its_own_graph():
+    """A GraphModule keeps its forward in its graph: the fold takes the block nodes out of it."""
+    torch.manual_seed(0)
+    net = torch.fx.symbolic_trace(randomize(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), ConvUnit(), ConvUnit())).double())
+    se = retrofitted(net, r=2)
+    folded, folds = folded_copy(se)
+    assert {f.into for f in folds} == {"conv_out"}
+    assert not any(n.op == "call_module" and "se" in n.target for n in folded.graph.nodes)
+    assert any(n.op == "call_module" and "se" in n.target for n in se.graph.nodes)  # the original's graph kept
+    torch.testing.assert_close(outputs(folded), outputs(se), rtol=1e-12, atol=1e-12)
