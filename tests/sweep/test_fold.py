@@ -156,3 +156,15 @@ def test_fold_again_and_strip_after_all_blocks_are_gone():
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(X), folded.eval()(X), rtol=0, atol=0)
     assert copy.deepcopy(folded)._retrofit.folds == folded._retrofit.folds
+
+
+def test_an_all_folded_model_fine_tunes_its_head_and_saves_its_run(data, tmp_path):
+    """Nothing of the retrofit is left to train, but the model is still a retrofit model: its run saves."""
+    folded = retrofit.fold(moved(se_model(), varying=())).model
+    with pytest.raises(retrofit.RetrofitError, match="every block of this model was folded"):
+        retrofit.finetune(folded, data, 1, **FAST)
+    retrofit.finetune(folded, data, 1, train_head=True, output_dir=tmp_path / "run", augment=False, **FAST)
+    best = retrofit.load(tmp_path / "run" / "best.safetensors")
+    assert [f.path for f in best._retrofit.folds] == [f.path for f in folded._retrofit.folds]
+    with torch.no_grad():
+        torch.testing.assert_close(best.eval()(X), folded.eval()(X), rtol=0, atol=0)
