@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import excerpt
 from .attention import ATTENTIONS, ScaledGate
 
 
@@ -28,7 +29,7 @@ def spec_problem(module_name: str) -> str | None:
     """Why blocks of the registered module ``module_name`` are not channel gates; None if they are."""
     spec = ATTENTIONS.get(module_name)
     if spec is None:
-        return f"module {module_name!r} is not registered"
+        return f"module {excerpt(module_name)} is not registered"
     return None if spec.excitation else spec.not_a_gate
 
 

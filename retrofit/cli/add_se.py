@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, print_skipped, rounds_bar, say, write_json)
 from .finetune import finetune_options, is_main_process, run_finetune
@@ -81,7 +81,7 @@ def add_se_command(
         output = output.expanduser()
         check_writable(output)
         if checkpoint is not None and output.resolve() == Path(checkpoint).expanduser().resolve():
-            raise RetrofitError(f"--output {output} is the input checkpoint; input weights are never "
+            raise RetrofitError(f"--output {excerpt(output)} is the input checkpoint; input weights are never "
                                 f"overwritten, choose another file")
     if adapter and output is None:
         raise RetrofitError("--adapter needs --output FILE for the adapter")

@@ -27,7 +27,7 @@ def inspect_command(
 ):
     """Read every channel gate (se, ese, eca, ceca) of a saved model on the val images of its data."""
     # deferred: torch and timm load when a command runs, not for --help
-    from ..errors import RetrofitError
+    from ..errors import RetrofitError, excerpt
     from ..files.atomic import atomic_write, check_writable
     from ..files.checkpoint import load
     from ..measure.excitation_plot import excitation_figure
@@ -44,7 +44,7 @@ def inspect_command(
     if plot_blocks is not None:
         chosen = [b for b in report.blocks if any(matches(b.path, g) for g in globs(plot_blocks))]
         if not chosen:
-            raise RetrofitError(f"--plot-blocks {plot_blocks!r} names no inspected gate")
+            raise RetrofitError(f"--plot-blocks {excerpt(plot_blocks)} names no inspected gate")
     if json_path != "-":
         say(f"{checkpoint.name} on {report.data}: {report.images} val images, {len(report.classes)} classes; val "
             f"top-1 {report.top1:.2f}%, loss {report.val_loss:.4f}")

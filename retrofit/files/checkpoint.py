@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file, save_model
 from torch import nn
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from .adapter import adapter_tensors, load_adapter
 from .atomic import atomic_write, check_writable
 from .canonical import sort_metadata
@@ -88,11 +88,11 @@ def load(path: str | Path, model: nn.Module | None = None, *, base: Any = None, 
     header = read_header(path)
     if header.adapter:
         if model is not None:
-            raise RetrofitError(f"{header.path} is an adapter: pass the base network with its weights as "
+            raise RetrofitError(f"{excerpt(header.path)} is an adapter: pass the base network with its weights as "
                                 f"base=..., not model=")
         return load_adapter(header, base, force=force)
     if base is not None:
-        raise RetrofitError(f"{header.path} is a full model, not an adapter: load it without a base")
+        raise RetrofitError(f"{excerpt(header.path)} is a full model, not an adapter: load it without a base")
     return load_full(header, model)
 
 

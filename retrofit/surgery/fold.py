@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..blocks.excitation import constant_scale, input_independent, spec_problem
 from ..blocks.scale import ChannelScale
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..graph.forward import install_forward, installed
 from ..graph.trace import trace
 from .info import FOLD_KINDS, BlockInfo, Folded, RetrofitInfo
@@ -124,7 +124,7 @@ def scale_into(module: nn.Module, into: str, s: torch.Tensor) -> None:
         factor = s.view(groups, 1, per).expand(groups, out // groups, per).reshape(out, per)
         w.mul_(factor.view(out, per, *([1] * (w.dim() - 2))))
     else:
-        raise ValueError(f"cannot scale {type(module).__name__} along {into!r}")
+        raise ValueError(f"cannot scale {type(module).__name__} along {excerpt(into)}")
 
 
 def restructure(model: nn.Module, fold: Folded) -> Folded:
@@ -134,7 +134,7 @@ def restructure(model: nn.Module, fold: Folded) -> Folded:
     info = info_of(model)
     block = next((b for b in info.blocks if b.path == fold.path), None)
     if block is None or info.folded(fold.path):
-        raise RetrofitError(f"{fold.path} is not a block of this model that can be folded")
+        raise RetrofitError(f"{excerpt(fold.path, bare=True)} is not a block of this model that can be folded")
     owner_path, _, name = fold.path.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
     old = getattr(owner, name)
@@ -175,13 +175,13 @@ def apply_folds(model: nn.Module, folds: list[Folded]) -> None:
     recipe, before its weights are loaded; each neighbour must be a module of the kind its fold needs."""
     for fold in folds:
         if fold.into not in FOLD_KINDS:
-            raise RetrofitError(f"fold of {fold.path}: unknown kind {fold.into!r} ({', '.join(FOLD_KINDS)})")
+            raise RetrofitError(f"fold of {excerpt(fold.path)}: unknown kind {excerpt(fold.into)} ({', '.join(FOLD_KINDS)})")
         if fold.into != "scale":
             try:
                 neighbour = model.get_submodule(fold.neighbour)
             except AttributeError:
-                raise RetrofitError(f"fold of {fold.path}: the model has no module {fold.neighbour!r}") from None
+                raise RetrofitError(f"fold of {excerpt(fold.path)}: the model has no module {excerpt(fold.neighbour)}") from None
             if not isinstance(neighbour, _KINDS[fold.into]):
-                raise RetrofitError(f"fold of {fold.path}: {fold.neighbour} is a {type(neighbour).__name__}, not a "
+                raise RetrofitError(f"fold of {excerpt(fold.path)}: {excerpt(fold.neighbour, bare=True)} is a {type(neighbour).__name__}, not a "
                                     f"layer a {fold.into} fold goes into")
         restructure(model, fold)

@@ -170,7 +170,7 @@ def _kind(m: nn.Module, block: BlockInfo, side: str) -> tuple[str | None, str]:
         return None, f"({type(m).__name__}) is not a norm, convolution or linear layer on these {c} channels"
     if conv and not last and m.in_channels == c:
         if m.padding_mode != "zeros":
-            return None, f"pads with {m.padding_mode!r}, not zeros: a scaled border would differ"
+            return None, f"pads with '{m.padding_mode}', not zeros: a scaled border would differ"
         return "conv_in", ""
     if isinstance(m, nn.Linear) and last and m.in_features == c:
         return "linear_in", ""

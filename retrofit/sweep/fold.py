@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..files.adapter import remember_base
 from ..measure.overhead import Overhead, compare, cost
 from ..surgery.fold import constant_scales, fold_scales, gates, info_of, require_gates
@@ -167,7 +167,7 @@ def check_tolerance(tolerance: Any) -> float | None:
         return None
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
             or not 0 <= tolerance <= MAX_TOLERANCE:
-        raise RetrofitError(f"tolerance must be a number of top-1 points from 0 to {MAX_TOLERANCE:g}, got {tolerance!r}")
+        raise RetrofitError(f"tolerance must be a number of top-1 points from 0 to {MAX_TOLERANCE:g}, got {excerpt(tolerance)}")
     return float(tolerance)
 
 
@@ -179,7 +179,7 @@ def _candidates(model: nn.Module, globs: Sequence[str] | None) -> list[str]:
     for pattern in globs:
         if not any(matches(b.path, pattern) for b in found):
             other = next(((b.path, why) for b, why in others if matches(b.path, pattern)), None)
-            raise RetrofitError(f"blocks {pattern!r}: " + (f"{other[0]} is not a channel gate ({other[1]})" if other
+            raise RetrofitError(f"blocks {excerpt(pattern)}: " + (f"{other[0]} is not a channel gate ({other[1]})" if other
                                 else f"names no block (gates: {', '.join(b.path for b in found[:4])}...)"))
     return [b.path for b in found if any(matches(b.path, p) for p in globs)]
 

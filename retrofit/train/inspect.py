@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..blocks.excitation import input_independent
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..measure.excitation import GateReport, Recorder, replaced
 from ..surgery.fold import gates, info_of, require_gates
 from .data import ImageFolderData, collate
@@ -87,7 +87,7 @@ def open_images(model: nn.Module, data: str | Path | ImageFolderData, *, images:
         RetrofitError: a bad folder, a data set with another number of classes than the model, a bad count.
     """
     if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
-        raise RetrofitError(f"images must be a whole number >= 1, got {images!r}")
+        raise RetrofitError(f"images must be a whole number >= 1, got {excerpt(images)}")
     if batch_size < 1:
         raise RetrofitError(f"batch_size must be at least 1, got {batch_size}")
     info = info_of(model)

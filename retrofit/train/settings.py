@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Settings:
                 ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "positive"),
                 ("clip_mode", self.clip_mode in ("norm", "value", "agc"), "norm, value or agc")):
             if not ok:
-                raise RetrofitError(f"{name} must be {what}, got {getattr(self, name)!r}")
+                raise RetrofitError(f"{name} must be {what}, got {excerpt(getattr(self, name))}")
 
 
 @dataclass
