@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
-from retrofit.surgery.fold import gates
+from retrofit.surgery.fold import gates, info_of
 from conftest import one_error
 from support import five_class_model, make_folder, se_model
 
@@ -58,7 +58,7 @@ def test_fold_saves_reports_and_measures(files):
         assert text in result.stdout, text
     data = json.loads((files / "fold.json").read_text())
     assert data["folded"] == 4 and data["evaluations"] <= 4 and data["after"]["top1"] >= data["before"]["top1"] - 100
-    assert retrofit.load(out)._retrofit.folds and (files / "folded.README.md").is_file()
+    assert info_of(retrofit.load(out)).folds and (files / "folded.README.md").is_file()
 
 
 def test_fold_without_data_and_nothing_to_fold_says_so(files):

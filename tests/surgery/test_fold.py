@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import retrofit
-from retrofit.surgery.fold import apply_folds, constant_scales, fold_scales, gates, scale_into
+from retrofit.surgery.fold import apply_folds, constant_scales, fold_scales, gates, info_of, scale_into
 from conftest import randomize
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -97,7 +97,7 @@ def unit_net(**kw):
 def test_conv_output_and_grouped_input_channels_fold_exactly():
     net = unit_net()
     std, _ = folded_copy(retrofitted(net, r=2))
-    assert {f.into for f in std._retrofit.folds} == {"conv_out"}
+    assert {f.into for f in info_of(std).folds} == {"conv_out"}
     torch.testing.assert_close(outputs(std), outputs(retrofitted(net, r=2)), rtol=1e-12, atol=1e-12)
     inside = retrofitted(net, r=2, position="inside")
     folded, folds = folded_copy(inside)

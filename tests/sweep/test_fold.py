@@ -12,7 +12,7 @@ from safetensors import safe_open
 import retrofit
 import retrofit.train.inspect as inspect_module
 from conftest import randomize
-from retrofit.surgery.fold import gates
+from retrofit.surgery.fold import gates, info_of
 from support import CLASSES, FAST, make_folder, se_model
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -43,7 +43,7 @@ def test_tolerance_zero_folds_exactly_the_input_independent_gates_without_data()
     assert result.before is None and result.evaluations == 0
     with torch.no_grad():
         torch.testing.assert_close(result.model.eval()(X), model(X), rtol=1e-5, atol=1e-6)
-    assert [b.path for b in result.model._retrofit.blocks] == ["layer2.0.se"]  # the input-dependent one stays
+    assert [b.path for b in info_of(result.model).blocks] == ["layer2.0.se"]  # the input-dependent one stays
     saved = sum(b.params_saved for b in result.blocks)
     assert result.overhead_before.added_params - result.overhead_after.added_params == saved > 0
     assert "layer1.0.se" in dict(model.named_modules())  # the model given is not changed
@@ -117,7 +117,7 @@ def test_a_folded_model_saves_and_loads_full_and_as_an_adapter(tmp_path):
     rebuilt = retrofit.load(tmp_path / "adapter.safetensors", base=tmp_path / "plain.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(loaded(X), want) and torch.equal(rebuilt(X), want)
-    assert loaded._retrofit.folds == [type(f)(f.path, f.into, f.neighbour) for f in folded._retrofit.folds]
+    assert info_of(loaded).folds == [type(f)(f.path, f.into, f.neighbour) for f in info_of(folded).folds]
 
 
 def test_fine_tune_trains_what_remains(data):
@@ -147,7 +147,7 @@ def test_a_folded_model_exports_to_onnx():
 def test_fold_again_and_strip_after_all_blocks_are_gone():
     model = moved(se_model(), varying=())
     folded = retrofit.fold(model).model
-    assert not folded._retrofit.blocks and len(folded._retrofit.gone) == 4
+    assert not info_of(folded).blocks and len(info_of(folded).gone) == 4
     with pytest.raises(retrofit.RetrofitError, match="no channel gate"):
         retrofit.fold(folded)
     plain = retrofit.strip(folded)
@@ -155,7 +155,7 @@ def test_fold_again_and_strip_after_all_blocks_are_gone():
         k for k in se_model().state_dict() if ".se." in k}
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(X), folded.eval()(X), rtol=0, atol=0)
-    assert copy.deepcopy(folded)._retrofit.folds == folded._retrofit.folds
+    assert info_of(copy.deepcopy(folded)).folds == info_of(folded).folds
 
 
 def test_an_all_folded_model_fine_tunes_its_head_and_saves_its_run(data, tmp_path):
@@ -165,6 +165,6 @@ def test_an_all_folded_model_fine_tunes_its_head_and_saves_its_run(data, tmp_pat
         retrofit.finetune(folded, data, 1, **FAST)
     retrofit.finetune(folded, data, 1, train_head=True, output_dir=tmp_path / "run", augment=False, **FAST)
     best = retrofit.load(tmp_path / "run" / "best.safetensors")
-    assert [f.path for f in best._retrofit.folds] == [f.path for f in folded._retrofit.folds]
+    assert [f.path for f in info_of(best).folds] == [f.path for f in info_of(folded).folds]
     with torch.no_grad():
         torch.testing.assert_close(best.eval()(X), folded.eval()(X), rtol=0, atol=0)

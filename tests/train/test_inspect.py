@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import retrofit
-from retrofit.surgery.fold import gates
+from retrofit.surgery.fold import gates, info_of
 from retrofit.train.data import ImageFolderData
 from support import make_folder, reference_top1, se_model
 
@@ -24,7 +24,7 @@ def trained_like(position="standard"):
     with torch.no_grad():
         for b in gates(model)[0]:
             model.get_submodule(b.path).fc2.bias.copy_(torch.randn(b.channels, generator=g))
-        model.get_submodule(model._retrofit.blocks[1].path).fc1.weight.normal_(generator=g)
+        model.get_submodule(info_of(model).blocks[1].path).fc1.weight.normal_(generator=g)
     return model.eval()
 
 
