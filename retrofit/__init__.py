@@ -13,6 +13,8 @@ Example::
     >>> with retrofit.bypass(se_model): ...       # the original network, blocks switched off
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
     >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
+    >>> report = retrofit.inspect(se_model, "data/")  # what each gate does on the data (after a fine-tune)
+    >>> folded = retrofit.fold(se_model, "data/", tolerance=0.5).model   # gates that learnt a constant, folded
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
 below (``lint-imports`` checks it; docs/architecture.md draws it):
@@ -67,6 +69,10 @@ _API: dict[str, str] = {
     "load": "files.checkpoint",
     "finetune": "train.finetune",
     "FinetuneResult": "train.settings",
+    "inspect": "train.inspect",
+    "Inspection": "train.inspect",
+    "fold": "sweep.fold",
+    "FoldResult": "sweep.fold",
     "sweep": "sweep.grid",
     "tune": "sweep.tune.api",
     "TuneResult": "sweep.tune.api",
@@ -89,9 +95,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .surgery.sites import Site, find_sites
     from .surgery.strip import strip
     from .surgery.trainable import Trainable, trainable_parameters
+    from .sweep.fold import FoldResult, fold
     from .sweep.grid import sweep
     from .sweep.tune.api import TuneResult, tune
     from .train.finetune import finetune
+    from .train.inspect import Inspection, inspect
     from .train.settings import FinetuneResult
 
 __all__ = list(_API)

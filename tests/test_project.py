@@ -65,6 +65,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_file(timm.create_model("resnet50").state_dict(), "my_resnet50.safetensors")
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    from support import make_folder
+
+    make_folder(tmp_path / "data")  # the 3-class data set the inspect and fold lines read
     namespace = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
@@ -72,3 +75,4 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert len(namespace["again"]._retrofit.blocks) == 2
     assert len(namespace["se_detector"]._retrofit.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
     assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])
+    assert len(namespace["gates"].blocks) == 8 and namespace["result"].evaluations >= 1

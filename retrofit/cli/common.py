@@ -216,3 +216,14 @@ NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size (a new h
 INPUT_SIZE = typer.Option(None, "--input-size", help="C,H,W to trace with (default: the model's own).")
 AT = typer.Option(None, "--at", help="Module-path globs: a block on the output of each module they match, e.g. "
                                      "'features.denseblock*,features.transition*' (* within one name, ** across).")
+# reading a saved model: `finetune`, `inspect`, `fold`
+SAVED = typer.Argument(..., help="A retrofitted model saved by retrofit (.safetensors), or an adapter (with --base).")
+BASE = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit).")
+FORCE = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's.")
+IMAGES = typer.Option(None, "--images", min=1, help="Read an evenly spaced subset of this many val images (default: all).")
+
+
+def globs(text: Optional[str]) -> Optional[list[str]]:
+    """``'layer3.*, layer4.*'`` -> ``['layer3.*', 'layer4.*']``; None stays None."""
+    return None if text is None else [g.strip() for g in text.split(",") if g.strip()]
+

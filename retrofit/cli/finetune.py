@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import RetrofitError, excerpt
-from .common import app, console, fail_cleanly, say
+from .common import BASE, FORCE, SAVED, app, console, fail_cleanly, say
 
 ADAPTER_FILE = "adapter.safetensors"  # `finetune --adapter`: the best model as an adapter, in the run folder
 
@@ -166,13 +166,13 @@ RUN_OPTIONS = ("phase2_lr", "batch_size", "augment", "workers", "device", "smoot
 @fail_cleanly
 @finetune_options
 def finetune_command(
-    checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (.safetensors), or an adapter (with --base)."),
+    checkpoint: Path = SAVED,
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/* and DATA/val/<class>/*."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output-dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, metrics.jsonl (default: CHECKPOINT's name + -finetune/)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's."),
+    base: Optional[Path] = BASE,
+    force: bool = FORCE,
     adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, OUTPUT_DIR/adapter.safetensors (the blocks and what changed, with a hash of the base)."),
     *, train: dict,
 ):

@@ -8,16 +8,13 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
+from ..measure.excitation_plot import PLOT_MISSING  # no torch
 from ..measure.fit import Col, FitTable  # rich only: no torch
 from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
                        save_figure)
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, plural, rounds_bar, say, write_json)
 from .finetune import RUN_OPTIONS, finetune_options, is_main_process
-
-PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
-                "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
-
 
 @app.command("sweep", short_help="Sweep r x position x stages: overhead, latency, accuracy.")
 @fail_cleanly

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import RetrofitError
 from ..measure.fit import FitTable
 from ..measure.report import overhead_table, results_table
+from ..surgery.info import FOLD_KINDS
 from .adapter import state_bytes
 from .atomic import atomic_write
 from .header import read_header
@@ -79,6 +80,7 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
     if header.adapter:
         lines += [f"or `retrofit finetune {weights.name} --base BASE_WEIGHTS --data DIR` to fine-tune it further.", ""]
     lines += ["## Recipe", "", "```json", json.dumps(header.recipe.to_dict(), indent=2), "```", ""]
+    lines += _folds_section(header.folds, header.blocks)
     if overhead is not None:
         lines += ["## Overhead", "", table_markdown(overhead_table(overhead)), ""]
     lines += ["## File", "", "| file | size |", "| --- | --- |", f"| `{weights.name}` ({kind}) | {_mb(size)} |"]
@@ -103,6 +105,21 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
     except RetrofitError as err:
         raise RetrofitError(f"{err} ({weights.name} itself is saved)") from None
     return path
+
+
+def _folds_section(folds: list, blocks: int) -> list[str]:
+    """The blocks ``retrofit fold`` replaced by constant scales, and where each went."""
+    if not folds:
+        return []
+    kept = blocks - len(folds)
+    verb = "computes" if kept == 1 else "compute"
+    lines = ["## Folded blocks", "", f"{len(folds)} of the {blocks} blocks were folded by `retrofit fold` into constant "
+             f"scales ({kept} still {verb} an excitation). `retrofit.strip` removes the blocks and channel scales "
+             f"and keeps the scales folded into neighbours; `retrofit.bypass` computes the same network.", "",
+             "| block | folded into |", "| --- | --- |"]
+    lines += [f"| `{f.path}` | {FOLD_KINDS[f.into]}" + (f" (`{f.neighbour}`)" if f.neighbour else "") + " |"
+              for f in folds]
+    return lines + [""]
 
 
 def command_line() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import RetrofitError, excerpt
+from ..surgery.fold import apply_folds
 from ..surgery.insert import add_se
 from .header import Header
 from .meta_check import check_model_file
@@ -13,7 +14,8 @@ from .tensors import load_into
 
 
 def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
-    """The file's architecture (or ``model``), retrofitted with the file's recipe: no weights loaded yet."""
+    """The file's architecture (or ``model``), retrofitted with the file's recipe and its blocks folded as
+    the file says: no weights loaded yet."""
     if model is None:
         if not header.architecture:
             raise RetrofitError(f"{excerpt(header.path)} holds a model that is not from timm: pass the plain network, "
@@ -25,6 +27,10 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
         raise RetrofitError(f"{excerpt(header.path)} says {header.blocks} blocks but its recipe gives "
                             f"{len(model._retrofit.blocks)} on this model; is it the network it was saved from?")
     model._retrofit.weights = header.weights  # where the file says its weights came from
+    try:
+        apply_folds(model, header.folds)
+    except RetrofitError as err:
+        raise RetrofitError(f"{excerpt(header.path)}: {err}") from None
     return model
 
 

@@ -2,7 +2,8 @@
 
 A file holds everything needed to rebuild the model besides its weights: the timm architecture (and
 the constructor arguments that change shapes: ``num_classes``, ``in_chans``), the recipe and the input
-size it was traced at, and the number of blocks the recipe gives there.
+size it was traced at, the number of blocks the recipe gives there, and (``folds``, when
+:func:`retrofit.fold` folded some) which blocks were folded and where each went.
 
 A file is data, never instructions: before anything is built from it, every metadata value is
 checked for its type and against an allow-list (only the keys retrofit writes; constructor arguments
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..errors import RetrofitError, excerpt, first_line
 from ..inputs import load_json, regular_file
-from ..surgery.info import WEIGHTS
+from ..surgery.info import FOLD_KINDS, WEIGHTS, Folded
 from ..surgery.recipe import Recipe
 from .bounds import out_of_bounds, whole_number
 from .tensors import read_safetensors_header
@@ -36,8 +37,10 @@ ADAPTER_FORMAT = "retrofit-adapter/1"
 # the metadata keys retrofit writes; any other key is refused (see read_header)
 KEYS = ("format", "architecture", "model_kwargs", "recipe", "input_size", "blocks")
 ADAPTER_KEYS = KEYS + ("base_sha256", "base_tensors", "base_name")
-# keys a file may lack (older versions did not write them): where the weights came from (WEIGHTS)
-OPTIONAL_KEYS = ("weights",)
+# keys a file may lack (older versions did not write them): where the weights came from (WEIGHTS), and
+# the folded blocks ([[block path, kind, neighbour path], ...]: retrofit.surgery.info.Folded), absent if none
+OPTIONAL_KEYS = ("weights", "folds")
+MAX_PATH = 500  # characters of a module path in `folds`
 
 
 # constructor arguments a file may pass to timm.create_model (their bounds: retrofit.files.bounds):
@@ -57,7 +60,7 @@ def metadata(model: nn.Module) -> dict[str, str]:
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
     kwargs = _model_kwargs(model, info.input_size)
-    problem = size_problem(kwargs, list(info.input_size)) or ("blocks", out_of_bounds("blocks", len(info.blocks)))
+    problem = size_problem(kwargs, list(info.input_size)) or ("blocks", out_of_bounds("blocks", info.built))
     if problem[1]:
         raise RetrofitError(f"cannot save this model: {problem[1]}, so retrofit.load would refuse the file")
     return {
@@ -66,8 +69,9 @@ def metadata(model: nn.Module) -> dict[str, str]:
         "model_kwargs": json.dumps(kwargs),
         "recipe": json.dumps(info.recipe.to_dict()),
         "input_size": json.dumps(list(info.input_size)),
-        "blocks": str(len(info.blocks)),
+        "blocks": str(info.built),
         **({"weights": info.weights} if info.weights in WEIGHTS else {}),
+        **({"folds": json.dumps([[f.path, f.into, f.neighbour] for f in info.folds])} if info.folds else {}),
     }
 
 
@@ -87,6 +91,7 @@ class Header:
     base_tensors: int = 0
     base_name: str = ""
     weights: str = ""  # where the weights came from (retrofit.surgery.info.WEIGHTS); "": not recorded
+    folds: list[Folded] = field(default_factory=list)  # the blocks retrofit.fold folded, in order
 
     @property
     def adapter(self) -> bool:
@@ -165,6 +170,8 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
             out[key] = whole_number(meta[key], key)
         except ValueError as err:
             raise bad(key, f"gives {err}") from None
+    if "folds" in meta:
+        out["folds"] = _folds(json_value("folds", list, "a list of [block, kind, neighbour]"), out["blocks"], bad)
     if meta.get("format") == ADAPTER_FORMAT:
         if not re.fullmatch(r"[0-9a-f]{64}", meta["base_sha256"]):
             raise bad("base_sha256", "must be 64 hexadecimal digits")
@@ -172,6 +179,25 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise bad("base_name", "must be one printable line of at most 200 characters")
         out.update(base_sha256=meta["base_sha256"], base_name=meta["base_name"])
     return out
+
+
+def _folds(value: list, blocks: int, bad) -> list[Folded]:
+    """The ``folds`` metadata as :class:`Folded` records, each entry checked (shape, kind, path lengths)."""
+    if len(value) > blocks:
+        raise bad("folds", f"lists {len(value)} folded blocks but the file has {blocks} blocks")
+    folds, seen = [], set()
+    for entry in value:
+        if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, str) and len(v) <= MAX_PATH
+                                                                     and v.isprintable() for v in entry)):
+            raise bad("folds", f"has an entry that is not [block, kind, neighbour] (three short texts): {excerpt(entry)}")
+        path, into, neighbour = entry
+        if into not in FOLD_KINDS:
+            raise bad("folds", f"has the kind {excerpt(into)}, not one of {', '.join(FOLD_KINDS)}")
+        if path in seen or not path or (into == "scale") != (neighbour == ""):
+            raise bad("folds", f"has a bad entry for block {excerpt(path)}")
+        seen.add(path)
+        folds.append(Folded(path, into, neighbour))
+    return folds
 
 
 def size_problem(kwargs: Mapping[str, Any], size: list) -> tuple[str, str] | None:

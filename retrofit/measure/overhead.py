@@ -208,8 +208,9 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
         stride, kind, position, name = 2 ** stage, "", "", ""
     params = sum(p.numel() for p in module.parameters())
     width = getattr(module, "width", None) or getattr(getattr(module, "fc1", None), "out_channels", 0)
+    squeezes = getattr(module, "squeezes", True)  # a folded block's channel scale: no squeeze pass
     return BlockCost(path, kind, position, stage, stride, c, width, (h, w),
-                     params, macs, pool, scale, name)
+                     params, macs, pool if squeezes else 0, scale, name)
 
 
 def _geometry(shape_in, shape_out, layout: str, prefix: int, grid: tuple[int, int]):

@@ -10,7 +10,8 @@
 * :mod:`.prepare`: every forward a plan touches rebuilt and checked, nothing changed yet;
 * :mod:`.insert`: :func:`~retrofit.surgery.insert.add_se`, the blocks built and the forwards installed;
 * :mod:`.info`: what a retrofit records on the model (``model._retrofit``);
-* :mod:`.strip`, :mod:`.bypass`, :mod:`.trainable`: undo it, switch the blocks off, count what trains.
+* :mod:`.strip`, :mod:`.bypass`, :mod:`.trainable`: undo it, switch the blocks off, count what trains;
+* :mod:`.neighbour`, :mod:`.fold`: the layer that can absorb a constant gate exactly, and the fold itself.
 
 A new position is one function registered in :mod:`.positions`.
 """

@@ -7,6 +7,13 @@ and ``_replicate_for_data_parallel`` are deleted, so the class's own ``forward``
 exactly the code that ran before the retrofit; a ``torch.fx.GraphModule`` (which keeps its forward in its graph) gets the block nodes
 removed from its graph instead. The original parameters and buffers were never touched, so the
 stripped model's state dict and outputs are the original's, as long as it was not trained since.
+
+A folded model (:func:`retrofit.fold`): strip removes every module retrofit added, the blocks left and
+the channel-scale modules folded blocks became, and gives the modules whose blocks were folded into a
+neighbour their class's forward back. A scale folded into a neighbour's weights is part of those
+weights now (as a phase-2 fine-tune's change would be) and stays: strip cannot divide it out exactly (a
+scale may be 0 or round). So the stripped network is the folded one without its blocks and channel
+scales, with the folded neighbours; :func:`retrofit.bypass` computes the same network in place.
 """
 from __future__ import annotations
 
@@ -45,13 +52,15 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         True
     """
     info = getattr(model, "_retrofit", None)
-    if not isinstance(info, RetrofitInfo) or not info.blocks:
+    if not isinstance(info, RetrofitInfo) or not (info.blocks or info.gone):
         raise RetrofitError(f"this {type(model).__name__} has no blocks from retrofit.add_se; nothing to strip")
     target = model if inplace else copy.deepcopy(model)
     owners: dict[str, list[str]] = {}
     for block in info.blocks:
         owner, _, name = block.path.rpartition(".")
         owners.setdefault(owner, []).append(name)
+    for block in info.gone:  # folded into a neighbour: its call is gone, its owner's forward is still rewritten
+        owners.setdefault(block.path.rpartition(".")[0], [])
     for path, names in owners.items():
         try:
             module = target.get_submodule(path) if path else target
@@ -68,19 +77,25 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return target
 
 
+def take_out(graph: fx.Graph, names: list[str]) -> None:
+    """Remove the calls of the blocks ``names`` from ``graph`` (in place): each use of a block's output
+    reads its input instead, and a block fused with its residual sum, ``block(x, shortcut)``, becomes
+    the plain sum ``x + shortcut``."""
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in names:
+            if len(node.args) > 1:
+                with graph.inserting_before(node):
+                    plain = graph.call_function(operator.add, node.args[:2])
+            else:
+                plain = node.args[0]
+            node.replace_all_uses_with(plain)
+            graph.erase_node(node)
+    graph.lint()
+
+
 def _strip_module(module: nn.Module, names: list[str]) -> None:
     if isinstance(module, fx.GraphModule):  # its forward is its graph: take the block nodes out
-        graph = module.graph
-        for node in list(graph.nodes):
-            if node.op == "call_module" and node.target in names:
-                if len(node.args) > 1:  # a block fused with its residual sum: block(x, shortcut)
-                    with graph.inserting_before(node):
-                        plain = graph.call_function(operator.add, node.args[:2])
-                else:
-                    plain = node.args[0]
-                node.replace_all_uses_with(plain)
-                graph.erase_node(node)
-        graph.lint()
+        take_out(module.graph, names)
         module.recompile()
     else:
         uninstall(module)  # the class's forward applies again

@@ -18,5 +18,7 @@ One concept per module, so a new training option is one local change:
 * :mod:`.run_dir`: the run's folder: the training state (one commit per epoch), ``last``/``best``
   models and ``metrics.jsonl`` rewritten from it on resume, the folder's lock;
 * :mod:`.distributed`: ``torchrun``: one process per device, rank 0 writes;
-* :mod:`.progress`: rich progress bars on stderr (rank 0).
+* :mod:`.progress`: rich progress bars on stderr (rank 0);
+* :mod:`.inspect`: :func:`retrofit.inspect`, the gates read on the val images (and the evaluations
+  :func:`retrofit.fold` shares with it).
 """

@@ -34,6 +34,13 @@ def block_params(model: nn.Module) -> set[str]:
     return {n for b in info.blocks for n, _ in model.get_submodule(b.path).named_parameters(prefix=b.path)}
 
 
+def all_folded(model: nn.Module) -> bool:
+    """A retrofitted model whose every block :func:`retrofit.fold` folded into a neighbour: nothing of the
+    retrofit is left to train, but it is still a retrofit model (its file records the folds)."""
+    info = getattr(model, "_retrofit", None)
+    return info is not None and not info.blocks and bool(info.gone)
+
+
 def head_params(model: nn.Module) -> set[str]:
     """Names of the classifier's parameters (timm's ``get_classifier()``); empty when there is none."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None

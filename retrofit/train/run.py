@@ -48,10 +48,11 @@ class Run:
             raise RetrofitError(f"batch size {s.batch_size} must be a positive multiple of processes x "
                                 f"accumulation steps ({env.world} x {s.accum_steps})")
         blocks = params.block_params(model)
+        self.folded = params.all_folded(model)  # a retrofit model still (it saves), with no block left to train
         if s.distill and not blocks:
             raise RetrofitError("distill needs inserted blocks: the teacher is the model with its blocks "
                                 "bypassed, which for a plain network is the student itself")
-        if output_dir is not None and not blocks:
+        if output_dir is not None and not blocks and not self.folded:
             raise RetrofitError("this model has no blocks from retrofit.add_se, so its run cannot be saved; "
                                 "run it without output_dir")
         self.model, self.s, self.env, self.workers, self.blocks = model, s, env, workers, bool(blocks)
@@ -63,7 +64,7 @@ class Run:
         self._what_trains(blocks)
         self.objective = Objective(len(self.data.classes), s.smoothing, s.mixup, s.cutmix,
                                    s.distill_weight if s.distill else 0.0, s.distill_temperature)
-        self.meta = metadata(model) if blocks else None
+        self.meta = metadata(model) if blocks or self.folded else None
         self.dir = RunDir(output_dir, env)
         self.progress = Progress(progress and env.main)
         self.record = Record()
@@ -94,8 +95,10 @@ class Run:
         self.phase1_params = (blocks | (head if train_head else set())
                               | (params.norm_params(model) if s.train_norms else set()))
         if s.epochs and not self.phase1_params:
-            raise RetrofitError("phase 1 has nothing to train: this model has no blocks from retrofit.add_se; "
-                                "train its head or norm layers (train_head, train_norms) or give only phase2_epochs")
+            why = ("every block of this model was folded (retrofit.fold)" if params.all_folded(model) else
+                   "this model has no blocks from retrofit.add_se")
+            raise RetrofitError(f"phase 1 has nothing to train: {why}; train its head or norm layers (train_head, "
+                                f"train_norms) or give only phase2_epochs")
 
     def run(self, restore_best: bool, on_epoch: Callable[[dict], bool] | None = None) -> FinetuneResult:
         """Train the epochs left and return the result; ``on_epoch(row)`` (see :func:`retrofit.finetune`)

@@ -389,3 +389,30 @@ def test_a_file_at_the_bound_of_blocks_is_read(saved, tmp_path):
     over = rewrite_header(saved[1], tmp_path / "over.safetensors", lambda h: h["__metadata__"].update(blocks="100001"))
     with pytest.raises(RetrofitError, match="blocks = 100,001, not a whole number from 1 to 100,000"):
         retrofit.load(over)
+
+
+@pytest.fixture(scope="module")
+def folded_file(tmp_path_factory):
+    """A test_resnet whose four gates were folded (identity position: one channel scale, three norms)."""
+    model = se_model(position="identity")
+    return retrofit.save(retrofit.fold(model).model, tmp_path_factory.mktemp("folded") / "folded.safetensors")
+
+
+@pytest.mark.parametrize("folds,words", [
+    ("[[\"layer1.0.se_identity\", \"melt\", \"\"]]", "kind 'melt'"),
+    ("[[\"layer1.0.se_identity\", \"scale\"]]", "not [block, kind, neighbour]"),
+    ("{\"a\": 1}", "must be a list"),
+    (json.dumps([["layer1.0.se_identity", "scale", ""]] * 5), "lists 5 folded blocks"),
+    (json.dumps([["layer1.0.se_identity", "scale", ""]] * 2), "bad entry"),
+    (json.dumps([["layer1.0.se_identity", "conv_in", "layer1.0.bn1"]]), "not a layer a conv_in fold goes into"),
+    (json.dumps([["layer1.0.se_identity", "norm", "layer9.bn"]]), "no module 'layer9.bn'"),
+    (json.dumps([["layer1.0.conv1", "scale", ""]]), "not a block of this model"),
+])
+def test_tampered_fold_records_are_refused_in_one_line(folded_file, tmp_path, folds, words):
+    """The fold records a file keeps (metadata `folds`) are checked before and while the model is rebuilt."""
+    bad = rewrite_header(folded_file, tmp_path / "bad.safetensors",
+                         lambda h: h["__metadata__"].update(folds=folds))
+    with pytest.raises(RetrofitError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        retrofit.load(bad)
+    result = runner.invoke(app, ["fold", str(bad), "-o", str(tmp_path / "out.safetensors")])
+    assert words.split("'")[0].split(" [")[0] in one_error_line(result)
