@@ -23,10 +23,10 @@ class RetrofitWarning(UserWarning):
     """Something was adjusted for the user (e.g. a reduced width raised to the minimum)."""
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (at most 300 characters, escaped), or its type's name."""
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters, escaped), or its type's name."""
     text = str(err).strip()
-    return _escaped(text.splitlines()[0][:300]) if text else type(err).__name__
+    return _escaped(text.splitlines()[0][:limit]) if text else type(err).__name__
 
 
 class _Short(reprlib.Repr):

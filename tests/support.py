@@ -1,5 +1,9 @@
 """Helpers the tests of several layers share: a tiny ImageFolder and the models trained on it, small
 networks of one's own, and the one-error-line check of the CLI. Fixtures live in conftest.py."""
+import os
+import socket
+import subprocess
+
 import numpy as np
 import timm
 import torch
@@ -171,3 +175,14 @@ def rewrite_header(src, dst, edit):
     text = json.dumps(header).encode()
     dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
     return dst
+def start_ranks(cmd, n=2, env=None, **kwargs):
+    """The ``n`` processes that ``torchrun --nproc_per_node n`` starts for ``cmd``, started as torchrun does
+    (its environment contract: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+    without its agent, so that a test can kill one rank and read each rank's own output and exit code."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, **kwargs) for r in range(n)]

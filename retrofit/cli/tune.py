@@ -42,8 +42,8 @@ def tune_command(
     pruner: str = typer.Option("hyperband", "--pruner", help="hyperband, sha (successive halving) or none; each trial reports val top-1 after every epoch."),
     finalists: int = typer.Option(3, "--finalists", "-k", help="The best K recipes re-run over --seeds next to the control arms (0: no finish)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 0..S-1 of the finish (mean ± std, paired Δ with its 95% interval)."),
-    search_seed: int = typer.Option(100, "--search-seed", help="The seed of every trial and of the sampler (kept apart from the finish's seeds)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="The study's store, shared by several processes or machines: an RDB URL (postgresql+psycopg://...) or a journal file on a shared file system (default: OUTPUT_DIR/study.journal)."),
+    search_seed: int = typer.Option(100, "--search-seed", help="The seed of every trial and of the sampler (kept apart from the finish's seeds); also of the random weights of a model named without --checkpoint or --pretrained."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="The study's store, shared by several processes or machines: a PostgreSQL URL for several machines (postgresql+psycopg://USER@HOST:PORT/DB; the postgres extra), or a journal file for one machine (default: OUTPUT_DIR/study.journal)."),
     study: str = typer.Option("tune", "--study", help="The study's name in the store."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="The tune's folder: study, trials.jsonl, tune.json, best_recipe.yaml, the winner's model (default: MODEL-tune/)."),
     adapter: bool = typer.Option(False, "--adapter", help="Save the winner as an adapter (adapter.safetensors) instead of a full model."),
@@ -57,9 +57,12 @@ def tune_command(
 
     Every trial is a fine-tune of one recipe (phase 1, plus searched phase-2 epochs) with --search-seed,
     reporting val top-1 after every epoch to the pruner (Optuna: TPE and Hyperband by default). A recipe
-    over --max-params, --max-macs or --max-latency is never trained. The study lives in --output-dir (a
-    journal file), so the same command again after a kill continues it; the same command with --storage
-    URL --study NAME on several machines shares one study. Under torchrun every trial is
+    over --max-params, --max-macs or --max-latency is never trained; a recipe whose fine-tune fails is never
+    trained again, and a search whose first trials all fail stops with its reason. The study lives in
+    --output-dir (a journal file), so the same command again after a kill continues it; the same command
+    with --storage postgresql+psycopg://USER@HOST:PORT/DB --study NAME on several machines shares one
+    study. A model named without weights gets random ones from --search-seed, the same in every process.
+    Under torchrun every trial is
     DistributedDataParallel over all processes. The best --finalists recipes and the three control arms
     (original, head+norms, full) then run over seeds 0..S-1: the sweep's table, with the paired Δ to the
     best control and its 95% interval; the last line says whether any recipe beat it.
@@ -90,7 +93,10 @@ def tune_command(
         check_writable(plot)
         pyplot = import_pyplot()
     train = dict(lr=fixed_lr if fixed_lr is not None else 1e-3, **train)
-    net, found = build_and_scan(lambda: build_model(model, checkpoint, pretrained, num_classes), input_size, meta=False)
+    weightless = checkpoint is None and not pretrained
+    net, found = build_and_scan(lambda: seeded(search_seed if weightless else None,
+                                               lambda: build_model(model, checkpoint, pretrained, num_classes)),
+                                input_size, meta=False)
     talk = json_path != "-" and is_main_process()
     result = tune(net, data, chosen, trials=trials, budget=budget, epochs=epochs, recipe=base,
                   input_size=found.traced.input_size, max_params=max_params, max_macs=max_macs,
@@ -105,6 +111,21 @@ def tune_command(
         draw_tune(pyplot, result, model, plot)
     if talk:
         report(result, found.traced.input_size, out, plot)
+
+
+def seeded(seed: Optional[int], build):
+    """``build()``, after ``torch.manual_seed(seed)`` when a seed is given (the global generator restored
+    after): a model named without weights gets its random weights from ``--search-seed``, so the same
+    command builds the same model in every process and on every machine, and a rerun or a second worker
+    resumes the study instead of being refused for another model."""
+    if seed is None:
+        return build()
+    # deferred: torch loads when the command runs, not for --help
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def report(result, size, out: Path, plot: Optional[Path]) -> None:

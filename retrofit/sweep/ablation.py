@@ -48,7 +48,7 @@ from ..errors import RetrofitError, first_line
 from ..measure.meta import is_meta
 from ..surgery.insert import retrofit_scanned
 from ..train.data import ImageFolderData
-from ..train.distributed import setup
+from ..train.distributed import PeerLost, setup
 from ..train.finetune import finetune
 from .rows import SweepRow, row_recipe
 
@@ -172,9 +172,10 @@ def run_arm(pipeline: ImageFolderData, model: nn.Module, seed: int, *, epochs: i
     return {"last": last, "original": result.row("original"), "rows": result.rows}
 
 
-def failure(err: Exception) -> str:
-    """The reason a run failed, as a row's note says it."""
-    return first_line(err) if isinstance(err, RetrofitError) else f"{type(err).__name__}: {first_line(err)}"
+def failure(err: Exception, limit: int = 300) -> str:
+    """The reason a run failed, as a row's note says it (its first line, at most ``limit`` characters)."""
+    line = first_line(err, limit)
+    return line if isinstance(err, RetrofitError) else f"{type(err).__name__}: {line}"
 
 
 class _Runner:
@@ -189,6 +190,8 @@ class _Runner:
         try:
             result = run_arm(self.pipeline, build(), seed, epochs=self.epochs, input_size=self.input_size,
                              train=self.train, phase1=phase1, **options)
+        except PeerLost:
+            raise  # another process of the torchrun job died: no row can run any more
         except Exception as err:  # noqa: BLE001 - a failed combination is a row with its reason
             reason = failure(err)
             self._say(f"{label}, seed {seed}: failed ({reason})")

@@ -40,7 +40,7 @@ from torch import nn
 from ..files.adapter import remember_base
 from . import params
 from .data import ImageFolderData
-from .distributed import setup
+from .distributed import setup, watch_peers
 from .run import Run
 from .settings import FinetuneResult, Settings
 
@@ -117,6 +117,8 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
         RetrofitError: bad settings or data, or a phase whose first step gives no trainable parameter a
             gradient (it would train nothing; :mod:`retrofit.train.gradients` says why and what to do).
             Tensors that get none while others do are named in one ``RetrofitWarning``.
+        PeerLost: under torchrun, another process of the job died (a ``RetrofitError``: one line, which
+            says that ``output_dir`` holds the epochs committed before it and ``resume=True`` continues).
 
     Example::
 
@@ -130,9 +132,12 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
     if params.block_params(model):  # a plain network (a sweep's control arm) has no adapter to make
         remember_base(model)  # the base an adapter of the result is made on (retrofit.files.adapter): before any change
     run = None
+    then = (f"{output_dir} holds the epochs finished before it: the same command with --resume continues"
+            if output_dir is not None else "this run saved nothing")
     try:
-        run = Run(model, settings, env, data, input_size, output_dir, resume, workers, progress)
-        return run.run(restore_best, on_epoch)
+        with watch_peers(env.world, then):
+            run = Run(model, settings, env, data, input_size, output_dir, resume, workers, progress)
+            return run.run(restore_best, on_epoch)
     finally:
         if run is not None:
             run.dir.close()  # the folder's lock

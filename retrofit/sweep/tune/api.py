@@ -16,6 +16,7 @@ import functools
 import random
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,14 +25,15 @@ import optuna
 from torch import nn
 
 from ...errors import RetrofitError, excerpt
+from ...files.provenance import random_weights
 from ...graph.model import model_name, resolve_input_size
 from ...measure.overhead import traced_cost
 from ...surgery.insert import paused_gc
 from ...surgery.recipe import Recipe, resolve_recipe
 from ...surgery.sites import Scan, scan
 from ...train.data import ImageFolderData
+from ...train.distributed import PeerLost, setup, watch_peers
 from ...train.settings import Settings
-from ...train.distributed import setup
 from ..ablation import check_accuracy_run, verdict
 from ..rows import SweepRow
 from .claim import Budget, run_trials
@@ -42,10 +44,10 @@ from .outputs import place_winner, write_best_recipe, write_trials, write_tune_j
 from .report import summary, trial_line, trial_row, trial_rows
 from .sampling import make_pruner, make_sampler, quiet
 from .space import Space, load_space, parse_space
-from .storage import JOURNAL, open_storage
+from .storage import CONTINUES, JOURNAL, open_storage, shown, store_errors
 from .study import data_identity, identity, model_identity, open_study
 from .voice import Voice
-from .workers import Worker
+from .workers import GRACE, INTERVAL, Requeue, Worker
 
 
 @dataclass
@@ -125,11 +127,12 @@ def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path
                             distill, size, Voice(env.world), on_line if env.main else None)
             settings = dict(trials=trials, budget=budget, sampler=sampler, pruner=pruner, finalists=finalists,
                             seeds=seeds_, storage=storage, study=study, out=out, adapter=adapter)
-            if env.main:
-                payload = search.voice.lead(lambda: _lead(search, settings))
-            else:
-                payload = search.voice.follow({"trial": functools.partial(follow_trial, search),
-                                               "job": functools.partial(follow_job, search)})
+            with tune_peers(env.world):
+                if env.main:
+                    payload = search.voice.lead(lambda: _lead(search, settings))
+                else:
+                    payload = search.voice.follow({"trial": functools.partial(follow_trial, search),
+                                                   "job": functools.partial(follow_job, search)})
         return TuneResult(**payload, trained=search.trained)
     finally:
         optuna.logging.set_verbosity(verbosity)
@@ -144,33 +147,65 @@ def _lead(search: Search, s: dict[str, Any]) -> dict[str, Any]:
     except OSError as err:
         raise RetrofitError(f"cannot create the output folder {excerpt(out)}: {err.strerror}") from None
     where = s["storage"] or str(out / JOURNAL)
-    storage = open_storage(where, shared=s["storage"] is not None)
-    budget = parse_budget(s["budget"], s["trials"], search.max_epochs())
-    planned = budget.trials or max(1, (budget.epochs or 10 * search.max_epochs()) // search.max_epochs())
-    pruner = make_pruner(s["pruner"], search.max_epochs())
-    sampler = make_sampler(s["sampler"], search.seed, planned, search.max_epochs(), s["pruner"])
-    study = open_study(storage, s["study"], where, sampler, pruner, _identity(search, s))
-    _grid(search, study, budget)
-    worker = Worker(out / "workers")
-    say = search.say or (lambda line: None)
-    try:
-        def progress(number: int) -> None:
-            trials = study.get_trials(deepcopy=False)
-            say(trial_line(trial_row(trials[number], search.epochs)))
-            write_trials(out, trial_rows(trials, search.epochs))
+    requeue = Requeue()
+    storage = open_storage(where, shared=s["storage"] is not None, heartbeat=(INTERVAL, GRACE), on_stale=requeue)
+    with store_errors(where):
+        budget = parse_budget(s["budget"], s["trials"], search.max_epochs())
+        planned = budget.trials or max(1, (budget.epochs or 10 * search.max_epochs()) // search.max_epochs())
+        pruner = make_pruner(s["pruner"], search.max_epochs())
+        sampler = make_sampler(s["sampler"], search.seed, planned, search.max_epochs(), s["pruner"])
+        study = open_study(storage, s["study"], shown(where), sampler, pruner, _identity(search, s), _hints(search))
+        _grid(search, study, budget)
+        search.worker = worker = Worker(out / "workers", storage, requeue)
+        try:
+            rows, summ, finish_rows = _search(search, s, study, storage, budget, worker)
+        finally:
+            worker.close()
+        return _results(search, s, rows, summ, finish_rows, storage)
 
+
+def _search(search: Search, s: dict[str, Any], study, storage, budget: Budget, worker: Worker):
+    """The trials until the budget says stop, the summary, then the finish's rows."""
+    out: Path = s["out"]
+    say = search.say or (lambda line: None)
+
+    def progress(number: int) -> None:
+        trials = study.get_trials(deepcopy=False)
+        say(trial_line(trial_row(trials[number], search.epochs)))
+        write_trials(out, trial_rows(trials, search.epochs))
+
+    try:
         why = run_trials(study, functools.partial(objective, search), budget, worker, say=search.say, after=progress)
-        rows = trial_rows(study.get_trials(deepcopy=False), search.epochs)
-        write_trials(out, rows)
-        summ = {**summary(rows), "stopped": why}
-        say(summ["line"] + ("" if why != "stalled" else "; stopped: the sampler keeps proposing recipes already "
-                                                          "tried or over the limits"))
-        chosen = finalists(study.get_trials(deepcopy=False), s["finalists"])
-        finish_rows = finish(search, final_study(storage, s["study"]), chosen, s["seeds"], worker, out,
-                             s["adapter"], study) if chosen else []
-    finally:
-        worker.close()
-    return _results(search, s, rows, summ, finish_rows, storage)
+    finally:  # the trials so far, also when the search stops with an error
+        write_trials(out, trial_rows(study.get_trials(deepcopy=False), search.epochs))
+    rows = trial_rows(study.get_trials(deepcopy=False), search.epochs)
+    summ = {**summary(rows), "stopped": why}
+    say(summ["line"] + ("" if why != "stalled" else "; stopped: the sampler keeps proposing recipes already "
+                                                      "tried, over the limits, or failing"))
+    chosen = finalists(study.get_trials(deepcopy=False), s["finalists"])
+    finish_rows = finish(search, final_study(storage, s["study"]), chosen, s["seeds"], worker, out,
+                         s["adapter"], study) if chosen else []
+    return rows, summ, finish_rows
+
+
+@contextmanager
+def tune_peers(world: int):
+    """Another process of the torchrun job died: one line, which says that the study goes on (a fine-tune
+    inside the tune says what its own files allow, which is nothing here)."""
+    try:
+        with watch_peers(world, CONTINUES):
+            yield
+    except PeerLost as err:
+        if err.then == CONTINUES:
+            raise
+        raise PeerLost(err.detail, CONTINUES) from None
+
+
+def _hints(search: Search) -> dict[str, str]:
+    """What to say when a resumed study's part differs: a model with random weights differs in every process
+    that builds it without a seed."""
+    why = random_weights(search.model)
+    return {"model": f"its weights look random ({why}): build it from the same seed in every process"} if why else {}
 
 
 def _results(search: Search, s: dict, rows, summ, finish_rows, storage) -> dict[str, Any]:
@@ -210,15 +245,18 @@ def _identity(search: Search, s: dict) -> dict[str, Any]:
 
 
 def _grid(search: Search, study, budget: Budget) -> None:
-    """A space no larger than the trials asked is a grid: every recipe queued once, in a seeded order."""
+    """A space no larger than the trials asked is a grid: every recipe queued once, in a seeded order (when
+    the study starts), and the search ends once each has had its turn (:attr:`.claim.Budget.grid`)."""
     size = search.space.size()
-    if budget.trials is None or size > budget.trials or study.get_trials(deepcopy=False):
+    if budget.trials is None or size > budget.trials:
         return
+    budget.trials, budget.grid = size, True
+    if study.get_trials(deepcopy=False):
+        return  # resumed: queued when it started
     draws = search.space.grid()
     random.Random(search.seed).shuffle(draws)
     for params in draws:
         study.enqueue_trial(params)
-    budget.trials = len(draws)
     if search.say is not None:
         search.say(f"the space has {len(draws)} recipes, no more than --trials: each is tried once (a grid)")
 
