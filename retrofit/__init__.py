@@ -9,6 +9,7 @@ Example::
     >>> sites = retrofit.find_sites(model)
     >>> se_model = retrofit.add_se(model, position="standard", r=16)
     >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
+    >>> retrofit.get_info(se_model).blocks         # what was inserted where (None for a plain model)
     >>> plain = retrofit.strip(se_model)          # the blocks removed again
     >>> with retrofit.bypass(se_model): ...       # the original network, blocks switched off
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
@@ -57,6 +58,9 @@ _API: dict[str, str] = {
     "bypass": "surgery.bypass",
     "trainable_parameters": "surgery.trainable",
     "Trainable": "surgery.trainable",
+    "get_info": "surgery.info",
+    "RetrofitInfo": "surgery.info",
+    "BlockInfo": "surgery.info",
     "SqueezeExcite": "blocks.se",
     "ATTENTIONS": "blocks.attention",
     "register_attention": "blocks.attention",
@@ -83,6 +87,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .measure.latency import measure_latency
     from .measure.overhead import Overhead, measure_overhead
     from .surgery.bypass import bypass
+    from .surgery.info import BlockInfo, RetrofitInfo, get_info
     from .surgery.insert import add_se
     from .surgery.positions import POSITIONS, register_position
     from .surgery.recipe import Recipe, builtin_recipes

@@ -56,6 +56,7 @@ def add_se_command(
     from ..files.atomic import check_writable
     from ..files.checkpoint import save
     from ..graph.model import model_name
+    from ..surgery.info import update_info
     from ..surgery.insert import paused_gc, retrofit_scanned
     from ..measure.latency import measure_latency
     from ..measure.overhead import planned_overhead, traced_cost
@@ -103,7 +104,7 @@ def add_se_command(
         base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
         original = copy.deepcopy(net) if latency else None
         info = retrofit_scanned(found, net, chosen)  # in place: the CLI owns this model
-        info.weights = "checkpoint" if checkpoint is not None else "pretrained" if pretrained else "random"
+        info = update_info(net, weights="checkpoint" if checkpoint is not None else "pretrained" if pretrained else "random")
         report = planned_overhead(base, info.blocks, chosen)  # a block adds only itself: no second trace
     head = new_head(model, checkpoint, pretrained, num_classes)
     trainable = trainable_parameters(net, head=head)  # what phase 1 of a fine-tune trains

@@ -178,12 +178,12 @@ def finetune_command(
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
     # deferred: torch and timm load when a command runs, not for --help
-    from ..files.adapter import BASE_ATTR
     from ..files.card import command_line, write_card
     from ..files.checkpoint import load, save
     from ..train.run_dir import BEST_FILE
     from ..measure.overhead import measure_overhead
     from ..graph.model import resolve_input_size
+    from ..surgery.info import get_info
     from ..surgery.strip import strip
 
     model = load(checkpoint, base=base, force=force)
@@ -197,7 +197,7 @@ def finetune_command(
         if adapter:
             save(model, handed, adapter=True)
         model.to("cpu")
-        overhead = measure_overhead(strip(model), model, model._retrofit.input_size)
+        overhead = measure_overhead(strip(model), model, get_info(model).input_size)
         card = write_card(handed, model, overhead=overhead, result=result, command=command_line(),
-                          base_name=getattr(model, BASE_ATTR).name)
+                          base_name=get_info(model).base.name)
         console().print(f"{'adapter: ' + str(handed) + '; ' if adapter else ''}card: {card}")

@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,22 +37,12 @@ from torch import nn
 
 from ..errors import RetrofitError, RetrofitWarning
 from ..graph.model import model_name
+from ..surgery.info import BaseRecord, get_info, update_info
 from ..surgery.strip import strip
 from .full import load_full, rebuild
 from .header import ADAPTER_FORMAT, FORMAT, Header, metadata, read_header
 from .models import create_model
 from .tensors import alias_groups, check_tensors, load_into, safetensors_header
-
-BASE_ATTR = "_retrofit_base"
-
-
-@dataclass
-class BaseRecord:
-    """The base weights a model's adapter is relative to: a sha256 per state-dict key, and a name."""
-
-    digests: dict[str, str] = field(default_factory=dict)
-    name: str = ""
-
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (any device; bf16 too)."""
@@ -69,7 +58,7 @@ def base_hash(digests: Mapping[str, str]) -> str:
 
 def block_keys(model: nn.Module) -> set[str]:
     """The state-dict keys of the inserted blocks."""
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
     prefixes = tuple(f"{b.path}." for b in info.blocks)
@@ -93,13 +82,13 @@ def remember_base(model: nn.Module, name: str = "", *, new: set[str] | frozenset
         name: what the base is (``"resnet50, weights my_resnet50.safetensors"``), for messages and cards.
         new: keys that are not the base's (a classifier created anew): an adapter always holds them.
     """
-    record = getattr(model, BASE_ATTR, None)
-    if isinstance(record, BaseRecord):
-        return record
+    info = get_info(model)
+    if info is not None and info.base is not None:
+        return info.base
     skip = block_keys(model) | set(new)
     record = BaseRecord({k: tensor_digest(v) for k, v in model.state_dict().items() if k not in skip},
                         name or _default_name(model))
-    setattr(model, BASE_ATTR, record)
+    update_info(model, base=record)
     return record
 
 
@@ -107,8 +96,7 @@ def adapter_tensors(model: nn.Module, base: Any = None) -> tuple[dict[str, torch
     """The tensors and metadata of ``model``'s adapter (see the module docstring)."""
     meta = metadata(model)
     if base is not None:
-        info = model._retrofit
-        plain, name = base_model(base, info.architecture or "", json.loads(meta["model_kwargs"]))
+        plain, name = base_model(base, get_info(model).architecture or "", json.loads(meta["model_kwargs"]))
         record = BaseRecord({k: tensor_digest(v) for k, v in plain.state_dict().items()}, name)
     else:
         record = remember_base(model)
@@ -160,7 +148,7 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
                                 f"on this one anyway")
         warnings.warn(RetrofitWarning(f"{text}; rebuilt on it anyway (forced)"), stacklevel=3)
     load_into(model, path, tensors=header.tensors, required=blocks)
-    setattr(model, BASE_ATTR, record)
+    update_info(model, base=record)
     return model
 
 
@@ -190,9 +178,8 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
             plain = create_model(architecture, checkpoint=path, **model_kwargs)
     else:
         raise RetrofitError(f"base must be a weight file or an nn.Module, got {type(base).__name__}")
-    if getattr(plain, "_retrofit", None) is not None:
+    if get_info(plain) is not None:  # its recorded base goes with it
         plain = strip(plain, inplace=True)
-    plain.__dict__.pop(BASE_ATTR, None)
     classes = model_kwargs.get("num_classes")
     have = getattr(plain, "num_classes", None)
     if classes is not None and isinstance(have, int) and have != classes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import RetrofitError
+from ..surgery.info import get_info, update_info
 from ..surgery.insert import add_se
 from .header import Header
 from .models import create_model
@@ -19,10 +20,11 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
                                 f"retrofit.load(path, model=MyNet())")
         model = create_model(header.architecture, **header.model_kwargs)
     model = add_se(model, header.recipe, inplace=True, input_size=header.input_size)
-    if len(model._retrofit.blocks) != header.blocks:
+    blocks = len(get_info(model).blocks)
+    if blocks != header.blocks:
         raise RetrofitError(f"{header.path} says {header.blocks} blocks but its recipe gives "
-                            f"{len(model._retrofit.blocks)} on this model; is it the network it was saved from?")
-    model._retrofit.weights = header.weights  # where the file says its weights came from
+                            f"{blocks} on this model; is it the network it was saved from?")
+    update_info(model, weights=header.weights)  # where the file says its weights came from
     return model
 
 

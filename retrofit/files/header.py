@@ -23,7 +23,7 @@ import timm
 from torch import nn
 
 from ..errors import RetrofitError, first_line
-from ..surgery.info import WEIGHTS
+from ..surgery.info import WEIGHTS, get_info
 from ..surgery.recipe import Recipe
 from .bounds import out_of_bounds, whole_number
 from .tensors import read_safetensors_header
@@ -52,7 +52,7 @@ def metadata(model: nn.Module) -> dict[str, str]:
         RetrofitError: a size outside the bounds a file may ask for (:mod:`retrofit.files.bounds`):
             retrofit would refuse to load the file, so it is not written.
     """
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
     kwargs = _model_kwargs(model, info.input_size)

@@ -51,6 +51,7 @@ from ..errors import RetrofitError, first_line
 from ..files.atomic import WriteError, atomic_write
 from ..files.models import create_model
 from ..graph.model import resolve_input_size
+from ..surgery.info import get_info
 from ..surgery.insert import add_se
 from ..surgery.recipe import Recipe
 from ..surgery.recipe_fields import StageMap
@@ -275,7 +276,7 @@ def _check(model, label: str, input_size, result: CheckResult, inplace: bool, r:
             if position == "inside":  # e.g. every 3x3 conv already ends its branch: nothing to check
                 continue
             raise
-        info = se._retrofit
+        info = get_info(se)
         result.skipped += len(info.skipped) - len(found.skipped)
         _verify(base_params, se, info, candidates, x, reference, position, result, r)
     result.status = "ok"

@@ -21,6 +21,7 @@ from ..files.header import metadata
 from ..files.tensors import with_metadata
 from ..graph.model import resolve_input_size
 from ..surgery.bypass import blocks_off
+from ..surgery.info import get_info
 from ..files.provenance import mark_trained
 from ..surgery.trainable import Trainable
 from . import optim, params
@@ -129,7 +130,7 @@ class Run:
         s, model = self.s, self.model
         parts = []
         if s.epochs:
-            kinds = sorted({b.config.module for b in model._retrofit.blocks}) if self.blocks else []
+            kinds = sorted({b.config.module for b in get_info(model).blocks}) if self.blocks else []
             what = [f"{DISPLAY_NAMES.get(kinds[0], kinds[0])} blocks" if len(kinds) == 1 else "blocks"] if kinds else []
             if self.train_head:
                 what.append(f"new {len(self.data.classes)}-class head" if self.new_head else "head")
@@ -262,7 +263,7 @@ class Run:
 
 def _input_size(model: nn.Module) -> tuple[int, ...]:
     """The size the model was retrofitted at; for a plain network, timm's ``pretrained_cfg``'s."""
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is not None:
         return info.input_size
     return resolve_input_size(model, None)

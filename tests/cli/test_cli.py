@@ -70,8 +70,8 @@ def test_output_file_rebuilds_the_same_model(tmp_path):
     result = run("add-se", "resnet18", "--position", "post", "--r", 8, "--init", "paper", "--output", out)
     assert result.exit_code == 0, result.output
     model = load(out)
-    assert type(model).__name__ == "ResNet" and len(model._retrofit.blocks) == 8
-    assert model._retrofit.recipe.position == "post" and model._retrofit.recipe.r == 8
+    assert type(model).__name__ == "ResNet" and len(retrofit.get_info(model).blocks) == 8
+    assert retrofit.get_info(model).recipe.position == "post" and retrofit.get_info(model).recipe.r == 8
     again = retrofit.load(out)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model.eval()(x), again.eval()(x))

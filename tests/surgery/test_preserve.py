@@ -36,7 +36,7 @@ def test_resnet50_every_position_and_gate(resnet50_random, position, gate):
 @pytest.mark.parametrize("gate", GATE_NAMES)
 def test_inception_v3_every_position_and_gate(inception_v3_random, position, gate):
     se = retrofit.add_se(inception_v3_random, position=position, gate=gate, input_size=(3, 96, 96))
-    assert len(se._retrofit.blocks) == 11
+    assert len(retrofit.get_info(se).blocks) == 11
     check(inception_v3_random, se, torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(8)), gate)
 
 

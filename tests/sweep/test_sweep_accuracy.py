@@ -116,7 +116,7 @@ def test_a_failed_combination_is_a_row(tmp_path, monkeypatch):
     real = ablation_module.finetune
 
     def fails_for_r8(model, *args, **kwargs):
-        info = getattr(model, "_retrofit", None)
+        info = retrofit.get_info(model)
         if info is not None and info.recipe.r == 8:
             raise RetrofitError("loss is nan")
         return real(model, *args, **kwargs)

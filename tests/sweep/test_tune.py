@@ -41,7 +41,7 @@ def tuned(tmp_path_factory):
     real = ablation_module.finetune
 
     def recording(model, *args, **kwargs):
-        info = getattr(model, "_retrofit", None)
+        info = retrofit.get_info(model)
         calls.append((info.recipe if info is not None else None, kwargs["seed"], kwargs.get("epochs")))
         return real(model, *args, **kwargs)
 
@@ -150,7 +150,7 @@ def test_best_recipe_yaml_rebuilds_the_winner_through_add_se(tuned):
     if stages != "all":
         assert [s["stage"] for s in built["stages"]] == stages
     saved = retrofit.load(out / "best.safetensors")  # the winner's seed-0 model, loadable
-    assert saved._retrofit.recipe == retrofit.Recipe.from_dict(win["recipe"])
+    assert retrofit.get_info(saved).recipe == retrofit.Recipe.from_dict(win["recipe"])
     assert not (out / "finalists").exists() and not list(out.rglob("*.tmp"))
     assert (tuned["tmp"] / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --plot drew every trial
 

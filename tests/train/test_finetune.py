@@ -35,8 +35,8 @@ def test_phase1_learns_and_keeps_the_backbone_bitwise(data):
     plain = plain_model()
     se = se_model(plain)
     before = {k: v.clone() for k, v in se.state_dict().items()}
-    se_keys = {k for b in se._retrofit.blocks for k in before if k.startswith(b.path + ".")}
-    assert len(se_keys) == 4 * len(se._retrofit.blocks) == 16  # fc1 and fc2, weight and bias, in each of 4
+    se_keys = {k for b in retrofit.get_info(se).blocks for k in before if k.startswith(b.path + ".")}
+    assert len(se_keys) == 4 * len(retrofit.get_info(se).blocks) == 16  # fc1 and fc2, weight and bias, in each of 4
     with warnings.catch_warnings():
         warnings.simplefilter("error", RetrofitWarning)
         result = retrofit.finetune(se, data, epochs=2, augment=False, restore_best=False, **FAST)
@@ -141,7 +141,7 @@ def test_cli_finetune_keeps_the_input_and_saves_the_best(data, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [line.split('"name": "')[1].split('"')[0] for line in lines] == ["original", "step 0", "epoch 1"]
     best = retrofit.load(out / "best.safetensors")
-    assert best._retrofit.recipe.r == 4
+    assert retrofit.get_info(best).recipe.r == 4
     again = runner.invoke(app, args)  # a second run must not clobber the first
     assert again.exit_code == 2 and "already holds a fine-tuning run" in again.output
     done = runner.invoke(app, args + ["--resume"])  # nothing left to do: the same table again
@@ -163,7 +163,7 @@ def test_add_se_finetune(data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Overhead" in result.output and "Fine-tuning results" in result.output
     assert sha(plain) == digest and (tmp_path / "se-add-se" / "train_state.pt").is_file()
-    assert retrofit.load(out)._retrofit.recipe.r == 4
+    assert retrofit.get_info(retrofit.load(out)).recipe.r == 4
     missing = runner.invoke(app, ["add-se", "test_resnet", "--finetune", str(data)])
     assert missing.exit_code == 2 and "--finetune needs --output" in missing.output
 
