@@ -70,7 +70,9 @@ _API: dict[str, str] = {
     "save": "files.checkpoint",
     "load": "files.checkpoint",
     "finetune": "train.finetune",
-    "FinetuneResult": "train.settings",
+    "FinetuneResult": "train.result",
+    "FinetuneConfig": "train.config",
+    "Event": "events",
     "sweep": "sweep.grid",
     "tune": "sweep.tune.api",
     "TuneResult": "sweep.tune.api",
@@ -83,6 +85,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .blocks.attention import ATTENTIONS, register_attention
     from .blocks.se import SqueezeExcite
     from .errors import RecipeError, RetrofitError, RetrofitWarning
+    from .events import Event
     from .files.checkpoint import load, save
     from .measure.latency import measure_latency
     from .measure.overhead import Overhead, measure_overhead
@@ -97,7 +100,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .sweep.grid import sweep
     from .sweep.tune.api import TuneResult, tune
     from .train.finetune import finetune
-    from .train.settings import FinetuneResult
+    from .train.config import FinetuneConfig
+    from .train.result import FinetuneResult
 
 __all__ = list(_API)
 __version__ = version("retrofit")

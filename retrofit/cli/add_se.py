@@ -10,7 +10,8 @@ import typer
 from ..errors import RetrofitError
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
                      json_target, print_skipped, rounds_bar, say, write_json)
-from .finetune import finetune_options, is_main_process, run_finetune
+from .finetune import is_main_process, run_finetune
+from .options import finetune_options
 
 
 @app.command("add-se", short_help="Insert SE blocks by a recipe; report the sites and the overhead.")
@@ -47,7 +48,7 @@ def add_se_command(
     batch: int = typer.Option(8, "--batch", help="Batch size of the --latency runs."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (each times both models)."),
     meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
-    *, train: dict,
+    *, config,
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     # deferred: torch and timm load when a command runs, not for --help
@@ -74,10 +75,10 @@ def add_se_command(
     if finetune is not None and output is None:
         raise RetrofitError("--finetune needs --output FILE for the fine-tuned model (its checkpoints go to "
                             "FILE's name + -add-se/)")
-    if finetune is not None and train["device"] is not None:
+    if finetune is not None and config.device is not None:
         from ..train.distributed import check_device  # deferred: torch loads when a command runs
 
-        check_device(train["device"])  # before the model is built
+        check_device(config.device)  # before the model is built
     if output is not None:
         output = output.expanduser()
         check_writable(output)
@@ -116,7 +117,7 @@ def add_se_command(
     if latency:
         with rounds_bar("timing the original and the retrofitted model, in turns", quiet=json_path == "-") as bar:
             timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=size,
-                                     runs=runs, on_round=bar)
+                                     runs=runs, on_event=bar)
         del original
     data = {"model": model_name(net), "recipe": chosen.to_dict(), "sites": sites_json(found, named),
             **report.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in info.skipped],
@@ -141,9 +142,8 @@ def add_se_command(
     write_json(data, json_path)
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
-        result = run_finetune(net, finetune, output.with_name(f"{output.stem}-add-se"), quiet=json_path == "-",
-                              resumable=False, said_random=True,
-                              inputs=tuple(p for p in (checkpoint,) if p is not None), **train)
+        result = run_finetune(net, finetune, output.with_name(f"{output.stem}-add-se"), config, quiet=json_path == "-",
+                              resumable=False, said_random=True, inputs=tuple(p for p in (checkpoint,) if p is not None))
     if output is not None and is_main_process():
         save(net, output, adapter=adapter)
         card = write_card(output, net, overhead=report, result=result, command=command_line(), base_name=base_name)

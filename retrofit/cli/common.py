@@ -125,14 +125,14 @@ def warnings_as_they_happen():
 @contextlib.contextmanager
 def rounds_bar(label: str, quiet: bool = False):
     """A transient progress bar on stderr while something counts rounds (rank 0; none when ``quiet``);
-    yields ``on_round(done, total)``, as :func:`retrofit.measure.latency.measure_latency` calls it."""
+    yields an ``on_event`` callback that moves it on each ``round`` event (:mod:`retrofit.events`)."""
     if quiet or os.environ.get("RANK", "0") != "0":
         yield None
         return
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bars:
         task = bars.add_task(label, total=None)
-        yield lambda done, total: bars.update(task, completed=done, total=total)
+        yield lambda e: bars.update(task, completed=e.data["done"], total=e.data["total"]) if e.kind == "round" else None
 
 
 def fail_cleanly(fn):

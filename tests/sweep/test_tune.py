@@ -65,7 +65,7 @@ def hand_run(tmp, data, recipe, seed, epochs=EPOCHS):
     plain = five_class_model()  # before the seed: building it draws random numbers
     torch.manual_seed(seed)
     se = retrofit.add_se(plain, recipe, input_size=(3, SIZE, SIZE))
-    return retrofit.finetune(se, data, epochs, seed=seed, restore_best=False, **FAST)
+    return retrofit.finetune(se, data, epochs=epochs, seed=seed, restore_best=False, **FAST)
 
 
 def test_complete_trials_are_finetune_runs_pruned_ones_stopped_and_none_over_the_limit_trained(tuned):
@@ -123,7 +123,7 @@ def test_the_finish_reruns_finalists_and_controls_on_the_sweeps_seeds(tuned):
     for i, seed in enumerate((0, 1)):
         ref = hand_run(tuned["tmp"], tuned["data"], retrofit.Recipe.from_dict(first["recipe"]), seed)
         assert first["top1_per_seed"][i] == ref.rows[-1]["top1"] and first["val_loss_per_seed"][i] == ref.rows[-1]["val_loss"]
-    full = retrofit.finetune(five_class_model(), tuned["data"], 0, phase2_epochs=EPOCHS, seed=1, restore_best=False, **FAST)
+    full = retrofit.finetune(five_class_model(), tuned["data"], epochs=0, phase2_epochs=EPOCHS, seed=1, restore_best=False, **FAST)
     assert rows[2]["top1_per_seed"][1] == full.rows[-1]["top1"]
     best = max(rows[:3], key=lambda r: r["top1"])
     diffs = [a - b for a, b in zip(first["top1_per_seed"], best["top1_per_seed"])]
@@ -164,7 +164,7 @@ def test_the_python_api_gives_the_same_rows_and_summary(tuned, monkeypatch):
     result = retrofit.tune(plain, tuned["data"], {"r": [2, 4, 16], "position": ["standard", "identity"],
                                                   "stages": ["all", "4+5"]}, trials=6, epochs=EPOCHS,
                            input_size=(3, SIZE, SIZE), pruner="sha", max_params="10%", finalists=2, seeds=2,
-                           output_dir=tuned["out"], train=FAST)
+                           output_dir=tuned["out"], **FAST)
     assert result.trials == tuned["json"]["trials"]
     assert json.loads(json.dumps([r.to_dict() for r in result.rows])) == tuned["json"]["rows"]
     assert result.summary == tuned["json"]["summary"] and result.verdict == tuned["json"]["verdict"]

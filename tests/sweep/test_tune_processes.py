@@ -126,7 +126,7 @@ from support import five_class_model, SIZE
 out, data = sys.argv[1], sys.argv[2]
 res = retrofit.tune(five_class_model(), data, {{"r": [4, 16], "position": ["standard", "identity"]}}, trials=3,
                     epochs=2, input_size=(3, SIZE, SIZE), pruner="sha", finalists=1, seeds=2, output_dir=out,
-                    train=dict(batch_size=8, lr=1e-2, workers=0, augment=False, device="cpu"))
+                    batch_size=8, lr=1e-2, workers=0, augment=False, device="cpu")
 with open(out + ".rank" + os.environ.get("RANK", "0") + ".json", "w") as f:
     json.dump({{"trained": res.trained, "trials": res.trials, "rows": [r.to_dict() for r in res.rows]}}, f)
 '''

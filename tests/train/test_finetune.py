@@ -2,6 +2,7 @@
 import copy
 import errno
 import hashlib
+import logging
 import warnings
 
 import pytest
@@ -307,18 +308,39 @@ def test_resume_refuses_an_edited_ema_or_teacher_in_one_line(data, tmp_path, ent
         retrofit.finetune(se_model(), data, output_dir=tmp_path / "run", resume=True, **dict(opts, phase2_epochs=1))
 
 
-def test_the_epoch_hook_sees_each_row_draws_nothing_and_can_end_the_run(data, tmp_path):
-    """`on_epoch` (what `retrofit tune` reports to its pruner through): with it the rows are bitwise those
-    of a run without it; a true answer after epoch 1 of 3 ends there, with the first rows of the full run
-    (the schedule stays that of 3 epochs) and a run folder complete up to that epoch."""
+def test_the_epoch_hook_sees_each_row_draws_nothing_and_can_end_the_run(data, tmp_path, caplog):
+    """`on_event` (what `retrofit tune` reports to its pruner through): its `epoch` events carry the rows,
+    which are bitwise those of a run without it, and are logged on `retrofit.finetune`; a true answer after
+    epoch 1 of 3 ends there, with the first rows of the full run (the schedule stays that of 3 epochs) and a
+    run folder complete up to that epoch."""
     full = retrofit.finetune(se_model(), data, epochs=3, restore_best=False, **FAST)
     seen = []
-    watched = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
-                                on_epoch=lambda row: seen.append(row) and False, **FAST)
+    with caplog.at_level(logging.INFO, logger="retrofit"):
+        watched = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
+                                    on_event=lambda e: seen.append(e) and False, **FAST)
     assert watched.rows == full.rows
-    assert [r["name"] for r in seen] == ["epoch 1", "epoch 2", "epoch 3"] and seen == full.rows[2:]
-    stopped = retrofit.finetune(se_model(), data, epochs=3, restore_best=False, on_epoch=lambda row: row["epoch"] == 1,
-                                output_dir=tmp_path / "run", **FAST)
+    assert [(e.source, e.kind) for e in seen] == [("finetune", "epoch")] * 3
+    assert [e.data for e in seen] == full.rows[2:]
+    assert [r.message for r in caplog.records if r.name == "retrofit.finetune"] == [e.message for e in seen]
+    assert seen[0].message == f"epoch 1: top-1 {full.rows[2]['top1']:.2f}%, val loss {full.rows[2]['val_loss']:.4f}"
+    stopped = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
+                                on_event=lambda e: e.data["epoch"] == 1, output_dir=tmp_path / "run", **FAST)
     assert stopped.rows == full.rows[:3]
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 3 and not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_the_old_epoch_hook_and_positional_epochs_still_work_with_a_deprecation_warning(data):
+    """`on_epoch=` and `finetune(model, data, EPOCHS)` of earlier versions: the same run, and a
+    DeprecationWarning naming the new call (issue 23)."""
+    new = []
+    ran = retrofit.finetune(se_model(), data, epochs=2, restore_best=False,
+                            on_event=lambda e: new.append(e.data["name"]), **FAST)
+    old = []
+    with pytest.warns(DeprecationWarning, match="pass on_event=fn"):
+        legacy = retrofit.finetune(se_model(), data, epochs=2, restore_best=False,
+                                   on_epoch=lambda row: old.append(row["name"]), **FAST)
+    assert old == new == ["epoch 1", "epoch 2"] and legacy.rows == ran.rows
+    with pytest.warns(DeprecationWarning, match="pass epochs=EPOCHS"):
+        positional = retrofit.finetune(se_model(), data, 2, restore_best=False, **FAST)
+    assert positional.rows == ran.rows
