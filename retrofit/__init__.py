@@ -13,7 +13,8 @@ Example::
     >>> plain = retrofit.strip(se_model)          # the blocks removed again
     >>> with retrofit.bypass(se_model): ...       # the original network, blocks switched off
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
-    >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
+    >>> retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
+    >>> retrofit.from_pretrained("se/")             # the same model again
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
 below (``lint-imports`` checks it; docs/architecture.md draws it):
@@ -69,6 +70,8 @@ _API: dict[str, str] = {
     "measure_latency": "measure.latency",
     "save": "files.checkpoint",
     "load": "files.checkpoint",
+    "save_pretrained": "files.pretrained",
+    "from_pretrained": "files.pretrained",
     "finetune": "train.finetune",
     "FinetuneResult": "train.result",
     "FinetuneConfig": "train.config",
@@ -87,6 +90,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .errors import RecipeError, RetrofitError, RetrofitWarning
     from .events import Event
     from .files.checkpoint import load, save
+    from .files.pretrained import from_pretrained, save_pretrained
     from .measure.latency import measure_latency
     from .measure.overhead import Overhead, measure_overhead
     from .surgery.bypass import bypass

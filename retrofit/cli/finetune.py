@@ -90,12 +90,12 @@ def how_to_continue(saved: bool, output_dir: Path, data: Path, resumable: bool) 
 @fail_cleanly
 @finetune_options
 def finetune_command(
-    checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (.safetensors), or an adapter (with --base)."),
+    checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (its folder, or a .safetensors file), or an adapter (with --base)."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/* and DATA/val/<class>/*."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output-dir."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, metrics.jsonl (default: CHECKPOINT's name + -finetune/)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit: a file or a folder)."),
     force: bool = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's."),
     adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, OUTPUT_DIR/adapter.safetensors (the blocks and what changed, with a hash of the base)."),
     *, config,

@@ -39,6 +39,7 @@ from ..errors import RetrofitError, RetrofitWarning
 from ..graph.model import model_name
 from ..surgery.info import BaseRecord, get_info, update_info
 from ..surgery.strip import strip
+from .folder import read_folder
 from .full import load_full, rebuild
 from .header import ADAPTER_FORMAT, FORMAT, Header, metadata, read_header
 from .models import create_model
@@ -163,10 +164,16 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
         name = _default_name(base)
     elif isinstance(base, (str, Path)):
         path = Path(base).expanduser()
-        if not path.is_file():
+        if not path.is_file() and not path.is_dir():
             raise RetrofitError(f"base {base} not found; give the weight file the adapter was made on")
         name = path.name
-        if _retrofit_format(path):
+        if path.is_dir():  # a folder of retrofit.save_pretrained
+            header = read_folder(path)[0]
+            if header.adapter:
+                raise RetrofitError(f"base {path} is itself an adapter; give the full model or the plain weights "
+                                    f"it was made on")
+            plain = load_full(header)
+        elif _retrofit_format(path):
             if read_header(path).adapter:
                 raise RetrofitError(f"base {path} is itself an adapter; give the full model or the plain weights "
                                     f"it was made on")

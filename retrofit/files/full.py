@@ -17,7 +17,7 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
     if model is None:
         if not header.architecture:
             raise RetrofitError(f"{header.path} holds a model that is not from timm: pass the plain network, "
-                                f"retrofit.load(path, model=MyNet())")
+                                f"retrofit.load(path, base=MyNet())")
         model = create_model(header.architecture, **header.model_kwargs)
     model = add_se(model, header.recipe, inplace=True, input_size=header.input_size)
     blocks = len(get_info(model).blocks)

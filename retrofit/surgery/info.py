@@ -74,6 +74,9 @@ class RetrofitInfo:
         was_none: blocks that took the place of an attribute set to None (timm's ``self.se = None``).
         weights: where the weights came from (one of :data:`WEIGHTS`), or ``""`` when not known.
         base: the base weights an adapter is relative to, once recorded (:class:`BaseRecord`), else None.
+        base_model: the Hugging Face Hub id of the weights the model was built on (timm's pretrained
+            weights: ``timm/resnet50.a1_in1k``), when known; a saved folder's card names it.
+        license: the license of those weights (timm's ``pretrained_cfg``), when known.
     """
 
     recipe: Recipe
@@ -84,6 +87,8 @@ class RetrofitInfo:
     was_none: tuple[str, ...] = ()
     weights: str = ""
     base: BaseRecord | None = None
+    base_model: str = ""
+    license: str = ""
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -117,7 +117,8 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
                         tuple(found.skipped) + tuple(prepared.skipped), tuple(was_none))
     if previous is not None:  # a second retrofit adds to the first
         info = dataclasses.replace(info, blocks=previous.blocks + info.blocks, was_none=previous.was_none + info.was_none,
-                                   weights=previous.weights, base=previous.base)
+                                   weights=previous.weights, base=previous.base, base_model=previous.base_model,
+                                   license=previous.license)
     set_info(target, info)
     return info
 

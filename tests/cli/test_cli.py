@@ -252,15 +252,15 @@ def test_markup_in_messages_and_paths_prints_as_text(tmp_path):
 def test_a_wrong_input_size_is_reported_at_once_without_a_real_build(monkeypatch):
     """ViT's patch embedding takes 224x224 only: the meta build says so; no real build is tried (it would
     spend the memory and time the meta build saves, and fail the same way)."""
-    import retrofit.cli.add_se as add_se
+    import retrofit.files.create as create
 
-    built, real = [], add_se.build_model
+    built, real = [], create.build_timm
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         built.append(args)
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(add_se, "build_model", counted)
+    monkeypatch.setattr(create, "build_timm", counted)
     result = run("add-se", "vit_tiny_patch16_224", "--input-size", "3,96,96")
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().startswith("error: vit_tiny_patch16_224 takes 224x224 images only")

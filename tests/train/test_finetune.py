@@ -80,7 +80,7 @@ def test_a_model_that_reads_its_state_dict_version_gets_its_best_weights_back(da
     plain = randomize(torchvision.models.mnasnet0_5(num_classes=CLASSES))
     se = retrofit.add_se(plain, input_size=(3, SIZE, SIZE))
     retrofit.finetune(se, data, epochs=1, augment=False, output_dir=tmp_path / "run", **FAST)
-    best = retrofit.load(tmp_path / "run" / "best.safetensors", model=torchvision.models.mnasnet0_5(num_classes=CLASSES))
+    best = retrofit.load(tmp_path / "run" / "best.safetensors", base=torchvision.models.mnasnet0_5(num_classes=CLASSES))
     assert all(torch.equal(v, best.state_dict()[k]) for k, v in se.state_dict().items())
 
 
