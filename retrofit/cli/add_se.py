@@ -10,7 +10,7 @@ from ..errors import RetrofitError
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, console, fail_cleanly, json_target,
                      print_skipped, rounds_bar, say, write_json)
 from .finetune import is_main_process, run_finetune
-from .options import finetune_options
+from .options import finetune_options, recipe_option
 
 
 @app.command("add-se", short_help="Insert SE blocks by a recipe; report the sites and the overhead.")
@@ -19,20 +19,20 @@ from .options import finetune_options
 def add_se_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet101."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: standard)."),
-    position: Optional[str] = typer.Option(None, "--position", "-p", help="standard | pre | post | identity | inside."),
-    r: Optional[str] = typer.Option(None, "--r", "-r", help="Reduction ratio r (recipe default 16), or per stage: 2:8,3:8,4:16,5:32 (stages not named keep the recipe's r; default:V sets them)."),
-    squeeze: Optional[str] = typer.Option(None, "--squeeze", help="avg | max (or per stage, e.g. 5:max)."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="sigmoid | hard_sigmoid | tanh | relu (or per stage, e.g. 5:tanh)."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="Stages to retrofit, e.g. 3,4 or all (stage = log2 output stride)."),
-    divisor: Optional[str] = typer.Option(None, "--divisor", help="Round the reduced width to a multiple of this (or per stage, e.g. 4:8,5:8)."),
-    min_width: Optional[str] = typer.Option(None, "--min-width", help="Smallest reduced width (or per stage)."),
-    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Biases on the block's two 1x1 convs."),
-    init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random) (or per stage, e.g. 5:paper)."),
-    module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se), or per stage, e.g. 2:eca,3:eca."),
-    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
-    kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3; pyramid: feature-pyramid merges, an FPN's top-down sums, off by default)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
-    skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
+    position: Optional[str] = recipe_option("position"),
+    r: Optional[str] = recipe_option("r"),
+    squeeze: Optional[str] = recipe_option("squeeze"),
+    gate: Optional[str] = recipe_option("gate"),
+    stages: Optional[str] = recipe_option("stages"),
+    divisor: Optional[str] = recipe_option("divisor"),
+    min_width: Optional[str] = recipe_option("min_width"),
+    bias: Optional[bool] = recipe_option("bias"),
+    init: Optional[str] = recipe_option("init"),
+    module: Optional[str] = recipe_option("module"),
+    allow_wide: bool = recipe_option("allow_wide"),
+    kinds: Optional[str] = recipe_option("kinds"),
+    only: Optional[str] = recipe_option("only"),
+    skip: Optional[str] = recipe_option("skip"),
     at: Optional[str] = AT,
     input_size: Optional[str] = INPUT_SIZE,
     checkpoint: Optional[Path] = CHECKPOINT,
@@ -49,7 +49,12 @@ def add_se_command(
     meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
     *, config,
 ):
-    """Insert SE blocks by a recipe and report the sites and the overhead."""
+    """Insert SE blocks by a recipe and report the sites and the overhead.
+
+    The recipe options override the fields of --recipe (default: standard). The block fields (--r, --squeeze,
+    --gate, --divisor, --min-width, --init, --module) also take stage:value pairs, e.g. --r 2:8,3:8,4:16,5:32:
+    stages not named keep the recipe's value, default:V sets them.
+    """
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.card import command_line
     from ..files.checkpoint import save_output

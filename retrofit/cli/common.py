@@ -28,6 +28,7 @@ from rich.text import Text
 from ..errors import RetrofitError, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
 from ..files.bounds import whole_number  # no torch
+from .options import recipe_option
 
 NB_HYPHEN = "\u2011"  # a non-breaking hyphen: textwrap does not break a word there
 
@@ -214,5 +215,4 @@ CHECKPOINT = typer.Option(None, "--checkpoint", help="Local weights (.safetensor
 PRETRAINED = typer.Option(False, "--pretrained", help="Download timm's weights (needs network access).")
 NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size (a new head when it differs).")
 INPUT_SIZE = typer.Option(None, "--input-size", help="C,H,W to trace with (default: the model's own).")
-AT = typer.Option(None, "--at", help="Module-path globs: a block on the output of each module they match, e.g. "
-                                     "'features.denseblock*,features.transition*' (* within one name, ** across).")
+AT = recipe_option("at")

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from ..blocks.help import BLOCK_HELP  # no torch
+from ..surgery.help import RECIPE_HELP  # no torch
 from ..train.config import FIELDS, FinetuneConfig, bounds_text, cli_default, kind
 
 
@@ -78,3 +80,24 @@ def finetune_options(fn: Callable | None = None, *, only: tuple[str, ...] | None
 
     run.__signature__ = sig.replace(parameters=own + added)
     return run
+
+
+RECIPE_HELP_ALL = {**RECIPE_HELP, **BLOCK_HELP}  # every recipe field's help and example
+SHORT = {"position": "-p", "r": "-r"}  # the recipe options' short flags
+
+
+def recipe_option(name: str) -> Any:
+    """The typer option of recipe field ``name`` (``add-se``'s, and ``--at`` wherever it is taken), its help
+    from the field (:class:`retrofit.Recipe`), as text the recipe's own validators check; unset (None) keeps
+    the recipe's value. A block field also takes a per-stage map, a list field comma-separated items."""
+    text, example = RECIPE_HELP_ALL[name]
+    flag = f"--{name.replace('_', '-')}"
+    if name == "bias":  # flags: per stage only in a YAML recipe
+        return typer.Option(None, f"{flag}/--no-bias", help=text)
+    if name == "allow_wide":
+        return typer.Option(False, flag, help=text)
+    if name in BLOCK_HELP:
+        more = f" Per stage too: {example}."
+    else:
+        more = f" Comma-separated, e.g. {example}." if example else ""
+    return typer.Option(None, flag, *([SHORT[name]] if name in SHORT else []), help=text + more)
