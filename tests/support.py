@@ -121,3 +121,53 @@ def moved_off_identity(se, plain, generator):
             if name not in keys:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))
     return se
+
+
+def safetensors_bytes(meta: dict, tensors: dict | None = None, data: bytes = b"") -> bytes:
+    """A safetensors file written by hand (its 8-byte length, JSON header, data): any header, however
+    hostile, without the library refusing to write it."""
+    import json
+    import struct
+
+    header = json.dumps({**(tensors or {}), "__metadata__": meta}).encode()
+    return struct.pack("<Q", len(header)) + header + data
+
+
+def special_files(root, suffix):
+    """What a path may be besides a regular file: links to /dev/zero and /dev/urandom (never end), a FIFO
+    (waits for a writer forever), a directory, a symlink loop; name -> (path, what the message says)."""
+    import os
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in ("zero", "urandom"):
+        (root / f"{name}{suffix}").symlink_to(f"/dev/{name}")
+        out[name] = (root / f"{name}{suffix}", "is not a regular file (a character device)")
+    os.mkfifo(root / f"fifo{suffix}")
+    (root / f"dir{suffix}").mkdir()
+    (root / f"loop{suffix}").symlink_to(f"loop{suffix}")
+    out.update(fifo=(root / f"fifo{suffix}", "is not a regular file (a FIFO)"),
+               dir=(root / f"dir{suffix}", "is a directory"), loop=(root / f"loop{suffix}", "is a symlink loop"))
+    return out
+
+
+def billion_laughs(key: str, levels: int = 9) -> str:
+    """A YAML recipe of ~300 bytes whose ``key`` expands to 10^levels strings through nested aliases."""
+    text = f'{key}: [&a0 ["l","l","l","l","l","l","l","l","l","l"]'
+    for i in range(1, levels):
+        text += f", &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]"
+    return text + "]\n"
+
+
+def rewrite_header(src, dst, edit):
+    """Copy a safetensors file with its JSON header edited by ``edit(header)``: the data stay as they are."""
+    import json
+    import struct
+
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return dst

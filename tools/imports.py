@@ -139,7 +139,7 @@ def mermaid(graph: grimp.ImportGraph | None = None) -> str:
             a, b = layer_of(m), layer_of(t)
             if a != b and "(facade)" not in (a, b) and "__main__" not in (a, b) and not {"errors", "events"} & {a, b}:
                 counts[(a, b)] = counts.get((a, b), 0) + 1
-    order = ["cli", "sweep", "train", "files", "measure", "surgery", "graph", "blocks"]
+    order = ["cli", "sweep", "train", "files", "measure", "surgery", "graph", "blocks", "inputs"]
     lines = ["flowchart TD"]
     for (a, b), n in sorted(counts.items(), key=lambda kv: (order.index(kv[0][0]), order.index(kv[0][1]))):
         lines.append(f"    {a} -->|{n}| {b}")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from timm.layers import make_divisible
 
-from ..errors import RecipeError
+from ..errors import RecipeError, excerpt
 from .attention import ATTENTIONS, preserve_needs_gate, zero_gate_gates
 from .help import BLOCK_HELP, MAX_EXPANSION, MAX_ROUNDING
 from .se import GATES, SQUEEZES
@@ -38,7 +38,7 @@ def choice(name: str, allowed: Callable[[], Any]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         options = list(allowed())
         if not isinstance(value, str) or value.lower() not in options:
-            raise RecipeError(f"recipe field '{name}': unknown value {value!r}; allowed: {', '.join(options)}")
+            raise RecipeError(f"recipe field '{name}': unknown value {excerpt(value)}; allowed: {', '.join(options)}")
         return value.lower()
     return check
 
@@ -60,9 +60,9 @@ def number(value: Any) -> float | None:
 def ratio(value: Any) -> float:
     r = number(value)
     if r is None or not math.isfinite(r) or r <= 0:
-        raise RecipeError(f"recipe field 'r': the reduction ratio must be a positive number, got {value!r}")
+        raise RecipeError(f"recipe field 'r': the reduction ratio must be a positive number, got {excerpt(value)}")
     if r < 1 / MAX_EXPANSION:
-        raise RecipeError(f"recipe field 'r': {value!r} would make each block {1 / r:.3g} times wider than its "
+        raise RecipeError(f"recipe field 'r': {excerpt(value)} would make each block {1 / r:.3g} times wider than its "
                           f"input; r must be at least 1/{MAX_EXPANSION} = {1 / MAX_EXPANSION:g}, and at least 1 "
                           f"unless allow_wide is true")
     return int(r) if r.is_integer() else r
@@ -72,9 +72,9 @@ def positive_int(name: str, at_most: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         n = number(value)
         if n is None or not n.is_integer() or n < 1:
-            raise RecipeError(f"recipe field '{name}': must be a whole number >= 1, got {value!r}")
+            raise RecipeError(f"recipe field '{name}': must be a whole number >= 1, got {excerpt(value)}")
         if at_most is not None and n > at_most:
-            raise RecipeError(f"recipe field '{name}': at most {at_most}, got {value!r}")
+            raise RecipeError(f"recipe field '{name}': at most {at_most}, got {excerpt(value)}")
         return int(n)
     return check
 
@@ -85,7 +85,7 @@ def boolean(name: str) -> Callable[[Any], bool]:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.strip().lower() in ("true", "yes", "1", "on")
-        raise RecipeError(f"recipe field '{name}': expected true or false, got {value!r}")
+        raise RecipeError(f"recipe field '{name}': expected true or false, got {excerpt(value)}")
     return check
 
 

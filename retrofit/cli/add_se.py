@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, console, fail_cleanly, json_target,
                      print_skipped, rounds_bar, say, write_json)
 from .finetune import is_main_process, run_finetune
@@ -101,11 +101,11 @@ def check_output(output, adapter: bool, finetune, checkpoint, pretrained: bool, 
     if output is not None:
         written = outputs_of(output)
         if output.expanduser().is_file() and output.suffix != ".safetensors":
-            raise RetrofitError(f"--output {output} is a file; give a folder, or a file name ending in .safetensors")
+            raise RetrofitError(f"--output {excerpt(output)} is a file; give a folder, or a file name ending in .safetensors")
         check_writable(written[0])
         given = Path(checkpoint).expanduser().resolve() if checkpoint is not None else None
         if given is not None and any(p.resolve() == given for p in written):
-            raise RetrofitError(f"--output {output} is the input checkpoint; input weights are never "
+            raise RetrofitError(f"--output {excerpt(output)} is the input checkpoint; input weights are never "
                                 f"overwritten, choose another file")
     if adapter and output is None:
         raise RetrofitError("--adapter needs --output FILE for the adapter")

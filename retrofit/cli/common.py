@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 from rich.text import Text
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError, excerpt, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
 from ..files.bounds import whole_number  # no torch
 from .options import recipe_option
@@ -171,7 +171,7 @@ def build_model(name: str, checkpoint: Optional[Path], pretrained: bool, num_cla
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         if not num_classes.strip().isdigit():
-            raise RetrofitError(f"--num-classes must be a whole number, got {num_classes!r}")
+            raise RetrofitError(f"--num-classes must be a whole number, got {excerpt(num_classes)}")
         try:  # before the head is built: a file of it could not be loaded either
             kwargs["num_classes"] = whole_number(num_classes.strip(), "num_classes")
         except ValueError as err:

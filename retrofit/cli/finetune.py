@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from .common import app, console, fail_cleanly, say
 from .options import finetune_options
 
@@ -46,10 +46,10 @@ def run_finetune(model, data: Path, output_dir: Path, config, inputs: tuple[Path
     for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
         for given in inputs:
             if (output_dir / name).resolve() == Path(given).expanduser().resolve():
-                raise RetrofitError(f"{given} would be overwritten by the fine-tuning run in {output_dir}; input "
+                raise RetrofitError(f"{excerpt(given, bare=True)} would be overwritten by the fine-tuning run in {excerpt(output_dir)}; input "
                                     f"weights are never overwritten, choose another --output-dir")
     if not resume and (output_dir / STATE_FILE).exists():  # the library's words are resume=True
-        raise RetrofitError(f"{output_dir} already holds a fine-tuning run; " + (
+        raise RetrofitError(f"{excerpt(output_dir)} already holds a fine-tuning run; " + (
             "add --resume to continue it, delete it, or choose another --output-dir" if resumable else
             "delete it or choose another --output"))
     main = is_main_process() and not quiet

@@ -35,7 +35,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import RetrofitError, RetrofitWarning
+from ..errors import RetrofitError, RetrofitWarning, excerpt
+from ..inputs import regular_file
 from ..graph.model import model_name
 from ..surgery.info import BaseRecord, get_info, update_info
 from ..surgery.strip import strip
@@ -127,8 +128,8 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
     ``nn.Module``; see :func:`retrofit.load`)."""
     path = header.path
     if base is None:
-        raise RetrofitError(f"{path} is an adapter ({len(header.tensors)} tensors: the blocks and what changed) "
-                            f"made on {header.base_name or 'a base model'}; give that base: "
+        raise RetrofitError(f"{excerpt(path)} is an adapter ({len(header.tensors)} tensors: the blocks and what changed) "
+                            f"made on {excerpt(header.base_name or 'a base model', bare=True)}; give that base: "
                             f"retrofit.load(path, base=WEIGHTS_OR_MODEL) or --base FILE")
     plain, name = base_model(base, header.architecture, header.model_kwargs)
     record = BaseRecord({k: tensor_digest(v) for k, v in plain.state_dict().items()}, name)
@@ -141,8 +142,8 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
               if not any(a in header.tensors for a in aliases.get(k, (k,)))}
     found = base_hash(relied)
     if found != header.base_sha256:
-        text = (f"{path} was made on another base: {header.base_name or 'its base'} (sha256 "
-                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given ({name}) has "
+        text = (f"{excerpt(path)} was made on another base: {excerpt(header.base_name or 'its base', bare=True)} (sha256 "
+                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given ({excerpt(name, bare=True)}) has "
                 f"{found[:12]} over {len(relied)}")
         if not force:
             raise RetrofitError(f"{text}; give the base it was made on, or --force (force=True) to rebuild it "
@@ -164,8 +165,8 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
         name = _default_name(base)
     elif isinstance(base, (str, Path)):
         path = Path(base).expanduser()
-        if not path.is_file() and not path.is_dir():
-            raise RetrofitError(f"base {base} not found; give the weight file the adapter was made on")
+        if not path.is_dir():  # a folder of retrofit.save_pretrained is read below
+            path = regular_file(base, "base")  # a FIFO, a device, a loop: said as what it is
         name = path.name
         if path.is_dir():  # a folder of retrofit.save_pretrained
             header = read_folder(path)[0]
@@ -175,7 +176,7 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
             plain = load_full(header)
         elif _retrofit_format(path):
             if read_header(path).adapter:
-                raise RetrofitError(f"base {path} is itself an adapter; give the full model or the plain weights "
+                raise RetrofitError(f"base {excerpt(path)} is itself an adapter; give the full model or the plain weights "
                                     f"it was made on")
             plain = load_full(read_header(path))
         elif not architecture:

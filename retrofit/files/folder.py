@@ -1,11 +1,10 @@
 """Reading a retrofit folder (:mod:`retrofit.files.pretrained`): its ``config.json``, as bounded data checked by
 the same checks as a single file's metadata, and the :class:`~retrofit.files.header.Header` it makes.
 
-``config.json`` is data, never code: read with a size bound (:data:`CONFIG_BYTES`) by Python's ``json`` (no
-NaN, no key twice), its top-level keys against an allow-list, then every value through the checks,
-allow-lists and bounds of :func:`retrofit.files.header.parse_metadata`: nothing is built before all of it is
-checked. (Issue 22 brings a bounded JSON/YAML reader for every file the tool reads; this one is to move
-onto it when it lands.)
+``config.json`` is data, never code: read as a regular file of at most :data:`CONFIG_BYTES`, as JSON of bounded
+depth (:mod:`retrofit.inputs`, the reader of every file the tool reads) with no NaN and no key twice, its
+top-level keys against an allow-list, then every value through the checks, allow-lists and bounds of
+:func:`retrofit.files.header.parse_metadata`: nothing is built before all of it is checked.
 """
 from __future__ import annotations
 
@@ -15,7 +14,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError, excerpt
+from ..inputs import load_json, read_text
 from .header import ADAPTER_FORMAT, FORMAT, Header, parse_metadata
 from .tensors import read_safetensors_header
 
@@ -75,25 +75,20 @@ def read_config(path: Path) -> dict[str, Any]:
     def bad(why: str) -> RetrofitError:
         return RetrofitError(f"{path}: {why}; the folder was not written by retrofit or was edited, save it again")
 
-    if not path.is_file():
-        raise bad("is not a regular file")
-    with open(path, "rb") as f:
-        raw = f.read(CONFIG_BYTES + 1)
-    if len(raw) > CONFIG_BYTES:
-        raise bad(f"is more than {CONFIG_BYTES:,} bytes, far more than a retrofit config")
+    text = read_text(path, "config", CONFIG_BYTES)  # a regular file (not a device, a FIFO...), bounded
     try:
-        config = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_unique)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a key twice, a huge number
-        raise bad(f"is not valid JSON ({first_line(err)[:80]})") from None
+        config = load_json(text, parse_constant=_no_constant, object_pairs_hook=_unique)
+    except ValueError as err:  # not JSON, too deep, a key twice, NaN, a number of thousands of digits
+        raise bad(str(err)) from None
     if not isinstance(config, dict):
         raise bad(f"must be a JSON object, got {type(config).__name__}")
     for key in config:
         if key not in CONFIG_KEYS:
-            raise bad(f"key {key[:40]!r} is not one retrofit writes ({', '.join(CONFIG_KEYS)})")
+            raise bad(f"key {excerpt(key)} is not one retrofit writes ({', '.join(CONFIG_KEYS)})")
     if config.get("format") != CONFIG_FORMAT:
-        raise bad(f"'format' is {str(config.get('format'))[:40]!r}, not {CONFIG_FORMAT!r}")
+        raise bad(f"'format' is {excerpt(config.get('format'))}, not {CONFIG_FORMAT!r}")
     if config.get("kind") not in ("model", "adapter"):
-        raise bad(f"'kind' is {str(config.get('kind'))[:40]!r}, not 'model' or 'adapter'")
+        raise bad(f"'kind' is {excerpt(config.get('kind'))}, not 'model' or 'adapter'")
     if ("base" in config) != (config["kind"] == "adapter"):
         raise bad("'base' must be given for an adapter, and only for one")
     base = config.get("base", dict.fromkeys(BASE_KEYS))
@@ -102,7 +97,7 @@ def read_config(path: Path) -> dict[str, Any]:
     for key, pattern in (("retrofit_version", re.compile(r"[0-9A-Za-z.+\-]{1,40}")), ("base_model", HUB_ID),
                          ("license", LICENSE)):
         if key in config and (not isinstance(config[key], str) or not pattern.fullmatch(config[key])):
-            raise bad(f"'{key}' is {str(config[key])[:40]!r}, not a {key.replace('_', ' ')}")
+            raise bad(f"'{key}' is {excerpt(config[key])}, not a {key.replace('_', ' ')}")
     return config
 
 
@@ -132,6 +127,6 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"key {key[:40]!r} is given twice")
+            raise ValueError(f"key {excerpt(key)} is given twice")
         out[key] = value
     return out

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..surgery.info import get_info, update_info
 from ..surgery.insert import add_se
 from .header import Header
+from .meta_check import check_model_file
 from .models import create_model
 from .tensors import load_into
 
@@ -16,13 +17,14 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
     """The file's architecture (or ``model``), retrofitted with the file's recipe: no weights loaded yet."""
     if model is None:
         if not header.architecture:
-            raise RetrofitError(f"{header.path} holds a model that is not from timm: pass the plain network, "
+            raise RetrofitError(f"{excerpt(header.path)} holds a model that is not from timm: pass the plain network, "
                                 f"retrofit.load(path, base=MyNet())")
+        check_model_file(header.architecture, header.model_kwargs, header.tensors, header.path)  # on meta: no memory
         model = create_model(header.architecture, **header.model_kwargs)
     model = add_se(model, header.recipe, inplace=True, input_size=header.input_size)
     blocks = len(get_info(model).blocks)
     if blocks != header.blocks:
-        raise RetrofitError(f"{header.path} says {header.blocks} blocks but its recipe gives "
+        raise RetrofitError(f"{excerpt(header.path)} says {header.blocks} blocks but its recipe gives "
                             f"{blocks} on this model; is it the network it was saved from?")
     update_info(model, weights=header.weights)  # where the file says its weights came from
     return model

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import timm
 from torch import nn
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError, excerpt, first_line
+from ..inputs import load_json, regular_file
 from ..surgery.info import WEIGHTS, get_info
 from ..surgery.recipe import Recipe
 from .bounds import out_of_bounds, whole_number
@@ -94,13 +95,11 @@ class Header:
 
 def read_header(path: str | Path) -> Header:
     """Read and check the metadata and tensor list of a retrofit file (no tensor data is read)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RetrofitError(f"{path} not found")
+    path = regular_file(path, "file")  # a directory, a FIFO, a device, a symlink loop: said as what it is
     meta, tensors = read_safetensors_header(path)
     if meta.get("format") not in (FORMAT, ADAPTER_FORMAT):
-        raise RetrofitError(f"{path} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
-                            f"use `retrofit add-se MODEL --checkpoint {path.name}`")
+        raise RetrofitError(f"{excerpt(path)} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
+                            f"use `retrofit add-se MODEL --checkpoint {excerpt(path.name, bare=True)}`")
     return Header(path=path, format=meta["format"], tensors=tensors, **parse_metadata(meta, str(path)))
 
 
@@ -109,8 +108,8 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
 
     Returns the fields of :class:`Header` (``architecture``, ``model_kwargs``, ``recipe``...)."""
     def bad(key: str, why: str) -> RetrofitError:
-        return RetrofitError(f"{where}: metadata '{key}' {why}; the file was not written by retrofit or was "
-                             f"edited, rebuild it from its source")
+        return RetrofitError(f"{excerpt(where, bare=True)}: metadata {excerpt(key)} {why}; the file was not written "
+                             f"by retrofit or was edited, rebuild it from its source")
 
     required = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
     for key in meta:
@@ -123,13 +122,13 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(meta[key], str):
             raise bad(key, "is not text")
     if meta.get("weights", WEIGHTS[0]) not in WEIGHTS:
-        raise bad("weights", f"is {meta['weights'][:40]!r}, not one of {', '.join(WEIGHTS)}")
+        raise bad("weights", f"is {excerpt(meta['weights'])}, not one of {', '.join(WEIGHTS)}")
 
     def json_value(key: str, kind: type, what: str):
         try:
-            value = json.loads(meta[key])
-        except ValueError as err:  # JSONDecodeError, or a number of more digits than Python converts
-            raise bad(key, f"is not valid JSON ({first_line(err)[:80]})") from None
+            value = load_json(meta[key])  # its depth bounded before it is parsed
+        except ValueError as err:
+            raise bad(key, f"is {err}") from None
         if not isinstance(value, kind):
             raise bad(key, f"must be {what}, got {type(value).__name__}")
         return value
@@ -138,16 +137,16 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     arch = meta["architecture"]
     if arch:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", arch) or not timm.is_model(arch):
-            raise bad("architecture", f"{arch[:60]!r} is not a timm model name")
+            raise bad("architecture", f"{excerpt(arch)} is not a timm model name")
     out["architecture"], out["weights"] = arch, meta.get("weights", "")
     kwargs = json_value("model_kwargs", dict, "a mapping")
     for key in kwargs:
         if key not in MODEL_KWARGS:
-            raise bad("model_kwargs", f"names {str(key)[:60]!r}: only {', '.join(MODEL_KWARGS)} are allowed (a "
+            raise bad("model_kwargs", f"names {excerpt(key)}: only {', '.join(MODEL_KWARGS)} are allowed (a "
                                       f"file may not ask for downloads or other files)")
     size = json_value("input_size", list, "a list [C, H, W]")
     if len(size) != 3 or not all(_is_int(v) and v >= 1 for v in size):
-        raise bad("input_size", f"must be three positive whole numbers [C, H, W], got {size!r}"[:200])
+        raise bad("input_size", f"must be three positive whole numbers [C, H, W], got {excerpt(size)}")
     problem = size_problem(kwargs, size)  # before anything is built from them
     if problem:
         raise bad(problem[0], f"gives {problem[1]}")
@@ -156,7 +155,7 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     out["model_kwargs"], out["input_size"] = kwargs, tuple(size)
     recipe = json_value("recipe", dict, "a mapping of recipe fields")
     try:
-        out["recipe"] = Recipe.from_dict(recipe, origin=f"recipe stored in {where}")
+        out["recipe"] = Recipe.from_dict(recipe, origin=f"recipe stored in {excerpt(where, bare=True)}")
     except RetrofitError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError) as err:

@@ -255,6 +255,25 @@ def uninstall(module: nn.Module) -> None:
             module.__dict__.pop(name, None)
 
 
+def forward_state(module: nn.Module) -> Any:
+    """What makes ``module``'s forward what it is now (a GraphModule's graph, or the instance attributes
+    :func:`install_forward` sets), for :func:`restore_forward` to put back."""
+    if isinstance(module, fx.GraphModule):
+        return module.graph
+    return {name: module.__dict__[name] for name in INSTALLED if name in module.__dict__}
+
+
+def restore_forward(module: nn.Module, state: Any) -> None:
+    """Give ``module`` back the forward :func:`forward_state` saw (an install undone)."""
+    if isinstance(module, fx.GraphModule):
+        module.graph = state
+        module.recompile()
+        return
+    for name in INSTALLED:
+        module.__dict__.pop(name, None)
+    module.__dict__.update(state)
+
+
 @contextlib.contextmanager
 def traced_as_root(tracer: fx.Tracer, root: Any):
     """Make ``tracer`` trace the forward installed on ``root``. fx traces a root module's *class*

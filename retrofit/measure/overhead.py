@@ -75,7 +75,7 @@ class BlockCost:
     size: tuple[int, int]
     params: int
     macs: int
-    pool_ops: int      # squeeze pass: one read-and-add per input element
+    pool_ops: int      # squeeze pass: one read-and-add per input element (tokens: per grid token's element)
     scale_ops: int     # scale pass: one multiplication per input element
     module: str = ""   # the block's kind (se, eca...), "" if unknown
 
@@ -199,9 +199,8 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
             macs += sum(n.meta.get("macs", 0) for n in call.nodes())
         if shape_in is None and isinstance(node_in, fx.Node):
             shape_in, shape_out = N.shape(node_in), node_out is not None and N.shape(node_out)
-    gating = shape_in is not None and shape_in == shape_out and len(shape_in) == 4
-    elements = math.prod(shape_in) if gating else 0
-    c, h, w = shape_in[1:] if shape_in is not None and len(shape_in) == 4 else (0, 0, 0)
+    layout, prefix, grid = (site.layout, site.prefix, site.size) if site is not None else ("nchw", 0, (0, 0))
+    c, (h, w), pool, scale = _geometry(shape_in, shape_out, layout, prefix, grid)
     if site is not None:
         stage, stride, kind, position = site.stage, site.stride, site.site_kind, site.position
         name = site.config.module
@@ -211,7 +210,28 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
     params = sum(p.numel() for p in module.parameters())
     width = getattr(module, "width", None) or getattr(getattr(module, "fc1", None), "out_channels", 0)
     return BlockCost(path, kind, position, stage, stride, c, width, (h, w),
-                     params, macs, elements, elements, name)
+                     params, macs, pool, scale, name)
+
+
+def _geometry(shape_in, shape_out, layout: str, prefix: int, grid: tuple[int, int]):
+    """Channels, (height, width), and the elements the squeeze reads and the scale multiplies, of a
+    block whose input has ``shape_in`` (batch 1) in ``layout`` (:mod:`retrofit.blocks.se_layout`): a
+    (1, C, H, W) or (1, H, W, C) map gives C, (H, W) and C·H·W for each pass; a (1, L, C) token sequence
+    with ``prefix`` class or register tokens gives C, its patch ``grid``, (L - prefix)·C read by the
+    squeeze (the grid tokens only) and L·C scaled. A block whose output is not its input's shape (no
+    gate over its input) makes no passes."""
+    if shape_in is None:
+        return 0, (0, 0), 0, 0
+    gating = shape_in == shape_out
+    if layout == "tokens" and len(shape_in) == 3:
+        n, length, c = shape_in
+        return c, tuple(grid), n * (length - prefix) * c if gating else 0, n * length * c if gating else 0
+    if len(shape_in) == 4:
+        n, *sides = shape_in
+        c, h, w = (sides[2], sides[0], sides[1]) if layout == "nhwc" else sides
+        elements = math.prod(shape_in) if gating else 0
+        return c, (h, w), elements, elements
+    return 0, (0, 0), 0, 0
 
 
 def _module_order(model: nn.Module):

@@ -19,7 +19,7 @@ from torch import fx, nn
 from ..blocks.attention import build_attention
 from ..errors import RetrofitWarning
 from ..graph import nodes as N
-from ..graph.forward import install_forward
+from ..graph.forward import forward_state, install_forward, restore_forward
 from ..graph.model import architecture_of, resolve_input_size
 from ..graph.rebuild import OwnerGraph
 from .info import BlockInfo, RetrofitInfo, get_info, set_info
@@ -95,10 +95,16 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     blocks: list[BlockInfo] = []
     was_none: list[str] = []
     in_root = 0  # blocks in the root's own forward
-    for rewrite in prepared.rewrites:
-        added = _install(rewrite, target, recipe, narrow, was_none)
-        blocks += added
-        in_root += len(added) if not rewrite.owner.path else 0
+    undo: list = []  # one rollback per rewrite installed: a failure (or Ctrl-C) halfway undoes them all
+    try:
+        for rewrite in prepared.rewrites:
+            added = _install(rewrite, target, recipe, narrow, was_none, undo)
+            blocks += added
+            in_root += len(added) if not rewrite.owner.path else 0
+    except BaseException:
+        for rollback in reversed(undo):
+            rollback()
+        raise
     if in_root and not isinstance(target, fx.GraphModule):
         warnings.warn(RetrofitWarning(
             f"{in_root} block(s) went into the forward of the model itself ({type(target).__name__}): it runs "
@@ -124,12 +130,22 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
 
 
 def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[BlockInfo],
-             none_attributes: list[str]) -> list[BlockInfo]:
-    """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward."""
+             none_attributes: list[str], undo: list) -> list[BlockInfo]:
+    """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward; its
+    rollback (the module as it was) is appended to ``undo``, and run at once if the rewrite fails."""
     owner, rebuilt = rewrite.owner, rewrite.graph
     module = target.get_submodule(owner.path) if owner.path else target
     infos = rewrite.blocks(recipe)
     buffers, blocks, was_none = [], [], []  # registered so far, removed again if the rewrite fails
+    forward = forward_state(module)
+
+    def rollback() -> None:
+        restore_forward(module, forward)
+        for name in buffers + blocks:
+            delattr(module, name)
+        for name in was_none:  # timm's `self.se = None`: its forward still reads it
+            setattr(module, name, None)
+
     try:
         graphs = [rebuilt] + ([rewrite.other] if rewrite.other is not None else [])
         for name, tensor in (item for g in graphs for item in g.constants.items()):
@@ -153,11 +169,9 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
             mode = owner.module.training  # the mode the analysis graph was traced in
             install_forward(module, {mode: rebuilt.graph, not mode: other.graph})
     except BaseException:
-        for name in buffers + blocks:
-            delattr(module, name)
-        for name in was_none:  # timm's `self.se = None`: its forward still reads it
-            setattr(module, name, None)
+        rollback()
         raise
+    undo.append(rollback)
     prefix = f"{owner.path}." if owner.path else ""
     none_attributes += [prefix + name for name in was_none]
     return infos

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..graph import nodes as N
 from ..graph.trace import Call, Traced, level_of
 from .info import get_info
@@ -64,7 +64,7 @@ def named_sites(traced: Traced, globs: Iterable[str], name: str) -> list[Site]:
         if not found:
             close = difflib.get_close_matches(glob, modules, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise RetrofitError(f"at: '{glob}' matches no module of {name}; {hint}(`*` stays within one name "
+            raise RetrofitError(f"at: {excerpt(glob)} matches no module of {name}; {hint}(`*` stays within one name "
                                 f"of the path, `**` spans several; model.named_modules() lists the paths)")
         chosen += [p for p in found if p not in chosen]
     order = {p: i for i, p in enumerate(modules)}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import textwrap
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -35,7 +36,8 @@ import yaml
 from ..blocks.attention import ATTENTIONS
 from ..blocks.config import BLOCK_FIELDS, DEFAULTS as _BLOCK, HELP as _BLOCK_HELP, INITS, BlockConfig, described
 from ..blocks.se import GATES, SQUEEZES
-from ..errors import RecipeError
+from ..errors import RecipeError, excerpt
+from ..inputs import read_yaml, regular_file
 from .per_site import check_resolvable, resolve_block
 from .positions import POSITIONS
 from .help import RECIPE_HELP
@@ -109,19 +111,12 @@ class Recipe:
     def load(cls, source: str | Path) -> "Recipe":
         """A built-in recipe by name (``"timm"``, ``"post"``...) or a YAML file by path."""
         path = _find(source)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"recipe {source}: not valid YAML{where}; fix the file") from None
-        except OSError as err:
-            raise RecipeError(f"recipe {source}: cannot read it ({err.strerror})") from None
+        data = read_yaml(path, "recipe", error=RecipeError)  # bounded: size, depth, no aliases
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise RecipeError(f"recipe {source}: expected a mapping of fields, e.g. 'position: post'")
-        return cls.from_dict(data, origin=f"recipe {source}")
+            raise RecipeError(f"recipe {excerpt(source, bare=True)}: expected a mapping of fields, e.g. 'position: post'")
+        return cls.from_dict(data, origin=f"recipe {excerpt(source, bare=True)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> "Recipe":
@@ -280,13 +275,13 @@ def _find(source: str | Path) -> Path:
     if isinstance(source, str) and text in builtins:
         return builtins[text]
     path = Path(text).expanduser()
-    if path.is_file():
-        return path
+    if os.path.lexists(path):  # a directory, a FIFO, a device, a symlink loop: said as what it is
+        return regular_file(path, "recipe file", error=RecipeError)
     looks_like_path = any(s in text for s in "/\\") or path.suffix in (".yaml", ".yml")
     if looks_like_path:
-        raise RecipeError(f"recipe file {text} not found; give an existing YAML file or a built-in "
-                          f"name ({', '.join(builtins)})")
-    raise RecipeError(f"unknown recipe '{text}'; built-in recipes: {', '.join(builtins)} "
+        raise RecipeError(f"recipe file {excerpt(text, bare=True)} not found; give an existing YAML file or a "
+                          f"built-in name ({', '.join(builtins)})")
+    raise RecipeError(f"unknown recipe {excerpt(text)}; built-in recipes: {', '.join(builtins)} "
                       f"(or give the path of a YAML file)")
 
 
@@ -294,6 +289,6 @@ def _check_keys(data: Mapping[str, Any], origin: str) -> None:
     allowed = [f.name for f in fields(Recipe)]
     for key in data:
         if key not in allowed:
-            raise RecipeError(f"{origin}: unknown field '{key}'; allowed fields: {', '.join(allowed)}")
+            raise RecipeError(f"{origin}: unknown field {excerpt(key)}; allowed fields: {', '.join(allowed)}")
 
 

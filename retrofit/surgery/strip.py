@@ -15,7 +15,7 @@ import operator
 
 from torch import fx, nn
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..graph.forward import uninstall
 from .info import clear_info, get_info
 
@@ -56,7 +56,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         try:
             module = target.get_submodule(path) if path else target
         except AttributeError:
-            raise RetrofitError(f"block owner {path} is no longer in the model; was it edited after "
+            raise RetrofitError(f"block owner {excerpt(path)} is no longer in the model; was it edited after "
                                 f"add_se?") from None
         _strip_module(module, names)
         for name in names:  # an attribute that was None before (timm's `self.se = None`) is None again

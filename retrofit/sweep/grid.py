@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
-from ..errors import RecipeError, RetrofitError
+from ..errors import RecipeError, RetrofitError, excerpt
 from ..events import Event, OnEvent, emit, legacy
 from ..graph.model import model_name, resolve_input_size
 from ..measure.latency import measure_latency
@@ -207,12 +207,12 @@ def parse_axis(name: str, values: Any, check) -> list:
     for i, item in enumerate(items):
         if isinstance(item, str) and not item.strip():
             sep = "';'" if isinstance(values, str) and ";" in values else "comma"
-            raise RetrofitError(f"--{name}: item {i + 1} of {values!r} is empty; give {sep}-separated "
+            raise RetrofitError(f"--{name}: item {i + 1} of {excerpt(values)} is empty; give {sep}-separated "
                                 f"values, e.g. {_EXAMPLES[name]}")
         try:
             value = check(item.strip() if isinstance(item, str) else item)
         except RecipeError as err:
-            raise RetrofitError(f"--{name}: bad item {item!r} ({err})") from None
+            raise RetrofitError(f"--{name}: bad item {excerpt(item)} ({err})") from None
         if value not in out:
             out.append(value)
     return out
@@ -236,7 +236,7 @@ def parse_stages(item: Any) -> tuple[int, ...] | None:
     if isinstance(item, str):
         item = "all" if item.strip().lower() == "all" else item.replace("+", ",")
         if item != "all" and any(not part.strip() for part in item.split(",")):
-            raise RecipeError(f"a stage set is stage numbers joined by '+', e.g. 3+4, got {item!r}")
+            raise RecipeError(f"a stage set is stage numbers joined by '+', e.g. 3+4, got {excerpt(item)}")
     return Recipe(stages=item).stages
 
 

@@ -30,7 +30,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 
 _SAME = object()  # cli_default: the command line's default is the field's own
 
@@ -172,7 +172,7 @@ def check_names(options: Mapping[str, Any], where: str) -> None:
         if name not in FIELDS:
             close = difflib.get_close_matches(str(name), OPTIONS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise RetrofitError(f"{where}: unknown option {str(name)[:40]!r}{hint}; the options are the fields of "
+            raise RetrofitError(f"{where}: unknown option {excerpt(name)}{hint}; the options are the fields of "
                                 f"retrofit.FinetuneConfig: {', '.join(OPTIONS)}")
 
 
@@ -222,15 +222,15 @@ def _checked(f: dataclasses.Field, value: Any) -> Any:
         value, good = float(value), True
     if not good:
         raise RetrofitError(f"{f.name} must be {'a whole number' if base is int else base.__name__}, got "
-                            f"{repr(value)[:40]}")
+                            f"{excerpt(value)}")
     m = f.metadata
     if m["choices"] is not None and value not in m["choices"]:
         raise RetrofitError(f"{f.name} must be {', '.join(m['choices'][:-1])} or {m['choices'][-1]}, got "
-                            f"{repr(value)[:40]}")
+                            f"{excerpt(value)}")
     low_ok = m["low"] is None or (value > m["low"] if m["low_open"] else value >= m["low"])
     high_ok = m["high"] is None or (value < m["high"] if m["high_open"] else value <= m["high"])
     if not (low_ok and high_ok):
-        raise RetrofitError(f"{f.name} must be {_range_words(m)}, got {repr(value)[:40]}")
+        raise RetrofitError(f"{f.name} must be {_range_words(m)}, got {excerpt(value)}")
     return value
 
 

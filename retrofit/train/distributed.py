@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise RetrofitError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+        raise RetrofitError(f"device {excerpt(device)} is not a device name; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count()  # 0, no exception, without a driver or on a CPU-only build of torch
         if count == 0:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..blocks.attention import DISPLAY_NAMES
-from ..errors import RetrofitError, RetrofitWarning
+from ..errors import RetrofitError, RetrofitWarning, excerpt
 from ..events import Event, OnEvent, emit
 from ..files.header import metadata
 from ..files.tensors import with_metadata
@@ -72,7 +72,7 @@ class Run:
         self.seen_bad: set[str] = set()
         self.said_left_out = False
         if len(self.data.train) < s.batch_size and env.main:
-            warnings.warn(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one batch of "
+            warnings.warn(f"{excerpt(self.data.root)}/train has {len(self.data.train)} images, fewer than one batch of "
                           f"{s.batch_size}: each epoch is one step on all of them", RetrofitWarning, stacklevel=3)
         # the training state resumed from (last: it locks the folder)
         self.saved = self.dir.open(resume, model, self.meta, s.decisive())

@@ -4,7 +4,6 @@ import copy
 import json
 import pickle
 import re
-import struct
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,13 @@ from typer.testing import CliRunner
 import retrofit
 from retrofit import RetrofitError
 from retrofit.cli import app
-from retrofit.files.header import metadata
+from retrofit.files.bounds import out_of_bounds, whole_number
+from retrofit.files.header import metadata, read_header
 from retrofit.files.models import create_model
 from conftest import randomize
-from support import CLASSES, FAST, SIZE, make_folder, one_error_line, se_model
+from support import CLASSES, FAST, SIZE, make_folder, one_error_line, rewrite_header, se_model
 
 runner = CliRunner()
-
-
-def rewrite_header(src: Path, dst: Path, edit) -> Path:
-    """Copy a safetensors file with its JSON header edited by ``edit(header)``: the data stay as they are."""
-    raw = src.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +311,87 @@ def test_planted_yaml_recipe_never_runs(tmp_path):
     assert "not valid YAML" in line and not marker.exists()
 
 
+# -- issue 22's hand mutations of files/header.py and files/bounds.py: each check at its edge -------------
+def adapter_with(saved, tmp_path, **meta):
+    adapter = retrofit.save(retrofit.load(saved[1]), tmp_path / "adapter.safetensors", adapter=True)
+    return rewrite_header(adapter, tmp_path / "edited.safetensors", lambda h: h["__metadata__"].update(meta))
+
+
+@pytest.mark.parametrize("digest, ok", [("0" * 64, True), ("ab" * 32, True), ("0" * 63, False), ("0" * 65, False),
+                                        ("A" * 64, False), ("g" * 64, False), ("", False)])
+def test_an_adapters_base_sha256_is_exactly_64_hexadecimal_digits(saved, tmp_path, digest, ok):
+    """Mutation header.py:170 (`{64}` -> `{1,64}`): a hash of any length was accepted."""
+    path = adapter_with(saved, tmp_path, base_sha256=digest)
+    if ok:
+        assert read_header(path).base_sha256 == digest
+    else:
+        with pytest.raises(RetrofitError, match="metadata 'base_sha256' must be 64 hexadecimal digits"):
+            read_header(path)
+
+
+@pytest.mark.parametrize("length, ok", [(200, True), (201, False), (2000, False)])
+def test_an_adapters_base_name_is_at_most_200_characters(saved, tmp_path, length, ok):
+    """Mutation header.py:172 (the bound 200 -> 2000)."""
+    path = adapter_with(saved, tmp_path, base_name="n" * length)
+    if ok:
+        assert read_header(path).base_name == "n" * length
+    else:
+        with pytest.raises(RetrofitError, match="metadata 'base_name' must be one printable line of at most 200"):
+            read_header(path)
+
+
+def test_an_architecture_timm_does_not_have_is_refused_before_anything_is_built(saved, tmp_path, monkeypatch):
+    """Mutation header.py:140 (`or not timm.is_model(arch)` dropped): a name of the right characters
+    that is no timm model went on to be built."""
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(architecture="resnet_0"))
+    with pytest.raises(RetrofitError, match="metadata 'architecture' 'resnet_0' is not a timm model name"):
+        retrofit.load(bad)
+
+
+@pytest.mark.parametrize("value, ok", [("random", True), ("pretrained", True), ("checkpoint", True), ("fine-tuned", True),
+                                       ("stolen", False), ("Random", False), ("", False)])
+def test_the_weights_provenance_is_one_of_four_words(saved, tmp_path, value, ok):
+    """Mutation header.py:125 (the `weights` check removed): a file could say anything of where its
+    weights came from, and the model card would repeat it."""
+    path = rewrite_header(saved[1], tmp_path / "w.safetensors", lambda h: h["__metadata__"].update(weights=value))
+    if ok:
+        assert read_header(path).weights == value
+    else:
+        with pytest.raises(RetrofitError, match=f"metadata 'weights' is '{value}', not one of random, pretrained, "
+                                                f"checkpoint, fine-tuned"):
+            read_header(path)
+
+
+# the bounds of files/bounds.py, as documented there and in the README (smallest, largest)
+BOUNDS = {"num_classes": (0, 1_000_000), "in_chans": (1, 1024), "input side": (1, 8192), "blocks": (1, 100_000),
+          "base_tensors": (0, 10_000_000)}
+
+
+@pytest.mark.parametrize("name", list(BOUNDS))
+def test_each_bound_takes_its_smallest_and_largest_value_and_no_other(name):
+    """Mutation bounds.py:33 (`<= high` -> `< high`): no test sat at the exact maximum of a bound."""
+    low, high = BOUNDS[name]
+    for value in (low, high):
+        assert out_of_bounds(name, value) is None and whole_number(str(value), name) == value
+    for value in (low - 1, high + 1, True, 2.0, str(high)):
+        assert out_of_bounds(name, value) == (f"{name} = {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                                              else f"{name} = {value!r}") + \
+            f", not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
+    with pytest.raises(ValueError, match=f"{name} = {high + 1:,}, not a whole number"):
+        whole_number(str(high + 1), name)
+
+
+def test_a_file_at_the_bound_of_blocks_is_read(saved, tmp_path):
+    """The largest count a file may give is read (and then checked against its recipe)."""
+    at = rewrite_header(saved[1], tmp_path / "at.safetensors", lambda h: h["__metadata__"].update(blocks="100000"))
+    with pytest.raises(RetrofitError, match="says 100000 blocks but its recipe gives 4"):
+        retrofit.load(at)
+    over = rewrite_header(saved[1], tmp_path / "over.safetensors", lambda h: h["__metadata__"].update(blocks="100001"))
+    with pytest.raises(RetrofitError, match="blocks = 100,001, not a whole number from 1 to 100,000"):
+        retrofit.load(over)
+
+
 # -- the folder's config.json (issue 23, item 1): the same guarantees as a file's metadata -----------------
 @pytest.fixture(scope="module")
 def folder(saved, tmp_path_factory):
@@ -337,7 +407,10 @@ def edited(folder: Path, tmp_path: Path, edit) -> Path:
     shutil.copytree(folder, copy_)
     config = json.loads((copy_ / "config.json").read_text())
     text = edit(config)
-    (copy_ / "config.json").write_text(text if isinstance(text, str) else json.dumps(config))
+    if isinstance(text, bytes):
+        (copy_ / "config.json").write_bytes(text)
+    else:
+        (copy_ / "config.json").write_text(text if isinstance(text, str) else json.dumps(config))
     return copy_
 
 
@@ -403,10 +476,10 @@ def test_a_config_cannot_ask_for_any_amount_of_memory(folder, tmp_path, monkeypa
     ('{"format": "retrofit-pretrained/1", "blocks": NaN}', "is not valid JSON (NaN is not a number JSON allows)"),
     ('{"kind": "model", "kind": "adapter"}', "is not valid JSON (key 'kind' is given twice)"),
     ("[1, 2]", "must be a JSON object, got list"),
-    ("{" * 100000, "is not valid JSON"),
+    ("{" * 100000, "nested more than 32 levels deep"),
     ('{"n": ' + "9" * 5000 + "}", "is not valid JSON"),
-    ("\xff\xfe", "is not valid JSON"),
-    (" " * (1 << 20) + "{}", "is more than 1,048,576 bytes"),
+    (b"\xff\xfe", "is not UTF-8 text"),
+    (" " * (1 << 20) + "{}", "is larger than 1,048,576 bytes"),
 ])
 def test_a_config_that_is_not_strict_bounded_json_is_refused(folder, tmp_path, text, message):
     bad = edited(folder, tmp_path, lambda c: text)
@@ -421,7 +494,7 @@ def test_a_config_that_is_no_regular_file_is_refused_without_reading_it(folder, 
     bad = edited(folder, tmp_path, lambda c: None)
     (bad / "config.json").unlink()
     os.symlink("/dev/zero", bad / "config.json")
-    with pytest.raises(RetrofitError, match="config.json: is not a regular file"):
+    with pytest.raises(RetrofitError, match="config.json is not a regular file \\(a character device\\)"):
         retrofit.from_pretrained(bad)
 
 

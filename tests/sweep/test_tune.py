@@ -3,6 +3,7 @@ seed (bitwise), a pruned one ran fewer epochs, one over --max-params never train
 arms, best_recipe.yaml rebuilds the finalist through add-se; bad input is one error line before training."""
 import importlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
+from retrofit.sweep.tune.space import load_space
 from conftest import one_error
-from support import SIZE, five_class_model, make_folder
+from support import SIZE, billion_laughs, five_class_model, make_folder, special_files
 
 runner = CliRunner()
 ablation_module = importlib.import_module("retrofit.sweep.ablation")  # run_arm's finetune
@@ -253,3 +255,24 @@ def test_without_optuna_the_command_says_what_to_install(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: retrofit tune needs Optuna, which is not installed; install "
                                                 "the extra: pip install -e '.[tune]' (from a checkout; or pip install "
                                                 "-c constraints.txt 'retrofit[tune]')"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("r: " + "[" * 50_000 + "]" * 50_000 + "\n", "is nested more than 32 levels deep at line 1"),
+    (billion_laughs("r", 4), "uses an alias (*a0) at line 1"),
+])
+def test_a_hostile_space_file_is_one_short_line(tmp_path, text, words):
+    """Issue 22.1-2: a --space nested 50,000 deep ended in RecursionError, aliases expanded unbounded."""
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(retrofit.RetrofitError) as caught:
+        load_space(path, retrofit.Recipe())
+    assert str(caught.value).startswith(f"--space {path}: {words}") and len(str(caught.value)) <= 300
+
+
+@pytest.mark.parametrize("kind", ["zero", "urandom", "fifo", "dir", "loop"])
+def test_a_special_space_file_is_named_and_never_read(tmp_path, kind):
+    """Issue 22.4: a FIFO as --space waited for a writer forever, /dev/zero ran out of memory."""
+    path, what = special_files(tmp_path, ".yaml")[kind]
+    with pytest.raises(retrofit.RetrofitError, match=re.escape(f"--space {path} {what}")):
+        load_space(path, retrofit.Recipe())

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import optuna
 from torch import nn
 
-from ...errors import RetrofitError
+from ...errors import RetrofitError, excerpt
 from ...events import Event, OnEvent, emit, legacy
 from ...graph.model import model_name, resolve_input_size
 from ...measure.overhead import traced_cost
@@ -153,7 +153,7 @@ def _lead(search: Search, s: dict[str, Any]) -> dict[str, Any]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RetrofitError(f"cannot create the output folder {out}: {err.strerror}") from None
+        raise RetrofitError(f"cannot create the output folder {excerpt(out)}: {err.strerror}") from None
     where = s["storage"] or str(out / JOURNAL)
     storage = open_storage(where, shared=s["storage"] is not None)
     budget = parse_budget(s["budget"], s["trials"], search.max_epochs())
@@ -243,7 +243,7 @@ def as_space(space: Any, base: Recipe) -> Space:
         unknown = [k for k in space if k not in ("position", "r", "stages", "per_stage", "module", "gate",
                                                  "squeeze", "lr", "phase2_epochs")]
         if unknown:
-            raise RetrofitError(f"space: unknown key {unknown[0]!r}")
+            raise RetrofitError(f"space: unknown key {excerpt(unknown[0])}")
         return parse_space(base, **space)
     return load_space(Path(space), base)[0]
 
@@ -264,11 +264,11 @@ def parse_budget(value: Any, trials: int | None, trial_epochs: int) -> Budget:
     text = str(value).strip().lower()
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([hms]?)", text)
     if match is None or float(match.group(1)) <= 0:
-        raise RetrofitError(f"--budget: give training epochs (60) or wall time (2h, 30m, 90s), got {value!r}")
+        raise RetrofitError(f"--budget: give training epochs (60) or wall time (2h, 30m, 90s), got {excerpt(value)}")
     number, unit = float(match.group(1)), match.group(2)
     if unit:
         return Budget(trials=trials, seconds=number * {"h": 3600, "m": 60, "s": 1}[unit], trial_epochs=trial_epochs)
     if not number.is_integer() or number < trial_epochs:
-        raise RetrofitError(f"--budget {value}: training epochs are a whole number, at least one trial's "
+        raise RetrofitError(f"--budget {excerpt(value, bare=True)}: training epochs are a whole number, at least one trial's "
                             f"{trial_epochs}")
     return Budget(trials=trials, epochs=int(number), trial_epochs=trial_epochs)

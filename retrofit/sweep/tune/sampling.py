@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from ...errors import RetrofitError
+from ...errors import RetrofitError, excerpt
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "sha", "none")
@@ -48,7 +48,7 @@ def brackets(epochs: int, pruner: str) -> int:
 
 def make_pruner(name: str, epochs: int):
     if name not in PRUNERS:
-        raise RetrofitError(f"--pruner: unknown value {name!r}; allowed: {', '.join(PRUNERS)}")
+        raise RetrofitError(f"--pruner: unknown value {excerpt(name)}; allowed: {', '.join(PRUNERS)}")
     if name == "none" or epochs < 2:  # one epoch: nothing to stop early
         return optuna.pruners.NopPruner()
     if name == "sha":
@@ -64,7 +64,7 @@ def init_pruner(study, pruner) -> None:
 
 def make_sampler(name: str, seed: int, trials: int, epochs: int, pruner: str):
     if name not in SAMPLERS:
-        raise RetrofitError(f"--sampler: unknown value {name!r}; allowed: {', '.join(SAMPLERS)}")
+        raise RetrofitError(f"--sampler: unknown value {excerpt(name)}; allowed: {', '.join(SAMPLERS)}")
     if name == "random":
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     startup = min(10, max(2, trials // (3 * brackets(epochs, pruner))))

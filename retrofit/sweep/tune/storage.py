@@ -32,7 +32,7 @@ from pathlib import Path
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from ...errors import RetrofitError, first_line
+from ...errors import RetrofitError, excerpt, first_line
 
 JOURNAL = "study.journal"
 
@@ -102,9 +102,9 @@ def open_storage(where: str | Path, *, shared: bool = False):
         try:
             return RDBStorage(where)  # builds the engine and the tables now: every error comes out here
         except ImportError as err:  # the database driver (psycopg, pymysql...) is not installed
-            raise StorageError(f"cannot open --storage {where}: {first_line(err)}") from None
+            raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: {first_line(err)}") from None
         except Exception as err:  # noqa: BLE001 - sqlalchemy's ArgumentError, OperationalError...
-            raise StorageError(f"cannot open --storage {where}: {type(err).__name__}: {first_line(err)}") from None
+            raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: {type(err).__name__}: {first_line(err)}") from None
     check_journal(where)
     try:
         lock = JournalFileOpenLock(where) if shared or not flock_works(where) else FlockLock(where)
@@ -112,16 +112,16 @@ def open_storage(where: str | Path, *, shared: bool = False):
             _repair(where, lock)
         return JournalStorage(JournalFileBackend(where, lock_obj=lock))  # replays the log now
     except (OSError, ValueError) as err:  # unreadable, or not a journal after all (JSONDecodeError)
-        raise StorageError(f"cannot open --storage {where}: {type(err).__name__}: {first_line(err)}") from None
+        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: {type(err).__name__}: {first_line(err)}") from None
 
 
 def check_journal(where: str) -> None:
     """A journal path that cannot be one: a missing folder, a folder, a file that is not a journal."""
     parent = os.path.dirname(os.path.abspath(where))
     if not os.path.isdir(parent):
-        raise StorageError(f"cannot open --storage {where}: folder {parent} does not exist")
+        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: folder {excerpt(parent, bare=True)} does not exist")
     if os.path.isdir(where):
-        raise StorageError(f"cannot open --storage {where}: it is a folder; give a journal file")
+        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: it is a folder; give a journal file")
     if not os.path.isfile(where) or os.path.getsize(where) == 0:
         return
     try:
@@ -131,7 +131,7 @@ def check_journal(where: str) -> None:
     except (OSError, ValueError):
         ok = False
     if not ok:
-        raise StorageError(f"cannot open --storage {where}: not an Optuna journal file")
+        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: not an Optuna journal file")
 
 
 def _repair(path: str, lock) -> None:

@@ -17,7 +17,7 @@ import optuna
 import torch
 from optuna.study import StudyDirection
 
-from ...errors import RetrofitError
+from ...errors import RetrofitError, excerpt
 from ...graph.model import model_name
 from ...train.data import ImageFolderData
 from .sampling import init_pruner
@@ -59,7 +59,7 @@ def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str,
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
     if study.direction != StudyDirection.MAXIMIZE:
-        raise RetrofitError(f"study '{name}' in {where} minimizes its value: it is not a retrofit tune; use another "
+        raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} minimizes its value: it is not a retrofit tune; use another "
                             f"--study or --output-dir")
     stored = study.user_attrs.get(IDENTITY)
     if stored is None:  # a new study (or its creator died before this): ours; a second creator's write wins
@@ -68,7 +68,7 @@ def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str,
     for part, mine in ident.items():
         theirs = stored.get(part, {})
         if theirs.get("sha") != mine["sha"]:
-            raise RetrofitError(f"study '{name}' in {where} was started with another {part} "
+            raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} was started with another {part} "
                                 f"({difference(theirs.get('value'), mine['value'])}); resume it with the same "
                                 f"{part}, or use another --output-dir or --study")
     init_pruner(study, pruner)
