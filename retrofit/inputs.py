@@ -89,9 +89,9 @@ def _why(err: OSError) -> str:
 _JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)  # a string, or a bracket
 
 
-def load_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
-    """``json.loads(text)`` once its nesting is known to be at most ``max_depth`` levels (counted over
-    the text's brackets outside strings, no recursion); a ``ValueError`` naming the problem if not,
+def load_json(text: str, max_depth: int = MAX_DEPTH, **options: Any) -> Any:
+    """``json.loads(text, **options)`` once its nesting is known to be at most ``max_depth`` levels (counted
+    over the text's brackets outside strings, no recursion); a ``ValueError`` naming the problem if not,
     or if it is no valid JSON (its message is one short line)."""
     depth = 0
     for token in _JSON_TOKENS.finditer(text):
@@ -103,7 +103,7 @@ def load_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
         elif bracket in "]}":
             depth -= 1
     try:
-        return json.loads(text)
+        return json.loads(text, **options)
     except RecursionError:  # not reached after the count above; kept as one line all the same
         raise ValueError(f"nested more than {max_depth} levels deep") from None
     except ValueError as err:  # JSONDecodeError, or a number of more digits than Python converts

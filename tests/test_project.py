@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import retrofit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,7 +74,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["report"].added_params > 0
-    assert len(namespace["again"]._retrofit.blocks) == 2
-    assert len(namespace["se_detector"]._retrofit.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
+    assert len(retrofit.get_info(namespace["again"]).blocks) == 2
+    assert len(retrofit.get_info(namespace["se_detector"]).blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
     assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])
     assert len(namespace["gates"].blocks) == 8 and namespace["result"].evaluations >= 1

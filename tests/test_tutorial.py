@@ -4,6 +4,8 @@ from pathlib import Path
 
 import torch
 
+import retrofit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,4 +20,4 @@ def test_tutorial_runs(monkeypatch, tmp_path):
     # the tutorial's own asserts checked each step; the names it promises exist and are what it says
     assert isinstance(namespace["se_gm"], torch.fx.GraphModule)
     assert type(namespace["plain"]) is namespace["Net"]
-    assert [b.path for b in namespace["se_inet"]._retrofit.blocks] == ["1.se", "2.se"]
+    assert [b.path for b in retrofit.get_info(namespace["se_inet"]).blocks] == ["1.se", "2.se"]

@@ -9,7 +9,7 @@ import typer
 from ..errors import RetrofitError
 from .common import (BASE, FORCE, IMAGES, SAVED, app, console, fail_cleanly, globs, json_target, rounds_bar, say,
                      write_json)
-from .finetune import finetune_options
+from .options import finetune_options
 
 
 @app.command("fold", short_help="Fold the channel gates that learnt a constant into constant scales.")
@@ -17,7 +17,7 @@ from .finetune import finetune_options
 @finetune_options(only=("batch_size", "workers", "device"))
 def fold_command(
     checkpoint: Path = SAVED,
-    output: Path = typer.Option(..., "--output", "-o", help="Save the folded model (.safetensors) here, with its card NAME.README.md."),
+    output: Path = typer.Option(..., "--output", "-o", help="Save the folded model here: a folder (config.json, model.safetensors, README.md), or FILE.safetensors with its card FILE.README.md."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="The ImageFolder the model was fine-tuned on: needed for --tolerance above 0 and for --blocks whose excitation depends on the input; with it, val top-1 and loss are measured before and after."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Val top-1 points the folded model may lose (0 to 100): gates are folded by their mean excitation, least input-dependent first, as many as keep top-1 within this, found in at most log2(gates) + 2 evaluations. Default 0: only the input-independent gates, exactly (no data needed)."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Block globs, e.g. 'layer4.*': fold only these (all of them, by their mean on --data, unless --tolerance is given)."),
@@ -28,17 +28,17 @@ def fold_command(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
     base: Optional[Path] = BASE,
     force: bool = FORCE,
-    *, train: dict,
+    *, config,
 ):
     """Fold the channel gates of a saved model that learnt (almost) a constant into their neighbours."""
     # deferred: torch and timm load when a command runs, not for --help
-    from ..files.adapter import BASE_ATTR
     from ..files.atomic import check_writable
-    from ..files.card import command_line, write_card
-    from ..files.checkpoint import load, save
+    from ..files.card import command_line
+    from ..files.checkpoint import load, save_output
     from ..measure.latency import measure_latency
     from ..measure.report import blocks_table, fold_table, latency_json, latency_line, overhead_table
     from ..surgery.fold import info_of
+    from ..surgery.info import get_info
     from ..sweep.fold import fold
 
     json_target(json_path)
@@ -46,15 +46,16 @@ def fold_command(
     if any(p is not None and output.expanduser().resolve() == p.expanduser().resolve() for p in (checkpoint, base)):
         raise RetrofitError(f"--output {output} is an input file; input weights are never overwritten, choose another")
     model = load(checkpoint, base=base, force=force)
-    result = fold(model, data, tolerance=tolerance, blocks=globs(blocks), images=images, **train)
+    result = fold(model, data, tolerance=tolerance, blocks=globs(blocks), images=images,
+                  batch_size=config.batch_size, workers=config.workers, device=config.device)
     timing = None
     if latency:
         with rounds_bar("timing the unfolded and the folded model, in turns", quiet=json_path == "-") as bar:
             timing = measure_latency({"unfolded": model, "folded": result.model}, input_size=info_of(model).input_size,
-                                     runs=runs, on_round=bar)
-    save(result.model, output, adapter=adapter)
-    card = write_card(output, result.model, overhead=result.overhead_after, command=command_line(),
-                      base_name=getattr(result.model, BASE_ATTR).name)
+                                     runs=runs, on_event=bar)
+    base_record = get_info(result.model).base
+    output, card = save_output(result.model, output, adapter=adapter, overhead=result.overhead_after,
+                               command=command_line(), base_name=base_record.name if base_record else None)
     if json_path != "-":
         console().print(fold_table(result.blocks) if result.blocks else "no block folded")
         for title, report in (("before", result.overhead_before), ("after", result.overhead_after)):

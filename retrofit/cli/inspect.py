@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .common import BASE, FORCE, IMAGES, SAVED, app, console, fail_cleanly, globs, json_target, say, write_json
-from .finetune import finetune_options
+from .options import finetune_options
 
 
 @app.command("inspect", short_help="Per channel gate: mean excitation, spreads, saturation, constancy.")
@@ -23,7 +23,7 @@ def inspect_command(
     plot_blocks: Optional[str] = typer.Option(None, "--plot-blocks", help="Block globs to draw, e.g. 'layer4.*' (default: the first gate of each stage and the last gate)."),
     base: Optional[Path] = BASE,
     force: bool = FORCE,
-    *, train: dict,
+    *, config,
 ):
     """Read every channel gate (se, ese, eca, ceca) of a saved model on the val images of its data."""
     # deferred: torch and timm load when a command runs, not for --help
@@ -39,7 +39,7 @@ def inspect_command(
     if plot is not None:
         check_writable(plot)
     report = inspect(load(checkpoint, base=base, force=force), data, images=images, output_change=output_change,
-                     **train)
+                     batch_size=config.batch_size, workers=config.workers, device=config.device)
     chosen = None
     if plot_blocks is not None:
         chosen = [b for b in report.blocks if any(matches(b.path, g) for g in globs(plot_blocks))]

@@ -9,15 +9,17 @@ from typing import Optional
 import typer
 
 from ..errors import RetrofitError
+from ..train.config import DEFAULTS  # no torch
 from .ablation import control_lines, save_figure
 from .common import CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly, json_target, say, write_json
-from .finetune import RUN_OPTIONS, finetune_options, is_main_process
+from .finetune import is_main_process
+from .options import RUN_OPTIONS, config_help, finetune_options
 from .sweep import import_pyplot, sweep_table
 
 
 @app.command("tune", short_help="Search the recipe that pays, on Optuna; end with the control arms.")
 @fail_cleanly
-@finetune_options(only=RUN_OPTIONS)
+@finetune_options(only=("epochs", *RUN_OPTIONS), notes={"epochs": "Of every trial and finish run."})
 def tune_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/*, DATA/val/<class>/*."),
@@ -29,10 +31,9 @@ def tune_command(
     module: Optional[str] = typer.Option(None, "--module", help="Blocks searched, comma-separated: se, ese, eca, ceca, cbam, gc (default se)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="Gates searched, e.g. sigmoid,hard_sigmoid (default: the recipe's)."),
     squeeze: Optional[str] = typer.Option(None, "--squeeze", help="Squeezes searched: avg,max (default: the recipe's)."),
-    lr: str = typer.Option("1e-3", "--lr", help="Phase-1 learning rate, or a range LOW:HIGH searched log-uniform (e.g. 1e-4:1e-1)."),
-    phase2_epochs: Optional[str] = typer.Option(None, "--phase2-epochs", help="Phase-2 epochs searched, e.g. 0,2 (default 0)."),
+    lr: str = typer.Option(f"{DEFAULTS['lr']:g}", "--lr", help=config_help("lr", after="Or a range LOW:HIGH, searched log-uniform (e.g. 1e-4:1e-1).")),
+    phase2_epochs: Optional[str] = typer.Option(None, "--phase2-epochs", help=config_help("phase2_epochs", after=f"Searched: comma-separated, e.g. 0,2 (default {DEFAULTS['phase2_epochs']}).")),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Recipe for the other fields (divisor, bias, init...)."),
-    epochs: int = typer.Option(1, "--epochs", "-e", min=1, help="Phase-1 epochs of every trial and finish run."),
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Trials that count (complete or pruned); those over a limit or repeating a recipe train nothing and do not count."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Training epochs of the whole study (60), or this process's wall time (2h, 30m); with --trials, whichever comes first."),
     max_params: Optional[str] = typer.Option(None, "--max-params", help="Most parameters a recipe may add: a count (50000) or a share of the model (2%). Over it: never trained."),
@@ -51,7 +52,7 @@ def tune_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw every trial (added parameters against top-1, pruned ones hollow), the finalists with error bars and the controls as lines, to FILE.png."),
     checkpoint: Optional[Path] = CHECKPOINT, pretrained: bool = PRETRAINED, num_classes: Optional[str] = NUM_CLASSES,
     input_size: Optional[str] = INPUT_SIZE,
-    *, train: dict,
+    *, config,
 ):
     """Search recipes within a budget, then re-run the best over seeds next to the control arms.
 
@@ -92,17 +93,17 @@ def tune_command(
         plot = plot.expanduser()
         check_writable(plot)
         pyplot = import_pyplot()
-    train = dict(lr=fixed_lr if fixed_lr is not None else 1e-3, **train)
+    config = config.replace(lr=fixed_lr) if fixed_lr is not None else config
     weightless = checkpoint is None and not pretrained
     net, found = build_and_scan(lambda: seeded(search_seed if weightless else None,
                                                lambda: build_model(model, checkpoint, pretrained, num_classes)),
                                 input_size, meta=False)
     talk = json_path != "-" and is_main_process()
-    result = tune(net, data, chosen, trials=trials, budget=budget, epochs=epochs, recipe=base,
+    result = tune(net, data, chosen, trials=trials, budget=budget, recipe=base,
                   input_size=found.traced.input_size, max_params=max_params, max_macs=max_macs,
                   max_latency=max_latency, sampler=sampler, pruner=pruner, finalists=finalists, seeds=seeds,
-                  search_seed=search_seed, storage=storage, study=study, output_dir=out, train=train,
-                  adapter=adapter, found=found, on_line=(lambda line: console(stderr=True).print(line)) if talk else None)
+                  search_seed=search_seed, storage=storage, study=study, output_dir=out, config=config,
+                  adapter=adapter, found=found, on_event=(lambda e: console(stderr=True).print(e.message)) if talk else None)
     if not is_main_process():
         return
     if json_path is not None:

@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,22 +38,13 @@ from torch import nn
 from ..errors import RetrofitError, RetrofitWarning, excerpt
 from ..inputs import regular_file
 from ..graph.model import model_name
+from ..surgery.info import BaseRecord, get_info, update_info
 from ..surgery.strip import strip
+from .folder import read_folder
 from .full import load_full, rebuild
 from .header import ADAPTER_FORMAT, FORMAT, Header, metadata, read_header
 from .models import create_model
 from .tensors import alias_groups, check_tensors, load_into, safetensors_header
-
-BASE_ATTR = "_retrofit_base"
-
-
-@dataclass
-class BaseRecord:
-    """The base weights a model's adapter is relative to: a sha256 per state-dict key, and a name."""
-
-    digests: dict[str, str] = field(default_factory=dict)
-    name: str = ""
-
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (any device; bf16 too)."""
@@ -70,7 +60,7 @@ def base_hash(digests: Mapping[str, str]) -> str:
 
 def block_keys(model: nn.Module) -> set[str]:
     """The state-dict keys of the inserted blocks."""
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
     prefixes = tuple(f"{b.path}." for b in info.blocks)
@@ -94,13 +84,13 @@ def remember_base(model: nn.Module, name: str = "", *, new: set[str] | frozenset
         name: what the base is (``"resnet50, weights my_resnet50.safetensors"``), for messages and cards.
         new: keys that are not the base's (a classifier created anew): an adapter always holds them.
     """
-    record = getattr(model, BASE_ATTR, None)
-    if isinstance(record, BaseRecord):
-        return record
+    info = get_info(model)
+    if info is not None and info.base is not None:
+        return info.base
     skip = block_keys(model) | set(new)
     record = BaseRecord({k: tensor_digest(v) for k, v in model.state_dict().items() if k not in skip},
                         name or _default_name(model))
-    setattr(model, BASE_ATTR, record)
+    update_info(model, base=record)
     return record
 
 
@@ -108,8 +98,7 @@ def adapter_tensors(model: nn.Module, base: Any = None) -> tuple[dict[str, torch
     """The tensors and metadata of ``model``'s adapter (see the module docstring)."""
     meta = metadata(model)
     if base is not None:
-        info = model._retrofit
-        plain, name = base_model(base, info.architecture or "", json.loads(meta["model_kwargs"]))
+        plain, name = base_model(base, get_info(model).architecture or "", json.loads(meta["model_kwargs"]))
         record = BaseRecord({k: tensor_digest(v) for k, v in plain.state_dict().items()}, name)
     else:
         record = remember_base(model)
@@ -161,7 +150,7 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
                                 f"on this one anyway")
         warnings.warn(RetrofitWarning(f"{text}; rebuilt on it anyway (forced)"), stacklevel=3)
     load_into(model, path, tensors=header.tensors, required=blocks)
-    setattr(model, BASE_ATTR, record)
+    update_info(model, base=record)
     return model
 
 
@@ -175,9 +164,17 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
         plain = copy.deepcopy(base)
         name = _default_name(base)
     elif isinstance(base, (str, Path)):
-        path = regular_file(base, "base")  # a directory, a FIFO, a device, a loop: said as what it is
+        path = Path(base).expanduser()
+        if not path.is_dir():  # a folder of retrofit.save_pretrained is read below
+            path = regular_file(base, "base")  # a FIFO, a device, a loop: said as what it is
         name = path.name
-        if _retrofit_format(path):
+        if path.is_dir():  # a folder of retrofit.save_pretrained
+            header = read_folder(path)[0]
+            if header.adapter:
+                raise RetrofitError(f"base {path} is itself an adapter; give the full model or the plain weights "
+                                    f"it was made on")
+            plain = load_full(header)
+        elif _retrofit_format(path):
             if read_header(path).adapter:
                 raise RetrofitError(f"base {excerpt(path)} is itself an adapter; give the full model or the plain weights "
                                     f"it was made on")
@@ -189,9 +186,8 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
             plain = create_model(architecture, checkpoint=path, **model_kwargs)
     else:
         raise RetrofitError(f"base must be a weight file or an nn.Module, got {type(base).__name__}")
-    if getattr(plain, "_retrofit", None) is not None:
+    if get_info(plain) is not None:  # its recorded base goes with it
         plain = strip(plain, inplace=True)
-    plain.__dict__.pop(BASE_ATTR, None)
     classes = model_kwargs.get("num_classes")
     have = getattr(plain, "num_classes", None)
     if classes is not None and isinstance(have, int) and have != classes:

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import RetrofitError, excerpt
 from ..surgery.fold import apply_folds
+from ..surgery.info import get_info, update_info
 from ..surgery.insert import add_se
 from .header import Header
 from .meta_check import check_model_file
@@ -19,14 +20,15 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
     if model is None:
         if not header.architecture:
             raise RetrofitError(f"{excerpt(header.path)} holds a model that is not from timm: pass the plain network, "
-                                f"retrofit.load(path, model=MyNet())")
+                                f"retrofit.load(path, base=MyNet())")
         check_model_file(header.architecture, header.model_kwargs, header.tensors, header.path)  # on meta: no memory
         model = create_model(header.architecture, **header.model_kwargs)
     model = add_se(model, header.recipe, inplace=True, input_size=header.input_size)
-    if len(model._retrofit.blocks) != header.blocks:
+    blocks = len(get_info(model).blocks)
+    if blocks != header.blocks:
         raise RetrofitError(f"{excerpt(header.path)} says {header.blocks} blocks but its recipe gives "
-                            f"{len(model._retrofit.blocks)} on this model; is it the network it was saved from?")
-    model._retrofit.weights = header.weights  # where the file says its weights came from
+                            f"{blocks} on this model; is it the network it was saved from?")
+    update_info(model, weights=header.weights)  # where the file says its weights came from
     try:
         apply_folds(model, header.folds)
     except RetrofitError as err:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import RetrofitError, excerpt, first_line
 from ..inputs import load_json, regular_file
-from ..surgery.info import FOLD_KINDS, WEIGHTS, Folded
+from ..surgery.info import FOLD_KINDS, WEIGHTS, Folded, get_info
 from ..surgery.recipe import Recipe
 from .bounds import out_of_bounds, whole_number
 from .tensors import read_safetensors_header
@@ -56,7 +56,7 @@ def metadata(model: nn.Module) -> dict[str, str]:
         RetrofitError: a size outside the bounds a file may ask for (:mod:`retrofit.files.bounds`):
             retrofit would refuse to load the file, so it is not written.
     """
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
     kwargs = _model_kwargs(model, info.input_size)

@@ -28,6 +28,7 @@ from ..graph import nodes as N
 from ..graph.model import resolve_input_size
 from ..graph.shapes import count_macs
 from ..graph.trace import Traced, trace
+from ..surgery.info import get_info
 
 if TYPE_CHECKING:
     from ..blocks.config import BlockConfig
@@ -173,7 +174,7 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
 def compare(base: ModelCost, retro: ModelCost) -> Overhead:
     """The overhead of ``retro`` over ``base`` (both measured at the same input size)."""
     model = retro.traced.model
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     sites = {b.path: b for b in info.blocks} if info is not None else {}
     new = [p for p in sorted(retro.modules - base.modules, key=_module_order(model))
            if p.rpartition(".")[0] in base.modules]

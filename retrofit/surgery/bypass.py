@@ -20,6 +20,7 @@ from typing import Iterator
 from torch import nn
 
 from ..errors import RetrofitError
+from .info import get_info
 
 
 @contextlib.contextmanager
@@ -32,7 +33,7 @@ def bypass(model: nn.Module) -> Iterator[nn.Module]:
         >>> with retrofit.bypass(se_model):
         ...     logits = se_model(x)          # the original network's logits
     """
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None or not (info.blocks or info.gone):
         raise RetrofitError(f"this {type(model).__name__} has no blocks from retrofit.add_se; nothing to bypass")
     with blocks_off(model):
@@ -43,7 +44,7 @@ def bypass(model: nn.Module) -> Iterator[nn.Module]:
 def blocks_off(model: nn.Module) -> Iterator[nn.Module]:
     """:func:`bypass` for the fine-tune's own use: a network without blocks (a control arm of the
     accuracy sweep) is already the original one, so there is nothing to switch off and no error."""
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     hooks = [model.get_submodule(b.path).register_forward_hook(_passthrough) for b in info.blocks] if info else []
     try:
         yield model

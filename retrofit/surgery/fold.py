@@ -31,7 +31,7 @@ from ..blocks.scale import ChannelScale
 from ..errors import RetrofitError, excerpt
 from ..graph.forward import install_forward, installed
 from ..graph.trace import trace
-from .info import FOLD_KINDS, BlockInfo, Folded, RetrofitInfo
+from .info import FOLD_KINDS, BlockInfo, Folded, RetrofitInfo, get_info, update_info
 from .neighbour import Neighbours
 from .strip import take_out
 
@@ -41,8 +41,9 @@ _KINDS = {"norm": (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm),
 
 
 def info_of(model: nn.Module) -> RetrofitInfo:
-    info = getattr(model, "_retrofit", None)
-    if not isinstance(info, RetrofitInfo) or not (info.blocks or info.gone):
+    """``model``'s record (:func:`retrofit.get_info`), refused in one line when it has no blocks to read."""
+    info = get_info(model)
+    if info is None or not (info.blocks or info.gone):
         raise RetrofitError(f"this {type(model).__name__} has no blocks from retrofit.add_se; nothing to inspect "
                             f"or fold")
     return info
@@ -81,7 +82,7 @@ def constant_scales(model: nn.Module) -> dict[str, torch.Tensor]:
 def fold_scales(model: nn.Module, scales: Mapping[str, torch.Tensor]) -> list[Folded]:
     """Replace each gate ``path`` of ``scales`` by its constant scale (``C`` values), in place: into the
     neighbour :mod:`retrofit.surgery.neighbour` finds, else a :class:`ChannelScale`. Returns the folds made,
-    in the order given (also appended to ``model._retrofit.folds``)."""
+    in the order given (also appended to ``retrofit.get_info(model).folds``)."""
     info = info_of(model)
     by_path = {b.path: b for b in gates(model)[0]}
     unknown = [p for p in scales if p not in by_path]
@@ -147,9 +148,8 @@ def restructure(model: nn.Module, fold: Folded) -> Folded:
         delattr(owner, name)
         if fold.path in info.was_none:  # timm's `self.se = None`: the class's forward reads it again after strip
             setattr(owner, name, None)
-        info.blocks.remove(block)
-        info.gone.append(block)
-    info.folds.append(fold)
+        update_info(model, blocks=tuple(b for b in info.blocks if b is not block), gone=(*info.gone, block))
+    update_info(model, folds=(*get_info(model).folds, fold))
     return fold
 
 

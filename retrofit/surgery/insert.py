@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import warnings
 from typing import Any
@@ -22,7 +23,7 @@ from ..graph.forward import forward_state, install_forward, installed, restore_f
 from ..graph.model import architecture_of, resolve_input_size
 from ..graph.rebuild import splice_blocks
 from ..graph.specialise import specialisation
-from .info import BlockInfo, RetrofitInfo
+from .info import BlockInfo, RetrofitInfo, get_info, set_info
 from .prepare import Rewrite, prepare
 from .recipe import Recipe, resolve_recipe
 from .sites import Scan, scan
@@ -91,15 +92,15 @@ def paused_gc():
 def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> RetrofitInfo:
     """Insert the blocks of ``recipe`` into ``target`` (the scanned model or a copy of it)."""
     prepared = prepare(found, recipe)
-    info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
-                        skipped=list(found.skipped) + prepared.skipped)
     narrow: list[BlockInfo] = []
+    blocks: list[BlockInfo] = []
+    was_none: list[str] = []
     in_root = 0  # blocks in the root's own forward
     undo: list = []  # one rollback per rewrite installed: a failure (or Ctrl-C) halfway undoes them all
     try:
         for rewrite in prepared.rewrites:
-            added = _install(rewrite, target, recipe, narrow, info.was_none, undo)
-            info.blocks += added
+            added = _install(rewrite, target, recipe, narrow, was_none, undo)
+            blocks += added
             in_root += len(added) if not rewrite.owner.path else 0
     except BaseException:
         for rollback in reversed(undo):
@@ -118,14 +119,14 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
         warnings.warn(RetrofitWarning(
             f"r={r:g} gives a reduced width below 1 for {len(channels)} block(s) "
             f"(fewest channels: {min(channels)}); raised to min_width={min_width}"), stacklevel=3)
-    previous = getattr(target, "_retrofit", None)
-    if isinstance(previous, RetrofitInfo):  # a second retrofit adds to the first
-        info.blocks = previous.blocks + info.blocks
-        info.was_none = previous.was_none + info.was_none
-        info.weights = previous.weights
-    target._retrofit = info
-    if isinstance(target, fx.GraphModule):  # GraphModule's deepcopy keeps only attributes listed here
-        target.meta.setdefault("_user_preserved_attributes", {})["_retrofit"] = info
+    previous = get_info(target)
+    info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model), tuple(blocks),
+                        tuple(found.skipped) + tuple(prepared.skipped), tuple(was_none))
+    if previous is not None:  # a second retrofit adds to the first
+        info = dataclasses.replace(info, blocks=previous.blocks + info.blocks, was_none=previous.was_none + info.was_none,
+                                   weights=previous.weights, base=previous.base, base_model=previous.base_model,
+                                   license=previous.license)
+    set_info(target, info)
     return info
 
 

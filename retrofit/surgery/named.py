@@ -27,6 +27,7 @@ from torch import fx
 from ..errors import RetrofitError, excerpt
 from ..graph import nodes as N
 from ..graph.trace import Call, Traced, level_of
+from .info import get_info
 from .sites import NAMED, Site, SiteRefs, layout_of, stage_of
 
 
@@ -50,8 +51,8 @@ def named_sites(traced: Traced, globs: Iterable[str], name: str) -> list[Site]:
         RetrofitError: a glob that matches no module, or a matched module the traced forward does not
             call (once), or whose output is not a feature map or a token sequence.
     """
-    info = getattr(traced.model, "_retrofit", None)  # a retrofitted model: its blocks are not candidates
-    blocks = tuple(b.path for b in getattr(info, "blocks", ()))
+    info = get_info(traced.model)  # a retrofitted model: its blocks are not candidates
+    blocks = tuple(b.path for b in info.blocks) if info is not None else ()
     modules = [p for p, _ in traced.model.named_modules()
                if p and not any(p == b or p.startswith(f"{b}.") for b in blocks)]
     calls: dict[str, list[Call]] = {}

@@ -25,7 +25,7 @@ from torch import fx, nn
 from ..errors import RetrofitError, excerpt
 from ..graph.forward import uninstall
 from ..graph.rebuild import CONSTANT_PREFIX  # buffers OwnerGraph registers for values fx kept aside
-from .info import RetrofitInfo
+from .info import clear_info, get_info
 
 
 
@@ -51,8 +51,8 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         >>> plain.state_dict().keys() == model.state_dict().keys()
         True
     """
-    info = getattr(model, "_retrofit", None)
-    if not isinstance(info, RetrofitInfo) or not (info.blocks or info.gone):
+    info = get_info(model)
+    if info is None or not (info.blocks or info.gone):
         raise RetrofitError(f"this {type(model).__name__} has no blocks from retrofit.add_se; nothing to strip")
     target = model if inplace else copy.deepcopy(model)
     owners: dict[str, list[str]] = {}
@@ -71,9 +71,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for name in names:  # an attribute that was None before (timm's `self.se = None`) is None again
             if (f"{path}.{name}" if path else name) in info.was_none:
                 setattr(module, name, None)
-    target.__dict__.pop("_retrofit", None)
-    if isinstance(target, fx.GraphModule):
-        target.meta.get("_user_preserved_attributes", {}).pop("_retrofit", None)
+    clear_info(target)
     return target
 
 

@@ -152,7 +152,7 @@ class ImageFolderData:
 
     Example::
 
-        >>> data = ImageFolderData.open("data/", model, input_size=(3, 224, 224))
+        >>> data = ImageFolderData.open("data/", model, input_size=(3, 224, 224), augment=True)
         >>> data.classes, len(data.train), len(data.val)
     """
 
@@ -163,8 +163,8 @@ class ImageFolderData:
     config: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None,
-             augment: bool = True) -> "ImageFolderData":
+    def open(cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None, *,
+             augment: bool) -> "ImageFolderData":
         root = Path(root).expanduser()
         if not root.is_dir():
             raise RetrofitError(f"data folder {excerpt(root)} not found; give a folder with train/<class>/*.jpg "
@@ -196,8 +196,8 @@ class ImageFolderData:
         found["val"].transform = create_transform(**config, is_training=False)
         return cls(root, found["train"], found["val"], train_classes, config)
 
-    def train_loader(self, micro_batch: int, *, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                     workers: int = 0) -> DataLoader:
+    def train_loader(self, micro_batch: int, *, batch_size: int, seed: int, workers: int, rank: int = 0,
+                     world: int = 1) -> DataLoader:
         """Shuffled by ``(seed, epoch)`` (call ``loader.batch_sampler.set_epoch``); see
         :class:`TrainBatches`. ``micro_batch`` is per process, ``batch_size`` global (one step)."""
         batches = TrainBatches(len(self.train), batch_size, micro_batch, seed=seed, rank=rank, world=world)
@@ -208,7 +208,7 @@ class ImageFolderData:
         """``48 train and 12 val images in 3 classes``: what was found, for the user to check."""
         return f"{len(self.train)} train and {len(self.val)} val images in {len(self.classes)} classes"
 
-    def val_loader(self, batch_size: int, *, rank: int = 0, world: int = 1, workers: int = 0) -> DataLoader:
+    def val_loader(self, batch_size: int, *, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
         return DataLoader(self.val, batch_size=batch_size, sampler=ShardSampler(len(self.val), rank, world),
                           num_workers=workers, collate_fn=collate)
 

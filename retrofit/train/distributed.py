@@ -93,7 +93,7 @@ class Dist:
             dist.destroy_process_group()
 
 
-def setup(device: str | None = None) -> Dist:
+def setup(device: str | None) -> Dist:
     """Join the torchrun job if there is one; pick this process's device.
 
     Args:

@@ -15,7 +15,7 @@ from .progress import Progress
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Progress, label: str,
-             seen_bad: set[str], root, channels_last: bool = False) -> dict[str, Any]:
+             seen_bad: set[str], root, channels_last: bool) -> dict[str, Any]:
     """``val_loss``, ``top1``, ``top5`` (percent), ``val_images`` and ``skipped_images`` of ``model``
     on ``loader`` (the shard of this process; the sums are global)."""
     dev = env.device

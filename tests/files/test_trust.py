@@ -3,6 +3,7 @@ cannot reach the network or the disk, and a malicious pickle in any pickle-capab
 import copy
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -416,3 +417,127 @@ def test_tampered_fold_records_are_refused_in_one_line(folded_file, tmp_path, fo
         retrofit.load(bad)
     result = runner.invoke(app, ["fold", str(bad), "-o", str(tmp_path / "out.safetensors")])
     assert words.split("'")[0].split(" [")[0] in one_error_line(result)
+# -- the folder's config.json (issue 23, item 1): the same guarantees as a file's metadata -----------------
+@pytest.fixture(scope="module")
+def folder(saved, tmp_path_factory):
+    """``saved``'s model as a folder of retrofit.save_pretrained."""
+    return retrofit.save_pretrained(saved[0], tmp_path_factory.mktemp("folder") / "se")
+
+
+def edited(folder: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``folder`` whose config.json is ``edit(config)`` (a dict edited in place, or text returned)."""
+    import shutil
+
+    copy_ = tmp_path / "edited"
+    shutil.copytree(folder, copy_)
+    config = json.loads((copy_ / "config.json").read_text())
+    text = edit(config)
+    if isinstance(text, bytes):
+        (copy_ / "config.json").write_bytes(text)
+    else:
+        (copy_ / "config.json").write_text(text if isinstance(text, str) else json.dumps(config))
+    return copy_
+
+
+# the metadata cases above, as config.json holds them (JSON values, not JSON text)
+CONFIG_CASES = [
+    ("recipe", None, "metadata 'recipe' must be a mapping of recipe fields, got NoneType"),
+    ("recipe", {"r": [1]}, "recipe stored in"),
+    ("input_size", "5", "metadata 'input_size' must be a list"),
+    ("input_size", [3, 32], "three positive whole numbers"),
+    ("input_size", [1, 32, 32], "has 1 channels but the model 3"),
+    ("model_kwargs", [1], "metadata 'model_kwargs' must be a mapping, got list"),
+    ("model_kwargs", {"num_classes": "3"}, "num_classes = '3', not a whole number"),
+    ("model_kwargs", {"num_classes": True}, "not a whole number"),
+    ("blocks", "many", "metadata 'blocks' gives blocks = 'many', not a whole number from 1 to 100,000"),
+    ("blocks", 3, "says 3 blocks but its recipe gives 4"),
+    ("architecture", "hf-hub:timm/resnet18", "is not a timm model name"),
+    ("architecture", "../../model", "is not a timm model name"),
+    ("comment", "hello", "key 'comment' is not one retrofit writes"),
+    ("format", "retrofit/1", "'format' is 'retrofit/1', not 'retrofit-pretrained/1'"),
+    ("kind", "pickle", "'kind' is 'pickle', not 'model' or 'adapter'"),
+    ("kind", "adapter", "'base' must be given for an adapter, and only for one"),
+    ("base_model", "../../etc", "'base_model' is '../../etc', not a base model"),
+    ("license", "MIT; rm -rf", "'license' is 'MIT; rm -rf', not a license"),
+    ("weights", "stolen", "metadata 'weights' is 'stolen', not one of random, pretrained, checkpoint, fine-tuned"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", CONFIG_CASES)
+def test_config_of_the_wrong_type_is_refused(folder, tmp_path, monkeypatch, key, value, message):
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    if key == "blocks" and value == 3:
+        monkeypatch.undo()  # the block count is checked against the rebuilt model
+    bad = edited(folder, tmp_path, lambda c: c.__setitem__(key, value))
+    with pytest.raises(RetrofitError, match=re.escape(message)) as caught:
+        retrofit.from_pretrained(bad)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"pretrained": True}, {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+                                    {"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg": {"hf_hub_id": "x/y"}}])
+def test_config_cannot_reach_the_network_or_the_disk(folder, tmp_path, monkeypatch, kwargs):
+    built = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(k) or pytest.fail("a model was built"))
+    bad = edited(folder, tmp_path, lambda c: c.__setitem__("model_kwargs", {"num_classes": 3, **kwargs}))
+    with pytest.raises(RetrofitError, match=f"names '{next(iter(kwargs))}': only num_classes, in_chans are allowed"):
+        retrofit.from_pretrained(bad)
+    assert not built
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(model_kwargs={"num_classes": 1000000000}), "num_classes = 1,000,000,000, not a whole number from 0 to 1,000,000"),
+    (dict(input_size=[3, 1000000, 1000000]), "input side = 1,000,000, not a whole number from 1 to 8,192"),
+    (dict(blocks=1000000), "blocks = '1000000', not a whole number from 1 to 100,000"),
+])
+def test_a_config_cannot_ask_for_any_amount_of_memory(folder, tmp_path, monkeypatch, edit, message):
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    bad = edited(folder, tmp_path, lambda c: c.update(edit))
+    with pytest.raises(RetrofitError, match=re.escape(message)):
+        retrofit.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "retrofit-pretrained/1", "blocks": NaN}', "is not valid JSON (NaN is not a number JSON allows)"),
+    ('{"kind": "model", "kind": "adapter"}', "is not valid JSON (key 'kind' is given twice)"),
+    ("[1, 2]", "must be a JSON object, got list"),
+    ("{" * 100000, "nested more than 32 levels deep"),
+    ('{"n": ' + "9" * 5000 + "}", "is not valid JSON"),
+    (b"\xff\xfe", "is not UTF-8 text"),
+    (" " * (1 << 20) + "{}", "is larger than 1,048,576 bytes"),
+])
+def test_a_config_that_is_not_strict_bounded_json_is_refused(folder, tmp_path, text, message):
+    bad = edited(folder, tmp_path, lambda c: text)
+    with pytest.raises(RetrofitError, match=re.escape(message)) as caught:
+        retrofit.from_pretrained(bad)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_a_config_that_is_no_regular_file_is_refused_without_reading_it(folder, tmp_path):
+    import os
+
+    bad = edited(folder, tmp_path, lambda c: None)
+    (bad / "config.json").unlink()
+    os.symlink("/dev/zero", bad / "config.json")
+    with pytest.raises(RetrofitError, match="config.json is not a regular file \\(a character device\\)"):
+        retrofit.from_pretrained(bad)
+
+
+def test_planted_pickle_in_a_folder_never_runs(folder, data, tmp_path):
+    """A pickle named model.safetensors in a folder (and one beside it, pytorch_model.bin, which nothing reads)."""
+    marker = tmp_path / "pwned"
+    bad = edited(folder, tmp_path, lambda c: None)
+    plant(bad / "model.safetensors", marker, timm.create_model("test_resnet").state_dict())
+    plant(bad / "pytorch_model.bin", marker)
+    line = one_error_line(runner.invoke(app, ["finetune", str(bad), "--data", str(data)]))
+    assert "not a complete safetensors file" in line and not marker.exists()
+    with pytest.raises(RetrofitError, match="not a complete safetensors file"):
+        retrofit.from_pretrained(bad)
+    assert not marker.exists()
+
+
+def test_the_folder_weights_are_checked_like_a_file(folder, tmp_path):
+    bad = edited(folder, tmp_path, lambda c: None)
+    rewrite_header(bad / "model.safetensors", bad / "model.safetensors", relabel_floats)
+    with pytest.raises(RetrofitError, match=r"\d+ dtype mismatches \(e.g. .*: I32 in the file, float32 in the model\)"):
+        retrofit.from_pretrained(bad)

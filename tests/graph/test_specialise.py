@@ -41,7 +41,7 @@ def test_swin_tiny_after_set_input_size_computes_what_the_original_does(swin_tin
     now shifts its windows, where at 224 (7x7, one window) it did not."""
     original, se = swin_tiny
     blocks = [m for m in se.modules() if type(m).__name__ == "SwinTransformerBlock"]
-    assert len(se._retrofit.blocks) == 2 * len(blocks) == 24
+    assert len(retrofit.get_info(se).blocks) == 2 * len(blocks) == 24
     same_after(original, se, 288, img_size=(288, 288))
     after = same_after(original, se, 448, img_size=(448, 448), window_size=7)
     last = after.layers[3].blocks[1]
@@ -65,7 +65,7 @@ def test_window_and_rope_families_after_set_input_size(name):
     kwargs, changes = FAMILIES[name]
     original = randomize(timm.create_model(name, **kwargs)).double()
     se = retrofit.add_se(original).eval()
-    assert se._retrofit.blocks
+    assert retrofit.get_info(se).blocks
     for size, change in changes:
         same_after(original, se, size, **change)
 
@@ -91,7 +91,7 @@ def test_script_pickle_copy_fx_and_a_second_retrofit_follow_too():
                                              tracer_kwargs=tracer).eval()
         torch.testing.assert_close(next(iter(extractor(x).values())), expected, rtol=0, atol=0)
         twice = retrofit.add_se(se, position="post", input_size=(3, 288, 288)).eval()
-        assert len(twice._retrofit.blocks) == 2 * len(se._retrofit.blocks)
+        assert len(retrofit.get_info(twice).blocks) == 2 * len(retrofit.get_info(se).blocks)
         torch.testing.assert_close(twice(x), expected, rtol=0, atol=0)
 
 

@@ -32,7 +32,7 @@ def test_totals_are_sums_of_blocks_and_stages():
         report = measure_overhead(model, se)
         assert report.added_params == sum(b.params for b in report.blocks) == sum(s.params for s in report.stages())
         assert report.added_macs == sum(b.macs for b in report.blocks) == sum(s.macs for s in report.stages())
-        assert [b.path for b in report.blocks] == [b.path for b in se._retrofit.blocks]
+        assert [b.path for b in report.blocks] == [b.path for b in retrofit.get_info(se).blocks]
         for b in report.blocks:  # each block: 2 C w multiply-adds, C H W per pass (hand formula)
             assert b.macs == 2 * b.channels * b.width
             assert b.pool_ops == b.scale_ops == b.channels * b.size[0] * b.size[1]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import retrofit
+from retrofit.surgery.info import update_info
 from retrofit import RetrofitError
 from retrofit.graph.forward import installed
 from retrofit.surgery import insert as insert_module
@@ -44,11 +45,11 @@ def test_a_failure_halfway_leaves_the_model_as_it_was(fail_at, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         retrofit.add_se(model, inplace=True, input_size=(3, 32, 32))
     assert len(calls) == fail_at
-    assert list(model.state_dict()) == keys and forwards(model) == [] and not hasattr(model, "_retrofit")
+    assert list(model.state_dict()) == keys and forwards(model) == [] and retrofit.get_info(model) is None
     assert not any(name.endswith(".se") for name, _ in model.named_modules())
     assert torch.equal(model(X), out)
     monkeypatch.setattr(insert_module, "install_forward", real)
-    assert len(retrofit.add_se(model, inplace=True, input_size=(3, 32, 32))._retrofit.blocks) == 8  # and it still can
+    assert len(retrofit.get_info(retrofit.add_se(model, inplace=True, input_size=(3, 32, 32))).blocks) == 8  # and it still can
 
 
 def test_a_failed_second_retrofit_leaves_the_first(monkeypatch):
@@ -66,17 +67,17 @@ def test_a_failed_second_retrofit_leaves_the_first(monkeypatch):
     monkeypatch.setattr(insert_module, "install_forward", install)
     with pytest.raises(RuntimeError, match="fails halfway"):
         retrofit.add_se(model, position="post", inplace=True, input_size=(3, 32, 32))
-    assert forwards(model) == before and len(model._retrofit.blocks) == 8 and torch.equal(model(X), out)
+    assert forwards(model) == before and len(retrofit.get_info(model).blocks) == 8 and torch.equal(model(X), out)
 
 
 def test_a_second_retrofit_keeps_the_provenance_of_the_weights(tmp_path):
     """Issue 22's mutation of insert.py:118: the weights' provenance lost after a second add_se."""
     se = retrofit.add_se(timm.create_model("test_resnet"), r=4, input_size=(3, 32, 32))
-    se._retrofit.weights = "checkpoint"  # what `add-se --checkpoint` records
+    update_info(se, weights="checkpoint")  # what `add-se --checkpoint` records
     loaded = retrofit.load(retrofit.save(se, tmp_path / "se.safetensors"))
-    assert loaded._retrofit.weights == "checkpoint"
+    assert retrofit.get_info(loaded).weights == "checkpoint"
     again = retrofit.add_se(loaded, position="post", stages=[5], r=4, input_size=(3, 32, 32))
-    assert again._retrofit.weights == "checkpoint" and len(again._retrofit.blocks) == len(se._retrofit.blocks) + 1
+    assert retrofit.get_info(again).weights == "checkpoint" and len(retrofit.get_info(again).blocks) == len(retrofit.get_info(se).blocks) + 1
 
 
 SCALE = torch.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1)  # a tensor no module holds: fx keeps it as a constant
@@ -101,8 +102,8 @@ def test_fx_constants_do_not_change_the_state_dict():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ScaledUnit(), ScaledUnit())
     keys = set(model.state_dict())
     se = retrofit.add_se(model, r=2, input_size=(3, 16, 16))
-    blocks = {k for k in se.state_dict() if any(k.startswith(b.path + ".") for b in se._retrofit.blocks)}
-    assert len(se._retrofit.blocks) == 2 and blocks
+    blocks = {k for k in se.state_dict() if any(k.startswith(b.path + ".") for b in retrofit.get_info(se).blocks)}
+    assert len(retrofit.get_info(se).blocks) == 2 and blocks
     assert set(se.state_dict()) == keys | blocks
     assert [name for name, _ in se[1].named_buffers()] == ["_retrofit_constant0"]  # the constant is there
     x = torch.randn(2, 3, 16, 16)
@@ -145,7 +146,7 @@ def test_a_position_with_no_usable_site_is_an_error():
     with pytest.raises(RetrofitError, match="position 'inside' has no usable site in Sequential: inside: its output "
                                             "already ends the residual branch: a block there is the standard position"):
         retrofit.add_se(model, position="inside", input_size=(3, 16, 16))
-    assert len(retrofit.add_se(model, position="standard", r=8, input_size=(3, 16, 16))._retrofit.blocks) == 2
+    assert len(retrofit.get_info(retrofit.add_se(model, position="standard", r=8, input_size=(3, 16, 16))).blocks) == 2
 
 
 class TwoReaders(nn.Module):
@@ -168,7 +169,7 @@ def test_an_insertion_read_in_two_submodules_is_owned_by_their_common_forward():
     unit = randomize(TwoReaders())
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), unit).eval()
     se = randomize(retrofit.add_se(model, position="pre", r=2, init="paper", input_size=(3, 16, 16))).eval()
-    assert [b.path for b in se._retrofit.blocks] == ["1.se_pre"] and forwards(se) == ["1"]
+    assert [b.path for b in retrofit.get_info(se).blocks] == ["1.se_pre"] and forwards(se) == ["1"]
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         h = se[0](x)

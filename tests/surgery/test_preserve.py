@@ -38,7 +38,7 @@ def test_resnet50_every_position_and_gate(resnet50_random, position, gate):
 @pytest.mark.parametrize("gate", GATE_NAMES)
 def test_inception_v3_every_position_and_gate(inception_v3_random, position, gate):
     se = retrofit.add_se(inception_v3_random, position=position, gate=gate, input_size=(3, 96, 96))
-    assert len(se._retrofit.blocks) == 11
+    assert len(retrofit.get_info(se).blocks) == 11
     check(inception_v3_random, se, torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(8)), gate)
 
 
@@ -70,10 +70,10 @@ def test_one_block_per_unit_of_convnextv2_and_rexnet(partial_and_norm_models, na
         units = [m for m in model.modules() if isinstance(m, LinearBottleneck) and m.use_shortcut]
         wide = {"standard": "out_channels", "post": "out_channels", "identity": "in_channels"}.get(position)
         if wide is not None:  # standard: all of the branch before it is split; identity: the shortcut
-            assert [b.channels for b in se._retrofit.blocks] == [getattr(m, wide) for m in units]
+            assert [b.channels for b in retrofit.get_info(se).blocks] == [getattr(m, wide) for m in units]
     else:
         units = [m for m in model.modules() if type(m).__name__ == "ConvNeXtBlock"]
-        assert not any(".grn." in b.path for b in se._retrofit.blocks)
-    assert len(se._retrofit.blocks) == len(units)
+        assert not any(".grn." in b.path for b in retrofit.get_info(se).blocks)
+    assert len(retrofit.get_info(se).blocks) == len(units)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     check(model, se, x, "sigmoid")

@@ -43,7 +43,7 @@ def tuned(tmp_path_factory):
     real = ablation_module.finetune
 
     def recording(model, *args, **kwargs):
-        info = getattr(model, "_retrofit", None)
+        info = retrofit.get_info(model)
         calls.append((info.recipe if info is not None else None, kwargs["seed"], kwargs.get("epochs")))
         return real(model, *args, **kwargs)
 
@@ -67,7 +67,7 @@ def hand_run(tmp, data, recipe, seed, epochs=EPOCHS):
     plain = five_class_model()  # before the seed: building it draws random numbers
     torch.manual_seed(seed)
     se = retrofit.add_se(plain, recipe, input_size=(3, SIZE, SIZE))
-    return retrofit.finetune(se, data, epochs, seed=seed, restore_best=False, **FAST)
+    return retrofit.finetune(se, data, epochs=epochs, seed=seed, restore_best=False, **FAST)
 
 
 def test_complete_trials_are_finetune_runs_pruned_ones_stopped_and_none_over_the_limit_trained(tuned):
@@ -125,7 +125,7 @@ def test_the_finish_reruns_finalists_and_controls_on_the_sweeps_seeds(tuned):
     for i, seed in enumerate((0, 1)):
         ref = hand_run(tuned["tmp"], tuned["data"], retrofit.Recipe.from_dict(first["recipe"]), seed)
         assert first["top1_per_seed"][i] == ref.rows[-1]["top1"] and first["val_loss_per_seed"][i] == ref.rows[-1]["val_loss"]
-    full = retrofit.finetune(five_class_model(), tuned["data"], 0, phase2_epochs=EPOCHS, seed=1, restore_best=False, **FAST)
+    full = retrofit.finetune(five_class_model(), tuned["data"], epochs=0, phase2_epochs=EPOCHS, seed=1, restore_best=False, **FAST)
     assert rows[2]["top1_per_seed"][1] == full.rows[-1]["top1"]
     best = max(rows[:3], key=lambda r: r["top1"])
     diffs = [a - b for a, b in zip(first["top1_per_seed"], best["top1_per_seed"])]
@@ -152,7 +152,7 @@ def test_best_recipe_yaml_rebuilds_the_winner_through_add_se(tuned):
     if stages != "all":
         assert [s["stage"] for s in built["stages"]] == stages
     saved = retrofit.load(out / "best.safetensors")  # the winner's seed-0 model, loadable
-    assert saved._retrofit.recipe == retrofit.Recipe.from_dict(win["recipe"])
+    assert retrofit.get_info(saved).recipe == retrofit.Recipe.from_dict(win["recipe"])
     assert not (out / "finalists").exists() and not list(out.rglob("*.tmp"))
     assert (tuned["tmp"] / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --plot drew every trial
 
@@ -166,7 +166,7 @@ def test_the_python_api_gives_the_same_rows_and_summary(tuned, monkeypatch):
     result = retrofit.tune(plain, tuned["data"], {"r": [2, 4, 16], "position": ["standard", "identity"],
                                                   "stages": ["all", "4+5"]}, trials=6, epochs=EPOCHS,
                            input_size=(3, SIZE, SIZE), pruner="sha", max_params="10%", finalists=2, seeds=2,
-                           output_dir=tuned["out"], train=FAST)
+                           output_dir=tuned["out"], **FAST)
     assert result.trials == tuned["json"]["trials"]
     assert json.loads(json.dumps([r.to_dict() for r in result.rows])) == tuned["json"]["rows"]
     assert result.summary == tuned["json"]["summary"] and result.verdict == tuned["json"]["verdict"]
@@ -334,7 +334,7 @@ def test_a_recipe_that_fails_teaches_the_sampler_and_is_never_trained_again(tune
     real = ablation_module.finetune
 
     def recording(model, *args, **kwargs):
-        calls.append(json.dumps(model._retrofit.recipe.to_dict(), sort_keys=True))
+        calls.append(json.dumps(retrofit.get_info(model).recipe.to_dict(), sort_keys=True))
         return real(model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:

@@ -170,7 +170,7 @@ from support import five_class_model, SIZE
 out, data = sys.argv[1], sys.argv[2]
 res = retrofit.tune(five_class_model(), data, {{"r": [4, 16], "position": ["standard", "identity"]}}, trials=3,
                     epochs=2, input_size=(3, SIZE, SIZE), pruner="sha", finalists=1, seeds=2, output_dir=out,
-                    train=dict(batch_size=8, lr=1e-2, workers=0, augment=False, device="cpu"))
+                    batch_size=8, lr=1e-2, workers=0, augment=False, device="cpu")
 with open(out + ".rank" + os.environ.get("RANK", "0") + ".json", "w") as f:
     json.dump({{"trained": res.trained, "trials": res.trials, "rows": [r.to_dict() for r in res.rows]}}, f)
 '''
@@ -258,12 +258,12 @@ from retrofit.sweep import ablation
 from support import SIZE, five_class_model
 real = ablation.finetune
 def finetune(model, *args, **kwargs):  # the out-of-memory killer, each time the recipe with r 16 trains
-    if getattr(model, "_retrofit", None) is not None and model._retrofit.recipe.r == 16:
+    if retrofit.get_info(model) is not None and retrofit.get_info(model).recipe.r == 16:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(model, *args, **kwargs)
 ablation.finetune = finetune
 res = retrofit.tune(five_class_model(), sys.argv[2], {{"r": [4, 16]}}, trials=2, epochs=1, input_size=(3, SIZE, SIZE),
-                    finalists=0, output_dir=sys.argv[1], train=dict(batch_size=8, lr=1e-2, workers=0))
+                    finalists=0, output_dir=sys.argv[1], batch_size=8, lr=1e-2, workers=0)
 print(json.dumps(res.trials))
 '''
 

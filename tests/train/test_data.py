@@ -37,7 +37,7 @@ def test_links_are_followed_once_and_nested_folders_belong_to_their_class(tmp_pa
     assert "reached again through a symbolic link" in result.stderr
     assert rows(tmp_path / "run")[-1]["train_images"] == 24
     with pytest.warns(RetrofitWarning, match="reached again"):
-        data = ImageFolderData.open(root, se_model(), (3, 32, 32))
+        data = ImageFolderData.open(root, se_model(), (3, 32, 32), augment=True)
     labels = {os.path.basename(p): data.classes[c] for p, c in data.train.reader.samples}
     assert labels["moved.png"] == "class2" and data.classes == ["class0", "class1", "class2"]
 

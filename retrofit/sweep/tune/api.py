@@ -17,7 +17,7 @@ import random
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,6 +25,7 @@ import optuna
 from torch import nn
 
 from ...errors import RetrofitError, excerpt
+from ...events import Event, OnEvent, emit, legacy
 from ...files.provenance import random_weights
 from ...graph.model import model_name, resolve_input_size
 from ...measure.overhead import traced_cost
@@ -32,9 +33,10 @@ from ...surgery.insert import paused_gc
 from ...surgery.recipe import Recipe, resolve_recipe
 from ...surgery.sites import Scan, scan
 from ...train.data import ImageFolderData
+from ...train.config import FinetuneConfig
 from ...train.distributed import PeerLost, setup, watch_peers
-from ...train.settings import Settings
 from ..ablation import check_accuracy_run, verdict
+from ..grid import finetune_config
 from ..rows import SweepRow
 from .claim import Budget, run_trials
 from .finish import final_study, finalists, finish, follow_job, model_of, winner
@@ -67,13 +69,14 @@ class TuneResult:
 
 
 def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path | None = None, *,
-         trials: int | None = None, budget: int | str | None = None, epochs: int = 1,
+         trials: int | None = None, budget: int | str | None = None,
          recipe: Recipe | str | dict | None = None, input_size: tuple[int, ...] | None = None,
          max_params: str | float | None = None, max_macs: str | float | None = None,
          max_latency: float | None = None, sampler: str = "tpe", pruner: str = "hyperband", finalists: int = 3,
          seeds: int = 3, search_seed: int = 100, storage: str | None = None, study: str = "tune",
-         output_dir: str | Path | None = None, train: dict[str, Any] | None = None, adapter: bool = False,
-         found: Scan | None = None, on_line: Callable[[str], None] | None = None) -> TuneResult:
+         output_dir: str | Path | None = None, config: FinetuneConfig | None = None, adapter: bool = False,
+         found: Scan | None = None, on_event: OnEvent | None = None, train: dict[str, Any] | None = None,
+         on_line: Callable[[str], None] | None = None, **options: Any) -> TuneResult:
     """Search ``space`` for the recipe that pays on ``model`` and ``data``, then re-run the best over seeds
     next to the sweep's control arms.
 
@@ -87,7 +90,6 @@ def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path
         trials: how many trials count (complete or pruned; those over a limit or repeating a recipe do not).
         budget: training epochs of the whole study (``60``), or this process's wall time (``"2h"``,
             ``"30m"``, ``"90s"``); with ``trials``, whichever comes first.
-        epochs: phase-1 epochs of every trial (its searched phase-2 epochs come on top).
         recipe: the other recipe fields; input_size: ``(C, H, W)`` (default: timm's ``pretrained_cfg``).
         max_params, max_macs: a count or a share (``"2%"``) of the model's; max_latency: a ratio to the
             original's forward time. A recipe over one is never trained.
@@ -98,13 +100,21 @@ def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path
         storage: an RDB URL or a journal file shared by several processes (default: ``OUT/study.journal``);
             study: the study's name in it.
         output_dir: the tune's folder (default: ``MODEL-tune/``).
-        train: other keyword arguments of :func:`retrofit.finetune` for every run (``lr``, ``batch_size``,
-            ``phase2_lr``, ``augment``, ``workers``, ``device``, ``smoothing``, ``distill``...).
+        config: the fine-tune of every run (:class:`retrofit.FinetuneConfig`): ``epochs`` are the phase-1
+            epochs of every trial (its searched phase-2 epochs come on top), ``lr`` its rate unless the space
+            searches it, ``phase2_lr`` the ``full`` control's; the tune sets the seed and what trains.
+        **options: fields of :class:`retrofit.FinetuneConfig` overriding ``config``'s (``epochs=3``,
+            ``batch_size=16``...), checked as :func:`retrofit.finetune` checks them.
         adapter: save the winner as an adapter (``adapter.safetensors``) instead of a full model.
         found: a scan of ``model`` at ``input_size`` with ``macs=True``, if you have one.
-        on_line: called with each progress line (rank 0).
+        on_event: called with each :class:`retrofit.Event` of the tune (rank 0): a ``line`` per trial and
+            per progress message.
+        train, on_line: deprecated: ``config``/``**options`` and ``on_event``.
     """
-    seeds_, train_ = check_accuracy_run(model, seeds, epochs, train)
+    config = finetune_config(config, train, options, "retrofit.tune")
+    on_event = legacy(on_event, "retrofit.tune", on_line=on_line)
+    seeds_ = check_accuracy_run(model, seeds, config)
+    epochs = config.epochs
     check_counts(trials, budget, finalists)
     base_recipe = resolve_recipe(recipe)
     size = resolve_input_size(model, input_size)
@@ -116,15 +126,16 @@ def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path
     base_cost = traced_cost(found.traced, found.macs)
     check_meetable(chosen_space, limits, found, base_cost)
     out = Path(output_dir if output_dir is not None else f"{model_name(model)}-tune").expanduser()
-    distill = train_.pop("distill", False)
-    env = setup(train_.get("device"))  # held for the whole tune: every run joins the same process group
+    distill, config = config.distill, config.replace(distill=False)
+    env = setup(config.device)  # held for the whole tune: every run joins the same process group
     verbosity = optuna.logging.get_verbosity()
     try:
         with warnings.catch_warnings():
             quiet()
-            pipeline = ImageFolderData.open(data, model, size, augment=train_.get("augment", True))
-            search = Search(model, found, base_cost, pipeline, chosen_space, limits, epochs, search_seed, train_,
-                            distill, size, Voice(env.world), on_line if env.main else None)
+            pipeline = ImageFolderData.open(data, model, size, augment=config.augment)
+            say = (lambda line: emit(on_event, Event("tune", "line", line))) if env.main else None
+            search = Search(model, found, base_cost, pipeline, chosen_space, limits, epochs, search_seed, config,
+                            distill, size, Voice(env.world), say)
             settings = dict(trials=trials, budget=budget, sampler=sampler, pruner=pruner, finalists=finalists,
                             seeds=seeds_, storage=storage, study=study, out=out, adapter=adapter)
             with tune_peers(env.world):
@@ -233,11 +244,11 @@ def _results(search: Search, s: dict, rows, summ, finish_rows, storage) -> dict[
 
 
 def _identity(search: Search, s: dict) -> dict[str, Any]:
-    # every setting that decides a number, defaults filled in (so the CLI's and a Python call's compare equal);
-    # the data loaders' process count decides none
-    settings = {f.name: search.train.get(f.name, f.default) for f in fields(Settings)
-                if f.name not in ("epochs", "phase2_epochs", "seed", "train_head", "train_norms")}
-    settings["device"] = search.train.get("device")
+    # every setting that decides a number (so the CLI's and a Python call's compare equal); the data loaders'
+    # process count decides none; distill is recorded apart (the runs' config has it off)
+    settings = {k: v for k, v in search.config.decisive().items()
+                if k not in ("epochs", "phase2_epochs", "seed", "train_head", "train_norms")}
+    settings["device"] = search.config.device
     return identity(model=model_identity(search.model, search.input_size), data=data_identity(search.pipeline),
                     space=search.space.to_dict(),
                     settings={"epochs": search.epochs, "search_seed": search.seed, "train": settings,

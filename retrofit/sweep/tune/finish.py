@@ -52,7 +52,7 @@ def finalists(trials, k: int) -> list:
 
 def control_settings(search: Search, chosen: list) -> list[dict[str, Any]]:
     """The (lr, epochs) the controls run at: the tune's own, and each finalist's when they are searched."""
-    base = {"lr": search.train.get("lr", 1e-3), "epochs": search.epochs}
+    base = {"lr": search.config.lr, "epochs": search.epochs}
     settings = [] if search.space.lr is not None else [base]
     for t in chosen:
         searched = t.user_attrs.get("train") or {}

@@ -3,7 +3,7 @@
 A trial trains exactly what the sweep trains for that recipe and seed: ``torch.manual_seed(seed);
 retrofit.add_se(model, recipe)`` (:func:`retrofit.sweep.ablation.build_retrofitted`), fine-tuned by
 :func:`retrofit.sweep.ablation.run_arm` with the search seed; the pruner sees val top-1 after each epoch
-through the fine-tune's ``on_epoch`` hook, which draws no random number. So a complete trial's rows are
+through the fine-tune's ``on_event`` hook (its ``epoch`` events), which draws no random number. So a complete trial's rows are
 bitwise those of ``retrofit finetune`` of that recipe with ``--seed`` the search seed (on CPU), and a pruned
 trial's are the first rows of that run (the schedule is that of all its epochs). The trial's value is its
 last epoch's val top-1; its rows, costs and reason live in the store (user attrs), the one source of truth
@@ -31,6 +31,7 @@ from torch import nn
 from ...measure.overhead import ModelCost
 from ...surgery.recipe import Recipe
 from ...surgery.sites import Scan
+from ...train.config import FinetuneConfig
 from ...train.data import ImageFolderData
 from ...train.distributed import PeerLost
 from ..ablation import build_retrofitted, failure, run_arm
@@ -55,7 +56,7 @@ class Search:
     limits: Limits
     epochs: int                 # phase-1 epochs of every run
     seed: int                   # the search seed
-    train: dict[str, Any]       # the other fine-tune options (lr, batch_size...; no distill)
+    config: FinetuneConfig      # the fine-tune options of every run (lr, batch_size...; distill off: see distill)
     distill: bool
     input_size: tuple[int, ...]
     voice: Voice
@@ -64,19 +65,19 @@ class Search:
     worker: Worker | None = None  # rank 0's place in the study (set once the study is open)
 
     def run(self, what: str, recipe: Recipe | None, searched: dict[str, Any], seed: int, *,
-            model: nn.Module | None = None, on_epoch=None, **options) -> dict[str, Any]:
+            model: nn.Module | None = None, on_event=None, **options) -> dict[str, Any]:
         """One fine-tune (a trial or a finish job; ``recipe`` None: a control arm of the original network),
         logged in :attr:`trained`."""
         if model is None:
             model = copy.deepcopy(self.model) if recipe is None else build_retrofitted(self.model, self.found, recipe, seed)
-        train = {**self.train, **({"lr": searched["lr"]} if "lr" in searched else {})}
+        config = self.config.replace(epochs=options.pop("epochs", self.epochs),
+                                     **({"lr": searched["lr"]} if "lr" in searched else {}))
         if recipe is not None and self.distill:
             options = {**options, "distill": True}
         phase1 = options.pop("phase1", True)
-        epochs = options.pop("epochs", self.epochs)
-        result = run_arm(self.pipeline, model, seed, epochs=epochs, input_size=self.input_size, train=train,
-                         phase1=phase1, phase2_epochs=searched.get("phase2_epochs", 0) if phase1 else 0,
-                         on_epoch=on_epoch, **options)
+        result = run_arm(self.pipeline, model, config, seed, input_size=self.input_size, phase1=phase1,
+                         phase2_epochs=searched.get("phase2_epochs", 0) if phase1 else 0, on_event=on_event,
+                         **options)
         result["model"] = model
         self.trained.append({"what": what, "seed": seed, "epochs": result["last"]["epoch"],
                              "top1": result["last"]["top1"], "val_loss": result["last"]["val_loss"]})
@@ -90,7 +91,7 @@ class Search:
 
 
 class Reporter:
-    """The ``on_epoch`` hook of a trial on rank 0: report val top-1, ask the pruner before the last epoch
+    """The ``on_event`` hook of a trial on rank 0 (its ``epoch`` events): report val top-1, ask the pruner before the last epoch
     (a rung at the last epoch would throw a finished run away). A store error stops the run, to be raised
     after it (so every rank leaves the fine-tune together)."""
 
@@ -98,7 +99,8 @@ class Reporter:
         self.trial, self.total = trial, total
         self.pruned, self.error = False, None
 
-    def __call__(self, row: dict[str, Any]) -> bool:
+    def __call__(self, event) -> bool:
+        row = event.data
         try:
             self.trial.report(row["top1"], row["epoch"])
             self.pruned = row["epoch"] < self.total and self.trial.should_prune()
@@ -143,7 +145,7 @@ def train_trial(search: Search, trial, cand: Candidate, model: nn.Module) -> flo
     search.voice.send(("trial", trial.number, cand.recipe, cand.train))
     hook = Reporter(trial, search.total_epochs(cand.train))
     try:
-        result = search.run(f"trial {trial.number}", cand.recipe, cand.train, search.seed, model=model, on_epoch=hook)
+        result = search.run(f"trial {trial.number}", cand.recipe, cand.train, search.seed, model=model, on_event=hook)
     except PeerLost:
         raise  # not the recipe's fault: the trial stays RUNNING, and is retried once this process is gone
     except Exception as err:  # noqa: BLE001 - a failed fine-tune is a failed trial with its reason
@@ -163,14 +165,14 @@ def follow_trial(search: Search, number: int, recipe: Recipe, searched: dict[str
     (the hook is rank 0's alone). A failed fine-tune fails on every rank alike (the gradient check is
     decided on all-reduced gradients): rank 0 records it and goes on, so this rank goes on too."""
     try:
-        search.run(f"trial {number}", recipe, searched, search.seed, on_epoch=_listen)
+        search.run(f"trial {number}", recipe, searched, search.seed, on_event=_listen)
     except PeerLost:
         raise
     except Exception:  # noqa: BLE001 - rank 0 has the same failure, and says it
         pass
 
 
-def _listen(row: dict[str, Any]) -> bool:
+def _listen(event) -> bool:
     """A follower's hook: it decides nothing, but joins the per-epoch vote in which rank 0's stop arrives."""
     return False
 

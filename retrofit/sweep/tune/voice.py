@@ -4,7 +4,7 @@ The known pitfall is each rank asking its own sampler (two ranks drew x = 0.61 a
 test) or pruning on one rank only. Here rank 0 alone opens the store, asks, checks the limits and dedupes;
 it sends each trial's recipe (one ``broadcast_object_list``), every rank builds and fine-tunes it as one
 DistributedDataParallel run, rank 0 reports each epoch to the pruner and its decision reaches every rank
-through the fine-tune's ``on_epoch`` hook (the run ends on all of them when it ends on one). The finish's
+through the fine-tune's ``on_event`` hook (the run ends on all of them when it ends on one). The finish's
 jobs go the same way, and a last message carries the result, or rank 0's error as its one line, which every
 other rank raises as its own (so no rank waits for ever and every rank exits alike). A fine-tune that fails
 fails on every rank alike (the gradient check is decided on all-reduced gradients): rank 0 records it and
