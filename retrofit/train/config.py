@@ -164,6 +164,25 @@ class FinetuneConfig:
 OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(FinetuneConfig))
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(FinetuneConfig)}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(FinetuneConfig)}
+# What one accuracy run of a sweep or a tune takes from the user (their options, and the sweep's JSON `train`); the
+# sweep sets the seeds and what trains itself, and each adds its own epochs (and sweep its lr; tune's lr is an axis)
+RUN_OPTIONS = ("phase2_lr", "batch_size", "augment", "workers", "device", "smoothing", "mixup", "cutmix",
+               "ema_decay", "clip_grad", "clip_mode", "backbone_lr_scale", "channels_last", "distill",
+               "distill_weight", "distill_temperature")
+
+
+EVAL_OPTIONS = ("batch_size", "workers", "device")  # what an evaluation (inspect, fold) takes of them
+
+
+def eval_config(config: "FinetuneConfig | None", options: Mapping[str, Any], where: str) -> "FinetuneConfig":
+    """The options of an evaluation (:func:`retrofit.inspect`, :func:`retrofit.fold`): ``config`` with ``options``
+    on top, which may be only :data:`EVAL_OPTIONS` (one default each: the fine-tune's)."""
+    other = [name for name in options if name not in EVAL_OPTIONS]
+    if other:
+        check_names(options, where)  # an unknown name names the closest option
+        raise RetrofitError(f"{where} takes of the fine-tune options only {', '.join(EVAL_OPTIONS)}, not "
+                            f"{excerpt(other[0])}")
+    return FinetuneConfig.build(config, **options)
 
 
 def check_names(options: Mapping[str, Any], where: str) -> None:
