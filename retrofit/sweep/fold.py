@@ -37,7 +37,7 @@ from ..measure.overhead import Overhead, compare, cost
 from ..surgery.fold import constant_scales, fold_scales, gates, info_of, require_gates
 from ..surgery.recipe_fields import matches
 from ..surgery.strip import strip
-from ..train.config import FinetuneConfig, eval_config
+from ..train.config import FinetuneConfig
 from ..train.data import ImageFolderData
 from ..train.inspect import Evaluator, open_images, read_gates
 
@@ -130,6 +130,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         >>> retrofit.save(result.model, "folded.safetensors")
     """
     tolerance = check_tolerance(tolerance)
+    config = FinetuneConfig.build(config, **options)
     candidates = _candidates(model, blocks)
     target = copy.deepcopy(model)
     already = len(info_of(target).folds)  # folds of an earlier call stay; the report is of this one's
@@ -143,8 +144,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
     size = info_of(target).input_size
     base = cost(strip(target), size)
     before_cost = compare(base, cost(target, size))
-    settings = eval_config(config, options, "retrofit.fold")
-    opened = open_images(target, data, settings, images=images) if data is not None else None
+    opened = open_images(target, data, config, images=images) if data is not None else None
     row, reports = (read_gates(target, opened)[:2]) if opened is not None else (None, [])
     local = {r.path: r for r in reports}
     if searching:

@@ -171,20 +171,6 @@ RUN_OPTIONS = ("phase2_lr", "batch_size", "augment", "workers", "device", "smoot
                "distill_weight", "distill_temperature")
 
 
-EVAL_OPTIONS = ("batch_size", "workers", "device")  # what an evaluation (inspect, fold) takes of them
-
-
-def eval_config(config: "FinetuneConfig | None", options: Mapping[str, Any], where: str) -> "FinetuneConfig":
-    """The options of an evaluation (:func:`retrofit.inspect`, :func:`retrofit.fold`): ``config`` with ``options``
-    on top, which may be only :data:`EVAL_OPTIONS` (one default each: the fine-tune's)."""
-    other = [name for name in options if name not in EVAL_OPTIONS]
-    if other:
-        check_names(options, where)  # an unknown name names the closest option
-        raise RetrofitError(f"{where} takes of the fine-tune options only {', '.join(EVAL_OPTIONS)}, not "
-                            f"{excerpt(other[0])}")
-    return FinetuneConfig.build(config, **options)
-
-
 def check_names(options: Mapping[str, Any], where: str) -> None:
     """An unknown option name is one error naming the closest known one."""
     for name in options:

@@ -22,7 +22,7 @@ from ..blocks.excitation import input_independent
 from ..errors import RetrofitError, excerpt
 from ..measure.excitation import GateReport, Recorder, replaced
 from ..surgery.fold import gates, info_of, require_gates
-from .config import FinetuneConfig, eval_config
+from .config import FinetuneConfig
 from .data import ImageFolderData, collate
 from .distributed import Dist, check_device
 from .evaluate import evaluate
@@ -77,14 +77,14 @@ class Evaluator:
         model.to(self.env.device)
         return evaluate(model, self.batches if batches is None else batches, classes=len(self.classes),
                         env=self.env, progress=Progress(False), label=label, seen_bad=set(), root=self.data.root,
-                        channels_last=False)  # the model's own memory layout: it is read, not trained
+                        channels_last=False)
 
 
 def open_images(model: nn.Module, data: str | Path | ImageFolderData, config: FinetuneConfig, *,
                 images: int | None = None) -> Evaluator:
     """The val split of ``data`` (``images``: an evenly spaced subset of that many) for ``model``, whose
-    classifier must have the data's number of classes, read by ``config``'s ``batch_size``, ``workers`` and
-    ``device``.
+    classifier must have the data's number of classes; read ``config.batch_size`` images at a time by
+    ``config.workers`` processes, on ``config.device``.
 
     Raises:
         RetrofitError: a bad folder, a data set with another number of classes than the model, a bad count.
@@ -169,9 +169,10 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
             or an open :class:`~retrofit.train.data.ImageFolderData`.
         images: read an evenly spaced subset of this many val images (default: all).
         output_change: also measure each gate's constancy at the model's output (one more pass per gate).
-        config, **options: of :class:`retrofit.FinetuneConfig`'s options, those that read images:
+        config, **options: the evaluation reads three options of :class:`retrofit.FinetuneConfig`:
             ``batch_size`` (images per forward pass), ``workers`` (data-loading processes) and ``device``
-            (``cpu``, ``cuda`` or ``cuda:N``; default: cuda when available), with their defaults.
+            (``cpu``, ``cuda`` or ``cuda:N``; default: cuda when available); given as a config, keyword
+            arguments, or both (the keywords win).
 
     Returns:
         An :class:`Inspection`: per gate the stage, position, mean excitation, its spread across images and
@@ -190,7 +191,7 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
     """
     require_gates(model, "inspect")
     others = gates(model)[1]
-    opened = open_images(model, data, eval_config(config, options, "retrofit.inspect"), images=images)
+    opened = open_images(model, data, FinetuneConfig.build(config, **options), images=images)
     mode = model.training
     try:
         row, reports, logits = read_gates(model, opened, logits=output_change)

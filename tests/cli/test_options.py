@@ -89,7 +89,7 @@ OTHER = {("measure/latency.py", "measure_latency", "seed"): "the seed of the tim
          ("sweep/check.py", "randomize", "seed"): "the seed of the random weights a check draws",
          ("blocks/attention.py", "build_attention", "device"): "a torch device to build the block on",
          ("blocks/se.py", "__init__", "device"): "a torch device to build the block on",
-         ("blocks/scale.py", "__init__", "device"): "a torch device to build the scale on",
+         ("blocks/scale.py", "__init__", "device"): "a torch device to build a folded gate's channel scale on",
          ("files/create.py", "build_named", "seed"): "the seed of a named model's random weights",
          ("sweep/tune/space.py", "space_from_options", "lr"): "the search axis or a fixed rate: None, not given",
          ("cli/tune.py", "tune_command", "lr"): "tune's search axis (a range), its default from the field",
