@@ -18,6 +18,8 @@ Example::
     >>> folded = retrofit.fold(se_model, "data/", tolerance=0.5).model   # gates that learnt a constant, folded
     >>> retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
     >>> retrofit.from_pretrained("se/")             # the same model again
+    >>> made = retrofit.create("resnet101", r=16)    # what `retrofit add-se resnet101 --r 16` computes
+    >>> report = retrofit.sweep_model("resnet50", r=[4, 16])   # `retrofit sweep`; tune_model: `retrofit tune`
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
 below (``lint-imports`` checks it; docs/architecture.md draws it):
@@ -75,6 +77,9 @@ _API: dict[str, str] = {
     "load": "files.checkpoint",
     "save_pretrained": "files.pretrained",
     "from_pretrained": "files.pretrained",
+    "create": "files.create",
+    "create_model": "files.create",
+    "Retrofitted": "files.create",
     "finetune": "train.finetune",
     "FinetuneResult": "train.result",
     "FinetuneConfig": "train.config",
@@ -84,7 +89,11 @@ _API: dict[str, str] = {
     "fold": "sweep.fold",
     "FoldResult": "sweep.fold",
     "sweep": "sweep.grid",
+    "sweep_model": "sweep.by_name",
+    "SweepReport": "sweep.by_name",
     "tune": "sweep.tune.api",
+    "tune_model": "sweep.tune.by_name",
+    "check_models": "sweep.check",
     "TuneResult": "sweep.tune.api",
     "RetrofitError": "errors",
     "RecipeError": "errors",
@@ -97,6 +106,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .errors import RecipeError, RetrofitError, RetrofitWarning
     from .events import Event
     from .files.checkpoint import load, save
+    from .files.create import Retrofitted, create, create_model
     from .files.pretrained import from_pretrained, save_pretrained
     from .measure.latency import measure_latency
     from .measure.overhead import Overhead, measure_overhead
@@ -109,8 +119,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .surgery.strip import strip
     from .surgery.trainable import Trainable, trainable_parameters
     from .sweep.fold import FoldResult, fold
+    from .sweep.by_name import SweepReport, sweep_model
+    from .sweep.check import check_models
     from .sweep.grid import sweep
     from .sweep.tune.api import TuneResult, tune
+    from .sweep.tune.by_name import tune_model
     from .train.finetune import finetune
     from .train.config import FinetuneConfig
     from .train.inspect import Inspection, inspect

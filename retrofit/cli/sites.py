@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .common import (AT, INPUT_SIZE, NUM_CLASSES, app, build_model, console, fail_cleanly, json_target, print_skipped,
+from .common import (AT, INPUT_SIZE, NUM_CLASSES, app, console, fail_cleanly, json_target, print_skipped,
                      say, write_json)
 
 
@@ -22,6 +22,7 @@ def sites_command(
     feature-pyramid merges (and, with --at, the outputs of the modules named); modules whose forward is
     kept as is, and what was skipped, with why."""
     # deferred: torch and timm load when a command runs, not for --help
+    from ..files.create import build_named
     from ..graph.model import model_name
     from ..graph.model import resolve_input_size
     from ..surgery.named import named_sites
@@ -31,7 +32,7 @@ def sites_command(
 
     globs = Recipe(at=at).at  # checked like the recipe field
     json_target(json_path)
-    net = build_model(model, None, False, num_classes)
+    net = build_named(model, num_classes=num_classes)
     found = scan(net, resolve_input_size(net, input_size))
     named = named_sites(found.traced, globs, model_name(net)) if globs else []
     if json_path != "-":
