@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "guides" / "python-equivalents.md"
 
 
+
+def as_json(value):
+    """``value`` as the JSON a command writes reads back (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
 def test_every_block_runs_as_written(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)\n```", PAGE.read_text(), flags=re.S)
     assert len(blocks) == 6, "the page lost its examples"
@@ -30,7 +35,7 @@ def test_every_block_runs_as_written(tmp_path, monkeypatch):
     for i, block in enumerate(blocks):
         exec(compile(block, f"{PAGE.name} block {i + 1}", "exec"), namespace)
     ns = namespace
-    assert len(ns["report"].rows) == 5 * 5 * 3 and json.loads(Path("sweep.json").read_text()) == ns["report"].to_dict()
+    assert len(ns["report"].rows) == 5 * 5 * 3 and json.loads(Path("sweep.json").read_text()) == as_json(ns["report"].to_dict())
     assert [row.arm for row in ns["accuracy"].rows][:3] == ["original", "head+norms", "full"]
     assert (tmp_path / "test_resnet-tune" / "tune.json").is_file() and ns["tuned"].output_dir.name == "test_resnet-tune"
     assert (tmp_path / "se-finetune" / "best.safetensors").is_file() and (tmp_path / "folded" / "config.json").is_file()
@@ -47,10 +52,10 @@ def cli_json(*args):
 
 def test_create_is_add_se():
     made = retrofit.create("resnet18", r=8, position="post", stages=[4, 5])
-    assert made.to_dict() == cli_json("add-se", "resnet18", "--r", "8", "--position", "post", "--stages", "4,5")
+    assert as_json(made.to_dict()) == cli_json("add-se", "resnet18", "--r", "8", "--position", "post", "--stages", "4,5")
 
 
 def test_sweep_model_is_sweep():
     report = retrofit.sweep_model("resnet18", r=[4, 16], position=["standard", "identity"], stages="all,4")
-    assert report.to_dict() == cli_json("sweep", "resnet18", "--r", "4,16", "--position", "standard,identity",
+    assert as_json(report.to_dict()) == cli_json("sweep", "resnet18", "--r", "4,16", "--position", "standard,identity",
                                          "--stages", "all,4")
