@@ -125,7 +125,7 @@ def test_fine_tune_trains_what_remains(data):
     folded = retrofit.fold(model).model
     neighbours = {k: v.clone() for k, v in folded.state_dict().items() if ".se_post" not in k}
     before = {k: v.clone() for k, v in folded.state_dict().items() if ".se_post" in k}
-    result = retrofit.finetune(folded, data, 1, augment=False, **FAST)
+    result = retrofit.finetune(folded, data, epochs=1, augment=False, **FAST)
     assert result.rows[-1]["name"] == "epoch 1"
     after = folded.state_dict()
     assert all(torch.equal(after[k], v) for k, v in neighbours.items() if "fc." not in k)  # backbone frozen
@@ -162,8 +162,8 @@ def test_an_all_folded_model_fine_tunes_its_head_and_saves_its_run(data, tmp_pat
     """Nothing of the retrofit is left to train, but the model is still a retrofit model: its run saves."""
     folded = retrofit.fold(moved(se_model(), varying=())).model
     with pytest.raises(retrofit.RetrofitError, match="every block of this model was folded"):
-        retrofit.finetune(folded, data, 1, **FAST)
-    retrofit.finetune(folded, data, 1, train_head=True, output_dir=tmp_path / "run", augment=False, **FAST)
+        retrofit.finetune(folded, data, epochs=1, **FAST)
+    retrofit.finetune(folded, data, epochs=1, train_head=True, output_dir=tmp_path / "run", augment=False, **FAST)
     best = retrofit.load(tmp_path / "run" / "best.safetensors")
     assert [f.path for f in info_of(best).folds] == [f.path for f in info_of(folded).folds]
     with torch.no_grad():
