@@ -15,7 +15,7 @@ Example::
     >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
-below (``lint-imports`` checks it; docs/architecture.md draws it):
+below (``lint-imports`` checks it; docs/contributing/architecture.md draws it):
 
 * :mod:`retrofit.errors`: the error users see;
 * :mod:`retrofit.blocks`: what is inserted (SE, timm's other attention blocks, their configuration);

@@ -1,5 +1,8 @@
 """Helpers the tests of several layers share: a tiny ImageFolder and the models trained on it, small
-networks of one's own, and the one-error-line check of the CLI. Fixtures live in conftest.py."""
+networks of one's own, the one-error-line check of the CLI, and the runner of the pages' python blocks.
+Fixtures live in conftest.py."""
+import re
+
 import numpy as np
 import timm
 import torch
@@ -121,3 +124,17 @@ def moved_off_identity(se, plain, generator):
             if name not in keys:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))
     return se
+
+
+def python_blocks(page):
+    """The ```python blocks of a Markdown page (the README, a page of docs/), in order."""
+    return re.findall(r"```python\n(.*?)\n```", page.read_text(), flags=re.S)
+
+
+def run_python_blocks(page, namespace, root):
+    """Run a page's python blocks as written, in order, in one ``namespace``, each compiled under the page's
+    path (relative to ``root``) and its number, so a failure names the block. Returns how many ran."""
+    blocks = python_blocks(page)
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{page.relative_to(root)} block {i + 1}", "exec"), namespace)
+    return len(blocks)

@@ -1,6 +1,6 @@
 """The package's layers hold: import-linter's contracts (pyproject.toml) are kept, and a deliberate upward
 import or circle breaks them; imports inside functions are documented deferrals; the facade imports
-nothing heavy; the tests follow the package's folders. See docs/architecture.md."""
+nothing heavy; the tests follow the package's folders. See docs/contributing/architecture.md."""
 import ast
 import shutil
 import subprocess

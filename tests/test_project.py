@@ -55,19 +55,17 @@ def test_readme_inline_finetune_call_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """The README's Python blocks, run as written (with a weights file and recipes they refer to)."""
+    """The README's Python blocks, run as written (with a weights file and recipes they refer to), by the
+    runner of every page's blocks (tests/test_docs.py)."""
     import timm
     from safetensors.torch import save_file
+    from support import run_python_blocks
 
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)
-    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     save_file(timm.create_model("resnet50").state_dict(), "my_resnet50.safetensors")
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     namespace = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+    assert run_python_blocks(ROOT / "README.md", namespace, ROOT) == 3
     assert namespace["report"].added_params > 0
     assert len(namespace["again"]._retrofit.blocks) == 2
     assert len(namespace["se_detector"]._retrofit.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge

@@ -2,7 +2,7 @@
 
     python tools/imports.py             # counts: modules, circles, imports inside functions
     python tools/imports.py --list      # ... and every import inside a function, with its comment
-    python tools/imports.py --mermaid   # the layer graph as a mermaid diagram (docs/architecture.md)
+    python tools/imports.py --mermaid   # the layer graph as a mermaid diagram (docs/contributing/architecture.md)
     python tools/imports.py --root DIR  # the same for the package in DIR (e.g. an older checkout)
 
 The import graph is grimp's (the library import-linter is built on; ``lint-imports`` checks the

@@ -69,6 +69,8 @@ class AttentionSpec:
     layouts: tuple[str, ...] = ("nchw",)  # feature layouts it can take (retrofit.blocks.se_layout.LAYOUTS)
 
 
+#: The blocks by name (``se``, ``ese``, ``eca``, ``ceca``, ``cbam``, ``gc`` and any added with
+#: :func:`register_attention`): how each is built, the recipe fields it reads, how it starts as identity.
 ATTENTIONS: dict[str, AttentionSpec] = {}
 # how the tables and messages name each built-in block (a block registered later: by its own name)
 DISPLAY_NAMES = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}

@@ -61,6 +61,8 @@ class Position:
     place: Callable[..., Insertion]
 
 
+#: The positions by name (``standard``, ``pre``, ``post``, ``identity``, ``inside`` and any added with
+#: :func:`register_position`): where a block goes at each site, and which site kinds it takes.
 POSITIONS: dict[str, Position] = {}
 
 
