@@ -51,9 +51,14 @@ napoleon_use_rtype = False
 # be fetched), so references into the standard library and the dependencies cannot resolve: they are
 # named here, by package, instead of being links. A reference into retrofit itself that does not
 # resolve still fails the build.
-_EXTERNAL = r"(torch|timm|typing|typing_extensions|collections|pathlib|os|io|enum|contextlib|dataclasses|numpy|optuna|PIL|yaml|safetensors|click|typer|rich|concurrent|threading|types|abc|argparse|datetime|fnmatch|json|logging|re|signal|socket|subprocess|warnings|functools|itertools|builtins)"
+_EXTERNAL = "|".join([
+    "torch", "timm", "numpy", "optuna", "PIL", "yaml", "safetensors", "click", "typer", "rich",  # dependencies
+    "typing", "typing_extensions", "collections", "pathlib", "os", "io", "enum", "contextlib", "dataclasses",
+    "concurrent", "threading", "types", "abc", "argparse", "datetime", "fnmatch", "json", "logging", "re",
+    "signal", "socket", "subprocess", "warnings", "functools", "itertools", "builtins",  # the standard library
+])
 nitpick_ignore_regex = [
-    (r"py:.*", _EXTERNAL + r"(\..*)?"),
+    (r"py:.*", rf"({_EXTERNAL})(\..*)?"),
 ]
 
 

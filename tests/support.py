@@ -6,11 +6,11 @@ import re
 import numpy as np
 import timm
 import torch
+from conftest import randomize
 from PIL import Image
 from torch import nn
 
 import retrofit
-from conftest import randomize
 
 CLASSES, SIZE = 3, 32  # the fine-tune tests' data: 3 classes of SIZE x SIZE images
 
@@ -35,7 +35,8 @@ def plain_model(seed=0):
 
 def se_model(plain=None, **recipe):
     torch.manual_seed(0)  # fc2's random init draws from the global RNG: the same model in any test order
-    return retrofit.add_se(plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE), **{"r": 4, **recipe})
+    return retrofit.add_se(plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE),
+                           **{"r": 4, **recipe})
 
 
 FAST = dict(batch_size=8, lr=1e-2, workers=0)

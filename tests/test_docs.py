@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import python_blocks, run_python_blocks
 
 import retrofit
+from support import python_blocks, run_python_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -42,7 +42,8 @@ def test_the_contracts_are_kept_and_name_every_layer():
 
 
 @pytest.mark.parametrize("where, line, words", [
-    ("graph/trace.py", "from ..files.atomic import atomic_write", ["retrofit.graph is not allowed to import retrofit.files",
+    ("graph/trace.py", "from ..files.atomic import atomic_write", ["retrofit.graph is not allowed to import "
+                                                                   "retrofit.files",
                                                                     "retrofit.graph.trace -> retrofit.files.atomic"]),
     ("blocks/se.py", "from ..surgery import recipe", ["retrofit.blocks is not allowed to import retrofit.surgery"]),
     ("surgery/sites.py", "from . import named", ["No cycles are allowed in retrofit.surgery", ".sites -> .named"]),

@@ -3,10 +3,10 @@
 * ``facade-api``: one autodoc entry per public name of the facade, read from ``retrofit._API`` (the lazy
   mapping ``retrofit/__init__.py`` resolves names by), grouped by the layer that defines it. A new public
   name appears in the reference with no edit to the docs; tests/test_docs.py checks each one is there.
-* references to the package's own objects that the site does not document (``:func:`retrofit.graph.model.own_input_size```,
-  a signature's ``StageMap``): the public ones are linked to their entry, whatever path they were written
-  with; the others are shown as code, once checked to exist. A reference to something that does not
-  exist stays an error of the strict build.
+* references to the package's own objects that the site does not document
+  (``:func:`retrofit.graph.model.own_input_size```, a signature's ``StageMap``): the public ones are
+  linked to their entry, whatever path they were written with; the others are shown as code, once
+  checked to exist. A reference to something that does not exist stays an error of the strict build.
 * the command-line reference: each command's ``--help``, as typer prints it, put into
   ``reference/cli.md`` where its ``{typer-help}`` line stands.
 

@@ -41,8 +41,9 @@ This module knows nothing of recipes (:mod:`retrofit.blocks.config` imports it, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timm.layers import create_attn

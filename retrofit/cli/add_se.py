@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..errors import RetrofitError
-from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, build_model, console, fail_cleanly,
-                     json_target, print_skipped, rounds_bar, say, write_json)
+from .common import (
+    AT,
+    CHECKPOINT,
+    INPUT_SIZE,
+    NUM_CLASSES,
+    PRETRAINED,
+    app,
+    build_model,
+    console,
+    fail_cleanly,
+    json_target,
+    print_skipped,
+    rounds_bar,
+    say,
+    write_json,
+)
 from .finetune import finetune_options, is_main_process, run_finetune
 
 
@@ -18,52 +31,82 @@ from .finetune import finetune_options, is_main_process, run_finetune
 @finetune_options
 def add_se_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet101."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: standard)."),
-    position: Optional[str] = typer.Option(None, "--position", "-p", help="standard | pre | post | identity | inside."),
-    r: Optional[str] = typer.Option(None, "--r", "-r", help="Reduction ratio r (recipe default 16), or per stage: 2:8,3:8,4:16,5:32 (stages not named keep the recipe's r; default:V sets them)."),
-    squeeze: Optional[str] = typer.Option(None, "--squeeze", help="avg | max (or per stage, e.g. 5:max)."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="sigmoid | hard_sigmoid | tanh | relu (or per stage, e.g. 5:tanh)."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="Stages to retrofit, e.g. 3,4 or all (stage = log2 output stride)."),
-    divisor: Optional[str] = typer.Option(None, "--divisor", help="Round the reduced width to a multiple of this (or per stage, e.g. 4:8,5:8)."),
-    min_width: Optional[str] = typer.Option(None, "--min-width", help="Smallest reduced width (or per stage)."),
-    bias: Optional[bool] = typer.Option(None, "--bias/--no-bias", help="Biases on the block's two 1x1 convs."),
-    init: Optional[str] = typer.Option(None, "--init", help="preserve (start as identity) | paper (random) (or per stage, e.g. 5:paper)."),
-    module: Optional[str] = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc (default se), or per stage, e.g. 2:eca,3:eca."),
-    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
-    kinds: Optional[str] = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = conv3x3; pyramid: feature-pyramid merges, an FPN's top-down sums, off by default)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' (comma-separated)."),
-    skip: Optional[str] = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. 'layer1.*,layer2.0'."),
-    at: Optional[str] = AT,
-    input_size: Optional[str] = INPUT_SIZE,
-    checkpoint: Optional[Path] = CHECKPOINT,
+    recipe: str | None = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: "
+                                                                   "standard)."),
+    position: str | None = typer.Option(None, "--position", "-p", help="standard | pre | post | identity | inside."),
+    r: str | None = typer.Option(None, "--r", "-r", help="Reduction ratio r (recipe default 16), or per stage: "
+                                                         "2:8,3:8,4:16,5:32 (stages not named keep the recipe's r; "
+                                                         "default:V sets them)."),
+    squeeze: str | None = typer.Option(None, "--squeeze", help="avg | max (or per stage, e.g. 5:max)."),
+    gate: str | None = typer.Option(None, "--gate", help="sigmoid | hard_sigmoid | tanh | relu (or per stage, e.g. "
+                                                         "5:tanh)."),
+    stages: str | None = typer.Option(None, "--stages", help="Stages to retrofit, e.g. 3,4 or all (stage = log2 output "
+                                                             "stride)."),
+    divisor: str | None = typer.Option(None, "--divisor", help="Round the reduced width to a multiple of this (or per "
+                                                               "stage, e.g. 4:8,5:8)."),
+    min_width: str | None = typer.Option(None, "--min-width", help="Smallest reduced width (or per stage)."),
+    bias: bool | None = typer.Option(None, "--bias/--no-bias", help="Biases on the block's two 1x1 convs."),
+    init: str | None = typer.Option(None, "--init", help="preserve (start as identity) | paper (random) (or per stage, "
+                                                         "e.g. 5:paper)."),
+    module: str | None = typer.Option(None, "--module", help="Block to insert: se | ese | eca | ceca | cbam | gc "
+                                                             "(default se), or per stage, e.g. 2:eca,3:eca."),
+    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still "
+                                                                "r >= 1/16)."),
+    kinds: str | None = typer.Option(None, "--kinds", help="Site kinds to retrofit, e.g. residual,inception (inside = "
+                                                           "conv3x3; pyramid: feature-pyramid merges, an FPN's "
+                                                           "top-down sums, off by default)."),
+    only: str | None = typer.Option(None, "--only", help="Module-path globs of the sites to retrofit, e.g. 'layer3.*' "
+                                                         "(comma-separated)."),
+    skip: str | None = typer.Option(None, "--skip", help="Module-path globs of sites to leave out, e.g. "
+                                                         "'layer1.*,layer2.0'."),
+    at: str | None = AT,
+    input_size: str | None = INPUT_SIZE,
+    checkpoint: Path | None = CHECKPOINT,
     pretrained: bool = PRETRAINED,
-    num_classes: Optional[str] = NUM_CLASSES,
-    every_block: bool = typer.Option(False, "--blocks", help="List every inserted block (default: per stage the first and the last, the others folded into one row)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for retrofit.load, and its model card NAME.README.md beside it."),
-    adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new head, and what phase 2 changed) with a hash of the base weights; retrofit.load(OUTPUT, base=CHECKPOINT) rebuilds the model."),
-    finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val), with the fine-tune options below (those of `retrofit finetune`); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/. It cannot be resumed: for a run to resume, save with `add-se ... --output F`, then `retrofit finetune F --data DIR` (which takes --resume)."),
-    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original: the median ratio of the two, back to back in each round, with its interval over the rounds (at least 95%)."),
+    num_classes: str | None = NUM_CLASSES,
+    every_block: bool = typer.Option(False, "--blocks", help="List every inserted block (default: per stage the first "
+                                                             "and the last, the others folded into one row)."),
+    json_path: str | None = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Save the retrofitted model (.safetensors) for "
+                                                                    "retrofit.load, and its model card NAME.README.md "
+                                                                    "beside it."),
+    adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new "
+                                                          "head, and what phase 2 changed) with a hash of the base "
+                                                          "weights; retrofit.load(OUTPUT, base=CHECKPOINT) rebuilds "
+                                                          "the model."),
+    finetune: Path | None = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, "
+                                                                  "DIR/val), with the fine-tune options below (those "
+                                                                  "of `retrofit finetune`); --output gets the best "
+                                                                  "model, checkpoints go to OUTPUT's name + -add-se/. "
+                                                                  "It cannot be resumed: for a run to resume, save "
+                                                                  "with `add-se ... --output F`, then `retrofit "
+                                                                  "finetune F --data DIR` (which takes --resume)."),
+    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original: the "
+                                                          "median ratio of the two, back to back in each round, with "
+                                                          "its interval over the rounds (at least 95%)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the --latency runs."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (each times both models)."),
-    meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
+    meta: bool | None = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, "
+                                                                    "no memory); default: when nothing needs real "
+                                                                    "weights (no --output, --checkpoint, --pretrained, "
+                                                                    "--latency, --finetune)."),
     *, train: dict,
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead."""
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.adapter import head_keys, remember_base, state_bytes
-    from ..files.card import command_line, write_card
     from ..files.atomic import check_writable
+    from ..files.card import command_line, write_card
     from ..files.checkpoint import save
-    from ..graph.model import model_name
-    from ..surgery.insert import paused_gc, retrofit_scanned
-    from ..measure.latency import measure_latency
-    from ..measure.overhead import planned_overhead, traced_cost
-    from ..measure.meta import build_and_scan
     from ..files.models import new_head
+    from ..graph.model import model_name
+    from ..measure.latency import measure_latency
+    from ..measure.meta import build_and_scan
+    from ..measure.overhead import planned_overhead, traced_cost
+    from ..measure.report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
+    from ..surgery.insert import paused_gc, retrofit_scanned
     from ..surgery.named import named_sites
     from ..surgery.recipe import resolve_recipe
-    from ..measure.report import blocks_table, latency_json, latency_line, overhead_table, sites_by_stage, sites_json
     from ..surgery.trainable import trainable_parameters
 
     chosen = resolve_recipe(recipe, position=position, r=r, squeeze=squeeze, gate=gate, stages=stages,

@@ -17,13 +17,13 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from typer.core import TyperGroup
 from rich.text import Text
+from typer.core import TyperGroup
 
 from ..errors import RetrofitError, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
@@ -145,10 +145,10 @@ def fail_cleanly(fn):
         except RetrofitError as e:
             # one line: torch.fx's interpreter appends "While executing ..." lines to what passes through it
             say(("error:", "red"), f" {(str(e).strip().splitlines() or [''])[0]}", stderr=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None  # said in one line: the exit carries no other error
         except KeyboardInterrupt:
             say(("interrupted", "red"), stderr=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except typer.Exit:  # a command's own exit, its message said
             raise
         except Exception as e:  # a bug: still one line, with a way to see more
@@ -156,14 +156,14 @@ def fail_cleanly(fn):
                 raise
             if isinstance(e.__context__, KeyboardInterrupt):  # a Ctrl-C inside an import surfaces as another error
                 say(("interrupted", "red"), stderr=True)
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
             say(("internal error:", "red"), f" {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
                 f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", stderr=True)
-            raise typer.Exit(3)
+            raise typer.Exit(3) from None
     return run
 
 
-def build_model(name: str, checkpoint: Optional[Path], pretrained: bool, num_classes: Optional[str]):
+def build_model(name: str, checkpoint: Path | None, pretrained: bool, num_classes: str | None):
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.models import create_model
 
@@ -178,7 +178,7 @@ def build_model(name: str, checkpoint: Optional[Path], pretrained: bool, num_cla
     return create_model(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
 
 
-def json_target(path: Optional[str]) -> Optional[Path]:
+def json_target(path: str | None) -> Path | None:
     if path is None or path == "-":
         return None
     target = Path(path).expanduser()
@@ -186,7 +186,7 @@ def json_target(path: Optional[str]) -> Optional[Path]:
     return target
 
 
-def write_json(data: dict, path: Optional[str]) -> None:
+def write_json(data: dict, path: str | None) -> None:
     text = json.dumps(data, indent=2)
     if path == "-":
         sys.stdout.write(text + "\n")

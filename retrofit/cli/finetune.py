@@ -9,7 +9,7 @@ import functools
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -36,8 +36,8 @@ def run_finetune(model, data: Path, output_dir: Path, inputs: tuple[Path, ...] =
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.provenance import random_weights
     from ..measure.report import results_table
-    from ..train.finetune import finetune
     from ..train.distributed import check_device
+    from ..train.finetune import finetune
     from ..train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE
     from ..train.state import STATE_FILE
 
@@ -90,17 +90,38 @@ EPOCHS = typer.Option(1, "--epochs", "-e", min=0, help="Phase-1 epochs: only the
 
 # The regularisers a timm user expects, in FINETUNE_OPTIONS below (so in every command that fine-tunes).
 # Defaults from benchmarks/transfer.py (README, "Does SE help?"): each help text says what it found.
-SMOOTHING = typer.Option(0.1, "--smoothing", help="Label smoothing (timm's LabelSmoothingCrossEntropy; 0: plain cross-entropy). Default 0.1: timm's default, and in benchmarks/transfer.py (digits transfer, 5 seeds) it added +0.89 points of top-1 to head + SE [95% CI -0.01, +1.79] (+0.67 [+0.47, +0.87] in an earlier run).")
-MIXUP = typer.Option(0.0, "--mixup", help="Mixup alpha (timm.data.Mixup), e.g. 0.2; an odd micro-batch mixes all but its last image. Default 0: in benchmarks/transfer.py mixup 0.2 changed top-1 by +0.04 points [-0.90, +0.99]: no gain there.")
-CUTMIX = typer.Option(0.0, "--cutmix", help="CutMix alpha (timm.data.Mixup; with --mixup, one of the two per batch), e.g. 1.0. Default 0.")
-EMA_DECAY = typer.Option(None, "--ema-decay", help="Keep a model EMA (timm ModelEmaV3, decay warm-up on), e.g. 0.999; each epoch gets an 'epoch N (ema)' row, which may be the best. Default off: in benchmarks/transfer.py an EMA of 0.99 changed top-1 by -0.54 points [-1.17, +0.10] over 50 steps.")
-CLIP_GRAD = typer.Option(None, "--clip-grad", help="Clip gradients before each step (timm dispatch_clip_grad), e.g. 1.0. Default off.")
+SMOOTHING = typer.Option(0.1, "--smoothing", help="Label smoothing (timm's LabelSmoothingCrossEntropy; 0: plain "
+                                                  "cross-entropy). Default 0.1: timm's default, and in "
+                                                  "benchmarks/transfer.py (digits transfer, 5 seeds) it added +0.89 "
+                                                  "points of top-1 to head + SE [95% CI -0.01, +1.79] (+0.67 [+0.47, "
+                                                  "+0.87] in an earlier run).")
+MIXUP = typer.Option(0.0, "--mixup", help="Mixup alpha (timm.data.Mixup), e.g. 0.2; an odd micro-batch mixes all but "
+                                          "its last image. Default 0: in benchmarks/transfer.py mixup 0.2 changed "
+                                          "top-1 by +0.04 points [-0.90, +0.99]: no gain there.")
+CUTMIX = typer.Option(0.0, "--cutmix", help="CutMix alpha (timm.data.Mixup; with --mixup, one of the two per batch), "
+                                            "e.g. 1.0. Default 0.")
+EMA_DECAY = typer.Option(None, "--ema-decay", help="Keep a model EMA (timm ModelEmaV3, decay warm-up on), e.g. 0.999; "
+                                                   "each epoch gets an 'epoch N (ema)' row, which may be the best. "
+                                                   "Default off: in benchmarks/transfer.py an EMA of 0.99 changed "
+                                                   "top-1 by -0.54 points [-1.17, +0.10] over 50 steps.")
+CLIP_GRAD = typer.Option(None, "--clip-grad", help="Clip gradients before each step (timm dispatch_clip_grad), e.g. "
+                                                   "1.0. Default off.")
 CLIP_MODE = typer.Option("norm", "--clip-mode", help="norm, value or agc (adaptive gradient clipping).")
-BACKBONE_LR_SCALE = typer.Option(1.0, "--backbone-lr-scale", help="The pretrained parameters train at the phase's lr x this; the new blocks and a new head at the full lr (timm lr_scale groups). Default 1: one rate.")
-CHANNELS_LAST = typer.Option(False, "--channels-last/--no-channels-last", help="Train in channels_last memory format (faster convolutions on recent GPUs).")
-DISTILL = typer.Option(False, "--distill/--no-distill", help="Add the KL divergence to the original network's logits (the model with its blocks bypassed: no extra weights). Phase 2 keeps a frozen copy as the teacher. Default off: in benchmarks/transfer.py it changed top-1 by -0.40 points [-1.41, +0.61] in phase 1 and -8.57 [-12.15, -4.99] in phase 2.")
-DISTILL_WEIGHT = typer.Option(1.0, "--distill-weight", help="Weight of the distillation term (the label loss has weight 1).")
-DISTILL_TEMPERATURE = typer.Option(1.0, "--distill-temperature", help="Distillation temperature T (the term is scaled by T^2); timm's default 1.")
+BACKBONE_LR_SCALE = typer.Option(1.0, "--backbone-lr-scale", help="The pretrained parameters train at the phase's lr x "
+                                                                  "this; the new blocks and a new head at the full lr "
+                                                                  "(timm lr_scale groups). Default 1: one rate.")
+CHANNELS_LAST = typer.Option(False, "--channels-last/--no-channels-last", help="Train in channels_last memory format "
+                                                                               "(faster convolutions on recent GPUs).")
+DISTILL = typer.Option(False, "--distill/--no-distill", help="Add the KL divergence to the original network's logits "
+                                                             "(the model with its blocks bypassed: no extra weights). "
+                                                             "Phase 2 keeps a frozen copy as the teacher. Default off: "
+                                                             "in benchmarks/transfer.py it changed top-1 by -0.40 "
+                                                             "points [-1.41, +0.61] in phase 1 and -8.57 [-12.15, "
+                                                             "-4.99] in phase 2.")
+DISTILL_WEIGHT = typer.Option(1.0, "--distill-weight", help="Weight of the distillation term (the label loss has "
+                                                            "weight 1).")
+DISTILL_TEMPERATURE = typer.Option(1.0, "--distill-temperature", help="Distillation temperature T (the term is scaled "
+                                                                      "by T^2); timm's default 1.")
 
 
 # Every option of the fine-tune itself, one definition for `retrofit finetune`, `add-se --finetune` and
@@ -108,23 +129,33 @@ DISTILL_TEMPERATURE = typer.Option(1.0, "--distill-temperature", help="Distillat
 # command all of them, or the ones it names.
 FINETUNE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "epochs": (int, EPOCHS),
-    "phase2_epochs": (int, typer.Option(0, "--phase2-epochs", min=0, help="Then train everything for this many epochs.")),
+    "phase2_epochs": (int,
+                      typer.Option(0, "--phase2-epochs", min=0, help="Then train everything for this many epochs.")),
     "lr": (float, typer.Option(1e-3, "--lr", help="Phase-1 learning rate.")),
-    "phase2_lr": (Optional[float], typer.Option(None, "--phase2-lr", help="Phase-2 learning rate (default: lr / 10); in sweep --data and tune, the rate of the full-network control.")),
+    "phase2_lr": (float | None, typer.Option(None, "--phase2-lr", help="Phase-2 learning rate (default: lr / 10); "
+                                                                          "in sweep --data and tune, the rate of the "
+                                                                          "full-network control.")),
     "batch_size": (int, typer.Option(32, "--batch-size", "-b", min=1, help="Global batch size (over all processes).")),
-    "accum_steps": (int, typer.Option(1, "--accum-steps", min=1, help="Gradient accumulation: micro-batches per step.")),
+    "accum_steps": (int,
+                    typer.Option(1, "--accum-steps", min=1, help="Gradient accumulation: micro-batches per step.")),
     "opt": (str, typer.Option("adamw", "--opt", help="timm optimizer name (adamw, sgd, lamb...).")),
     "weight_decay": (float, typer.Option(0.0, "--weight-decay", help="Weight decay.")),
     "sched": (str, typer.Option("cosine", "--sched", help="timm scheduler name (cosine, step, plateau...).")),
     "warmup_epochs": (int, typer.Option(0, "--warmup-epochs", min=0, help="Warm-up epochs of the scheduler.")),
     "seed": (int, typer.Option(0, "--seed", help="Data order, augmentation and a new head follow it.")),
     "augment": (bool, typer.Option(True, "--augment/--no-augment", help="timm's training augmentation.")),
-    "train_head": (Optional[bool], typer.Option(None, "--train-head/--freeze-head", help="Train the classifier in phase 1 (default: only a new one).")),
-    "train_norms": (bool, typer.Option(False, "--train-norms/--freeze-norms", help="Phase 1 also trains the norm layers' affine parameters (statistics stay frozen).")),
-    "workers": (int, typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes per training process (the weights do not depend on it).")),
-    "device": (Optional[str], typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available).")),
+    "train_head": (bool | None, typer.Option(None, "--train-head/--freeze-head", help="Train the classifier in "
+                                                                                         "phase 1 (default: only a new "
+                                                                                         "one).")),
+    "train_norms": (bool, typer.Option(False, "--train-norms/--freeze-norms", help="Phase 1 also trains the norm "
+                                                                                   "layers' affine parameters "
+                                                                                   "(statistics stay frozen).")),
+    "workers": (int, typer.Option(2, "--workers", "-j", min=0, help="Data-loading processes per training process (the "
+                                                                    "weights do not depend on it).")),
+    "device": (str | None,
+               typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available).")),
     "smoothing": (float, SMOOTHING), "mixup": (float, MIXUP), "cutmix": (float, CUTMIX),
-    "ema_decay": (Optional[float], EMA_DECAY), "clip_grad": (Optional[float], CLIP_GRAD), "clip_mode": (str, CLIP_MODE),
+    "ema_decay": (float | None, EMA_DECAY), "clip_grad": (float | None, CLIP_GRAD), "clip_mode": (str, CLIP_MODE),
     "backbone_lr_scale": (float, BACKBONE_LR_SCALE), "channels_last": (bool, CHANNELS_LAST), "distill": (bool, DISTILL),
     "distill_weight": (float, DISTILL_WEIGHT), "distill_temperature": (float, DISTILL_TEMPERATURE),
 }
@@ -166,14 +197,22 @@ RUN_OPTIONS = ("phase2_lr", "batch_size", "augment", "workers", "device", "smoot
 @fail_cleanly
 @finetune_options
 def finetune_command(
-    checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (.safetensors), or an adapter (with --base)."),
+    checkpoint: Path = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` "
+                                                "(.safetensors), or an adapter (with --base)."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/* and DATA/val/<class>/*."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output-dir."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, metrics.jsonl (default: CHECKPOINT's name + -finetune/)."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's."),
-    adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, OUTPUT_DIR/adapter.safetensors (the blocks and what changed, with a hash of the base)."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, "
+                                                                            "metrics.jsonl (default: CHECKPOINT's name "
+                                                                            "+ -finetune/)."),
+    input_size: str | None = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: "
+                                                                     "the size it was retrofitted at)."),
+    base: Path | None = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made "
+                                                          "on (plain weights, or a model saved by retrofit)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from "
+                                                      "its own base's."),
+    adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, "
+                                                          "OUTPUT_DIR/adapter.safetensors (the blocks and what "
+                                                          "changed, with a hash of the base)."),
     *, train: dict,
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
@@ -181,10 +220,10 @@ def finetune_command(
     from ..files.adapter import BASE_ATTR
     from ..files.card import command_line, write_card
     from ..files.checkpoint import load, save
-    from ..train.run_dir import BEST_FILE
-    from ..measure.overhead import measure_overhead
     from ..graph.model import resolve_input_size
+    from ..measure.overhead import measure_overhead
     from ..surgery.strip import strip
+    from ..train.run_dir import BEST_FILE
 
     model = load(checkpoint, base=base, force=force)
     size = resolve_input_size(model, input_size) if input_size is not None else None

@@ -25,8 +25,8 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import RetrofitError
 
@@ -43,7 +43,7 @@ class WriteError(RetrofitError):
         super().__init__(f"cannot write {path}: {reason}; "
                          f"{f'the previous {path.name} is kept' if kept else 'nothing was written'}; {fix} and {then}")
 
-    def advise(self, then: str) -> "WriteError":
+    def advise(self, then: str) -> WriteError:
         """The same failure with another next step (``rerun with --resume``)."""
         return WriteError(self.path, self.reason, self.kept, then)
 

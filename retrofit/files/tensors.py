@@ -8,8 +8,8 @@ another float precision (a model saved in half precision loads into float32).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -58,7 +58,7 @@ def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = N
     model.load_state_dict(with_metadata(state, model), strict=False)  # every name, dtype and shape checked above
 
 
-def with_metadata(state: Mapping[str, torch.Tensor], model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def with_metadata(state: Mapping[str, torch.Tensor], model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """``state`` with the per-module ``_metadata`` of ``model``'s own ``state_dict()`` (each module's
     state-dict ``version``). A safetensors file, or a dict copied key by key, has none, and a module
     whose ``_load_from_state_dict`` reads its version refuses ``None`` (torchvision's MNASNet: "version

@@ -43,15 +43,16 @@ import pickle
 import re
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from ..errors import RetrofitError
 
-_COMPILED: dict[tuple, "Compiled"] = {}
+_COMPILED: dict[tuple, Compiled] = {}
 _COUNTER = itertools.count()
 _DEF = "def forward("
 _CODE_ATTRIBUTE = "_retrofit_forward"
@@ -232,7 +233,7 @@ class GraphForward:
         rows = {id(g): _flatten(g, module) for g in self.graphs.values()}  # one list when both modes share
         return _restore, (module, {mode: rows[id(g)] for mode, g in self.graphs.items()})
 
-    def __deepcopy__(self, memo: dict) -> "GraphForward":
+    def __deepcopy__(self, memo: dict) -> GraphForward:
         # the copy of the module (memo: the one being copied); graphs and compiled code are shared
         return GraphForward(copy.deepcopy(self.module, memo), self.graphs, self.compiled)
 

@@ -53,7 +53,7 @@ class OwnerGraph:
         self._build()
 
     @classmethod
-    def of(cls, graph: fx.Graph) -> "OwnerGraph":
+    def of(cls, graph: fx.Graph) -> OwnerGraph:
         """An OwnerGraph around a graph built before (a retrofitted module's other mode), for splicing."""
         self = cls.__new__(cls)
         self.graph, self.env, self.children, self.constants = graph, {}, {}, {}

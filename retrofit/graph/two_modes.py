@@ -27,7 +27,7 @@ from .trace import RetrofitTracer, Traced
 
 
 # -- train/eval mode ------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reads_training(cls: type) -> bool:
     """Whether the class's forward (or a method of the class it calls) mentions ``training``."""
     seen, todo = set(), [getattr(cls, "forward", None)]

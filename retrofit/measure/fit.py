@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
-from typing import Optional
 
 from rich.cells import cell_len
 from rich.console import Group
@@ -40,7 +39,7 @@ class Col:
 
     header: str
     justify: str = "right"
-    drop: Optional[int] = None
+    drop: int | None = None
     text: bool = False
 
 
@@ -57,7 +56,7 @@ class FitTable:
     def __init__(self, columns: list[Col], *, title: str | None = None, caption: str | None = None,
                  elsewhere: str = "--json"):
         self.columns, self.title, self.caption, self.elsewhere = list(columns), title, caption, elsewhere
-        self.rows: list[tuple[list[str], Optional[str], bool]] = []  # cells, style, a section line before it
+        self.rows: list[tuple[list[str], str | None, bool]] = []  # cells, style, a section line before it
         self._section = False
 
     def add_row(self, *cells: str, style: str | None = None) -> None:
@@ -110,7 +109,8 @@ class FitTable:
             header = "\n".join(textwrap.wrap(col.header, need, break_long_words=False, break_on_hyphens=False))
             if col.text:  # the width the others leave, up to its longest cell; folds inside it
                 rest = width - self._total(shown) - sum(widths.values()) + sum(self._need(j) for j in shown) + need
-                table.add_column(header, justify=col.justify, overflow="fold", min_width=need, max_width=max(need, rest))
+                table.add_column(header, justify=col.justify, overflow="fold", min_width=need,
+                                 max_width=max(need, rest))
             else:
                 table.add_column(header, justify=col.justify, no_wrap=True, min_width=need)
         for cells, style, section in self.rows:

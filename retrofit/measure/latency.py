@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ class Timing:
 
 def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
                     input_size: tuple[int, ...] = (3, 224, 224), runs: int = 10, warmup: int = 2,
-                    seed: int = 0, on_round: Optional[Callable[[int, int], None]] = None) -> Timing:
+                    seed: int = 0, on_round: Callable[[int, int], None] | None = None) -> Timing:
     """Time the forward passes of ``models`` on one random input, interleaved (see the module doc).
 
     Args:

@@ -132,7 +132,7 @@ def overhead_table(report: Overhead) -> FitTable:
     return table
 
 
-def latency_line(timing: "Timing") -> str:
+def latency_line(timing: Timing) -> str:
     """The measured latency overhead of an add-se run, in one line, with its interval over the rounds."""
     ratio = timing.ratio("retrofitted", "original")
     low, high, coverage = timing.interval("retrofitted", "original")
@@ -150,7 +150,7 @@ def latency_cell(ratio: float, low: float, high: float) -> str:
     return f"{ratio:.3f}x [{low:.2f}, {high:.2f}]" + (" noise" if low <= 1 <= high else "")
 
 
-def latency_json(timing: "Timing") -> dict[str, Any]:
+def latency_json(timing: Timing) -> dict[str, Any]:
     """The latency measurement of an add-se run: medians (ms), the ratio with its interval, every sample."""
     low, high, coverage = timing.interval("retrofitted", "original")
     return {"batch": timing.batch, "input_size": list(timing.input_size), "runs": len(timing.samples["original"]),

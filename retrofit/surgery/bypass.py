@@ -9,7 +9,7 @@ gives the plain sum ``x + shortcut``. Fine-tuning measures its "original" row th
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..blocks.config import BlockConfig
+from .recipe import Recipe
+from .sites import Skipped
 
 # Where a model's weights came from, as a file records it (metadata key `weights`, optional): built
 # with random weights, timm's pretrained ones, a checkpoint of the user's, or trained by a phase-2
 # fine-tune since. A phase-1 fine-tune leaves the backbone as it was, and so its provenance.
 WEIGHTS = ("random", "pretrained", "checkpoint", "fine-tuned")
-from .recipe import Recipe
-from .sites import Skipped
 
 
 @dataclass(frozen=True)

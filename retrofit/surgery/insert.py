@@ -165,7 +165,8 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
 def _splice(owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str], fused: list[Any]) -> None:
     """Call the blocks ``names`` on the values of ``spliced`` in ``owner``'s graph; a fused residual sum
     is replaced by ``block(value, shortcut)``."""
-    graph, replaced = owner.graph, {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
+    # replaced: a fused sum -> the block now computing it (a nested unit's branch may end in it)
+    graph, replaced = owner.graph, {}
     for (value, users), name, add in zip(spliced, names, fused or [None] * len(spliced)):
         value = replaced.get(value, value)
         if add is None:

@@ -9,7 +9,7 @@ the forwards the plan touches.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..blocks.config import BLOCK_FIELDS
 from ..errors import RetrofitError
@@ -59,7 +59,8 @@ def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name
     """The discovered sites (residual, Inception, 3x3 conv; pyramid merges only when ``kinds`` names
     them) of the kinds asked for that the recipe's position applies to."""
     position = POSITIONS[recipe.position]
-    candidates = [s for s in found.sites if s.kind in position.kinds and (kinds is not None or s.kind not in DEFAULT_OFF)]
+    candidates = [s for s in found.sites
+                  if s.kind in position.kinds and (kinds is not None or s.kind not in DEFAULT_OFF)]
     if kinds is not None:
         candidates = [s for s in candidates if s.kind in kinds]
         if not candidates and found.sites:

@@ -30,8 +30,8 @@ on the upsampled top-down map before the sum, and ``post``, on the merged map.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import fx
 
@@ -43,7 +43,7 @@ from .sites import Site, chain_end
 class Insertion:
     """An SE block to insert: it scales ``value``; ``users`` read its output instead (None: all)."""
 
-    site: "Site"
+    site: Site
     value: fx.Node
     users: tuple[fx.Node, ...] | None
     position: str = ""

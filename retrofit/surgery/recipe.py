@@ -3,11 +3,12 @@
 A :class:`Recipe` is a frozen dataclass. The same fields are the keys of a recipe YAML file, the
 keyword arguments of :func:`retrofit.add_se` and the options of ``retrofit add-se``; one validator per
 field (:mod:`retrofit.surgery.recipe_fields`) checks all three, so every bad value is reported the same
-way, naming the field and the allowed values; a site's block is resolved by :mod:`retrofit.surgery.per_site`. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``, ``min_width``,
-``bias``, ``init``, ``module``, ``allow_wide``) belong to :class:`retrofit.blocks.config.BlockConfig`, which holds their
-defaults, checks and width rule; a recipe carries them as keys and :attr:`Recipe.block` is the
-:class:`~retrofit.blocks.config.BlockConfig` they make. Built-in recipes live in ``recipes/`` (shipped inside
-the wheel as ``retrofit/recipes``)::
+way, naming the field and the allowed values; a site's block is resolved by
+:mod:`retrofit.surgery.per_site`. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``,
+``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) belong to
+:class:`retrofit.blocks.config.BlockConfig`, which holds their defaults, checks and width rule; a recipe
+carries them as keys and :attr:`Recipe.block` is the :class:`~retrofit.blocks.config.BlockConfig` they make.
+Built-in recipes live in ``recipes/`` (shipped inside the wheel as ``retrofit/recipes``)::
 
     >>> Recipe.load("timm")                      # a built-in, by name
     >>> Recipe.load("my_recipe.yaml")            # any YAML file
@@ -24,14 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from ..blocks.config import BLOCK_FIELDS, DEFAULTS as _BLOCK, BlockConfig
+from ..blocks.config import BLOCK_FIELDS, BlockConfig
+from ..blocks.config import DEFAULTS as _BLOCK
 from ..errors import RecipeError
 from .per_site import check_resolvable, resolve_block
 from .positions import POSITIONS
@@ -125,7 +128,7 @@ class Recipe:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str | Path) -> "Recipe":
+    def load(cls, source: str | Path) -> Recipe:
         """A built-in recipe by name (``"timm"``, ``"post"``...) or a YAML file by path."""
         path = _find(source)
         try:
@@ -143,7 +146,7 @@ class Recipe:
         return cls.from_dict(data, origin=f"recipe {source}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
         """Build from a mapping of field names; unknown keys are an error."""
         _check_keys(data, origin)
         try:
@@ -151,7 +154,7 @@ class Recipe:
         except RecipeError as err:
             raise RecipeError(f"{origin}: {err}") from None
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (``None`` values are ignored, as unset CLI flags). A
         per-stage map without a ``default`` keeps this recipe's base value for the other stages."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -228,7 +231,7 @@ class Recipe:
         return "".join(", " + p for p in parts)
 
 
-def resolve_recipe(recipe: "Recipe | str | Path | Mapping | None" = None, **fields_: Any) -> Recipe:
+def resolve_recipe(recipe: Recipe | str | Path | Mapping | None = None, **fields_: Any) -> Recipe:
     """Turn what users pass (a Recipe, a name, a path, a dict or nothing) plus overrides into a Recipe."""
     if recipe is None:
         base = Recipe()

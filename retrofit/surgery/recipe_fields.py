@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from ..blocks.config import BLOCK_FIELDS, CHECKS as BLOCK_CHECKS, DEFAULTS as _BLOCK, choice as _choice
+from ..blocks.config import BLOCK_FIELDS
+from ..blocks.config import CHECKS as BLOCK_CHECKS
+from ..blocks.config import DEFAULTS as _BLOCK
+from ..blocks.config import choice as _choice
 from ..blocks.config import positive_int as _positive_int
 from ..errors import RecipeError
 from .positions import POSITIONS
@@ -175,7 +179,8 @@ def staged(name: str) -> Callable[..., Any]:
                 checked = check(item)
             except RecipeError as err:
                 where = "default" if stage is None else f"stage {stage}"
-                raise RecipeError(str(err).replace(f"recipe field '{name}':", f"recipe field '{name}' ({where}):", 1)) from None
+                raise RecipeError(str(err).replace(f"recipe field '{name}':", f"recipe field '{name}' ({where}):",
+                                                   1)) from None
             if stage is None:
                 base = checked
             elif stage in entries:

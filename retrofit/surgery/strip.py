@@ -4,9 +4,10 @@
 forwards, non-persistent constant buffers) and installs a regenerated forward on the instances that
 hold them (:mod:`retrofit.graph.forward`). Stripping removes both: the instance attributes ``forward``
 and ``_replicate_for_data_parallel`` are deleted, so the class's own ``forward`` applies again,
-exactly the code that ran before the retrofit; a ``torch.fx.GraphModule`` (which keeps its forward in its graph) gets the block nodes
-removed from its graph instead. The original parameters and buffers were never touched, so the
-stripped model's state dict and outputs are the original's, as long as it was not trained since.
+exactly the code that ran before the retrofit; a ``torch.fx.GraphModule`` (which keeps its forward in its
+graph) gets the block nodes removed from its graph instead. The original parameters and buffers were never
+touched, so the stripped model's state dict and outputs are the original's, as long as it was not trained
+since.
 """
 from __future__ import annotations
 

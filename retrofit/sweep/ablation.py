@@ -38,8 +38,9 @@ import dataclasses
 import math
 import statistics
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,7 +112,8 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
             recipe = row_recipe(base_recipe, row)
             per_seed = []
             for seed in seeds:
-                result = runs.run(_label(row), lambda: build_retrofitted(model, found, recipe, seed), seed,
+                # the lambda is called inside runs.run, in this iteration
+                result = runs.run(_label(row), lambda: build_retrofitted(model, found, recipe, seed), seed,  # noqa: B023
                                   distill=distill)
                 if isinstance(result, str):
                     per_seed = result
@@ -181,7 +183,8 @@ class _Runner:
     """Runs one fine-tune of the sweep and reduces it to the numbers a row needs."""
 
     def __init__(self, pipeline, epochs: int, input_size, train: dict, report):
-        self.pipeline, self.epochs, self.input_size, self.train, self.report = pipeline, epochs, input_size, train, report
+        self.pipeline, self.epochs, self.input_size = pipeline, epochs, input_size
+        self.train, self.report = train, report
         self.done, self.total = 0, 0
 
     def run(self, label: str, build: Callable[[], nn.Module], seed: int, phase1: bool = True, **options):
@@ -265,7 +268,8 @@ def control_rows(controls: dict[str, list[dict] | str], seeds: list[int], latenc
         row = SweepRow("", 0.0, None, 0, 0, 0.0, 0, 0.0, 0, arm=name, seeds=tuple(seeds), note=note,
                        latency=1.0 if latency else None)  # the original architecture: latency ratio 1
         if isinstance(per_seed, str) or not per_seed:
-            row = dataclasses.replace(row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run succeeded")
+            row = dataclasses.replace(row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run "
+                                                                                                        "succeeded")
         else:
             row = dataclasses.replace(row, **_stats(per_seed))
         rows.append(row)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -147,7 +148,8 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup, on
         before = each * sum(not r.note for r in out)
         timing = measure_latency({"original": model, "retrofitted": se_model}, batch=batch, input_size=size,
                                  runs=runs, warmup=warmup,
-                                 on_round=None if on_round is None else lambda done, _: on_round(before + done, total))
+                                 # called while measure_latency runs, in this iteration
+                                 on_round=None if on_round is None else lambda done, _: on_round(before + done, total))  # noqa: B023
         low, high, _ = timing.interval("retrofitted", "original")
         out.append(_replace(row, latency=timing.ratio("retrofitted", "original"), latency_low=low, latency_high=high,
                             latency_ms=timing.median("retrofitted") * 1e3,

@@ -38,9 +38,10 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -164,7 +165,7 @@ class ImageFolderData:
 
     @classmethod
     def open(cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None,
-             augment: bool = True) -> "ImageFolderData":
+             augment: bool = True) -> ImageFolderData:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise RetrofitError(f"data folder {root} not found; give a folder with train/<class>/*.jpg "
@@ -260,7 +261,7 @@ class TrainBatches(Sampler[list[SampleKey]]):
         return min(self.batch, self.used - (i // accum) * self.batch)
 
 
-def find_images(folder: Path) -> "FoundImages":
+def find_images(folder: Path) -> FoundImages:
     """The images of one split, as timm's folder reader: class ``c`` is ``folder/c/``, its images all
     images below it (links followed, no folder twice), in timm's natural order.
 

@@ -31,9 +31,10 @@ are small modules of :mod:`retrofit.train`; :class:`retrofit.train.run.Run` puts
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 

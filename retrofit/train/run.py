@@ -9,8 +9,9 @@ epoch (:mod:`~retrofit.train.loop`), validation (:mod:`~retrofit.train.evaluate`
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,17 +19,17 @@ from torch import nn
 from ..blocks.attention import DISPLAY_NAMES
 from ..errors import RetrofitError, RetrofitWarning
 from ..files.header import metadata
+from ..files.provenance import mark_trained
 from ..files.tensors import with_metadata
 from ..graph.model import resolve_input_size
 from ..surgery.bypass import blocks_off
-from ..files.provenance import mark_trained
 from ..surgery.trainable import Trainable
 from . import optim, params
-from .gradients import check_first_step
 from .data import ImageFolderData
 from .distributed import Dist
 from .ema import Ema
 from .evaluate import evaluate
+from .gradients import check_first_step
 from .loop import seed_all, train_epoch
 from .loss import Objective
 from .progress import Progress

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import randomize
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -18,7 +19,6 @@ from retrofit import RetrofitError
 from retrofit.cli import app
 from retrofit.files.header import metadata
 from retrofit.files.models import create_model
-from conftest import randomize
 from support import CLASSES, FAST, SIZE, make_folder, one_error_line, se_model
 
 runner = CliRunner()
@@ -112,7 +112,8 @@ def test_metadata_cannot_reach_the_network_or_the_disk(saved, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(model_kwargs='{"num_classes": 1000000000}'), "num_classes = 1,000,000,000, not a whole number from 0 to 1,000,000"),
+    (dict(model_kwargs='{"num_classes": 1000000000}'), "num_classes = 1,000,000,000, not a whole number from 0 to "
+                                                       "1,000,000"),
     (dict(model_kwargs='{"num_classes": 3, "in_chans": 100000000}', input_size="[100000000, 32, 32]"),
      "in_chans = 100,000,000, not a whole number from 1 to 1,024"),
     (dict(input_size="[3, 1000000, 1000000]"), "input side = 1,000,000, not a whole number from 1 to 8,192"),
@@ -205,7 +206,8 @@ TAMPERED = {
     "rows without top1": (lambda s: s["rows"][2].pop("top1"), "has no valid 'top1'"),
     "python rng": (lambda s: _set("rng.python")(s, (3, (1, 2), None)), "no valid Python random state"),
     "torch rng": (lambda s: _set("rng.torch")(s, torch.zeros(3, dtype=torch.uint8)), "no valid torch generator"),
-    "weights relabelled": (lambda s: s["model"].update({"conv1.0.weight": s["model"]["conv1.0.weight"].view(torch.int32)}),
+    "weights relabelled": (lambda s: s["model"].update({"conv1.0.weight":
+                                                         s["model"]["conv1.0.weight"].view(torch.int32)}),
                            "1 dtype mismatches \\(e.g. conv1.0.weight: I32 in the file, float32 in the model\\)"),
     "weights missing": (lambda s: s["model"].pop("fc.bias"), "1 missing keys \\(e.g. fc.bias\\)"),
     "adam state shape": (lambda s: _set("optimizer.state.0.exp_avg")(s, torch.zeros(3)),

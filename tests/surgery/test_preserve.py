@@ -1,10 +1,10 @@
 """With init 'preserve' the retrofitted network computes what the original did, and still learns."""
 import pytest
 import torch
+from conftest import max_rel_diff
 
 import retrofit
 from retrofit.blocks.se import GATES, SqueezeExcite
-from conftest import max_rel_diff
 
 GATE_NAMES = list(GATES)
 

@@ -25,7 +25,8 @@ def test_builtin_recipes_one_per_position_plus_timm():
 
 def test_yaml_file_roundtrip(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump({"position": "inside", "r": 8, "stages": [3, 4], "bias": False, "gate": "hard_sigmoid"}))
+    path.write_text(yaml.safe_dump({"position": "inside", "r": 8, "stages": [3, 4], "bias": False,
+                                    "gate": "hard_sigmoid"}))
     r = Recipe.load(path)
     assert (r.position, r.r, r.stages, r.bias, r.gate) == ("inside", 8, (3, 4), False, "hard_sigmoid")
     assert Recipe.from_dict(r.to_dict()) == r

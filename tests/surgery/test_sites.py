@@ -4,11 +4,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import ChannelsLast
 from torch import fx, nn
 
 from retrofit import find_sites
 from retrofit.surgery.sites import scan
-from conftest import ChannelsLast
 
 
 def kinds(sites):

@@ -99,7 +99,7 @@ def test_two_workers_on_one_journal_share_the_trials_and_end_with_one_table(fold
     procs = [subprocess.Popen(command(folder, out, "--trials", "8", "--json", str(folder / f"w{i}.json")), env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (_, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
     trials = [t for t in study_of(out).trials if not t.user_attrs.get("retrofit:surplus")]
     assert sum(counted(t) for t in trials) == 8

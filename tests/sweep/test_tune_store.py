@@ -157,7 +157,8 @@ def test_every_job_runs_once_and_a_failed_one_is_a_value(tmp_path):
 
     keys = [json.dumps({"seed": i}) for i in range(4)]
     done = run_jobs(s, keys, job, worker)
-    assert sorted(ran) == sorted(keys) and {k: t.value for k, t in done.items()} == {k: float(i) for i, k in enumerate(keys)}
+    assert sorted(ran) == sorted(keys) and {k: t.value for k, t in done.items()} == {k: float(i) for i,
+                                                                                     k in enumerate(keys)}
     assert run_jobs(s, keys, job, worker) and len(ran) == 4  # all done: nothing runs again
     worker.close()
 

@@ -16,9 +16,10 @@ import functools
 import random
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import optuna
 from torch import nn
@@ -30,8 +31,8 @@ from ...surgery.insert import paused_gc
 from ...surgery.recipe import Recipe, resolve_recipe
 from ...surgery.sites import Scan, scan
 from ...train.data import ImageFolderData
-from ...train.settings import Settings
 from ...train.distributed import setup
+from ...train.settings import Settings
 from ..ablation import check_accuracy_run, verdict
 from ..rows import SweepRow
 from .claim import Budget, run_trials

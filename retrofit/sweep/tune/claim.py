@@ -20,8 +20,8 @@ process ends with the same table, built from the store.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -180,5 +180,5 @@ def run_jobs(study, keys: list[str], run_job: Callable, worker: Worker, say=None
             study.tell(trial, state=TrialState.FAIL)
             continue
         with worker.beating(trial):
-            state, value = _run_one(lambda t: run_job(t, key), trial)
+            state, value = _run_one(lambda t: run_job(t, key), trial)  # noqa: B023 (called here, in this iteration)
         study.tell(trial, value, state=state)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -61,7 +62,8 @@ class Search:
         """One fine-tune (a trial or a finish job; ``recipe`` None: a control arm of the original network),
         logged in :attr:`trained`."""
         if model is None:
-            model = copy.deepcopy(self.model) if recipe is None else build_retrofitted(self.model, self.found, recipe, seed)
+            model = copy.deepcopy(self.model) if recipe is None else build_retrofitted(self.model, self.found, recipe,
+                                                                                       seed)
         train = {**self.train, **({"lr": searched["lr"]} if "lr" in searched else {})}
         if recipe is not None and self.distill:
             options = {**options, "distill": True}

@@ -22,9 +22,10 @@ import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -76,7 +77,7 @@ class Space:
     base: Recipe = Recipe()
 
     # -- from the model ---------------------------------------------------------------------------
-    def on_model(self, found: Scan) -> "Space":
+    def on_model(self, found: Scan) -> Space:
         """The space with every stage named and checked against the model's sites: a stage the model does
         not have, or a space whose every recipe has no block, is one error."""
         present = {s.stage for s in found.sites}
@@ -154,7 +155,8 @@ class Space:
     def _stages_and_r(self, params: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, Any]:
         if self.per_stage is None:
             r = next(v for v in self.r if r_label(v) == params.get("r", r_label(self.r[0])))
-            st = next(st for st in self.stages if stages_label(st) == params.get("stages", stages_label(self.stages[0])))
+            st_label = params.get("stages", stages_label(self.stages[0]))
+            st = next(st for st in self.stages if stages_label(st) == st_label)
             return st, r
         on = {s: params.get(f"r{s}", v[0]) for s, v in self.per_stage}
         on = {s: v for s, v in on.items() if v != OFF}
@@ -185,7 +187,8 @@ class Space:
     def to_dict(self) -> dict[str, Any]:
         """Plain values (the study's identity: a resumed study must search the same space)."""
         return {"position": list(self.position), "module": list(self.module),
-                "r": [v.to_dict() if isinstance(v, StageMap) else v for v in self.r] if self.per_stage is None else None,
+                "r": ([v.to_dict() if isinstance(v, StageMap) else v for v in self.r]
+                      if self.per_stage is None else None),
                 "stages": [stages_label(st) for st in self.stages] if self.per_stage is None else None,
                 "per_stage": {str(s): list(v) for s, v in self.per_stage} if self.per_stage is not None else None,
                 "gate": list(self.gate), "squeeze": list(self.squeeze),
@@ -252,7 +255,8 @@ def parse_lr(value: Any) -> tuple[float | None, tuple[float, float] | None]:
         parts = [float(p) for p in text.split(":")]
     except ValueError:
         raise RetrofitError(f"--lr: give a rate (1e-3) or a range low:high (1e-4:1e-1), got {text!r}") from None
-    if len(parts) > 2 or any(not math.isfinite(p) or p <= 0 for p in parts) or (len(parts) == 2 and parts[0] >= parts[1]):
+    if (len(parts) > 2 or any(not math.isfinite(p) or p <= 0 for p in parts)
+            or (len(parts) == 2 and parts[0] >= parts[1])):
         raise RetrofitError(f"--lr: give a positive rate (1e-3) or a range low:high with low < high (1e-4:1e-1), "
                             f"got {text!r}")
     return (parts[0], None) if len(parts) == 1 else (None, (parts[0], parts[1]))

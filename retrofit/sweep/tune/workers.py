@@ -52,7 +52,7 @@ class Worker:
         trial.set_user_attr(WORKER, {"host": self.host, "pid": os.getpid(), "lock": str(self.path)})
         trial.set_user_attr(BEAT, time.time())
 
-    def beating(self, trial) -> "Heartbeat":
+    def beating(self, trial) -> Heartbeat:
         return Heartbeat(trial, self.interval)
 
     def close(self) -> None:
@@ -124,5 +124,6 @@ def fail_stale(study, grace: float = GRACE, say=None) -> list[int]:
         if retried:
             study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.user_attrs.get(RETRY_OF, t.number)})
         if say is not None:
-            say(f"[trial {t.number}] its process is gone; marked failed" + (", its recipe queued again" if retried else ""))
+            again = ", its recipe queued again" if retried else ""
+            say(f"[trial {t.number}] its process is gone; marked failed{again}")
     return failed
