@@ -25,7 +25,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests.strip() in ci
 
 
-def test_wheel_ships_every_package_and_the_builtin_recipes(tmp_path):
+def test_wheel_ships_every_package_the_builtin_recipes_py_typed_and_the_license(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
@@ -36,6 +36,9 @@ def test_wheel_ships_every_package_and_the_builtin_recipes(tmp_path):
         assert f"retrofit/recipes/{recipe}.yaml" in names
     for module in (ROOT / "retrofit").rglob("*.py"):  # pyproject lists packages by hand: none forgotten
         assert module.relative_to(ROOT).as_posix() in names
+    assert "retrofit/py.typed" in names  # PEP 561: type checkers read the package's annotations
+    (license,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]  # the text pyproject declares
+    assert zipfile.ZipFile(wheel).read(license) == (ROOT / "LICENSE").read_bytes()
 
 
 def test_readme_inline_finetune_call_runs_as_written(tmp_path, monkeypatch):
@@ -59,6 +62,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     runner of every page's blocks (tests/test_docs.py)."""
     import timm
     from safetensors.torch import save_file
+
     from support import run_python_blocks
 
     monkeypatch.chdir(tmp_path)
