@@ -4,15 +4,17 @@ Method: Hu et al., "Squeeze-and-Excitation Networks" (CVPR 2018), https://arxiv.
 
 Example::
 
-    >>> import timm, retrofit
+    >>> import timm, torch, retrofit
     >>> model = timm.create_model("resnet50")
     >>> sites = retrofit.find_sites(model)
     >>> se_model = retrofit.add_se(model, position="standard", r=16)
     >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
     >>> plain = retrofit.strip(se_model)          # the blocks removed again
-    >>> with retrofit.bypass(se_model): ...       # the original network, blocks switched off
+    >>> with retrofit.bypass(se_model):           # the original network, blocks switched off
+    ...     logits = se_model(torch.randn(1, 3, 224, 224))
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
-    >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
+    trainable parameters: 2,530,992 || all: 28,088,024 || 9.01%
+    >>> path = retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
 below (``lint-imports`` checks it; docs/contributing/architecture.md draws it):

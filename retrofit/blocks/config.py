@@ -14,7 +14,7 @@ step).
     32
     >>> BlockConfig(module="eca", r=8)   # ECA has no reduction: refused, not ignored
     Traceback (most recent call last):
-    RecipeError: recipe field 'r' does not apply to module 'eca' (it reads gate); ...
+    retrofit.errors.RecipeError: recipe field 'r' does not apply to module 'eca' (it reads gate); ...
 """
 from __future__ import annotations
 

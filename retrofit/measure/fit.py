@@ -15,9 +15,16 @@ test, the terminal in use), so the caller still writes ``console.print(table)``.
 * When even the headline columns do not fit, each row is printed as ``header: value`` lines instead,
   one block per row.
 
+    >>> from rich.console import Console
     >>> t = FitTable([Col("model", "left"), Col("params"), Col("% MACs", drop=1)], title="Sweep")
-    >>> t.add_row("resnet50", "2,530,048", "0.06%")
+    >>> t.add_row("resnet50", "2,530,992", "0.06%")
     >>> Console(width=80).print(t)
+    Sweep
+    ┏━━━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━┓
+    ┃ model    ┃    params ┃ % MACs ┃
+    ┡━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━┩
+    │ resnet50 │ 2,530,992 │  0.06% │
+    └──────────┴───────────┴────────┘
 """
 from __future__ import annotations
 

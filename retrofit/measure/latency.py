@@ -8,9 +8,9 @@ distribution-free confidence interval for it (:meth:`Timing.interval`): when the
 the run measured no difference. Timings of two separate runs are not comparable on a shared machine;
 ratios from one run are.
 
-    >>> timing = measure_latency({"resnet50": plain, "se": se_model}, batch=8, input_size=(3, 224, 224))
-    >>> timing.ratio("se", "resnet50")      # e.g. 1.07: the retrofit costs 7% more time per batch
-    >>> timing.interval("se", "resnet50")   # e.g. (1.04, 1.10, 0.979): its 97.9% interval over 10 rounds
+    >>> timing = measure_latency({"resnet50": plain, "se": se_model}, batch=4, input_size=(3, 128, 128))
+    >>> ratio = timing.ratio("se", "resnet50")   # e.g. 1.07: the retrofit costs 7% more time per batch
+    >>> low, high, level = timing.interval("se", "resnet50")  # e.g. 1.04, 1.10, 0.979: a 97.9% interval
 """
 from __future__ import annotations
 

@@ -162,7 +162,8 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
     Example::
 
         >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
-        >>> report.added_params, round(report.macs_percent(), 2)
+        >>> report.added_params, round(report.macs_percent(), 2)   # resnet50, r=16: timm's seresnet50 has as many
+        (2530992, 0.06)
     """
     if se_model is model:
         raise RetrofitError("measure_overhead needs the original and the retrofitted model, got the same "

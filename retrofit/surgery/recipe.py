@@ -10,16 +10,22 @@ way, naming the field and the allowed values; a site's block is resolved by
 carries them as keys and :attr:`Recipe.block` is the :class:`~retrofit.blocks.config.BlockConfig` they make.
 Built-in recipes live in ``recipes/`` (shipped inside the wheel as ``retrofit/recipes``)::
 
-    >>> Recipe.load("timm")                      # a built-in, by name
-    >>> Recipe.load("my_recipe.yaml")            # any YAML file
-    >>> Recipe(position="inside", r=8).replace(stages=[4])
+    >>> Recipe.load("timm").divisor               # a built-in, by name (timm's seresnet layout)
+    8
+    >>> recipe = Recipe.load("my_recipe.yaml")    # any YAML file
+    >>> Recipe(position="inside", r=8).replace(stages=[4]).stages
+    (4,)
 
 Block fields may vary by stage and by module (see :class:`Recipe` for the priority)::
 
-    >>> Recipe(r={2: 8, 3: 8, 4: 16, 5: 32}, gate={5: "hard_sigmoid"})   # per-stage maps
-    >>> Recipe(r="2:8,5:32")                                             # the CLI's spelling
-    >>> Recipe(overrides=[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}])
-    >>> Recipe(r={5: 32}).block_for(stage=5, path="layer4.2")            # one site's BlockConfig
+    >>> Recipe(r={2: 8, 3: 8, 4: 16, 5: 32}, gate={5: "hard_sigmoid"}).r   # per-stage maps
+    StageMap(base=16, values=((2, 8), (3, 8), (4, 16), (5, 32)))
+    >>> Recipe(r="2:8,5:32").r                                               # the CLI's spelling
+    StageMap(base=16, values=((2, 8), (5, 32)))
+    >>> recipe = Recipe(overrides=[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}])
+    >>> Recipe(r={5: 32}).block_for(stage=5, path="layer4.2")              # one site's BlockConfig
+    BlockConfig(r=32, squeeze='avg', gate='sigmoid', divisor=1, min_width=1, bias=True, init='preserve',
+                module='se', allow_wide=False)
 """
 from __future__ import annotations
 

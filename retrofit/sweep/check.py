@@ -204,7 +204,8 @@ def check_model(model: str | nn.Module, *, input_size: Sequence[int] | None = No
 
     Example::
 
-        >>> check_model("vgg11").status, check_model("vgg11").reason
+        >>> r = check_model("vgg11")
+        >>> r.status, r.reason
         ('no sites', 'no residual or Inception merge in vgg11')
     """
     r = parse_ratio(r)

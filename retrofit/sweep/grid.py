@@ -14,6 +14,7 @@ same run (:mod:`retrofit.measure.latency`).
 
     >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[4, 16], position=["standard", "post"])
     >>> [(row.position, row.r, round(row.params_percent, 2)) for row in rows]
+    [('standard', 4, 39.44), ('standard', 16, 9.9), ('post', 4, 39.44), ('post', 16, 9.9)]
 
 With ``data=`` (an ImageFolder) every combination is also fine-tuned over several seeds, next to
 control arms trained the same way (:mod:`retrofit.sweep.ablation`): the accuracy half of the paper's tables.
@@ -96,7 +97,8 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
 
         >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[2, 4, 8, 16, 32],
         ...                       position=["standard", "inside"], stages=["all", 4, "3+4"])
-        >>> rows[0].position, rows[0].r, rows[0].params, rows[0].params_percent
+        >>> rows[0].position, rows[0].r, rows[0].params, round(rows[0].params_percent, 2)
+        ('standard', 2, 20142208, 78.81)
     """
     base_recipe = resolve_recipe(recipe)
     ratios = parse_axis("r", r, lambda v: base_recipe.replace(r=v).r)

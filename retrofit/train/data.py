@@ -155,6 +155,7 @@ class ImageFolderData:
 
         >>> data = ImageFolderData.open("data/", model, input_size=(3, 224, 224))
         >>> data.classes, len(data.train), len(data.val)
+        (['class0', 'class1', 'class2'], 24, 12)
     """
 
     root: Path

@@ -121,9 +121,11 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, epochs: int =
 
     Example::
 
-        >>> se = retrofit.add_se(timm.create_model("resnet50", pretrained=True), r=16)
+        >>> se = retrofit.add_se(model, r=16)   # model: your trained network (timm's, or your own)
         >>> result = retrofit.finetune(se, data="data/", epochs=2, output_dir="runs/se50")
-        >>> result.row("original")["top1"], result.best["top1"]
+        >>> [row["name"] for row in result.rows]
+        ['original', 'step 0', 'epoch 1', 'epoch 2']
+        >>> before, best = result.row("original")["top1"], result.best["top1"]
     """
     given = locals()
     settings = Settings(**{f.name: given[f.name] for f in fields(Settings)})

@@ -1,8 +1,8 @@
 """:func:`retrofit.tune`: a budgeted recipe search with an honest finish, in Python (the CLI's ``retrofit tune``).
 
     >>> result = retrofit.tune(model, data="data/", space={"position": ["standard", "identity"],
-    ...                        "r": {2: ["off", 4, 16], 5: ["off", 4, 16]}}, trials=20, epochs=3)
-    >>> result.summary["line"], result.verdict, result.best
+    ...                        "r": {2: ["off", 4, 16], 5: ["off", 4, 16]}}, trials=8, epochs=1)
+    >>> line, verdict, best = result.summary["line"], result.verdict, result.best
 
 The flow, on one scan and one data pipeline: the space is checked on the model (and the limits against its
 cheapest recipe), the study is opened or resumed (its identity checked), trials run until the budget says
