@@ -152,12 +152,13 @@ def step_fn(model, optimizer, loader, classes: int, device: str = "cpu", channel
     from retrofit.train.loss import Objective
     from retrofit.train.progress import Progress
 
-    objective = Objective(classes)
+    objective = Objective(classes, smoothing=0.0, mixup=0.0, cutmix=0.0, distill=0.0, temperature=1.0)
     env = Dist(device=torch.device(device))
 
     def run():
         train_epoch(model, model, loader, optimizer, accum=1, env=env, progress=Progress(False), label="",
-                    seen_bad=set(), objective=objective, channels_last=channels_last)
+                    seen_bad=set(), objective=objective, clip_grad=None, clip_mode="norm",
+                    channels_last=channels_last)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
     return run

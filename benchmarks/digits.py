@@ -47,7 +47,7 @@ def pretrain(model: torch.nn.Module, data, epochs: int, batch: int, lr: float, s
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    loader = data.train_loader(batch, batch_size=batch, seed=seed)  # one process: micro-batch = batch
+    loader = data.train_loader(batch, batch_size=batch, seed=seed, workers=0)  # one process: micro-batch = batch
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=0.05)
     sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=epochs)
     model.train()
@@ -65,7 +65,7 @@ def pretrain(model: torch.nn.Module, data, epochs: int, batch: int, lr: float, s
 @torch.no_grad()
 def logits(model: torch.nn.Module, data) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(b.images) for b in data.val_loader(256)])
+    return torch.cat([model(b.images) for b in data.val_loader(256, workers=0)])
 
 
 def main() -> None:

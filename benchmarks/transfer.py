@@ -95,7 +95,7 @@ def pretrain_on(model: torch.nn.Module, root: Path, size: int, epochs: int) -> f
     torch.manual_seed(0)
     pretrain(model, data, epochs, batch=64, lr=2e-3, seed=0)
     with torch.no_grad():
-        hits = sum((model(b.images).argmax(1) == b.targets).sum().item() for b in data.val_loader(256))
+        hits = sum((model(b.images).argmax(1) == b.targets).sum().item() for b in data.val_loader(256, workers=0))
     return 100 * hits / len(data.val)
 
 
@@ -177,7 +177,8 @@ def main() -> None:
                 if position is not None:
                     torch.manual_seed(seed)
                     model = retrofit.add_se(model, position=position, input_size=(3, size, size), inplace=True)
-                result = retrofit.finetune(model, folders[seed], args.epochs, lr=args.lr, batch_size=args.batch_size,
+                result = retrofit.finetune(model, folders[seed], epochs=args.epochs, lr=args.lr,
+                                           batch_size=args.batch_size,
                                            augment=False, seed=seed, workers=0, input_size=(3, size, size),
                                            restore_best=False, **{**OFF, **options})
                 results[name].append(result.row(row))

@@ -62,7 +62,8 @@ def seeds_of(plain, data, recipe, train, epochs, size, seeds=(0, 1, 2)):
         model = copy.deepcopy(plain)
         torch.manual_seed(seed)
         model = retrofit.add_se(model, recipe, input_size=(3, size, size), inplace=True)
-        result = retrofit.finetune(model, data, epochs, seed=seed, input_size=(3, size, size), restore_best=False,
+        result = retrofit.finetune(model, data, epochs=epochs, seed=seed, input_size=(3, size, size),
+                                   restore_best=False,
                                    **train)
         out.append(result.rows[-1]["top1"])
     return out
@@ -73,7 +74,7 @@ def grid_against_tune(plain, data, train, epochs, size, tmp: Path, console, say)
 
     t0 = time.perf_counter()
     rows = retrofit.sweep(plain, r=[4, 16], position=POSITIONS, stages=["all", "4+5", "5"], input_size=(3, size, size),
-                          data=data, epochs=epochs, seeds=[SEARCH_SEED], train=train)
+                          data=data, epochs=epochs, seeds=[SEARCH_SEED], **train)
     grid_time = time.perf_counter() - t0
     trained = [r for r in rows if r.arm == "se" and r.top1 is not None]
     grid_epochs = epochs * len(trained)
@@ -84,7 +85,7 @@ def grid_against_tune(plain, data, train, epochs, size, tmp: Path, console, say)
     t0 = time.perf_counter()
     result = retrofit.tune(plain, data, {"position": POSITIONS, "r": [4, 16], "stages": ["all", "4+5", "5"]},
                            budget=grid_epochs // 3, epochs=epochs, input_size=(3, size, size), search_seed=SEARCH_SEED,
-                           finalists=3, seeds=3, output_dir=tmp / "tune-a", train=train, on_line=say)
+                           finalists=3, seeds=3, output_dir=tmp / "tune-a", on_event=lambda e: say(e.message), **train)
     tune_time = time.perf_counter() - t0
     search = [t for t in result.trials if t["state"] in ("complete", "pruned")]
     top = max((t for t in result.trials if t["state"] == "complete"), key=lambda t: t["top1"])
@@ -117,7 +118,7 @@ def per_stage(plain, data, train, epochs, size, tmp: Path, console, say):
     t0 = time.perf_counter()
     result = retrofit.tune(plain, data, {"r": ["off", 4, 8, 16, 32], "per_stage": True}, budget=30 * epochs,
                            epochs=epochs, input_size=(3, size, size), search_seed=SEARCH_SEED, finalists=3, seeds=3,
-                           output_dir=tmp / "tune-b", train=train, on_line=say)
+                           output_dir=tmp / "tune-b", on_event=lambda e: say(e.message), **train)
     console.print(f"(b) per-stage search: {result.summary['line']}; {time.perf_counter() - t0:.0f} s with its finish")
     top = max((t for t in result.trials if t["state"] == "complete"), key=lambda t: t["top1"])
     console.print(f"(b) best on the search seed: trial {top['number']} {top['label']}, top-1 {top['top1']:.2f}%")

@@ -9,12 +9,16 @@ Example::
     >>> sites = retrofit.find_sites(model)
     >>> se_model = retrofit.add_se(model, position="standard", r=16)
     >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
+    >>> retrofit.get_info(se_model).blocks         # what was inserted where (None for a plain model)
     >>> plain = retrofit.strip(se_model)          # the blocks removed again
     >>> with retrofit.bypass(se_model):           # the original network, blocks switched off
     ...     logits = se_model(torch.randn(1, 3, 224, 224))
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
-    trainable parameters: 2,530,992 || all: 28,088,024 || 9.01%
-    >>> path = retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
+    >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
+    >>> report = retrofit.inspect(se_model, "data/")  # what each gate does on the data (after a fine-tune)
+    >>> folded = retrofit.fold(se_model, "data/", tolerance=0.5).model   # gates that learnt a constant, folded
+    >>> retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
+    >>> retrofit.from_pretrained("se/")             # the same model again
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
 below (``lint-imports`` checks it; docs/contributing/architecture.md draws it):
@@ -59,6 +63,9 @@ _API: dict[str, str] = {
     "bypass": "surgery.bypass",
     "trainable_parameters": "surgery.trainable",
     "Trainable": "surgery.trainable",
+    "get_info": "surgery.info",
+    "RetrofitInfo": "surgery.info",
+    "BlockInfo": "surgery.info",
     "SqueezeExcite": "blocks.se",
     "ATTENTIONS": "blocks.attention",
     "register_attention": "blocks.attention",
@@ -67,8 +74,16 @@ _API: dict[str, str] = {
     "measure_latency": "measure.latency",
     "save": "files.checkpoint",
     "load": "files.checkpoint",
+    "save_pretrained": "files.pretrained",
+    "from_pretrained": "files.pretrained",
     "finetune": "train.finetune",
-    "FinetuneResult": "train.settings",
+    "FinetuneResult": "train.result",
+    "FinetuneConfig": "train.config",
+    "Event": "events",
+    "inspect": "train.inspect",
+    "Inspection": "train.inspect",
+    "fold": "sweep.fold",
+    "FoldResult": "sweep.fold",
     "sweep": "sweep.grid",
     "tune": "sweep.tune.api",
     "TuneResult": "sweep.tune.api",
@@ -81,20 +96,26 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .blocks.attention import ATTENTIONS, register_attention
     from .blocks.se import SqueezeExcite
     from .errors import RecipeError, RetrofitError, RetrofitWarning
+    from .events import Event
     from .files.checkpoint import load, save
+    from .files.pretrained import from_pretrained, save_pretrained
     from .measure.latency import measure_latency
     from .measure.overhead import Overhead, measure_overhead
     from .surgery.bypass import bypass
+    from .surgery.info import BlockInfo, RetrofitInfo, get_info
     from .surgery.insert import add_se
     from .surgery.positions import POSITIONS, register_position
     from .surgery.recipe import Recipe, builtin_recipes
     from .surgery.sites import Site, find_sites
     from .surgery.strip import strip
     from .surgery.trainable import Trainable, trainable_parameters
+    from .sweep.fold import FoldResult, fold
     from .sweep.grid import sweep
     from .sweep.tune.api import TuneResult, tune
+    from .train.config import FinetuneConfig
     from .train.finetune import finetune
-    from .train.settings import FinetuneResult
+    from .train.inspect import Inspection, inspect
+    from .train.result import FinetuneResult
 
 __all__ = list(_API)
 __version__ = version("retrofit")

@@ -10,6 +10,8 @@ from torch import nn
 
 from retrofit.sweep.check import randomize  # the sweep's randomiser: one way to make weights not fresh
 
+pytest_plugins = ["postgres"]  # tests/postgres.py: a real PostgreSQL server for the several-machine tests
+
 
 class ChannelsLast(nn.Module):
     """A Swin/ConvNeXt-style block: the residual sum happens on an (N, H, W, C) tensor."""

@@ -1,7 +1,8 @@
 """Helpers the tests of several layers share: a tiny ImageFolder and the models trained on it, small
-networks of one's own, the one-error-line check of the CLI, and the runner of the pages' python blocks.
-Fixtures live in conftest.py."""
-import re
+networks of one's own, and the one-error-line check of the CLI. Fixtures live in conftest.py."""
+import os
+import socket
+import subprocess
 
 import numpy as np
 import timm
@@ -127,15 +128,62 @@ def moved_off_identity(se, plain, generator):
     return se
 
 
-def python_blocks(page):
-    """The ```python blocks of a Markdown page (the README, a page of docs/), in order."""
-    return re.findall(r"```python\n(.*?)\n```", page.read_text(), flags=re.S)
+def safetensors_bytes(meta: dict, tensors: dict | None = None, data: bytes = b"") -> bytes:
+    """A safetensors file written by hand (its 8-byte length, JSON header, data): any header, however
+    hostile, without the library refusing to write it."""
+    import json
+    import struct
+
+    header = json.dumps({**(tensors or {}), "__metadata__": meta}).encode()
+    return struct.pack("<Q", len(header)) + header + data
 
 
-def run_python_blocks(page, namespace, root):
-    """Run a page's python blocks as written, in order, in one ``namespace``, each compiled under the page's
-    path (relative to ``root``) and its number, so a failure names the block. Returns how many ran."""
-    blocks = python_blocks(page)
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{page.relative_to(root)} block {i + 1}", "exec"), namespace)
-    return len(blocks)
+def special_files(root, suffix):
+    """What a path may be besides a regular file: links to /dev/zero and /dev/urandom (never end), a FIFO
+    (waits for a writer forever), a directory, a symlink loop; name -> (path, what the message says)."""
+    import os
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in ("zero", "urandom"):
+        (root / f"{name}{suffix}").symlink_to(f"/dev/{name}")
+        out[name] = (root / f"{name}{suffix}", "is not a regular file (a character device)")
+    os.mkfifo(root / f"fifo{suffix}")
+    (root / f"dir{suffix}").mkdir()
+    (root / f"loop{suffix}").symlink_to(f"loop{suffix}")
+    out.update(fifo=(root / f"fifo{suffix}", "is not a regular file (a FIFO)"),
+               dir=(root / f"dir{suffix}", "is a directory"), loop=(root / f"loop{suffix}", "is a symlink loop"))
+    return out
+
+
+def billion_laughs(key: str, levels: int = 9) -> str:
+    """A YAML recipe of ~300 bytes whose ``key`` expands to 10^levels strings through nested aliases."""
+    text = f'{key}: [&a0 ["l","l","l","l","l","l","l","l","l","l"]'
+    for i in range(1, levels):
+        text += f", &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]"
+    return text + "]\n"
+
+
+def rewrite_header(src, dst, edit):
+    """Copy a safetensors file with its JSON header edited by ``edit(header)``: the data stay as they are."""
+    import json
+    import struct
+
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return dst
+def start_ranks(cmd, n=2, env=None, **kwargs):
+    """The ``n`` processes that ``torchrun --nproc_per_node n`` starts for ``cmd``, started as torchrun does
+    (its environment contract: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+    without its agent, so that a test can kill one rank and read each rank's own output and exit code."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, **kwargs) for r in range(n)]

@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import retrofit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,9 +70,14 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_file(timm.create_model("resnet50").state_dict(), "my_resnet50.safetensors")
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    from support import make_folder
+
+    make_folder(tmp_path / "data")  # the 3-class data set the inspect and fold lines read
     namespace = {}
     assert run_python_blocks(ROOT / "README.md", namespace, ROOT) == 3
     assert namespace["report"].added_params > 0
-    assert len(namespace["again"]._retrofit.blocks) == 2
-    assert len(namespace["se_detector"]._retrofit.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
+    assert len(retrofit.get_info(namespace["again"]).blocks) == 2
+    detector = retrofit.get_info(namespace["se_detector"])
+    assert len(detector.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
     assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])
+    assert len(namespace["gates"].blocks) == 8 and namespace["result"].evaluations >= 1

@@ -138,15 +138,16 @@ def layer_of(module: str) -> str:
 
 def mermaid(graph: grimp.ImportGraph | None = None) -> str:
     """The layers, top first, and an arrow for each pair of layers with imports between them, labelled with
-    the number of module-to-module imports (``errors``, which every layer imports, is left out)."""
+    the number of module-to-module imports (``errors`` and ``events``, the bottom layer every layer may import,
+    left out)."""
     graph = graph or grimp.build_graph(PACKAGE, exclude_type_checking_imports=True)
     counts: dict[tuple[str, str], int] = {}
     for m in graph.modules:
         for t in graph.find_modules_directly_imported_by(m):
             a, b = layer_of(m), layer_of(t)
-            if a != b and "(facade)" not in (a, b) and "__main__" not in (a, b) and "errors" not in (a, b):
+            if a != b and "(facade)" not in (a, b) and "__main__" not in (a, b) and not {"errors", "events"} & {a, b}:
                 counts[(a, b)] = counts.get((a, b), 0) + 1
-    order = ["cli", "sweep", "train", "files", "measure", "surgery", "graph", "blocks"]
+    order = ["cli", "sweep", "train", "files", "measure", "surgery", "graph", "blocks", "inputs"]
     lines = ["flowchart TD"]
     for (a, b), n in sorted(counts.items(), key=lambda kv: (order.index(kv[0][0]), order.index(kv[0][1]))):
         lines.append(f"    {a} -->|{n}| {b}")

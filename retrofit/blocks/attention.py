@@ -68,6 +68,10 @@ class AttentionSpec:
     paper: str
     fuses_residual_sum: bool = False  # forward(x, shortcut) computes x * s + shortcut in one pass
     layouts: tuple[str, ...] = ("nchw",)  # feature layouts it can take (retrofit.blocks.se_layout.LAYOUTS)
+    # a channel gate (output = x * s, one s per image and channel): the attributes holding the linear
+    # maps its excitation s is computed by, in order (retrofit.blocks.excitation); () for any other block
+    excitation: tuple[str, ...] = ()
+    not_a_gate: str = "it is not registered as a channel gate (register_attention(..., excitation=...))"
 
 
 #: The blocks by name (``se``, ``ese``, ``eca``, ``ceca``, ``cbam``, ``gc`` and any added with
@@ -79,7 +83,8 @@ DISPLAY_NAMES = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA",
 
 def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
                        preserve: Callable[[nn.Module], None] | None = None, fuses_residual_sum: bool = False,
-                       layouts: tuple[str, ...] = ("nchw",)):
+                       layouts: tuple[str, ...] = ("nchw",), excitation: tuple[str, ...] = (),
+                       not_a_gate: str = ""):
     """Register ``build(channels, cfg, dd) -> nn.Module`` under ``name`` (``cfg``: a
     :class:`~retrofit.blocks.config.BlockConfig`; ``dd``: device, dtype). ``fields``: the block fields it reads.
 
@@ -87,9 +92,15 @@ def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
     standard position may hand it the residual sum it feeds (see :func:`retrofit.surgery.prepare.prepare`).
     ``layouts``: besides ``nchw`` maps, ``nhwc``/``tokens``; ``build`` then gets ``layout`` and
     ``prefix`` in ``dd`` too.
+    ``excitation``: for a channel gate (its output is its input times one excitation per image and
+    channel, computed from the input by the linear maps named here, in order, then a gate), those
+    maps' attribute names: ``retrofit inspect`` reads its excitations and ``retrofit fold`` replaces it by
+    a constant scale. ``not_a_gate``: for any other block, why it is neither (one clause).
     """
     def register(fn):
-        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper, fuses_residual_sum, layouts)
+        why = not_a_gate or AttentionSpec.not_a_gate
+        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper, fuses_residual_sum, layouts,
+                                         tuple(excitation), "" if excitation else why)
         return fn
     return register
 
@@ -169,26 +180,26 @@ def _zero(*layers: nn.Module | None) -> None:
 
 # -- the registry -----------------------------------------------------------------------------------
 @register_attention("se", fields=SE_FIELDS, paper="https://arxiv.org/abs/1709.01507", fuses_residual_sum=True,
-                    layouts=LAYOUTS)
+                    layouts=LAYOUTS, excitation=("fc1", "fc2"))
 def se(channels, cfg, dd):
     return make_block(dd.pop("layout"), channels, cfg.width(channels), prefix=dd.pop("prefix"),
                       squeeze=cfg.squeeze, gate=cfg.gate, bias=cfg.bias, init=cfg.init, **dd)
 
 
 @register_attention("ese", fields=("gate",), paper="https://arxiv.org/abs/1911.06667",
-                    preserve=lambda b: _zero(b.fc))
+                    preserve=lambda b: _zero(b.fc), excitation=("fc",))
 def ese(channels, cfg, dd):
     return create_attn("ese", channels, gate_layer=cfg.gate, **dd)
 
 
 @register_attention("eca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
-                    preserve=lambda b: _zero(b.conv2 if b.conv2 is not None else b.conv))
+                    preserve=lambda b: _zero(b.conv2 if b.conv2 is not None else b.conv), excitation=("conv", "conv2"))
 def eca(channels, cfg, dd):
     return create_attn("eca", channels, gate_layer=cfg.gate, **dd)
 
 
 @register_attention("ceca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
-                    preserve=lambda b: _zero(b.conv))
+                    preserve=lambda b: _zero(b.conv), excitation=("conv",))
 def ceca(channels, cfg, dd):
     return create_attn("ceca", channels, gate_layer=cfg.gate, **dd)
 
@@ -197,13 +208,15 @@ def ceca(channels, cfg, dd):
 # modes (running mean 0; a batch of zeros has mean 0)
 @register_attention("cbam", fields=("r", "gate", "divisor", "min_width", "bias", "allow_wide"),
                     paper="https://arxiv.org/abs/1807.06521",
-                    preserve=lambda b: _zero(b.channel.fc2, b.spatial.conv.conv))
+                    preserve=lambda b: _zero(b.channel.fc2, b.spatial.conv.conv),
+                    not_a_gate="its spatial gate scales every position of the map apart, not one scale per channel")
 def cbam(channels, cfg, dd):
     return create_attn("cbam", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate,
                        mlp_bias=cfg.bias, **dd)
 
 
 @register_attention("gc", fields=("r", "gate", "divisor", "min_width", "allow_wide"),
-                    paper="https://arxiv.org/abs/1904.11492", preserve=lambda b: _zero(b.mlp_scale.fc2))
+                    paper="https://arxiv.org/abs/1904.11492", preserve=lambda b: _zero(b.mlp_scale.fc2),
+                    not_a_gate="it adds a transformed context vector to the map instead of scaling its channels")
 def gc(channels, cfg, dd):
     return create_attn("gc", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate, **dd)

@@ -21,22 +21,17 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from timm.layers import make_divisible
 
-from ..errors import RecipeError
+from ..errors import RecipeError, excerpt
 from .attention import ATTENTIONS, preserve_needs_gate, zero_gate_gates
+from .help import BLOCK_HELP, MAX_EXPANSION, MAX_ROUNDING
 from .se import GATES, SQUEEZES
 
 INITS = ("preserve", "paper")
-# Bounds that keep a recipe from asking for absurd blocks (a file's metadata can say `r: 1e-4`, which
-# would allocate 2 x 10^4 C^2 weights per block): r below 1 makes a block wider than its input and
-# needs allow_wide; even then a block is at most MAX_EXPANSION times wider than its input. divisor
-# and min_width round the width up: at most MAX_ROUNDING each.
-MAX_EXPANSION = 16
-MAX_ROUNDING = 1024
 
 
 # -- validators: one value of one field; the message names the field and the allowed values ------------
@@ -44,7 +39,7 @@ def choice(name: str, allowed: Callable[[], Any]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         options = list(allowed())
         if not isinstance(value, str) or value.lower() not in options:
-            raise RecipeError(f"recipe field '{name}': unknown value {value!r}; allowed: {', '.join(options)}")
+            raise RecipeError(f"recipe field '{name}': unknown value {excerpt(value)}; allowed: {', '.join(options)}")
         return value.lower()
     return check
 
@@ -66,9 +61,9 @@ def number(value: Any) -> float | None:
 def ratio(value: Any) -> float:
     r = number(value)
     if r is None or not math.isfinite(r) or r <= 0:
-        raise RecipeError(f"recipe field 'r': the reduction ratio must be a positive number, got {value!r}")
+        raise RecipeError(f"recipe field 'r': the reduction ratio must be a positive number, got {excerpt(value)}")
     if r < 1 / MAX_EXPANSION:
-        raise RecipeError(f"recipe field 'r': {value!r} would make each block {1 / r:.3g} times wider than its "
+        raise RecipeError(f"recipe field 'r': {excerpt(value)} would make each block {1 / r:.3g} times wider than its "
                           f"input; r must be at least 1/{MAX_EXPANSION} = {1 / MAX_EXPANSION:g}, and at least 1 "
                           f"unless allow_wide is true")
     return int(r) if r.is_integer() else r
@@ -78,9 +73,9 @@ def positive_int(name: str, at_most: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         n = number(value)
         if n is None or not n.is_integer() or n < 1:
-            raise RecipeError(f"recipe field '{name}': must be a whole number >= 1, got {value!r}")
+            raise RecipeError(f"recipe field '{name}': must be a whole number >= 1, got {excerpt(value)}")
         if at_most is not None and n > at_most:
-            raise RecipeError(f"recipe field '{name}': at most {at_most}, got {value!r}")
+            raise RecipeError(f"recipe field '{name}': at most {at_most}, got {excerpt(value)}")
         return int(n)
     return check
 
@@ -91,40 +86,31 @@ def boolean(name: str) -> Callable[[Any], bool]:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.strip().lower() in ("true", "yes", "1", "on")
-        raise RecipeError(f"recipe field '{name}': expected true or false, got {value!r}")
+        raise RecipeError(f"recipe field '{name}': expected true or false, got {excerpt(value)}")
     return check
+
+
+def described(default: Any, help: str, example: str = "") -> Any:
+    """A field with its help (``metadata["help"]``: the one text a recipe field's docs, ``add-se --help``, the
+    YAML reference and the docstrings show) and, for a block field, an ``example`` of its per-stage form."""
+    return field(default=default, metadata={"help": help, "example": example})
 
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """How one block is built.
+    """How one block is built. Each field's help is its ``metadata["help"]`` (``fields(BlockConfig)``; listed
+    in ``docs/reference/options.md``). A module reads only some of the fields (ECA: ``gate``); a non-default value of
+    a field it does not read is an error."""
 
-    Args:
-        r: reduction ratio; a block on C channels squeezes them to about C / r.
-        squeeze: global pooling of the squeeze step: ``avg`` (the paper's) or ``max``.
-        gate: the excitation's last activation: ``sigmoid``, ``hard_sigmoid``, ``tanh`` or ``relu``.
-        divisor: the reduced width is rounded to a multiple of this (timm uses 8).
-        min_width: smallest reduced width (timm uses the divisor).
-        bias: whether the two 1x1 convolutions have biases (timm and the released models do; the
-            paper's parameter count does not).
-        init: ``preserve`` starts the block as an exact identity; ``paper`` uses PyTorch's default
-            random initialisation.
-        module: the block, by name (:mod:`retrofit.blocks.attention`): ``se`` (the default), ``ese``,
-            ``eca``, ``ceca``, ``cbam``, ``gc``. Each reads only some of the fields above; a
-            non-default value of a field it does not read is an error.
-        allow_wide: allow r below 1, a block wider than its input (C / r > C); without it such an r
-            is refused. Even with it r >= 1/16; ``divisor`` and ``min_width`` are at most 1024.
-    """
-
-    r: float = 16
-    squeeze: str = "avg"
-    gate: str = "sigmoid"
-    divisor: int = 1
-    min_width: int = 1
-    bias: bool = True
-    init: str = "preserve"
-    module: str = "se"
-    allow_wide: bool = False
+    r: float = described(16, *BLOCK_HELP["r"])
+    squeeze: str = described("avg", *BLOCK_HELP["squeeze"])
+    gate: str = described("sigmoid", *BLOCK_HELP["gate"])
+    divisor: int = described(1, *BLOCK_HELP["divisor"])
+    min_width: int = described(1, *BLOCK_HELP["min_width"])
+    bias: bool = described(True, *BLOCK_HELP["bias"])
+    init: str = described("preserve", *BLOCK_HELP["init"])
+    module: str = described("se", *BLOCK_HELP["module"])
+    allow_wide: bool = described(False, *BLOCK_HELP["allow_wide"])
 
     def __post_init__(self):
         for f in fields(self):
@@ -178,4 +164,5 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 BLOCK_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BlockConfig))
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(BlockConfig)}
+HELP: dict[str, Any] = {f.name: f.metadata for f in fields(BlockConfig)}  # help and per-stage example
 ALWAYS_READ = ("module", "init")  # every module has a kind and an init; the others are in its spec

@@ -79,12 +79,13 @@ def _check(models, all_families, family, time_limit, json_path, r="16") -> int:
             say(("picking the smallest model of each timm family (parameters counted on meta)...", "dim"), stderr=True)
         items += smallest_per_family(only=family or None)
 
-    def progress(r):
+    def progress(event):
+        r = event.data["result"]
         if not quiet:
             mark = ("ok", "green") if r.ok else (r.status, "red")
             say((f"{r.family or ''} {r.model}", "dim"), " ", mark, f" {'' if r.ok else r.reason[:120]}", stderr=True)
 
-    results = check_models(items, time_limit_s=time_limit, on_result=progress, r=ratio)
+    results = check_models(items, time_limit_s=time_limit, on_event=progress, r=ratio)
     summary = summarize(results)
     seconds = time.perf_counter() - start
     if not quiet:

@@ -25,9 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from typer.core import TyperGroup
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError, excerpt, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
 from ..files.bounds import whole_number  # no torch
+from .options import recipe_option
 
 NB_HYPHEN = "\u2011"  # a non-breaking hyphen: textwrap does not break a word there
 
@@ -125,14 +126,15 @@ def warnings_as_they_happen():
 @contextlib.contextmanager
 def rounds_bar(label: str, quiet: bool = False):
     """A transient progress bar on stderr while something counts rounds (rank 0; none when ``quiet``);
-    yields ``on_round(done, total)``, as :func:`retrofit.measure.latency.measure_latency` calls it."""
+    yields an ``on_event`` callback that moves it on each ``round`` event (:mod:`retrofit.events`)."""
     if quiet or os.environ.get("RANK", "0") != "0":
         yield None
         return
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bars:
         task = bars.add_task(label, total=None)
-        yield lambda done, total: bars.update(task, completed=done, total=total)
+        yield lambda e: bars.update(task, completed=e.data["done"],
+                                    total=e.data["total"]) if e.kind == "round" else None
 
 
 def fail_cleanly(fn):
@@ -170,7 +172,7 @@ def build_model(name: str, checkpoint: Path | None, pretrained: bool, num_classe
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         if not num_classes.strip().isdigit():
-            raise RetrofitError(f"--num-classes must be a whole number, got {num_classes!r}")
+            raise RetrofitError(f"--num-classes must be a whole number, got {excerpt(num_classes)}")
         try:  # before the head is built: a file of it could not be loaded either
             kwargs["num_classes"] = whole_number(num_classes.strip(), "num_classes")
         except ValueError as err:
@@ -214,5 +216,19 @@ CHECKPOINT = typer.Option(None, "--checkpoint", help="Local weights (.safetensor
 PRETRAINED = typer.Option(False, "--pretrained", help="Download timm's weights (needs network access).")
 NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size (a new head when it differs).")
 INPUT_SIZE = typer.Option(None, "--input-size", help="C,H,W to trace with (default: the model's own).")
-AT = typer.Option(None, "--at", help="Module-path globs: a block on the output of each module they match, e.g. "
-                                     "'features.denseblock*,features.transition*' (* within one name, ** across).")
+AT = recipe_option("at")
+# reading a saved model: `finetune`, `inspect`, `fold`
+SAVED = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (its folder, or a "
+                                 ".safetensors file), or an adapter (with --base).")
+BASE = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain "
+                                         "weights, or a model saved by retrofit: a file or a folder).")
+FORCE = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own "
+                                            "base's.")
+IMAGES = typer.Option(None, "--images", min=1, help="Read an evenly spaced subset of this many val images (default: "
+                                                    "all).")
+
+
+def globs(text: str | None) -> list[str] | None:
+    """``'layer3.*, layer4.*'`` -> ``['layer3.*', 'layer4.*']``; None stays None."""
+    return None if text is None else [g.strip() for g in text.split(",") if g.strip()]
+

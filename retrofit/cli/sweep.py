@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 
 from ..errors import RetrofitError
+from ..measure.excitation_plot import PLOT_MISSING  # no torch
 from ..measure.fit import Col, FitTable  # rich only: no torch
+from ..train.config import DEFAULTS  # no torch
 from .ablation import accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy, save_figure
 from .common import (
     AT,
@@ -25,15 +27,15 @@ from .common import (
     say,
     write_json,
 )
-from .finetune import RUN_OPTIONS, finetune_options, is_main_process
-
-PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
-                "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
+from .finetune import is_main_process
+from .options import RUN_OPTIONS, finetune_options
 
 
 @app.command("sweep", short_help="Sweep r x position x stages: overhead, latency, accuracy.")
 @fail_cleanly
-@finetune_options(only=RUN_OPTIONS)
+@finetune_options(only=("epochs", "lr", *RUN_OPTIONS), notes={
+    "epochs": "With --data, of each run (the full-network control: as many at --phase2-lr).",
+    "lr": "With --data (SE arms, head+norms control)."})
 def sweep_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
     r: str = typer.Option("16", "--r", "-r", help="Reduction ratios, comma-separated, e.g. 2,4,8,16,32; an item may be "
@@ -66,14 +68,11 @@ def sweep_command(
                                                                 "DATA/val/<class>/*): also fine-tune every combination "
                                                                 "(phase 1) and the control arms, and report val top-1 "
                                                                 "and loss."),
-    epochs: int = typer.Option(1, "--epochs", "-e", help="With --data: phase-1 epochs of each run (the full-network "
-                                                         "control: as many at --phase2-lr)."),
     seeds: int = typer.Option(1, "--seeds", help="With --data: seeds 0..K-1 per combination and control (mean ± std, "
                                                  "paired differences)."),
     checkpoint: Path | None = CHECKPOINT,
     pretrained: bool = PRETRAINED,
-    lr: float = typer.Option(1e-3, "--lr", help="With --data: phase-1 learning rate (SE arms, head+norms control)."),
-    *, train: dict,
+    *, config,
 ):
     """Sweep r x position x stages: added parameters, multiply-adds and (--latency) latency per combination.
 
@@ -102,16 +101,15 @@ def sweep_command(
     stage_sets = parse_axis("stages", stages, parse_stages)
     if batch < 1 or runs < 1:
         raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
-    runs_with = None  # the fine-tune options of every accuracy run
+    epochs = config.epochs
     if data is not None:
         if epochs < 1 or seeds < 1:
             raise RetrofitError(f"--epochs and --seeds must be at least 1, got {epochs} and {seeds}")
-        runs_with = dict(lr=lr, **train)
-        if train["device"] is not None:
+        if config.device is not None:
             from ..train.distributed import check_device  # deferred: torch loads when a command runs
 
-            check_device(train["device"])  # before the model is built
-    elif epochs != 1 or seeds != 1:
+            check_device(config.device)  # before the model is built
+    elif epochs != DEFAULTS["epochs"] or seeds != 1:
         raise RetrofitError("--epochs and --seeds set an accuracy sweep, which needs --data DIR")
     json_target(json_path)
     if plot is not None:
@@ -126,12 +124,13 @@ def sweep_command(
     talk = json_path != "-" and is_main_process()
     with rounds_bar("timing each combination against the original, in turns", quiet=not latency or not talk) as bar:
         rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
-                     latency_input_size=timing_size, runs=runs, found=found, data=data, epochs=epochs, seeds=seeds,
-                     train=runs_with, on_run=(lambda line: say(line, stderr=True)) if talk else None, on_round=bar)
+                     latency_input_size=timing_size, runs=runs, found=found, data=data, seeds=seeds,
+                     config=config, on_event=progress(talk, bar))
     name = model_name(net)
     out = {"model": name, "input_size": list(size), "recipe": base.to_dict(),
            "latency": {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None,
-           "accuracy": {"data": str(data), "epochs": epochs, "seeds": list(range(seeds)), "train": train}
+           "accuracy": {"data": str(data), "epochs": epochs, "seeds": list(range(seeds)),
+                        "train": {name: getattr(config, name) for name in RUN_OPTIONS}}
            if data is not None else None,
            "base": {"params": count_params(net), "macs": found.macs},
            "rows": [row.to_dict() for row in rows], "verdict": verdict(rows)}
@@ -147,6 +146,16 @@ def sweep_command(
             say(f"saved {plot}")
     if out["verdict"] and json_path != "-":  # the last line: did any recipe beat the best control?
         say(out["verdict"])
+
+
+def progress(talk: bool, bar):
+    """The sweep's ``on_event``: each run's line on stderr (when it talks), each latency round to the bar."""
+    def follow(event):
+        if event.kind == "run" and talk:
+            say(event.message, stderr=True)
+        elif event.kind == "round" and bar is not None:
+            bar(event)
+    return follow
 
 
 def sweep_table(rows, latency: bool, batch: int, size, title: str = "Sweep", note: str = ""):

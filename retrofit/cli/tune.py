@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..errors import RetrofitError
+from ..train.config import DEFAULTS  # no torch
 from .ablation import control_lines, save_figure
 from .common import (
     CHECKPOINT,
@@ -22,13 +23,14 @@ from .common import (
     say,
     write_json,
 )
-from .finetune import RUN_OPTIONS, finetune_options, is_main_process
+from .finetune import is_main_process
+from .options import RUN_OPTIONS, config_help, finetune_options
 from .sweep import import_pyplot, sweep_table
 
 
 @app.command("tune", short_help="Search the recipe that pays, on Optuna; end with the control arms.")
 @fail_cleanly
-@finetune_options(only=RUN_OPTIONS)
+@finetune_options(only=("epochs", *RUN_OPTIONS), notes={"epochs": "Of every trial and finish run."})
 def tune_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/*, DATA/val/<class>/*."),
@@ -49,13 +51,12 @@ def tune_command(
     gate: str | None = typer.Option(None, "--gate", help="Gates searched, e.g. sigmoid,hard_sigmoid (default: the "
                                                          "recipe's)."),
     squeeze: str | None = typer.Option(None, "--squeeze", help="Squeezes searched: avg,max (default: the recipe's)."),
-    lr: str = typer.Option("1e-3", "--lr", help="Phase-1 learning rate, or a range LOW:HIGH searched log-uniform (e.g. "
-                                                "1e-4:1e-1)."),
-    phase2_epochs: str | None = typer.Option(None, "--phase2-epochs", help="Phase-2 epochs searched, e.g. 0,2 (default "
-                                                                           "0)."),
+    lr: str = typer.Option(f"{DEFAULTS['lr']:g}", "--lr", help=config_help(
+        "lr", after="Or a range LOW:HIGH, searched log-uniform (e.g. 1e-4:1e-1).")),
+    phase2_epochs: str | None = typer.Option(None, "--phase2-epochs", help=config_help(
+        "phase2_epochs", after=f"Searched: comma-separated, e.g. 0,2 (default {DEFAULTS['phase2_epochs']}).")),
     recipe: str | None = typer.Option(None, "--recipe", "-R", help="Recipe for the other fields (divisor, bias, "
                                                                    "init...)."),
-    epochs: int = typer.Option(1, "--epochs", "-e", min=1, help="Phase-1 epochs of every trial and finish run."),
     trials: int | None = typer.Option(None, "--trials", "-n", help="Trials that count (complete or pruned); those over "
                                                                    "a limit or repeating a recipe train nothing and do "
                                                                    "not count."),
@@ -76,11 +77,13 @@ def tune_command(
                                                                "control arms (0: no finish)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 0..S-1 of the finish (mean ± std, paired Δ with its 95% "
                                                         "interval)."),
-    search_seed: int = typer.Option(100, "--search-seed", help="The seed of every trial and of the sampler (kept apart "
-                                                               "from the finish's seeds)."),
+    search_seed: int = typer.Option(
+        100, "--search-seed", help="The seed of every trial and of the sampler (kept apart from the finish's seeds); "
+                                   "also of the random weights of a model named without --checkpoint or --pretrained."),
     storage: str | None = typer.Option(None, "--storage", help="The study's store, shared by several processes or "
-                                                               "machines: an RDB URL (postgresql+psycopg://...) or a "
-                                                               "journal file on a shared file system (default: "
+                                                               "machines: a PostgreSQL URL for several machines "
+                                                               "(postgresql+psycopg://USER@HOST:PORT/DB; the postgres "
+                                                               "extra), or a journal file for one machine (default: "
                                                                "OUTPUT_DIR/study.journal)."),
     study: str = typer.Option("tune", "--study", help="The study's name in the store."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="The tune's folder: study, trials.jsonl, "
@@ -94,15 +97,18 @@ def tune_command(
                                                           "controls as lines, to FILE.png."),
     checkpoint: Path | None = CHECKPOINT, pretrained: bool = PRETRAINED, num_classes: str | None = NUM_CLASSES,
     input_size: str | None = INPUT_SIZE,
-    *, train: dict,
+    *, config,
 ):
     """Search recipes within a budget, then re-run the best over seeds next to the control arms.
 
     Every trial is a fine-tune of one recipe (phase 1, plus searched phase-2 epochs) with --search-seed,
     reporting val top-1 after every epoch to the pruner (Optuna: TPE and Hyperband by default). A recipe
-    over --max-params, --max-macs or --max-latency is never trained. The study lives in --output-dir (a
-    journal file), so the same command again after a kill continues it; the same command with --storage
-    URL --study NAME on several machines shares one study. Under torchrun every trial is
+    over --max-params, --max-macs or --max-latency is never trained; a recipe whose fine-tune fails is never
+    trained again, and a search whose first trials all fail stops with its reason. The study lives in
+    --output-dir (a journal file), so the same command again after a kill continues it; the same command
+    with --storage postgresql+psycopg://USER@HOST:PORT/DB --study NAME on several machines shares one
+    study. A model named without weights gets random ones from --search-seed, the same in every process.
+    Under torchrun every trial is
     DistributedDataParallel over all processes. The best --finalists recipes and the three control arms
     (original, head+norms, full) then run over seeds 0..S-1: the sweep's table, with the paired Δ to the
     best control and its 95% interval; the last line says whether any recipe beat it.
@@ -134,15 +140,18 @@ def tune_command(
         plot = plot.expanduser()
         check_writable(plot)
         pyplot = import_pyplot()
-    train = dict(lr=fixed_lr if fixed_lr is not None else 1e-3, **train)
-    net, found = build_and_scan(lambda: build_model(model, checkpoint, pretrained, num_classes), input_size, meta=False)
+    config = config.replace(lr=fixed_lr) if fixed_lr is not None else config
+    weightless = checkpoint is None and not pretrained
+    net, found = build_and_scan(lambda: seeded(search_seed if weightless else None,
+                                               lambda: build_model(model, checkpoint, pretrained, num_classes)),
+                                input_size, meta=False)
     talk = json_path != "-" and is_main_process()
-    result = tune(net, data, chosen, trials=trials, budget=budget, epochs=epochs, recipe=base,
+    result = tune(net, data, chosen, trials=trials, budget=budget, recipe=base,
                   input_size=found.traced.input_size, max_params=max_params, max_macs=max_macs,
                   max_latency=max_latency, sampler=sampler, pruner=pruner, finalists=finalists, seeds=seeds,
-                  search_seed=search_seed, storage=storage, study=study, output_dir=out, train=train,
+                  search_seed=search_seed, storage=storage, study=study, output_dir=out, config=config,
                   adapter=adapter, found=found,
-                  on_line=(lambda line: console(stderr=True).print(line)) if talk else None)
+                  on_event=(lambda e: console(stderr=True).print(e.message)) if talk else None)
     if not is_main_process():
         return
     if json_path is not None:
@@ -151,6 +160,21 @@ def tune_command(
         draw_tune(pyplot, result, model, plot)
     if talk:
         report(result, found.traced.input_size, out, plot)
+
+
+def seeded(seed: int | None, build):
+    """``build()``, after ``torch.manual_seed(seed)`` when a seed is given (the global generator restored
+    after): a model named without weights gets its random weights from ``--search-seed``, so the same
+    command builds the same model in every process and on every machine, and a rerun or a second worker
+    resumes the study instead of being refused for another model."""
+    if seed is None:
+        return build()
+    # deferred: torch loads when the command runs, not for --help
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def report(result, size, out: Path, plot: Path | None) -> None:

@@ -30,30 +30,22 @@ import hashlib
 import json
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import RetrofitError, RetrofitWarning
+from ..errors import RetrofitError, RetrofitWarning, excerpt
 from ..graph.model import model_name
+from ..inputs import regular_file
+from ..surgery.info import BaseRecord, get_info, update_info
 from ..surgery.strip import strip
+from .folder import read_folder
 from .full import load_full, rebuild
 from .header import ADAPTER_FORMAT, FORMAT, Header, metadata, read_header
 from .models import create_model
 from .tensors import alias_groups, check_tensors, load_into, safetensors_header
-
-BASE_ATTR = "_retrofit_base"
-
-
-@dataclass
-class BaseRecord:
-    """The base weights a model's adapter is relative to: a sha256 per state-dict key, and a name."""
-
-    digests: dict[str, str] = field(default_factory=dict)
-    name: str = ""
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -70,7 +62,7 @@ def base_hash(digests: Mapping[str, str]) -> str:
 
 def block_keys(model: nn.Module) -> set[str]:
     """The state-dict keys of the inserted blocks."""
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
     prefixes = tuple(f"{b.path}." for b in info.blocks)
@@ -94,13 +86,13 @@ def remember_base(model: nn.Module, name: str = "", *, new: set[str] | frozenset
         name: what the base is (``"resnet50, weights my_resnet50.safetensors"``), for messages and cards.
         new: keys that are not the base's (a classifier created anew): an adapter always holds them.
     """
-    record = getattr(model, BASE_ATTR, None)
-    if isinstance(record, BaseRecord):
-        return record
+    info = get_info(model)
+    if info is not None and info.base is not None:
+        return info.base
     skip = block_keys(model) | set(new)
     record = BaseRecord({k: tensor_digest(v) for k, v in model.state_dict().items() if k not in skip},
                         name or _default_name(model))
-    setattr(model, BASE_ATTR, record)
+    update_info(model, base=record)
     return record
 
 
@@ -108,8 +100,7 @@ def adapter_tensors(model: nn.Module, base: Any = None) -> tuple[dict[str, torch
     """The tensors and metadata of ``model``'s adapter (see the module docstring)."""
     meta = metadata(model)
     if base is not None:
-        info = model._retrofit
-        plain, name = base_model(base, info.architecture or "", json.loads(meta["model_kwargs"]))
+        plain, name = base_model(base, get_info(model).architecture or "", json.loads(meta["model_kwargs"]))
         record = BaseRecord({k: tensor_digest(v) for k, v in plain.state_dict().items()}, name)
     else:
         record = remember_base(model)
@@ -139,8 +130,9 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
     ``nn.Module``; see :func:`retrofit.load`)."""
     path = header.path
     if base is None:
-        raise RetrofitError(f"{path} is an adapter ({len(header.tensors)} tensors: the blocks and what changed) "
-                            f"made on {header.base_name or 'a base model'}; give that base: "
+        raise RetrofitError(f"{excerpt(path)} is an adapter ({len(header.tensors)} tensors: the blocks and what "
+                            "changed) "
+                            f"made on {excerpt(header.base_name or 'a base model', bare=True)}; give that base: "
                             f"retrofit.load(path, base=WEIGHTS_OR_MODEL) or --base FILE")
     plain, name = base_model(base, header.architecture, header.model_kwargs)
     record = BaseRecord({k: tensor_digest(v) for k, v in plain.state_dict().items()}, name)
@@ -153,15 +145,17 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
               if not any(a in header.tensors for a in aliases.get(k, (k,)))}
     found = base_hash(relied)
     if found != header.base_sha256:
-        text = (f"{path} was made on another base: {header.base_name or 'its base'} (sha256 "
-                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given ({name}) has "
+        text = (f"{excerpt(path)} was made on another base: {excerpt(header.base_name or 'its base', bare=True)} "
+                "(sha256 "
+                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given "
+                f"({excerpt(name, bare=True)}) has "
                 f"{found[:12]} over {len(relied)}")
         if not force:
             raise RetrofitError(f"{text}; give the base it was made on, or --force (force=True) to rebuild it "
                                 f"on this one anyway")
         warnings.warn(RetrofitWarning(f"{text}; rebuilt on it anyway (forced)"), stacklevel=3)
     load_into(model, path, tensors=header.tensors, required=blocks)
-    setattr(model, BASE_ATTR, record)
+    update_info(model, base=record)
     return model
 
 
@@ -176,12 +170,19 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
         name = _default_name(base)
     elif isinstance(base, (str, Path)):
         path = Path(base).expanduser()
-        if not path.is_file():
-            raise RetrofitError(f"base {base} not found; give the weight file the adapter was made on")
+        if not path.is_dir():  # a folder of retrofit.save_pretrained is read below
+            path = regular_file(base, "base")  # a FIFO, a device, a loop: said as what it is
         name = path.name
-        if _retrofit_format(path):
-            if read_header(path).adapter:
+        if path.is_dir():  # a folder of retrofit.save_pretrained
+            header = read_folder(path)[0]
+            if header.adapter:
                 raise RetrofitError(f"base {path} is itself an adapter; give the full model or the plain weights "
+                                    f"it was made on")
+            plain = load_full(header)
+        elif _retrofit_format(path):
+            if read_header(path).adapter:
+                raise RetrofitError(f"base {excerpt(path)} is itself an adapter; give the full model or the plain "
+                                    "weights "
                                     f"it was made on")
             plain = load_full(read_header(path))
         elif not architecture:
@@ -191,9 +192,8 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
             plain = create_model(architecture, checkpoint=path, **model_kwargs)
     else:
         raise RetrofitError(f"base must be a weight file or an nn.Module, got {type(base).__name__}")
-    if getattr(plain, "_retrofit", None) is not None:
+    if get_info(plain) is not None:  # its recorded base goes with it
         plain = strip(plain, inplace=True)
-    plain.__dict__.pop(BASE_ATTR, None)
     classes = model_kwargs.get("num_classes")
     have = getattr(plain, "num_classes", None)
     if classes is not None and isinstance(have, int) and have != classes:

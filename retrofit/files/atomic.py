@@ -28,7 +28,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust (safetensors) words an OSError
@@ -40,7 +40,7 @@ class WriteError(RetrofitError):
     def __init__(self, path: Path, reason: str, kept: bool, then: str = "try again"):
         self.path, self.reason, self.kept, self.then = path, reason, kept, then
         fix = "free space" if "space" in reason.lower() else "fix that"
-        super().__init__(f"cannot write {path}: {reason}; "
+        super().__init__(f"cannot write {excerpt(path)}: {reason}; "
                          f"{f'the previous {path.name} is kept' if kept else 'nothing was written'}; {fix} and {then}")
 
     def advise(self, then: str) -> WriteError:
@@ -206,13 +206,15 @@ def check_writable(path: Path) -> None:
     command that fails later leaves no empty folder behind."""
     path = Path(path)
     if path.is_dir():
-        raise RetrofitError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
+        raise RetrofitError(f"output {excerpt(path)} is a folder; give a file name such as "
+                            f"{excerpt(path / 'model.safetensors')}")
     existing = next((p for p in path.parents if p.exists()), Path("."))  # the nearest folder that exists
     if not existing.is_dir():
-        raise RetrofitError(f"cannot create the output folder {path.parent}: {existing} is a file; choose another "
+        raise RetrofitError(f"cannot create the output folder {excerpt(path.parent)}: {excerpt(existing)} is a file; "
+                            "choose another "
                             f"output path")
     if not os.access(existing, os.W_OK):
-        raise RetrofitError(f"output folder {existing} is not writable")
+        raise RetrofitError(f"output folder {excerpt(existing)} is not writable")
 
 
 def make_folders(folder: Path) -> None:
@@ -222,5 +224,5 @@ def make_folders(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way (FileExistsError, NotADirectoryError), no permission...
         reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
-        raise RetrofitError(f"cannot create the output folder {folder}: {reason or err}; choose another "
+        raise RetrofitError(f"cannot create the output folder {excerpt(folder)}: {reason or err}; choose another "
                             f"output path") from None

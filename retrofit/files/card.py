@@ -26,9 +26,10 @@ from torch import nn
 from ..errors import RetrofitError
 from ..measure.fit import FitTable
 from ..measure.report import overhead_table, results_table
+from ..surgery.info import FOLD_KINDS
 from .adapter import state_bytes
 from .atomic import atomic_write
-from .header import read_header
+from .header import Header, read_header
 
 
 def card_path(weights: str | Path) -> Path:
@@ -51,11 +52,24 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
     """
     weights = Path(weights)
     header = read_header(weights)
+    load = (f'retrofit.load("{weights.name}", base="BASE_WEIGHTS")  # or base=the base nn.Module' if header.adapter
+            else f'retrofit.load("{weights.name}")' if header.architecture
+            else f'retrofit.load("{weights.name}", base=MyNet())  # the plain network')
+    lines = card_lines(header, weights.stem, weights.name, weights.stat().st_size, load, model=model,
+                       overhead=overhead, result=result, command=command, base_name=base_name)
+    return write_text(card_path(weights), "\n".join(lines) + "\n", weights.name)
+
+
+def card_lines(header: Header, title: str, file_name: str, size: int, load: str, *, model: nn.Module | None = None,
+               overhead: Any = None, result: Any = None, command: str | None = None,
+               base_name: str | None = None, target: str | None = None) -> list[str]:
+    """The markdown of a card (see the module doc): ``header`` describes the saved file ``file_name`` of
+    ``size`` bytes, ``load`` is the Python line that loads it, ``target`` what a command is given (default:
+    the file; a folder's name for a folder)."""
     retrofit_version = version("retrofit")
-    size = weights.stat().st_size
     arch = header.architecture or "a network that is not from timm"
     kind = "adapter" if header.adapter else "retrofitted model"
-    lines = [f"# {weights.stem}", "",
+    lines = [f"# {title}", "",
              f"{'An adapter' if header.adapter else 'A model'}: `{arch}` with {header.blocks} `{header.recipe.module}` "
              f"block(s) inserted by retrofit {retrofit_version} (recipe: {header.recipe.describe()}).", "",
              "## Base model", "",
@@ -68,20 +82,15 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
     if header.adapter:
         lines.append(f"- sha256 of the {header.base_tensors} base tensors it takes from the base (name, dtype, "
                      f"shape, bytes; checked on load): `{header.base_sha256}`")
-    lines += ["", "## Loading", "", "```python", "import retrofit", ""]
+    lines += ["", "## Loading", "", "```python", "import retrofit", "", f"model = {load}", "```", ""]
     if header.adapter:
-        lines.append(f'model = retrofit.load("{weights.name}", base="BASE_WEIGHTS")  # or base=the base nn.Module')
-    elif header.architecture:
-        lines.append(f'model = retrofit.load("{weights.name}")')
-    else:
-        lines.append(f'model = retrofit.load("{weights.name}", model=MyNet())  # the plain network')
-    lines += ["```", ""]
-    if header.adapter:
-        lines += [f"or `retrofit finetune {weights.name} --base BASE_WEIGHTS --data DIR` to fine-tune it further.", ""]
+        lines += [f"or `retrofit finetune {target or file_name} --base BASE_WEIGHTS --data DIR` to fine-tune it "
+                  f"further.", ""]
     lines += ["## Recipe", "", "```json", json.dumps(header.recipe.to_dict(), indent=2), "```", ""]
+    lines += _folds_section(header.folds, header.blocks)
     if overhead is not None:
         lines += ["## Overhead", "", table_markdown(overhead_table(overhead)), ""]
-    lines += ["## File", "", "| file | size |", "| --- | --- |", f"| `{weights.name}` ({kind}) | {_mb(size)} |"]
+    lines += ["## File", "", "| file | size |", "| --- | --- |", f"| `{file_name}` ({kind}) | {_mb(size)} |"]
     if header.adapter and model is not None:
         full = state_bytes(model)
         lines.append(f"| the full model's weights | {_mb(full)} (the adapter is {100 * size / full:.1f}%) |")
@@ -95,14 +104,33 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
                                    f"{timm.__version__}, Python {platform.python_version()}"]
     if command:
         lines.append(f"- command: `{command}`")
-    path = card_path(weights)
-    text = "\n".join(lines) + "\n"
+    return lines
+
+
+def write_text(path: Path, text: str, saved: str) -> Path:
+    """Write a card atomically; a failure says that the weights (``saved``) are saved all the same."""
     try:
         with atomic_write(path) as tmp:
             tmp.write_text(text)
     except RetrofitError as err:
-        raise RetrofitError(f"{err} ({weights.name} itself is saved)") from None
+        raise RetrofitError(f"{err} ({saved} itself is saved)") from None
     return path
+
+
+def _folds_section(folds: list, blocks: int) -> list[str]:
+    """The blocks ``retrofit fold`` replaced by constant scales, and where each went."""
+    if not folds:
+        return []
+    kept = blocks - len(folds)
+    verb = "computes" if kept == 1 else "compute"
+    lines = ["## Folded blocks", "", f"{len(folds)} of the {blocks} blocks were folded by `retrofit fold` into "
+                                     "constant "
+             f"scales ({kept} still {verb} an excitation). `retrofit.strip` removes the blocks and channel scales "
+             f"and keeps the scales folded into neighbours; `retrofit.bypass` computes the same network.", "",
+             "| block | folded into |", "| --- | --- |"]
+    lines += [f"| `{f.path}` | {FOLD_KINDS[f.into]}" + (f" (`{f.neighbour}`)" if f.neighbour else "") + " |"
+              for f in folds]
+    return lines + [""]
 
 
 def command_line() -> str:

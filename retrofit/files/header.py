@@ -2,7 +2,8 @@
 
 A file holds everything needed to rebuild the model besides its weights: the timm architecture (and
 the constructor arguments that change shapes: ``num_classes``, ``in_chans``), the recipe and the input
-size it was traced at, and the number of blocks the recipe gives there.
+size it was traced at, the number of blocks the recipe gives there, and (``folds``, when
+:func:`retrofit.fold` folded some) which blocks were folded and where each went.
 
 A file is data, never instructions: before anything is built from it, every metadata value is
 checked for its type and against an allow-list (only the keys retrofit writes; constructor arguments
@@ -16,15 +17,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
 from torch import nn
 
-from ..errors import RetrofitError, first_line
-from ..surgery.info import WEIGHTS
+from ..errors import RetrofitError, excerpt, first_line
+from ..inputs import load_json, regular_file
+from ..surgery.info import FOLD_KINDS, WEIGHTS, Folded, get_info
 from ..surgery.recipe import Recipe
 from .bounds import out_of_bounds, whole_number
 from .tensors import read_safetensors_header
@@ -36,8 +38,10 @@ ADAPTER_FORMAT = "retrofit-adapter/1"
 # the metadata keys retrofit writes; any other key is refused (see read_header)
 KEYS = ("format", "architecture", "model_kwargs", "recipe", "input_size", "blocks")
 ADAPTER_KEYS = KEYS + ("base_sha256", "base_tensors", "base_name")
-# keys a file may lack (older versions did not write them): where the weights came from (WEIGHTS)
-OPTIONAL_KEYS = ("weights",)
+# keys a file may lack (older versions did not write them): where the weights came from (WEIGHTS), and
+# the folded blocks ([[block path, kind, neighbour path], ...]: retrofit.surgery.info.Folded), absent if none
+OPTIONAL_KEYS = ("weights", "folds")
+MAX_PATH = 500  # characters of a module path in `folds`
 
 
 # constructor arguments a file may pass to timm.create_model (their bounds: retrofit.files.bounds):
@@ -53,11 +57,11 @@ def metadata(model: nn.Module) -> dict[str, str]:
         RetrofitError: a size outside the bounds a file may ask for (:mod:`retrofit.files.bounds`):
             retrofit would refuse to load the file, so it is not written.
     """
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None:
         raise RetrofitError("this model has no SE blocks from retrofit; call retrofit.add_se first")
     kwargs = _model_kwargs(model, info.input_size)
-    problem = size_problem(kwargs, list(info.input_size)) or ("blocks", out_of_bounds("blocks", len(info.blocks)))
+    problem = size_problem(kwargs, list(info.input_size)) or ("blocks", out_of_bounds("blocks", info.built))
     if problem[1]:
         raise RetrofitError(f"cannot save this model: {problem[1]}, so retrofit.load would refuse the file")
     return {
@@ -66,8 +70,9 @@ def metadata(model: nn.Module) -> dict[str, str]:
         "model_kwargs": json.dumps(kwargs),
         "recipe": json.dumps(info.recipe.to_dict()),
         "input_size": json.dumps(list(info.input_size)),
-        "blocks": str(len(info.blocks)),
+        "blocks": str(info.built),
         **({"weights": info.weights} if info.weights in WEIGHTS else {}),
+        **({"folds": json.dumps([[f.path, f.into, f.neighbour] for f in info.folds])} if info.folds else {}),
     }
 
 
@@ -87,6 +92,7 @@ class Header:
     base_tensors: int = 0
     base_name: str = ""
     weights: str = ""  # where the weights came from (retrofit.surgery.info.WEIGHTS); "": not recorded
+    folds: list[Folded] = field(default_factory=list)  # the blocks retrofit.fold folded, in order
 
     @property
     def adapter(self) -> bool:
@@ -95,13 +101,11 @@ class Header:
 
 def read_header(path: str | Path) -> Header:
     """Read and check the metadata and tensor list of a retrofit file (no tensor data is read)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RetrofitError(f"{path} not found")
+    path = regular_file(path, "file")  # a directory, a FIFO, a device, a symlink loop: said as what it is
     meta, tensors = read_safetensors_header(path)
     if meta.get("format") not in (FORMAT, ADAPTER_FORMAT):
-        raise RetrofitError(f"{path} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
-                            f"use `retrofit add-se MODEL --checkpoint {path.name}`")
+        raise RetrofitError(f"{excerpt(path)} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
+                            f"use `retrofit add-se MODEL --checkpoint {excerpt(path.name, bare=True)}`")
     return Header(path=path, format=meta["format"], tensors=tensors, **parse_metadata(meta, str(path)))
 
 
@@ -110,8 +114,8 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
 
     Returns the fields of :class:`Header` (``architecture``, ``model_kwargs``, ``recipe``...)."""
     def bad(key: str, why: str) -> RetrofitError:
-        return RetrofitError(f"{where}: metadata '{key}' {why}; the file was not written by retrofit or was "
-                             f"edited, rebuild it from its source")
+        return RetrofitError(f"{excerpt(where, bare=True)}: metadata {excerpt(key)} {why}; the file was not written "
+                             f"by retrofit or was edited, rebuild it from its source")
 
     required = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
     for key in meta:
@@ -124,13 +128,13 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(meta[key], str):
             raise bad(key, "is not text")
     if meta.get("weights", WEIGHTS[0]) not in WEIGHTS:
-        raise bad("weights", f"is {meta['weights'][:40]!r}, not one of {', '.join(WEIGHTS)}")
+        raise bad("weights", f"is {excerpt(meta['weights'])}, not one of {', '.join(WEIGHTS)}")
 
     def json_value(key: str, kind: type, what: str):
         try:
-            value = json.loads(meta[key])
-        except ValueError as err:  # JSONDecodeError, or a number of more digits than Python converts
-            raise bad(key, f"is not valid JSON ({first_line(err)[:80]})") from None
+            value = load_json(meta[key])  # its depth bounded before it is parsed
+        except ValueError as err:
+            raise bad(key, f"is {err}") from None
         if not isinstance(value, kind):
             raise bad(key, f"must be {what}, got {type(value).__name__}")
         return value
@@ -139,16 +143,16 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     arch = meta["architecture"]
     if arch:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", arch) or not timm.is_model(arch):
-            raise bad("architecture", f"{arch[:60]!r} is not a timm model name")
+            raise bad("architecture", f"{excerpt(arch)} is not a timm model name")
     out["architecture"], out["weights"] = arch, meta.get("weights", "")
     kwargs = json_value("model_kwargs", dict, "a mapping")
     for key in kwargs:
         if key not in MODEL_KWARGS:
-            raise bad("model_kwargs", f"names {str(key)[:60]!r}: only {', '.join(MODEL_KWARGS)} are allowed (a "
+            raise bad("model_kwargs", f"names {excerpt(key)}: only {', '.join(MODEL_KWARGS)} are allowed (a "
                                       f"file may not ask for downloads or other files)")
     size = json_value("input_size", list, "a list [C, H, W]")
     if len(size) != 3 or not all(_is_int(v) and v >= 1 for v in size):
-        raise bad("input_size", f"must be three positive whole numbers [C, H, W], got {size!r}"[:200])
+        raise bad("input_size", f"must be three positive whole numbers [C, H, W], got {excerpt(size)}")
     problem = size_problem(kwargs, size)  # before anything is built from them
     if problem:
         raise bad(problem[0], f"gives {problem[1]}")
@@ -157,7 +161,7 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     out["model_kwargs"], out["input_size"] = kwargs, tuple(size)
     recipe = json_value("recipe", dict, "a mapping of recipe fields")
     try:
-        out["recipe"] = Recipe.from_dict(recipe, origin=f"recipe stored in {where}")
+        out["recipe"] = Recipe.from_dict(recipe, origin=f"recipe stored in {excerpt(where, bare=True)}")
     except RetrofitError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError) as err:
@@ -167,6 +171,8 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
             out[key] = whole_number(meta[key], key)
         except ValueError as err:
             raise bad(key, f"gives {err}") from None
+    if "folds" in meta:
+        out["folds"] = _folds(json_value("folds", list, "a list of [block, kind, neighbour]"), out["blocks"], bad)
     if meta.get("format") == ADAPTER_FORMAT:
         if not re.fullmatch(r"[0-9a-f]{64}", meta["base_sha256"]):
             raise bad("base_sha256", "must be 64 hexadecimal digits")
@@ -174,6 +180,26 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise bad("base_name", "must be one printable line of at most 200 characters")
         out.update(base_sha256=meta["base_sha256"], base_name=meta["base_name"])
     return out
+
+
+def _folds(value: list, blocks: int, bad) -> list[Folded]:
+    """The ``folds`` metadata as :class:`Folded` records, each entry checked (shape, kind, path lengths)."""
+    if len(value) > blocks:
+        raise bad("folds", f"lists {len(value)} folded blocks but the file has {blocks} blocks")
+    folds, seen = [], set()
+    for entry in value:
+        if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, str) and len(v) <= MAX_PATH
+                                                                     and v.isprintable() for v in entry)):
+            raise bad("folds", "has an entry that is not [block, kind, neighbour] (three short texts): "
+                               f"{excerpt(entry)}")
+        path, into, neighbour = entry
+        if into not in FOLD_KINDS:
+            raise bad("folds", f"has the kind {excerpt(into)}, not one of {', '.join(FOLD_KINDS)}")
+        if path in seen or not path or (into == "scale") != (neighbour == ""):
+            raise bad("folds", f"has a bad entry for block {excerpt(path)}")
+        seen.add(path)
+        folds.append(Folded(path, into, neighbour))
+    return folds
 
 
 def size_problem(kwargs: Mapping[str, Any], size: list) -> tuple[str, str] | None:

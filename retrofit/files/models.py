@@ -11,8 +11,10 @@ import timm
 import torch
 from torch import nn
 
-from ..errors import RetrofitError, first_line
-from .tensors import dtype_fits, dtype_name, safetensors_header
+from ..errors import RetrofitError, excerpt, first_line
+from ..inputs import regular_file
+from .meta_check import check_checkpoint
+from .tensors import HeaderBound, dtype_fits, dtype_name, safetensors_header
 
 
 def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained: bool = False,
@@ -31,14 +33,13 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
         **kwargs: passed to ``timm.create_model`` (``num_classes``, ``in_chans``...).
     """
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6) if len(name) < 200 else []
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists them"
-        raise RetrofitError(f"unknown model '{name}'{hint}")
+        raise RetrofitError(f"unknown model {excerpt(name)}{hint}")
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise RetrofitError(f"checkpoint {checkpoint} not found; give the path of a weight file")
+        path = regular_file(checkpoint, "checkpoint")  # a directory, a FIFO, a device, a loop: said as what it is
         tensors = checkpoint_tensors(path)
+        check_checkpoint(name, kwargs, tensors, checkpoint)  # on the meta device: no memory
         overlay = dict(file=str(path.resolve()))
         classes = checkpoint_classes(path, name, tensors)
         if classes is not None:  # timm keeps the file's head only when its size is the config's
@@ -51,12 +52,14 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
     except RuntimeError as err:
         if checkpoint is None:
             raise
-        raise RetrofitError(f"checkpoint {checkpoint} does not fit {name}: {describe_mismatch(err)}; "
+        raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)} does not fit {name}: "
+                            f"{describe_mismatch(err)}; "
                             f"is it a checkpoint of this architecture?") from None
     except Exception as err:
         if checkpoint is None:
             raise RetrofitError(f"cannot build {name}: {first_line(err)}") from None
-        raise RetrofitError(f"cannot read checkpoint {checkpoint} ({type(err).__name__}: {first_line(err)}); "
+        raise RetrofitError(f"cannot read checkpoint {excerpt(checkpoint, bare=True)} ({type(err).__name__}: "
+                            f"{first_line(err)}); "
                             f"is it a complete .safetensors or .pth file?") from None
     if checkpoint is not None:
         _check_dtypes(model, tensors, checkpoint)
@@ -79,8 +82,10 @@ def checkpoint_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 if "mmap" not in str(err):
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format
+    except HeaderBound as err:
+        raise RetrofitError(f"cannot read checkpoint {excerpt(path)}: {err}; is it a weight file?") from None
     except Exception as err:  # a pickle that would run code, a truncated zip, I/O: no usable weights
-        raise RetrofitError(f"cannot read checkpoint {path} ({type(err).__name__}: {first_line(err)}); is it "
+        raise RetrofitError(f"cannot read checkpoint {excerpt(path)} ({type(err).__name__}: {first_line(err)}); is it "
                             f"a complete .safetensors or .pth weight file? (pickled code is never run)") from None
     if isinstance(state, dict):
         for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's order (use_ema)
@@ -88,11 +93,11 @@ def checkpoint_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 state = state[wrapper]
                 break
     if not isinstance(state, dict):
-        raise RetrofitError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors")
+        raise RetrofitError(f"checkpoint {excerpt(path)} holds a {type(state).__name__}, not a state dict of tensors")
     out = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise RetrofitError(f"checkpoint {path}: entry {str(key)[:80]!r} is a {type(value).__name__}, not a "
+            raise RetrofitError(f"checkpoint {excerpt(path)}: entry {excerpt(key)} is a {type(value).__name__}, not a "
                                 f"tensor; give a state dict of tensors")
         for prefix in ("_orig_mod.", "module.", "_orig_mod."):  # timm's clean_state_dict
             key = key[len(prefix):] if key.startswith(prefix) else key
@@ -106,7 +111,8 @@ def _check_dtypes(model: nn.Module, tensors: dict[str, tuple[str, tuple[int, ...
     the way are not seen here (timm checks their shapes)."""
     for key, value in model.state_dict().items():
         if key in tensors and not dtype_fits(tensors[key][0], value.dtype):
-            raise RetrofitError(f"checkpoint {checkpoint}: {key} is {tensors[key][0]} in the file but "
+            raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)}: {key} is {tensors[key][0]} in the file "
+                                "but "
                                 f"{dtype_name(value.dtype)} in {type(model).__name__}; the file was edited or "
                                 f"is not a weight file of this model")
 
@@ -151,8 +157,8 @@ def describe_mismatch(err: BaseException) -> str:
         match = re.search(pattern, text)
         if match:
             keys = re.findall(r'"([^"]+)"', match.group(1))
-            parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]})" if keys else f"{label} keys")
+            parts.append(f"{len(keys)} {label} keys (e.g. {excerpt(keys[0], bare=True)})" if keys else f"{label} keys")
     sizes = re.findall(r"size mismatch for ([^:]+):", text)
     if sizes:
-        parts.append(f"{len(sizes)} shape mismatches (e.g. {sizes[0]})")
+        parts.append(f"{len(sizes)} shape mismatches (e.g. {excerpt(sizes[0], bare=True)})")
     return ", ".join(parts) or first_line(err)

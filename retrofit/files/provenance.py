@@ -1,6 +1,6 @@
 """Where a model's weights came from: what its file records, or a guess when the file records nothing.
 
-``retrofit add-se`` records it on the model (``model._retrofit.weights``): ``random`` without
+``retrofit add-se`` records it on the model (``retrofit.get_info(model).weights``): ``random`` without
 ``--checkpoint`` or ``--pretrained``, else ``checkpoint`` or ``pretrained``. A file keeps it (metadata
 key ``weights``, optional: older files and models given to :func:`retrofit.add_se` have none), and a
 fine-tune's phase 2, which trains the backbone, makes random weights ``fine-tuned``. For a model with
@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..surgery.info import get_info, update_info
+
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def recorded(model: nn.Module) -> str:
     """The provenance recorded on ``model`` (``random``, ``pretrained``...), or ``""``."""
-    info = getattr(model, "_retrofit", None)
-    return getattr(info, "weights", "") or ""
+    info = get_info(model)
+    return info.weights if info is not None else ""
 
 
 def look_random(model: nn.Module) -> bool:
@@ -56,6 +58,6 @@ def random_weights(model: nn.Module) -> str | None:
 def mark_trained(*models: nn.Module | None) -> None:
     """A phase-2 fine-tune trained the backbone: random weights are fine-tuned weights from now on."""
     for model in models:
-        info = getattr(model, "_retrofit", None) if model is not None else None
-        if info is not None and getattr(info, "weights", "") == "random":
-            info.weights = "fine-tuned"
+        info = get_info(model) if model is not None else None
+        if info is not None and info.weights == "random":
+            update_info(model, weights="fine-tuned")

@@ -7,6 +7,7 @@ another float precision (a model saved in half precision loads into float32).
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,7 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError, excerpt, first_line
+from ..inputs import open_regular
+from .bounds import HEADER_BYTES, TENSORS
 
 # safetensors' names of the torch dtypes; a float tensor may be stored at another float precision (a
 # model saved in half precision loads into float32), any other tensor must have its exact type
@@ -27,19 +30,50 @@ FLOAT_DTYPES = {name for dtype, name in DTYPE_NAMES.items() if dtype.is_floating
 EXACT_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items() if not dtype.is_floating_point}
 
 
+class HeaderBound(ValueError):
+    """A safetensors header larger than a weight file's may be (:func:`check_header_size`)."""
+
+
 def safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
-    """The metadata and each tensor's (dtype name, shape) of a safetensors file: its header only."""
+    """The metadata and each tensor's (dtype name, shape) of a safetensors file: its header only, once
+    its size and number of entries are within :data:`~retrofit.files.bounds.HEADER_BYTES` and
+    :data:`~retrofit.files.bounds.TENSORS` (:class:`HeaderBound` if not): a header of a million tensors
+    is refused from its first bytes, not after parsing it whole (seconds and gigabytes)."""
+    check_header_size(path)
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}, {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
                                     for k in f.keys()}
+
+
+def check_header_size(path: Path) -> None:
+    """Refuse (:class:`HeaderBound`) a safetensors header of more than :data:`~retrofit.files.bounds.HEADER_BYTES`
+    bytes, from the length its first 8 bytes give, or of more than :data:`~retrofit.files.bounds.TENSORS`
+    tensors (``"data_offsets"`` counted in the raw bytes: every tensor entry has one); a file shorter
+    than the header it declares is no complete safetensors file (``ValueError``)."""
+    with os.fdopen(open_regular(path, "file"), "rb") as f:
+        head, total = f.read(8), os.fstat(f.fileno()).st_size
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or 8 + size > total:
+            raise ValueError(f"its first 8 bytes declare a header of {size:,} bytes, the file has {total:,}")
+        if size > HEADER_BYTES:
+            raise HeaderBound(f"its safetensors header declares {size:,} bytes, more than the {HEADER_BYTES:,} a "
+                              f"weight file may have")
+        count = f.read(size).count(b'"data_offsets"')
+    if count > TENSORS:
+        raise HeaderBound(f"its safetensors header lists {count:,} tensors, more than the {TENSORS:,} a weight "
+                          f"file may have")
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
     """:func:`safetensors_header`, a file that is not complete safetensors one line."""
     try:
         return safetensors_header(path)
+    except HeaderBound as err:
+        raise RetrofitError(f"cannot read {excerpt(path)}: {err}; is it a weight file?") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise RetrofitError(f"cannot read {path}: not a complete safetensors file ({first_line(err)})") from None
+        raise RetrofitError(
+            f"cannot read {excerpt(path)}: not a complete safetensors file ({first_line(err)})"
+        ) from None
 
 
 def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = None,
@@ -54,7 +88,7 @@ def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = N
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise RetrofitError(f"cannot read {path}: {first_line(err)}") from None
+        raise RetrofitError(f"cannot read {excerpt(path)}: {first_line(err)}") from None
     model.load_state_dict(with_metadata(state, model), strict=False)  # every name, dtype and shape checked above
 
 
@@ -83,16 +117,18 @@ def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, 
         if have is None:
             continue
         if tuple(have.shape) != tuple(shape):
-            shapes.append(f"{key}: {list(shape)} in the file, {list(have.shape)} in the model")
+            shapes.append((key, f"{excerpt(list(shape))} in the file, {list(have.shape)} in the model"))
         elif not dtype_fits(dtype, have.dtype):
-            dtypes.append(f"{key}: {dtype} in the file, {str(have.dtype).replace('torch.', '')} in the model")
+            dtypes.append((key, f"{dtype} in the file, {str(have.dtype).replace('torch.', '')} in the model"))
     problems = []
     for label, found in (("missing keys", missing), ("unexpected keys", unexpected),
                          ("shape mismatches", shapes), ("dtype mismatches", dtypes)):
         if found:
-            problems.append(f"{len(found)} {label} (e.g. {found[0]})")
+            key, detail = found[0] if isinstance(found[0], tuple) else (found[0], "")
+            problems.append(f"{len(found)} {label} (e.g. {excerpt(key, bare=True)}{detail and ': ' + detail})")
     if problems:
-        raise RetrofitError(f"weights in {where} do not fit the rebuilt model: {', '.join(problems)}")
+        raise RetrofitError(f"weights in {excerpt(where, bare=True)} do not fit the rebuilt model: "
+                            f"{', '.join(problems)}")
 
 
 def dtype_fits(stored: str, wanted: torch.dtype) -> bool:

@@ -29,6 +29,14 @@ as ``self``. What is installed, and why:
   stored under the public name it is imported by); ``copy.deepcopy`` (EMA copies) shares the compiled
   code, which is never mutated. Equal graphs (the units of a stage) are compiled once.
 
+* A rewritten forward is specialised to the Python values its module's forward read when it was
+  traced (a Swin block's window size and shift, a flag, a submodule that is None), as any fx code is:
+  the holder keeps them (:class:`Specialisation`), compares them before each call, and when one has
+  changed (timm's ``set_input_size``) it derives the forward again from the module's class forward
+  with the values it has now (:mod:`retrofit.graph.specialise`) and installs that. TorchScript asks
+  every module to prepare itself before it compiles (``__prepare_scriptable__``): it gets the current
+  forward too, and so does an fx tracer through :func:`traced_as_root`.
+
 ``module.forward.code`` shows the generated source; :func:`installed` returns the holder (its
 ``graph``, ``graphs``, ``two_modes``).
 """
@@ -44,9 +52,11 @@ import re
 import types
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
@@ -57,7 +67,8 @@ _COUNTER = itertools.count()
 _DEF = "def forward("
 _CODE_ATTRIBUTE = "_retrofit_forward"
 _TRACED = "_retrofit_traced_forward"  # a class attribute only while an fx tracer traces a retrofitted root
-INSTALLED = ("forward", "_replicate_for_data_parallel", "__constants__", _CODE_ATTRIBUTE)  # instance attributes
+INSTALLED = ("forward", "_replicate_for_data_parallel", "__constants__", _CODE_ATTRIBUTE,
+             "__prepare_scriptable__")  # instance attributes
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,8 @@ _CALL = """
 
 def _retrofit_call(holder, *args, **kwargs):
     module = holder.module
+    if holder.specialised is not None and holder.specialised.stale(module):
+        holder = holder.specialised.again(module, holder)
     return holder.fns[module.training](module, *args, **kwargs)
 """
 
@@ -172,6 +185,93 @@ def _structure(graph: fx.Graph) -> tuple | None:
         return None
 
 
+# -- what a forward was traced with -----------------------------------------------------------------
+_ABSENT = object()  # an attribute the module no longer has
+_WHERE = ("d", "p", "b", "m")  # a watched name is in __dict__, _parameters, _buffers or _modules
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, Enum)
+
+
+def plain(value: Any) -> bool:
+    """A value fx code holds as a constant and ``==`` compares: literals, dtypes, devices, enums, and
+    tuples, lists, sets and dicts of them."""
+    if isinstance(value, _PLAIN):
+        return True
+    if type(value) in (tuple, list, set, frozenset):
+        return all(plain(v) for v in value)
+    if type(value) is dict:
+        return all(plain(k) and plain(v) for k, v in value.items())
+    return False
+
+
+def observe(module: nn.Module, watched: tuple[tuple[str, int], ...]) -> tuple:
+    """What the ``watched`` attributes of ``module`` are now: a plain value (a copy: a list changed in
+    place must not change the record), or whether a parameter, buffer or submodule is None."""
+    d = module.__dict__
+    where = (d, d["_parameters"], d["_buffers"], d["_modules"])
+    out = []
+    for name, kind in watched:
+        value = where[kind].get(name, _ABSENT)
+        out.append(value is None if kind else value if value is _ABSENT else copy.deepcopy(value))
+    return tuple(out)
+
+
+def _stale_check(watched: tuple[tuple[str, int], ...], values: tuple) -> Callable[[nn.Module], bool]:
+    """``stale(module)``: whether a watched attribute differs from ``values``, as one generated
+    expression (every call of the forward runs it: a loop over the names costs several times more)."""
+    if not watched:
+        return _never
+    reads = ", ".join(f"{_WHERE[kind]}.get({name!r}, _ABSENT)" + (" is None" if kind else "")
+                      for name, kind in watched)
+    src = (f"def stale(module):\n    d = module.__dict__\n"
+           f"    p, b, m = d['_parameters'], d['_buffers'], d['_modules']\n    return ({reads},) != values\n")
+    namespace = {"values": values, "_ABSENT": _ABSENT}
+    exec(compile(src, "<retrofit specialisation check>", "exec"), namespace)
+    return namespace["stale"]
+
+
+def _never(module: nn.Module) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Specialisation:
+    """The values a rewritten forward was traced with, and how to derive it again when they change.
+
+    ``watched``: (name, where) of the module's attributes its class forward names (where 0: a plain
+    value in ``__dict__``, compared by value; 1, 2, 3: a parameter, buffer or submodule, compared by
+    being None); ``values``: what they were (:func:`observe`). ``blocks``: the inserted blocks'
+    attribute names; ``was_none``: those that took the place of a None attribute (timm's
+    ``self.se = None``), which the class forward tests. ``again(module, holder)`` derives, installs
+    and returns the forward for the values the module has now
+    (:func:`retrofit.graph.specialise.respecialise`).
+    """
+
+    watched: tuple[tuple[str, int], ...]
+    values: tuple
+    blocks: tuple[str, ...]
+    was_none: tuple[str, ...]
+    again: Callable[[nn.Module, GraphForward], GraphForward]
+    stale: Callable[[nn.Module], bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stale", _stale_check(self.watched, self.values))
+
+    def __reduce__(self):
+        return Specialisation, (self.watched, self.values, self.blocks, self.was_none, self.again)
+
+    def changed(self, module: nn.Module) -> list[str]:
+        """``name: old -> new`` for each watched attribute that differs now."""
+        now = observe(module, self.watched)
+        return [f"{name}: {_shown(kind, a)} -> {_shown(kind, b)}"
+                for (name, kind), a, b in zip(self.watched, self.values, now) if a != b]
+
+
+def _shown(kind: int, value: Any) -> str:
+    if kind:
+        return "None" if value else "set"
+    return "absent" if value is _ABSENT else repr(value)[:40]
+
+
 class GraphForward:
     """The rewritten ``forward`` of ``module``: runs ``graphs[module.training]`` with ``module`` as ``self``.
 
@@ -179,11 +279,13 @@ class GraphForward:
     the module.
     """
 
-    def __init__(self, module: nn.Module, graphs: dict[bool, fx.Graph], compiled: Compiled | None = None):
+    def __init__(self, module: nn.Module, graphs: dict[bool, fx.Graph], compiled: Compiled | None = None,
+                 specialised: Specialisation | None = None):
         self._module = weakref.ref(module)
         self.graphs = graphs
         self.compiled = compiled or compile_graphs(graphs, type(module).__qualname__)
         self.fns = self.compiled.fns
+        self.specialised = specialised
 
     @property
     def module(self) -> nn.Module:
@@ -220,22 +322,35 @@ class GraphForward:
         # module from sharing the class's forward, or another rewrite's
         module.__dict__["__constants__"] = [*getattr(type(module), "__constants__", ()), _CODE_ATTRIBUTE]
         module.__dict__[_CODE_ATTRIBUTE] = self.compiled.name
+        module.__dict__["__prepare_scriptable__"] = self._prepare_scriptable
+
+    def current(self) -> GraphForward:
+        """The module's forward for the attributes it has now: this one, or one derived again (and
+        installed) when a value it was traced with has changed since."""
+        module, spec = self.module, self.specialised
+        return spec.again(module, self) if spec is not None and spec.stale(module) else self
+
+    def _prepare_scriptable(self) -> nn.Module:
+        """What ``torch.jit.script`` calls on each module before compiling it: the forward it reads
+        is then the current one."""
+        self.current()
+        return self.module
 
     def _replicate_for_data_parallel(self) -> nn.Module:
         """``nn.Module._replicate_for_data_parallel``, with a forward of the replica's own."""
         module = self.module
         replica = type(module)._replicate_for_data_parallel(module)
-        GraphForward(replica, self.graphs, self.compiled).install()
+        GraphForward(replica, self.graphs, self.compiled, self.specialised).install()
         return replica
 
     def __reduce__(self):
         module = self.module
         rows = {id(g): _flatten(g, module) for g in self.graphs.values()}  # one list when both modes share
-        return _restore, (module, {mode: rows[id(g)] for mode, g in self.graphs.items()})
+        return _restore, (module, {mode: rows[id(g)] for mode, g in self.graphs.items()}, self.specialised)
 
     def __deepcopy__(self, memo: dict) -> GraphForward:
         # the copy of the module (memo: the one being copied); graphs and compiled code are shared
-        return GraphForward(copy.deepcopy(self.module, memo), self.graphs, self.compiled)
+        return GraphForward(copy.deepcopy(self.module, memo), self.graphs, self.compiled, self.specialised)
 
     def __repr__(self) -> str:
         modes = ", train/eval" if self.two_modes else ""
@@ -256,6 +371,25 @@ def uninstall(module: nn.Module) -> None:
             module.__dict__.pop(name, None)
 
 
+def forward_state(module: nn.Module) -> Any:
+    """What makes ``module``'s forward what it is now (a GraphModule's graph, or the instance attributes
+    :func:`install_forward` sets), for :func:`restore_forward` to put back."""
+    if isinstance(module, fx.GraphModule):
+        return module.graph
+    return {name: module.__dict__[name] for name in INSTALLED if name in module.__dict__}
+
+
+def restore_forward(module: nn.Module, state: Any) -> None:
+    """Give ``module`` back the forward :func:`forward_state` saw (an install undone)."""
+    if isinstance(module, fx.GraphModule):
+        module.graph = state
+        module.recompile()
+        return
+    for name in INSTALLED:
+        module.__dict__.pop(name, None)
+    module.__dict__.update(state)
+
+
 @contextlib.contextmanager
 def traced_as_root(tracer: fx.Tracer, root: Any):
     """Make ``tracer`` trace the forward installed on ``root``. fx traces a root module's *class*
@@ -268,6 +402,7 @@ def traced_as_root(tracer: fx.Tracer, root: Any):
     if holder is None:
         yield
         return
+    holder = holder.current()
     cls, saved = type(root), tracer.traced_func_name
     outer = cls.__dict__.get(_TRACED, _TRACED)  # _TRACED itself: no outer trace's code is there
     setattr(cls, _TRACED, holder.fns[root.training])
@@ -282,9 +417,21 @@ def traced_as_root(tracer: fx.Tracer, root: Any):
             setattr(cls, _TRACED, outer)
 
 
-def install_forward(module: nn.Module, graphs: fx.Graph | dict[bool, fx.Graph]) -> None:
+@contextlib.contextmanager
+def class_forward(module: nn.Module):
+    """Within: ``module`` runs (and fx traces) its class's forward; the installed one is put back."""
+    saved = {name: module.__dict__.pop(name) for name in INSTALLED if name in module.__dict__}
+    try:
+        yield
+    finally:
+        module.__dict__.update(saved)
+
+
+def install_forward(module: nn.Module, graphs: fx.Graph | dict[bool, fx.Graph],
+                    specialised: Specialisation | None = None) -> GraphForward | None:
     """Make ``graphs`` the forward of ``module``: one graph, or {True: train graph, False: eval graph}
-    (a GraphModule, whose forward is its graph, is recompiled in place instead)."""
+    (a GraphModule, whose forward is its graph, is recompiled in place instead); ``specialised``: the
+    values they were traced with (see :class:`Specialisation`). Returns the installed holder."""
     if isinstance(graphs, fx.Graph):
         graphs = {True: graphs, False: graphs}
     for graph in {id(g): g for g in graphs.values()}.values():
@@ -294,8 +441,10 @@ def install_forward(module: nn.Module, graphs: fx.Graph | dict[bool, fx.Graph]) 
             raise RetrofitError("a GraphModule has one graph for both modes")
         module.graph = graphs[True]
         module.recompile()
-    else:
-        GraphForward(module, graphs).install()
+        return None
+    holder = GraphForward(module, graphs, specialised=specialised)
+    holder.install()
+    return holder
 
 
 # -- pickling -----------------------------------------------------------------------------------------
@@ -361,8 +510,9 @@ def _unflatten(rows: list[tuple]) -> fx.Graph:
     return graph
 
 
-def _restore(module: nn.Module, flat: dict[bool, list[tuple]]) -> GraphForward:
+def _restore(module: nn.Module, flat: dict[bool, list[tuple]],
+             specialised: Specialisation | None = None) -> GraphForward:
     graphs = {mode: _unflatten(rows) for mode, rows in flat.items()}
     if flat[True] is flat[False]:
         graphs[False] = graphs[True]
-    return GraphForward(module, graphs)
+    return GraphForward(module, graphs, specialised=specialised)

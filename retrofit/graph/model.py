@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -23,7 +23,7 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None 
         size = ()
     if len(size) != 3 or min(size) < 1:
         raise RetrofitError(f"input size must be three positive whole numbers C,H,W (e.g. 3,224,224), "
-                            f"got {input_size!r}")
+                            f"got {excerpt(input_size)}")
     return size
 
 

@@ -66,6 +66,26 @@ def add_operands(node: fx.Node) -> tuple | None:
     return (a, b) if isinstance(a, fx.Node) and isinstance(b, fx.Node) else None
 
 
+def unmarked(node: fx.Node) -> fx.Node:
+    """``node`` with the output markers of traced-through calls stepped over."""
+    while is_marker(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def channel_slice_of(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` slices along its channels (``t[:, a:b]``, an NCHW map's dim 1), else None."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    source, index = node.args
+    if not isinstance(source, fx.Node) or not isinstance(index, tuple) or len(index) < 2:
+        return None
+    whole = slice(None)
+    if index[0] != whole or not isinstance(index[1], slice) or index[1].step not in (None, 1):
+        return None
+    return source if all(i == whole or i is Ellipsis for i in index[2:]) else None
+
+
 def cat_operands(node: fx.Node) -> tuple[list, int] | None:
     """The tensors and dimension of a concatenation node."""
     if node.op != "call_function" or node.target not in _CAT_FUNCTIONS:
@@ -149,8 +169,7 @@ def in_excitation(node: fx.Node) -> bool:
 def is_upsample(node: fx.Node) -> bool:
     """A resize to a larger map (``F.interpolate``, ``nn.Upsample``, a transposed convolution) of a
     coarser one, markers stepped over: the top-down path of a feature pyramid, or a decoder's."""
-    while is_marker(node) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
+    node = unmarked(node)
     resizes = (node.op == "call_function" and node.target in _UPSAMPLE_FUNCTIONS) or \
         isinstance(module_of(node), _UPSAMPLE_MODULES)
     if not resizes or not node.args or not isinstance(node.args[0], fx.Node):

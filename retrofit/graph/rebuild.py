@@ -28,6 +28,9 @@ from torch.fx.node import map_aggregate, map_arg
 from . import nodes as N
 from .trace import Call, Traced
 
+# the names of the tensors a rebuilt forward keeps (non-persistent buffers of its module)
+CONSTANT_PREFIX = "_retrofit_constant"
+
 
 class CannotRewrite(Exception):
     """A module's forward cannot be rebuilt safely; the message says why."""
@@ -46,6 +49,7 @@ class OwnerGraph:
         self.env: dict[fx.Node, fx.Node] = {}      # analysis node -> node of this graph
         self.children: dict[int, fx.Node] = {}      # id(child Call) -> its call_module node
         self.constants: dict[str, Any] = {}         # tensors to register on the module (non-persistent)
+        self.arguments: dict[int, tuple[torch.Tensor, fx.Node]] = {}  # id(a tensor passed in) -> its input
         self.reserved = reserved
         self.prefix = f"{call.path}." if call.path else ""
         if call.parent is not None:
@@ -56,7 +60,7 @@ class OwnerGraph:
     def of(cls, graph: fx.Graph) -> OwnerGraph:
         """An OwnerGraph around a graph built before (a retrofitted module's other mode), for splicing."""
         self = cls.__new__(cls)
-        self.graph, self.env, self.children, self.constants = graph, {}, {}, {}
+        self.graph, self.env, self.children, self.constants, self.arguments = graph, {}, {}, {}, {}
         return self
 
     # -- building ---------------------------------------------------------------------------
@@ -78,6 +82,8 @@ class OwnerGraph:
     def _bind(self, node: fx.Node, value: Any) -> None:
         if isinstance(value, fx.Proxy):
             self.env.setdefault(value.node, node)
+        elif isinstance(value, torch.Tensor):  # a tensor the parent computed outside the trace (EVA's rope)
+            self.arguments.setdefault(id(value), (value, node))
         elif isinstance(value, (tuple, list)):
             for i, v in enumerate(value):
                 if _has_proxy(v):
@@ -146,7 +152,10 @@ class OwnerGraph:
         return map_aggregate(value, convert)
 
     def _tensor(self, t: torch.Tensor) -> fx.Node:
-        """A tensor handed over as is: one of the module's own, or kept as a constant."""
+        """A tensor handed over as is: an input of the forward, one of the module's own, or kept as a
+        constant."""
+        if id(t) in self.arguments:
+            return self.arguments[id(t)][1]
         module = self.call.module
         for name, own in itertools.chain(module.named_parameters(), module.named_buffers()):
             if own is t:
@@ -157,9 +166,13 @@ class OwnerGraph:
         return self._constant(t)
 
     def _constant(self, value: Any) -> fx.Node:
+        """A tensor fx kept aside: an input of the forward (the parent passed a tensor it made outside
+        the trace: it may pass another next time), else a constant registered on the module."""
         if not isinstance(value, torch.Tensor):
             raise CannotRewrite(f"its forward uses a {type(value).__name__} constant")
-        name, k = "_retrofit_constant", 0
+        if id(value) in self.arguments:
+            return self.arguments[id(value)][1]
+        name, k = CONSTANT_PREFIX, 0
         while hasattr(self.call.module, f"{name}{k}") or f"{name}{k}" in self.constants \
                 or f"{name}{k}" in self.reserved:
             k += 1
@@ -228,6 +241,24 @@ class OwnerGraph:
         else:
             for u in users:
                 u.replace_input_with(value, se)
+
+
+def splice_blocks(owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str], fused: list[Any]) -> None:
+    """Call the blocks ``names`` on the values of ``spliced`` ((value, users or None) each) in ``owner``'s
+    graph; a residual sum in ``fused`` (one per block, or None) is replaced by ``block(value, shortcut)``."""
+    # a fused sum -> the block now computing it (a nested unit's branch may end in it)
+    graph, replaced = owner.graph, {}
+    for (value, users), name, add in zip(spliced, names, fused or [None] * len(spliced)):
+        value = replaced.get(value, value)
+        if add is None:
+            owner.splice(value, users, name)
+        else:  # block(value, shortcut) replaces the sum
+            a, b = N.add_operands(add)
+            with graph.inserting_after(add):
+                se = graph.call_module(name, (value, b if a is value else a))
+            add.replace_all_uses_with(se)
+            graph.erase_node(add)
+            replaced[add] = se
 
 
 def _signature(forward) -> inspect.Signature:

@@ -34,6 +34,7 @@ from torch.fx.node import map_aggregate
 
 from ..blocks.se import SqueezeExcite
 from ..errors import RetrofitError, first_line
+from .code import may_merge
 from .forward import traced_as_root
 from .opaque import is_plain, not_tensors, rebuild, record_calls, why_not_a_sub_root
 from .restore import attributes_kept, eval_caches_cleared
@@ -310,7 +311,8 @@ def trace(model: nn.Module, input_size: tuple[int, ...], none_inputs: bool = Fal
     it is: it is one opaque node where a traced forward calls it, and the modules it calls are traced
     on their own with what they received in one recorded forward (:mod:`retrofit.graph.opaque`), so every
     maximal traceable subtree is analysed as usual. ``Traced.opaque`` lists each kept module with the
-    reason (the site analysis reports them as skipped).
+    reason (the site analysis reports them as skipped), and so are timm's notrace modules that hold
+    layers of their own (:func:`notrace_blocks`): whatever they hold is one node to the pass.
     ``none_inputs``: trace the forward's optional inputs that default to None as None (see
     :func:`retrofit.surgery.sites.scan`, which retries so when shapes fail on the traced graph).
 
@@ -350,11 +352,35 @@ def trace(model: nn.Module, input_size: tuple[int, ...], none_inputs: bool = Fal
     opaque = [(call.path, _kept_line(call, recording, cannot_record)) for call in tracer.root_call.walk()
               if call.kept is not None]
     traced = Traced(model, graph, tracer.root_call, tuple(input_size), constants, dict(tracer.tensor_attrs),
-                    opaque + tracer.left_out)
+                    opaque + tracer.left_out + notrace_blocks(tracer.root_call))
     traced.needs_real_run = cannot_record is not None and any(p.is_meta for p in model.parameters())
     if tracer.root_call.kept is not None:
         traced.image = _image_seen(graph)
     return traced
+
+
+def notrace_blocks(root: Call) -> list[tuple[str, str]]:
+    """The modules timm marks untraceable (``register_notrace_module``) that hold layers of their own
+    and add or concatenate something (TinyViT's ``TinyVitBlock``, NF-Net's ``NormFreeBlock``): fx keeps
+    each as one node, so a residual unit inside one is out of the pass's sight. One line each, as for a
+    kept forward. A layer timm registers (``StdConv2d``, ``BatchNormAct2d``) or a stack without a merge
+    (VGG's ``ConvMlp``) has no unit inside to miss."""
+    notrace = tuple(get_notrace_modules())
+    found: dict[str, str] = {}
+    for call in root.walk():
+        module = call.module
+        if call.leaf and isinstance(module, notrace) and not isinstance(module, SqueezeExcite) and \
+                not _is_torch_layer(type(module)) and _may_hold_a_unit(module):
+            found.setdefault(call.path, f"{type(module).__name__} is a timm notrace module (register_notrace_module): "
+                                        "fx keeps it as one node, no site inside it is seen; `at:` puts a block on "
+                                        "its output")
+    return list(found.items())
+
+
+def _may_hold_a_unit(module: nn.Module) -> bool:
+    """Weighted layers below it, and an addition or concatenation in its code or its children's."""
+    return any(p.dim() > 1 for c in module.children() for p in c.parameters()) and \
+        any(may_merge(type(m)) for m in module.modules() if not _is_torch_layer(type(m)))
 
 
 def _kept_line(call: Call, recording, cannot_record: str | None) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
-import inspect
 import operator
 from typing import Any
 
@@ -20,6 +18,8 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from ..errors import first_line
+from . import nodes as N
+from .code import names_read
 from .forward import installed
 from .rebuild import CannotRewrite, OwnerGraph
 from .restore import attributes_kept
@@ -27,24 +27,9 @@ from .trace import RetrofitTracer, Traced
 
 
 # -- train/eval mode ------------------------------------------------------------------------------
-@functools.cache
-def _reads_training(cls: type) -> bool:
+def reads_training(cls: type) -> bool:
     """Whether the class's forward (or a method of the class it calls) mentions ``training``."""
-    seen, todo = set(), [getattr(cls, "forward", None)]
-    while todo:
-        fn = todo.pop()
-        code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
-        stack = [code] if code is not None else []
-        while stack:
-            c = stack.pop()
-            if c in seen:
-                continue
-            seen.add(c)
-            if "training" in c.co_names:
-                return True
-            stack.extend(k for k in c.co_consts if inspect.iscode(k))
-            todo.extend(m for name in c.co_names if inspect.isfunction(m := getattr(cls, name, None)))
-    return False
+    return "training" in names_read(cls)
 
 
 class _OneLevelTracer(RetrofitTracer):
@@ -56,7 +41,7 @@ class _OneLevelTracer(RetrofitTracer):
         return m is not self.only
 
 
-def _trace_one_level(module: nn.Module, mode: bool) -> Traced:
+def trace_one_level(module: nn.Module, mode: bool) -> Traced:
     """``module``'s own forward traced in train (True) or eval mode, every child a leaf."""
     saved = module.training
     constants: dict[str, Any] = {}
@@ -80,11 +65,12 @@ def other_mode(module: nn.Module, reserved: frozenset[str] = frozenset()) -> Own
     """
     holder = installed(module)
     if holder is not None:
+        holder = holder.current()  # for the attributes it has now
         return OwnerGraph.of(copy.deepcopy(holder.graphs[not module.training])) if holder.two_modes else None
-    if not _reads_training(type(module)) or isinstance(module, fx.GraphModule):
+    if not reads_training(type(module)) or isinstance(module, fx.GraphModule):
         return None
     try:
-        traces = {mode: _trace_one_level(module, mode) for mode in (True, False)}
+        traces = {mode: trace_one_level(module, mode) for mode in (True, False)}
     except Exception as err:
         raise CannotRewrite(f"its forward cannot be traced in train and eval mode ({first_line(err)})") from None
     if str(traces[True].graph) == str(traces[False].graph):
@@ -104,7 +90,11 @@ class Correspondence:
     (:mod:`difflib`) pairs them up; a pair is kept when it reads counterparts (constants may differ:
     ``dropout(..., training=True)`` and ``training=False`` correspond), where a node with no
     counterpart that only modifies one input with one (``y * mask``) stands for that input, so the
-    residual sum ``x + y * mask`` of train mode corresponds to ``x + y`` of eval mode.
+    residual sum ``x + y * mask`` of train mode corresponds to ``x + y`` of eval mode. Every form of
+    an addition (``+``, ``+=``, ``torch.add``, ``.add``) is one operation, commutative.
+
+    The same alignment serves a forward traced again for new attribute values
+    (:mod:`retrofit.graph.specialise`): a shift that is no longer made is a node with no counterpart.
     """
 
     def __init__(self, a: fx.Graph, b: fx.Graph):
@@ -112,6 +102,8 @@ class Correspondence:
         self.pairs: dict[fx.Node, fx.Node] = {}
         self.back: dict[fx.Node, fx.Node] = {}
         def sig(n):
+            if N.add_operands(n) is not None:
+                return ("add",)
             return n.op, (n.target if n.op != "output" else None)
         try:
             matcher = difflib.SequenceMatcher(None, [sig(n) for n in na], [sig(n) for n in nb], autojunk=False)
@@ -137,7 +129,8 @@ class Correspondence:
     def _same_inputs(self, x: fx.Node, y: fx.Node) -> bool:
         if len(x.args) != len(y.args) or x.kwargs.keys() != y.kwargs.keys():
             return False
-        if x.target in _COMMUTATIVE and len(y.args) == 2 and not y.kwargs and self._same_args(x, y.args[::-1], {}):
+        commutes = x.target in _COMMUTATIVE or N.add_operands(x) is not None
+        if commutes and len(y.args) == 2 and not y.kwargs and self._same_args(x, y.args[::-1], {}):
             return True  # a + b and b + a (a fused block's sum reads back as block + shortcut)
         return self._same_args(x, y.args, y.kwargs)
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import RetrofitError
+from ..events import Event, OnEvent, emit, legacy
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Timing:
 
 def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
                     input_size: tuple[int, ...] = (3, 224, 224), runs: int = 10, warmup: int = 2,
-                    seed: int = 0, on_round: Callable[[int, int], None] | None = None) -> Timing:
+                    seed: int = 0, on_event: OnEvent | None = None,
+                    on_round: Callable[[int, int], None] | None = None) -> Timing:
     """Time the forward passes of ``models`` on one random input, interleaved (see the module doc).
 
     Args:
@@ -77,11 +79,14 @@ def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
         input_size: ``(C, H, W)`` of one image.
         runs: timed rounds (each times every model once).
         warmup: untimed rounds per model first (allocator, caches, lazy init).
-        on_round: called as ``on_round(done, total)`` after each round, warm-up included (a progress bar).
+        on_event: called with a ``round`` :class:`retrofit.Event` after each round, warm-up included
+            (``data``: ``done``, ``total``; a progress bar).
+        on_round: deprecated: ``on_event``.
 
     Raises:
         RetrofitError: a bad batch or run count, or a model that lives on the meta device.
     """
+    on_event = legacy(on_event, "retrofit.measure_latency", on_round=on_round)
     if batch < 1 or runs < 1 or warmup < 0:
         raise RetrofitError(f"latency needs batch >= 1 and runs >= 1, got batch {batch}, runs {runs}")
     for name, model in models.items():
@@ -102,8 +107,7 @@ def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
             for w in range(warmup):
                 for name in names:
                     models[name](x)
-                if on_round is not None:
-                    on_round(w + 1, warmup + runs)
+                _round(on_event, w + 1, warmup + runs)
             for i in range(runs):
                 k = i % len(names)
                 for name in names[k:] + names[:k]:  # rotating order: no model always runs first
@@ -112,8 +116,7 @@ def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
                     models[name](x)
                     _sync(device)
                     samples[name].append(time.perf_counter() - t)
-                if on_round is not None:
-                    on_round(warmup + i + 1, warmup + runs)
+                _round(on_event, warmup + i + 1, warmup + runs)
     finally:
         for name, m in models.items():
             m.train(modes[name])
@@ -123,3 +126,7 @@ def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _round(on_event: OnEvent | None, done: int, total: int) -> None:
+    emit(on_event, Event("latency", "round", f"round {done}/{total}", {"done": done, "total": total}))

@@ -29,6 +29,7 @@ from ..graph import nodes as N
 from ..graph.model import resolve_input_size
 from ..graph.shapes import count_macs
 from ..graph.trace import Traced, trace
+from ..surgery.info import get_info
 
 if TYPE_CHECKING:
     from ..blocks.config import BlockConfig
@@ -75,7 +76,7 @@ class BlockCost:
     size: tuple[int, int]
     params: int
     macs: int
-    pool_ops: int      # squeeze pass: one read-and-add per input element
+    pool_ops: int      # squeeze pass: one read-and-add per input element (tokens: per grid token's element)
     scale_ops: int     # scale pass: one multiplication per input element
     module: str = ""   # the block's kind (se, eca...), "" if unknown
 
@@ -175,7 +176,7 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
 def compare(base: ModelCost, retro: ModelCost) -> Overhead:
     """The overhead of ``retro`` over ``base`` (both measured at the same input size)."""
     model = retro.traced.model
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     sites = {b.path: b for b in info.blocks} if info is not None else {}
     new = [p for p in sorted(retro.modules - base.modules, key=_module_order(model))
            if p.rpartition(".")[0] in base.modules]
@@ -200,9 +201,8 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
             macs += sum(n.meta.get("macs", 0) for n in call.nodes())
         if shape_in is None and isinstance(node_in, fx.Node):
             shape_in, shape_out = N.shape(node_in), node_out is not None and N.shape(node_out)
-    gating = shape_in is not None and shape_in == shape_out and len(shape_in) == 4
-    elements = math.prod(shape_in) if gating else 0
-    c, h, w = shape_in[1:] if shape_in is not None and len(shape_in) == 4 else (0, 0, 0)
+    layout, prefix, grid = (site.layout, site.prefix, site.size) if site is not None else ("nchw", 0, (0, 0))
+    c, (h, w), pool, scale = _geometry(shape_in, shape_out, layout, prefix, grid)
     if site is not None:
         stage, stride, kind, position = site.stage, site.stride, site.site_kind, site.position
         name = site.config.module
@@ -211,8 +211,30 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
         stride, kind, position, name = 2 ** stage, "", "", ""
     params = sum(p.numel() for p in module.parameters())
     width = getattr(module, "width", None) or getattr(getattr(module, "fc1", None), "out_channels", 0)
+    squeezes = getattr(module, "squeezes", True)  # a folded block's channel scale: no squeeze pass
     return BlockCost(path, kind, position, stage, stride, c, width, (h, w),
-                     params, macs, elements, elements, name)
+                     params, macs, pool if squeezes else 0, scale, name)
+
+
+def _geometry(shape_in, shape_out, layout: str, prefix: int, grid: tuple[int, int]):
+    """Channels, (height, width), and the elements the squeeze reads and the scale multiplies, of a
+    block whose input has ``shape_in`` (batch 1) in ``layout`` (:mod:`retrofit.blocks.se_layout`): a
+    (1, C, H, W) or (1, H, W, C) map gives C, (H, W) and C·H·W for each pass; a (1, L, C) token sequence
+    with ``prefix`` class or register tokens gives C, its patch ``grid``, (L - prefix)·C read by the
+    squeeze (the grid tokens only) and L·C scaled. A block whose output is not its input's shape (no
+    gate over its input) makes no passes."""
+    if shape_in is None:
+        return 0, (0, 0), 0, 0
+    gating = shape_in == shape_out
+    if layout == "tokens" and len(shape_in) == 3:
+        n, length, c = shape_in
+        return c, tuple(grid), n * (length - prefix) * c if gating else 0, n * length * c if gating else 0
+    if len(shape_in) == 4:
+        n, *sides = shape_in
+        c, h, w = (sides[2], sides[0], sides[1]) if layout == "nhwc" else sides
+        elements = math.prod(shape_in) if gating else 0
+        return c, (h, w), elements, elements
+    return 0, (0, 0), 0, 0
 
 
 def _module_order(model: nn.Module):

@@ -112,11 +112,11 @@ def _middle_row(blocks: list) -> list[str]:
             same(lambda b: b.params, _n), same(lambda b: b.macs, _n), same(lambda b: b.pool_ops + b.scale_ops, _n)]
 
 
-def overhead_table(report: Overhead) -> FitTable:
+def overhead_table(report: Overhead, title: str = "Overhead") -> FitTable:
     """Added parameters and multiply-adds per stage and in total, against the base model."""
     cols = [Col("stage"), Col("stride", drop=1), Col("blocks", drop=3), Col("params added"), Col("% params"),
             Col("MACs added"), Col("% MACs", drop=2), Col("pool+scale ops", drop=0)]
-    table = FitTable(cols, title="Overhead",
+    table = FitTable(cols, title=title,
                      caption="MACs: multiply-adds (torch.utils.flop_counter FLOPs / 2), batch 1. "
                              "pool+scale ops: the squeeze and scale passes over each block's input "
                              "(C x H x W each), elementwise, not multiply-adds.")
@@ -132,15 +132,16 @@ def overhead_table(report: Overhead) -> FitTable:
     return table
 
 
-def latency_line(timing: Timing) -> str:
-    """The measured latency overhead of an add-se run, in one line, with its interval over the rounds."""
-    ratio = timing.ratio("retrofitted", "original")
-    low, high, coverage = timing.interval("retrofitted", "original")
+def latency_line(timing: Timing, name: str = "retrofitted", reference: str = "original") -> str:
+    """The measured latency of ``name`` against ``reference`` (add-se: the retrofitted model against the
+    original; fold: the folded against the unfolded), in one line, with its interval over the rounds."""
+    ratio = timing.ratio(name, reference)
+    low, high, coverage = timing.interval(name, reference)
     verdict = ("within noise: no difference measurable in this run" if low <= 1 <= high
                else f"{100 * (ratio - 1):+.1f}%")
-    return (f"Latency ({len(timing.samples['original'])} rounds, the two models back to back in each, batch "
-            f"{timing.batch}, {'x'.join(map(str, timing.input_size))}): original "
-            f"{timing.median('original') * 1e3:.1f} ms, retrofitted {timing.median('retrofitted') * 1e3:.1f} ms "
+    return (f"Latency ({len(timing.samples[reference])} rounds, the two models back to back in each, batch "
+            f"{timing.batch}, {'x'.join(map(str, timing.input_size))}): {reference} "
+            f"{timing.median(reference) * 1e3:.1f} ms, {name} {timing.median(name) * 1e3:.1f} ms "
             f"(medians); ratio {ratio:.3f} [{low:.3f}, {high:.3f}] ({100 * coverage:.0f}% interval of the "
             f"median per-round ratio): {verdict}")
 
@@ -150,13 +151,14 @@ def latency_cell(ratio: float, low: float, high: float) -> str:
     return f"{ratio:.3f}x [{low:.2f}, {high:.2f}]" + (" noise" if low <= 1 <= high else "")
 
 
-def latency_json(timing: Timing) -> dict[str, Any]:
-    """The latency measurement of an add-se run: medians (ms), the ratio with its interval, every sample."""
-    low, high, coverage = timing.interval("retrofitted", "original")
-    return {"batch": timing.batch, "input_size": list(timing.input_size), "runs": len(timing.samples["original"]),
-            "original_ms": round(timing.median("original") * 1e3, 3),
-            "retrofitted_ms": round(timing.median("retrofitted") * 1e3, 3),
-            "ratio": round(timing.ratio("retrofitted", "original"), 4),  # the median of the per-round ratios
+def latency_json(timing: Timing, name: str = "retrofitted", reference: str = "original") -> dict[str, Any]:
+    """The latency measurement of an add-se run (or ``name`` against ``reference``): medians (ms), the ratio
+    with its interval, every sample."""
+    low, high, coverage = timing.interval(name, reference)
+    return {"batch": timing.batch, "input_size": list(timing.input_size), "runs": len(timing.samples[reference]),
+            f"{reference}_ms": round(timing.median(reference) * 1e3, 3),
+            f"{name}_ms": round(timing.median(name) * 1e3, 3),
+            "ratio": round(timing.ratio(name, reference), 4),  # the median of the per-round ratios
             "ratio_low": round(low, 4), "ratio_high": round(high, 4), "ratio_coverage": round(coverage, 4),
             "within_noise": low <= 1 <= high,
             "samples_ms": {name: [round(t * 1e3, 4) for t in v] for name, v in timing.samples.items()}}
@@ -189,4 +191,37 @@ def results_table(result: Any, title: str = "Fine-tuning results") -> FitTable:
         table.add_row(label, str(r["phase"] or ""), f"{r['lr']:.2e}" if r["lr"] is not None else "",
                       f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "", f"{r['val_loss']:.4f}",
                       f"{r['top1']:.2f}", f"{r['top5']:.2f}", "best" if r["name"] == result.best["name"] else "")
+    return table
+
+
+def excitation_table(blocks: list) -> FitTable:
+    """One row per channel gate of a :func:`retrofit.inspect` report (:class:`~retrofit.measure.excitation.GateReport`):
+    where it is, its mean excitation and spreads, saturation and constancy (definitions in the caption)."""
+    cols = [Col("block", "left"), Col("stage", drop=6), Col("position", "left", drop=5), Col("channels", drop=4),
+            Col("mean"), Col("spread images"), Col("spread classes"), Col("saturated", drop=3),
+            Col("local change"), Col("logit change", drop=2), Col("loss change", drop=1), Col("", "left", drop=0)]
+    table = FitTable(cols, title="Channel gates: what each excitation does on these images", caption=(
+        "mean: of the raw gate (sigmoid: 0 to 1) over images and channels; spread: its standard deviation over "
+        "images, and over the class means (class-specificity), averaged over channels; saturated: channels whose "
+        "mean is within 0.05 of the gate's top; local change: ||x (s - mean s)|| / ||x s|| at the block; logit "
+        "change: ||L' - L|| / ||L|| with this gate at its mean, loss change: the cross-entropy's (nats); "
+        "constant: input-independent by its weights."))
+    for b in blocks:
+        table.add_row(b.path, str(b.stage), b.position, str(b.channels), f"{b.mean:.4f}", f"{b.image_spread:.4f}",
+                      f"{b.class_spread:.4f}", "" if b.saturated is None else f"{100 * b.saturated:.0f}%",
+                      f"{b.local_change:.4f}", "" if b.logit_change is None else f"{b.logit_change:.4f}",
+                      "" if b.loss_change is None else f"{b.loss_change:+.4f}", "constant" if b.constant else "")
+    return table
+
+
+def fold_table(blocks: list) -> FitTable:
+    """The blocks :func:`retrofit.fold` folded (:class:`~retrofit.sweep.fold.FoldedBlock`): where each scale
+    went, why there, and what the fold saved."""
+    table = FitTable([Col("block", "left"), Col("stage", drop=4), Col("into", "left"), Col("neighbour", "left"),
+                      Col("params saved"), Col("MACs saved"), Col("pool+scale ops saved", drop=2),
+                      Col("local change", drop=3), Col("why not a neighbour", "left", drop=1, text=True)],
+                     title="Folded blocks")
+    for b in blocks:
+        table.add_row(b.path, str(b.stage), b.into, b.neighbour, _n(b.params_saved), _n(b.macs_saved), _n(b.ops_saved),
+                      "constant" if b.constant else "" if b.local_change is None else f"{b.local_change:.4f}", b.why)
     return table

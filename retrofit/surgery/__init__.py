@@ -9,8 +9,9 @@
 * :mod:`.plan`: a recipe planned on a scan (sites selected and placed, typos refused);
 * :mod:`.prepare`: every forward a plan touches rebuilt and checked, nothing changed yet;
 * :mod:`.insert`: :func:`~retrofit.surgery.insert.add_se`, the blocks built and the forwards installed;
-* :mod:`.info`: what a retrofit records on the model (``model._retrofit``);
-* :mod:`.strip`, :mod:`.bypass`, :mod:`.trainable`: undo it, switch the blocks off, count what trains.
+* :mod:`.info`: what a retrofit records on the model (read with ``retrofit.get_info(model)``);
+* :mod:`.strip`, :mod:`.bypass`, :mod:`.trainable`: undo it, switch the blocks off, count what trains;
+* :mod:`.neighbour`, :mod:`.fold`: the layer that can absorb a constant gate exactly, and the fold itself.
 
 A new position is one function registered in :mod:`.positions`.
 """

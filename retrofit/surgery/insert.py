@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import warnings
 from typing import Any
@@ -18,10 +19,11 @@ from torch import fx, nn
 from ..blocks.attention import build_attention
 from ..errors import RetrofitWarning
 from ..graph import nodes as N
-from ..graph.forward import install_forward
+from ..graph.forward import forward_state, install_forward, installed, restore_forward
 from ..graph.model import architecture_of, resolve_input_size
-from ..graph.rebuild import OwnerGraph
-from .info import BlockInfo, RetrofitInfo
+from ..graph.rebuild import splice_blocks
+from ..graph.specialise import specialisation
+from .info import BlockInfo, RetrofitInfo, get_info, set_info
 from .prepare import Rewrite, prepare
 from .recipe import Recipe, resolve_recipe
 from .sites import Scan, scan
@@ -90,14 +92,20 @@ def paused_gc():
 def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> RetrofitInfo:
     """Insert the blocks of ``recipe`` into ``target`` (the scanned model or a copy of it)."""
     prepared = prepare(found, recipe)
-    info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model),
-                        skipped=list(found.skipped) + prepared.skipped)
     narrow: list[BlockInfo] = []
+    blocks: list[BlockInfo] = []
+    was_none: list[str] = []
     in_root = 0  # blocks in the root's own forward
-    for rewrite in prepared.rewrites:
-        added = _install(rewrite, target, recipe, narrow, info.was_none)
-        info.blocks += added
-        in_root += len(added) if not rewrite.owner.path else 0
+    undo: list = []  # one rollback per rewrite installed: a failure (or Ctrl-C) halfway undoes them all
+    try:
+        for rewrite in prepared.rewrites:
+            added = _install(rewrite, target, recipe, narrow, was_none, undo)
+            blocks += added
+            in_root += len(added) if not rewrite.owner.path else 0
+    except BaseException:
+        for rollback in reversed(undo):
+            rollback()
+        raise
     if in_root and not isinstance(target, fx.GraphModule):
         warnings.warn(RetrofitWarning(
             f"{in_root} block(s) went into the forward of the model itself ({type(target).__name__}): it runs "
@@ -111,24 +119,37 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
         warnings.warn(RetrofitWarning(
             f"r={r:g} gives a reduced width below 1 for {len(channels)} block(s) "
             f"(fewest channels: {min(channels)}); raised to min_width={min_width}"), stacklevel=3)
-    previous = getattr(target, "_retrofit", None)
-    if isinstance(previous, RetrofitInfo):  # a second retrofit adds to the first
-        info.blocks = previous.blocks + info.blocks
-        info.was_none = previous.was_none + info.was_none
-        info.weights = previous.weights
-    target._retrofit = info
-    if isinstance(target, fx.GraphModule):  # GraphModule's deepcopy keeps only attributes listed here
-        target.meta.setdefault("_user_preserved_attributes", {})["_retrofit"] = info
+    previous = get_info(target)
+    info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model), tuple(blocks),
+                        tuple(found.skipped) + tuple(prepared.skipped), tuple(was_none))
+    if previous is not None:  # a second retrofit adds to the first
+        info = dataclasses.replace(info, blocks=previous.blocks + info.blocks,
+                                   was_none=previous.was_none + info.was_none,
+                                   weights=previous.weights, base=previous.base, base_model=previous.base_model,
+                                   license=previous.license)
+    set_info(target, info)
     return info
 
 
 def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[BlockInfo],
-             none_attributes: list[str]) -> list[BlockInfo]:
-    """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward."""
+             none_attributes: list[str], undo: list) -> list[BlockInfo]:
+    """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward; its
+    rollback (the module as it was) is appended to ``undo``, and run at once if the rewrite fails."""
     owner, rebuilt = rewrite.owner, rewrite.graph
     module = target.get_submodule(owner.path) if owner.path else target
     infos = rewrite.blocks(recipe)
     buffers, blocks, was_none = [], [], []  # registered so far, removed again if the rewrite fails
+    forward = forward_state(module)
+    before = installed(module)  # retrofitted before: its blocks are in the rebuilt forward too
+    earlier = before.specialised if before is not None and before.specialised is not None else None
+
+    def rollback() -> None:
+        restore_forward(module, forward)
+        for name in buffers + blocks:
+            delattr(module, name)
+        for name in was_none:  # timm's `self.se = None`: its forward still reads it
+            setattr(module, name, None)
+
     try:
         graphs = [rebuilt] + ([rewrite.other] if rewrite.other is not None else [])
         for name, tensor in (item for g in graphs for item in g.constants.items()):
@@ -143,41 +164,24 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
                 was_none.append(name)
             setattr(module, name, block)
             blocks.append(name)
-        _splice(rebuilt, [(v, u) for _, v, u in rewrite.spliced], rewrite.names, rewrite.fused)
-        if rewrite.other is None:
-            install_forward(module, rebuilt.graph)
-        else:
-            other = rewrite.other
-            _splice(other, rewrite.other_spliced, rewrite.names, rewrite.other_fused)
+        splice_blocks(rebuilt, [(v, u) for _, v, u in rewrite.spliced], rewrite.names, rewrite.fused)
+        graphs = rebuilt.graph
+        if rewrite.other is not None:
+            splice_blocks(rewrite.other, rewrite.other_spliced, rewrite.names, rewrite.other_fused)
             mode = owner.module.training  # the mode the analysis graph was traced in
-            install_forward(module, {mode: rebuilt.graph, not mode: other.graph})
+            graphs = {mode: rebuilt.graph, not mode: rewrite.other.graph}
+        # what the forward was traced with, so it follows the module's attributes (set_input_size)
+        spec = None if isinstance(module, fx.GraphModule) else specialisation(
+            module, (earlier.blocks if earlier else ()) + tuple(rewrite.names),
+            (earlier.was_none if earlier else ()) + tuple(was_none))
+        install_forward(module, graphs, spec)
     except BaseException:
-        for name in buffers + blocks:
-            delattr(module, name)
-        for name in was_none:  # timm's `self.se = None`: its forward still reads it
-            setattr(module, name, None)
+        rollback()
         raise
+    undo.append(rollback)
     prefix = f"{owner.path}." if owner.path else ""
     none_attributes += [prefix + name for name in was_none]
     return infos
-
-
-def _splice(owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str], fused: list[Any]) -> None:
-    """Call the blocks ``names`` on the values of ``spliced`` in ``owner``'s graph; a fused residual sum
-    is replaced by ``block(value, shortcut)``."""
-    # replaced: a fused sum -> the block now computing it (a nested unit's branch may end in it)
-    graph, replaced = owner.graph, {}
-    for (value, users), name, add in zip(spliced, names, fused or [None] * len(spliced)):
-        value = replaced.get(value, value)
-        if add is None:
-            owner.splice(value, users, name)
-        else:  # block(value, shortcut) replaces the sum
-            a, b = N.add_operands(add)
-            with graph.inserting_after(add):
-                se = graph.call_module(name, (value, b if a is value else a))
-            add.replace_all_uses_with(se)
-            graph.erase_node(add)
-            replaced[add] = se
 
 
 def _device_of(module: nn.Module, model: nn.Module):

@@ -24,9 +24,10 @@ from collections.abc import Iterable
 import torch
 from torch import fx
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..graph import nodes as N
 from ..graph.trace import Call, Traced, level_of
+from .info import get_info
 from .sites import NAMED, Site, SiteRefs, layout_of, stage_of
 
 
@@ -50,8 +51,8 @@ def named_sites(traced: Traced, globs: Iterable[str], name: str) -> list[Site]:
         RetrofitError: a glob that matches no module, or a matched module the traced forward does not
             call (once), or whose output is not a feature map or a token sequence.
     """
-    info = getattr(traced.model, "_retrofit", None)  # a retrofitted model: its blocks are not candidates
-    blocks = tuple(b.path for b in getattr(info, "blocks", ()))
+    info = get_info(traced.model)  # a retrofitted model: its blocks are not candidates
+    blocks = tuple(b.path for b in info.blocks) if info is not None else ()
     modules = [p for p, _ in traced.model.named_modules()
                if p and not any(p == b or p.startswith(f"{b}.") for b in blocks)]
     calls: dict[str, list[Call]] = {}
@@ -63,7 +64,7 @@ def named_sites(traced: Traced, globs: Iterable[str], name: str) -> list[Site]:
         if not found:
             close = difflib.get_close_matches(glob, modules, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise RetrofitError(f"at: '{glob}' matches no module of {name}; {hint}(`*` stays within one name "
+            raise RetrofitError(f"at: {excerpt(glob)} matches no module of {name}; {hint}(`*` stays within one name "
                                 f"of the path, `**` spans several; model.named_modules() lists the paths)")
         chosen += [p for p in found if p not in chosen]
     order = {p: i for i, p in enumerate(modules)}

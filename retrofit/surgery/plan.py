@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from ..blocks.config import BLOCK_FIELDS
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..graph.model import model_name
 from ..graph.trace import Call, level_of
 from .named import named_sites
@@ -90,7 +90,8 @@ def require_stages(keys: Iterable[int], present: Iterable[int], name: str, *, po
     absent = [k for k in keys if k not in present]
     if absent:
         where = f" for position '{position}'" if position else ""
-        raise RetrofitError(f"{f'{what}: ' if what else ''}stage {','.join(map(str, absent))} does not exist in "
+        raise RetrofitError(f"{f'{what}: ' if what else ''}stage {excerpt(','.join(map(str, absent[:20])), bare=True)} "
+                            "does not exist in "
                             f"{name}{where}: its sites are in stages {','.join(map(str, present))} "
                             f"(stage = log2 of the output stride)")
 
@@ -119,7 +120,7 @@ def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
         for pattern in o.only or ():
             if not any(matches(s.module, pattern) for s in in_stages):
                 where = f" in stages {','.join(map(str, o.stages))}" if o.stages else ""
-                raise RetrofitError(f"{what}: only glob '{pattern}' matches no site of position "
+                raise RetrofitError(f"{what}: only glob {excerpt(pattern)} matches no site of position "
                                     f"'{recipe.position}'{where} in {name}; site modules: {shown} "
                                     f"(`retrofit sites MODEL` lists them)")
 
@@ -134,14 +135,15 @@ def select(candidates: list, recipe: Recipe, name: str) -> list:
     for field_name in ("only", "skip"):
         for pattern in getattr(recipe, field_name) or ():
             if not any(matches(s.module, pattern) for s in candidates):
-                raise RetrofitError(f"{field_name} glob '{pattern}' matches no site of position "
+                raise RetrofitError(f"{field_name} glob {excerpt(pattern)} matches no site of position "
                                     f"'{recipe.position}' in {name}; site modules: {shown} "
                                     f"(`retrofit sites MODEL` lists them)")
     kept = [s for s in candidates
             if (recipe.only is None or any(matches(s.module, p) for p in recipe.only))
             and not any(matches(s.module, p) for p in recipe.skip or ())]
     if not kept:
-        raise RetrofitError(f"only {','.join(recipe.only or ['*'])} and skip {','.join(recipe.skip or [])} "
+        raise RetrofitError(f"only {excerpt(','.join(recipe.only or ['*']), bare=True)} and skip "
+                            f"{excerpt(','.join(recipe.skip or []), bare=True)} "
                             f"leave no site of position '{recipe.position}' in {name}")
     return kept
 

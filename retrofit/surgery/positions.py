@@ -22,6 +22,10 @@ inside        after each 3x3 convolution of the branch and its norm/activation (
               a BasicBlock) is left out, since a block there is the standard position
 ============  ===================================================================================
 
+A unit whose identity covers only its first channels, ``cat([F(x)[:, :C] + x, F(x)[:, C:]])``
+(ReXNet), takes each position on the same terms: ``standard`` on all of ``F(x)``, before it is split,
+``post`` on the concatenation, ``identity`` on ``x`` before the sum.
+
 Inception merges have no sum and no shortcut: for ``standard``, ``pre``, ``post`` and ``identity``
 their block goes on the module's output (the concatenation), the one placement the paper defines.
 
@@ -94,12 +98,14 @@ def regularized_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def branch_end(site) -> tuple[fx.Node, fx.Node]:
-    """The residual branch's output before trailing regularizers, and the node that reads it."""
-    value, user = site.refs.branch, site.refs.anchor
+def branch_end(site) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """The residual branch's output before trailing regularizers, and the nodes that read it: the
+    merge, or for a partial unit (``site.refs.sum``) the slices of it that the merge takes."""
+    value = site.refs.branch
+    users = (site.refs.anchor,) if site.refs.sum is None else tuple(value.users)
     while (before := regularized_input(value)) is not None and len(value.users) == 1:
-        value, user = before, value
-    return value, user
+        value, users = before, (value,)
+    return value, users
 
 
 def closing(site) -> fx.Node:
@@ -111,8 +117,8 @@ def closing(site) -> fx.Node:
 def standard(site) -> Insertion:
     if site.kind == "inception":
         return _inception_output(site)
-    value, user = branch_end(site)
-    return Insertion(site, value, (user,))
+    value, users = branch_end(site)
+    return Insertion(site, value, users)
 
 
 @register_position("pre", ("residual", "inception"), "on the unit's input, feeding the residual branch only")
@@ -137,7 +143,7 @@ def post(site) -> Insertion:
 def identity(site) -> Insertion:
     if site.kind == "inception":
         return _inception_output(site)
-    return Insertion(site, site.refs.shortcut, (site.refs.anchor,))
+    return Insertion(site, site.refs.shortcut, (site.refs.sum or site.refs.anchor,))
 
 
 @register_position("inside", ("conv3x3",), "after the 3x3 conv of the residual branch (and its norm/activation)")

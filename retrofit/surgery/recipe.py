@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -39,13 +41,23 @@ from typing import Any
 
 import yaml
 
-from ..blocks.config import BLOCK_FIELDS, BlockConfig
+from ..blocks.attention import ATTENTIONS
+from ..blocks.config import BLOCK_FIELDS, INITS, BlockConfig, described
 from ..blocks.config import DEFAULTS as _BLOCK
-from ..errors import RecipeError
+from ..blocks.config import HELP as _BLOCK_HELP
+from ..blocks.se import GATES, SQUEEZES
+from ..errors import RecipeError, excerpt
+from ..inputs import read_yaml, regular_file
+from .help import RECIPE_HELP
 from .per_site import check_resolvable, resolve_block
 from .positions import POSITIONS
 from .recipe_fields import CHECKS, Override, StageMap, base_value, show, show_bias, staged
-from .sites import NAMED
+from .sites import KINDS, NAMED
+
+
+def _block(name: str) -> Any:
+    """A recipe's block field: BlockConfig's default and help (its owner's)."""
+    return dataclasses.field(default=_BLOCK[name], metadata=_BLOCK_HELP[name])
 
 
 @dataclass(frozen=True)
@@ -53,38 +65,7 @@ class Recipe:
     """How to retrofit SE blocks into a model.
 
     Args:
-        position: where each block goes: ``standard``, ``pre``, ``post``, ``identity`` or ``inside``
-            (see :mod:`retrofit.surgery.positions`).
-        r: reduction ratio; a block on C channels squeezes them to about C / r.
-        squeeze: global pooling of the squeeze step: ``avg`` (the paper's) or ``max``.
-        gate: the excitation's last activation: ``sigmoid``, ``hard_sigmoid``, ``tanh`` or ``relu``.
-        stages: stages that get blocks (stage = log2 of the output stride: 2 is the first ResNet
-            stage, 5 the last); ``None`` means all.
-        divisor: the reduced width is rounded to a multiple of this (timm uses 8).
-        min_width: smallest reduced width (timm uses the divisor).
-        bias: whether the two 1x1 convolutions have biases (timm and the released models do; the
-            paper's parameter count does not).
-        init: ``preserve`` starts every block as an exact identity, so the model computes what it did
-            before; ``paper`` uses PyTorch's default random initialisation.
-        module: the block to insert, by name (:mod:`retrofit.blocks.attention`): ``se`` (the default),
-            ``ese``, ``eca``, ``ceca``, ``cbam``, ``gc``.
-        allow_wide: allow r below 1 (blocks wider than their input); without it such an r is refused,
-            and even with it r is at least 1/16 (``divisor``/``min_width``: at most 1024), so no
-            recipe, file or flag can ask for a block far larger than the layer it serves.
-        kinds: site kinds that get blocks: ``residual``, ``inception``, ``conv3x3`` (``inside`` is
-            accepted for it), ``pyramid`` (feature-pyramid merges: an FPN's top-down sums, not residual
-            units), ``module`` (the ``at`` sites); ``None`` means every kind the position applies to
-            except ``pyramid`` (with ``at``: the ``at`` sites only).
-        only: module-path globs (``fnmatch``, e.g. ``layer3.*``); only sites whose owning module, or
-            one of its parents, matches one of them get blocks. ``None``: every site.
-        skip: module-path globs of sites that get no block (matched like ``only``).
-        overrides: an ordered list of entries, each selecting sites by ``stages`` and/or ``only``
-            (module-path globs, matched like ``only``; both given: sites in both) and setting block
-            fields for them, e.g. ``[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}]``.
-        at: module-path globs (``features.denseblock*``; ``*`` within one name, ``**`` across names):
-            a block on the output of each module they match, as sites of kind ``module``
-            (:mod:`retrofit.surgery.named`), whatever the position. With ``at`` and no ``kinds``, these are
-            the only sites; ``kinds: [residual, module]`` adds the discovered ones.
+{fields}
 
     Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
     ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to
@@ -100,23 +81,26 @@ class Recipe:
     site is an error there, the structure and the values here.
     """
 
-    # the block fields take their defaults from BlockConfig; each may be a StageMap (see above)
-    position: str = "standard"
-    r: float | StageMap = _BLOCK["r"]
-    squeeze: str | StageMap = _BLOCK["squeeze"]
-    gate: str | StageMap = _BLOCK["gate"]
-    stages: tuple[int, ...] | None = None
-    divisor: int | StageMap = _BLOCK["divisor"]
-    min_width: int | StageMap = _BLOCK["min_width"]
-    bias: bool | StageMap = _BLOCK["bias"]
-    init: str | StageMap = _BLOCK["init"]
-    module: str | StageMap = _BLOCK["module"]
-    allow_wide: bool | StageMap = _BLOCK["allow_wide"]
-    kinds: tuple[str, ...] | None = None
-    only: tuple[str, ...] | None = None
-    skip: tuple[str, ...] | None = None
-    overrides: tuple[Override, ...] = ()
-    at: tuple[str, ...] | None = None
+    # Each field's help is written once (the block fields' in blocks/help.py, with their defaults in
+    # BlockConfig, each of them may be a StageMap, see above; the others' in surgery/help.py: modules without
+    # torch, so `add-se --help` reads them) and kept in the field's metadata; the Args above, `add-se --help`,
+    # the table and YAML reference of docs/reference/options.md are made from it.
+    position: str = described("standard", *RECIPE_HELP["position"])
+    r: float | StageMap = _block("r")
+    squeeze: str | StageMap = _block("squeeze")
+    gate: str | StageMap = _block("gate")
+    stages: tuple[int, ...] | None = described(None, *RECIPE_HELP["stages"])
+    divisor: int | StageMap = _block("divisor")
+    min_width: int | StageMap = _block("min_width")
+    bias: bool | StageMap = _block("bias")
+    init: str | StageMap = _block("init")
+    module: str | StageMap = _block("module")
+    allow_wide: bool | StageMap = _block("allow_wide")
+    kinds: tuple[str, ...] | None = described(None, *RECIPE_HELP["kinds"])
+    only: tuple[str, ...] | None = described(None, *RECIPE_HELP["only"])
+    skip: tuple[str, ...] | None = described(None, *RECIPE_HELP["skip"])
+    overrides: tuple[Override, ...] = described((), *RECIPE_HELP["overrides"])
+    at: tuple[str, ...] | None = described(None, *RECIPE_HELP["at"])
 
     def __post_init__(self):
         for f in fields(self):
@@ -137,19 +121,13 @@ class Recipe:
     def load(cls, source: str | Path) -> Recipe:
         """A built-in recipe by name (``"timm"``, ``"post"``...) or a YAML file by path."""
         path = _find(source)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"recipe {source}: not valid YAML{where}; fix the file") from None
-        except OSError as err:
-            raise RecipeError(f"recipe {source}: cannot read it ({err.strerror})") from None
+        data = read_yaml(path, "recipe", error=RecipeError)  # bounded: size, depth, no aliases
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise RecipeError(f"recipe {source}: expected a mapping of fields, e.g. 'position: post'")
-        return cls.from_dict(data, origin=f"recipe {source}")
+            raise RecipeError(f"recipe {excerpt(source, bare=True)}: expected a mapping of fields, e.g. 'position: "
+                              "post'")
+        return cls.from_dict(data, origin=f"recipe {excerpt(source, bare=True)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
@@ -237,6 +215,48 @@ class Recipe:
         return "".join(", " + p for p in parts)
 
 
+def field_doc() -> str:
+    """The Args of :class:`Recipe`'s docstring, made from its fields' help."""
+    return "\n".join(textwrap.fill(f"{f.name}: {f.metadata['help']}", 108, initial_indent=" " * 8,
+                                    subsequent_indent=" " * 12) for f in fields(Recipe))
+
+
+Recipe.__doc__ = Recipe.__doc__.replace("{fields}", field_doc())
+
+
+def allowed_values() -> dict[str, str]:
+    """The values a choice field takes, from the registries (a new position or block shows up here)."""
+    return {"position": " \\| ".join(POSITIONS), "squeeze": " \\| ".join(SQUEEZES), "gate": " \\| ".join(GATES),
+            "init": " \\| ".join(INITS), "module": " \\| ".join(ATTENTIONS),
+            "kinds": " \\| ".join((*KINDS, NAMED)), "bias": "true \\| false", "allow_wide": "true \\| false"}
+
+
+def reference_table() -> str:
+    """The recipe's fields as a markdown table (``docs/reference/options.md``): field, default, allowed values, help."""
+    allowed = allowed_values()
+    rows = ["| field | default | allowed | what it does |", "| --- | --- | --- | --- |"]
+    for f in fields(Recipe):
+        default = Recipe.__dataclass_fields__[f.name].default
+        shown = "all" if f.name == "stages" and default is None else yaml_value(default)
+        rows.append(f"| `{f.name}` | `{shown}` | {allowed.get(f.name, '')} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def reference_yaml() -> str:
+    """Every field at its default, each with its help as a comment: the YAML reference of a recipe file."""
+    lines = []
+    for f in fields(Recipe):
+        default = Recipe.__dataclass_fields__[f.name].default
+        lines += textwrap.wrap(f.metadata["help"], 100, initial_indent="# ", subsequent_indent="# ")
+        lines.append(f"{f.name}: {'all' if f.name == 'stages' and default is None else yaml_value(default)}")
+    return "\n".join(lines)
+
+
+def yaml_value(value: Any) -> str:
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip() \
+        .removesuffix("\n...").removesuffix("...").strip()
+
+
 def resolve_recipe(recipe: Recipe | str | Path | Mapping | None = None, **fields_: Any) -> Recipe:
     """Turn what users pass (a Recipe, a name, a path, a dict or nothing) plus overrides into a Recipe."""
     if recipe is None:
@@ -266,13 +286,13 @@ def _find(source: str | Path) -> Path:
     if isinstance(source, str) and text in builtins:
         return builtins[text]
     path = Path(text).expanduser()
-    if path.is_file():
-        return path
+    if os.path.lexists(path):  # a directory, a FIFO, a device, a symlink loop: said as what it is
+        return regular_file(path, "recipe file", error=RecipeError)
     looks_like_path = any(s in text for s in "/\\") or path.suffix in (".yaml", ".yml")
     if looks_like_path:
-        raise RecipeError(f"recipe file {text} not found; give an existing YAML file or a built-in "
-                          f"name ({', '.join(builtins)})")
-    raise RecipeError(f"unknown recipe '{text}'; built-in recipes: {', '.join(builtins)} "
+        raise RecipeError(f"recipe file {excerpt(text, bare=True)} not found; give an existing YAML file or a "
+                          f"built-in name ({', '.join(builtins)})")
+    raise RecipeError(f"unknown recipe {excerpt(text)}; built-in recipes: {', '.join(builtins)} "
                       f"(or give the path of a YAML file)")
 
 
@@ -280,6 +300,6 @@ def _check_keys(data: Mapping[str, Any], origin: str) -> None:
     allowed = [f.name for f in fields(Recipe)]
     for key in data:
         if key not in allowed:
-            raise RecipeError(f"{origin}: unknown field '{key}'; allowed fields: {', '.join(allowed)}")
+            raise RecipeError(f"{origin}: unknown field {excerpt(key)}; allowed fields: {', '.join(allowed)}")
 
 

@@ -19,7 +19,7 @@ from ..blocks.config import CHECKS as BLOCK_CHECKS
 from ..blocks.config import DEFAULTS as _BLOCK
 from ..blocks.config import choice as _choice
 from ..blocks.config import positive_int as _positive_int
-from ..errors import RecipeError
+from ..errors import RecipeError, excerpt
 from .positions import POSITIONS
 from .sites import KINDS, NAMED
 
@@ -119,7 +119,7 @@ def _stages(value: Any) -> tuple[int, ...] | None:
         stages = tuple(sorted({_positive_int("stages")(s) for s in items}))
     except (TypeError, RecipeError):
         raise RecipeError(f"recipe field 'stages': expected 'all' or stage numbers such as 2,3 "
-                          f"(stage = log2 of the output stride), got {value!r}") from None
+                          f"(stage = log2 of the output stride), got {excerpt(value)}") from None
     if not stages:
         raise RecipeError("recipe field 'stages': empty; use 'all' or stage numbers such as 2,3")
     return stages
@@ -135,14 +135,14 @@ def _names(name: str, allowed: Callable[[], Any] | None = None,
         if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)) or \
                 not all(isinstance(i, str) and i.strip() for i in items) or not items:
             raise RecipeError(f"recipe field '{name}': expected a list of "
-                              f"{'names' if allowed else 'module-path globs such as layer3.*'}, got {value!r}")
+                              f"{'names' if allowed else 'module-path globs such as layer3.*'}, got {excerpt(value)}")
         out = []
         for item in (i.strip() for i in items):
             if allowed is not None:
                 item = (aliases or {}).get(item.lower(), item.lower())
                 options = list(allowed())
                 if item not in options:
-                    raise RecipeError(f"recipe field '{name}': unknown value {item!r}; allowed: "
+                    raise RecipeError(f"recipe field '{name}': unknown value {excerpt(item)}; allowed: "
                                       f"{', '.join(options + list(aliases or {}))}")
             if item not in out:
                 out.append(item)
@@ -174,7 +174,8 @@ def staged(name: str) -> Callable[..., Any]:
         for key, item in value.items():
             stage = _stage_key(name, key)
             if isinstance(item, (Mapping, list, tuple, set)):
-                raise RecipeError(f"recipe field '{name}': stage {key} maps to {item!r}, not to one value; {_PAIRS}")
+                raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} maps to {excerpt(item)}, "
+                                  f"not to one value; {_PAIRS}")
             try:
                 checked = check(item)
             except RecipeError as err:
@@ -198,9 +199,10 @@ def _pairs(name: str, text: str) -> dict[str, str]:
     for entry in text.split(","):
         key, sep, value = (part.strip() for part in entry.partition(":"))
         if not sep or not key or not value:
-            raise RecipeError(f"recipe field '{name}': bad entry {entry.strip()!r} in {text!r}; {_PAIRS}")
+            raise RecipeError(f"recipe field '{name}': bad entry {excerpt(entry.strip())} in {excerpt(text)}; {_PAIRS}")
         if key in out:
-            raise RecipeError(f"recipe field '{name}': stage {key} is given twice in {text!r}")
+            raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} is given twice in "
+                              f"{excerpt(text)}")
         out[key] = value
     return out
 
@@ -212,7 +214,7 @@ def _stage_key(name: str, key: Any) -> int | None:
     n = None if isinstance(key, bool) else key if isinstance(key, int) else \
         int(key.strip()) if isinstance(key, str) and key.strip().isdigit() else None
     if n is None or n < 1:
-        raise RecipeError(f"recipe field '{name}': {key!r} is not a stage number (stage = log2 of the "
+        raise RecipeError(f"recipe field '{name}': {excerpt(key)} is not a stage number (stage = log2 of the "
                           f"output stride, e.g. 2..5 on a ResNet); {_PAIRS}")
     return n
 
@@ -225,7 +227,7 @@ def _overrides(value: Any) -> tuple[Override, ...]:
         return ()
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
         raise RecipeError(f"recipe field 'overrides': expected a list of entries, {_OVERRIDE_EXAMPLE}; "
-                          f"got {value!r}")
+                          f"got {excerpt(value)}")
     return tuple(_override(i, entry) for i, entry in enumerate(value))
 
 
@@ -234,11 +236,11 @@ def _override(i: int, entry: Any) -> Override:
     if isinstance(entry, Override):
         entry = entry.to_dict()
     if not isinstance(entry, Mapping):
-        raise RecipeError(f"{where}: expected a mapping such as {{stages: [4, 5], r: 32}}, got {entry!r}")
+        raise RecipeError(f"{where}: expected a mapping such as {{stages: [4, 5], r: 32}}, got {excerpt(entry)}")
     allowed = ["stages", "only", *BLOCK_FIELDS]
     for key in entry:
         if key not in allowed:
-            raise RecipeError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+            raise RecipeError(f"{where}: unknown key {excerpt(key)}; allowed: {', '.join(allowed)}")
     try:
         stages = None if entry.get("stages") is None else _stages(entry["stages"])
         only = _names("only")(entry.get("only"))

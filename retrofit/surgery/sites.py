@@ -7,11 +7,16 @@ Four kinds, read off the flat analysis graph (see :mod:`retrofit.graph.trace`) w
   merge passes through it). The operand whose path from the fork holds fewer weighted layers
   (convolutions, linears) is the *shortcut*: ``identity`` when it holds none, else ``projection``
   (at most ``MAX_PROJECTION`` of them); the other is the residual *branch*. Sums of two equally deep
-  paths (RepVGG's parallel convs) or of two long ones (HRNet's fusions) are not residual units.
+  paths (RepVGG's parallel convs) or of two long ones (HRNet's fusions) are not residual units; nor
+  is a sum inside one layer (a module without submodules) with no weighted operation on either side:
+  it is part of that layer's formula (ConvNeXt-V2's ``GlobalResponseNorm``, ``x + gamma * (x * nx) +
+  beta``, is a norm). A unit whose identity covers only some of its channels (ReXNet's
+  ``cat([y[:, :C] + x, y[:, C:]], 1)``) is one residual site, anchored at the concatenation that
+  closes it, its branch ``y``.
 * ``inception``: a channel concatenation of two or more branches from one fork. A concatenation
   that includes the fork itself (DenseNet) is not one; nor is one nested in another Inception merge
-  (Inception-v3's 7b/7c inner concats) or lying inside a residual branch (Inception-ResNet units
-  are residual units).
+  (Inception-v3's 7b/7c inner concats), lying inside a residual branch (Inception-ResNet units
+  are residual units) or closing a residual unit (ReXNet's, above).
 * ``conv3x3``: a 3x3 convolution on a residual branch, with the chain of norms and activations that
   follows it (the ``inside`` position puts the block at the end of that chain).
 * ``pyramid``: a feature-pyramid merge (an FPN's top-down sum): a coarser map upsampled
@@ -69,6 +74,9 @@ class SiteRefs:
     branch: fx.Node | None = None         # residual: the branch operand of the merge
     shortcut: fx.Node | None = None       # residual: the shortcut operand
     branch_nodes: frozenset = frozenset()  # residual: nodes between the fork and the branch operand
+    # residual, partial: the sum of the shortcut and the branch's first channels, when the unit's merge
+    # (the anchor) is the concatenation that closes it; the branch is then the tensor both sides slice
+    sum: fx.Node | None = None
     chain_end: fx.Node | None = None      # conv3x3: last norm/activation after the convolution
     unit: Site | None = None            # conv3x3: the residual site whose branch holds it
 
@@ -269,7 +277,7 @@ class _Analysis:
     # -- the three kinds -----------------------------------------------------------------
     def run(self, macs: int) -> Scan:
         sums = [s for n in self.nodes if (s := self._residual(n)) is not None]
-        residual = self._outermost([s for s in sums if s.kind == "residual"])
+        residual = self._partial(self._outermost([s for s in sums if s.kind == "residual"]))
         pyramid = [s for s in sums if s.kind == "pyramid"]
         inception = self._inception(residual)
         convs = self._convs(residual)
@@ -311,6 +319,12 @@ class _Analysis:
                 return self._site("pyramid", n, "top-down + lateral", refs, layout=layout)
             region = walks[branch][0] if depth[branch] <= MAX_PROJECTION else self._region(branch, fork)[0]
             kind = "identity" if depth[shortcut] == 0 else "projection"
+        layer = level_of(n).module
+        if next(layer.children(), None) is None and not any(N.is_weighted(v) for v in region):
+            self.skipped.append(Skipped(self._where(n), f"a sum inside one layer ({type(layer).__name__}: no "
+                                        f"submodules, no weighted operation on either side) is part of that "
+                                        f"layer's formula, not a residual unit"))
+            return None
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
         return self._site("residual", n, kind, refs, layout=layout)
 
@@ -333,11 +347,39 @@ class _Analysis:
             kept.append(site)
         return kept
 
+    def _partial(self, residual: list[Site]) -> list[Site]:
+        """Residual units whose identity covers only some channels: ReXNet's ``LinearBottleneck`` ends in
+        ``cat([y[:, :C] + x, y[:, C:]], 1)`` for a branch output ``y`` wider than the input ``x``. The
+        concatenation is that unit's merge, not an Inception merge, and the sum is part of it: one site,
+        anchored at the concatenation (the unit's output, every channel), its branch ``y`` (both sides
+        slice it), its shortcut the sum's."""
+        units = {s.refs.anchor: s for s in residual}
+        merged: dict[int, Site] = {}  # id(the sum's site) -> the unit's
+        for n in self.nodes:
+            if n not in self.data or (operands := N.cat_operands(n)) is None or len(N.shape(n) or ()) != 4:
+                continue
+            tensors, dim = [N.unmarked(t) for t in operands[0]], operands[1]
+            sums = [units[t] for t in tensors if t in units]
+            if dim % 4 != 1 or len(sums) != 1 or sums[0].layout != "nchw" or sums[0].refs.fork is not self.idom[n]:
+                continue
+            unit = sums[0]
+            rest = [t for t in tensors if t is not unit.refs.anchor]
+            source = N.channel_slice_of(unit.refs.branch)
+            if source is None or any(N.channel_slice_of(t) is not source for t in rest) or \
+                    not set(source.users) <= {unit.refs.branch, *rest}:
+                continue
+            refs = SiteRefs(n, fork=unit.refs.fork, branch=source, shortcut=unit.refs.shortcut,
+                            branch_nodes=unit.refs.branch_nodes | set(rest), sum=unit.refs.anchor)
+            merged[id(unit)] = self._site("residual", n, f"{unit.detail}, on {unit.channels} of {N.shape(n)[1]} "
+                                      f"channels", refs)
+        return [merged.get(id(s), s) for s in residual]
+
     def _inception(self, residual: list[Site]) -> list[Site]:
         in_branches = {v: s for s in residual for v in s.refs.branch_nodes}
+        merges = {s.refs.anchor for s in residual}
         found: dict[fx.Node, Site] = {}
         for n in self.nodes:
-            if n not in self.data or (operands := N.cat_operands(n)) is None:
+            if n not in self.data or n in merges or (operands := N.cat_operands(n)) is None:
                 continue
             tensors, dim = operands
             shape = N.shape(n)
@@ -361,9 +403,7 @@ class _Analysis:
         # a concatenation that feeds another one directly (through markers) is nested in it
         nested = set()
         for n in found:
-            for t in N.cat_operands(n)[0]:
-                while N.is_marker(t):
-                    t = t.args[0]
+            for t in map(N.unmarked, N.cat_operands(n)[0]):
                 if t in found:
                     nested.add(t)
                     self.skipped.append(Skipped(self._where(t), f"nested in the Inception merge of "

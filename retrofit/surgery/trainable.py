@@ -13,6 +13,7 @@ from typing import NamedTuple
 from torch import nn
 
 from ..errors import RetrofitError
+from .info import get_info
 
 
 class Trainable(NamedTuple):
@@ -39,7 +40,7 @@ def trainable_parameters(model: nn.Module, *, head: bool = False) -> Trainable:
         >>> print(retrofit.trainable_parameters(se))
         trainable parameters: 2,530,992 || all: 28,088,024 || 9.01%
     """
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None:
         raise RetrofitError(f"this {type(model).__name__} has no blocks from retrofit.add_se; call it first")
     modules = [model.get_submodule(b.path) for b in info.blocks]

@@ -46,10 +46,12 @@ import torch
 from torch import nn
 
 from ..errors import RetrofitError, first_line
+from ..events import Event, OnEvent, emit
 from ..measure.meta import is_meta
 from ..surgery.insert import retrofit_scanned
+from ..train.config import DEFAULTS, FinetuneConfig
 from ..train.data import ImageFolderData
-from ..train.distributed import setup
+from ..train.distributed import PeerLost, setup
 from ..train.finetune import finetune
 from .rows import SweepRow, row_recipe
 
@@ -68,9 +70,9 @@ def parse_seeds(seeds: int | Iterable[int]) -> list[int]:
     return out
 
 
-def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str | Path, epochs: int,
+def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str | Path, config: FinetuneConfig,
                   seeds: int | Iterable[int], input_size: tuple[int, ...], latency: bool,
-                  train: dict[str, Any] | None = None, on_run: Callable[[str], None] | None = None) -> list:
+                  on_event: OnEvent | None = None) -> list:
     """The control rows, then ``rows`` (a sweep's cost rows) with their accuracy columns.
 
     Args:
@@ -79,20 +81,20 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
             as it is.
         found: the sweep's scan of ``model``; base_recipe: the other recipe fields.
         data: an ImageFolder (``train/``, ``val/``).
-        epochs: phase-1 epochs of every run (the ``full`` control: the same number at the phase-2 rate).
+        config: the fine-tune of every run (:class:`retrofit.FinetuneConfig`): its ``epochs`` are the phase-1
+            epochs of every run (the ``full`` control: the same number at ``phase2_lr``); the sweep sets the
+            seed and what trains itself; ``distill`` applies to the SE rows (a control has no blocks).
         seeds: a number of seeds (``0..K-1``) or the seeds.
         input_size: ``(C, H, W)`` of the images.
         latency: the Pareto front is top-1 against latency (else against added parameters).
-        train: other keyword arguments of :func:`retrofit.finetune` for every run (``lr``,
-            ``batch_size``, ``phase2_lr``, ``augment``, ``workers``, ``device``, ``smoothing``...).
-        on_run: called with one line after each run (progress for the CLI).
+        on_event: called with a ``run`` event (:class:`retrofit.Event`) after each run (progress).
     """
-    seeds, train = check_accuracy_run(model, seeds, epochs, train)
-    distill = train.pop("distill", False)
-    env = setup(train.get("device"))  # held for the whole sweep: each run joins the same process group
+    seeds = check_accuracy_run(model, seeds, config)
+    distill, config = config.distill, config.replace(distill=False)
+    env = setup(config.device)  # held for the whole sweep: each run joins the same process group
     try:
-        pipeline = ImageFolderData.open(data, model, input_size, augment=train.get("augment", True))
-        runs = _Runner(pipeline, epochs, input_size, train, on_run)
+        pipeline = ImageFolderData.open(data, model, input_size, augment=config.augment)
+        runs = _Runner(pipeline, config, input_size, on_event)
         runs.total = (2 + sum(1 for r in rows if not r.note)) * len(seeds)
         controls: dict[str, list[dict] | str] = {}
         for name in ("head+norms", "full"):
@@ -128,21 +130,22 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
         env.close()
 
 
-def check_accuracy_run(model: nn.Module, seeds: int | Iterable[int], epochs: int,
-                       train: dict[str, Any] | None) -> tuple[list[int], dict[str, Any]]:
-    """The seeds and a copy of the training options of an accuracy run (the sweep's, the tune's), checked:
-    one clear error for a meta model, no seed, no epoch or an option the runs set themselves."""
+# the options every run of an accuracy sweep (or tune) sets itself: they must keep their defaults
+SET_BY_THE_SWEEP = ("phase2_epochs", "seed", "train_head", "train_norms")
+
+
+def check_accuracy_run(model: nn.Module, seeds: int | Iterable[int], config: FinetuneConfig) -> list[int]:
+    """The seeds of an accuracy run (the sweep's, the tune's), checked with its config: one clear error
+    for a meta model, no seed, no epoch or an option the runs set themselves."""
     if is_meta(model):
         raise RetrofitError("an accuracy sweep fine-tunes the model: give one with real weights, not a meta one")
     seeds = parse_seeds(seeds)
-    train = dict(train or {})
-    for key in ("epochs", "phase2_epochs", "seed", "output_dir", "resume", "input_size", "restore_best",
-                "train_head", "train_norms", "progress", "on_epoch"):
-        if key in train:
+    for key in SET_BY_THE_SWEEP:
+        if getattr(config, key) != DEFAULTS[key]:
             raise RetrofitError(f"the sweep sets {key} itself for each run; leave it out of the training options")
-    if epochs < 1:
-        raise RetrofitError(f"--epochs must be at least 1 for an accuracy sweep, got {epochs}")
-    return seeds, train
+    if config.epochs < 1:
+        raise RetrofitError(f"--epochs must be at least 1 for an accuracy sweep, got {config.epochs}")
+    return seeds
 
 
 # what each trained control arm changes in the fine-tune (the original arm is the runs' step 0)
@@ -161,49 +164,54 @@ def build_retrofitted(model: nn.Module, found, recipe, seed: int) -> nn.Module:
     return se_model
 
 
-def run_arm(pipeline: ImageFolderData, model: nn.Module, seed: int, *, epochs: int, input_size,
-            train: dict[str, Any], phase1: bool = True, phase2_epochs: int = 0,
-            on_epoch: Callable[[dict], bool] | None = None, **options) -> dict[str, Any]:
-    """One fine-tune of an accuracy run: ``model`` (trained in place) with ``seed``; ``phase1=False`` trains
-    ``epochs`` epochs of phase 2 only (the ``full`` control). Returns ``last`` (the last epoch's row),
-    ``original`` (the original's row) and ``rows``; a failure raises."""
+def run_arm(pipeline: ImageFolderData, model: nn.Module, config: FinetuneConfig, seed: int, *, input_size,
+            phase1: bool = True, phase2_epochs: int = 0, on_event: OnEvent | None = None,
+            **options) -> dict[str, Any]:
+    """One fine-tune of an accuracy run: ``model`` (trained in place) by ``config`` with ``seed``;
+    ``phase1=False`` trains ``config.epochs`` epochs of phase 2 only (the ``full`` control); ``options``:
+    other options of this run (``train_head``...). Returns ``last`` (the last epoch's row), ``original``
+    (the original's row) and ``rows``; a failure raises."""
+    epochs = config.epochs
     planned = dict(epochs=epochs, phase2_epochs=phase2_epochs) if phase1 else dict(epochs=0, phase2_epochs=epochs)
-    result = finetune(model, pipeline, **planned, seed=seed, input_size=input_size, restore_best=False,
-                      on_epoch=on_epoch, **train, **options)
+    result = finetune(model, pipeline, config, **planned, seed=seed, input_size=input_size, restore_best=False,
+                      on_event=on_event, **options)
     last = next(r for r in reversed(result.rows) if not r["name"].endswith("(ema)"))  # the live weights' row
     return {"last": last, "original": result.row("original"), "rows": result.rows}
 
 
-def failure(err: Exception) -> str:
-    """The reason a run failed, as a row's note says it."""
-    return first_line(err) if isinstance(err, RetrofitError) else f"{type(err).__name__}: {first_line(err)}"
+def failure(err: Exception, limit: int = 300) -> str:
+    """The reason a run failed, as a row's note says it (its first line, at most ``limit`` characters)."""
+    line = first_line(err, limit)
+    return line if isinstance(err, RetrofitError) else f"{type(err).__name__}: {line}"
 
 
 class _Runner:
     """Runs one fine-tune of the sweep and reduces it to the numbers a row needs."""
 
-    def __init__(self, pipeline, epochs: int, input_size, train: dict, report):
-        self.pipeline, self.epochs, self.input_size = pipeline, epochs, input_size
-        self.train, self.report = train, report
+    def __init__(self, pipeline, config: FinetuneConfig, input_size, on_event: OnEvent | None):
+        self.pipeline, self.config, self.input_size, self.on_event = pipeline, config, input_size, on_event
         self.done, self.total = 0, 0
 
     def run(self, label: str, build: Callable[[], nn.Module], seed: int, phase1: bool = True, **options):
         """A dict (``last``, ``original``: metric rows) or, when the run fails, the reason (a string)."""
         try:
-            result = run_arm(self.pipeline, build(), seed, epochs=self.epochs, input_size=self.input_size,
-                             train=self.train, phase1=phase1, **options)
+            result = run_arm(self.pipeline, build(), self.config, seed, input_size=self.input_size, phase1=phase1,
+                             **options)
+        except PeerLost:
+            raise  # another process of the torchrun job died: no row can run any more
         except Exception as err:  # noqa: BLE001 - a failed combination is a row with its reason
             reason = failure(err)
-            self._say(f"{label}, seed {seed}: failed ({reason})")
+            self._say(f"{label}, seed {seed}: failed ({reason})", label=label, seed=seed, failed=reason)
             return reason
         last = result["last"]
-        self._say(f"{label}, seed {seed}: top-1 {last['top1']:.2f}%, val loss {last['val_loss']:.4f}")
+        self._say(f"{label}, seed {seed}: top-1 {last['top1']:.2f}%, val loss {last['val_loss']:.4f}", label=label,
+                  seed=seed, top1=last["top1"], val_loss=last["val_loss"])
         return result
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, **data: Any) -> None:
         self.done += 1
-        if self.report is not None:
-            self.report(f"[{self.done}/{self.total}] {text}")
+        emit(self.on_event, Event("sweep", "run", f"[{self.done}/{self.total}] {text}",
+                                  dict(done=self.done, total=self.total, **data)))
 
 
 def _label(row) -> str:

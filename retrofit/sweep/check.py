@@ -49,9 +49,11 @@ from timm.models._registry import _model_to_module
 from torch import nn
 
 from ..errors import RetrofitError, first_line
+from ..events import Event, OnEvent, emit, legacy
 from ..files.atomic import WriteError, atomic_write
 from ..files.models import create_model
 from ..graph.model import resolve_input_size
+from ..surgery.info import get_info
 from ..surgery.insert import add_se
 from ..surgery.recipe import Recipe
 from ..surgery.recipe_fields import StageMap
@@ -277,7 +279,7 @@ def _check(model, label: str, input_size, result: CheckResult, inplace: bool, r:
             if position == "inside":  # e.g. every 3x3 conv already ends its branch: nothing to check
                 continue
             raise
-        info = se._retrofit
+        info = get_info(se)
         result.skipped += len(info.skipped) - len(found.skipped)
         _verify(base_params, se, info, candidates, x, reference, position, result, r)
     result.status = "ok"
@@ -321,18 +323,21 @@ def _verify(base_params, se, info, candidates, x, reference, position, result, r
 
 
 def check_models(models: Iterable[str | tuple[str, str]], *, time_limit_s: float | None = None,
-                 on_result: Callable[[CheckResult], None] | None = None, r: Any = R) -> list[CheckResult]:
+                 on_event: OnEvent | None = None, r: Any = R,
+                 on_result: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
     """:func:`check_model` for each model (a name, or ``(family, name)``), one result each, in order.
 
-    ``on_result`` is called after each model (progress output); ``r`` as for :func:`check_model`."""
+    ``on_event`` is called with a ``model`` :class:`retrofit.Event` after each model (``data["result"]``: its
+    result; progress output); ``r`` as for :func:`check_model`; ``on_result``: deprecated, ``on_event``."""
+    on_event = legacy(on_event, "check_models", on_result=on_result)
     r = parse_ratio(r)
     results = []
     for item in models:
         family, name = item if isinstance(item, tuple) else (family_of(item), item)
         result = check_model(name, family=family, time_limit_s=time_limit_s, r=r)
         results.append(result)
-        if on_result is not None:
-            on_result(result)
+        emit(on_event, Event("check", "model", f"{result.family or ''} {result.model}: {result.status}",
+                             {"result": result}))
     return results
 
 

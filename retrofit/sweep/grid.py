@@ -30,7 +30,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import RecipeError, RetrofitError
+from ..errors import RecipeError, RetrofitError, excerpt
+from ..events import Event, OnEvent, emit, legacy
 from ..graph.model import model_name, resolve_input_size
 from ..measure.latency import measure_latency
 from ..measure.overhead import planned_overhead, traced_cost
@@ -40,6 +41,7 @@ from ..surgery.prepare import prepare
 from ..surgery.recipe import Recipe, resolve_recipe
 from ..surgery.recipe_fields import StageMap
 from ..surgery.sites import Scan, scan
+from ..train.config import FinetuneConfig
 from .ablation import with_accuracy
 from .rows import SweepRow, row_recipe
 
@@ -50,10 +52,10 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
           stages: Iterable[Any] | Any = (None,), *, recipe: Recipe | str | dict | None = None,
           input_size: tuple[int, ...] | None = None, latency: bool = False, batch: int = 8,
           latency_input_size: tuple[int, ...] | None = None, runs: int = 10, warmup: int = 2,
-          found: Scan | None = None, data: str | Path | None = None, epochs: int = 1,
-          seeds: int | Iterable[int] = 1, train: dict[str, Any] | None = None,
-          on_run: Callable[[str], None] | None = None,
-          on_round: Callable[[int, int], None] | None = None) -> list[SweepRow]:
+          found: Scan | None = None, data: str | Path | None = None, seeds: int | Iterable[int] = 1,
+          config: FinetuneConfig | None = None, on_event: OnEvent | None = None,
+          train: dict[str, Any] | None = None, on_run: Callable[[str], None] | None = None,
+          on_round: Callable[[int, int], None] | None = None, **options: Any) -> list[SweepRow]:
     """The cost of every combination of ``r`` x ``position`` x ``stages`` on ``model``, and with
     ``data`` its accuracy over seeds next to the control arms (:mod:`retrofit.sweep.ablation`).
 
@@ -76,14 +78,15 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
         found: a scan of ``model`` at ``input_size`` with ``macs=True``, if you have one.
         data: an ImageFolder (``train/<class>/*``, ``val/<class>/*``): retrofit and fine-tune (phase 1)
             every combination once per seed, and add the control arms (``model`` needs real weights).
-        epochs: phase-1 epochs of each run.
         seeds: how many seeds (``0..K-1``), or the seeds.
-        train: other keyword arguments of :func:`retrofit.finetune` for every run (``lr``,
-            ``batch_size``, ``phase2_lr`` for the ``full`` control, ``augment``, ``workers``,
-            ``device``, ``smoothing``, ``distill``...).
-        on_run: called with one line after each fine-tune (progress).
-        on_round: with ``latency``, called as ``on_round(done, total)`` after each timed (or warm-up)
-            round, counted over all combinations (a progress bar).
+        config: the fine-tune of every run with ``data`` (:class:`retrofit.FinetuneConfig`; its ``epochs``:
+            phase-1 epochs of each run, ``phase2_lr`` the ``full`` control's rate); the sweep sets the seed
+            and what trains.
+        **options: fields of :class:`retrofit.FinetuneConfig` overriding ``config``'s (``epochs=10``,
+            ``lr=1e-2``, ``batch_size=10``...), checked as :func:`retrofit.finetune` checks them.
+        on_event: called with each :class:`retrofit.Event`: a ``run`` after each fine-tune, a ``round``
+            after each timed (or warm-up) latency round, counted over all combinations.
+        train, on_run, on_round: deprecated: ``config``/``**options`` and ``on_event``.
 
     Returns:
         One :class:`SweepRow` per combination, positions outermost, then stages, then r; with ``data``,
@@ -97,9 +100,11 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
 
         >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[2, 4, 8, 16, 32],
         ...                       position=["standard", "inside"], stages=["all", 4, "3+4"])
-        >>> rows[0].position, rows[0].r, rows[0].params, round(rows[0].params_percent, 2)
-        ('standard', 2, 20142208, 78.81)
+        >>> rows[0].position, rows[0].r, rows[0].cost.params, rows[0].cost.params_percent
+        >>> rows = retrofit.sweep(model, r=[4, 16], data="data/", seeds=3, epochs=10, lr=1e-2, batch_size=10)
     """
+    config = finetune_config(config, train, options, "retrofit.sweep")
+    on_event = legacy(on_event, "retrofit.sweep", on_run=on_run, on_round=on_round)
     base_recipe = resolve_recipe(recipe)
     ratios = parse_axis("r", r, lambda v: base_recipe.replace(r=v).r)
     positions = parse_axis("position", position, lambda v: base_recipe.replace(position=v).position)
@@ -128,14 +133,26 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
                                          report.pool_ops + report.scale_ops, len(prepared.skipped)))
     if latency:
         rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup,
-                             on_round)
+                             on_event)
     if data is not None:
-        rows = with_accuracy(model, rows, found, base_recipe, data=data, epochs=epochs, seeds=seeds,
-                             input_size=size, latency=latency, train=train, on_run=on_run)
+        rows = with_accuracy(model, rows, found, base_recipe, data=data, config=config, seeds=seeds,
+                             input_size=size, latency=latency, on_event=on_event)
     return rows
 
 
-def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup, on_round=None) -> list[SweepRow]:
+def finetune_config(config: FinetuneConfig | None, train: dict[str, Any] | None, options: dict[str, Any],
+                    where: str) -> FinetuneConfig:
+    """The fine-tune config of a sweep's (or tune's) runs: ``config`` with ``options`` on top; ``train``, the
+    dict of keyword arguments earlier versions took, is merged under them with a ``DeprecationWarning``."""
+    if train is not None:
+        warnings.warn(f"{where}(train=dict(...)) is deprecated: pass the options as keyword arguments "
+                      f"({where}(..., lr=1e-2)) or config=retrofit.FinetuneConfig(...)", DeprecationWarning,
+                      stacklevel=3)
+        options = {**train, **options}
+    return FinetuneConfig.build(config, **options)
+
+
+def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup, on_event=None) -> list[SweepRow]:
     out, each = [], warmup + runs
     total = each * sum(not row.note for row in rows)
     for row in rows:
@@ -149,15 +166,21 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup, on
             retrofit_scanned(found, se_model, chosen)
         before = each * sum(not r.note for r in out)
         timing = measure_latency({"original": model, "retrofitted": se_model}, batch=batch, input_size=size,
-                                 runs=runs, warmup=warmup,
-                                 # called while measure_latency runs, in this iteration
-                                 on_round=None if on_round is None else lambda done, _: on_round(before + done, total))  # noqa: B023
+                                 runs=runs, warmup=warmup, on_event=_counted(on_event, before, total))
         low, high, _ = timing.interval("retrofitted", "original")
         out.append(_replace(row, latency=timing.ratio("retrofitted", "original"), latency_low=low, latency_high=high,
                             latency_ms=timing.median("retrofitted") * 1e3,
                             base_latency_ms=timing.median("original") * 1e3))
         del se_model
     return out
+
+
+def _counted(on_event: OnEvent | None, before: int, total: int) -> OnEvent | None:
+    """One combination's latency rounds as rounds of the whole sweep (``done`` counted over all of them)."""
+    if on_event is None:
+        return None
+    return lambda e: emit(on_event, Event("sweep", "round", f"round {before + e.data['done']}/{total}",
+                                          {"done": before + e.data["done"], "total": total}))
 
 
 def _replace(row: SweepRow, **changes) -> SweepRow:
@@ -186,12 +209,12 @@ def parse_axis(name: str, values: Any, check) -> list:
     for i, item in enumerate(items):
         if isinstance(item, str) and not item.strip():
             sep = "';'" if isinstance(values, str) and ";" in values else "comma"
-            raise RetrofitError(f"--{name}: item {i + 1} of {values!r} is empty; give {sep}-separated "
+            raise RetrofitError(f"--{name}: item {i + 1} of {excerpt(values)} is empty; give {sep}-separated "
                                 f"values, e.g. {_EXAMPLES[name]}")
         try:
             value = check(item.strip() if isinstance(item, str) else item)
         except RecipeError as err:
-            raise RetrofitError(f"--{name}: bad item {item!r} ({err})") from None
+            raise RetrofitError(f"--{name}: bad item {excerpt(item)} ({err})") from None
         if value not in out:
             out.append(value)
     return out
@@ -215,7 +238,7 @@ def parse_stages(item: Any) -> tuple[int, ...] | None:
     if isinstance(item, str):
         item = "all" if item.strip().lower() == "all" else item.replace("+", ",")
         if item != "all" and any(not part.strip() for part in item.split(",")):
-            raise RecipeError(f"a stage set is stage numbers joined by '+', e.g. 3+4, got {item!r}")
+            raise RecipeError(f"a stage set is stage numbers joined by '+', e.g. 3+4, got {excerpt(item)}")
     return Recipe(stages=item).stages
 
 

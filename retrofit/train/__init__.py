@@ -1,9 +1,10 @@
 """The fine-tune: :func:`retrofit.finetune` (:mod:`.finetune`) makes a :class:`~retrofit.train.run.Run`
-(:mod:`.run`) of its :class:`~retrofit.train.settings.Settings` and runs it.
+(:mod:`.run`) of its :class:`~retrofit.train.config.FinetuneConfig` and runs it.
 
 One concept per module, so a new training option is one local change:
 
-* :mod:`.settings`: what decides the result (checked in one place) and what it measured;
+* :mod:`.config`: every option of a fine-tune, each defined once (type, default, bounds, help);
+* :mod:`.result`: what it measured;
 * :mod:`.data`: the user's ImageFolder, read by timm, every image used each epoch;
 * :mod:`.params`: what trains in each phase (the blocks, a head, norm layers, everything), at which
   rate, and which layers stay in eval mode;
@@ -18,5 +19,7 @@ One concept per module, so a new training option is one local change:
 * :mod:`.run_dir`: the run's folder: the training state (one commit per epoch), ``last``/``best``
   models and ``metrics.jsonl`` rewritten from it on resume, the folder's lock;
 * :mod:`.distributed`: ``torchrun``: one process per device, rank 0 writes;
-* :mod:`.progress`: rich progress bars on stderr (rank 0).
+* :mod:`.progress`: rich progress bars on stderr (rank 0);
+* :mod:`.inspect`: :func:`retrofit.inspect`, the gates read on the val images (and the evaluations
+  :func:`retrofit.fold` shares with it).
 """

@@ -53,7 +53,7 @@ from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Sampler
 
-from ..errors import RetrofitError, RetrofitWarning, first_line
+from ..errors import RetrofitError, RetrofitWarning, excerpt, first_line
 
 SPLITS = ("train", "val")
 
@@ -153,7 +153,7 @@ class ImageFolderData:
 
     Example::
 
-        >>> data = ImageFolderData.open("data/", model, input_size=(3, 224, 224))
+        >>> data = ImageFolderData.open("data/", model, input_size=(3, 224, 224), augment=True)
         >>> data.classes, len(data.train), len(data.val)
         (['class0', 'class1', 'class2'], 24, 12)
     """
@@ -165,28 +165,34 @@ class ImageFolderData:
     config: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None,
-             augment: bool = True) -> ImageFolderData:
+    def open(cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None, *,
+             augment: bool) -> ImageFolderData:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise RetrofitError(f"data folder {root} not found; give a folder with train/<class>/*.jpg "
+            raise RetrofitError(f"data folder {excerpt(root)} not found; give a folder with train/<class>/*.jpg "
                                 f"and val/<class>/*.jpg")
         for split in SPLITS:
             if not (root / split).is_dir():
-                raise RetrofitError(f"{root} has no {split}/ folder; expected {root}/train/<class>/*.jpg "
-                                    f"and {root}/val/<class>/*.jpg")
+                raise RetrofitError(f"{excerpt(root)} has no {split}/ folder; expected "
+                                    f"{excerpt(root)}/train/<class>/*.jpg "
+                                    f"and {excerpt(root)}/val/<class>/*.jpg")
         found = {split: SkippingImageDataset(str(root / split), reader=find_images(root / split))
                  for split in SPLITS}
+        empty = [f"{split}/{name}" for split in SPLITS for name in found[split].reader.empty]
+        if empty:  # dropped as timm drops them, but said: a class may be missing by mistake
+            warnings.warn(f"{excerpt(root)}: {len(empty)} empty class folder(s) skipped (no images): "
+                          f"{excerpt(_few(empty), 200, bare=True)}", RetrofitWarning, stacklevel=2)
         train_classes = list(found["train"].reader.class_to_idx)
         val_classes = list(found["val"].reader.class_to_idx)
         if train_classes != val_classes:
             only_train = sorted(set(train_classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(train_classes))
-            raise RetrofitError(f"train/ and val/ in {root} have different classes (only in train: "
+            raise RetrofitError(f"train/ and val/ in {excerpt(root)} have different classes (only in train: "
                                 f"{_few(only_train)}; only in val: {_few(only_val)}); give both the same "
                                 f"class folders")
         if len(train_classes) < 2:
-            raise RetrofitError(f"{root}/train has one class ({train_classes[0]}); a classifier needs two or more "
+            raise RetrofitError(f"{excerpt(root)}/train has one class ({excerpt(train_classes[0], bare=True)}); a "
+                                "classifier needs two or more "
                                 f"class folders")
         args = {"input_size": tuple(input_size)} if input_size else {}
         config = resolve_data_config(args, model=model)
@@ -194,8 +200,8 @@ class ImageFolderData:
         found["val"].transform = create_transform(**config, is_training=False)
         return cls(root, found["train"], found["val"], train_classes, config)
 
-    def train_loader(self, micro_batch: int, *, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                     workers: int = 0) -> DataLoader:
+    def train_loader(self, micro_batch: int, *, batch_size: int, seed: int, workers: int, rank: int = 0,
+                     world: int = 1) -> DataLoader:
         """Shuffled by ``(seed, epoch)`` (call ``loader.batch_sampler.set_epoch``); see
         :class:`TrainBatches`. ``micro_batch`` is per process, ``batch_size`` global (one step)."""
         batches = TrainBatches(len(self.train), batch_size, micro_batch, seed=seed, rank=rank, world=world)
@@ -206,7 +212,7 @@ class ImageFolderData:
         """``48 train and 12 val images in 3 classes``: what was found, for the user to check."""
         return f"{len(self.train)} train and {len(self.val)} val images in {len(self.classes)} classes"
 
-    def val_loader(self, batch_size: int, *, rank: int = 0, world: int = 1, workers: int = 0) -> DataLoader:
+    def val_loader(self, batch_size: int, *, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
         return DataLoader(self.val, batch_size=batch_size, sampler=ShardSampler(len(self.val), rank, world),
                           num_workers=workers, collate_fn=collate)
 
@@ -266,18 +272,21 @@ def find_images(folder: Path) -> FoundImages:
     """The images of one split, as timm's folder reader: class ``c`` is ``folder/c/``, its images all
     images below it (links followed, no folder twice), in timm's natural order.
 
+    A class folder without images is left out (as timm does), its name in ``.empty``.
+
     Raises:
         RetrofitError: no image, or images directly in ``folder``.
     """
     types = get_img_extensions(as_set=True)
     loose = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in types and p.is_file())
     if loose:
-        raise RetrofitError(f"{len(loose)} image(s) directly in {folder} (e.g. {loose[0]}) belong to no class; "
-                            f"move them into {folder}/<class>/ (a folder per class)")
+        raise RetrofitError(f"{len(loose)} image(s) directly in {excerpt(folder)} (e.g. "
+                            f"{excerpt(loose[0], bare=True)}) belong to no class; "
+                            f"move them into {excerpt(folder)}/<class>/ (a folder per class)")
     dirs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
     seen = {_inode(p) for p in (folder, *dirs)}  # a class never reads the split or another class
     again: list[str] = []
-    samples, classes = [], []
+    samples, classes, empty = [], [], []
     for d in dirs:
         seen.discard(_inode(d))
         files = []
@@ -291,13 +300,16 @@ def find_images(folder: Path) -> FoundImages:
         if files:
             samples += [(f, len(classes)) for f in files]
             classes.append(d.name)
+        else:
+            empty.append(d.name)
     if again:
-        warnings.warn(f"{folder}: {len(again)} folder(s) reached again through a symbolic link (e.g. {again[0]}) "
+        warnings.warn(f"{excerpt(folder)}: {len(again)} folder(s) reached again through a symbolic link (e.g. "
+                      f"{excerpt(again[0], bare=True)}) "
                       f"were not read twice; {len(samples)} images found", RetrofitWarning, stacklevel=3)
     if not samples:
-        raise RetrofitError(f"no images in {folder}; put each class's images in {folder}/<class>/ "
+        raise RetrofitError(f"no images in {excerpt(folder)}; put each class's images in {excerpt(folder)}/<class>/ "
                             f"({', '.join(sorted(types))})")
-    return FoundImages(folder, sorted(samples, key=lambda k: natural_key(k[0])), classes)
+    return FoundImages(folder, sorted(samples, key=lambda k: natural_key(k[0])), classes, empty)
 
 
 def _inode(path) -> tuple[int, int]:
@@ -308,9 +320,9 @@ def _inode(path) -> tuple[int, int]:
 class FoundImages(ReaderImageFolder):
     """timm's folder reader over the images :func:`find_images` found (its own search is not run)."""
 
-    def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str]):
+    def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str], empty: list[str] = ()):
         Reader.__init__(self)
-        self.root, self.samples = str(root), samples
+        self.root, self.samples, self.empty = str(root), samples, list(empty)
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
 
 
@@ -319,7 +331,8 @@ def warn_bad(bad: tuple[BadImage, ...], seen: set[str]) -> None:
     for b in bad:
         if b.path not in seen:
             seen.add(b.path)
-            warnings.warn(f"skipped {b.path}: cannot decode it ({b.reason})", RetrofitWarning, stacklevel=2)
+            warnings.warn(f"skipped {excerpt(b.path, bare=True)}: cannot decode it ({b.reason})", RetrofitWarning,
+                          stacklevel=2)
 
 
 def _few(names: list[str]) -> str:

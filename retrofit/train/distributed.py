@@ -3,16 +3,55 @@
 ``torchrun --nproc_per_node N -m retrofit finetune ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
 :func:`setup` then joins the process group (nccl on GPUs, gloo on CPU). Without those variables every
 helper here is a no-op for a single process, so the same code path serves both.
+
+When one process of the job dies (killed, out of memory), the others fail in their next collective with the
+backend's own words (gloo: ``RuntimeError: [.../pair.cc:561] Connection closed by peer``), which read like a
+bug of ours. :func:`watch_peers` turns those into one :class:`PeerLost` error that says what happened and what
+the caller's files allow (a fine-tune's run folder holds its last committed epoch: ``--resume`` continues).
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt, first_line
+
+# what gloo, NCCL and the TCP store say when the process at the other end is gone
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+             "remote process exited", "communicator was aborted")
+
+
+class PeerLost(RetrofitError):
+    """Another process of the torchrun job died, so this one cannot go on: one line with what to do."""
+
+    def __init__(self, detail: str, then: str):
+        self.detail, self.then = detail, then
+        super().__init__(f"another process of this torchrun job died ({detail}); {then}")
+
+
+def peer_gone(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure because a process at the other end is gone."""
+    return isinstance(err, (RuntimeError, ConnectionError)) and any(s in str(err) for s in PEER_GONE)
+
+
+@contextmanager
+def watch_peers(world: int, then: str):
+    """Under torchrun (``world`` > 1), a collective that failed because a peer died becomes :class:`PeerLost`
+    with ``then`` (what the files allow now); anything else passes through."""
+    try:
+        yield
+    except PeerLost:
+        raise
+    except Exception as err:
+        if world <= 1 or not peer_gone(err):
+            raise
+        line = first_line(err)
+        detail = next((s for s in PEER_GONE if s in line), line)
+        raise PeerLost(f"{type(err).__name__}: {detail}", then) from None
 
 
 @dataclass(frozen=True)
@@ -54,7 +93,7 @@ class Dist:
             dist.destroy_process_group()
 
 
-def setup(device: str | None = None) -> Dist:
+def setup(device: str | None) -> Dist:
     """Join the torchrun job if there is one; pick this process's device.
 
     Args:
@@ -88,7 +127,7 @@ def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise RetrofitError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+        raise RetrofitError(f"device {excerpt(device)} is not a device name; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count()  # 0, no exception, without a driver or on a CPU-only build of torch
         if count == 0:

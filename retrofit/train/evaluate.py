@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from .data import warn_bad
 from .distributed import Dist
 from .progress import Progress
@@ -15,7 +15,7 @@ from .progress import Progress
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Progress, label: str,
-             seen_bad: set[str], root, channels_last: bool = False) -> dict[str, Any]:
+             seen_bad: set[str], root, channels_last: bool) -> dict[str, Any]:
     """``val_loss``, ``top1``, ``top5`` (percent), ``val_images`` and ``skipped_images`` of ``model``
     on ``loader`` (the shard of this process; the sums are global)."""
     dev = env.device
@@ -42,6 +42,6 @@ def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Pro
         progress.advance(task)
     loss_sum, n, top1, top5, bad = env.sum([loss_sum, n, top1, top5, bad])
     if n == 0:
-        raise RetrofitError(f"no image in {root}/val could be decoded")
+        raise RetrofitError(f"no image in {excerpt(root)}/val could be decoded")
     return dict(val_loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n, val_images=int(n),
                 skipped_images=int(bad))

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import RetrofitError, RetrofitWarning
 from ..files.provenance import NORMS
+from ..surgery.info import get_info
 from .params import head_params
 
 
@@ -37,8 +38,8 @@ def without_gradient(model: nn.Module) -> tuple[list[str], list[str]]:
 
 def owners(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     """``names`` grouped by what holds them: an inserted block's path, ``head``, or the parameter's module."""
-    info = getattr(model, "_retrofit", None)
-    blocks = sorted((b.path for b in getattr(info, "blocks", ())), key=len, reverse=True)
+    info = get_info(model)
+    blocks = sorted((b.path for b in info.blocks) if info is not None else (), key=len, reverse=True)
     head = head_params(model)
     out: dict[str, list[str]] = {}
     for name in names:
@@ -77,7 +78,8 @@ def explain(model: nn.Module, unused: list[str], zero: list[str], train_norms: b
     if not zeroed:
         return "; ".join(parts)
     fixes = ["trained weights (--checkpoint or --pretrained)"]
-    position = getattr(getattr(getattr(model, "_retrofit", None), "recipe", None), "position", "")
+    info = get_info(model)
+    position = info.recipe.position if info is not None else ""
     if position not in ("post", "identity"):
         fixes.append("--position post or identity (off the zeroed branch)")
     if not train_norms:

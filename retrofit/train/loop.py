@@ -26,7 +26,7 @@ def seed_all(seed: int) -> None:
 
 def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: int, env: Dist,
                 progress: Progress, label: str, seen_bad: set[str], objective: Objective,
-                clip_grad: float | None = None, clip_mode: str = "norm", channels_last: bool = False,
+                clip_grad: float | None, clip_mode: str, channels_last: bool,
                 after_step: Callable[[], None] | None = None,
                 check_step: Callable[[], None] | None = None) -> tuple[float, int, int]:
     """Train ``net`` (``model``, or its DDP wrapper) for one pass over ``loader``.

@@ -58,11 +58,11 @@ class Objective:
     """
 
     classes: int
-    smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    distill: float = 0.0
-    temperature: float = 1.0
+    smoothing: float
+    mixup: float
+    cutmix: float
+    distill: float
+    temperature: float
 
     def __post_init__(self) -> None:
         self.frozen: nn.Module | None = None  # phase 2's teacher (see freeze_teacher)

@@ -8,7 +8,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError, excerpt, first_line
 from .distributed import Dist
 
 
@@ -24,11 +24,11 @@ def create(model: nn.Module, *, opt: str, lr: float, weight_decay: float, sched:
         optimizer = create_optimizer_v2(model if groups is None else groups, opt=opt, lr=lr,
                                         weight_decay=weight_decay)
     except (ValueError, AssertionError, KeyError) as err:
-        raise RetrofitError(f"optimizer {opt!r}: {first_line(err)}; timm.optim.list_optimizers() lists "
+        raise RetrofitError(f"optimizer {excerpt(opt)}: {first_line(err)}; timm.optim.list_optimizers() lists "
                             f"the names") from None
     scheduler, _ = create_scheduler_v2(optimizer, sched=sched, num_epochs=epochs, warmup_epochs=warmup_epochs)
     if scheduler is None:
-        raise RetrofitError(f"unknown scheduler {sched!r}; use cosine, tanh, step, multistep, plateau or poly")
+        raise RetrofitError(f"unknown scheduler {excerpt(sched)}; use cosine, tanh, step, multistep, plateau or poly")
     return optimizer, scheduler
 
 

@@ -22,16 +22,23 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from ..errors import RetrofitError
-from ..files.adapter import BASE_ATTR, BaseRecord
+from ..surgery.info import get_info
 
 
 def block_params(model: nn.Module) -> set[str]:
     """Names of the parameters of the blocks :func:`retrofit.add_se` inserted into ``model`` (empty
     for a plain network: the control arms of a sweep)."""
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is None or not info.blocks:
         return set()
     return {n for b in info.blocks for n, _ in model.get_submodule(b.path).named_parameters(prefix=b.path)}
+
+
+def all_folded(model: nn.Module) -> bool:
+    """A retrofitted model whose every block :func:`retrofit.fold` folded into a neighbour: nothing of the
+    retrofit is left to train, but it is still a retrofit model (its file records the folds)."""
+    info = get_info(model)
+    return info is not None and not info.blocks and bool(info.gone)
 
 
 def head_params(model: nn.Module) -> set[str]:
@@ -44,9 +51,9 @@ def head_params(model: nn.Module) -> set[str]:
 def head_is_recorded_new(model: nn.Module) -> bool:
     """Whether the model's recorded base (:func:`retrofit.files.adapter.remember_base`, as ``add-se
     --num-classes`` records it) leaves its classifier out: a head created anew, not the base's."""
-    record = getattr(model, BASE_ATTR, None)
+    info = get_info(model)
     head = head_params(model)
-    return isinstance(record, BaseRecord) and bool(head) and not head & set(record.digests)
+    return info is not None and info.base is not None and bool(head) and not head & set(info.base.digests)
 
 
 def norm_params(model: nn.Module) -> set[str]:

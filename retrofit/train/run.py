@@ -9,22 +9,23 @@ epoch (:mod:`~retrofit.train.loop`), validation (:mod:`~retrofit.train.evaluate`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..blocks.attention import DISPLAY_NAMES
-from ..errors import RetrofitError, RetrofitWarning
+from ..errors import RetrofitError, RetrofitWarning, excerpt
+from ..events import Event, OnEvent, emit
 from ..files.header import metadata
 from ..files.provenance import mark_trained
 from ..files.tensors import with_metadata
 from ..graph.model import resolve_input_size
 from ..surgery.bypass import blocks_off
+from ..surgery.info import get_info
 from ..surgery.trainable import Trainable
 from . import optim, params
+from .config import FinetuneConfig
 from .data import ImageFolderData
 from .distributed import Dist
 from .ema import Ema
@@ -34,28 +35,29 @@ from .loop import seed_all, train_epoch
 from .loss import Objective
 from .progress import Progress
 from .record import Record
+from .result import FinetuneResult
 from .run_dir import RunDir
-from .settings import FinetuneResult, Settings
 from .state import restore_training, rng_state, set_rng_state
 
 
 class Run:
     """A fine-tune of ``model`` on ``data`` by ``s``; every check is made before anything trains."""
 
-    def __init__(self, model: nn.Module, s: Settings, env: Dist, data, input_size, output_dir, resume: bool,
-                 workers: int, progress: bool):
-        s.check()
+    def __init__(self, model: nn.Module, s: FinetuneConfig, env: Dist, data, input_size, output_dir, resume: bool,
+                 progress: bool):
+        s.check_run()
         if s.accum_steps < 1 or s.batch_size < 1 or s.batch_size % (env.world * s.accum_steps):
             raise RetrofitError(f"batch size {s.batch_size} must be a positive multiple of processes x "
                                 f"accumulation steps ({env.world} x {s.accum_steps})")
         blocks = params.block_params(model)
+        self.folded = params.all_folded(model)  # a retrofit model still (it saves), with no block left to train
         if s.distill and not blocks:
             raise RetrofitError("distill needs inserted blocks: the teacher is the model with its blocks "
                                 "bypassed, which for a plain network is the student itself")
-        if output_dir is not None and not blocks:
+        if output_dir is not None and not blocks and not self.folded:
             raise RetrofitError("this model has no blocks from retrofit.add_se, so its run cannot be saved; "
                                 "run it without output_dir")
-        self.model, self.s, self.env, self.workers, self.blocks = model, s, env, workers, bool(blocks)
+        self.model, self.s, self.env, self.workers, self.blocks = model, s, env, s.workers, bool(blocks)
         if isinstance(data, ImageFolderData):
             self.data = data
         else:
@@ -64,17 +66,17 @@ class Run:
         self._what_trains(blocks)
         self.objective = Objective(len(self.data.classes), s.smoothing, s.mixup, s.cutmix,
                                    s.distill_weight if s.distill else 0.0, s.distill_temperature)
-        self.meta = metadata(model) if blocks else None
+        self.meta = metadata(model) if blocks or self.folded else None
         self.dir = RunDir(output_dir, env)
         self.progress = Progress(progress and env.main)
         self.record = Record()
         self.seen_bad: set[str] = set()
         self.said_left_out = False
         if len(self.data.train) < s.batch_size and env.main:
-            warnings.warn(f"{self.data.root}/train has {len(self.data.train)} images, fewer than one batch of "
+            warnings.warn(f"{excerpt(self.data.root)}/train has {len(self.data.train)} images, fewer than one batch of "
                           f"{s.batch_size}: each epoch is one step on all of them", RetrofitWarning, stacklevel=3)
         # the training state resumed from (last: it locks the folder)
-        self.saved = self.dir.open(resume, model, self.meta, asdict(s))
+        self.saved = self.dir.open(resume, model, self.meta, s.decisive())
         model.to(env.device)
         if s.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -95,12 +97,15 @@ class Run:
         self.phase1_params = (blocks | (head if train_head else set())
                               | (params.norm_params(model) if s.train_norms else set()))
         if s.epochs and not self.phase1_params:
-            raise RetrofitError("phase 1 has nothing to train: this model has no blocks from retrofit.add_se; "
-                                "train its head or norm layers (train_head, train_norms) or give only phase2_epochs")
+            why = ("every block of this model was folded (retrofit.fold)" if params.all_folded(model) else
+                   "this model has no blocks from retrofit.add_se")
+            raise RetrofitError(f"phase 1 has nothing to train: {why}; train its head or norm layers (train_head, "
+                                f"train_norms) or give only phase2_epochs")
 
-    def run(self, restore_best: bool, on_epoch: Callable[[dict], bool] | None = None) -> FinetuneResult:
-        """Train the epochs left and return the result; ``on_epoch(row)`` (see :func:`retrofit.finetune`)
-        after each committed epoch may end the run there: the run is then complete up to that epoch."""
+    def run(self, restore_best: bool, on_event: OnEvent | None = None) -> FinetuneResult:
+        """Train the epochs left and return the result; ``on_event`` gets an ``epoch`` event after each
+        committed epoch (see :func:`retrofit.finetune`) and may end the run there: the run is then complete
+        up to that epoch."""
         s, env = self.s, self.env
         micro = s.batch_size // (env.world * s.accum_steps)
         self.train_loader = self.data.train_loader(micro, batch_size=s.batch_size, seed=s.seed, rank=env.rank,
@@ -118,7 +123,8 @@ class Run:
                     net, optimizer, scheduler = self._start_phase(phase, epoch)
                 row = self._epoch(epoch, phase, net, optimizer, scheduler)
                 # every process stops when the hook says so on one (a tune decides on rank 0 alone)
-                if on_epoch is not None and env.any(bool(on_epoch(dict(row)))):
+                stop = emit(on_event, epoch_event(row))  # logged whether or not a callback follows
+                if on_event is not None and env.any(stop):
                     break
         return self._finish(restore_best)
 
@@ -130,7 +136,7 @@ class Run:
         s, model = self.s, self.model
         parts = []
         if s.epochs:
-            kinds = sorted({b.config.module for b in model._retrofit.blocks}) if self.blocks else []
+            kinds = sorted({b.config.module for b in get_info(model).blocks}) if self.blocks else []
             what = [f"{DISPLAY_NAMES.get(kinds[0], kinds[0])} blocks" if len(kinds) == 1 else "blocks"] if kinds else []
             if self.train_head:
                 what.append(f"new {len(self.data.classes)}-class head" if self.new_head else "head")
@@ -185,7 +191,7 @@ class Run:
             ema_val = self._evaluate(f"epoch {epoch} val (ema)", self.ema.module)
             ema_val["skipped_images"] = val["skipped_images"]
             record.add(f"epoch {epoch} (ema)", epoch, phase, train, ema_val, self.ema.module)
-        state = dict(meta=self.meta, settings=asdict(s), model=model.state_dict(), optimizer=optimizer.state_dict(),
+        state = dict(meta=self.meta, settings=s.decisive(), model=model.state_dict(), optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), epoch=epoch, phase=phase, rng=rng_state(),
                      rows=record.rows, best=record.best)
         if self.ema is not None:
@@ -261,9 +267,15 @@ class Run:
                         seen_bad=self.seen_bad, root=self.data.root, channels_last=self.s.channels_last)
 
 
+def epoch_event(row: dict[str, Any]) -> Event:
+    """The ``epoch`` event of an epoch's row (the live weights')."""
+    return Event("finetune", "epoch", f"epoch {row['epoch']}: top-1 {row['top1']:.2f}%, val loss {row['val_loss']:.4f}",
+                 dict(row))
+
+
 def _input_size(model: nn.Module) -> tuple[int, ...]:
     """The size the model was retrofitted at; for a plain network, timm's ``pretrained_cfg``'s."""
-    info = getattr(model, "_retrofit", None)
+    info = get_info(model)
     if info is not None:
         return info.input_size
     return resolve_input_size(model, None)

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import RetrofitError, RetrofitWarning
+from ..errors import RetrofitError, RetrofitWarning, excerpt
 from ..files.atomic import WriteError, atomic_write, remove_stale_temps
 from ..files.checkpoint import save
 from ..files.tensors import load_into
@@ -74,11 +74,11 @@ class RunDir:
             return None
         out, state = self.path, self.path / STATE_FILE
         if out.exists() and not out.is_dir():
-            raise RetrofitError(f"output {out} is a file; give a folder for the fine-tuning run")
+            raise RetrofitError(f"output {excerpt(out)} is a file; give a folder for the fine-tuning run")
         problem = self._create_and_lock() if self.env.main else None
         try:
             if self.env.any(problem is not None):  # every rank stops together (only rank 0 prints)
-                raise RetrofitError(problem or f"rank 0 could not open {out}")
+                raise RetrofitError(problem or f"rank 0 could not open {excerpt(out)}")
             saved = None
             if resume and state.is_file():
                 saved = load_state(state)
@@ -86,9 +86,10 @@ class RunDir:
                 check_model(saved, model, state)
             elif resume:
                 if self.env.main:
-                    warnings.warn(f"nothing to resume in {out}; starting at epoch 1", RetrofitWarning, stacklevel=4)
+                    warnings.warn(f"nothing to resume in {excerpt(out)}; starting at epoch 1", RetrofitWarning,
+                                  stacklevel=4)
             elif state.exists():
-                raise RetrofitError(f"{out} already holds a fine-tuning run; pass resume=True to continue it, "
+                raise RetrofitError(f"{excerpt(out)} already holds a fine-tuning run; pass resume=True to continue it, "
                                     f"or delete it, or choose another output_dir")
         except BaseException:
             self.close()
@@ -102,20 +103,22 @@ class RunDir:
         try:
             out.mkdir(parents=True, exist_ok=True)  # mkdir -p: runs/se50 in a fresh checkout
         except OSError as err:
-            return f"cannot create the output folder {out}: {err.strerror or err}; choose a folder you can write to"
+            return (f"cannot create the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
+                    "write to")
         try:
             fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            return f"cannot write in the output folder {out}: {err.strerror or err}; choose a folder you can write to"
+            return (f"cannot write in the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
+                    "write to")
         try:  # the kernel drops the lock when the process ends, however it ends
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            return (f"{out} is in use by another fine-tuning run ({holder}); wait for it to end or choose "
+            return (f"{excerpt(out)} is in use by another fine-tuning run ({holder}); wait for it to end or choose "
                     f"another output folder")
         except OSError as err:  # a file system without locks: say so, go on
-            warnings.warn(f"cannot lock {out} ({err.strerror or err}); make sure no other run writes there",
+            warnings.warn(f"cannot lock {excerpt(out)} ({err.strerror or err}); make sure no other run writes there",
                           RetrofitWarning, stacklevel=5)
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
@@ -189,11 +192,12 @@ def _check_resumable(saved: dict[str, Any], path: Path, meta: dict[str, str], se
     for key, what in (("architecture", "architecture"), ("model_kwargs", "model arguments"),
                       ("recipe", "recipe"), ("input_size", "input size")):
         if meta.get(key) != theirs.get(key):
-            raise RetrofitError(f"{path} is from another model ({what} {theirs.get(key)!r}, this one "
-                                f"{meta.get(key)!r}); choose another output folder or drop --resume")
+            raise RetrofitError(f"{excerpt(path)} is from another model ({what} {excerpt(theirs.get(key))}, this one "
+                                f"{excerpt(meta.get(key))}); choose another output folder or drop --resume")
     then = saved.get("settings", {})
     changed = [k for k in settings if k in then and then[k] != settings[k]]
     if changed:
         k = changed[0]
-        raise RetrofitError(f"{path} was started with {k} = {then[k]!r}, now {settings[k]!r}; resume with the "
+        raise RetrofitError(f"{excerpt(path)} was started with {k} = {excerpt(then[k])}, now {excerpt(settings[k])}; "
+                            "resume with the "
                             f"same settings (or choose another output folder)")

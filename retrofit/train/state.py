@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError, excerpt, first_line
 from ..files.atomic import RecordingFile, atomic_write
 from ..files.tensors import check_tensors, dtype_name
 
@@ -73,10 +73,10 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, unpickling refused, I/O: all mean "not a usable state"
-        raise RetrofitError(f"cannot read {path}: not a complete training checkpoint ({first_line(err)}); "
+        raise RetrofitError(f"cannot read {excerpt(path)}: not a complete training checkpoint ({first_line(err)}); "
                             f"delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise RetrofitError(f"{path} is not a retrofit training checkpoint; delete it to start over")
+        raise RetrofitError(f"{excerpt(path)} is not a retrofit training checkpoint; delete it to start over")
 
     bad = functools.partial(_damaged, path)
     for key, kind in (("meta", dict), ("settings", dict), ("model", dict), ("optimizer", dict),
@@ -94,7 +94,7 @@ def load_state(path: Path) -> dict[str, Any]:
     epoch, phase = state["epoch"], state["phase"]
     epochs, phase2 = settings.get("epochs"), settings.get("phase2_epochs", 0)
     if not (isinstance(epochs, int) and isinstance(phase2, int)) or not 1 <= epoch <= epochs + phase2:
-        raise bad(f"epoch {epoch} is not within the run's {epochs!r} + {phase2!r} epochs")
+        raise bad(f"epoch {epoch} is not within the run's {excerpt(epochs)} + {excerpt(phase2)} epochs")
     if phase != (1 if epoch <= epochs else 2):
         raise bad(f"phase {phase} does not match epoch {epoch} of {epochs} phase-1 epochs")
     _check_rows(state["rows"], state["best"], bad)
@@ -130,7 +130,7 @@ def _weight_entries(state: dict[str, Any], bad) -> list[tuple[str, dict]]:
 
 
 def _damaged(path: Path, what: str) -> RetrofitError:
-    return RetrofitError(f"{path} is damaged or was edited: {what}; delete it to start over")
+    return RetrofitError(f"{excerpt(path)} is damaged or was edited: {what}; delete it to start over")
 
 
 def check_model(saved: dict[str, Any], model: nn.Module, path: Path) -> None:
@@ -156,7 +156,7 @@ def _check_rows(rows: list, best: dict, bad) -> None:
             raise bad("a metrics row is not a mapping of names to numbers or text")
         for key, kinds in ROW_FIELDS.items():
             if not isinstance(row.get(key), kinds) or isinstance(row.get(key), bool):
-                raise bad(f"metrics row {str(row.get('name'))[:40]!r} has no valid '{key}'")
+                raise bad(f"metrics row {excerpt(row.get('name'))} has no valid '{key}'")
     names = [r["name"] for r in rows]
     if names[:2] != ["original", "step 0"] or best["name"] not in names:
         raise bad("the metrics rows do not start with 'original' and 'step 0', or 'best' is not among them")
@@ -201,7 +201,7 @@ def restore_training(optimizer, scheduler, saved: dict[str, Any], path: Path) ->
             raise bad("the optimizer's parameter groups are not this run's")
         wrong = [k for k in got if k != "params" and not _same_kind(got[k], have[k])]
         if wrong:
-            raise bad(f"optimizer setting '{wrong[0]}' is {got[wrong[0]]!r}")
+            raise bad(f"optimizer setting '{wrong[0]}' is {excerpt(got[wrong[0]])}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for index, entry in theirs["state"].items():
         if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
@@ -216,7 +216,7 @@ def restore_training(optimizer, scheduler, saved: dict[str, Any], path: Path) ->
         raise bad("the scheduler state is not one of this run's scheduler")
     wrong = [k for k in sched_theirs if not _same_kind(sched_theirs[k], sched_mine[k])]
     if wrong:
-        raise bad(f"scheduler field '{wrong[0]}' is {str(sched_theirs[wrong[0]])[:40]!r}")
+        raise bad(f"scheduler field '{wrong[0]}' is {excerpt(sched_theirs[wrong[0]])}")
     try:
         optimizer.load_state_dict(theirs)
         scheduler.load_state_dict(sched_theirs)

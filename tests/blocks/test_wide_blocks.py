@@ -29,7 +29,7 @@ def no_model(*args, **kwargs):
     (["--r", "0.01", "--allow-wide"], ["at least 1/16"]),
 ])
 def test_cli_refuses_absurd_widths_before_building_anything(monkeypatch, args, words):
-    monkeypatch.setattr("retrofit.cli.add_se.build_model", no_model)
+    monkeypatch.setattr("retrofit.files.create.build_timm", no_model)
     one_error(runner.invoke(app, ["add-se", "resnet18", *args]), *words)
 
 

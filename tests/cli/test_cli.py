@@ -71,8 +71,8 @@ def test_output_file_rebuilds_the_same_model(tmp_path):
     result = run("add-se", "resnet18", "--position", "post", "--r", 8, "--init", "paper", "--output", out)
     assert result.exit_code == 0, result.output
     model = load(out)
-    assert type(model).__name__ == "ResNet" and len(model._retrofit.blocks) == 8
-    assert model._retrofit.recipe.position == "post" and model._retrofit.recipe.r == 8
+    assert type(model).__name__ == "ResNet" and len(retrofit.get_info(model).blocks) == 8
+    assert retrofit.get_info(model).recipe.position == "post" and retrofit.get_info(model).recipe.r == 8
     again = retrofit.load(out)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model.eval()(x), again.eval()(x))
@@ -255,15 +255,15 @@ def test_markup_in_messages_and_paths_prints_as_text(tmp_path):
 def test_a_wrong_input_size_is_reported_at_once_without_a_real_build(monkeypatch):
     """ViT's patch embedding takes 224x224 only: the meta build says so; no real build is tried (it would
     spend the memory and time the meta build saves, and fail the same way)."""
-    import retrofit.cli.add_se as add_se
+    import retrofit.files.create as create
 
-    built, real = [], add_se.build_model
+    built, real = [], create.build_timm
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         built.append(args)
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(add_se, "build_model", counted)
+    monkeypatch.setattr(create, "build_timm", counted)
     result = run("add-se", "vit_tiny_patch16_224", "--input-size", "3,96,96")
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().startswith("error: vit_tiny_patch16_224 takes 224x224 images only")
@@ -312,3 +312,18 @@ def test_missing_output_folders_are_created(tmp_path, monkeypatch):
         assert (tmp_path / "new" / path).is_file(), path
     one_error(run("add-se", "no_such_model", "--output", "later/se.safetensors"), "unknown model")
     assert not (tmp_path / "later").exists()
+
+
+@pytest.mark.parametrize(("model", "block"), [("tiny_vit_5m_224", "TinyVitBlock"), ("nf_regnet_b0", "NormFreeBlock")])
+def test_sites_lists_the_blocks_timm_marks_untraceable(model, block):
+    """timm registers these blocks as fx leaves: the pass sees none of their residual sums, and says so,
+    one line per block, in the table's report and in the JSON's kept and skipped lists."""
+    paths = [n for n, m in timm.create_model(model).named_modules() if type(m).__name__ == block]
+    assert len(paths) >= 10
+    result = run("sites", model, "--input-size", "3,64,64")
+    assert result.exit_code == 0, result.output
+    said = f"{block} is a timm notrace module"
+    assert [ln.split(": ")[1] for ln in result.stdout.splitlines() if said in ln] == paths  # "kept as is: PATH: ..."
+    data = json.loads(run("sites", model, "--input-size", "3,64,64", "--json", "-").stdout)
+    assert [k["module"] for k in data["kept"] if said in k["reason"]] == paths
+    assert [s["where"] for s in data["skipped"] if said in s["reason"]] == paths

@@ -32,7 +32,7 @@ def perturb_blocks(model, seed=1):
     """Blocks that have 'learnt': random values instead of the preserving init's zeros."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for b in model._retrofit.blocks:
+        for b in retrofit.get_info(model).blocks:
             for p in model.get_submodule(b.path).parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model
@@ -104,7 +104,7 @@ def test_adapter_of_a_network_not_from_timm(tmp_path):
     adapter = retrofit.save(se, tmp_path / "net.safetensors", adapter=True)
     rebuilt = retrofit.load(adapter, base=net)
     assert_same_state(rebuilt.state_dict(), se.state_dict())
-    assert not hasattr(net, "_retrofit")  # the base given is not changed
+    assert retrofit.get_info(net) is None  # the base given is not changed
     save_file(net.state_dict(), str(tmp_path / "weights.safetensors"))
     with pytest.raises(RetrofitError, match="not from timm: pass the base network"):
         retrofit.load(adapter, base=tmp_path / "weights.safetensors")
@@ -129,7 +129,7 @@ def test_adapter_command_line_and_cards(data, tmp_path):
     card = (tmp_path / "se.README.md").read_text()
     header = read_header(out)
     for part in ("## Base model", "test_resnet, weights base.safetensors", header.base_sha256, "## Recipe",
-                 "## Overhead", f"| total |  | {len(se._retrofit.blocks)} | {expected.trainable:,} |"):
+                 "## Overhead", f"| total |  | {len(retrofit.get_info(se).blocks)} | {expected.trainable:,} |"):
         assert part in card, part
 
     tuned = runner.invoke(app, ["finetune", str(out), "--base", str(base), "--data", str(data), "--epochs", "1",

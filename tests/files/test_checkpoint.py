@@ -17,7 +17,7 @@ def test_custom_model_needs_its_architecture(tmp_path):
     path = retrofit.save(se, tmp_path / "net.safetensors")
     with pytest.raises(RetrofitError, match="not from timm: pass the plain network"):
         retrofit.load(path)
-    again = retrofit.load(path, model=Net())
+    again = retrofit.load(path, base=Net())
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(again(x), se(x))
 
@@ -49,7 +49,7 @@ def test_weights_that_do_not_fit(tmp_path):
     other = Net()
     other.conv = nn.Conv2d(16, 16, 5, padding=2)
     with pytest.raises(RetrofitError, match="do not fit the rebuilt model: .*shape mismatches"):
-        retrofit.load(path, model=other)
+        retrofit.load(path, base=other)
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""torchvision's classifiers through retrofit.save and retrofit.load(model=...) (issue 17, item 2).
+"""torchvision's classifiers through retrofit.save and retrofit.load(base=...) (issue 17, item 2).
 
 A safetensors file has no state-dict ``_metadata`` (each module's version), and torchvision's MNASNet
 refuses to load without one. One builder of each torchvision classifier family, at a small input, is
@@ -55,7 +55,7 @@ def test_torchvision_classifier_round_trip(tmp_path, name):
     g = torch.Generator().manual_seed(1)
     moved_off_identity(se, plain, g)
     path = retrofit.save(se, tmp_path / f"{name}.safetensors")
-    back = retrofit.load(path, model=build(num_classes=10, **kwargs)).eval()
+    back = retrofit.load(path, base=build(num_classes=10, **kwargs)).eval()
     x = torch.randn(2, 3, side, side, generator=g)
     with torch.no_grad():
         assert torch.equal(back(x), se(x))

@@ -3,7 +3,7 @@ cannot reach the network or the disk, and a malicious pickle in any pickle-capab
 import copy
 import json
 import pickle
-import struct
+import re
 from pathlib import Path
 
 import pytest
@@ -17,22 +17,12 @@ from typer.testing import CliRunner
 import retrofit
 from retrofit import RetrofitError
 from retrofit.cli import app
-from retrofit.files.header import metadata
+from retrofit.files.bounds import out_of_bounds, whole_number
+from retrofit.files.header import metadata, read_header
 from retrofit.files.models import create_model
-from support import CLASSES, FAST, SIZE, make_folder, one_error_line, se_model
+from support import CLASSES, FAST, SIZE, make_folder, one_error_line, rewrite_header, se_model
 
 runner = CliRunner()
-
-
-def rewrite_header(src: Path, dst: Path, edit) -> Path:
-    """Copy a safetensors file with its JSON header edited by ``edit(header)``: the data stay as they are."""
-    raw = src.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +311,239 @@ def test_planted_yaml_recipe_never_runs(tmp_path):
     recipe.write_text(f"r: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
     line = one_error_line(runner.invoke(app, ["add-se", "test_resnet", "--recipe", str(recipe)]))
     assert "not valid YAML" in line and not marker.exists()
+
+
+# -- issue 22's hand mutations of files/header.py and files/bounds.py: each check at its edge -------------
+def adapter_with(saved, tmp_path, **meta):
+    adapter = retrofit.save(retrofit.load(saved[1]), tmp_path / "adapter.safetensors", adapter=True)
+    return rewrite_header(adapter, tmp_path / "edited.safetensors", lambda h: h["__metadata__"].update(meta))
+
+
+@pytest.mark.parametrize("digest, ok", [("0" * 64, True), ("ab" * 32, True), ("0" * 63, False), ("0" * 65, False),
+                                        ("A" * 64, False), ("g" * 64, False), ("", False)])
+def test_an_adapters_base_sha256_is_exactly_64_hexadecimal_digits(saved, tmp_path, digest, ok):
+    """Mutation header.py:170 (`{64}` -> `{1,64}`): a hash of any length was accepted."""
+    path = adapter_with(saved, tmp_path, base_sha256=digest)
+    if ok:
+        assert read_header(path).base_sha256 == digest
+    else:
+        with pytest.raises(RetrofitError, match="metadata 'base_sha256' must be 64 hexadecimal digits"):
+            read_header(path)
+
+
+@pytest.mark.parametrize("length, ok", [(200, True), (201, False), (2000, False)])
+def test_an_adapters_base_name_is_at_most_200_characters(saved, tmp_path, length, ok):
+    """Mutation header.py:172 (the bound 200 -> 2000)."""
+    path = adapter_with(saved, tmp_path, base_name="n" * length)
+    if ok:
+        assert read_header(path).base_name == "n" * length
+    else:
+        with pytest.raises(RetrofitError, match="metadata 'base_name' must be one printable line of at most 200"):
+            read_header(path)
+
+
+def test_an_architecture_timm_does_not_have_is_refused_before_anything_is_built(saved, tmp_path, monkeypatch):
+    """Mutation header.py:140 (`or not timm.is_model(arch)` dropped): a name of the right characters
+    that is no timm model went on to be built."""
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
+                         lambda h: h["__metadata__"].update(architecture="resnet_0"))
+    with pytest.raises(RetrofitError, match="metadata 'architecture' 'resnet_0' is not a timm model name"):
+        retrofit.load(bad)
+
+
+@pytest.mark.parametrize("value, ok",
+                         [("random", True), ("pretrained", True), ("checkpoint", True), ("fine-tuned", True),
+                                       ("stolen", False), ("Random", False), ("", False)])
+def test_the_weights_provenance_is_one_of_four_words(saved, tmp_path, value, ok):
+    """Mutation header.py:125 (the `weights` check removed): a file could say anything of where its
+    weights came from, and the model card would repeat it."""
+    path = rewrite_header(saved[1], tmp_path / "w.safetensors", lambda h: h["__metadata__"].update(weights=value))
+    if ok:
+        assert read_header(path).weights == value
+    else:
+        with pytest.raises(RetrofitError, match=f"metadata 'weights' is '{value}', not one of random, pretrained, "
+                                                f"checkpoint, fine-tuned"):
+            read_header(path)
+
+
+# the bounds of files/bounds.py, as documented there and in the README (smallest, largest)
+BOUNDS = {"num_classes": (0, 1_000_000), "in_chans": (1, 1024), "input side": (1, 8192), "blocks": (1, 100_000),
+          "base_tensors": (0, 10_000_000)}
+
+
+@pytest.mark.parametrize("name", list(BOUNDS))
+def test_each_bound_takes_its_smallest_and_largest_value_and_no_other(name):
+    """Mutation bounds.py:33 (`<= high` -> `< high`): no test sat at the exact maximum of a bound."""
+    low, high = BOUNDS[name]
+    for value in (low, high):
+        assert out_of_bounds(name, value) is None and whole_number(str(value), name) == value
+    for value in (low - 1, high + 1, True, 2.0, str(high)):
+        assert out_of_bounds(name,
+                             value) == (f"{name} = {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                                              else f"{name} = {value!r}") + \
+            f", not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
+    with pytest.raises(ValueError, match=f"{name} = {high + 1:,}, not a whole number"):
+        whole_number(str(high + 1), name)
+
+
+def test_a_file_at_the_bound_of_blocks_is_read(saved, tmp_path):
+    """The largest count a file may give is read (and then checked against its recipe)."""
+    at = rewrite_header(saved[1], tmp_path / "at.safetensors", lambda h: h["__metadata__"].update(blocks="100000"))
+    with pytest.raises(RetrofitError, match="says 100000 blocks but its recipe gives 4"):
+        retrofit.load(at)
+    over = rewrite_header(saved[1], tmp_path / "over.safetensors", lambda h: h["__metadata__"].update(blocks="100001"))
+    with pytest.raises(RetrofitError, match="blocks = 100,001, not a whole number from 1 to 100,000"):
+        retrofit.load(over)
+
+
+@pytest.fixture(scope="module")
+def folded_file(tmp_path_factory):
+    """A test_resnet whose four gates were folded (identity position: one channel scale, three norms)."""
+    model = se_model(position="identity")
+    return retrofit.save(retrofit.fold(model).model, tmp_path_factory.mktemp("folded") / "folded.safetensors")
+
+
+@pytest.mark.parametrize("folds,words", [
+    ("[[\"layer1.0.se_identity\", \"melt\", \"\"]]", "kind 'melt'"),
+    ("[[\"layer1.0.se_identity\", \"scale\"]]", "not [block, kind, neighbour]"),
+    ("{\"a\": 1}", "must be a list"),
+    (json.dumps([["layer1.0.se_identity", "scale", ""]] * 5), "lists 5 folded blocks"),
+    (json.dumps([["layer1.0.se_identity", "scale", ""]] * 2), "bad entry"),
+    (json.dumps([["layer1.0.se_identity", "conv_in", "layer1.0.bn1"]]), "not a layer a conv_in fold goes into"),
+    (json.dumps([["layer1.0.se_identity", "norm", "layer9.bn"]]), "no module 'layer9.bn'"),
+    (json.dumps([["layer1.0.conv1", "scale", ""]]), "not a block of this model"),
+])
+def test_tampered_fold_records_are_refused_in_one_line(folded_file, tmp_path, folds, words):
+    """The fold records a file keeps (metadata `folds`) are checked before and while the model is rebuilt."""
+    bad = rewrite_header(folded_file, tmp_path / "bad.safetensors",
+                         lambda h: h["__metadata__"].update(folds=folds))
+    with pytest.raises(RetrofitError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        retrofit.load(bad)
+    result = runner.invoke(app, ["fold", str(bad), "-o", str(tmp_path / "out.safetensors")])
+    assert words.split("'")[0].split(" [")[0] in one_error_line(result)
+# -- the folder's config.json (issue 23, item 1): the same guarantees as a file's metadata -----------------
+@pytest.fixture(scope="module")
+def folder(saved, tmp_path_factory):
+    """``saved``'s model as a folder of retrofit.save_pretrained."""
+    return retrofit.save_pretrained(saved[0], tmp_path_factory.mktemp("folder") / "se")
+
+
+def edited(folder: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``folder`` whose config.json is ``edit(config)`` (a dict edited in place, or text returned)."""
+    import shutil
+
+    copy_ = tmp_path / "edited"
+    shutil.copytree(folder, copy_)
+    config = json.loads((copy_ / "config.json").read_text())
+    text = edit(config)
+    if isinstance(text, bytes):
+        (copy_ / "config.json").write_bytes(text)
+    else:
+        (copy_ / "config.json").write_text(text if isinstance(text, str) else json.dumps(config))
+    return copy_
+
+
+# the metadata cases above, as config.json holds them (JSON values, not JSON text)
+CONFIG_CASES = [
+    ("recipe", None, "metadata 'recipe' must be a mapping of recipe fields, got NoneType"),
+    ("recipe", {"r": [1]}, "recipe stored in"),
+    ("input_size", "5", "metadata 'input_size' must be a list"),
+    ("input_size", [3, 32], "three positive whole numbers"),
+    ("input_size", [1, 32, 32], "has 1 channels but the model 3"),
+    ("model_kwargs", [1], "metadata 'model_kwargs' must be a mapping, got list"),
+    ("model_kwargs", {"num_classes": "3"}, "num_classes = '3', not a whole number"),
+    ("model_kwargs", {"num_classes": True}, "not a whole number"),
+    ("blocks", "many", "metadata 'blocks' gives blocks = 'many', not a whole number from 1 to 100,000"),
+    ("blocks", 3, "says 3 blocks but its recipe gives 4"),
+    ("architecture", "hf-hub:timm/resnet18", "is not a timm model name"),
+    ("architecture", "../../model", "is not a timm model name"),
+    ("comment", "hello", "key 'comment' is not one retrofit writes"),
+    ("format", "retrofit/1", "'format' is 'retrofit/1', not 'retrofit-pretrained/1'"),
+    ("kind", "pickle", "'kind' is 'pickle', not 'model' or 'adapter'"),
+    ("kind", "adapter", "'base' must be given for an adapter, and only for one"),
+    ("base_model", "../../etc", "'base_model' is '../../etc', not a base model"),
+    ("license", "MIT; rm -rf", "'license' is 'MIT; rm -rf', not a license"),
+    ("weights", "stolen", "metadata 'weights' is 'stolen', not one of random, pretrained, checkpoint, fine-tuned"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", CONFIG_CASES)
+def test_config_of_the_wrong_type_is_refused(folder, tmp_path, monkeypatch, key, value, message):
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    if key == "blocks" and value == 3:
+        monkeypatch.undo()  # the block count is checked against the rebuilt model
+    bad = edited(folder, tmp_path, lambda c: c.__setitem__(key, value))
+    with pytest.raises(RetrofitError, match=re.escape(message)) as caught:
+        retrofit.from_pretrained(bad)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"pretrained": True}, {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+                                    {"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg": {"hf_hub_id": "x/y"}}])
+def test_config_cannot_reach_the_network_or_the_disk(folder, tmp_path, monkeypatch, kwargs):
+    built = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(k) or pytest.fail("a model was built"))
+    bad = edited(folder, tmp_path, lambda c: c.__setitem__("model_kwargs", {"num_classes": 3, **kwargs}))
+    with pytest.raises(RetrofitError, match=f"names '{next(iter(kwargs))}': only num_classes, in_chans are allowed"):
+        retrofit.from_pretrained(bad)
+    assert not built
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(model_kwargs={"num_classes": 1000000000}), "num_classes = 1,000,000,000, not a whole number from 0 to "
+                                                     "1,000,000"),
+    (dict(input_size=[3, 1000000, 1000000]), "input side = 1,000,000, not a whole number from 1 to 8,192"),
+    (dict(blocks=1000000), "blocks = '1000000', not a whole number from 1 to 100,000"),
+])
+def test_a_config_cannot_ask_for_any_amount_of_memory(folder, tmp_path, monkeypatch, edit, message):
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    bad = edited(folder, tmp_path, lambda c: c.update(edit))
+    with pytest.raises(RetrofitError, match=re.escape(message)):
+        retrofit.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "retrofit-pretrained/1", "blocks": NaN}', "is not valid JSON (NaN is not a number JSON allows)"),
+    ('{"kind": "model", "kind": "adapter"}', "is not valid JSON (key 'kind' is given twice)"),
+    ("[1, 2]", "must be a JSON object, got list"),
+    ("{" * 100000, "nested more than 32 levels deep"),
+    ('{"n": ' + "9" * 5000 + "}", "is not valid JSON"),
+    (b"\xff\xfe", "is not UTF-8 text"),
+    (" " * (1 << 20) + "{}", "is larger than 1,048,576 bytes"),
+])
+def test_a_config_that_is_not_strict_bounded_json_is_refused(folder, tmp_path, text, message):
+    bad = edited(folder, tmp_path, lambda c: text)
+    with pytest.raises(RetrofitError, match=re.escape(message)) as caught:
+        retrofit.from_pretrained(bad)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_a_config_that_is_no_regular_file_is_refused_without_reading_it(folder, tmp_path):
+    import os
+
+    bad = edited(folder, tmp_path, lambda c: None)
+    (bad / "config.json").unlink()
+    os.symlink("/dev/zero", bad / "config.json")
+    with pytest.raises(RetrofitError, match="config.json is not a regular file \\(a character device\\)"):
+        retrofit.from_pretrained(bad)
+
+
+def test_planted_pickle_in_a_folder_never_runs(folder, data, tmp_path):
+    """A pickle named model.safetensors in a folder (and one beside it, pytorch_model.bin, which nothing reads)."""
+    marker = tmp_path / "pwned"
+    bad = edited(folder, tmp_path, lambda c: None)
+    plant(bad / "model.safetensors", marker, timm.create_model("test_resnet").state_dict())
+    plant(bad / "pytorch_model.bin", marker)
+    line = one_error_line(runner.invoke(app, ["finetune", str(bad), "--data", str(data)]))
+    assert "not a complete safetensors file" in line and not marker.exists()
+    with pytest.raises(RetrofitError, match="not a complete safetensors file"):
+        retrofit.from_pretrained(bad)
+    assert not marker.exists()
+
+
+def test_the_folder_weights_are_checked_like_a_file(folder, tmp_path):
+    bad = edited(folder, tmp_path, lambda c: None)
+    rewrite_header(bad / "model.safetensors", bad / "model.safetensors", relabel_floats)
+    with pytest.raises(RetrofitError, match=r"\d+ dtype mismatches \(e.g. .*: I32 in the file, float32 in the model\)"):
+        retrofit.from_pretrained(bad)

@@ -181,11 +181,11 @@ def test_a_train_eval_dependent_forward_preserves_in_both_modes(traced_in):
     model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DropBranch(), DropBranch()))
     model.train(traced_in == "train")
     se = retrofit.add_se(model, r=4, input_size=(3, 8, 8))
-    assert [b.path for b in se._retrofit.blocks] == ["1.se", "2.se"] and installed(se[1]).two_modes
+    assert [b.path for b in retrofit.get_info(se).blocks] == ["1.se", "2.se"] and installed(se[1]).two_modes
     x = torch.randn(4, 3, 8, 8)
     assert_preserves_in_both_modes(model, se, x)
     twice = retrofit.add_se(se, r=4, position="post", input_size=(3, 8, 8))  # from the graphs of both modes
-    assert len(twice._retrofit.blocks) == 4 and not twice._retrofit.skipped
+    assert len(retrofit.get_info(twice).blocks) == 4 and not retrofit.get_info(twice).skipped
     assert_preserves_in_both_modes(model, twice, x)
     paper = retrofit.add_se(model, r=4, init="paper", input_size=(3, 8, 8))
     scripted = torch.jit.script(paper)

@@ -21,7 +21,7 @@ SIDE = 128  # detectors resize every image to this (min_size = max_size): small,
 
 
 def blocks_of(se):
-    return [b.path for b in se._retrofit.blocks]
+    return [b.path for b in retrofit.get_info(se).blocks]
 
 
 def kept_of(traced):
@@ -91,9 +91,9 @@ def test_detector(name):
     model = detector(name)
     se = retrofit.add_se(model)  # the input size comes from the transform: 3 x SIDE x SIDE
     assert sorted(blocks_of(se)) == sorted(RESNET50_UNITS)  # the FPN's merges are no residual units
-    strides = {b.path.split(".")[2]: b.stride for b in se._retrofit.blocks if ".body." in b.path}
+    strides = {b.path.split(".")[2]: b.stride for b in retrofit.get_info(se).blocks if ".body." in b.path}
     assert strides == {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # of the resized image
-    assert {s.where for s in se._retrofit.skipped if "kept as is" in s.reason} == \
+    assert {s.where for s in retrofit.get_info(se).skipped if "kept as is" in s.reason} == \
         {p or "<model>" for p in KEPT[name]}
 
     images, targets = images_and_targets()
@@ -172,7 +172,7 @@ def test_deeplabv3():
     # 16 bottlenecks (dilated: layer3 and layer4 stay at stride 8) and ASPP's five-branch concatenation
     assert sorted(blocks_of(se)) == sorted([p.replace("backbone.body.", "backbone.") for p in RESNET50_UNITS]
                                            + ["classifier.0.se"])
-    assert {b.stride for b in se._retrofit.blocks if b.path.startswith("backbone.layer4")} == {8}
+    assert {b.stride for b in retrofit.get_info(se).blocks if b.path.startswith("backbone.layer4")} == {8}
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference, out = model(x), se.eval()(x)
@@ -237,8 +237,8 @@ def test_hugging_face(kind):
     base = "resnet" if kind == "resnet" else "convnext"
     units = [f"{base}.encoder.stages.{i}.layers.{j}.se" for i, n in enumerate((1, 2, 1, 1)) for j in range(n)]
     assert blocks_of(se) == units
-    assert [b.stage for b in se._retrofit.blocks] == [2, 3, 3, 4, 5]
-    kept = {s.where for s in se._retrofit.skipped if "kept as is" in s.reason}
+    assert [b.stage for b in retrofit.get_info(se).blocks] == [2, 3, 3, 4, 5]
+    kept = {s.where for s in retrofit.get_info(se).skipped if "kept as is" in s.reason}
     assert kept == {p or "<model>" for p in HF_KEPT[kind]}
     counter = FlopCounterMode(display=False)  # the kept forwards hold no multiply-add of their own
     with counter, torch.no_grad():
@@ -357,7 +357,21 @@ def test_a_part_given_a_list_by_a_kept_forward_is_not_rewritten():
     net = randomize(Loop())
     se = retrofit.add_se(net, r=1, input_size=(3, 8, 8))
     assert blocks_of(se) == ["unit.se"]
-    assert any(s.where.startswith("head") and "passes it a list of 1" in s.reason for s in se._retrofit.skipped)
+    skipped = retrofit.get_info(se).skipped
+    assert any(s.where.startswith("head") and "passes it a list of 1" in s.reason for s in skipped)
     x = torch.randn(3, 3, 8, 8)  # three images where the recorded run had one
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(se.eval()(x), net(x)))
+
+
+def test_blocks_timm_marks_untraceable_are_in_the_models_skipped_list():
+    """TinyViT: the 10 TinyVitBlocks of stages 1-3 are timm notrace modules (2 residual sums each, out of
+    the pass's sight); the retrofitted model's skipped list names each, and why."""
+    model = timm.create_model("tiny_vit_5m_224")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "TinyVitBlock"]
+    assert len(blocks) == 10
+    se = retrofit.add_se(model, input_size=(3, 64, 64))
+    assert {b.path.rsplit(".", 1)[0] for b in retrofit.get_info(se).blocks} == {"stages.0.blocks.0",
+                                                                                "stages.0.blocks.1"}
+    listed = [s for s in retrofit.get_info(se).skipped if s.reason.startswith("TinyVitBlock is a timm notrace module")]
+    assert [s.where for s in listed] == blocks

@@ -49,14 +49,14 @@ def case(request):
         original = randomize(timm.create_model(request.param, num_classes=10, **kwargs))
     se = retrofit.add_se(original, input_size=(3, size, size)).eval()
     paper = copy.deepcopy(se)
-    for block in paper._retrofit.blocks:
+    for block in retrofit.get_info(paper).blocks:
         paper.get_submodule(block.path).reset_parameters("paper")
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     return SimpleNamespace(name=request.param, original=original, se=se, paper=paper, x=x)
 
 
 def blocks_of(model, case):
-    return [model.get_submodule(b.path) for b in case.se._retrofit.blocks]
+    return [model.get_submodule(b.path) for b in retrofit.get_info(case.se).blocks]
 
 
 def test_forward(case):

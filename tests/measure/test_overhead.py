@@ -32,7 +32,7 @@ def test_totals_are_sums_of_blocks_and_stages():
         report = measure_overhead(model, se)
         assert report.added_params == sum(b.params for b in report.blocks) == sum(s.params for s in report.stages())
         assert report.added_macs == sum(b.macs for b in report.blocks) == sum(s.macs for s in report.stages())
-        assert [b.path for b in report.blocks] == [b.path for b in se._retrofit.blocks]
+        assert [b.path for b in report.blocks] == [b.path for b in retrofit.get_info(se).blocks]
         for b in report.blocks:  # each block: 2 C w multiply-adds, C H W per pass (hand formula)
             assert b.macs == 2 * b.channels * b.width
             assert b.pool_ops == b.scale_ops == b.channels * b.size[0] * b.size[1]
@@ -64,3 +64,48 @@ def test_the_same_model_twice_is_an_error():
     retrofit.add_se(model, inplace=True, input_size=(3, 32, 32))
     with pytest.raises(retrofit.RetrofitError, match="same object twice"):
         measure_overhead(model, model)
+
+
+def test_frozen_parameters_are_counted():
+    """Issue 22's mutation of overhead.py:60 (parameters counted only if requires_grad): a model with a
+    frozen backbone has as many parameters. resnet18: 11,689,512 (timm's documented size); its 8 SE
+    blocks on C = 64, 64, 128, 128, 256, 256, 512, 512 channels at r = 16: 2 C w + w + C each, w = C/16."""
+    with torch.device("meta"):
+        model = timm.create_model("resnet18")
+    model.requires_grad_(False)
+    se = retrofit.add_se(model, input_size=(3, 64, 64))
+    report = measure_overhead(model, se, input_size=(3, 64, 64))
+    added = sum(2 * c * (c // 16) + c // 16 + c for c in (64, 64, 128, 128, 256, 256, 512, 512))
+    assert (report.base_params, report.added_params, report.params) == (11_689_512, added, 11_689_512 + added)
+
+
+def test_blocks_on_channels_last_maps_and_tokens_are_counted_by_their_layout():
+    """Issue 22's mutation of overhead.py:201 (`len(shape_in) == 4` -> `>= 3`) went unnoticed: no test
+    looked at blocks on (B, N, C) tokens. They were reported with 0 channels, no size and no squeeze or
+    scale pass, and a Swin block on an (N, H, W, C) map with H as its channels. Closed forms: DeiT-Ti
+    distilled at 224 has 196 patch tokens after 2 prefix tokens, 192 channels; the squeeze reads the
+    grid tokens, the scale multiplies all 198. Swin-T's first stage: 56 x 56 positions of 96 channels."""
+    cases = [("deit_tiny_distilled_patch16_224", "blocks.0.se_attn", 192, (14, 14), 196 * 192, 198 * 192),
+             ("vit_tiny_patch16_224", "blocks.0.se_mlp", 192, (14, 14), 196 * 192, 197 * 192),
+             ("swin_tiny_patch4_window7_224", "layers.0.blocks.0.se_contiguous", 96, (56, 56), 56 * 56 * 96,
+              56 * 56 * 96)]
+    for name, path, channels, size, pool, scale in cases:
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        report = measure_overhead(model, retrofit.add_se(model), input_size=(3, 224, 224))
+        block = next(b for b in report.blocks if b.path == path)
+        assert (block.channels, block.size, block.pool_ops, block.scale_ops) == (channels, size, pool, scale), name
+        assert block.macs == 2 * channels * block.width
+
+
+def test_the_stage_of_blocks_not_from_add_se_is_log2_of_their_stride():
+    """Issue 22's mutation of overhead.py:208 (that stage off by one): timm's own seresnet50 against
+    resnet50, blocks not made by add_se, placed by their input's size: layerK is stage K + 1 (output
+    stride 2^(K+1)), 3, 4, 6 and 3 bottlenecks."""
+    with torch.device("meta"):
+        report = measure_overhead(timm.create_model("resnet50"), timm.create_model("seresnet50"),
+                                  input_size=(3, 224, 224))
+    for b in report.blocks:
+        k = int(b.path.split(".")[0][len("layer"):])
+        assert (b.stage, b.stride, b.size) == (k + 1, 2 ** (k + 1), (224 // 2 ** (k + 1),) * 2), b.path
+    assert [(s.stage, s.stride, s.blocks) for s in report.stages()] == [(2, 4, 3), (3, 8, 4), (4, 16, 6), (5, 32, 3)]

@@ -88,22 +88,22 @@ def test_identity_position_on_a_projection_shortcut(resnet50_random):
 def test_inside_on_basicblock_goes_after_the_first_3x3_conv():
     model = randomize(timm.create_model("resnet18"))
     se_model = retrofit.add_se(model, position="inside", init="paper", input_size=(3, 64, 64))
-    assert len(se_model._retrofit.blocks) == 8  # one per block, not one per 3x3 conv
+    assert len(retrofit.get_info(se_model).blocks) == 8  # one per block, not one per 3x3 conv
     b = se_model.layer1[0]
     x = torch.relu(torch.randn(1, 64, 16, 16))
     with torch.no_grad():
         expected = b.act2(b.bn2(b.conv2(b.se_inside(b.act1(b.bn1(b.conv1(x)))))) + x)
         torch.testing.assert_close(b(x), expected)
-    assert all(s.reason.startswith("inside: its output already ends") for s in se_model._retrofit.skipped)
+    assert all(s.reason.startswith("inside: its output already ends") for s in retrofit.get_info(se_model).skipped)
 
 
 def test_block_names_and_stage_restriction(resnet50_random):
     se = retrofit.add_se(resnet50_random, stages=[4], input_size=(3, 64, 64))
-    paths = [b.path for b in se._retrofit.blocks]
+    paths = [b.path for b in retrofit.get_info(se).blocks]
     assert paths == [f"layer3.{i}.se" for i in range(6)]
-    assert all(b.stage == 4 and b.stride == 16 for b in se._retrofit.blocks)
+    assert all(b.stage == 4 and b.stride == 16 for b in retrofit.get_info(se).blocks)
     se2 = retrofit.add_se(resnet50_random, position="inside", r=8, bias=False, stages=[2, 5], input_size=(3, 64, 64))
-    assert [b.path for b in se2._retrofit.blocks] == [f"layer1.{i}.se_inside" for i in range(3)] + \
+    assert [b.path for b in retrofit.get_info(se2).blocks] == [f"layer1.{i}.se_inside" for i in range(3)] + \
         [f"layer4.{i}.se_inside" for i in range(3)]
     assert se2.layer1[0].se_inside.fc1.bias is None and se2.layer1[0].se_inside.width == 8
 
@@ -155,7 +155,8 @@ def test_a_forward_that_depends_on_mode_gets_one_forward_per_mode():
     the scaling in each, and the retrofitted model follows train()/eval() like the original."""
     model = randomize(nn.Sequential(ModeDependent(), Residualish(), ModeDependent())).train()
     se = retrofit.add_se(model, r=4, init="paper", input_size=(8, 8, 8))
-    assert [b.path for b in se._retrofit.blocks] == ["0.se", "1.se", "2.se"] and not se._retrofit.skipped
+    assert [b.path for b in retrofit.get_info(se).blocks] == ["0.se", "1.se",
+                                                              "2.se"] and not retrofit.get_info(se).skipped
     x = torch.randn(2, 8, 8, 8)
     for mode in (True, False):
         se.train(mode)
@@ -219,20 +220,20 @@ def test_inception_modules_get_one_block_on_their_output():
     model = randomize(timm.create_model("inception_v3"))
     se = retrofit.add_se(model, init="paper", input_size=(3, 96, 96))
     inception = [n for n, m in se.named_modules() if n and type(m).__name__.startswith("Inception")]
-    assert [b.path for b in se._retrofit.blocks] == [f"{n}.se" for n in inception]
+    assert [b.path for b in retrofit.get_info(se).blocks] == [f"{n}.se" for n in inception]
     x = torch.randn(1, 288, 9, 9)
     with torch.no_grad():  # Mixed_6a's forward: the concatenation of its branches, then the block
         m = se.Mixed_6a
         torch.testing.assert_close(m(x), m.se(torch.cat(m._forward(x), 1)))
     v4 = retrofit.add_se(timm.create_model("inception_v4"), input_size=(3, 96, 96))
-    assert len(v4._retrofit.blocks) == 19
+    assert len(retrofit.get_info(v4).blocks) == 19
 
 
 def test_inception_resnet_units_get_the_block_on_their_residual_branch():
     model = randomize(timm.create_model("inception_resnet_v2"))
     se = retrofit.add_se(model, init="paper", input_size=(3, 96, 96))
-    kinds = {b.site_kind for b in se._retrofit.blocks}
-    assert kinds == {"residual", "inception"} and len(se._retrofit.blocks) == 43
+    kinds = {b.site_kind for b in retrofit.get_info(se).blocks}
+    assert kinds == {"residual", "inception"} and len(retrofit.get_info(se).blocks) == 43
     b = se.repeat[0]
     x = torch.relu(torch.randn(1, 320, 5, 5))
     with torch.no_grad():
@@ -255,8 +256,8 @@ class Shared(nn.Module):
 
 def test_a_module_called_twice_is_skipped_with_its_reason():
     se = retrofit.add_se(Shared(), r=4, input_size=(3, 8, 8))
-    assert [b.path for b in se._retrofit.blocks] == ["other.se"]
-    assert sum("called 2 times" in s.reason for s in se._retrofit.skipped) == 2
+    assert [b.path for b in retrofit.get_info(se).blocks] == ["other.se"]
+    assert sum("called 2 times" in s.reason for s in retrofit.get_info(se).skipped) == 2
     assert "forward" not in se.block.__dict__
 
 
@@ -333,6 +334,6 @@ def test_inside_skips_a_second_conv_that_only_an_se_block_follows(base):
         model = timm.create_model("seresnet18", num_classes=10)
     else:
         model = retrofit.add_se(timm.create_model("resnet18", num_classes=10), input_size=(3, 64, 64))
-    inside = [b for b in retrofit.add_se(model, position="inside", input_size=(3, 64, 64))._retrofit.blocks
+    inside = [b for b in retrofit.get_info(retrofit.add_se(model, position="inside", input_size=(3, 64, 64))).blocks
               if b.position == "inside"]
     assert len(inside) == 8 and len({b.site_module for b in inside}) == 8

@@ -76,8 +76,8 @@ def test_nested_sums_in_one_forward():
     fused = retrofit.add_se(net, r=4, init="paper", input_size=(3, 64, 64)).eval()
     reference = unfused(net, r=4, init="paper")
     reference.load_state_dict(fused.state_dict())
-    assert [b.path for b in fused._retrofit.blocks] == [b.path for b in reference._retrofit.blocks]
-    assert len(fused._retrofit.blocks) == 2 and all(k == 2 for _, k in calls(fused))
+    assert [b.path for b in retrofit.get_info(fused).blocks] == [b.path for b in retrofit.get_info(reference).blocks]
+    assert len(retrofit.get_info(fused).blocks) == 2 and all(k == 2 for _, k in calls(fused))
     with torch.no_grad():
         torch.testing.assert_close(fused(X), reference(X), rtol=1e-5,
                                    atol=1e-5)  # addcmul rounds once (an FMA), x * s + y twice

@@ -34,10 +34,10 @@ def test_densenet121_blocks_and_transitions(tmp_path):
     model = randomize(timm.create_model("densenet121"))
     se = retrofit.add_se(model, at=["features.denseblock*", "features.transition*"], input_size=(3, 64, 64))
     names = [f"{kind}{i}" for i in range(1, 5) for kind in ("denseblock", "transition")][:-1]
-    assert [b.path for b in se._retrofit.blocks] == [f"features.se_{n}" for n in names]
+    assert [b.path for b in retrofit.get_info(se).blocks] == [f"features.se_{n}" for n in names]
     channels = [256, 128, 512, 256, 1024, 512, 1024]  # densenet121's growth: 64 + 6 x 32 = 256, halved...
-    assert [b.channels for b in se._retrofit.blocks] == channels
-    assert [b.stride for b in se._retrofit.blocks] == [4, 8, 8, 16, 16, 32, 32]
+    assert [b.channels for b in retrofit.get_info(se).blocks] == channels
+    assert [b.stride for b in retrofit.get_info(se).blocks] == [4, 8, 8, 16, 16, 32, 32]
     with torch.no_grad():
         reference = model(X)
         assert torch.equal(se.eval()(X), reference)
@@ -46,7 +46,7 @@ def test_densenet121_blocks_and_transitions(tmp_path):
     assert [b.macs for b in report.blocks] == [closed_form(c)[1] for c in channels]
     path = retrofit.save(se, tmp_path / "densenet_at.safetensors")
     again = retrofit.load(path).eval()  # the recipe's `at` is stored, the same blocks come back
-    assert again._retrofit.recipe.at == ("features.denseblock*", "features.transition*")
+    assert retrofit.get_info(again).recipe.at == ("features.denseblock*", "features.transition*")
     with torch.no_grad():
         assert torch.equal(again(X), reference)
     plain = retrofit.strip(se).eval()
@@ -55,7 +55,7 @@ def test_densenet121_blocks_and_transitions(tmp_path):
         assert torch.equal(plain(X), reference)
     se.train()(X).square().mean().backward()  # last: a training step moves the norm statistics
     assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for b in se._retrofit.blocks for p in se.get_submodule(b.path).parameters())
+               for b in retrofit.get_info(se).blocks for p in se.get_submodule(b.path).parameters())
 
 
 VGG_STAGES = ["features.1", "features.4", "features.9", "features.14", "features.19"]  # each stage's last ReLU
@@ -66,7 +66,7 @@ def test_vgg11_stage_ends_preserve():
     with torch.no_grad():
         reference = model(X)
     se = retrofit.add_se(model, at=VGG_STAGES, input_size=(3, 64, 64), inplace=True).eval()
-    assert [b.path for b in se._retrofit.blocks] == [f"features.se_{p[9:]}" for p in VGG_STAGES]
+    assert [b.path for b in retrofit.get_info(se).blocks] == [f"features.se_{p[9:]}" for p in VGG_STAGES]
     with torch.no_grad():
         assert torch.equal(se(X), reference)
 
@@ -101,12 +101,12 @@ def test_nfnet_blocks_as_a_whole_and_vit_tokens():
     """NF-Net blocks are timm notrace leaves (no site inside); a ViT block's output is a token sequence."""
     nfnet = randomize(timm.create_model("test_nfnet"))
     se = retrofit.add_se(nfnet, at=["stages.*.*"], input_size=(3, 64, 64)).eval()
-    assert [(b.path, b.stage) for b in se._retrofit.blocks] == [(f"stages.{i}.se_0", i + 2) for i in range(4)]
+    assert [(b.path, b.stage) for b in retrofit.get_info(se).blocks] == [(f"stages.{i}.se_0", i + 2) for i in range(4)]
     with torch.no_grad():
         assert torch.equal(se(X), nfnet(X))
     vit = randomize(timm.create_model("test_vit"))
     se = retrofit.add_se(vit, at=["blocks.*"])
-    blocks = [se.get_submodule(b.path) for b in se._retrofit.blocks]
+    blocks = [se.get_submodule(b.path) for b in retrofit.get_info(se).blocks]
     assert len(blocks) == len(vit.blocks) and all(isinstance(b, ChannelsLastSqueezeExcite) and b.prefix == 1
                                                   for b in blocks)
     x = torch.randn(2, *vit.pretrained_cfg["input_size"])
@@ -126,7 +126,7 @@ class Twice(nn.Module):
 def test_at_with_discovered_kinds_and_bad_modules():
     model = randomize(timm.create_model("resnet18"))
     se = retrofit.add_se(model, at=["layer2"], kinds=["residual", "module"], input_size=(3, 64, 64)).eval()
-    assert [b.path for b in se._retrofit.blocks][-3:] == ["layer4.0.se", "layer4.1.se", "se_layer2"]
+    assert [b.path for b in retrofit.get_info(se).blocks][-3:] == ["layer4.0.se", "layer4.1.se", "se_layer2"]
     with torch.no_grad():
         assert torch.equal(se(X), model(X))
     with pytest.raises(retrofit.RetrofitError, match=r"at: conv \(Conv2d\) is called 2 times"):

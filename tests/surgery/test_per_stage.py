@@ -46,7 +46,7 @@ def test_per_stage_r_adds_the_closed_form_stage_by_stage(resnet50):
     se = retrofit.add_se(resnet50, r=R_MAP, input_size=SMALL)  # measured on the real model
     stages = {s.stage: s.params for s in measure_overhead(resnet50, se, input_size=SMALL).stages()}
     assert stages == expected
-    assert [b.width for b in se._retrofit.blocks] == [c // R_MAP[s] for s, n, c in zip((2, 3, 4, 5), N, C_OUT)
+    assert [b.width for b in retrofit.get_info(se).blocks] == [c // R_MAP[s] for s, n, c in zip((2, 3, 4, 5), N, C_OUT)
                                                       for _ in range(n)]
     result = runner.invoke(app, ["add-se", "resnet50", "--r", "2:8,3:8,4:16,5:32", "--input-size", "3,64,64",
                                  "--json", "-"])  # planned on meta, as the CLI does
@@ -94,7 +94,7 @@ def test_a_field_set_over_its_module_is_an_error_not_ignored():
 
 def test_mixed_modules_keep_the_function_and_fuse_only_se(resnet18):
     se = retrofit.add_se(resnet18, r={2: 4}, module={5: "eca"}, input_size=SMALL).eval()
-    kinds = {b.path: type(se.get_submodule(b.path)).__name__ for b in se._retrofit.blocks}
+    kinds = {b.path: type(se.get_submodule(b.path)).__name__ for b in retrofit.get_info(se).blocks}
     assert kinds["layer1.0.se"] == "SqueezeExcite" and kinds["layer4.1.se"] == "EcaModule"
     assert se.layer1[0].se.width == 16 and se.layer2[0].se.width == 8
     se_calls = [(n.target, len(n.args)) for n in installed(se.layer1[0]).graph.nodes if n.op == "call_module"]
@@ -112,9 +112,9 @@ def test_save_and_load_rebuild_mixed_widths_and_modules(resnet18, tmp_path):
     se = retrofit.add_se(resnet18, recipe, input_size=SMALL).eval()
     path = retrofit.save(se, tmp_path / "mixed.safetensors")
     again = retrofit.load(path).eval()
-    assert again._retrofit.recipe == recipe
-    assert [(b.path, b.width, b.config) for b in again._retrofit.blocks] == \
-        [(b.path, b.width, b.config) for b in se._retrofit.blocks]
+    assert retrofit.get_info(again).recipe == recipe
+    assert [(b.path, b.width, b.config) for b in retrofit.get_info(again).blocks] == \
+        [(b.path, b.width, b.config) for b in retrofit.get_info(se).blocks]
     assert type(again.layer4[1].se).__name__ == "CbamModule" and again.layer4[0].se.width == 16
     x = torch.randn(2, *SMALL)
     with torch.no_grad():

@@ -5,6 +5,7 @@ import timm
 import torch
 import torchvision
 from conftest import ChannelsLast
+from timm.models.rexnet import LinearBottleneck
 from torch import fx, nn
 
 from retrofit import find_sites
@@ -151,3 +152,31 @@ def test_layouts_and_parameter_free_branches():
     assert [(s.kind, s.layout, s.channels, s.size) for s in found.sites] == [("residual", "nhwc", 8, (16, 16))]
     sites = find_sites(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PoolMixer()), input_size=(3, 16, 16))
     assert [(s.kind, s.detail, s.module) for s in sites] == [("residual", "identity", "1")]
+
+
+def test_convnextv2_sums_inside_global_response_norm_are_not_sites():
+    """ConvNeXt-V2's GRN computes ``x + gamma * (x * nx) + beta``: a norm's formula, not a residual unit.
+    Exactly one site per ConvNeXt block, the block's own sum; each GRN sum is skipped with why."""
+    model = timm.create_model("convnextv2_atto")
+    found = scan(model, (3, 32, 32))
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
+    norms = [n for n, m in model.named_modules() if type(m).__name__ == "GlobalResponseNorm"]
+    assert len(blocks) == len(norms) == 12  # depths 2, 2, 6, 2
+    assert [(s.kind, s.module, s.channels) for s in found.sites] == \
+        [("residual", n, model.get_submodule(n).conv_dw.out_channels) for n in blocks]
+    inside = [s.where.split(" ")[0] for s in found.skipped if "one layer (GlobalResponseNorm" in s.reason]
+    assert inside == norms
+
+
+def test_rexnet_partial_residual_is_one_site_per_bottleneck():
+    """ReXNet's LinearBottleneck ends in ``cat([y[:, :C] + x, y[:, C:]])``: one residual unit (its identity
+    covers the first C channels), anchored at the concatenation; no Inception merge, no second site."""
+    model = timm.create_model("rexnet_100")
+    found = scan(model, (3, 32, 32))
+    units = {n: m for n, m in model.named_modules() if isinstance(m, LinearBottleneck) and m.use_shortcut}
+    assert len(units) == 11
+    assert kinds(found.sites) == {"residual": 11, "conv3x3": 11}
+    residual = [s for s in found.sites if s.kind == "residual"]
+    assert [(s.module, s.channels, s.detail) for s in residual] == \
+        [(n, m.out_channels, f"identity, on {m.in_channels} of {m.out_channels} channels") for n, m in units.items()]
+    assert all(s.refs.anchor.target is torch.cat for s in residual)

@@ -28,7 +28,7 @@ def x():
 
 
 def paths(model):
-    return [b.path for b in model._retrofit.blocks]
+    return [b.path for b in retrofit.get_info(model).blocks]
 
 
 # -- selection ------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_strip_round_trip_resnet18(resnet18, x, position):
     assert not torch.equal(model(x), resnet18(x))  # random blocks: the round trip has something to undo
     plain = retrofit.strip(model)
     assert_same(plain, resnet18, x)
-    assert type(plain) is type(resnet18) and not hasattr(plain, "_retrofit")
+    assert type(plain) is type(resnet18) and retrofit.get_info(plain) is None
     assert all(plain.get_submodule(u).se is None for u in RESNET18_UNITS)  # timm's None is back
     assert paths(model)  # a copy by default: the retrofitted model keeps its blocks
 

@@ -122,7 +122,7 @@ def test_latency_takes_medians_of_interleaved_rounds(monkeypatch):
     one, two = Costs("one", [9.0] + [1.0] * 5), Costs("two", [9.0, 2.0, 2.0, 50.0, 2.0, 2.0])  # warm-up first
     rounds = []
     timing = measure_latency({"one": one, "two": two}, batch=1, input_size=(1, 1, 1), runs=5, warmup=1,
-                             on_round=lambda done, total: rounds.append((done, total)))
+                             on_event=lambda e: rounds.append((e.data["done"], e.data["total"])))
     assert timing.samples == {"one": [1.0] * 5, "two": [2.0, 2.0, 50.0, 2.0, 2.0]}  # warm-up not timed
     assert timing.ratio("two", "one") == 2.0
     assert calls == ["one", "two"] + ["one", "two", "two", "one"] * 2 + ["one", "two"]  # turns rotate
@@ -195,5 +195,5 @@ def test_meta_with_output_is_refused(tmp_path):
 def test_sweep_leaves_the_model_untouched(resnet50):
     before = {k: v.clone() for k, v in resnet50.state_dict().items()}
     sweep(resnet50, r=[4], position=["standard", "inside"], input_size=SMALL)
-    assert not hasattr(resnet50, "_retrofit") and list(resnet50.state_dict()) == list(before)
+    assert retrofit.get_info(resnet50) is None and list(resnet50.state_dict()) == list(before)
     assert all(torch.equal(before[k], v) for k, v in resnet50.state_dict().items())

@@ -117,7 +117,7 @@ def test_a_failed_combination_is_a_row(tmp_path, monkeypatch):
     real = ablation_module.finetune
 
     def fails_for_r8(model, *args, **kwargs):
-        info = getattr(model, "_retrofit", None)
+        info = retrofit.get_info(model)
         if info is not None and info.recipe.r == 8:
             raise RetrofitError("loss is nan")
         return real(model, *args, **kwargs)
@@ -125,13 +125,13 @@ def test_a_failed_combination_is_a_row(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation_module, "finetune", fails_for_r8)
     lines = []
     rows = retrofit.sweep(plain_model(), r=[4, 8], position=["standard", "pre"], input_size=(3, SIZE, SIZE),
-                          data=root, epochs=1, seeds=1, train=dict(batch_size=4, lr=1e-2, workers=0),
-                          on_run=lines.append)
+                          data=root, epochs=1, seeds=1, batch_size=4, lr=1e-2, workers=0,
+                          on_event=lambda e: lines.append(e.message))
     by = {(r.arm, r.position, r.r): r for r in rows}
     assert by["se", "standard", 8].note == "fine-tune failed: loss is nan" and by["se", "standard", 8].top1 is None
     assert by["se", "pre", 8].top1 is None and by["se", "standard", 4].top1 is not None
     assert by["se", "pre", 4].top1 is not None  # the sweep went on after the failure
     assert all(by[c, "", 0].top1 is not None for c in ("original", "head+norms", "full"))
     assert len(lines) == 2 + 4 and "failed (loss is nan)" in lines[3]
-    with pytest.raises(RetrofitError, match="sets epochs itself"):
-        retrofit.sweep(plain_model(), input_size=(3, SIZE, SIZE), data=root, train=dict(epochs=3))
+    with pytest.raises(RetrofitError, match="sets phase2_epochs itself"):
+        retrofit.sweep(plain_model(), input_size=(3, SIZE, SIZE), data=root, phase2_epochs=3)

@@ -3,6 +3,7 @@ seed (bitwise), a pruned one ran fewer epochs, one over --max-params never train
 arms, best_recipe.yaml rebuilds the finalist through add-se; bad input is one error line before training."""
 import importlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
-from support import SIZE, five_class_model, make_folder
+from retrofit.sweep.tune.space import load_space
+from support import SIZE, billion_laughs, five_class_model, make_folder, special_files
 
 runner = CliRunner()
 ablation_module = importlib.import_module("retrofit.sweep.ablation")  # run_arm's finetune
@@ -41,7 +43,7 @@ def tuned(tmp_path_factory):
     real = ablation_module.finetune
 
     def recording(model, *args, **kwargs):
-        info = getattr(model, "_retrofit", None)
+        info = retrofit.get_info(model)
         calls.append((info.recipe if info is not None else None, kwargs["seed"], kwargs.get("epochs")))
         return real(model, *args, **kwargs)
 
@@ -65,7 +67,7 @@ def hand_run(tmp, data, recipe, seed, epochs=EPOCHS):
     plain = five_class_model()  # before the seed: building it draws random numbers
     torch.manual_seed(seed)
     se = retrofit.add_se(plain, recipe, input_size=(3, SIZE, SIZE))
-    return retrofit.finetune(se, data, epochs, seed=seed, restore_best=False, **FAST)
+    return retrofit.finetune(se, data, epochs=epochs, seed=seed, restore_best=False, **FAST)
 
 
 def test_complete_trials_are_finetune_runs_pruned_ones_stopped_and_none_over_the_limit_trained(tuned):
@@ -125,8 +127,8 @@ def test_the_finish_reruns_finalists_and_controls_on_the_sweeps_seeds(tuned):
         ref = hand_run(tuned["tmp"], tuned["data"], retrofit.Recipe.from_dict(first["recipe"]), seed)
         assert first["top1_per_seed"][i] == ref.rows[-1]["top1"]
         assert first["val_loss_per_seed"][i] == ref.rows[-1]["val_loss"]
-    full = retrofit.finetune(five_class_model(), tuned["data"], 0, phase2_epochs=EPOCHS, seed=1, restore_best=False,
-                             **FAST)
+    full = retrofit.finetune(five_class_model(), tuned["data"], epochs=0, phase2_epochs=EPOCHS, seed=1,
+                             restore_best=False, **FAST)
     assert rows[2]["top1_per_seed"][1] == full.rows[-1]["top1"]
     best = max(rows[:3], key=lambda r: r["top1"])
     diffs = [a - b for a, b in zip(first["top1_per_seed"], best["top1_per_seed"])]
@@ -153,7 +155,7 @@ def test_best_recipe_yaml_rebuilds_the_winner_through_add_se(tuned):
     if stages != "all":
         assert [s["stage"] for s in built["stages"]] == stages
     saved = retrofit.load(out / "best.safetensors")  # the winner's seed-0 model, loadable
-    assert saved._retrofit.recipe == retrofit.Recipe.from_dict(win["recipe"])
+    assert retrofit.get_info(saved).recipe == retrofit.Recipe.from_dict(win["recipe"])
     assert not (out / "finalists").exists() and not list(out.rglob("*.tmp"))
     assert (tuned["tmp"] / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --plot drew every trial
 
@@ -167,7 +169,7 @@ def test_the_python_api_gives_the_same_rows_and_summary(tuned, monkeypatch):
     result = retrofit.tune(plain, tuned["data"], {"r": [2, 4, 16], "position": ["standard", "identity"],
                                                   "stages": ["all", "4+5"]}, trials=6, epochs=EPOCHS,
                            input_size=(3, SIZE, SIZE), pruner="sha", max_params="10%", finalists=2, seeds=2,
-                           output_dir=tuned["out"], train=FAST)
+                           output_dir=tuned["out"], **FAST)
     assert result.trials == tuned["json"]["trials"]
     assert json.loads(json.dumps([r.to_dict() for r in result.rows])) == tuned["json"]["rows"]
     assert result.summary == tuned["json"]["summary"] and result.verdict == tuned["json"]["verdict"]
@@ -257,3 +259,136 @@ def test_without_optuna_the_command_says_what_to_install(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: retrofit tune needs Optuna, which is not installed; install "
                                                 "the extra: pip install -e '.[tune]' (from a checkout; or pip install "
                                                 "-c constraints.txt 'retrofit[tune]')"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("r: " + "[" * 50_000 + "]" * 50_000 + "\n", "is nested more than 32 levels deep at line 1"),
+    (billion_laughs("r", 4), "uses an alias (*a0) at line 1"),
+])
+def test_a_hostile_space_file_is_one_short_line(tmp_path, text, words):
+    """Issue 22.1-2: a --space nested 50,000 deep ended in RecursionError, aliases expanded unbounded."""
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(retrofit.RetrofitError) as caught:
+        load_space(path, retrofit.Recipe())
+    assert str(caught.value).startswith(f"--space {path}: {words}") and len(str(caught.value)) <= 300
+
+
+@pytest.mark.parametrize("kind", ["zero", "urandom", "fifo", "dir", "loop"])
+def test_a_special_space_file_is_named_and_never_read(tmp_path, kind):
+    """Issue 22.4: a FIFO as --space waited for a writer forever, /dev/zero ran out of memory."""
+    path, what = special_files(tmp_path, ".yaml")[kind]
+    with pytest.raises(retrofit.RetrofitError, match=re.escape(f"--space {path} {what}")):
+        load_space(path, retrofit.Recipe())
+FIRST = '{"op_code":0,"worker_id":"w","study_name":"tune","directions":[2]}\n'
+DAMAGED = {"unknown op_code": '{"op_code": 999, "worker_id": "x"}', "a list": "[1, 2]",
+           "no study_id": '{"op_code": 4, "worker_id": "w"}'}
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default store", "--storage FILE"])
+@pytest.mark.parametrize("line", DAMAGED.values(), ids=DAMAGED.keys())
+def test_a_journal_line_that_is_json_but_no_entry_is_one_error_line(tuned, tmp_path, no_training, line, given):
+    """Optuna's replay raised AssertionError ("Should not reach"), TypeError or KeyError: an internal error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    journal = tmp_path / "shared.journal" if given else out / "study.journal"
+    journal.write_text(FIRST + line + "\n")
+    result = runner.invoke(app, ["tune", *model_args(tuned["tmp"]), "--data", str(tuned["data"]), *SPACE, *TRAIN,
+                                 "--trials", "2", "-o", str(out), *(["--storage", str(journal)] if given else [])])
+    one_error(result, f"cannot read --storage {journal}: line 2 is not an Optuna journal entry (",
+              "restore the file from a copy, or use another --output-dir or --storage")
+    assert journal.read_text() == FIRST + line + "\n"  # never written into
+
+
+def weightless(tmp, data, *extra):
+    """`retrofit tune` of a model named without weights (random ones), on data with 3 classes."""
+    return ["tune", "test_resnet", "--num-classes", "3", "--input-size", f"3,{SIZE},{SIZE}", "--data", str(data),
+            "--epochs", "1", "-b", "8", "--lr", "1e-2", "-j", "0", "--finalists", "0", "-o", str(tmp / "out"), *extra]
+
+
+def test_a_model_named_without_weights_gets_them_from_the_search_seed_so_the_same_command_resumes(tuned, tmp_path):
+    """Each process drew other random weights: a rerun (or a second machine) was refused for another model."""
+    args = weightless(tmp_path, tuned["data"], "-r", "4,8,16", "--position", "identity")
+    first = runner.invoke(app, [*args, "--trials", "1"])
+    assert first.exit_code == 0, first.output
+    first_rows = json.loads((tmp_path / "out" / "trials.jsonl").read_text().splitlines()[0])
+    torch.manual_seed(12345)  # whatever the process's generator holds, the model is the seed's
+    again = runner.invoke(app, [*args, "--trials", "2"])
+    assert again.exit_code == 0, again.output
+    rows = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
+    assert rows[0] == first_rows and first_rows["state"] == "complete"  # resumed: trial 0 kept as it was
+    assert [r["state"] for r in rows if r["state"] != "duplicate"] == ["complete", "complete"]  # and one more
+    import optuna
+    import timm
+
+    from retrofit.sweep.tune.storage import open_storage
+    from retrofit.sweep.tune.study import IDENTITY, model_identity
+
+    torch.manual_seed(100)  # --search-seed's default
+    reference = timm.create_model("test_resnet", num_classes=3)
+    stored = optuna.load_study(study_name="tune", storage=open_storage(tmp_path / "out" / "study.journal"))
+    assert stored.user_attrs[IDENTITY]["model"]["value"]["weights"] == model_identity(reference,
+                                                                                      (3, SIZE, SIZE))["weights"]
+
+
+def test_a_recipe_that_fails_teaches_the_sampler_and_is_never_trained_again(tuned, tmp_path):
+    """Random weights (timm's zero_init_last): at the standard position no block gets a gradient, so those
+    recipes fail; identity and post sit off the zeroed branch. A failed trial is stored as the sampler can
+    learn from it (PRUNED with a violated constraint: Optuna's samplers skip FAIL trials), it does not count,
+    and its recipe is never fine-tuned again."""
+    calls = []
+    real = ablation_module.finetune
+
+    def recording(model, *args, **kwargs):
+        calls.append(json.dumps(retrofit.get_info(model).recipe.to_dict(), sort_keys=True))
+        return real(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ablation_module, "finetune", recording)
+        result = runner.invoke(app, weightless(tmp_path, tuned["data"], "--position", "standard,identity,post",
+                                               "-r", "4,16", "--stages", "all,4+5", "--trials", "4", "--json",
+                                               str(tmp_path / "t.json")))
+    assert result.exit_code == 0, result.output
+    trials = json.loads((tmp_path / "t.json").read_text())["trials"]
+    failed = [t for t in trials if t["state"] == "failed"]
+    assert failed and {t["recipe"]["position"] for t in failed} == {"standard"}, [t["state"] for t in trials]
+    assert all(t["reason"].startswith("nothing trainable got a gradient") for t in failed)
+    assert sum(t["state"] in ("complete", "pruned") for t in trials) == 4
+    assert len(calls) == len(set(calls))  # no recipe fine-tuned twice, failed ones included
+    import optuna
+    from optuna.trial import TrialState
+
+    from retrofit.sweep.tune.storage import open_storage
+
+    study = optuna.load_study(study_name="tune", storage=open_storage(tmp_path / "out" / "study.journal"))
+    for t in failed:
+        frozen = study.trials[t["number"]]
+        assert frozen.state == TrialState.PRUNED and frozen.constraints == {"failed": 1.0}
+
+
+@pytest.fixture(scope="module")
+def on_postgres(tuned, postgres):
+    """A short tune whose study is on the PostgreSQL server."""
+    url = postgres.database()
+    args = ["tune", *model_args(tuned["tmp"]), "--data", str(tuned["data"]), "-r", "4,16", *TRAIN[:-2], "--epochs", "1",
+            "--trials", "1", "--finalists", "0", "--storage", url, "-o", str(tuned["tmp"] / "pg")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return url, args
+
+
+@pytest.mark.parametrize("part", ["space", "data", "model"])
+def test_a_resumed_study_on_postgresql_must_be_the_same_search(tuned, tmp_path, on_postgres, no_training, part):
+    url, args = on_postgres
+    args = list(args)
+    if part == "space":
+        args[args.index("-r") + 1] = "2,4"
+    elif part == "data":
+        args[args.index("--data") + 1] = str(make_folder(tmp_path / "other", train=9))
+    else:
+        import timm
+        from conftest import randomize
+        save_model(randomize(timm.create_model("test_resnet", num_classes=5), seed=1), str(tmp_path / "m.safetensors"))
+        args[args.index("--checkpoint") + 1] = str(tmp_path / "m.safetensors")
+    one_error(runner.invoke(app, args), f"study 'tune' in {url} was started with another {part} (",
+              "use another --output-dir or --study")

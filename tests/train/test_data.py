@@ -37,9 +37,29 @@ def test_links_are_followed_once_and_nested_folders_belong_to_their_class(tmp_pa
     assert "reached again through a symbolic link" in result.stderr
     assert rows(tmp_path / "run")[-1]["train_images"] == 24
     with pytest.warns(RetrofitWarning, match="reached again"):
-        data = ImageFolderData.open(root, se_model(), (3, 32, 32))
+        data = ImageFolderData.open(root, se_model(), (3, 32, 32), augment=True)
     labels = {os.path.basename(p): data.classes[c] for p, c in data.train.reader.samples}
     assert labels["moved.png"] == "class2" and data.classes == ["class0", "class1", "class2"]
+
+
+def test_empty_class_folders_are_named_in_one_warning(tmp_path):
+    """Issue 22.6: empty class folders in train/ and val/ were dropped without a word (timm drops them);
+    now one warning names them, as undecodable images are named, and the run goes on without them."""
+    root = make_folder(tmp_path / "d", train=2, val=1)
+    for split, name in (("train", "cats"), ("val", "cats"), ("val", "dogs"), ("train", "dogs")):
+        (root / split / name).mkdir()
+    (root / "val" / "dogs" / "notes.txt").write_text("not an image")  # a folder without images is empty
+    with pytest.warns(RetrofitWarning) as caught:
+        data = ImageFolderData.open(root, se_model(), (3, 32, 32))
+    assert [str(w.message) for w in caught] == [
+        f"{root}: 4 empty class folder(s) skipped (no images): train/cats, train/dogs, val/cats, val/dogs"]
+    assert data.classes == ["class0", "class1", "class2"]
+    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
+    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(root), "-b", "6", "-j", "0", "--epochs", "1",
+                                 "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert [ln for ln in result.stderr.splitlines() if "empty class" in ln] == [
+        f"warning: {root}: 4 empty class folder(s) skipped (no images): train/cats, train/dogs, val/cats, val/dogs"]
 
 
 def test_what_cannot_be_trained_on_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 import copy
 import errno
 import hashlib
+import logging
 import warnings
 
 import pytest
@@ -35,8 +36,8 @@ def test_phase1_learns_and_keeps_the_backbone_bitwise(data):
     plain = plain_model()
     se = se_model(plain)
     before = {k: v.clone() for k, v in se.state_dict().items()}
-    se_keys = {k for b in se._retrofit.blocks for k in before if k.startswith(b.path + ".")}
-    assert len(se_keys) == 4 * len(se._retrofit.blocks) == 16  # fc1 and fc2, weight and bias, in each of 4
+    se_keys = {k for b in retrofit.get_info(se).blocks for k in before if k.startswith(b.path + ".")}
+    assert len(se_keys) == 4 * len(retrofit.get_info(se).blocks) == 16  # fc1 and fc2, weight and bias, in each of 4
     with warnings.catch_warnings():
         warnings.simplefilter("error", RetrofitWarning)
         result = retrofit.finetune(se, data, epochs=2, augment=False, restore_best=False, **FAST)
@@ -79,8 +80,7 @@ def test_a_model_that_reads_its_state_dict_version_gets_its_best_weights_back(da
     plain = randomize(torchvision.models.mnasnet0_5(num_classes=CLASSES))
     se = retrofit.add_se(plain, input_size=(3, SIZE, SIZE))
     retrofit.finetune(se, data, epochs=1, augment=False, output_dir=tmp_path / "run", **FAST)
-    best = retrofit.load(tmp_path / "run" / "best.safetensors",
-                         model=torchvision.models.mnasnet0_5(num_classes=CLASSES))
+    best = retrofit.load(tmp_path / "run" / "best.safetensors", base=torchvision.models.mnasnet0_5(num_classes=CLASSES))
     assert all(torch.equal(v, best.state_dict()[k]) for k, v in se.state_dict().items())
 
 
@@ -142,7 +142,7 @@ def test_cli_finetune_keeps_the_input_and_saves_the_best(data, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [line.split('"name": "')[1].split('"')[0] for line in lines] == ["original", "step 0", "epoch 1"]
     best = retrofit.load(out / "best.safetensors")
-    assert best._retrofit.recipe.r == 4
+    assert retrofit.get_info(best).recipe.r == 4
     again = runner.invoke(app, args)  # a second run must not clobber the first
     assert again.exit_code == 2 and "already holds a fine-tuning run" in again.output
     done = runner.invoke(app, args + ["--resume"])  # nothing left to do: the same table again
@@ -167,7 +167,7 @@ def test_add_se_finetune(data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Overhead" in result.output and "Fine-tuning results" in result.output
     assert sha(plain) == digest and (tmp_path / "se-add-se" / "train_state.pt").is_file()
-    assert retrofit.load(out)._retrofit.recipe.r == 4
+    assert retrofit.get_info(retrofit.load(out)).recipe.r == 4
     missing = runner.invoke(app, ["add-se", "test_resnet", "--finetune", str(data)])
     assert missing.exit_code == 2 and "--finetune needs --output" in missing.output
 
@@ -312,18 +312,39 @@ def test_resume_refuses_an_edited_ema_or_teacher_in_one_line(data, tmp_path, ent
         retrofit.finetune(se_model(), data, output_dir=tmp_path / "run", resume=True, **dict(opts, phase2_epochs=1))
 
 
-def test_the_epoch_hook_sees_each_row_draws_nothing_and_can_end_the_run(data, tmp_path):
-    """`on_epoch` (what `retrofit tune` reports to its pruner through): with it the rows are bitwise those
-    of a run without it; a true answer after epoch 1 of 3 ends there, with the first rows of the full run
-    (the schedule stays that of 3 epochs) and a run folder complete up to that epoch."""
+def test_the_epoch_hook_sees_each_row_draws_nothing_and_can_end_the_run(data, tmp_path, caplog):
+    """`on_event` (what `retrofit tune` reports to its pruner through): its `epoch` events carry the rows,
+    which are bitwise those of a run without it, and are logged on `retrofit.finetune`; a true answer after
+    epoch 1 of 3 ends there, with the first rows of the full run (the schedule stays that of 3 epochs) and a
+    run folder complete up to that epoch."""
     full = retrofit.finetune(se_model(), data, epochs=3, restore_best=False, **FAST)
     seen = []
-    watched = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
-                                on_epoch=lambda row: seen.append(row) and False, **FAST)
+    with caplog.at_level(logging.INFO, logger="retrofit"):
+        watched = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
+                                    on_event=lambda e: seen.append(e) and False, **FAST)
     assert watched.rows == full.rows
-    assert [r["name"] for r in seen] == ["epoch 1", "epoch 2", "epoch 3"] and seen == full.rows[2:]
-    stopped = retrofit.finetune(se_model(), data, epochs=3, restore_best=False, on_epoch=lambda row: row["epoch"] == 1,
-                                output_dir=tmp_path / "run", **FAST)
+    assert [(e.source, e.kind) for e in seen] == [("finetune", "epoch")] * 3
+    assert [e.data for e in seen] == full.rows[2:]
+    assert [r.message for r in caplog.records if r.name == "retrofit.finetune"] == [e.message for e in seen]
+    assert seen[0].message == f"epoch 1: top-1 {full.rows[2]['top1']:.2f}%, val loss {full.rows[2]['val_loss']:.4f}"
+    stopped = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
+                                on_event=lambda e: e.data["epoch"] == 1, output_dir=tmp_path / "run", **FAST)
     assert stopped.rows == full.rows[:3]
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 3 and not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_the_old_epoch_hook_and_positional_epochs_still_work_with_a_deprecation_warning(data):
+    """`on_epoch=` and `finetune(model, data, EPOCHS)` of earlier versions: the same run, and a
+    DeprecationWarning naming the new call (issue 23)."""
+    new = []
+    ran = retrofit.finetune(se_model(), data, epochs=2, restore_best=False,
+                            on_event=lambda e: new.append(e.data["name"]), **FAST)
+    old = []
+    with pytest.warns(DeprecationWarning, match="pass on_event=fn"):
+        legacy = retrofit.finetune(se_model(), data, epochs=2, restore_best=False,
+                                   on_epoch=lambda row: old.append(row["name"]), **FAST)
+    assert old == new == ["epoch 1", "epoch 2"] and legacy.rows == ran.rows
+    with pytest.warns(DeprecationWarning, match="pass epochs=EPOCHS"):
+        positional = retrofit.finetune(se_model(), data, 2, restore_best=False, **FAST)
+    assert positional.rows == ran.rows

@@ -72,3 +72,42 @@ def test_torchrun_accuracy_sweep_equals_one_process(tmp_path):
             continue
         assert x["top1_per_seed"] == y["top1_per_seed"], x["arm"]
         assert y["val_loss_per_seed"] == pytest.approx(x["val_loss_per_seed"], rel=1e-5), x["arm"]
+
+
+def test_a_process_that_dies_ends_the_others_with_one_error_line_and_resume_finishes(tmp_path):
+    """Rank 1 of a 2-process fine-tune killed after an epoch: rank 0 printed `internal error: RuntimeError:
+    [gloo] ... Connection closed by peer`. It must say what happened in one line; the run folder holds the
+    committed epochs, and the same command with --resume (two processes again) finishes the run."""
+    import signal
+    import time
+
+    from support import start_ranks
+
+    data = make_folder(tmp_path / "data")
+    ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "retrofit", "finetune", str(ckpt), "--data", str(data), "--output-dir", str(run),
+           "--epochs", "12", "-b", "8", "--lr", "0.01", "-j", "0", "--no-augment", "--device", "cpu"]
+    ranks = start_ranks(cmd, cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and ranks[0].poll() is None:
+        if (run / "metrics.jsonl").is_file() and '"epoch 1"' in (run / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.02)
+    ranks[1].send_signal(signal.SIGKILL)
+    out, err = ranks[0].communicate(timeout=120)
+    ranks[1].communicate(timeout=60)
+    committed = [r["name"] for r in rows(run / "metrics.jsonl")]
+    assert "epoch 12" not in committed, "the run ended before rank 1 was killed"
+    assert ranks[0].returncode == 2, err[-3000:]
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and errors[0].startswith("error: another process of this torchrun job died (") and (
+        errors[0].endswith(f"); {run} holds the epochs finished before it: the same command with --resume "
+                           f"continues")), err[-3000:]
+    assert "Traceback" not in err + out
+    again = start_ranks([*cmd, "--resume"], cwd=tmp_path)
+    done = [r.communicate(timeout=300) for r in again]
+    assert [r.returncode for r in again] == [0, 0], done[0][1][-3000:]
+    names = [r["name"] for r in rows(run / "metrics.jsonl")]
+    assert names == ["original", "step 0", *[f"epoch {i}" for i in range(1, 13)]]  # each epoch once, in order
+    retrofit.load(run / "last.safetensors")

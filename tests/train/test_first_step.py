@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import retrofit
 from retrofit import RetrofitError, RetrofitWarning
 from retrofit.cli import app
+from retrofit.surgery.info import update_info
 from support import FAST, SIZE, make_folder, one_error_line
 
 runner = CliRunner()
@@ -68,7 +69,7 @@ def test_blocks_off_the_zeroed_branch_learn_without_a_word(data):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RetrofitWarning)
         retrofit.finetune(se, data, epochs=1, restore_best=False, **FAST)
-    for b in se._retrofit.blocks:
+    for b in retrofit.get_info(se).blocks:
         for name, p in se.get_submodule(b.path).named_parameters(prefix=b.path):
             assert not torch.equal(p, before[name]), name
 
@@ -85,7 +86,7 @@ def test_random_weights_are_said_and_recorded(data, tmp_path):
     assert notes == ["note: resnet10t has random weights (no --checkpoint or --pretrained): its sites and costs hold "
                      "for any weights, but a fine-tune of it is only a demonstration"]
     assert retrofit.files.header.read_header(out).weights == "random"
-    assert retrofit.load(out)._retrofit.weights == "random"
+    assert retrofit.get_info(retrofit.load(out)).weights == "random"
     result = runner.invoke(app, ["finetune", str(out), "--data", str(data), "-b", "8", "-j", "0"])
     assert "nothing trainable got a gradient" in one_error_line(result)
     assert "note: this model's weights are random (recorded in its file" in result.output
@@ -104,7 +105,7 @@ def test_a_phase_2_fine_tune_records_trained_weights_and_older_files_load(data, 
     from retrofit.files.provenance import look_random
 
     se = fresh(zero_init_last=False)  # nothing dead in phase 2 either: no warning
-    se._retrofit.weights = "random"  # as add-se records it
+    update_info(se, weights="random")  # as add-se records it
     with warnings.catch_warnings():
         warnings.simplefilter("error", RetrofitWarning)
         retrofit.finetune(se, data, epochs=1, phase2_epochs=1, output_dir=tmp_path / "run", **FAST)
@@ -115,7 +116,7 @@ def test_a_phase_2_fine_tune_records_trained_weights_and_older_files_load(data, 
     older = {k: v for k, v in meta.items() if k != "weights"}  # as retrofit wrote files before the key
     save_file(tensors, str(tmp_path / "older.safetensors"), metadata=older)
     again = retrofit.load(tmp_path / "older.safetensors")
-    assert again._retrofit.weights == "" and torch.equal(again.fc.weight, se.fc.weight)
+    assert retrofit.get_info(again).weights == "" and torch.equal(again.fc.weight, se.fc.weight)
     assert not look_random(again) and look_random(timm.create_model("resnet10t"))  # the guess for such files
     save_file(tensors, str(tmp_path / "odd.safetensors"), metadata={**meta, "weights": json.dumps({"x": 1})})
     with pytest.raises(RetrofitError, match="metadata 'weights' is '{\"x\": 1}', not one of random, pretrained"):

@@ -58,7 +58,7 @@ def test_distillation_and_smoothing_loss_is_the_hand_computation(data):
 
 
 def test_mixup_mixes_images_and_labels_and_an_odd_last_image_stays():
-    objective = Objective(classes=3, mixup=1.0)
+    objective = Objective(classes=3, smoothing=0.0, mixup=1.0, cutmix=0.0, distill=0.0, temperature=1.0)
     np.random.seed(0)
     x = torch.randn(5, 3, 4, 4)
     y = torch.tensor([0, 1, 2, 0, 1])

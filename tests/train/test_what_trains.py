@@ -23,7 +23,7 @@ def test_finetune_names_a_new_head_for_data_with_other_classes(tmp_path):
     ckpt = retrofit.save(model, tmp_path / "se.safetensors")
     line = said(runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "-b", "8", "-j", "0",
                                     "-o", str(tmp_path / "run")]))
-    blocks = sum(p.numel() for b in model._retrofit.blocks for p in model.get_submodule(b.path).parameters())
+    blocks = sum(p.numel() for b in retrofit.get_info(model).blocks for p in model.get_submodule(b.path).parameters())
     head = 3 * model.get_classifier().in_features + 3  # the new 3-class linear layer, weights and biases
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("fc.")) + head
     assert line.startswith("phase 1, 1 epoch(s): SE blocks, new 3-class head train, the rest is frozen")

@@ -12,7 +12,8 @@
 * **Jobs**: every (finalist or control, seed) run is a job of the study ``NAME:final`` in the same store,
   run once over every process (:func:`.claim.run_jobs`); each job keeps its result rows in the store and
   every process builds the same table from it (:func:`retrofit.sweep.ablation.control_rows`, ``with_stats``,
-  ``pareto``, ``verdict``). The job of a finalist's first seed saves that model, for the winner's file.
+  ``pareto``, ``verdict``). A job whose run failed, or whose process died too often, is a row with its
+  reason. The job of a finalist's first seed saves that model, for the winner's file.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from optuna.trial import TrialState
 
 from ...files.checkpoint import save
 from ...surgery.recipe import Recipe
+from ...train.distributed import PeerLost
 from ..ablation import CONTROL_OPTIONS, control_rows, failure, pareto, with_stats
 from ..rows import SweepRow
-from .claim import run_jobs
+from .claim import job_failure, run_jobs
 from .limits import recipe_cost
 from .objective import Search
 from .space import Candidate, canonical
@@ -51,7 +53,7 @@ def finalists(trials, k: int) -> list:
 
 def control_settings(search: Search, chosen: list) -> list[dict[str, Any]]:
     """The (lr, epochs) the controls run at: the tune's own, and each finalist's when they are searched."""
-    base = {"lr": search.train.get("lr", 1e-3), "epochs": search.epochs}
+    base = {"lr": search.config.lr, "epochs": search.epochs}
     settings = [] if search.space.lr is not None else [base]
     for t in chosen:
         searched = t.user_attrs.get("train") or {}
@@ -81,6 +83,8 @@ def run_job(search: Search, study, trial, key: str, seeds: list[int], out: Path 
     search.voice.send(("job", key, recipe, searched, options))
     try:
         result = search.run(f"job {key}", recipe, searched, job["seed"], **options)
+    except PeerLost:
+        raise
     except Exception as err:  # noqa: BLE001 - a failed run: its row says why
         trial.set_user_attr("failed", failure(err))
         return 0.0
@@ -94,8 +98,13 @@ def run_job(search: Search, study, trial, key: str, seeds: list[int], out: Path 
 
 
 def follow_job(search: Search, key: str, recipe, searched, options) -> None:
-    """A rank other than 0: run the job rank 0 sent."""
-    search.run(f"job {key}", recipe, searched, json.loads(key)["seed"], **dict(options))
+    """A rank other than 0: run the job rank 0 sent (a failed run fails on rank 0 too, which records it)."""
+    try:
+        search.run(f"job {key}", recipe, searched, json.loads(key)["seed"], **dict(options))
+    except PeerLost:
+        raise
+    except Exception:  # noqa: BLE001 - rank 0 has the same failure, and records it
+        pass
 
 
 def _job_plan(search: Search, study, job: dict) -> tuple[Recipe | None, dict, dict]:
@@ -126,7 +135,7 @@ def finish_rows(search: Search, chosen: list, seeds: list[int], jobs: dict[str, 
         for arm in CONTROL_OPTIONS:
             name = arm_name(arm, s, several)
             runs = [jobs[canonical({"kind": "control", "arm": arm, **s, "seed": seed})] for seed in seeds]
-            failed = next((r.user_attrs["failed"] for r in runs if "failed" in r.user_attrs), None)
+            failed = next((job_failure(r) for r in runs if job_failure(r)), None)
             controls[name] = failed if failed else [r.user_attrs["result"] for r in runs]
             if several:
                 notes[name] = f"{arm}: lr {s['lr']:.2e}, {s['epochs']} epochs"
@@ -134,7 +143,7 @@ def finish_rows(search: Search, chosen: list, seeds: list[int], jobs: dict[str, 
     for t in chosen:
         runs = [jobs[canonical({"kind": "finalist", "trial": t.number, "seed": seed})] for seed in seeds]
         row = finalist_row(search, t)
-        failed = next((r.user_attrs["failed"] for r in runs if "failed" in r.user_attrs), None)
+        failed = next((job_failure(r) for r in runs if job_failure(r)), None)
         if failed:
             rows.append(dataclasses.replace(row, seeds=tuple(seeds), note=f"fine-tune failed: {failed}"))
         else:

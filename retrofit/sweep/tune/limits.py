@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import RetrofitError
+from ...errors import RetrofitError, excerpt
 from ...measure.latency import measure_latency
 from ...measure.overhead import ModelCost, Overhead, planned_overhead
 from ...surgery.prepare import prepare
@@ -50,7 +50,7 @@ def parse_limit(option: str, text: Any) -> Limit | None:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise RetrofitError(f"{option}: give a count (50000) or a share of the model (2%), got {raw!r}")
+        raise RetrofitError(f"{option}: give a count (50000) or a share of the model (2%), got {excerpt(raw)}")
     return Limit(option, value, percent)
 
 
@@ -63,7 +63,8 @@ def parse_latency(text: Any) -> float | None:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise RetrofitError(f"--max-latency: give a ratio to the original's forward time, e.g. 1.10, got {text!r}")
+        raise RetrofitError("--max-latency: give a ratio to the original's forward time, e.g. 1.10, got "
+                            f"{excerpt(text)}")
     return value
 
 

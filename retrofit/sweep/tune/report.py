@@ -7,7 +7,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from .workers import RETRY_OF, SURPLUS, WORKER
+from .workers import FAILED, SURPLUS, WORKER, gave_up, retry_of
 
 STATES = ("complete", "pruned", "skipped", "duplicate", "failed", "running", "waiting")
 
@@ -27,8 +27,8 @@ def trial_row(t, epochs: int) -> dict[str, Any]:
            "added_params": a.get("added_params"), "params_percent": a.get("params_percent"),
            "added_macs": a.get("added_macs"), "macs_percent": a.get("macs_percent"), "blocks": a.get("blocks"),
            "latency": a.get("latency"), "epochs": len(t.intermediate_values),
-           "planned_epochs": epochs + train.get("phase2_epochs", 0), "top1": _top1(t), "reason": a.get("reason"),
-           "duplicate_of": a.get("duplicate_of"), "retry_of": a.get(RETRY_OF),
+           "planned_epochs": epochs + train.get("phase2_epochs", 0), "top1": _top1(t),
+           "reason": a.get("reason") or gave_up(t), "duplicate_of": a.get("duplicate_of"), "retry_of": retry_of(t),
            "host": (a.get(WORKER) or {}).get("host"), "rows": a.get("rows")}
     return row
 
@@ -39,6 +39,8 @@ def _state(t) -> str:
     if t.state == TrialState.PRUNED:
         if "duplicate_of" in t.user_attrs:
             return "duplicate"
+        if t.user_attrs.get(FAILED):  # stored PRUNED so that the sampler learns from it (.claim.failed)
+            return "failed"
         return "pruned" if "rows" in t.user_attrs else "skipped"
     return {TrialState.FAIL: "failed", TrialState.RUNNING: "running"}.get(t.state, "waiting")
 
@@ -60,7 +62,7 @@ def trial_line(row: dict[str, Any]) -> str:
     if row["top1"] is not None:
         parts.append(f"top-1 {row['top1']:.2f}%")
     state = row["state"]
-    end = {"duplicate": f"= trial {row['duplicate_of']} (same recipe)",
+    end = {"duplicate": f"= trial {row['duplicate_of']} (same recipe{', which failed' if row['reason'] else ''})",
            "skipped": row["reason"] or "skipped",
            "failed": f"failed ({row['reason'] or 'its process is gone'})"}.get(state, state)
     if row["retry_of"] is not None:

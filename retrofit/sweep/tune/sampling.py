@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from ...errors import RetrofitError
+from ...errors import RetrofitError, excerpt
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "sha", "none")
@@ -31,11 +31,14 @@ ETA = 3  # reduction factor of both pruners
 
 
 def quiet() -> None:
-    """Optuna's INFO lines off (a study created, each trial finished: the tune prints its own) and its
-    experimental/deprecation warnings, by message: on Python < 3.12 a deprecation warning is attributed to
-    the caller's module, so a ``module="optuna"`` filter lets it through. Its WARNING lines stay."""
+    """Optuna's INFO lines off (a study created, each trial finished: the tune prints its own), its
+    experimental/deprecation warnings and its warning that the RDB heartbeat is meant for ``optimize()``, by
+    message: on Python < 3.12 a deprecation warning is attributed to the caller's module, so a
+    ``module="optuna"`` filter lets it through. Its WARNING lines stay."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # the RDB heartbeat outside optimize(): .workers runs it for ask() and tell() on purpose
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(deprecated|removed) in v\d")
 
 
@@ -48,7 +51,7 @@ def brackets(epochs: int, pruner: str) -> int:
 
 def make_pruner(name: str, epochs: int):
     if name not in PRUNERS:
-        raise RetrofitError(f"--pruner: unknown value {name!r}; allowed: {', '.join(PRUNERS)}")
+        raise RetrofitError(f"--pruner: unknown value {excerpt(name)}; allowed: {', '.join(PRUNERS)}")
     if name == "none" or epochs < 2:  # one epoch: nothing to stop early
         return optuna.pruners.NopPruner()
     if name == "sha":
@@ -64,7 +67,7 @@ def init_pruner(study, pruner) -> None:
 
 def make_sampler(name: str, seed: int, trials: int, epochs: int, pruner: str):
     if name not in SAMPLERS:
-        raise RetrofitError(f"--sampler: unknown value {name!r}; allowed: {', '.join(SAMPLERS)}")
+        raise RetrofitError(f"--sampler: unknown value {excerpt(name)}; allowed: {', '.join(SAMPLERS)}")
     if name == "random":
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     startup = min(10, max(2, trials // (3 * brackets(epochs, pruner))))

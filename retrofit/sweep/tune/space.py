@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ...blocks.attention import ATTENTIONS
 from ...blocks.config import DEFAULTS, BlockConfig
-from ...errors import RecipeError, RetrofitError
+from ...errors import RecipeError, RetrofitError, excerpt
 from ...graph.model import model_name
+from ...inputs import read_yaml
 from ...surgery.plan import require_stages
 from ...surgery.recipe import Recipe
 from ...surgery.recipe_fields import StageMap
@@ -248,35 +247,31 @@ def parse_lr(value: Any) -> tuple[float | None, tuple[float, float] | None]:
     if isinstance(value, Mapping):
         extra = set(value) - {"low", "high"}
         if extra or len(value) != 2:
-            raise RetrofitError(f"--lr: a range is {{low: ..., high: ...}}, got {dict(value)!r}")
+            raise RetrofitError(f"--lr: a range is {{low: ..., high: ...}}, got {excerpt(dict(value))}")
         value = f"{value['low']}:{value['high']}"
     text = str(value).strip()
     try:
         parts = [float(p) for p in text.split(":")]
     except ValueError:
-        raise RetrofitError(f"--lr: give a rate (1e-3) or a range low:high (1e-4:1e-1), got {text!r}") from None
-    if (len(parts) > 2 or any(not math.isfinite(p) or p <= 0 for p in parts)
-            or (len(parts) == 2 and parts[0] >= parts[1])):
+        raise RetrofitError(f"--lr: give a rate (1e-3) or a range low:high (1e-4:1e-1), got {excerpt(text)}") from None
+    unordered = len(parts) == 2 and parts[0] >= parts[1]
+    if len(parts) > 2 or any(not math.isfinite(p) or p <= 0 for p in parts) or unordered:
         raise RetrofitError(f"--lr: give a positive rate (1e-3) or a range low:high with low < high (1e-4:1e-1), "
-                            f"got {text!r}")
+                            f"got {excerpt(text)}")
     return (parts[0], None) if len(parts) == 1 else (None, (parts[0], parts[1]))
 
 
 def load_space(path: Path, base: Recipe) -> tuple[Space, float | None]:
-    """A space from a YAML file (the keys of :data:`KEYS`; read with ``yaml.safe_load``), and its fixed
-    learning rate if it gives one; every error names the file."""
-    origin = f"--space {path}"
-    try:
-        data = yaml.safe_load(Path(path).expanduser().read_text())
-    except OSError as err:
-        raise RetrofitError(f"{origin}: cannot read it ({err.strerror})") from None
-    except yaml.YAMLError:
-        raise RetrofitError(f"{origin}: not valid YAML; fix the file") from None
+    """A space from a YAML file (the keys of :data:`KEYS`; read by :func:`retrofit.inputs.read_yaml`:
+    bounded size and depth, no aliases), and its fixed learning rate if it gives one; every error names
+    the file."""
+    origin = f"--space {excerpt(path, bare=True)}"
+    data = read_yaml(path, "--space")
     if not isinstance(data, Mapping) or not data:
         raise RetrofitError(f"{origin}: expected a mapping of axes, e.g. 'position: [standard, identity]'")
     unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise RetrofitError(f"{origin}: unknown key {unknown[0]!r}; the keys are {', '.join(KEYS)}")
+        raise RetrofitError(f"{origin}: unknown key {excerpt(unknown[0])}; the keys are {', '.join(KEYS)}")
     try:
         fixed_lr = parse_lr(data.get("lr"))[0]
         return parse_space(base, **{k: v for k, v in data.items()}), fixed_lr
@@ -288,7 +283,7 @@ def _stage(key: Any) -> int:
     try:
         return int(str(key).strip())
     except ValueError:
-        raise RetrofitError(f"--r: a per-stage mapping's keys are stage numbers, got {key!r}") from None
+        raise RetrofitError(f"--r: a per-stage mapping's keys are stage numbers, got {excerpt(key)}") from None
 
 
 def _stage_ratio(base: Recipe):
@@ -303,7 +298,7 @@ def _epochs(value: Any) -> int:
     try:
         n = int(str(value).strip())
     except ValueError:
-        raise RecipeError(f"phase-2 epochs are whole numbers >= 0, got {value!r}") from None
+        raise RecipeError(f"phase-2 epochs are whole numbers >= 0, got {excerpt(value)}") from None
     if n < 0 or str(n) != str(value).strip():
-        raise RecipeError(f"phase-2 epochs are whole numbers >= 0, got {value!r}")
+        raise RecipeError(f"phase-2 epochs are whole numbers >= 0, got {excerpt(value)}")
     return n

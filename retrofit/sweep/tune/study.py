@@ -17,7 +17,7 @@ import optuna
 import torch
 from optuna.study import StudyDirection
 
-from ...errors import RetrofitError
+from ...errors import RetrofitError, excerpt
 from ...graph.model import model_name
 from ...train.data import ImageFolderData
 from .sampling import init_pruner
@@ -50,16 +50,18 @@ def identity(**parts: dict[str, Any]) -> dict[str, Any]:
             for part, value in parts.items()}
 
 
-def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str, Any]):
+def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str, Any],
+               hints: dict[str, str] | None = None):
     """The study ``name`` in ``storage`` (``where`` names it in messages): created, or resumed when its
-    identity is ``ident``; one error otherwise."""
+    identity is ``ident``; one error otherwise (with ``hints[part]``, what may have made that part differ)."""
     try:  # an existing study is loaded first: creating one appends to the journal even when it exists
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
     if study.direction != StudyDirection.MAXIMIZE:
-        raise RetrofitError(f"study '{name}' in {where} minimizes its value: it is not a retrofit tune; use another "
+        raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} minimizes its value: it is not a "
+                            "retrofit tune; use another "
                             f"--study or --output-dir")
     stored = study.user_attrs.get(IDENTITY)
     if stored is None:  # a new study (or its creator died before this): ours; a second creator's write wins
@@ -68,9 +70,10 @@ def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str,
     for part, mine in ident.items():
         theirs = stored.get(part, {})
         if theirs.get("sha") != mine["sha"]:
-            raise RetrofitError(f"study '{name}' in {where} was started with another {part} "
-                                f"({difference(theirs.get('value'), mine['value'])}); resume it with the same "
-                                f"{part}, or use another --output-dir or --study")
+            hint = (hints or {}).get(part)
+            raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} was started with another {part} "
+                                f"({difference(theirs.get('value'), mine['value'])}{'; ' + hint if hint else ''}); "
+                                f"resume it with the same {part}, or use another --output-dir or --study")
     init_pruner(study, pruner)
     return study
 
