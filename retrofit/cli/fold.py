@@ -73,8 +73,7 @@ def fold_command(
     if any(p is not None and output.expanduser().resolve() == p.expanduser().resolve() for p in (checkpoint, base)):
         raise RetrofitError(f"--output {output} is an input file; input weights are never overwritten, choose another")
     model = load(checkpoint, base=base, force=force)
-    result = fold(model, data, tolerance=tolerance, blocks=globs(blocks), images=images,
-                  batch_size=config.batch_size, workers=config.workers, device=config.device)
+    result = fold(model, data, tolerance=tolerance, blocks=globs(blocks), images=images, config=config)
     timing = None
     if latency:
         with rounds_bar("timing the unfolded and the folded model, in turns", quiet=json_path == "-") as bar:

@@ -48,7 +48,7 @@ def inspect_command(
     if plot is not None:
         check_writable(plot)
     report = inspect(load(checkpoint, base=base, force=force), data, images=images, output_change=output_change,
-                     batch_size=config.batch_size, workers=config.workers, device=config.device)
+                     config=config)
     chosen = None
     if plot_blocks is not None:
         chosen = [b for b in report.blocks if any(matches(b.path, g) for g in globs(plot_blocks))]

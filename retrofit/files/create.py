@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, excerpt
 from ..events import OnEvent
 from ..graph.model import model_name
 from ..measure.latency import Timing, measure_latency
@@ -150,7 +150,7 @@ def _classes(num_classes: int | str | None) -> int | None:
         return None
     text = str(num_classes).strip()
     if isinstance(num_classes, bool) or not text.isdigit():
-        raise RetrofitError(f"--num-classes must be a whole number, got {num_classes!r}")
+        raise RetrofitError(f"--num-classes must be a whole number, got {excerpt(num_classes)}")
     try:
         return whole_number(text, "num_classes")
     except ValueError as err:

@@ -91,7 +91,7 @@ def read_config(path: Path) -> dict[str, Any]:
         if key not in CONFIG_KEYS:
             raise bad(f"key {excerpt(key)} is not one retrofit writes ({', '.join(CONFIG_KEYS)})")
     if config.get("format") != CONFIG_FORMAT:
-        raise bad(f"'format' is {excerpt(config.get('format'))}, not {CONFIG_FORMAT!r}")
+        raise bad(f"'format' is {excerpt(config.get('format'))}, not '{CONFIG_FORMAT}'")
     if config.get("kind") not in ("model", "adapter"):
         raise bad(f"'kind' is {excerpt(config.get('kind'))}, not 'model' or 'adapter'")
     if ("base" in config) != (config["kind"] == "adapter"):

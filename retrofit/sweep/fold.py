@@ -38,6 +38,7 @@ from ..measure.overhead import Overhead, compare, cost
 from ..surgery.fold import constant_scales, fold_scales, gates, info_of, require_gates
 from ..surgery.recipe_fields import matches
 from ..surgery.strip import strip
+from ..train.config import FinetuneConfig
 from ..train.data import ImageFolderData
 from ..train.inspect import Evaluator, open_images, read_gates
 
@@ -101,8 +102,8 @@ class FoldResult:
 
 
 def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, tolerance: float | None = None,
-         blocks: Sequence[str] | None = None, images: int | None = None, batch_size: int = 64, workers: int = 0,
-         device: str | None = None) -> FoldResult:
+         blocks: Sequence[str] | None = None, images: int | None = None, config: FinetuneConfig | None = None,
+         **options: Any) -> FoldResult:
     """Fold the channel gates of ``model`` that learnt (almost) a constant into constant scales.
 
     Args:
@@ -113,7 +114,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         tolerance: points of val top-1 the folded model may lose (0 to 100); default 0: only the
             input-independent gates (exact). See the module docstring for the search and its cost.
         blocks: globs of block paths (``layer4.*``): fold only these (all of them when ``tolerance`` is None).
-        images, batch_size, workers, device: as for :func:`retrofit.inspect`.
+        images, config, **options: as for :func:`retrofit.inspect` (``batch_size``, ``workers``, ``device``).
 
     Returns:
         A :class:`FoldResult`: the folded model (still a retrofit model: it saves, loads, fine-tunes,
@@ -131,6 +132,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         >>> retrofit.save(result.model, "folded.safetensors")
     """
     tolerance = check_tolerance(tolerance)
+    config = FinetuneConfig.build(config, **options)
     candidates = _candidates(model, blocks)
     target = copy.deepcopy(model)
     already = len(info_of(target).folds)  # folds of an earlier call stay; the report is of this one's
@@ -144,8 +146,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
     size = info_of(target).input_size
     base = cost(strip(target), size)
     before_cost = compare(base, cost(target, size))
-    opened = open_images(target, data, images=images, batch_size=batch_size, workers=workers,
-                         device=device) if data is not None else None
+    opened = open_images(target, data, config, images=images) if data is not None else None
     row, reports = (read_gates(target, opened)[:2]) if opened is not None else (None, [])
     local = {r.path: r for r in reports}
     if searching:

@@ -23,6 +23,7 @@ from ..blocks.excitation import input_independent
 from ..errors import RetrofitError, excerpt
 from ..measure.excitation import GateReport, Recorder, replaced
 from ..surgery.fold import gates, info_of, require_gates
+from .config import FinetuneConfig
 from .data import ImageFolderData, collate
 from .distributed import Dist, check_device
 from .evaluate import evaluate
@@ -76,21 +77,21 @@ class Evaluator:
         self.count += 1
         model.to(self.env.device)
         return evaluate(model, self.batches if batches is None else batches, classes=len(self.classes),
-                        env=self.env, progress=Progress(False), label=label, seen_bad=set(), root=self.data.root)
+                        env=self.env, progress=Progress(False), label=label, seen_bad=set(), root=self.data.root,
+                        channels_last=False)
 
 
-def open_images(model: nn.Module, data: str | Path | ImageFolderData, *, images: int | None = None,
-                batch_size: int = 64, workers: int = 0, device: str | None = None) -> Evaluator:
+def open_images(model: nn.Module, data: str | Path | ImageFolderData, config: FinetuneConfig, *,
+                images: int | None = None) -> Evaluator:
     """The val split of ``data`` (``images``: an evenly spaced subset of that many) for ``model``, whose
-    classifier must have the data's number of classes.
+    classifier must have the data's number of classes; read ``config.batch_size`` images at a time by
+    ``config.workers`` processes, on ``config.device``.
 
     Raises:
         RetrofitError: a bad folder, a data set with another number of classes than the model, a bad count.
     """
     if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
         raise RetrofitError(f"images must be a whole number >= 1, got {excerpt(images)}")
-    if batch_size < 1:
-        raise RetrofitError(f"batch_size must be at least 1, got {batch_size}")
     info = info_of(model)
     opened = data if isinstance(data, ImageFolderData) else \
         ImageFolderData.open(data, model, input_size=info.input_size, augment=False)
@@ -101,10 +102,10 @@ def open_images(model: nn.Module, data: str | Path | ImageFolderData, *, images:
     dataset = opened.val
     if images is not None and images < len(dataset):
         dataset = Subset(dataset, [int(i * len(opened.val) / images) for i in range(images)])
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate)
     if len(dataset) * 4 * math.prod(info.input_size) <= CACHE_BYTES:
         loader = list(loader)
-    env = Dist(device=check_device(device) if device is not None else
+    env = Dist(device=check_device(config.device) if config.device is not None else
                torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return Evaluator(opened, loader, env)
 
@@ -159,8 +160,7 @@ def output_changes(model: nn.Module, images: Evaluator, reports: list[GateReport
 
 
 def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int | None = None,
-            batch_size: int = 64, output_change: bool = True, workers: int = 0,
-            device: str | None = None) -> Inspection:
+            output_change: bool = True, config: FinetuneConfig | None = None, **options: Any) -> Inspection:
     """Read every channel gate of a retrofitted ``model`` on the val images of ``data``.
 
     Args:
@@ -169,10 +169,11 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
         data: a folder with ``train/<class>/*`` and ``val/<class>/*`` images (the one it was fine-tuned on),
             or an open :class:`~retrofit.train.data.ImageFolderData`.
         images: read an evenly spaced subset of this many val images (default: all).
-        batch_size: images per forward pass.
         output_change: also measure each gate's constancy at the model's output (one more pass per gate).
-        workers: data-loading processes.
-        device: ``cpu``, ``cuda`` or ``cuda:N`` (default: cuda when available).
+        config, **options: the evaluation reads three options of :class:`retrofit.FinetuneConfig`:
+            ``batch_size`` (images per forward pass), ``workers`` (data-loading processes) and ``device``
+            (``cpu``, ``cuda`` or ``cuda:N``; default: cuda when available); given as a config, keyword
+            arguments, or both (the keywords win).
 
     Returns:
         An :class:`Inspection`: per gate the stage, position, mean excitation, its spread across images and
@@ -191,7 +192,7 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
     """
     require_gates(model, "inspect")
     others = gates(model)[1]
-    opened = open_images(model, data, images=images, batch_size=batch_size, workers=workers, device=device)
+    opened = open_images(model, data, FinetuneConfig.build(config, **options), images=images)
     mode = model.training
     try:
         row, reports, logits = read_gates(model, opened, logits=output_change)

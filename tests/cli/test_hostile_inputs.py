@@ -55,9 +55,10 @@ def cases(tmp_path_factory):
         out.append((["add-se", "test_resnet", "--recipe", str(root / f"laughs_{key}.yaml")], ["uses an alias (*a0)"]))
     out.append((["tune", "test_resnet", "--space", str(root / "laughs_r.yaml"), "--data", str(data), "--trials", "1"],
                 ["uses an alias (*a0)"]))
-    for path, what in special_files(root / "st", ".safetensors").values():
+    for name, (path, what) in special_files(root / "st", ".safetensors").items():
         out.append((["add-se", "test_resnet", "--checkpoint", str(path)], [what]))
-        out.append((["finetune", str(path), "--data", str(data)], [what]))
+        folder = ["has no config.json: not a folder written by retrofit.save_pretrained"]  # a folder is a saved model
+        out.append((["finetune", str(path), "--data", str(data)], folder if name == "dir" else [what]))
     for path, what in special_files(root / "yaml", ".yaml").values():
         out.append((["add-se", "test_resnet", "--recipe", str(path)], [what]))
         out.append((["tune", "test_resnet", "--space", str(path), "--data", str(data), "--trials", "1"], [what]))

@@ -86,6 +86,7 @@ OTHER = {("measure/latency.py", "measure_latency", "seed"): "the seed of the tim
          ("sweep/check.py", "randomize", "seed"): "the seed of the random weights a check draws",
          ("blocks/attention.py", "build_attention", "device"): "a torch device to build the block on",
          ("blocks/se.py", "__init__", "device"): "a torch device to build the block on",
+         ("blocks/scale.py", "__init__", "device"): "a torch device to build a folded gate's channel scale on",
          ("cli/tune.py", "tune_command", "lr"): "tune's search axis (a range), its default from the field",
          ("cli/tune.py", "tune_command", "phase2_epochs"): "tune's search axis: None, not searched",
          ("sweep/tune/space.py", "parse_space", "lr"): "the search axis: None, not searched",

@@ -82,6 +82,10 @@ def test_a_special_file_is_named_for_what_it_is(saved, tmp_path, kind):
                        (lambda: retrofit.load(saved[1], base=path), "base")):
         with pytest.raises(RetrofitError) as caught:
             call()
+        if kind == "dir" and role != "checkpoint":  # a folder is what retrofit.save_pretrained writes (issue 23)
+            assert short(caught.value).startswith(f"{path} has no config.json: not a folder written by "
+                                                  f"retrofit.save_pretrained")
+            continue
         loop = " (a link that leads back to itself)" if kind == "loop" else ""
         assert short(caught.value) == f"{role} {path} {what}" + loop
 

@@ -117,7 +117,7 @@ def test_a_folded_model_saves_and_loads_full_and_as_an_adapter(tmp_path):
     rebuilt = retrofit.load(tmp_path / "adapter.safetensors", base=tmp_path / "plain.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(loaded(X), want) and torch.equal(rebuilt(X), want)
-    assert info_of(loaded).folds == [type(f)(f.path, f.into, f.neighbour) for f in info_of(folded).folds]
+    assert info_of(loaded).folds == tuple(type(f)(f.path, f.into, f.neighbour) for f in info_of(folded).folds)
 
 
 def test_fine_tune_trains_what_remains(data):

@@ -50,7 +50,7 @@ def test_empty_class_folders_are_named_in_one_warning(tmp_path):
         (root / split / name).mkdir()
     (root / "val" / "dogs" / "notes.txt").write_text("not an image")  # a folder without images is empty
     with pytest.warns(RetrofitWarning) as caught:
-        data = ImageFolderData.open(root, se_model(), (3, 32, 32))
+        data = ImageFolderData.open(root, se_model(), (3, 32, 32), augment=True)
     assert [str(w.message) for w in caught] == [
         f"{root}: 4 empty class folder(s) skipped (no images): train/cats, train/dogs, val/cats, val/dogs"]
     assert data.classes == ["class0", "class1", "class2"]

@@ -30,7 +30,7 @@ def trained_like(position="standard"):
 
 def val_images(model, root):
     data = ImageFolderData.open(root, model, input_size=(3, 32, 32), augment=False)
-    batches = list(data.val_loader(64))
+    batches = list(data.val_loader(64, workers=0))
     return torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches])
 
 
