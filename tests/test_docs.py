@@ -6,6 +6,7 @@ as a person or CI would build it: a warning, a broken cross-reference, a missing
 fails the build.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -97,11 +98,39 @@ def own_networks(namespace):
     """guides/own-networks.md (the tutorial): the names it promises exist and are what it says."""
     assert isinstance(namespace["se_gm"], torch.fx.GraphModule)
     assert type(namespace["plain"]) is namespace["Net"]
-    assert [b.path for b in namespace["se_inet"]._retrofit.blocks] == ["1.se", "2.se"]
+    assert [b.path for b in retrofit.get_info(namespace["se_inet"]).blocks] == ["1.se", "2.se"]
+
+
+def quickstart_files(folder):
+    """What quickstart.md's Python section reads: a resnet50 weights file and a 3-class data set."""
+    import timm
+    from safetensors.torch import save_file
+
+    from support import make_folder
+
+    save_file(timm.create_model("resnet50").state_dict(), folder / "my_resnet50.safetensors")
+    make_folder(folder / "data")
+
+
+def quickstart(namespace):
+    """quickstart.md (the README's Python API section until issue 25): what its comments promise."""
+    assert namespace["report"].added_params > 0
+    assert len(retrofit.get_info(namespace["again"]).blocks) == 2
+    assert len(namespace["gates"].blocks) == 8 and namespace["result"].evaluations >= 1
+
+
+def detection(namespace):
+    """guides/detection-segmentation.md: a torchvision detector retrofitted, run and trained."""
+    detector = retrofit.get_info(namespace["se_detector"])
+    assert len(detector.blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
+    assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])
 
 
 # the pages whose blocks leave results to check beyond their own asserts; each needs at least this many blocks
-CHECKS = {"guides/own-networks.md": (own_networks, 8)}
+CHECKS = {"guides/own-networks.md": (own_networks, 8), "quickstart.md": (quickstart, 2),
+          "guides/detection-segmentation.md": (detection, 1)}
+# the files a page's blocks read, made before they run (in the page's empty folder)
+FILES = {"quickstart.md": quickstart_files}
 PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")
                if "_build" not in p.parts and python_blocks(p))
 
@@ -118,6 +147,8 @@ def test_page_python_blocks_run(page, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    if page in FILES:
+        FILES[page](tmp_path)
     namespace = {"__name__": page}
     ran = run_python_blocks(DOCS / page, namespace, ROOT)
     check, least = CHECKS.get(page, (None, 1))
@@ -145,3 +176,36 @@ def test_recipe_help_is_written_once_and_shown_everywhere():
             assert add_se[f.name].help.startswith(text), f.name
     block = {f.name: f.metadata["help"] for f in dataclasses.fields(retrofit.blocks.config.BlockConfig)}
     assert all(retrofit.Recipe.__dataclass_fields__[name].metadata["help"] == text for name, text in block.items())
+
+
+def test_finetune_guide_inline_call_runs_as_written(tmp_path, monkeypatch):
+    """guides/finetune.md's one-line Python fine-tune (prose, not a python block), on a model whose blocks
+    learn, in a folder holding only data/: its output_dir's parents did not exist (issue 17, item 7)."""
+    from support import make_folder, se_model
+
+    text = (DOCS / "guides" / "finetune.md").read_text()
+    (call,) = set(re.findall(r"`(retrofit\.finetune\(model, [^`]*\))`", text))
+    assert 'output_dir="runs/se50"' in call
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "data")
+    namespace = {"retrofit": retrofit, "model": se_model(position="post")}
+    result = eval(compile(call, "guides/finetune.md", "eval"), namespace)
+    assert (tmp_path / "runs" / "se50" / "best.safetensors").is_file()
+    assert [r["name"] for r in result.rows] == ["original", "step 0", "epoch 1", "epoch 2"]
+
+
+def test_the_shown_add_se_run_is_a_fresh_runs_output():
+    """The run of the README's main job shown in quickstart.md (whole) and in the README (trimmed) is what
+    `retrofit add-se resnet101 --r 16 --position post` prints today, line for line (on the meta device:
+    seconds). The README's one line of its own says what it left out."""
+    done = subprocess.run([str(Path(sys.executable).with_name("retrofit")), "add-se", "resnet101", "--r", "16",
+                           "--position", "post"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    fresh = done.stdout.rstrip("\n").splitlines()
+    shown = re.search(r"## A first run\n.*?```\n(.*?)\n```", (DOCS / "quickstart.md").read_text(), flags=re.S)
+    assert shown.group(1).splitlines() == fresh
+    trimmed = re.search(r"## One run\n.*?```\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    own = [line for line in trimmed.group(1).splitlines() if line not in fresh]
+    assert own == ["... (one row per block, folded per stage: layer1.0.se_post ... layer4.2.se_post)"]
+    assert len(trimmed.group(1).splitlines()) >= 25
