@@ -5,6 +5,7 @@ installs it when it is missing). Both refuse to run as root, so as root they run
 (`runuser`), in a temporary folder that user can read. The server listens on a free port of 127.0.0.1 only,
 trusts local connections, skips fsync (a throwaway), and is stopped with `pg_ctl -m fast` at the end of the
 session. Each test gets a database of its own. Its fixtures are registered for every test by tests/conftest.py.
+Without initdb the tests that need the server are skipped, reported as one line saying what to install.
 """
 import glob
 import os
@@ -72,6 +73,16 @@ class Postgres:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Without initdb every PostgreSQL test is skipped for the same reason: report them all at this file, so
+    that `-ra` folds them into one line (pytest puts a fixture's skip at each test's own line)."""
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and INSTALL in report.longrepr[2]:
+        report.longrepr = (__file__, None, report.longrepr[2])
+    return report
 
 
 @pytest.fixture(scope="session")
