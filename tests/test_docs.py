@@ -203,9 +203,9 @@ def test_the_shown_add_se_run_is_a_fresh_runs_output():
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     fresh = done.stdout.rstrip("\n").splitlines()
-    shown = re.search(r"## A first run\n.*?```\n(.*?)\n```", (DOCS / "quickstart.md").read_text(), flags=re.S)
+    shown = re.search(r"## A first run\n.*?```text\n(.*?)\n```", (DOCS / "quickstart.md").read_text(), flags=re.S)
     assert shown.group(1).splitlines() == fresh
-    trimmed = re.search(r"## One run\n.*?```\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    trimmed = re.search(r"## One run\n.*?```text\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
     own = [line for line in trimmed.group(1).splitlines() if line not in fresh]
     assert own == ["... (one row per block, folded per stage: layer1.0.se_post ... layer4.2.se_post)"]
     assert len(trimmed.group(1).splitlines()) >= 25
