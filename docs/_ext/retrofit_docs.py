@@ -39,6 +39,7 @@ LAYERS = {
     "measure": "Measuring",
     "files": "Saving and loading",
     "train": "Fine-tuning",
+    "events": "Progress events (on_event)",
     "sweep": "Sweeps and the recipe search",
     "errors": "Errors and warnings",
 }
