@@ -57,7 +57,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, adapter: bool = 
     ``model.safetensors`` (or, with ``adapter``, ``adapter_model.safetensors``) and ``README.md``, its card.
 
     Args:
-        model: a retrofitted model (:func:`retrofit.add_se`, :func:`retrofit.create_model`...).
+        model: a retrofitted model (:func:`retrofit.add_se`, ``retrofit.create_model``...).
         directory: the folder; files of a folder saved there before are replaced (the other kind's weights
             file too), other files are left alone.
         adapter: write only the inserted blocks, the base tensors that differ from the base and a new head,

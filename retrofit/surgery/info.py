@@ -128,7 +128,7 @@ class RetrofitInfo:
 
     @property
     def built(self) -> int:
-        """Blocks the recipe built: those still here and those folded into a neighbour."""
+        """The number of blocks the recipe built, those still here and those folded into a neighbour."""
         return len(self.blocks) + len(self.gone)
 
     def folded(self, path: str) -> Folded | None:

@@ -114,7 +114,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         tolerance: points of val top-1 the folded model may lose (0 to 100); default 0: only the
             input-independent gates (exact). See the module docstring for the search and its cost.
         blocks: globs of block paths (``layer4.*``): fold only these (all of them when ``tolerance`` is None).
-        images, config, **options: as for :func:`retrofit.inspect` (``batch_size``, ``workers``, ``device``).
+        images, config, options: as for :func:`retrofit.inspect` (``batch_size``, ``workers``, ``device``).
 
     Returns:
         A :class:`FoldResult`: the folded model (still a retrofit model: it saves, loads, fine-tunes,

@@ -83,8 +83,9 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, config: Finet
         RetrofitError: bad options or data, or a phase whose first step gives no trainable parameter a
             gradient (it would train nothing; :mod:`retrofit.train.gradients` says why and what to do).
             Tensors that get none while others do are named in one ``RetrofitWarning``.
-        PeerLost: under torchrun, another process of the job died (a ``RetrofitError``: one line, which
-            says that ``output_dir`` holds the epochs committed before it and ``resume=True`` continues).
+        retrofit.train.distributed.PeerLost: under torchrun, another process of the job died (a
+            ``RetrofitError``: one line, which says that ``output_dir`` holds the epochs committed before it and
+            ``resume=True`` continues).
 
     Example::
 

@@ -170,7 +170,7 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
             or an open :class:`~retrofit.train.data.ImageFolderData`.
         images: read an evenly spaced subset of this many val images (default: all).
         output_change: also measure each gate's constancy at the model's output (one more pass per gate).
-        config, **options: the evaluation reads three options of :class:`retrofit.FinetuneConfig`:
+        config, options: the evaluation reads three options of :class:`retrofit.FinetuneConfig`:
             ``batch_size`` (images per forward pass), ``workers`` (data-loading processes) and ``device``
             (``cpu``, ``cuda`` or ``cuda:N``; default: cuda when available); given as a config, keyword
             arguments, or both (the keywords win).
