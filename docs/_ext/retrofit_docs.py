@@ -40,6 +40,7 @@ LAYERS = {
     "files": "Saving and loading",
     "train": "Fine-tuning",
     "sweep": "Sweeps and the recipe search",
+    "events": "Progress events",
     "errors": "Errors and warnings",
 }
 
