@@ -47,7 +47,7 @@ class _Short(reprlib.Repr):
 
 
 def excerpt(value: object, limit: int | None = None, *, bare: bool = False) -> str:
-    """A short, escaped, one-line excerpt of ``value`` for a message that rejects it.
+    r"""A short, escaped, one-line excerpt of ``value`` for a message that rejects it.
 
     Text is cut to at most ``limit`` characters (its start and end kept, ``...`` between), every
     character that is not printable (a newline, a terminal escape) escaped, and put in quotes; any

@@ -41,6 +41,7 @@ LAYERS = {
     "train": "Fine-tuning",
     "events": "Progress events (on_event)",
     "sweep": "Sweeps and the recipe search",
+    "events": "Progress events",
     "errors": "Errors and warnings",
 }
 
