@@ -15,13 +15,13 @@ Example::
     >>> with retrofit.bypass(se_model):           # the original network, blocks switched off
     ...     logits = se_model(torch.randn(1, 3, 224, 224))
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
-    trainable parameters: 2,530,992 || all: 28,088,024 || 9.01%
-    >>> folder = retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
-    >>> again = retrofit.from_pretrained("se/")               # the same model again
-    >>> path = retrofit.save(se_model, "se.safetensors", adapter=True)   # one file: only the blocks (and what changed)
-
-After a fine-tune on your data, ``retrofit.inspect(tuned, "data/")`` says what each gate does there and
-``retrofit.fold(tuned, "data/", tolerance=0.5).model`` folds the gates that learnt a constant.
+    >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
+    >>> report = retrofit.inspect(se_model, "data/")  # what each gate does on the data (after a fine-tune)
+    >>> folded = retrofit.fold(se_model, "data/", tolerance=0.5).model   # gates that learnt a constant, folded
+    >>> retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
+    >>> retrofit.from_pretrained("se/")             # the same model again
+    >>> made = retrofit.create("resnet101", r=16)    # what `retrofit add-se resnet101 --r 16` computes
+    >>> report = retrofit.sweep_model("resnet50", r=[4, 16])   # `retrofit sweep`; tune_model: `retrofit tune`
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
 below (``lint-imports`` checks it; docs/contributing/architecture.md draws it):
@@ -79,6 +79,9 @@ _API: dict[str, str] = {
     "load": "files.checkpoint",
     "save_pretrained": "files.pretrained",
     "from_pretrained": "files.pretrained",
+    "create": "files.create",
+    "create_model": "files.create",
+    "Retrofitted": "files.create",
     "finetune": "train.finetune",
     "FinetuneResult": "train.result",
     "FinetuneConfig": "train.config",
@@ -88,7 +91,11 @@ _API: dict[str, str] = {
     "fold": "sweep.fold",
     "FoldResult": "sweep.fold",
     "sweep": "sweep.grid",
+    "sweep_model": "sweep.by_name",
+    "SweepReport": "sweep.by_name",
     "tune": "sweep.tune.api",
+    "tune_model": "sweep.tune.by_name",
+    "check_models": "sweep.check",
     "TuneResult": "sweep.tune.api",
     "RetrofitError": "errors",
     "RecipeError": "errors",
@@ -101,6 +108,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .errors import RecipeError, RetrofitError, RetrofitWarning
     from .events import Event
     from .files.checkpoint import load, save
+    from .files.create import Retrofitted, create, create_model
     from .files.pretrained import from_pretrained, save_pretrained
     from .measure.latency import measure_latency
     from .measure.overhead import Overhead, measure_overhead
@@ -112,9 +120,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .surgery.sites import Site, find_sites
     from .surgery.strip import strip
     from .surgery.trainable import Trainable, trainable_parameters
+    from .sweep.by_name import SweepReport, sweep_model
+    from .sweep.check import check_models
     from .sweep.fold import FoldResult, fold
     from .sweep.grid import sweep
     from .sweep.tune.api import TuneResult, tune
+    from .sweep.tune.by_name import tune_model
     from .train.config import FinetuneConfig
     from .train.finetune import finetune
     from .train.inspect import Inspection, inspect

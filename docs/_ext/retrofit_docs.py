@@ -39,7 +39,6 @@ LAYERS = {
     "measure": "Measuring",
     "files": "Saving and loading",
     "train": "Fine-tuning",
-    "events": "Progress events (on_event)",
     "sweep": "Sweeps and the recipe search",
     "events": "Progress events",
     "errors": "Errors and warnings",

@@ -20,10 +20,11 @@ parameter: it is 1 (no division) for ``init="paper"``, which is what timm's SE m
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-from timm.layers import SelectAdaptivePool2d, create_act_layer, register_notrace_module
+from timm.layers import SelectAdaptivePool2d, SEModule, create_act_layer, make_divisible, register_notrace_module
 from torch import nn
 
 
@@ -61,23 +62,48 @@ def _uninitialised_conv1x1(cin: int, cout: int, bias: bool, device, dtype) -> nn
     return conv
 
 
+def timm_width(channels: int, width: int | None, rd_ratio: float | None, rd_channels: int | None,
+               rd_divisor: int | None) -> int:
+    """The block's width: ``width``, or timm's ``SEModule`` rule on its arguments (``rd_channels`` if given
+    and non-zero, else ``make_divisible(channels * rd_ratio, rd_divisor, round_limit=0)`` with timm's
+    defaults, 1/16 and 8), by timm's own ``make_divisible``."""
+    timm_args = {k: v for k, v in (("rd_ratio", rd_ratio), ("rd_channels", rd_channels),
+                                   ("rd_divisor", rd_divisor)) if v is not None}
+    if width is not None:
+        if timm_args:
+            raise TypeError(f"SqueezeExcite: give width or timm's {', '.join(timm_args)}, not both")
+        return width
+    if rd_channels:
+        return rd_channels
+    timm_defaults = inspect.signature(SEModule).parameters  # timm's defaults, read from timm (1/16 and 8)
+    ratio = timm_defaults["rd_ratio"].default if rd_ratio is None else rd_ratio
+    divisor = timm_defaults["rd_divisor"].default if rd_divisor is None else rd_divisor
+    return make_divisible(channels * ratio, divisor, round_limit=0.0)
+
+
 @register_notrace_module  # a leaf for timm's and retrofit's fx tracers: the block is one node
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation: ``x * gate(fc2(act(fc1(squeeze(x))))) / gate_origin``.
 
     Args:
         channels: channels of the feature map it scales.
-        width: reduced width (``channels / r`` after rounding).
+        width: reduced width (``channels / r`` after rounding; a recipe's blocks get it from
+            :mod:`retrofit.blocks.config`). Or, as timm's ``SEModule`` takes it: ``rd_channels`` (the width),
+            else ``rd_ratio`` (default 1/16) rounded to a multiple of ``rd_divisor`` (default 8) by timm's
+            ``make_divisible``; so ``SqueezeExcite(C, rd_ratio=1/4)`` has ``SEModule(C, rd_ratio=1/4)``'s width
+            and state dict. ``width`` with one of them is an error: two widths.
         squeeze: ``avg`` or ``max`` global pooling.
         gate: name of the gate activation (see ``GATES``).
         bias: biases on ``fc1`` and ``fc2``.
         init: ``preserve`` (start as the identity) or ``paper`` (PyTorch's default init).
     """
 
-    def __init__(self, channels: int, width: int, *, squeeze: str = "avg", gate: str = "sigmoid",
-                 bias: bool = True, init: str = "paper", act_layer: type[nn.Module] = nn.ReLU,
+    def __init__(self, channels: int, width: int | None = None, *, rd_ratio: float | None = None,
+                 rd_channels: int | None = None, rd_divisor: int | None = None, squeeze: str = "avg",
+                 gate: str = "sigmoid", bias: bool = True, init: str = "paper", act_layer: type[nn.Module] = nn.ReLU,
                  device=None, dtype=None):
         super().__init__()
+        width = timm_width(channels, width, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
         self.channels, self.width = channels, width
         self.squeeze_type, self.gate_type = squeeze, gate

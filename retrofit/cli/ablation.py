@@ -49,7 +49,7 @@ def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
     fig, ax = pyplot.subplots(figsize=(7.5, 4.8))
 
     def x_of(row):
-        return (row.latency - 1) * 100 if latency else row.params_percent
+        return (row.latency.ratio - 1) * 100 if latency else row.params_percent
 
     for label, points in lines.items():
         points.sort(key=x_of)

@@ -25,9 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from typer.core import TyperGroup
 
-from ..errors import RetrofitError, excerpt, first_line
+from ..errors import RetrofitError, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
-from ..files.bounds import whole_number  # no torch
 from .options import recipe_option
 
 NB_HYPHEN = "\u2011"  # a non-breaking hyphen: textwrap does not break a word there
@@ -163,21 +162,6 @@ def fail_cleanly(fn):
                 f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", stderr=True)
             raise typer.Exit(3) from None
     return run
-
-
-def build_model(name: str, checkpoint: Path | None, pretrained: bool, num_classes: str | None):
-    # deferred: torch and timm load when a command runs, not for --help
-    from ..files.models import create_model
-
-    kwargs: dict[str, Any] = {}
-    if num_classes is not None:
-        if not num_classes.strip().isdigit():
-            raise RetrofitError(f"--num-classes must be a whole number, got {excerpt(num_classes)}")
-        try:  # before the head is built: a file of it could not be loaded either
-            kwargs["num_classes"] = whole_number(num_classes.strip(), "num_classes")
-        except ValueError as err:
-            raise RetrofitError(f"--num-classes: {err}") from None
-    return create_model(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
 
 
 def json_target(path: str | None) -> Path | None:

@@ -20,12 +20,6 @@ from ..blocks.help import BLOCK_HELP  # no torch
 from ..surgery.help import RECIPE_HELP  # no torch
 from ..train.config import FIELDS, FinetuneConfig, bounds_text, cli_default, kind
 
-# What one accuracy run of `sweep --data` or `tune` takes from the user; the sweep sets the seeds and what
-# trains itself, and each command adds its own epochs (and sweep its lr; tune's lr is a search axis)
-RUN_OPTIONS = ("phase2_lr", "batch_size", "augment", "workers", "device", "smoothing", "mixup", "cutmix",
-               "ema_decay", "clip_grad", "clip_mode", "backbone_lr_scale", "channels_last", "distill",
-               "distill_weight", "distill_temperature")
-
 
 def config_help(name: str, before: str = "", after: str = "") -> str:
     """Field ``name``'s help for a command: ``before`` (what it means there), the help, ``after``, and an open

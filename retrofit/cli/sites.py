@@ -3,19 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import (
-    AT,
-    INPUT_SIZE,
-    NUM_CLASSES,
-    app,
-    build_model,
-    console,
-    fail_cleanly,
-    json_target,
-    print_skipped,
-    say,
-    write_json,
-)
+from .common import AT, INPUT_SIZE, NUM_CLASSES, app, console, fail_cleanly, json_target, print_skipped, say, write_json
 
 
 @app.command("sites", short_help="List the sites the pass finds in a model.")
@@ -31,6 +19,7 @@ def sites_command(
     feature-pyramid merges (and, with --at, the outputs of the modules named); modules whose forward is
     kept as is, and what was skipped, with why."""
     # deferred: torch and timm load when a command runs, not for --help
+    from ..files.create import build_named
     from ..graph.model import model_name, resolve_input_size
     from ..measure.report import sites_by_stage, sites_json, sites_table
     from ..surgery.named import named_sites
@@ -39,7 +28,7 @@ def sites_command(
 
     globs = Recipe(at=at).at  # checked like the recipe field
     json_target(json_path)
-    net = build_model(model, None, False, num_classes)
+    net = build_named(model, num_classes=num_classes)
     found = scan(net, resolve_input_size(net, input_size))
     named = named_sites(found.traced, globs, model_name(net)) if globs else []
     if json_path != "-":

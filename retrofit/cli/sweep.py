@@ -9,7 +9,7 @@ import typer
 from ..errors import RetrofitError
 from ..measure.excitation_plot import PLOT_MISSING  # no torch
 from ..measure.fit import Col, FitTable  # rich only: no torch
-from ..train.config import DEFAULTS  # no torch
+from ..train.config import RUN_OPTIONS  # no torch
 from .ablation import accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy, save_figure
 from .common import (
     AT,
@@ -18,7 +18,6 @@ from .common import (
     NUM_CLASSES,
     PRETRAINED,
     app,
-    build_model,
     console,
     fail_cleanly,
     json_target,
@@ -28,7 +27,7 @@ from .common import (
     write_json,
 )
 from .finetune import is_main_process
-from .options import RUN_OPTIONS, finetune_options
+from .options import finetune_options
 
 
 @app.command("sweep", short_help="Sweep r x position x stages: overhead, latency, accuracy.")
@@ -88,56 +87,27 @@ def sweep_command(
     """
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.atomic import check_writable
-    from ..graph.model import model_name, resolve_input_size
-    from ..measure.meta import build_and_scan
-    from ..measure.overhead import count_params
     from ..surgery.recipe import resolve_recipe
-    from ..sweep.ablation import verdict
-    from ..sweep.grid import parse_axis, parse_stages, sweep
+    from ..sweep.by_name import sweep_model
 
     base = resolve_recipe(recipe, allow_wide=True if allow_wide else None, at=at)
-    ratios = parse_axis("r", r, lambda v: base.replace(r=v).r)
-    positions = parse_axis("position", position, lambda v: base.replace(position=v).position)
-    stage_sets = parse_axis("stages", stages, parse_stages)
-    if batch < 1 or runs < 1:
-        raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
-    epochs = config.epochs
-    if data is not None:
-        if epochs < 1 or seeds < 1:
-            raise RetrofitError(f"--epochs and --seeds must be at least 1, got {epochs} and {seeds}")
-        if config.device is not None:
-            from ..train.distributed import check_device  # deferred: torch loads when a command runs
-
-            check_device(config.device)  # before the model is built
-    elif epochs != DEFAULTS["epochs"] or seeds != 1:
-        raise RetrofitError("--epochs and --seeds set an accuracy sweep, which needs --data DIR")
     json_target(json_path)
     if plot is not None:
         plot = plot.expanduser()
         check_writable(plot)
         pyplot = import_pyplot()
-    real = latency or data is not None or checkpoint is not None or pretrained
-    net, found = build_and_scan(lambda: build_model(model, checkpoint, pretrained, num_classes), input_size,
-                                meta=not real)
-    size = found.traced.input_size
-    timing_size = resolve_input_size(net, latency_size) if latency_size is not None else size
     talk = json_path != "-" and is_main_process()
     with rounds_bar("timing each combination against the original, in turns", quiet=not latency or not talk) as bar:
-        rows = sweep(net, ratios, positions, stage_sets, recipe=base, input_size=size, latency=latency, batch=batch,
-                     latency_input_size=timing_size, runs=runs, found=found, data=data, seeds=seeds,
-                     config=config, on_event=progress(talk, bar))
-    name = model_name(net)
-    out = {"model": name, "input_size": list(size), "recipe": base.to_dict(),
-           "latency": {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None,
-           "accuracy": {"data": str(data), "epochs": epochs, "seeds": list(range(seeds)),
-                        "train": {name: getattr(config, name) for name in RUN_OPTIONS}}
-           if data is not None else None,
-           "base": {"params": count_params(net), "macs": found.macs},
-           "rows": [row.to_dict() for row in rows], "verdict": verdict(rows)}
+        report = sweep_model(model, r, position, stages, recipe=base, checkpoint=checkpoint, pretrained=pretrained,
+                             num_classes=num_classes, input_size=input_size, latency=latency, batch=batch,
+                             latency_input_size=latency_size, runs=runs, data=data, seeds=seeds, config=config,
+                             on_event=progress(talk, bar))
+    out = report.to_dict()
+    rows, name = report.rows, out["model"]
     if json_path != "-":
-        say((name, "bold"), f": {found.summary()} sites at input {'x'.join(map(str, size))}; "
+        say((name, "bold"), f": {report.scan.summary()} sites at input {'x'.join(map(str, report.input_size))}; "
             f"{plural(sum(row.arm == 'se' for row in rows), 'combination')}; other fields: {base.describe()}")
-        console().print(sweep_table(rows, latency, batch, timing_size))
+        console().print(sweep_table(rows, latency, batch, report.latency_input_size))
     if is_main_process():
         write_json(out, json_path)
     if plot is not None and is_main_process():
@@ -187,8 +157,8 @@ def sweep_table(rows, latency: bool, batch: int, size, title: str = "Sweep", not
             cells = [row.position, row.r_label, row.stages_label, str(row.blocks), _n(row.params),
                      _pct(row.params_percent), _n(row.macs), _pct(row.macs_percent)]
         if latency:
-            cells += ["" if row.latency is None else f"{row.latency:.3f}x" if row.latency_low is None
-                      else latency_cell(row.latency, row.latency_low, row.latency_high),
+            cells += ["" if row.latency is None else f"{row.latency.ratio:.3f}x" if row.latency_low is None
+                      else latency_cell(row.latency.ratio, row.latency_low, row.latency_high),
                       "" if row.latency_ms is None else f"{row.latency_ms:.1f}"]
         if accuracy:
             cells += accuracy_cells(row)
@@ -231,7 +201,7 @@ def draw(pyplot, rows, name: str, path: Path, latency: bool) -> None:
         points.sort(key=lambda p: x_of(p.r))
         xs = [x_of(p.r) for p in points]
         axes[0].plot(xs, [p.params_percent for p in points], marker="o", label=label)
-        ys = [(p.latency - 1) * 100 if latency else p.macs_percent for p in points]
+        ys = [(p.latency.ratio - 1) * 100 if latency else p.macs_percent for p in points]
         axes[1].plot(xs, ys, marker="o", label=label)
     for ax, title in zip(axes, ("parameters added (%)", "latency overhead (%)" if second == "latency"
                                 else "multiply-adds added (%)")):

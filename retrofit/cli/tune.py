@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import RetrofitError
-from ..train.config import DEFAULTS  # no torch
+from ..train.config import DEFAULTS, RUN_OPTIONS  # no torch
 from .ablation import control_lines, save_figure
 from .common import (
     CHECKPOINT,
@@ -16,7 +15,6 @@ from .common import (
     NUM_CLASSES,
     PRETRAINED,
     app,
-    build_model,
     console,
     fail_cleanly,
     json_target,
@@ -24,7 +22,7 @@ from .common import (
     write_json,
 )
 from .finetune import is_main_process
-from .options import RUN_OPTIONS, config_help, finetune_options
+from .options import config_help, finetune_options
 from .sweep import import_pyplot, sweep_table
 
 
@@ -115,75 +113,43 @@ def tune_command(
     """
     # deferred: torch, timm and Optuna load when the command runs, not for --help
     from ..files.atomic import check_writable
-    from ..measure.meta import build_and_scan
     from ..surgery.recipe import resolve_recipe
-    from ..sweep.tune.api import tune
-    from ..sweep.tune.space import load_space, parse_lr, parse_space
+    from ..sweep.tune.by_name import tune_model
+    from ..sweep.tune.space import space_from_options
 
     base = resolve_recipe(recipe)
-    fixed_lr, lr_range = parse_lr(lr)
-    axes = dict(position=position, r=r, stages=stages, module=module, gate=gate, squeeze=squeeze,
-                phase2_epochs=phase2_epochs)
-    if space is not None:
-        given = [f"--{k.replace('_', '-')}" for k,
-                 v in axes.items() if v is not None] + (["--per-stage"] if per_stage else [])
-        if given:
-            raise RetrofitError(f"give the space as flags or as --space FILE, not both ({', '.join(given)} with "
-                                "--space)")
-        chosen, file_lr = load_space(space, base)
-        fixed_lr = file_lr if file_lr is not None else fixed_lr
-    else:
-        chosen = parse_space(base, per_stage=per_stage, lr=lr if lr_range else None, **axes)
-    out = output_dir.expanduser() if output_dir is not None else Path(f"{model}-tune")
+    chosen, fixed_lr = space_from_options(base, space, lr=lr, per_stage=per_stage, position=position, r=r,
+                                          stages=stages, module=module, gate=gate, squeeze=squeeze,
+                                          phase2_epochs=phase2_epochs)
     json_target(json_path)
     if plot is not None:
         plot = plot.expanduser()
         check_writable(plot)
         pyplot = import_pyplot()
-    config = config.replace(lr=fixed_lr) if fixed_lr is not None else config
-    weightless = checkpoint is None and not pretrained
-    net, found = build_and_scan(lambda: seeded(search_seed if weightless else None,
-                                               lambda: build_model(model, checkpoint, pretrained, num_classes)),
-                                input_size, meta=False)
     talk = json_path != "-" and is_main_process()
-    result = tune(net, data, chosen, trials=trials, budget=budget, recipe=base,
-                  input_size=found.traced.input_size, max_params=max_params, max_macs=max_macs,
-                  max_latency=max_latency, sampler=sampler, pruner=pruner, finalists=finalists, seeds=seeds,
-                  search_seed=search_seed, storage=storage, study=study, output_dir=out, config=config,
-                  adapter=adapter, found=found,
-                  on_event=(lambda e: console(stderr=True).print(e.message)) if talk else None)
+    result = tune_model(model, data, chosen, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
+                        input_size=input_size, search_seed=search_seed, output_dir=output_dir, trials=trials,
+                        budget=budget, recipe=base, max_params=max_params, max_macs=max_macs, max_latency=max_latency,
+                        sampler=sampler, pruner=pruner, finalists=finalists, seeds=seeds, storage=storage, study=study,
+                        config=config.replace(lr=fixed_lr) if fixed_lr is not None else config, adapter=adapter,
+                        on_event=(lambda e: console(stderr=True).print(e.message)) if talk else None)
     if not is_main_process():
         return
+    out = result.output_dir
     if json_path is not None:
         write_json(json.loads((out / "tune.json").read_text()), json_path)
     if plot is not None:
         draw_tune(pyplot, result, model, plot)
     if talk:
-        report(result, found.traced.input_size, out, plot)
+        report(result, out, plot)
 
 
-def seeded(seed: int | None, build):
-    """``build()``, after ``torch.manual_seed(seed)`` when a seed is given (the global generator restored
-    after): a model named without weights gets its random weights from ``--search-seed``, so the same
-    command builds the same model in every process and on every machine, and a rerun or a second worker
-    resumes the study instead of being refused for another model."""
-    if seed is None:
-        return build()
-    # deferred: torch loads when the command runs, not for --help
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def report(result, size, out: Path, plot: Path | None) -> None:
+def report(result, out: Path, plot: Path | None) -> None:
     """The finish table, where the files are, and the verdict last."""
     if result.rows:
         note = (" The finish re-ran every finalist from scratch on seeds other than the search seed; val/ served "
                 "both the search and the finish.")
-        console().print(sweep_table(result.rows, False, 0, size, title="Tune: the finalists and the controls",
-                                    note=note))
+        console().print(sweep_table(result.rows, False, 0, (), title="Tune: the finalists and the controls", note=note))
     files = [f"trials: {out / 'trials.jsonl'}", f"summary: {out / 'tune.json'}"]
     if result.best is not None:
         files.insert(0, f"best recipe: {out / 'best_recipe.yaml'}" + (f"; its model: {result.best_model}"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import RetrofitError, excerpt
@@ -96,17 +97,16 @@ def create(name: str, recipe: Recipe | str | dict | None = None, *, checkpoint: 
             hold, a bad ``batch``/``runs``, ``meta`` with real weights needed.
     """
     chosen = resolve_recipe(recipe, **fields)
-    classes = _classes(num_classes)
+    classes = parse_num_classes(num_classes)
     if batch < 1 or runs < 1:
         raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
     needs_weights = checkpoint is not None or pretrained or latency or weights_needed
     if meta and needs_weights:
         raise RetrofitError("--meta builds the model without weights: it cannot go with --output, --checkpoint, "
                             "--pretrained, --latency or --finetune; drop --meta")
-    kwargs = {} if classes is None else {"num_classes": classes}
     with paused_gc():
-        net, found = build_and_scan(lambda: build_timm(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs),
-                                    input_size, meta=not needs_weights if meta is None else meta)
+        net, found = build_and_scan(lambda: build_named(name, checkpoint, pretrained, classes), input_size,
+                                    meta=not needs_weights if meta is None else meta)
         named = named_sites(found.traced, chosen.at, model_name(net)) if chosen.at else []  # before the blocks
         base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
         original = copy.deepcopy(net) if latency else None
@@ -143,7 +143,22 @@ def create_model(name: str, recipe: Recipe | str | dict | None = None, **kwargs:
     return create(name, recipe, **{"weights_needed": True, **kwargs}).model
 
 
-def _classes(num_classes: int | str | None) -> int | None:
+def build_named(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
+                num_classes: int | str | None = None, seed: int | None = None) -> nn.Module:
+    """The timm model ``name`` with its weights from ``checkpoint``, timm's ``pretrained`` ones or random, and
+    ``num_classes`` outputs (checked by :func:`parse_num_classes`): what every command that takes a model
+    name builds. ``seed``: random weights drawn after ``torch.manual_seed(seed)`` (the global generator
+    restored after), so the same call builds the same model in every process and on every machine."""
+    classes = parse_num_classes(num_classes)
+    kwargs = {} if classes is None else {"num_classes": classes}
+    if seed is None:
+        return build_timm(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_timm(name, checkpoint=checkpoint, pretrained=pretrained, **kwargs)
+
+
+def parse_num_classes(num_classes: int | str | None) -> int | None:
     """``num_classes`` as a whole number within the bound a file may hold (checked before a head is built:
     a file of it could not be loaded either)."""
     if num_classes is None:

@@ -53,7 +53,7 @@ from ..train.config import DEFAULTS, FinetuneConfig
 from ..train.data import ImageFolderData
 from ..train.distributed import PeerLost, setup
 from ..train.finetune import finetune
-from .rows import SweepRow, row_recipe
+from .rows import Accuracy, Latency, SweepRow, row_recipe
 
 CONTROLS = ("original", "head+norms", "full")
 
@@ -239,12 +239,12 @@ def t_interval(xs: list[float]) -> tuple[float, float] | None:
     return mean - half, mean + half
 
 
-def _stats(per_seed: list[dict]) -> dict[str, Any]:
+def _stats(per_seed: list[dict]) -> Accuracy:
     top1 = [r["last"]["top1"] for r in per_seed]
     loss = [r["last"]["val_loss"] for r in per_seed]
     (m1, s1), (ml, sl) = mean_std(top1), mean_std(loss)
-    return dict(top1=m1, top1_std=s1, val_loss=ml, val_loss_std=sl, top1_per_seed=tuple(top1),
-                val_loss_per_seed=tuple(loss))
+    return Accuracy(top1=m1, top1_std=s1, val_loss=ml, val_loss_std=sl, top1_per_seed=tuple(top1),
+                    val_loss_per_seed=tuple(loss))
 
 
 def with_stats(row, per_seed: list[dict], seeds: list[int], control) -> SweepRow:
@@ -252,11 +252,11 @@ def with_stats(row, per_seed: list[dict], seeds: list[int], control) -> SweepRow
     best control row, or None)."""
     stats = _stats(per_seed)
     if control is not None:
-        diffs = [a - b for a, b in zip(stats["top1_per_seed"], control.top1_per_seed)]
-        stats["delta_top1"], stats["delta_top1_std"] = mean_std(diffs)
-        stats["delta_top1_ci"] = t_interval(diffs)
-        stats["control"] = control.arm
-    return dataclasses.replace(row, seeds=tuple(seeds), **stats)
+        diffs = [a - b for a, b in zip(stats.top1_per_seed, control.top1_per_seed)]
+        mean, std = mean_std(diffs)
+        stats = dataclasses.replace(stats, delta_top1=mean, delta_top1_std=std, delta_top1_ci=t_interval(diffs),
+                                    control=control.arm)
+    return dataclasses.replace(row, seeds=tuple(seeds), accuracy=stats)
 
 
 NOTES = {"original": "the original at step 0", "head+norms": "original, head + norm affine trained at lr",
@@ -273,13 +273,13 @@ def control_rows(controls: dict[str, list[dict] | str], seeds: list[int], latenc
     rows = []
     for name, per_seed in every.items():
         note = (notes or {}).get(name) or NOTES.get(name, "")
-        row = SweepRow("", 0.0, None, 0, 0, 0.0, 0, 0.0, 0, arm=name, seeds=tuple(seeds), note=note,
-                       latency=1.0 if latency else None)  # the original architecture: latency ratio 1
+        row = SweepRow("", 0.0, None, arm=name, seeds=tuple(seeds), note=note,  # nothing added: no cost
+                       latency=Latency(1.0) if latency else None)  # the original architecture: latency ratio 1
         if isinstance(per_seed, str) or not per_seed:
             row = dataclasses.replace(row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run "
                                                                                                         "succeeded")
         else:
-            row = dataclasses.replace(row, **_stats(per_seed))
+            row = dataclasses.replace(row, accuracy=_stats(per_seed))
         rows.append(row)
     best = max((r for r in rows if r.top1 is not None), key=lambda r: r.top1, default=None)
     return rows, best
@@ -313,7 +313,7 @@ def pareto(rows: list, latency: bool) -> list:
     (or latency; lower is better): no other row is at most as costly and at least as accurate, and
     better in one of them."""
     def cost(r):
-        return r.latency if latency else r.params
+        return (r.latency.ratio if r.latency is not None else None) if latency else r.params
 
     scored = [r for r in rows if r.top1 is not None and cost(r) is not None]
     ids = {id(r) for r in scored}
@@ -321,5 +321,6 @@ def pareto(rows: list, latency: bool) -> list:
     for r in rows:
         front = id(r) in ids and not any(
             cost(o) <= cost(r) and o.top1 >= r.top1 and (cost(o) < cost(r) or o.top1 > r.top1) for o in scored)
-        out.append(dataclasses.replace(r, pareto=front))
+        out.append(r if r.accuracy is None else dataclasses.replace(r, accuracy=dataclasses.replace(r.accuracy,
+                                                                                                  pareto=front)))
     return out

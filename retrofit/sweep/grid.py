@@ -43,7 +43,7 @@ from ..surgery.recipe_fields import StageMap
 from ..surgery.sites import Scan, scan
 from ..train.config import FinetuneConfig
 from .ablation import with_accuracy
-from .rows import SweepRow, row_recipe
+from .rows import Cost, Latency, SweepRow, row_recipe
 
 AXES = ("r", "position", "stages")
 
@@ -106,9 +106,7 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
     config = finetune_config(config, train, options, "retrofit.sweep")
     on_event = legacy(on_event, "retrofit.sweep", on_run=on_run, on_round=on_round)
     base_recipe = resolve_recipe(recipe)
-    ratios = parse_axis("r", r, lambda v: base_recipe.replace(r=v).r)
-    positions = parse_axis("position", position, lambda v: base_recipe.replace(position=v).position)
-    stage_sets = parse_axis("stages", stages, parse_stages)
+    ratios, positions, stage_sets = parse_axes(base_recipe, r, position, stages)
     size = resolve_input_size(model, input_size)
     with paused_gc():
         if found is None:
@@ -123,14 +121,12 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
                 try:
                     prepared = prepare(found, chosen)
                 except RetrofitError as err:  # this position has no site in these stages: a row says so
-                    rows += [SweepRow(pos, ratio, st, 0, 0, 0.0, 0, 0.0, 0, note=str(err)) for ratio in ratios]
+                    rows += [SweepRow(pos, ratio, st, note=str(err)) for ratio in ratios]  # nothing added: no cost
                     continue
                 for ratio in ratios:
                     this = dataclasses.replace(chosen, r=ratio)  # ratio: checked, a map has its base
                     report = planned_overhead(base, prepared.blocks(this), this)
-                    rows.append(SweepRow(pos, ratio, st, len(report.blocks), report.added_params,
-                                         report.params_percent(), report.added_macs, report.macs_percent(),
-                                         report.pool_ops + report.scale_ops, len(prepared.skipped)))
+                    rows.append(SweepRow(pos, ratio, st, Cost.of(report, len(prepared.skipped))))
     if latency:
         rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup,
                              on_event)
@@ -168,9 +164,9 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup, on
         timing = measure_latency({"original": model, "retrofitted": se_model}, batch=batch, input_size=size,
                                  runs=runs, warmup=warmup, on_event=_counted(on_event, before, total))
         low, high, _ = timing.interval("retrofitted", "original")
-        out.append(_replace(row, latency=timing.ratio("retrofitted", "original"), latency_low=low, latency_high=high,
-                            latency_ms=timing.median("retrofitted") * 1e3,
-                            base_latency_ms=timing.median("original") * 1e3))
+        out.append(dataclasses.replace(row, latency=Latency(timing.ratio("retrofitted", "original"), low, high,
+                                                            timing.median("retrofitted") * 1e3,
+                                                            timing.median("original") * 1e3)))
         del se_model
     return out
 
@@ -183,11 +179,15 @@ def _counted(on_event: OnEvent | None, before: int, total: int) -> OnEvent | Non
                                           {"done": before + e.data["done"], "total": total}))
 
 
-def _replace(row: SweepRow, **changes) -> SweepRow:
-    return dataclasses.replace(row, **changes)
-
-
 # -- axes ---------------------------------------------------------------------------------------
+def parse_axes(base_recipe: Recipe, r: Any, position: Any, stages: Any) -> tuple[list, list, list]:
+    """The three axes of a sweep, each a checked list (:func:`parse_axis`): r and position as fields of
+    ``base_recipe``, stages as stage sets."""
+    return (parse_axis("r", r, lambda v: base_recipe.replace(r=v).r),
+            parse_axis("position", position, lambda v: base_recipe.replace(position=v).position),
+            parse_axis("stages", stages, parse_stages))
+
+
 def parse_axis(name: str, values: Any, check) -> list:
     """A list of axis values from a string or an iterable, each checked by ``check`` (duplicates
     dropped, order kept); an empty or malformed item is a RetrofitError naming the axis.

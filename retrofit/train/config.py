@@ -165,6 +165,11 @@ class FinetuneConfig:
 OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(FinetuneConfig))
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(FinetuneConfig)}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(FinetuneConfig)}
+# What one accuracy run of a sweep or a tune takes from the user (their options, and the sweep's JSON `train`); the
+# sweep sets the seeds and what trains itself, and each adds its own epochs (and sweep its lr; tune's lr is an axis)
+RUN_OPTIONS = ("phase2_lr", "batch_size", "augment", "workers", "device", "smoothing", "mixup", "cutmix",
+               "ema_decay", "clip_grad", "clip_mode", "backbone_lr_scale", "channels_last", "distill",
+               "distill_weight", "distill_temperature")
 
 
 def check_names(options: Mapping[str, Any], where: str) -> None:

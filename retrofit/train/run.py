@@ -46,7 +46,7 @@ class Run:
     def __init__(self, model: nn.Module, s: FinetuneConfig, env: Dist, data, input_size, output_dir, resume: bool,
                  progress: bool):
         s.check_run()
-        if s.accum_steps < 1 or s.batch_size < 1 or s.batch_size % (env.world * s.accum_steps):
+        if s.batch_size % (env.world * s.accum_steps):  # each at least 1: the config's bounds
             raise RetrofitError(f"batch size {s.batch_size} must be a positive multiple of processes x "
                                 f"accumulation steps ({env.world} x {s.accum_steps})")
         blocks = params.block_params(model)

@@ -39,6 +39,27 @@ def test_parameter_layout_interchanges_with_timm_semodule():
     torch.testing.assert_close(ours(x), theirs(x))
 
 
+# timm's SEModule arguments (issue 23, item 6): the same arguments give timm's width, whatever rounding it does
+TIMM_ARGS = [dict(), dict(rd_ratio=1 / 4), dict(rd_ratio=0.25, rd_divisor=1), dict(rd_ratio=1 / 16, rd_divisor=32),
+             dict(rd_channels=10), dict(rd_channels=10, rd_ratio=0.5), dict(rd_channels=0, rd_ratio=1 / 8),
+             dict(rd_divisor=4), dict(rd_ratio=0.3, rd_divisor=8)]
+
+
+@pytest.mark.parametrize("channels", [24, 64, 100, 2048])
+@pytest.mark.parametrize("kwargs", TIMM_ARGS)
+def test_timm_names_give_timm_semodules_width(channels, kwargs):
+    theirs = SEModule(channels, **kwargs)
+    ours = SqueezeExcite(channels, **kwargs)
+    assert ours.width == ours.fc1.out_channels == theirs.fc1.out_channels, kwargs
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # the same shapes, key for key
+
+
+def test_a_width_and_timm_names_together_are_two_widths():
+    with pytest.raises(TypeError, match="give width or timm's rd_ratio, not both"):
+        SqueezeExcite(64, 4, rd_ratio=1 / 4)
+    assert SqueezeExcite(64, 4).width == 4  # the width alone, as before
+
+
 # without biases only gates non-zero at 0 can preserve (the recipe rejects the others: test_recipe)
 @pytest.mark.parametrize("gate, bias", [(g, True) for g in GATES] + [(g, False) for g in GATES if GATES[g].at_zero])
 def test_preserving_init_is_an_identity_that_learns(gate, bias):

@@ -34,7 +34,7 @@ def test_cli_refuses_absurd_widths_before_building_anything(monkeypatch, args, w
 
 
 def test_sweep_refuses_an_absurd_r_before_building_anything(monkeypatch):
-    monkeypatch.setattr("retrofit.cli.sweep.build_model", no_model)
+    monkeypatch.setattr("retrofit.files.create.build_timm", no_model)
     one_error(runner.invoke(app, ["sweep", "resnet18", "--r", "16,1e-6"]), "--r", "at least 1/16")
 
 

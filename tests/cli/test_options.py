@@ -8,8 +8,7 @@ import pytest
 import typer
 
 from retrofit.cli import app
-from retrofit.cli.options import RUN_OPTIONS
-from retrofit.train.config import FIELDS, bounds_text, cli_default
+from retrofit.train.config import FIELDS, RUN_OPTIONS, bounds_text, cli_default
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = typer.main.get_command(app).commands
@@ -63,7 +62,8 @@ def literals(tree):
 
 def test_no_default_flag_or_help_of_an_option_is_written_twice():
     """Outside retrofit/train/config.py: no string holds a field's help or names its flag, no function
-    parameter or dataclass field named after an option has a default (it would be a second default). The
+    parameter or dataclass field named after an option has a default (it would be a second default), no
+    comparison checks an option against its field's bound again (``batch_size < 1``: the field checks it). The
     exceptions are other things that share a name, each with its reason (OTHER)."""
     assert copies(ROOT / "retrofit") == []
 
@@ -76,9 +76,10 @@ def test_the_scan_finds_a_planted_copy(tmp_path):
     shutil.copytree(ROOT / "retrofit", package, ignore=shutil.ignore_patterns("__pycache__"))
     with open(package / "train" / "loop.py", "a") as f:
         f.write("\n\ndef planted(data, lr: float = 1e-3):\n    return data\n\n\nHELP = "
-                f"{FIELDS['smoothing'].metadata['help']!r}\nFLAG = '--mixup'\n")
+                f"{FIELDS['smoothing'].metadata['help']!r}\nFLAG = '--mixup'\n\n\ndef bound(config):\n"
+                "    return config.batch_size < 1 or config.epochs < 1\n")  # the second: not the field's bound
     assert copies(package) == ["train/loop.py: help of smoothing", "train/loop.py: flag --mixup",
-                               "train/loop.py: planted(lr=...)"]
+                               "train/loop.py: planted(lr=...)", "train/loop.py: bound of batch_size"]
 
 
 # parameters and dataclass fields named like an option that are not that option: (module, owner, name) -> why
@@ -87,6 +88,8 @@ OTHER = {("measure/latency.py", "measure_latency", "seed"): "the seed of the tim
          ("blocks/attention.py", "build_attention", "device"): "a torch device to build the block on",
          ("blocks/se.py", "__init__", "device"): "a torch device to build the block on",
          ("blocks/scale.py", "__init__", "device"): "a torch device to build a folded gate's channel scale on",
+         ("files/create.py", "build_named", "seed"): "the seed of a named model's random weights",
+         ("sweep/tune/space.py", "space_from_options", "lr"): "the search axis or a fixed rate: None, not given",
          ("cli/tune.py", "tune_command", "lr"): "tune's search axis (a range), its default from the field",
          ("cli/tune.py", "tune_command", "phase2_epochs"): "tune's search axis: None, not searched",
          ("sweep/tune/space.py", "parse_space", "lr"): "the search axis: None, not searched",
@@ -97,6 +100,22 @@ OTHER = {("measure/latency.py", "measure_latency", "seed"): "the seed of the tim
          ("sweep/tune/space.py", "Space", "phase2_epochs"): "the search axis: (0,), not searched",
          ("train/distributed.py", "Dist", "device"): "the torch device a process trains on"}
 AXIS_FLAGS = {("cli/tune.py", "--lr"), ("cli/tune.py", "--phase2-epochs")}  # tune's search axes (above)
+
+
+def bound_checked(node) -> str | None:
+    """The option a comparison checks against its field's own bound (``x < low``, ``x <= low`` when the bound
+    is open; ``x > high``...), or None. Another bound of the same option (an accuracy sweep's ``epochs < 1``,
+    where the field allows 0) is not a copy."""
+    if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.comparators[0], ast.Constant)):
+        return None
+    left, op, value = node.left, node.ops[0], node.comparators[0].value
+    name = left.id if isinstance(left, ast.Name) else left.attr if isinstance(left, ast.Attribute) else None
+    if name not in FIELDS or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    m = FIELDS[name].metadata
+    low = isinstance(op, ast.LtE if m["low_open"] else ast.Lt) and value == m["low"]
+    high = isinstance(op, ast.GtE if m["high_open"] else ast.Gt) and value == m["high"]
+    return name if low or high else None
 
 
 def copies(package: Path) -> list[str]:
@@ -119,6 +138,9 @@ def copies(package: Path) -> list[str]:
                     node.args.kw_defaults
                 found += [f"{rel}: {node.name}({arg.arg}=...)" for arg, default in zip(args, defaults)
                           if default is not None and arg.arg in FIELDS and (rel, node.name, arg.arg) not in OTHER]
+            name = bound_checked(node)
+            if name is not None:
+                found.append(f"{rel}: bound of {name}")
             if isinstance(node, ast.ClassDef):  # a dataclass field named like an option, with a default
                 found += [f"{rel}: class {node.name}: {s.target.id} = ..." for s in node.body
                           if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None

@@ -130,6 +130,17 @@ def test_a_header_at_the_bounds_is_read(tmp_path):
         create_model("test_resnet", checkpoint=path)
 
 
+def test_a_header_one_byte_over_the_bound_is_refused_before_it_is_parsed(tmp_path, never_parsed):
+    """cosmic-ray's survivors of bounds.py (docs/mutation.md): HEADER_BYTES raised (17 << 20, 16 << 21) went
+    unnoticed, as the only header over it was 30 MB; one of HEADER_BYTES + 1 bytes and one tensor now."""
+    text = safetensors_bytes({"pad": ""}, entries(1))
+    path = tmp_path / "over.safetensors"
+    path.write_bytes(safetensors_bytes({"pad": " " * (HEADER_BYTES + 1 - (len(text) - 8))}, entries(1)))
+    assert path.stat().st_size - 8 == HEADER_BYTES + 1
+    with pytest.raises(RetrofitError, match="declares 16,777,217 bytes, more than the 16,777,216"):
+        create_model("test_resnet", checkpoint=path)
+
+
 @pytest.fixture
 def no_real_build(monkeypatch):
     """timm.create_model may run on the meta device only (a real build of GIANT takes 4 GB)."""

@@ -65,6 +65,11 @@ def test_relabelled_dtypes_are_refused(saved, tmp_path):
     ("input_size", '"5"', "metadata 'input_size' must be a list"),
     ("input_size", "[3, 32]", "three positive whole numbers"),
     ("input_size", "[1, 32, 32]", "has 1 channels but the model 3"),
+    # cosmic-ray's survivors of header.py (docs/mutation.md): `len(size) != 3` -> `< 3` (four numbers are also
+    # refused later, through load, so this case does not kill it), and the channel check `!=` -> `>`, each
+    # tested from one side only before
+    ("input_size", "[3, 32, 32, 32]", "three positive whole numbers"),
+    ("input_size", "[4, 32, 32]", "has 4 channels but the model 3"),
     ("model_kwargs", "[1]", "metadata 'model_kwargs' must be a mapping, got list"),
     ("model_kwargs", '{"num_classes": "3"}', "num_classes = '3', not a whole number"),
     ("model_kwargs", '{"num_classes": true}', "not a whole number"),
@@ -385,6 +390,43 @@ def test_each_bound_takes_its_smallest_and_largest_value_and_no_other(name):
             f", not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
     with pytest.raises(ValueError, match=f"{name} = {high + 1:,}, not a whole number"):
         whole_number(str(high + 1), name)
+
+
+def test_a_rejected_value_is_shown_with_separators_below_10_to_the_30_and_as_an_excerpt_beyond():
+    """cosmic-ray's survivors of bounds.py (docs/mutation.md): the limit 10**30 -> 9**30 and the excerpt's 40
+    characters -> 39, `<` -> `<=` or `!=`: neither edge was in a test."""
+    tail = ", not a whole number from 0 to 1,000,000 (the bound on num_classes in a retrofit file)"
+    assert out_of_bounds("num_classes", 10**30 - 1) == "num_classes = " + ",".join(["999"] * 10) + tail
+    assert out_of_bounds("num_classes", -(10**30 - 1)) == "num_classes = -" + ",".join(["999"] * 10) + tail
+    assert out_of_bounds("num_classes", 10**30) == "num_classes = 1" + "0" * 30 + tail
+    assert out_of_bounds("num_classes", 10**31) == "num_classes = 1" + "0" * 31 + tail
+    assert out_of_bounds("num_classes", "7" * 100) == "num_classes = '" + "7" * 20 + "..." + "7" * 17 + "'" + tail
+
+
+@pytest.mark.parametrize("text, shown", [("many", "'many'"), ("\u0661\u0662", "'\u0661\u0662'"), ("-1", "'-1'"),
+                                         ("+1", "'+1'"), (" 1", "' 1'"), ("", "''")])
+def test_a_count_in_metadata_is_ascii_digits_only(text, shown):
+    """cosmic-ray's survivor of bounds.py (docs/mutation.md): `or` -> `and` let a word reach int() (another
+    message) and Arabic-Indic digits through, read as 12."""
+    with pytest.raises(ValueError) as caught:
+        whole_number(text, "blocks")
+    assert str(caught.value) == (f"blocks = {shown}, not a whole number from 1 to 100,000 (the bound on blocks in a "
+                                 "retrofit file)")
+
+
+def test_metadata_names_only_the_constructor_arguments_that_differ_from_timms_defaults(saved):
+    """cosmic-ray's survivor of header.py (docs/mutation.md): the channels read from the input's last side
+    (`input_size[0]` -> `[-1]`) wrote `in_chans` for a three-channel model too."""
+    assert json.loads(metadata(saved[0])["model_kwargs"]) == {"num_classes": CLASSES}
+
+
+def test_a_bad_stored_recipe_names_its_file_as_a_bare_path(saved, tmp_path):
+    """cosmic-ray's survivor of header.py (docs/mutation.md): the file quoted (`bare=True` -> False); a path is
+    shown bare, unquoted, in every message (retrofit.errors.excerpt)."""
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
+                         lambda h: h["__metadata__"].update(recipe='{"r": [1]}'))
+    with pytest.raises(RetrofitError, match=f"^recipe stored in {re.escape(str(bad))}: "):
+        retrofit.load(bad)
 
 
 def test_a_file_at_the_bound_of_blocks_is_read(saved, tmp_path):

@@ -144,7 +144,7 @@ def test_sites_says_why_pyramid_merges_are_not_residual_units(monkeypatch):
 
     import retrofit.cli.sites
 
-    monkeypatch.setattr(retrofit.cli.sites, "build_model", lambda *args: detector("retinanet_resnet50_fpn"))
+    monkeypatch.setattr("retrofit.files.create.build_named", lambda *args, **kwargs: detector("retinanet_resnet50_fpn"))
     result = CliRunner().invoke(retrofit.cli.app, ["sites", "retinanet", "--input-size", f"3,{SIDE},{SIDE}"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

@@ -52,6 +52,8 @@ from .study import data_identity, identity, model_identity, open_study
 from .voice import Voice
 from .workers import GRACE, INTERVAL, Requeue, Worker
 
+SEARCH_SEED = 100  # the seed of every trial and of the sampler, unless given
+
 
 @dataclass
 class TuneResult:
@@ -74,7 +76,7 @@ def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path
          recipe: Recipe | str | dict | None = None, input_size: tuple[int, ...] | None = None,
          max_params: str | float | None = None, max_macs: str | float | None = None,
          max_latency: float | None = None, sampler: str = "tpe", pruner: str = "hyperband", finalists: int = 3,
-         seeds: int = 3, search_seed: int = 100, storage: str | None = None, study: str = "tune",
+         seeds: int = 3, search_seed: int = SEARCH_SEED, storage: str | None = None, study: str = "tune",
          output_dir: str | Path | None = None, config: FinetuneConfig | None = None, adapter: bool = False,
          found: Scan | None = None, on_event: OnEvent | None = None, train: dict[str, Any] | None = None,
          on_line: Callable[[str], None] | None = None, **options: Any) -> TuneResult:

@@ -29,7 +29,7 @@ from ...files.checkpoint import save
 from ...surgery.recipe import Recipe
 from ...train.distributed import PeerLost
 from ..ablation import CONTROL_OPTIONS, control_rows, failure, pareto, with_stats
-from ..rows import SweepRow
+from ..rows import Cost, Finalist, SweepRow
 from .claim import job_failure, run_jobs
 from .limits import recipe_cost
 from .objective import Search
@@ -159,10 +159,9 @@ def finalist_row(search: Search, t) -> SweepRow:
     extra += [f"{k} {getattr(cand.recipe, k)}" for k in ("gate", "squeeze") if len(getattr(search.space, k)) > 1]
     extra += [f"lr {cand.train['lr']:.2e}"] if "lr" in cand.train else []
     extra += [f"phase 2 {cand.train['phase2_epochs']}"] if "phase2_epochs" in cand.train else []
-    return SweepRow(cand.recipe.position, cand.recipe.r, cand.recipe.stages, len(cost.blocks), cost.added_params,
-                    cost.params_percent(), cost.added_macs, cost.macs_percent(), cost.pool_ops + cost.scale_ops,
-                    note=f"trial {t.number}" + "".join(", " + e for e in extra), recipe=cand.recipe,
-                    train=cand.train, trial=t.number, label=", ".join(extra))
+    return SweepRow(cand.recipe.position, cand.recipe.r, cand.recipe.stages, Cost.of(cost),
+                    finalist=Finalist(cand.recipe, cand.train, t.number, ", ".join(extra)),
+                    note=f"trial {t.number}" + "".join(", " + e for e in extra))
 
 
 def winner(rows: list[SweepRow]) -> SweepRow | None:

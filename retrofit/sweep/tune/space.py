@@ -279,6 +279,23 @@ def load_space(path: Path, base: Recipe) -> tuple[Space, float | None]:
         raise RetrofitError(f"{origin}: {err}") from None
 
 
+def space_from_options(base: Recipe, space: Path | None = None, *, lr: Any = None, per_stage: bool = False,
+                       **axes: Any) -> tuple[Space, float | None]:
+    """``retrofit tune``'s space and fixed learning rate: from a YAML file ``space`` (its ``lr`` when it fixes
+    one, else ``lr``'s) or from the axis options (``position``, ``r``, ``stages``, ``module``, ``gate``,
+    ``squeeze``, ``phase2_epochs``: None when not given; ``lr`` a rate, or a range ``LOW:HIGH`` searched),
+    never both."""
+    fixed_lr, lr_range = parse_lr(lr)
+    if space is None:
+        return parse_space(base, per_stage=per_stage, lr=lr if lr_range else None, **axes), fixed_lr
+    given = [f"--{k.replace('_', '-')}" for k,
+             v in axes.items() if v is not None] + (["--per-stage"] if per_stage else [])
+    if given:
+        raise RetrofitError(f"give the space as flags or as --space FILE, not both ({', '.join(given)} with --space)")
+    chosen, file_lr = load_space(space, base)
+    return chosen, file_lr if file_lr is not None else fixed_lr
+
+
 def _stage(key: Any) -> int:
     try:
         return int(str(key).strip())
