@@ -41,7 +41,9 @@ html_title = f"retrofit {release}"
 # autodoc: the signature as written (no type hints repeated in the description), members in source order
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_preserve_defaults = True
+# the defaults as values: preserve_defaults re-reads them from the source def, which retrofit.finetune
+# (its signature made from FinetuneConfig's fields, train/finetune.py) does not spell out
+autodoc_preserve_defaults = False
 autodoc_inherit_docstrings = False  # an nn.Module subclass would show torch's forward() docstring
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

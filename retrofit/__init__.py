@@ -15,13 +15,13 @@ Example::
     >>> with retrofit.bypass(se_model):           # the original network, blocks switched off
     ...     logits = se_model(torch.randn(1, 3, 224, 224))
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
-    >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
-    >>> report = retrofit.inspect(se_model, "data/")  # what each gate does on the data (after a fine-tune)
-    >>> folded = retrofit.fold(se_model, "data/", tolerance=0.5).model   # gates that learnt a constant, folded
-    >>> retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
-    >>> retrofit.from_pretrained("se/")             # the same model again
-    >>> made = retrofit.create("resnet101", r=16)    # what `retrofit add-se resnet101 --r 16` computes
-    >>> report = retrofit.sweep_model("resnet50", r=[4, 16])   # `retrofit sweep`; tune_model: `retrofit tune`
+    trainable parameters: 2,530,992 || all: 28,088,024 || 9.01%
+    >>> folder = retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
+    >>> again = retrofit.from_pretrained("se/")               # the same model again
+    >>> path = retrofit.save(se_model, "se.safetensors", adapter=True)   # one file: only the blocks (and what changed)
+
+After a fine-tune on your data, ``retrofit.inspect(tuned, "data/")`` says what each gate does there and
+``retrofit.fold(tuned, "data/", tolerance=0.5).model`` folds the gates that learnt a constant.
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
 below (``lint-imports`` checks it; docs/contributing/architecture.md draws it):

@@ -56,6 +56,7 @@ def excerpt(value: object, limit: int | None = None, *, bare: bool = False) -> s
     Whatever ``value`` is, the cost and the length of the excerpt are bounded by ``limit`` (default
     :data:`EXCERPT`), so a message never repeats a value of millions of items or characters.
 
+    >>> from pathlib import Path
     >>> excerpt("layer3.*"), excerpt([1] * 2_000_000), excerpt(Path("a\nb.yaml"))
     ("'layer3.*'", '[1, 1, 1, 1, 1, 1, ...]', 'a\\nb.yaml')
     """

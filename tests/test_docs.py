@@ -131,12 +131,15 @@ CHECKS = {"guides/own-networks.md": (own_networks, 8), "quickstart.md": (quickst
           "guides/detection-segmentation.md": (detection, 1)}
 # the files a page's blocks read, made before they run (in the page's empty folder)
 FILES = {"quickstart.md": quickstart_files}
+# pages whose blocks a test of their own runs, with the files they read and what they must give
+OWN_TEST = {"guides/python-equivalents.md": "tests/test_python_equivalents.py"}
 PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")
-               if "_build" not in p.parts and python_blocks(p))
+               if "_build" not in p.parts and python_blocks(p) and p.relative_to(DOCS).as_posix() not in OWN_TEST)
 
 
 def test_the_pages_with_python_blocks_are_found():
     assert set(CHECKS) <= set(PAGES), (CHECKS, PAGES)
+    assert all((ROOT / test).is_file() and python_blocks(DOCS / page) for page, test in OWN_TEST.items())
 
 
 @pytest.mark.parametrize("page", PAGES)

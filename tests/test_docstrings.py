@@ -7,6 +7,7 @@ folder, and runs each docstring's examples in order with the module's own names 
 ``python -m doctest`` would.
 """
 
+import copy
 import doctest
 import importlib
 import pkgutil
@@ -15,6 +16,7 @@ import shutil
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 import retrofit
 from support import make_folder, plain_model
@@ -40,7 +42,21 @@ def examples():
 
 EXAMPLES = examples()
 # the examples that train: there ``model`` is a small timm network (test_resnet, 3 classes), as data/ is small
-TRAINS = {"retrofit.sweep.tune.api", "retrofit.train.finetune.finetune"}
+TRAINS = {"retrofit.sweep.tune.api", "retrofit.train.finetune.finetune", "retrofit.events", "retrofit.sweep.grid.sweep"}
+# the examples that read a fine-tuned model's gates: there ``model`` is test_resnet retrofitted and fine-tuned on
+# data/ (a copy: fold and inspect must not change the fixture)
+TUNED = {"retrofit.measure.excitation_plot", "retrofit.sweep.fold.fold", "retrofit.train.inspect.inspect"}
+# the examples that load the weights file of ``model`` by name
+WEIGHTS = {"retrofit.files.create", "retrofit.files.create.create_model", "retrofit.files.pretrained.from_pretrained"}
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """test_resnet retrofitted (r 4) and fine-tuned one epoch on a 3-class data/ like the test's."""
+    data = make_folder(tmp_path_factory.mktemp("tuned") / "data")
+    se = retrofit.add_se(plain_model(), r=4, input_size=(3, 32, 32))
+    retrofit.finetune(se, data, epochs=1, batch_size=8, lr=1e-2)
+    return se
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +75,7 @@ def test_every_docstring_example_is_collected():
 
 
 @pytest.mark.parametrize("test", EXAMPLES, ids=[t.name for t in EXAMPLES])
-def test_docstring_examples_run(test, resnet50, tmp_path, monkeypatch):
+def test_docstring_examples_run(test, resnet50, tuned, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_folder(tmp_path / "data")
     shutil.copy(ROOT / "recipes" / "timm.yaml", tmp_path / "my_recipe.yaml")
@@ -76,6 +92,10 @@ def test_docstring_examples_run(test, resnet50, tmp_path, monkeypatch):
     test.globs = {**test.globs, **assumed}
     if test.name in TRAINS:  # a small network for the 3 classes of data/, its weights not fresh
         assumed["model"] = plain_model()
+    if test.name in TUNED:
+        assumed["model"] = copy.deepcopy(tuned)
+    if test.name in WEIGHTS:
+        save_file(model.state_dict(), tmp_path / "my_resnet50.safetensors")
     test.globs = {**test.globs, **assumed}
     report: list[str] = []
     result = doctest.DocTestRunner(optionflags=FLAGS).run(test, out=report.append)

@@ -7,9 +7,10 @@ way, which is what ``add-se`` prints and writes as JSON: the sites (one scan of 
 (counted from the plan, each block measured alone on the meta device: no second trace), what phase 1
 of a fine-tune would train, and with ``latency`` the forward time against the original's.
 
-    >>> se = retrofit.create_model("resnet101", r=16, position="post", checkpoint="my_resnet101.safetensors")
+    >>> se = retrofit.create_model("resnet50", r=16, position="post", checkpoint="my_resnet50.safetensors")
     >>> made = retrofit.create("resnet101", r=16, position="post")   # on the meta device: no weights, seconds
-    >>> made.overhead.added_params, made.trainable, made.to_dict()["sites"]
+    >>> made.overhead.added_params, len(made.to_dict()["sites"])
+    (4777712, 6)
 
 Without real weights needed (``meta=None`` and no checkpoint, pretrained or latency) the model is built on
 the meta device (:mod:`retrofit.measure.meta`): it can be measured and reported, not saved or trained.
@@ -138,7 +139,7 @@ def create_model(name: str, recipe: Recipe | str | dict | None = None, **kwargs:
     Example::
 
         >>> se = retrofit.create_model("resnet50", r=16, checkpoint="my_resnet50.safetensors")
-        >>> retrofit.save_pretrained(se, "se50/")
+        >>> folder = retrofit.save_pretrained(se, "se50/")
     """
     return create(name, recipe, **{"weights_needed": True, **kwargs}).model
 

@@ -81,7 +81,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, adapter: bool = 
     Example::
 
         >>> retrofit.save_pretrained(se_model, "se50/")                  # config.json, model.safetensors, README.md
-        >>> retrofit.save_pretrained(se_model, "se50-adapter/", adapter=True)
+        PosixPath('se50')
+        >>> sorted(p.name for p in retrofit.save_pretrained(se_model, "se50-adapter/", adapter=True).iterdir())
+        ['README.md', 'adapter_model.safetensors', 'config.json']
     """
     folder = Path(directory).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -126,8 +128,12 @@ def from_pretrained(directory: str | Path, base: Any = None, *, force: bool = Fa
 
     Example::
 
+        >>> folder = retrofit.save_pretrained(se_model, "se50/")
+        >>> adapter = retrofit.save_pretrained(se_model, "se50-adapter/", adapter=True)
         >>> model = retrofit.from_pretrained("se50/")
         >>> model = retrofit.from_pretrained("se50-adapter/", base="my_resnet50.safetensors")
+        >>> len(retrofit.get_info(model).blocks)
+        16
     """
     header, extra = read_folder(directory)
     return rebuild_from(header, base, force=force, extra=extra)

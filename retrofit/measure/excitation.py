@@ -131,11 +131,14 @@ class Recorder:
 
     Example::
 
-        >>> with Recorder(model, gates, classes=10) as rec:
+        >>> gates = retrofit.get_info(se_model).blocks[:2]
+        >>> batches = [(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))]
+        >>> with Recorder(se_model.eval(), gates, classes=2) as rec:
         ...     for x, y in batches:
         ...         rec.targets = y
-        ...         model(x)
-        >>> reports = rec.reports()
+        ...         logits = se_model(x)
+        >>> [r.path for r in rec.reports()]
+        ['layer1.0.se', 'layer1.1.se']
     """
 
     def __init__(self, model: nn.Module, blocks: list, classes: int):

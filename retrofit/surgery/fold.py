@@ -14,9 +14,10 @@ What was folded where is recorded on the model (``RetrofitInfo.folds``), and a f
 :func:`apply_folds` rebuilds the same structure on a model retrofitted by the same recipe before its
 weights (the folded neighbours' included) are loaded.
 
+    >>> model = copy.deepcopy(se_model)     # folded in place; se_model: a fresh retrofit, every gate constant
     >>> folds = fold_scales(model, constant_scales(model))   # the input-independent gates, exactly
     >>> [(f.path, f.into, f.neighbour) for f in folds]
-    [('layer1.0.se', 'norm', 'layer1.0.bn2'), ...]
+    [('layer1.0.se', 'norm', 'layer1.0.bn3'), ('layer1.1.se', 'norm', 'layer1.1.bn3'), ...]
 """
 from __future__ import annotations
 

@@ -49,9 +49,11 @@ class Neighbours:
 
     Example::
 
-        >>> search = Neighbours(trace(model.eval(), info.input_size), info.blocks)
+        >>> from retrofit.graph.trace import trace
+        >>> info = retrofit.get_info(se_model)
+        >>> search = Neighbours(trace(se_model.eval(), info.input_size), info.blocks)
         >>> search.find(info.blocks[0])
-        Neighbour(into='norm', path='layer1.0.bn2', why='')
+        Neighbour(into='norm', path='layer1.0.bn3', why='')
     """
 
     def __init__(self, traced: Traced, blocks: list[BlockInfo]):

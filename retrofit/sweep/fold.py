@@ -127,9 +127,10 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
 
     Example::
 
-        >>> result = retrofit.fold(model, "digits/", tolerance=0.5)
-        >>> [(b.path, b.into, b.neighbour) for b in result.blocks]
-        >>> retrofit.save(result.model, "folded.safetensors")
+        >>> result = retrofit.fold(model, "data/", tolerance=0.5)   # model: fine-tuned on data/
+        >>> result.evaluations <= math.log2(len(retrofit.get_info(model).blocks)) + 2
+        True
+        >>> path = retrofit.save(result.model, "folded.safetensors")
     """
     tolerance = check_tolerance(tolerance)
     config = FinetuneConfig.build(config, **options)

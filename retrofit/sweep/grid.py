@@ -100,8 +100,11 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
 
         >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[2, 4, 8, 16, 32],
         ...                       position=["standard", "inside"], stages=["all", 4, "3+4"])
-        >>> rows[0].position, rows[0].r, rows[0].cost.params, rows[0].cost.params_percent
-        >>> rows = retrofit.sweep(model, r=[4, 16], data="data/", seeds=3, epochs=10, lr=1e-2, batch_size=10)
+        >>> len(rows), rows[0].position, rows[0].r, rows[0].cost.params
+        (30, 'standard', 2, 20142208)
+        >>> rows = retrofit.sweep(model, r=[4], data="data/", seeds=1, epochs=1, lr=1e-2, batch_size=8)
+        >>> [row.arm for row in rows]     # the control arms first, trained the same way
+        ['original', 'head+norms', 'full', 'se']
     """
     config = finetune_config(config, train, options, "retrofit.sweep")
     on_event = legacy(on_event, "retrofit.sweep", on_run=on_run, on_round=on_round)

@@ -19,7 +19,7 @@ nothing starts processes from a notebook) and 2 on the command line.
     0.0
     >>> retrofit.FinetuneConfig(smoothing=1.5)
     Traceback (most recent call last):
-    RetrofitError: smoothing must be in [0, 1), got 1.5
+    retrofit.errors.RetrofitError: smoothing must be in [0, 1), got 1.5
 """
 from __future__ import annotations
 

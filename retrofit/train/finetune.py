@@ -90,9 +90,10 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, config: Finet
     Example::
 
         >>> se = retrofit.add_se(model, r=16)   # model: your trained network (timm's, or your own)
-        >>> result = retrofit.finetune(se, data="data/", epochs=2, output_dir="runs/se50")
-        >>> result.row("original")["top1"], result.best["top1"]
-        >>> result = retrofit.finetune(se, "data/", retrofit.FinetuneConfig(epochs=2, smoothing=0.0))
+        >>> result = retrofit.finetune(se, data="data/", epochs=2, batch_size=8, output_dir="runs/se50")
+        >>> [row["name"] for row in result.rows]
+        ['original', 'step 0', 'epoch 1', 'epoch 2']
+        >>> result = retrofit.finetune(se, "data/", retrofit.FinetuneConfig(epochs=1, smoothing=0.0))
     """
     if isinstance(config, int) and not isinstance(config, bool):  # finetune(model, data, 2): epochs, positionally
         warnings.warn("retrofit.finetune(model, data, EPOCHS) is deprecated: pass epochs=EPOCHS (the third "

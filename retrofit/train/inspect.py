@@ -187,8 +187,9 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
 
     Example::
 
-        >>> report = retrofit.inspect(model, "digits/", images=500)
-        >>> [(b.path, round(b.class_spread, 3)) for b in report.blocks]
+        >>> report = retrofit.inspect(model, "data/", images=6)     # model: fine-tuned on data/
+        >>> report.images, [b.path for b in report.blocks]
+        (6, ['layer1.0.se', 'layer2.0.se', 'layer3.0.se', 'layer4.0.se'])
     """
     require_gates(model, "inspect")
     others = gates(model)[1]
