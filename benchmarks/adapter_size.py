@@ -42,7 +42,7 @@ def main() -> None:
             times = {"full": [], "adapter": []}
             for _ in range(runs):
                 for kind, load in (("full", lambda: retrofit.load(tmp / "full.safetensors")),
-                                   ("adapter", lambda: retrofit.load(adapter_path, base=base))):
+                                   ("adapter", lambda: retrofit.load(adapter_path, base=base))):  # noqa: B023
                     start = time.perf_counter()
                     load()
                     times[kind].append(time.perf_counter() - start)

@@ -34,7 +34,8 @@ def main(runs: int) -> None:
     for model, size in MODELS:
         cmds[f"add-se {model} {size}"] = RETROFIT + ["add-se", model, "--input-size", size]
     small, small_size = MODELS[-1]
-    cmds[f"add-se {small} {small_size} --no-meta"] = RETROFIT + ["add-se", small, "--input-size", small_size, "--no-meta"]
+    cmds[f"add-se {small} {small_size} --no-meta"] = RETROFIT + ["add-se", small, "--input-size", small_size,
+                                                                 "--no-meta"]
     times, cpu, peak = processes(cmds, runs)
     print(f"whole processes, {runs} rounds in turns (peak = largest resident memory of a round):")
     for name in cmds:

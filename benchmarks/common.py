@@ -13,8 +13,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -121,7 +121,7 @@ class Steps(list):
     sampler (a step's image count, to weigh each image) is answered from the batch itself."""
 
     @property
-    def batch_sampler(self) -> "Steps":
+    def batch_sampler(self) -> Steps:
         return self
 
     def step_images(self, i: int) -> int:

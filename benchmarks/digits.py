@@ -77,7 +77,8 @@ def main() -> None:
     from retrofit.train.data import ImageFolderData
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="test_resnet", help="a plain timm CNN (test_resnet: timm's tiny ResNet; resnet18...)")
+    ap.add_argument("--model", default="test_resnet", help="a plain timm CNN (test_resnet: timm's tiny ResNet; "
+                                                           "resnet18...)")
     ap.add_argument("--size", type=int, default=32, help="image side after upscaling the 8x8 digits")
     ap.add_argument("--pretrain-epochs", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2, help="phase-1 fine-tuning epochs")

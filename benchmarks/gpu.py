@@ -199,7 +199,8 @@ def training(cfg: Config, table: Table, memory: Memory, share_s: float) -> str:
         for arm, label in ARMS.items():
             t = times[arm, cl]
             table.add(f"train, {label}, {fmt}", ips[arm, cl], "images/s",
-                      f"median of {n} rounds of {cfg.steps} step{'s' if cfg.steps > 1 else ''} (min {images / max(t):.1f}, max {images / min(t):.1f})")
+                      f"median of {n} rounds of {cfg.steps} step{'s' if cfg.steps > 1 else ''} (min "
+                      f"{images / max(t):.1f}, max {images / min(t):.1f})")
         table.add(f"train, phase 1 / full fine-tune, {fmt}", ips["phase1", cl] / ips["full", cl], "ratio",
                   "images/s over images/s")
     for arm, label in ARMS.items():
@@ -263,11 +264,12 @@ def latency(cfg: Config, clock: Clock, table: Table, share_s: float, reserve_s: 
                 c(inputs[key[1]])
             sync(cfg.device)
         except Exception as err:  # a compile that fails is a finding of this check: said in its row
-            notes[key] = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+            notes[key] = (f"failed: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
             continue
         compiled[key] = time.perf_counter() - t
         worst = max(worst, compiled[key])
-        run["compile", *key] = c
+        run[("compile", *key)] = c  # a tuple key spelled out: `d[a, *b]` is Python 3.11+, the package says 3.10
 
     settle()
 
@@ -294,16 +296,19 @@ def latency(cfg: Config, clock: Clock, table: Table, share_s: float, reserve_s: 
             for name in (cfg.native, "retrofit"):
                 key = (mode, name, cl)
                 if key in ms:
-                    note = f"median of {n} rounds" + (f"; compiled in {compiled[name, cl]:.1f} s" if mode == "compile" else "")
+                    compile_note = f"; compiled in {compiled[name, cl]:.1f} s" if mode == "compile" else ""
+                    note = f"median of {n} rounds" + compile_note
                 else:
                     note = notes.get((name, cl), "failed")
                 table.add(f"latency, {name}, {mode}, {fmt}", ms.get(key), "ms / batch", note)
             ratio(f"latency, retrofit / {cfg.native}, {mode}, {fmt}", (mode, "retrofit", cl), (mode, cfg.native, cl))
     for mode in MODES:
-        ratio(f"latency, channels_last / contiguous, retrofit, {mode}", (mode, "retrofit", True), (mode, "retrofit", False))
+        ratio(f"latency, channels_last / contiguous, retrofit, {mode}", (mode, "retrofit", True),
+              (mode, "retrofit", False))
     for cl, fmt in FORMATS.items():
         ratio(f"latency, compile / eager, retrofit, {fmt}", ("compile", "retrofit", cl), ("eager", "retrofit", cl))
-    return f"retrofit ({cfg.plain}, timm recipe, fused) vs {cfg.native}: max |diff| / max |out| {diff:.1e} (float32, eager)"
+    return (f"retrofit ({cfg.plain}, timm recipe, fused) vs {cfg.native}: max |diff| / max |out| {diff:.1e} (float32, "
+            "eager)")
 
 
 # ---- 4: the collective backend ----------------------------------------------------------------
@@ -454,7 +459,8 @@ def main(argv=None) -> int:
     collectives.report(table)
     table.add("memory, whole run's peak", memory.finish() / MIB, "MiB", "")
     dtype = "bf16 autocast" if cfg.device.type == "cuda" else "float32"
-    print(f"retrofit GPU check, {datetime.date.today().isoformat()}: {device_name(cfg.device)}; torch {torch.__version__}, "
+    print(f"retrofit GPU check, {datetime.date.today().isoformat()}: {device_name(cfg.device)}; torch "
+          f"{torch.__version__}, "
           f"timm {timm.__version__}; batch {cfg.batch}, {cfg.size}x{cfg.size}, {dtype}"
           f"{', cudnn.benchmark on' if cfg.device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
           f"torch.compile backend {cfg.backend}{' (--small: dynamo capture only)' if cfg.small else ''}")

@@ -162,7 +162,6 @@ def print_phase(console, name: str, runs: list[dict]) -> None:
 def main() -> None:
     import timm
     from rich.console import Console
-
     from transfer import make_data, pretrain_on
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -187,14 +186,16 @@ def main() -> None:
         torch.manual_seed(0)
         plain = timm.create_model(args.model, num_classes=10)
         top1 = pretrain_on(plain, root / "pretrain", args.size, args.pretrain_epochs)
-        console.print(f"pretrained {args.model} on digits 0-4: val top-1 {top1:.2f}% ({time.perf_counter() - t0:.0f} s)")
+        seconds = time.perf_counter() - t0
+        console.print(f"pretrained {args.model} on digits 0-4: val top-1 {top1:.2f}% ({seconds:.0f} s)")
         for seed in seeds:
             one, two = fine_tune(plain, folders[seed], seed, args)
             phases["after phase 1"].append(measure(one, folders[seed], args.size))
             phases["after phase 2"].append(measure(two, folders[seed], args.size))
             console.print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)")
     console.print(f"{args.model}, digits 0-4 -> 5-9, {args.shots} images per class, {len(seeds)} seeds; SE standard, "
-                  f"r 16, preserving init; phase 1 {args.epochs} epochs at lr {args.lr:g}, phase 2 {args.phase2_epochs} "
+                  f"r 16, preserving init; phase 1 {args.epochs} epochs at lr {args.lr:g}, phase 2 "
+                  f"{args.phase2_epochs} "
                   f"epochs at lr {args.lr / 10:g}; batch {args.batch_size}, no augmentation; "
                   f"{phases['after phase 1'][0]['images']} val images")
     for name, runs in phases.items():

@@ -106,7 +106,8 @@ def main() -> None:
           f"phase1 = retrofitted (standard, r 16), SE blocks only, norms frozen; full = plain model, everything")
     for arm in ARMS:
         print(f"  {arm:6s}: {ips[arm]:7.1f} images/s (median of {args.runs} rounds of {args.steps} steps; "
-              f"min {args.steps * args.batch / max(times[arm]):.1f}, max {args.steps * args.batch / min(times[arm]):.1f})")
+              f"min {args.steps * args.batch / max(times[arm]):.1f}, max "
+              f"{args.steps * args.batch / min(times[arm]):.1f})")
     ratio = ips["phase1"] / ips["full"]
     print(f"phase-1 images/s / full fine-tune images/s: {ratio:.2f} ({'meets' if ratio >= 1.3 else 'MISSES'} "
           f"target >= 1.3)")

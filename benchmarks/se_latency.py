@@ -54,7 +54,8 @@ def main(runs: int) -> None:
 def twice_the_work(runs: int = 15) -> None:
     """The timer's sanity on this machine: a conv stack and the same stack with one more conv (about
     twice the multiply-adds) should time about 2x (the unit tests check the bookkeeping on a fake clock)."""
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(64, 64, 3, padding=1))
     twice = torch.nn.Sequential(net, torch.nn.ReLU(), *list(net.children())[1:])
     timing = measure_latency({"one": net, "two": twice}, batch=2, input_size=(3, 48, 48), runs=runs, warmup=2)
     ratio = timing.ratio("two", "one")

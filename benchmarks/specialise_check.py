@@ -9,11 +9,13 @@ input and batch 1, where the check's share of a forward is largest: resnet50 (16
 64x64) and swin_tiny_patch4_window7_224 (12 rewritten blocks, 224x224). Then one check alone, in
 microseconds (timeit), for a resnet50 bottleneck and a Swin block.
 
-Run: python benchmarks/specialise_check.py [--runs N] [--threads T]
+Run: python benchmarks/specialise_check.py [--runs N] [--threads T] [--page docs/benchmarks/specialise-check.md]
 """
 import argparse
 import copy
+import sys
 import timeit
+from pathlib import Path
 
 import timm
 import torch
@@ -21,6 +23,9 @@ import torch
 import retrofit
 from retrofit.graph.forward import installed
 from retrofit.measure.latency import measure_latency
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from page import page  # noqa: E402
 
 
 def unchecked(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,7 +55,7 @@ def main(runs: int) -> None:
         one = rewritten[0]
         spec = installed(one).specialised
         n = 200_000
-        seconds = min(timeit.repeat(lambda: spec.stale(one), number=n, repeat=5)) / n
+        seconds = min(timeit.repeat(lambda spec=spec, one=one: spec.stale(one), number=n, repeat=5)) / n
         print(f"    one check ({type(one).__name__}, {len(spec.watched)} attributes watched): {seconds * 1e6:.2f} us")
 
 
@@ -58,6 +63,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=41)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--page", metavar="FILE", help="also write the output as a docs page (benchmarks/page.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    main(args.runs)
+    with page(args.page, "The attribute check of the rewritten forwards", __file__):
+        main(args.runs)

@@ -5,7 +5,7 @@
 2. whole processes: ``retrofit sweep resnet50 --r 2,4,8,16,32 --position standard,pre,post,identity,inside``
    over ``retrofit add-se resnet50``.
 
-Run: python benchmarks/sweep_speed.py [--runs N]
+Run: python benchmarks/sweep_speed.py [--runs N] [--page docs/benchmarks/sweep-speed.md]
 """
 import argparse
 import sys
@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RETROFIT, interleaved, med, processes, spread, verdict  # noqa: E402
+from page import page  # noqa: E402
 
 R = "2,4,8,16,32"
 POSITIONS = "standard,pre,post,identity,inside"
@@ -50,6 +51,8 @@ def whole_process(runs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--page", metavar="FILE", help="also write the output as a docs page (benchmarks/page.py)")
     args = parser.parse_args()
-    in_process(args.runs)
-    whole_process(args.runs)
+    with page(args.page, "A 5 x 5 sweep against one add-se", __file__):
+        in_process(args.runs)
+        whole_process(args.runs)

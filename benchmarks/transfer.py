@@ -177,7 +177,8 @@ def main() -> None:
                 if position is not None:
                     torch.manual_seed(seed)
                     model = retrofit.add_se(model, position=position, input_size=(3, size, size), inplace=True)
-                result = retrofit.finetune(model, folders[seed], epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                result = retrofit.finetune(model, folders[seed], epochs=args.epochs, lr=args.lr,
+                                           batch_size=args.batch_size,
                                            augment=False, seed=seed, workers=0, input_size=(3, size, size),
                                            restore_best=False, **{**OFF, **options})
                 results[name].append(result.row(row))

@@ -41,7 +41,6 @@ SEARCH_SEED = 100
 def prepare(root: Path, size: int, console):
     """transfer.py's data and pretrained network (its functions, unchanged)."""
     import timm
-
     from transfer import make_data, pretrain_on
 
     folders = make_data(root, size, shots=10, seeds=[0])
@@ -63,7 +62,8 @@ def seeds_of(plain, data, recipe, train, epochs, size, seeds=(0, 1, 2)):
         model = copy.deepcopy(plain)
         torch.manual_seed(seed)
         model = retrofit.add_se(model, recipe, input_size=(3, size, size), inplace=True)
-        result = retrofit.finetune(model, data, epochs=epochs, seed=seed, input_size=(3, size, size), restore_best=False,
+        result = retrofit.finetune(model, data, epochs=epochs, seed=seed, input_size=(3, size, size),
+                                   restore_best=False,
                                    **train)
         out.append(result.rows[-1]["top1"])
     return out
@@ -90,14 +90,16 @@ def grid_against_tune(plain, data, train, epochs, size, tmp: Path, console, say)
     search = [t for t in result.trials if t["state"] in ("complete", "pruned")]
     top = max((t for t in result.trials if t["state"] == "complete"), key=lambda t: t["top1"])
     console.print(f"(a) tune: {result.summary['line']}; {tune_time:.0f} s with its finish")
-    console.print(f"(a) tune best on seed {SEARCH_SEED}: trial {top['number']} {top['label']}, top-1 {top['top1']:.2f}%; "
+    console.print(f"(a) tune best on seed {SEARCH_SEED}: trial {top['number']} {top['label']}, top-1 "
+                  f"{top['top1']:.2f}%; "
                   f"search epochs {result.summary['epochs']} of the grid's {grid_epochs}: ratio "
                   f"{result.summary['epochs'] / grid_epochs:.3f} (goal <= 0.333); {len(search)} recipes searched")
     grid_seeds = seeds_of(plain, data, retrofit.Recipe(position=best.position, r=best.r, stages=best.stages), train,
                           epochs, size)
     gm, gs = statistics.fmean(grid_seeds), statistics.stdev(grid_seeds)
     win = next((r for r in result.rows if r.arm == "se" and r.recipe == result.best), None)
-    console.print(f"(a) grid's best over seeds 0-2: {gm:.2f} ± {gs:.2f}% (per seed {', '.join(f'{x:.2f}' for x in grid_seeds)})")
+    console.print(f"(a) grid's best over seeds 0-2: {gm:.2f} ± {gs:.2f}% (per seed "
+                  f"{', '.join(f'{x:.2f}' for x in grid_seeds)})")
     if win is not None:
         within = win.top1 >= gm - gs
         console.print(f"(a) tune's best over seeds 0-2 (its finish): trial {win.trial} {win.position} r={win.r_label} "

@@ -4,25 +4,27 @@ Method: Hu et al., "Squeeze-and-Excitation Networks" (CVPR 2018), https://arxiv.
 
 Example::
 
-    >>> import timm, retrofit
+    >>> import timm, torch, retrofit
     >>> model = timm.create_model("resnet50")
     >>> sites = retrofit.find_sites(model)
     >>> se_model = retrofit.add_se(model, position="standard", r=16)
     >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
-    >>> retrofit.get_info(se_model).blocks         # what was inserted where (None for a plain model)
+    >>> len(retrofit.get_info(se_model).blocks), retrofit.get_info(model)   # what was inserted (None: untouched)
+    (16, None)
     >>> plain = retrofit.strip(se_model)          # the blocks removed again
-    >>> with retrofit.bypass(se_model): ...       # the original network, blocks switched off
+    >>> with retrofit.bypass(se_model):           # the original network, blocks switched off
+    ...     logits = se_model(torch.randn(1, 3, 224, 224))
     >>> print(retrofit.trainable_parameters(se_model))   # what fine-tuning's phase 1 trains
-    >>> retrofit.save(se_model, "se.safetensors", adapter=True)   # only the blocks (and what changed)
-    >>> report = retrofit.inspect(se_model, "data/")  # what each gate does on the data (after a fine-tune)
-    >>> folded = retrofit.fold(se_model, "data/", tolerance=0.5).model   # gates that learnt a constant, folded
-    >>> retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
-    >>> retrofit.from_pretrained("se/")             # the same model again
-    >>> made = retrofit.create("resnet101", r=16)    # what `retrofit add-se resnet101 --r 16` computes
-    >>> report = retrofit.sweep_model("resnet50", r=[4, 16])   # `retrofit sweep`; tune_model: `retrofit tune`
+    trainable parameters: 2,530,992 || all: 28,088,024 || 9.01%
+    >>> folder = retrofit.save_pretrained(se_model, "se/")   # config.json, model.safetensors, README.md
+    >>> again = retrofit.from_pretrained("se/")               # the same model again
+    >>> path = retrofit.save(se_model, "se.safetensors", adapter=True)   # one file: only the blocks (and what changed)
+
+After a fine-tune on your data, ``retrofit.inspect(tuned, "data/")`` says what each gate does there and
+``retrofit.fold(tuned, "data/", tolerance=0.5).model`` folds the gates that learnt a constant.
 
 The package reads as its layers, lowest first; a module imports only from its own layer and those
-below (``lint-imports`` checks it; docs/architecture.md draws it):
+below (``lint-imports`` checks it; docs/contributing/architecture.md draws it):
 
 * :mod:`retrofit.errors`: the error users see;
 * :mod:`retrofit.blocks`: what is inserted (SE, timm's other attention blocks, their configuration);
@@ -118,14 +120,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layers.py keeps
     from .surgery.sites import Site, find_sites
     from .surgery.strip import strip
     from .surgery.trainable import Trainable, trainable_parameters
-    from .sweep.fold import FoldResult, fold
     from .sweep.by_name import SweepReport, sweep_model
     from .sweep.check import check_models
+    from .sweep.fold import FoldResult, fold
     from .sweep.grid import sweep
     from .sweep.tune.api import TuneResult, tune
     from .sweep.tune.by_name import tune_model
-    from .train.finetune import finetune
     from .train.config import FinetuneConfig
+    from .train.finetune import finetune
     from .train.inspect import Inspection, inspect
     from .train.result import FinetuneResult
 

@@ -47,7 +47,7 @@ class _Short(reprlib.Repr):
 
 
 def excerpt(value: object, limit: int | None = None, *, bare: bool = False) -> str:
-    """A short, escaped, one-line excerpt of ``value`` for a message that rejects it.
+    r"""A short, escaped, one-line excerpt of ``value`` for a message that rejects it.
 
     Text is cut to at most ``limit`` characters (its start and end kept, ``...`` between), every
     character that is not printable (a newline, a terminal escape) escaped, and put in quotes; any
@@ -56,6 +56,7 @@ def excerpt(value: object, limit: int | None = None, *, bare: bool = False) -> s
     Whatever ``value`` is, the cost and the length of the excerpt are bounded by ``limit`` (default
     :data:`EXCERPT`), so a message never repeats a value of millions of items or characters.
 
+    >>> from pathlib import Path
     >>> excerpt("layer3.*"), excerpt([1] * 2_000_000), excerpt(Path("a\nb.yaml"))
     ("'layer3.*'", '[1, 1, 1, 1, 1, 1, ...]', 'a\\nb.yaml')
     """

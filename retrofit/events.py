@@ -7,11 +7,13 @@ and ``retrofit.sweep.check.check_models`` each take ``on_event``, a function cal
 ``retrofit.check``), so user code follows
 a fine-tune, a sweep and a tune the same way, by a callback or by ``logging``:
 
-    >>> def follow(event):
-    ...     print(event.source, event.kind, event.message)
-    >>> retrofit.finetune(model, "data/", epochs=2, on_event=follow)       # finetune epoch epoch 1: top-1 ...
-    >>> retrofit.sweep(model, r=[4, 16], data="data/", on_event=follow)    # sweep run [1/6] control head+norms ...
-    >>> logging.basicConfig(level=logging.INFO)                            # or: every event as a log line
+    >>> seen = []
+    >>> result = retrofit.finetune(retrofit.add_se(model, r=4), "data/", epochs=2, batch_size=8, on_event=seen.append)
+    >>> [(e.source, e.kind, e.data["epoch"]) for e in seen]
+    [('finetune', 'epoch', 1), ('finetune', 'epoch', 2)]
+
+``retrofit.sweep(model, r=[4, 16], data="data/", on_event=print)`` follows a sweep the same way (``run``
+events), and ``logging.basicConfig(level=logging.INFO)`` shows every event as a log line instead.
 
 The kinds:
 
@@ -36,8 +38,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 KINDS = ("epoch", "run", "round", "line", "model")
 

@@ -1,17 +1,19 @@
 """Helpers the tests of several layers share: a tiny ImageFolder and the models trained on it, small
-networks of one's own, and the one-error-line check of the CLI. Fixtures live in conftest.py."""
+networks of one's own, the one-error-line check of the CLI, and the runner of the pages' python blocks.
+Fixtures live in conftest.py."""
 import os
+import re
 import socket
 import subprocess
 
 import numpy as np
 import timm
 import torch
+from conftest import randomize
 from PIL import Image
 from torch import nn
 
 import retrofit
-from conftest import randomize
 
 CLASSES, SIZE = 3, 32  # the fine-tune tests' data: 3 classes of SIZE x SIZE images
 
@@ -36,7 +38,8 @@ def plain_model(seed=0):
 
 def se_model(plain=None, **recipe):
     torch.manual_seed(0)  # fc2's random init draws from the global RNG: the same model in any test order
-    return retrofit.add_se(plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE), **{"r": 4, **recipe})
+    return retrofit.add_se(plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE),
+                           **{"r": 4, **recipe})
 
 
 FAST = dict(batch_size=8, lr=1e-2, workers=0)
@@ -186,3 +189,17 @@ def start_ranks(cmd, n=2, env=None, **kwargs):
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     return [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, **kwargs) for r in range(n)]
+
+
+def python_blocks(page):
+    """The ```python blocks of a Markdown page (the README, a page of docs/), in order."""
+    return re.findall(r"```python\n(.*?)\n```", page.read_text(), flags=re.S)
+
+
+def run_python_blocks(page, namespace, root):
+    """Run a page's python blocks as written, in order, in one ``namespace``, each compiled under the page's
+    path (relative to ``root``) and its number, so a failure names the block. Returns how many ran."""
+    blocks = python_blocks(page)
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{page.relative_to(root)} block {i + 1}", "exec"), namespace)
+    return len(blocks)

@@ -1,6 +1,6 @@
 """The package's layers hold: import-linter's contracts (pyproject.toml) are kept, and a deliberate upward
 import or circle breaks them; imports inside functions are documented deferrals; the facade imports
-nothing heavy; the tests follow the package's folders. See docs/architecture.md."""
+nothing heavy; the tests follow the package's folders. See docs/contributing/architecture.md."""
 import ast
 import shutil
 import subprocess
@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import imports  # noqa: E402  (tools/imports.py: the same counts the architecture page quotes)
 
-LAYERS = ["cli", "sweep", "train", "files", "measure", "surgery", "graph", "blocks", "inputs", "errors | events"]  # top first
+LAYERS = ["cli", "sweep", "train", "files", "measure", "surgery", "graph", "blocks", "inputs",
+          "errors | events"]  # top first
 MODULES = {"inputs", "errors | events"}  # the lowest layers are one module each
 
 
@@ -43,7 +44,8 @@ def test_the_contracts_are_kept_and_name_every_layer():
 
 
 @pytest.mark.parametrize("where, line, words", [
-    ("graph/trace.py", "from ..files.atomic import atomic_write", ["retrofit.graph is not allowed to import retrofit.files",
+    ("graph/trace.py", "from ..files.atomic import atomic_write", ["retrofit.graph is not allowed to import "
+                                                                   "retrofit.files",
                                                                     "retrofit.graph.trace -> retrofit.files.atomic"]),
     ("blocks/se.py", "from ..surgery import recipe", ["retrofit.blocks is not allowed to import retrofit.surgery"]),
     ("surgery/sites.py", "from . import named", ["No cycles are allowed in retrofit.surgery", ".sites -> .named"]),

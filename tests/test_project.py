@@ -27,7 +27,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests.strip() in ci
 
 
-def test_wheel_ships_every_package_and_the_builtin_recipes(tmp_path):
+def test_wheel_ships_every_package_the_builtin_recipes_py_typed_and_the_license(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
@@ -38,43 +38,37 @@ def test_wheel_ships_every_package_and_the_builtin_recipes(tmp_path):
         assert f"retrofit/recipes/{recipe}.yaml" in names
     for module in (ROOT / "retrofit").rglob("*.py"):  # pyproject lists packages by hand: none forgotten
         assert module.relative_to(ROOT).as_posix() in names
+    assert "retrofit/py.typed" in names  # PEP 561: type checkers read the package's annotations
+    (license,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]  # the text pyproject declares
+    assert zipfile.ZipFile(wheel).read(license) == (ROOT / "LICENSE").read_bytes()
 
 
-def test_readme_inline_finetune_call_runs_as_written(tmp_path, monkeypatch):
-    """The README's one-line Python fine-tune (prose, not a python block), on a model whose blocks
-    learn, in a folder holding only data/: its output_dir's parents did not exist (issue 17, item 7)."""
-    from support import make_folder, se_model
+def test_install_page_gives_the_readme_setup_commands_as_they_are():
+    """docs/install.md repeats the README's two set-up commands; a change to one is made to both."""
+    install = (ROOT / "docs" / "install.md").read_text()
+    assert all(f"```sh\n{command}\n```" in install for command in readme_commands())
 
-    text = (ROOT / "README.md").read_text()
-    (call,) = set(re.findall(r"`(retrofit\.finetune\(model, [^`]*\))`", text))
-    assert 'output_dir="runs/se50"' in call
+
+def test_readme_python_quickstart_runs(tmp_path, monkeypatch):
+    """The README's one Python block (its quickstart), run as written by the runner of every page's blocks
+    (tests/test_docs.py); the manual's blocks moved into docs/ and run there."""
+    from support import python_blocks, run_python_blocks
+
     monkeypatch.chdir(tmp_path)
-    make_folder(tmp_path / "data")
-    namespace = {"retrofit": __import__("retrofit"), "model": se_model(position="post")}
-    result = eval(compile(call, "README.md", "eval"), namespace)
-    assert (tmp_path / "runs" / "se50" / "best.safetensors").is_file()
-    assert [r["name"] for r in result.rows] == ["original", "step 0", "epoch 1", "epoch 2"]
-
-
-def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """The README's Python blocks, run as written (with a weights file and recipes they refer to)."""
-    import timm
-    from safetensors.torch import save_file
-
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)
-    assert len(blocks) == 3
-    monkeypatch.chdir(tmp_path)
-    save_file(timm.create_model("resnet50").state_dict(), "my_resnet50.safetensors")
-    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
-    from support import make_folder
-
-    make_folder(tmp_path / "data")  # the 3-class data set the inspect and fold lines read
+    (block,) = python_blocks(ROOT / "README.md")
+    assert len(block.strip().splitlines()) <= 12  # a quickstart, not a manual
     namespace = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["report"].added_params > 0
-    assert len(retrofit.get_info(namespace["again"]).blocks) == 2
-    assert len(retrofit.get_info(namespace["se_detector"]).blocks) == 16 and len(namespace["detections"]) == 2  # no FPN merge
-    assert {"loss_classifier", "loss_objectness"} <= set(namespace["losses"])
-    assert len(namespace["gates"].blocks) == 8 and namespace["result"].evaluations >= 1
+    assert run_python_blocks(ROOT / "README.md", namespace, ROOT) == 1
+    report, se_model = namespace["report"], namespace["se_model"]
+    closed_form = 2 * sum(2 * c * (c // 16) + c // 16 + c for c in (64, 128, 256, 512))  # 2 blocks a stage, w = C/16
+    assert report.added_params == closed_form == 89_080
+    assert len(retrofit.get_info(se_model).blocks) == 8
+    assert sorted(p.name for p in namespace["folder"].iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_readme_is_a_front_page_linking_existing_pages():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    links = re.findall(r"\]\(((?:docs/|CHANGELOG)[^)#]*)\)", text)
+    assert len(links) >= 20
+    assert [link for link in links if not (ROOT / link).is_file()] == []

@@ -35,7 +35,8 @@ def test_every_block_runs_as_written(tmp_path, monkeypatch):
     for i, block in enumerate(blocks):
         exec(compile(block, f"{PAGE.name} block {i + 1}", "exec"), namespace)
     ns = namespace
-    assert len(ns["report"].rows) == 5 * 5 * 3 and json.loads(Path("sweep.json").read_text()) == as_json(ns["report"].to_dict())
+    assert len(ns["report"].rows) == 5 * 5 * 3
+    assert json.loads(Path("sweep.json").read_text()) == as_json(ns["report"].to_dict())
     assert [row.arm for row in ns["accuracy"].rows][:3] == ["original", "head+norms", "full"]
     assert (tmp_path / "test_resnet-tune" / "tune.json").is_file() and ns["tuned"].output_dir.name == "test_resnet-tune"
     assert (tmp_path / "se-finetune" / "best.safetensors").is_file() and (tmp_path / "folded" / "config.json").is_file()
@@ -52,7 +53,8 @@ def cli_json(*args):
 
 def test_create_is_add_se():
     made = retrofit.create("resnet18", r=8, position="post", stages=[4, 5])
-    assert as_json(made.to_dict()) == cli_json("add-se", "resnet18", "--r", "8", "--position", "post", "--stages", "4,5")
+    assert as_json(made.to_dict()) == cli_json("add-se", "resnet18", "--r", "8", "--position", "post", "--stages",
+                                               "4,5")
 
 
 def test_sweep_model_is_sweep():

@@ -2,7 +2,7 @@
 
     python tools/imports.py             # counts: modules, circles, imports inside functions
     python tools/imports.py --list      # ... and every import inside a function, with its comment
-    python tools/imports.py --mermaid   # the layer graph as a mermaid diagram (docs/architecture.md)
+    python tools/imports.py --mermaid   # the layer graph as a mermaid diagram (docs/contributing/architecture.md)
     python tools/imports.py --root DIR  # the same for the package in DIR (e.g. an older checkout)
 
 The import graph is grimp's (the library import-linter is built on; ``lint-imports`` checks the
@@ -96,7 +96,10 @@ def circles(graph: grimp.ImportGraph | None = None) -> list[list[str]]:
 
     def visit(v):  # Tarjan's algorithm, iterative over the stack of a recursion-free walk
         work = [(v, iter(sorted(edges[v])))]
-        index[v] = low[v] = counter[0]; counter[0] += 1; stack.append(v); on.add(v)
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
         while work:
             node, it = work[-1]
             nxt = next(it, None)
@@ -107,13 +110,18 @@ def circles(graph: grimp.ImportGraph | None = None) -> list[list[str]]:
                 if low[node] == index[node]:
                     group = []
                     while True:
-                        w = stack.pop(); on.discard(w); group.append(w)
+                        w = stack.pop()
+                        on.discard(w)
+                        group.append(w)
                         if w == node:
                             break
                     if len(group) > 1:
                         out.append(sorted(group))
             elif nxt not in index:
-                index[nxt] = low[nxt] = counter[0]; counter[0] += 1; stack.append(nxt); on.add(nxt)
+                index[nxt] = low[nxt] = counter[0]
+                counter[0] += 1
+                stack.append(nxt)
+                on.add(nxt)
                 work.append((nxt, iter(sorted(edges[nxt]))))
             elif nxt in on:
                 low[node] = min(low[node], index[nxt])

@@ -1,4 +1,4 @@
-"""docs/options.md: every option of a fine-tune and every field of a recipe, made from their one definition
+"""docs/reference/options.md: every option of a fine-tune and every field of a recipe, made from their one definition
 (retrofit.FinetuneConfig's fields, retrofit.Recipe's fields). `python tools/options_doc.py` writes it;
 tests/test_docs.py fails when it is not up to date."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = ROOT / "docs" / "options.md"
+PAGE = ROOT / "docs" / "reference" / "options.md"
 
 
 def page() -> str:

@@ -41,8 +41,9 @@ This module knows nothing of recipes (:mod:`retrofit.blocks.config` imports it, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timm.layers import create_attn
@@ -73,6 +74,8 @@ class AttentionSpec:
     not_a_gate: str = "it is not registered as a channel gate (register_attention(..., excitation=...))"
 
 
+#: The blocks by name (``se``, ``ese``, ``eca``, ``ceca``, ``cbam``, ``gc`` and any added with
+#: :func:`register_attention`): how each is built, the recipe fields it reads, how it starts as identity.
 ATTENTIONS: dict[str, AttentionSpec] = {}
 # how the tables and messages name each built-in block (a block registered later: by its own name)
 DISPLAY_NAMES = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}

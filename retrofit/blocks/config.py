@@ -14,14 +14,15 @@ step).
     32
     >>> BlockConfig(module="eca", r=8)   # ECA has no reduction: refused, not ignored
     Traceback (most recent call last):
-    RecipeError: recipe field 'r' does not apply to module 'eca' (it reads gate); ...
+    retrofit.errors.RecipeError: recipe field 'r' does not apply to module 'eca' (it reads gate); ...
 """
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from timm.layers import make_divisible
 
@@ -98,7 +99,7 @@ def described(default: Any, help: str, example: str = "") -> Any:
 @dataclass(frozen=True)
 class BlockConfig:
     """How one block is built. Each field's help is its ``metadata["help"]`` (``fields(BlockConfig)``; listed
-    in ``docs/options.md``). A module reads only some of the fields (ECA: ``gate``); a non-default value of
+    in ``docs/reference/options.md``). A module reads only some of the fields (ECA: ``gate``); a non-default value of
     a field it does not read is an error."""
 
     r: float = described(16, *BLOCK_HELP["r"])

@@ -7,6 +7,7 @@ goes away (:mod:`retrofit.surgery.fold`); elsewhere it becomes this module, whic
 ``C`` parameters, no pooling and no multiply-adds: one multiplication per element, as the gate's own
 scaling pass. The scale is a parameter, so a later fine-tune can still move it.
 
+    >>> x = torch.randn(2, 64, 8, 8)
     >>> scale = ChannelScale(64)
     >>> scale(x).equal(x)       # ones until a fold sets it
     True

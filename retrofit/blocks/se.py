@@ -24,7 +24,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from timm.layers import SEModule, SelectAdaptivePool2d, create_act_layer, make_divisible, register_notrace_module
+from timm.layers import SelectAdaptivePool2d, SEModule, create_act_layer, make_divisible, register_notrace_module
 from torch import nn
 
 

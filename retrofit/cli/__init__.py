@@ -13,7 +13,8 @@ import typer
 
 from .common import app, say
 
-COMMANDS = ("add_se", "sites", "recipes", "finetune", "inspect", "fold", "sweep", "check", "tune")  # one module each, registered on `app` when imported
+COMMANDS = ("add_se", "sites", "recipes", "finetune", "inspect", "fold", "sweep", "check",
+            "tune")  # one module each, registered on `app` when imported
 for _command in COMMANDS:
     importlib.import_module(f".{_command}", __name__)
 

@@ -16,7 +16,8 @@ def accuracy_caption(rows, latency: bool) -> str:
     control = next((row.control for row in rows if row.control), None)
     return (f"top-1, val loss: the last epoch's, mean ± std over {seeds} seed(s). Δ top-1: paired difference "
             f"to the control arm '{control}' (the best control), mean ± std over the seeds [its 95% t-interval]. "
-            f"front: on the Pareto front of top-1 against {'latency' if latency else 'added parameters'}, controls included.")
+            f"front: on the Pareto front of top-1 against {'latency' if latency else 'added parameters'}, controls "
+            "included.")
 
 
 def accuracy_columns(rows) -> list:

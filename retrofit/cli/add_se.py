@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..errors import RetrofitError, excerpt
-from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, console, fail_cleanly, json_target,
-                     print_skipped, rounds_bar, say, write_json)
+from .common import (
+    AT,
+    CHECKPOINT,
+    INPUT_SIZE,
+    NUM_CLASSES,
+    PRETRAINED,
+    app,
+    console,
+    fail_cleanly,
+    json_target,
+    print_skipped,
+    rounds_bar,
+    say,
+    write_json,
+)
 from .finetune import is_main_process, run_finetune
 from .options import finetune_options, recipe_option
 
@@ -18,35 +30,57 @@ from .options import finetune_options, recipe_option
 @finetune_options
 def add_se_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet101."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: standard)."),
-    position: Optional[str] = recipe_option("position"),
-    r: Optional[str] = recipe_option("r"),
-    squeeze: Optional[str] = recipe_option("squeeze"),
-    gate: Optional[str] = recipe_option("gate"),
-    stages: Optional[str] = recipe_option("stages"),
-    divisor: Optional[str] = recipe_option("divisor"),
-    min_width: Optional[str] = recipe_option("min_width"),
-    bias: Optional[bool] = recipe_option("bias"),
-    init: Optional[str] = recipe_option("init"),
-    module: Optional[str] = recipe_option("module"),
+    recipe: str | None = typer.Option(None, "--recipe", "-R", help="Built-in recipe name or YAML file (default: "
+                                                                   "standard)."),
+    position: str | None = recipe_option("position"),
+    r: str | None = recipe_option("r"),
+    squeeze: str | None = recipe_option("squeeze"),
+    gate: str | None = recipe_option("gate"),
+    stages: str | None = recipe_option("stages"),
+    divisor: str | None = recipe_option("divisor"),
+    min_width: str | None = recipe_option("min_width"),
+    bias: bool | None = recipe_option("bias"),
+    init: str | None = recipe_option("init"),
+    module: str | None = recipe_option("module"),
     allow_wide: bool = recipe_option("allow_wide"),
-    kinds: Optional[str] = recipe_option("kinds"),
-    only: Optional[str] = recipe_option("only"),
-    skip: Optional[str] = recipe_option("skip"),
-    at: Optional[str] = AT,
-    input_size: Optional[str] = INPUT_SIZE,
-    checkpoint: Optional[Path] = CHECKPOINT,
+    kinds: str | None = recipe_option("kinds"),
+    only: str | None = recipe_option("only"),
+    skip: str | None = recipe_option("skip"),
+    at: str | None = AT,
+    input_size: str | None = INPUT_SIZE,
+    checkpoint: Path | None = CHECKPOINT,
     pretrained: bool = PRETRAINED,
-    num_classes: Optional[str] = NUM_CLASSES,
-    every_block: bool = typer.Option(False, "--blocks", help="List every inserted block (default: per stage the first and the last, the others folded into one row)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Save the retrofitted model: a folder (config.json, model.safetensors, README.md: its model card with the Hub's metadata) for retrofit.from_pretrained, or a single FILE.safetensors for retrofit.load, with its card FILE.README.md beside it."),
-    adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new head, and what phase 2 changed) with a hash of the base weights (adapter_model.safetensors in a folder); retrofit.from_pretrained(OUTPUT, base=CHECKPOINT) rebuilds the model."),
-    finetune: Optional[Path] = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, DIR/val), with the fine-tune options below (those of `retrofit finetune`); --output gets the best model, checkpoints go to OUTPUT's name + -add-se/. It cannot be resumed: for a run to resume, save with `add-se ... --output F`, then `retrofit finetune F --data DIR` (which takes --resume)."),
-    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original: the median ratio of the two, back to back in each round, with its interval over the rounds (at least 95%)."),
+    num_classes: str | None = NUM_CLASSES,
+    every_block: bool = typer.Option(False, "--blocks", help="List every inserted block (default: per stage the first "
+                                                             "and the last, the others folded into one row)."),
+    json_path: str | None = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Save the retrofitted model: a folder "
+                                                                    "(config.json, model.safetensors, README.md: its "
+                                                                    "model card with the Hub's metadata) for "
+                                                                    "retrofit.from_pretrained, or a single "
+                                                                    "FILE.safetensors for retrofit.load, with its card "
+                                                                    "FILE.README.md beside it."),
+    adapter: bool = typer.Option(False, "--adapter", help="With --output: save an adapter, only the blocks (and a new "
+                                                          "head, and what phase 2 changed) with a hash of the base "
+                                                          "weights (adapter_model.safetensors in a folder); "
+                                                          "retrofit.from_pretrained(OUTPUT, base=CHECKPOINT) rebuilds "
+                                                          "the model."),
+    finetune: Path | None = typer.Option(None, "--finetune", help="Then fine-tune on this ImageFolder (DIR/train, "
+                                                                  "DIR/val), with the fine-tune options below (those "
+                                                                  "of `retrofit finetune`); --output gets the best "
+                                                                  "model, checkpoints go to OUTPUT's name + -add-se/. "
+                                                                  "It cannot be resumed: for a run to resume, save "
+                                                                  "with `add-se ... --output F`, then `retrofit "
+                                                                  "finetune F --data DIR` (which takes --resume)."),
+    latency: bool = typer.Option(False, "--latency", help="Also time the retrofitted model against the original: the "
+                                                          "median ratio of the two, back to back in each round, with "
+                                                          "its interval over the rounds (at least 95%)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the --latency runs."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (each times both models)."),
-    meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, no memory); default: when nothing needs real weights (no --output, --checkpoint, --pretrained, --latency, --finetune)."),
+    meta: bool | None = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weights, "
+                                                                    "no memory); default: when nothing needs real "
+                                                                    "weights (no --output, --checkpoint, --pretrained, "
+                                                                    "--latency, --finetune)."),
     *, config,
 ):
     """Insert SE blocks by a recipe and report the sites and the overhead.
@@ -77,7 +111,8 @@ def add_se_command(
     result = None
     if finetune is not None:  # the best epoch by val top-1 (step 0 included) is what --output gets
         result = run_finetune(made.model, finetune, output.with_name(f"{output.stem}-add-se"), config, quiet=not talk,
-                              resumable=False, said_random=True, inputs=tuple(p for p in (checkpoint,) if p is not None))
+                              resumable=False, said_random=True,
+                              inputs=tuple(p for p in (checkpoint,) if p is not None))
     if output is not None and is_main_process():
         weights, card = save_output(made.model, output, adapter=adapter, overhead=made.overhead, result=result,
                                     command=command_line(), base_name=made.base_name)
@@ -101,7 +136,8 @@ def check_output(output, adapter: bool, finetune, checkpoint, pretrained: bool, 
     if output is not None:
         written = outputs_of(output)
         if output.expanduser().is_file() and output.suffix != ".safetensors":
-            raise RetrofitError(f"--output {excerpt(output)} is a file; give a folder, or a file name ending in .safetensors")
+            raise RetrofitError(f"--output {excerpt(output)} is a file; give a folder, or a file name ending in "
+                                ".safetensors")
         check_writable(written[0])
         given = Path(checkpoint).expanduser().resolve() if checkpoint is not None else None
         if given is not None and any(p.resolve() == given for p in written):

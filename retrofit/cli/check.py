@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from typing import List, Optional
 
 import typer
 
@@ -41,14 +40,16 @@ def summary_line(summary: dict, seconds: float) -> str:
 
 @app.command("check", short_help="Check the pass on models (or one of every timm family).")
 def check_command(
-    models: Optional[List[str]] = typer.Argument(None, help="timm model names to check."),
+    models: list[str] | None = typer.Argument(None, help="timm model names to check."),
     all_families: bool = typer.Option(False, "--all-families",
                                       help="Check the smallest model (fewest parameters) of every timm family."),
-    family: Optional[List[str]] = typer.Option(None, "--family",
+    family: list[str] | None = typer.Option(None, "--family",
                                                help="With --all-families: only this family (repeatable)."),
     time_limit: float = typer.Option(300.0, "--time-limit", help="Seconds per model before it counts as failed."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON to FILE (- for stdout)."),
-    r: str = typer.Option("16", "--r", "-r", help="Reduction ratio of the blocks, or per stage, e.g. 2:8,3:8,4:16,5:32 (stages not named: 16); each block's parameters are checked against 2Cw + w + C, w = max(1, floor(C/r + 1/2)) with its stage's r."),
+    json_path: str | None = typer.Option(None, "--json", help="Write the results as JSON to FILE (- for stdout)."),
+    r: str = typer.Option("16", "--r", "-r", help="Reduction ratio of the blocks, or per stage, e.g. 2:8,3:8,4:16,5:32 "
+                                                  "(stages not named: 16); each block's parameters are checked against "
+                                                  "2Cw + w + C, w = max(1, floor(C/r + 1/2)) with its stage's r."),
 ):
     """Check the pass on models: sites found, SE inserted at the standard and inside positions,
     forward and backward run, output shape and values preserved, parameters as the paper counts.

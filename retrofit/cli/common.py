@@ -17,13 +17,13 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from typer.core import TyperGroup
 from rich.text import Text
+from typer.core import TyperGroup
 
 from ..errors import RetrofitError, first_line
 from ..files.atomic import atomic_write, check_writable  # no torch: plain file writes
@@ -132,7 +132,8 @@ def rounds_bar(label: str, quiet: bool = False):
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bars:
         task = bars.add_task(label, total=None)
-        yield lambda e: bars.update(task, completed=e.data["done"], total=e.data["total"]) if e.kind == "round" else None
+        yield lambda e: bars.update(task, completed=e.data["done"],
+                                    total=e.data["total"]) if e.kind == "round" else None
 
 
 def fail_cleanly(fn):
@@ -145,10 +146,10 @@ def fail_cleanly(fn):
         except RetrofitError as e:
             # one line: torch.fx's interpreter appends "While executing ..." lines to what passes through it
             say(("error:", "red"), f" {(str(e).strip().splitlines() or [''])[0]}", stderr=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None  # said in one line: the exit carries no other error
         except KeyboardInterrupt:
             say(("interrupted", "red"), stderr=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except typer.Exit:  # a command's own exit, its message said
             raise
         except Exception as e:  # a bug: still one line, with a way to see more
@@ -156,14 +157,14 @@ def fail_cleanly(fn):
                 raise
             if isinstance(e.__context__, KeyboardInterrupt):  # a Ctrl-C inside an import surfaces as another error
                 say(("interrupted", "red"), stderr=True)
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
             say(("internal error:", "red"), f" {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
                 f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", stderr=True)
-            raise typer.Exit(3)
+            raise typer.Exit(3) from None
     return run
 
 
-def json_target(path: Optional[str]) -> Optional[Path]:
+def json_target(path: str | None) -> Path | None:
     if path is None or path == "-":
         return None
     target = Path(path).expanduser()
@@ -171,7 +172,7 @@ def json_target(path: Optional[str]) -> Optional[Path]:
     return target
 
 
-def write_json(data: dict, path: Optional[str]) -> None:
+def write_json(data: dict, path: str | None) -> None:
     text = json.dumps(data, indent=2)
     if path == "-":
         sys.stdout.write(text + "\n")
@@ -201,13 +202,17 @@ NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size (a new h
 INPUT_SIZE = typer.Option(None, "--input-size", help="C,H,W to trace with (default: the model's own).")
 AT = recipe_option("at")
 # reading a saved model: `finetune`, `inspect`, `fold`
-SAVED = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (its folder, or a .safetensors file), or an adapter (with --base).")
-BASE = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain weights, or a model saved by retrofit: a file or a folder).")
-FORCE = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's.")
-IMAGES = typer.Option(None, "--images", min=1, help="Read an evenly spaced subset of this many val images (default: all).")
+SAVED = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (its folder, or a "
+                                 ".safetensors file), or an adapter (with --base).")
+BASE = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain "
+                                         "weights, or a model saved by retrofit: a file or a folder).")
+FORCE = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own "
+                                            "base's.")
+IMAGES = typer.Option(None, "--images", min=1, help="Read an evenly spaced subset of this many val images (default: "
+                                                    "all).")
 
 
-def globs(text: Optional[str]) -> Optional[list[str]]:
+def globs(text: str | None) -> list[str] | None:
     """``'layer3.*, layer4.*'`` -> ``['layer3.*', 'layer4.*']``; None stays None."""
     return None if text is None else [g.strip() for g in text.split(",") if g.strip()]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -35,8 +34,8 @@ def run_finetune(model, data: Path, output_dir: Path, config, inputs: tuple[Path
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.provenance import random_weights
     from ..measure.report import results_table
-    from ..train.finetune import finetune
     from ..train.distributed import check_device
+    from ..train.finetune import finetune
     from ..train.run_dir import BEST_FILE, LAST_FILE, METRICS_FILE
     from ..train.state import STATE_FILE
 
@@ -46,7 +45,8 @@ def run_finetune(model, data: Path, output_dir: Path, config, inputs: tuple[Path
     for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
         for given in inputs:
             if (output_dir / name).resolve() == Path(given).expanduser().resolve():
-                raise RetrofitError(f"{excerpt(given, bare=True)} would be overwritten by the fine-tuning run in {excerpt(output_dir)}; input "
+                raise RetrofitError(f"{excerpt(given, bare=True)} would be overwritten by the fine-tuning run in "
+                                    f"{excerpt(output_dir)}; input "
                                     f"weights are never overwritten, choose another --output-dir")
     if not resume and (output_dir / STATE_FILE).exists():  # the library's words are resume=True
         raise RetrofitError(f"{excerpt(output_dir)} already holds a fine-tuning run; " + (
@@ -93,22 +93,27 @@ def finetune_command(
     checkpoint: Path = SAVED,
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/* and DATA/val/<class>/*."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output-dir."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, metrics.jsonl (default: CHECKPOINT's name + -finetune/)."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."),
-    base: Optional[Path] = BASE,
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, "
+                                                                            "metrics.jsonl (default: CHECKPOINT's name "
+                                                                            "+ -finetune/)."),
+    input_size: str | None = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: "
+                                                                     "the size it was retrofitted at)."),
+    base: Path | None = BASE,
     force: bool = FORCE,
-    adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, OUTPUT_DIR/adapter.safetensors (the blocks and what changed, with a hash of the base)."),
+    adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, "
+                                                          "OUTPUT_DIR/adapter.safetensors (the blocks and what "
+                                                          "changed, with a hash of the base)."),
     *, config,
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.card import command_line, write_card
     from ..files.checkpoint import load, save
-    from ..train.run_dir import BEST_FILE
-    from ..measure.overhead import measure_overhead
     from ..graph.model import resolve_input_size
+    from ..measure.overhead import measure_overhead
     from ..surgery.info import get_info
     from ..surgery.strip import strip
+    from ..train.run_dir import BEST_FILE
 
     model = load(checkpoint, base=base, force=force)
     size = resolve_input_size(model, input_size) if input_size is not None else None

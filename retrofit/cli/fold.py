@@ -2,13 +2,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..errors import RetrofitError
-from .common import (BASE, FORCE, IMAGES, SAVED, app, console, fail_cleanly, globs, json_target, rounds_bar, say,
-                     write_json)
+from .common import (
+    BASE,
+    FORCE,
+    IMAGES,
+    SAVED,
+    app,
+    console,
+    fail_cleanly,
+    globs,
+    json_target,
+    rounds_bar,
+    say,
+    write_json,
+)
 from .options import finetune_options
 
 
@@ -17,16 +28,32 @@ from .options import finetune_options
 @finetune_options(only=("batch_size", "workers", "device"))
 def fold_command(
     checkpoint: Path = SAVED,
-    output: Path = typer.Option(..., "--output", "-o", help="Save the folded model here: a folder (config.json, model.safetensors, README.md), or FILE.safetensors with its card FILE.README.md."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="The ImageFolder the model was fine-tuned on: needed for --tolerance above 0 and for --blocks whose excitation depends on the input; with it, val top-1 and loss are measured before and after."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Val top-1 points the folded model may lose (0 to 100): gates are folded by their mean excitation, least input-dependent first, as many as keep top-1 within this, found in at most log2(gates) + 2 evaluations. Default 0: only the input-independent gates, exactly (no data needed)."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Block globs, e.g. 'layer4.*': fold only these (all of them, by their mean on --data, unless --tolerance is given)."),
-    images: Optional[int] = IMAGES,
-    adapter: bool = typer.Option(False, "--adapter", help="Save an adapter: the blocks left, the channel scales and the neighbour tensors the fold changed, with a hash of the base."),
-    latency: bool = typer.Option(False, "--latency", help="Also time the folded model against the unfolded one: the median ratio with its interval over the rounds."),
+    output: Path = typer.Option(..., "--output", "-o", help="Save the folded model here: a folder (config.json, "
+                                                            "model.safetensors, README.md), or FILE.safetensors with "
+                                                            "its card FILE.README.md."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="The ImageFolder the model was fine-tuned on: needed "
+                                                                "for --tolerance above 0 and for --blocks whose "
+                                                                "excitation depends on the input; with it, val top-1 "
+                                                                "and loss are measured before and after."),
+    tolerance: float | None = typer.Option(None, "--tolerance", "-t", help="Val top-1 points the folded model may lose "
+                                                                           "(0 to 100): gates are folded by their mean "
+                                                                           "excitation, least input-dependent first, "
+                                                                           "as many as keep top-1 within this, found "
+                                                                           "in at most log2(gates) + 2 evaluations. "
+                                                                           "Default 0: only the input-independent "
+                                                                           "gates, exactly (no data needed)."),
+    blocks: str | None = typer.Option(None, "--blocks", help="Block globs, e.g. 'layer4.*': fold only these (all of "
+                                                             "them, by their mean on --data, unless --tolerance is "
+                                                             "given)."),
+    images: int | None = IMAGES,
+    adapter: bool = typer.Option(False, "--adapter", help="Save an adapter: the blocks left, the channel scales and "
+                                                          "the neighbour tensors the fold changed, with a hash of the "
+                                                          "base."),
+    latency: bool = typer.Option(False, "--latency", help="Also time the folded model against the unfolded one: the "
+                                                          "median ratio with its interval over the rounds."),
     runs: int = typer.Option(10, "--runs", min=1, help="Timed rounds for --latency."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
-    base: Optional[Path] = BASE,
+    json_path: str | None = typer.Option(None, "--json", help="Write the numbers as JSON to FILE (- for stdout)."),
+    base: Path | None = BASE,
     force: bool = FORCE,
     *, config,
 ):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,13 +14,23 @@ from .options import finetune_options
 @finetune_options(only=("batch_size", "workers", "device"))
 def inspect_command(
     checkpoint: Path = SAVED,
-    data: Path = typer.Option(..., "--data", "-d", help="The ImageFolder the model was fine-tuned on (DATA/train/<class>/*, DATA/val/<class>/*); its val images are read."),
-    images: Optional[int] = IMAGES,
-    output_change: bool = typer.Option(True, "--output-change/--no-output-change", help="Also measure each gate's constancy at the model's output: the relative change of the logits and the change of the loss with that gate at its mean excitation (one more pass over the images per gate)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to FILE (- for stdout), with each gate's mean excitation per channel."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the paper's figure to FILE (.png, .pdf, .svg): the mean excitation per channel, one line per class (needs the plot extra)."),
-    plot_blocks: Optional[str] = typer.Option(None, "--plot-blocks", help="Block globs to draw, e.g. 'layer4.*' (default: the first gate of each stage and the last gate)."),
-    base: Optional[Path] = BASE,
+    data: Path = typer.Option(..., "--data", "-d", help="The ImageFolder the model was fine-tuned on "
+                                                        "(DATA/train/<class>/*, DATA/val/<class>/*); its val images "
+                                                        "are read."),
+    images: int | None = IMAGES,
+    output_change: bool = typer.Option(
+        True, "--output-change/--no-output-change",
+        help="Also measure each gate's constancy at the model's output: the relative change of the logits and the "
+             "change of the loss with that gate at its mean excitation (one more pass over the images per gate)."),
+    json_path: str | None = typer.Option(None, "--json", help="Write the report as JSON to FILE (- for stdout), with "
+                                                              "each gate's mean excitation per channel."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw the paper's figure to FILE (.png, .pdf, .svg): the "
+                                                          "mean excitation per channel, one line per class (needs the "
+                                                          "plot extra)."),
+    plot_blocks: str | None = typer.Option(None, "--plot-blocks", help="Block globs to draw, e.g. 'layer4.*' (default: "
+                                                                       "the first gate of each stage and the last "
+                                                                       "gate)."),
+    base: Path | None = BASE,
     force: bool = FORCE,
     *, config,
 ):

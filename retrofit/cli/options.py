@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import typer
 
 from ..blocks.help import BLOCK_HELP  # no torch
 from ..surgery.help import RECIPE_HELP  # no torch
 from ..train.config import FIELDS, FinetuneConfig, bounds_text, cli_default, kind
-
-
 
 
 def config_help(name: str, before: str = "", after: str = "") -> str:
@@ -44,7 +43,7 @@ def config_option(name: str, note: str = "") -> tuple[Any, Any]:
     extra = {}
     if not _open(f) and base in (int, float):  # closed bounds: a click range (open ones: said in the help)
         extra = {k: m[b] for k, b in (("min", "low"), ("max", "high")) if m[b] is not None}
-    annotation = Optional[base] if optional else base
+    annotation = Optional[base] if optional else base  # noqa: UP045 - a runtime type typer reads, not an annotation
     return annotation, typer.Option(cli_default(f), *m["flags"], help=config_help(name, note), **extra)
 
 

@@ -1,8 +1,9 @@
 """`retrofit recipes`: list the built-in recipes."""
 from __future__ import annotations
 
-from .common import console, fail_cleanly, app
 from rich.table import Table
+
+from .common import app, console, fail_cleanly
 
 
 @app.command("recipes", short_help="List the built-in recipes.")

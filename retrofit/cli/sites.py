@@ -1,33 +1,29 @@
 """`retrofit sites`: list the sites the pass finds."""
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
-from .common import (AT, INPUT_SIZE, NUM_CLASSES, app, console, fail_cleanly, json_target, print_skipped,
-                     say, write_json)
+from .common import AT, INPUT_SIZE, NUM_CLASSES, app, console, fail_cleanly, json_target, print_skipped, say, write_json
 
 
 @app.command("sites", short_help="List the sites the pass finds in a model.")
 @fail_cleanly
 def sites_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
-    at: Optional[str] = AT,
-    input_size: Optional[str] = INPUT_SIZE,
-    num_classes: Optional[str] = NUM_CLASSES,
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the sites as JSON to FILE (- for stdout)."),
+    at: str | None = AT,
+    input_size: str | None = INPUT_SIZE,
+    num_classes: str | None = NUM_CLASSES,
+    json_path: str | None = typer.Option(None, "--json", help="Write the sites as JSON to FILE (- for stdout)."),
 ):
     """List the sites the pass finds: residual merges, Inception merges, 3x3 convs in residual branches,
     feature-pyramid merges (and, with --at, the outputs of the modules named); modules whose forward is
     kept as is, and what was skipped, with why."""
     # deferred: torch and timm load when a command runs, not for --help
     from ..files.create import build_named
-    from ..graph.model import model_name
-    from ..graph.model import resolve_input_size
+    from ..graph.model import model_name, resolve_input_size
+    from ..measure.report import sites_by_stage, sites_json, sites_table
     from ..surgery.named import named_sites
     from ..surgery.recipe import Recipe
-    from ..measure.report import sites_by_stage, sites_json, sites_table
     from ..surgery.sites import scan
 
     globs = Recipe(at=at).at  # checked like the recipe field

@@ -3,7 +3,6 @@ also its accuracy over seeds next to the control arms (columns and plot: :mod:`r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,12 +10,25 @@ from ..errors import RetrofitError
 from ..measure.excitation_plot import PLOT_MISSING  # no torch
 from ..measure.fit import Col, FitTable  # rich only: no torch
 from ..train.config import RUN_OPTIONS  # no torch
-from .ablation import (accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy,
-                       save_figure)
-from .common import (AT, CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, console, fail_cleanly, json_target,
-                     plural, rounds_bar, say, write_json)
+from .ablation import accuracy_caption, accuracy_cells, accuracy_columns, draw_accuracy, has_accuracy, save_figure
+from .common import (
+    AT,
+    CHECKPOINT,
+    INPUT_SIZE,
+    NUM_CLASSES,
+    PRETRAINED,
+    app,
+    console,
+    fail_cleanly,
+    json_target,
+    plural,
+    rounds_bar,
+    say,
+    write_json,
+)
 from .finetune import is_main_process
 from .options import finetune_options
+
 
 @app.command("sweep", short_help="Sweep r x position x stages: overhead, latency, accuracy.")
 @fail_cleanly
@@ -25,26 +37,39 @@ from .options import finetune_options
     "lr": "With --data (SE arms, head+norms control)."})
 def sweep_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
-    r: str = typer.Option("16", "--r", "-r", help="Reduction ratios, comma-separated, e.g. 2,4,8,16,32; an item may be a per-stage map (stage:r pairs), and then items are separated by ';': '16;2:8,3:8,4:16,5:32' (stages a map does not name keep the recipe's r)."),
+    r: str = typer.Option("16", "--r", "-r", help="Reduction ratios, comma-separated, e.g. 2,4,8,16,32; an item may be "
+                                                  "a per-stage map (stage:r pairs), and then items are separated by "
+                                                  "';': '16;2:8,3:8,4:16,5:32' (stages a map does not name keep the "
+                                                  "recipe's r)."),
     position: str = typer.Option("standard", "--position", "-p",
                                  help="Positions, comma-separated: standard,pre,post,identity,inside."),
     stages: str = typer.Option("all", "--stages",
                                help="Stage sets, comma-separated: all, a stage (3) or several joined by + (3+4)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-R",
-                                         help="Recipe for the other fields (squeeze, gate, bias...); default: standard."),
-    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still r >= 1/16)."),
-    at: Optional[str] = AT,
-    input_size: Optional[str] = INPUT_SIZE,
-    num_classes: Optional[str] = NUM_CLASSES,
-    latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original (builds real models; slow)."),
+    recipe: str | None = typer.Option(None, "--recipe", "-R",
+                                      help="Recipe for the other fields (squeeze, gate, bias...); default: standard."),
+    allow_wide: bool = typer.Option(False, "--allow-wide", help="Allow r below 1 (blocks wider than their input; still "
+                                                                "r >= 1/16)."),
+    at: str | None = AT,
+    input_size: str | None = INPUT_SIZE,
+    num_classes: str | None = NUM_CLASSES,
+    latency: bool = typer.Option(False, "--latency", help="Also time each retrofitted model against the original "
+                                                          "(builds real models; slow)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the latency runs."),
-    latency_size: Optional[str] = typer.Option(None, "--latency-size", help="C,H,W of the latency runs (default: --input-size)."),
+    latency_size: str | None = typer.Option(None, "--latency-size", help="C,H,W of the latency runs (default: "
+                                                                         "--input-size)."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds for --latency (median ratio and its interval reported)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the table as JSON to FILE (- for stdout)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw parameter and latency (or MAC) overhead against r, one line per position, to FILE.png; with --data: val top-1 against added parameters (or latency), error bars over seeds."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder (DATA/train/<class>/*, DATA/val/<class>/*): also fine-tune every combination (phase 1) and the control arms, and report val top-1 and loss."),
-    seeds: int = typer.Option(1, "--seeds", help="With --data: seeds 0..K-1 per combination and control (mean ± std, paired differences)."),
-    checkpoint: Optional[Path] = CHECKPOINT,
+    json_path: str | None = typer.Option(None, "--json", help="Write the table as JSON to FILE (- for stdout)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw parameter and latency (or MAC) overhead against r, one "
+                                                          "line per position, to FILE.png; with --data: val top-1 "
+                                                          "against added parameters (or latency), error bars over "
+                                                          "seeds."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="ImageFolder (DATA/train/<class>/*, "
+                                                                "DATA/val/<class>/*): also fine-tune every combination "
+                                                                "(phase 1) and the control arms, and report val top-1 "
+                                                                "and loss."),
+    seeds: int = typer.Option(1, "--seeds", help="With --data: seeds 0..K-1 per combination and control (mean ± std, "
+                                                 "paired differences)."),
+    checkpoint: Path | None = CHECKPOINT,
     pretrained: bool = PRETRAINED,
     *, config,
 ):

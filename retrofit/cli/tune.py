@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..train.config import DEFAULTS, RUN_OPTIONS  # no torch
 from .ablation import control_lines, save_figure
-from .common import CHECKPOINT, INPUT_SIZE, NUM_CLASSES, PRETRAINED, app, console, fail_cleanly, json_target, say, write_json
+from .common import (
+    CHECKPOINT,
+    INPUT_SIZE,
+    NUM_CLASSES,
+    PRETRAINED,
+    app,
+    console,
+    fail_cleanly,
+    json_target,
+    say,
+    write_json,
+)
 from .finetune import is_main_process
 from .options import config_help, finetune_options
 from .sweep import import_pyplot, sweep_table
@@ -22,35 +32,69 @@ from .sweep import import_pyplot, sweep_table
 def tune_command(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet50."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/*, DATA/val/<class>/*."),
-    space: Optional[Path] = typer.Option(None, "--space", help="The search space as a YAML file (keys position, r, stages, per_stage, module, gate, squeeze, lr, phase2_epochs), instead of the flags below."),
-    position: Optional[str] = typer.Option(None, "--position", "-p", help="Positions searched, comma-separated (default: the recipe's)."),
-    r: Optional[str] = typer.Option(None, "--r", "-r", help="Reduction ratios searched, in the sweep's syntax (4,16 or '16;2:8,5:32'); with --per-stage one choice per stage, where off means no block there (default off,4,8,16,32)."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="Stage sets searched (all,4+5,5); with --per-stage the one set of stages searched (default: all)."),
-    per_stage: bool = typer.Option(False, "--per-stage", help="Search r for each stage on its own (off: no block in that stage)."),
-    module: Optional[str] = typer.Option(None, "--module", help="Blocks searched, comma-separated: se, ese, eca, ceca, cbam, gc (default se)."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="Gates searched, e.g. sigmoid,hard_sigmoid (default: the recipe's)."),
-    squeeze: Optional[str] = typer.Option(None, "--squeeze", help="Squeezes searched: avg,max (default: the recipe's)."),
-    lr: str = typer.Option(f"{DEFAULTS['lr']:g}", "--lr", help=config_help("lr", after="Or a range LOW:HIGH, searched log-uniform (e.g. 1e-4:1e-1).")),
-    phase2_epochs: Optional[str] = typer.Option(None, "--phase2-epochs", help=config_help("phase2_epochs", after=f"Searched: comma-separated, e.g. 0,2 (default {DEFAULTS['phase2_epochs']}).")),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-R", help="Recipe for the other fields (divisor, bias, init...)."),
-    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Trials that count (complete or pruned); those over a limit or repeating a recipe train nothing and do not count."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="Training epochs of the whole study (60), or this process's wall time (2h, 30m); with --trials, whichever comes first."),
-    max_params: Optional[str] = typer.Option(None, "--max-params", help="Most parameters a recipe may add: a count (50000) or a share of the model (2%). Over it: never trained."),
-    max_macs: Optional[str] = typer.Option(None, "--max-macs", help="Most multiply-adds a recipe may add: a count or a share (1%)."),
-    max_latency: Optional[str] = typer.Option(None, "--max-latency", help="Most forward time over the original's, e.g. 1.10 (measured per trial)."),
+    space: Path | None = typer.Option(None, "--space", help="The search space as a YAML file (keys position, r, "
+                                                            "stages, per_stage, module, gate, squeeze, lr, "
+                                                            "phase2_epochs), instead of the flags below."),
+    position: str | None = typer.Option(None, "--position", "-p", help="Positions searched, comma-separated (default: "
+                                                                       "the recipe's)."),
+    r: str | None = typer.Option(None, "--r", "-r", help="Reduction ratios searched, in the sweep's syntax (4,16 or "
+                                                         "'16;2:8,5:32'); with --per-stage one choice per stage, where "
+                                                         "off means no block there (default off,4,8,16,32)."),
+    stages: str | None = typer.Option(None, "--stages", help="Stage sets searched (all,4+5,5); with --per-stage the "
+                                                             "one set of stages searched (default: all)."),
+    per_stage: bool = typer.Option(False, "--per-stage", help="Search r for each stage on its own (off: no block in "
+                                                              "that stage)."),
+    module: str | None = typer.Option(None, "--module", help="Blocks searched, comma-separated: se, ese, eca, ceca, "
+                                                             "cbam, gc (default se)."),
+    gate: str | None = typer.Option(None, "--gate", help="Gates searched, e.g. sigmoid,hard_sigmoid (default: the "
+                                                         "recipe's)."),
+    squeeze: str | None = typer.Option(None, "--squeeze", help="Squeezes searched: avg,max (default: the recipe's)."),
+    lr: str = typer.Option(f"{DEFAULTS['lr']:g}", "--lr", help=config_help(
+        "lr", after="Or a range LOW:HIGH, searched log-uniform (e.g. 1e-4:1e-1).")),
+    phase2_epochs: str | None = typer.Option(None, "--phase2-epochs", help=config_help(
+        "phase2_epochs", after=f"Searched: comma-separated, e.g. 0,2 (default {DEFAULTS['phase2_epochs']}).")),
+    recipe: str | None = typer.Option(None, "--recipe", "-R", help="Recipe for the other fields (divisor, bias, "
+                                                                   "init...)."),
+    trials: int | None = typer.Option(None, "--trials", "-n", help="Trials that count (complete or pruned); those over "
+                                                                   "a limit or repeating a recipe train nothing and do "
+                                                                   "not count."),
+    budget: str | None = typer.Option(None, "--budget", help="Training epochs of the whole study (60), or this "
+                                                             "process's wall time (2h, 30m); with --trials, whichever "
+                                                             "comes first."),
+    max_params: str | None = typer.Option(None, "--max-params", help="Most parameters a recipe may add: a count "
+                                                                     "(50000) or a share of the model (2%). Over it: "
+                                                                     "never trained."),
+    max_macs: str | None = typer.Option(None, "--max-macs", help="Most multiply-adds a recipe may add: a count or a "
+                                                                 "share (1%)."),
+    max_latency: str | None = typer.Option(None, "--max-latency", help="Most forward time over the original's, e.g. "
+                                                                       "1.10 (measured per trial)."),
     sampler: str = typer.Option("tpe", "--sampler", help="tpe or random."),
-    pruner: str = typer.Option("hyperband", "--pruner", help="hyperband, sha (successive halving) or none; each trial reports val top-1 after every epoch."),
-    finalists: int = typer.Option(3, "--finalists", "-k", help="The best K recipes re-run over --seeds next to the control arms (0: no finish)."),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 0..S-1 of the finish (mean ± std, paired Δ with its 95% interval)."),
-    search_seed: int = typer.Option(100, "--search-seed", help="The seed of every trial and of the sampler (kept apart from the finish's seeds); also of the random weights of a model named without --checkpoint or --pretrained."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="The study's store, shared by several processes or machines: a PostgreSQL URL for several machines (postgresql+psycopg://USER@HOST:PORT/DB; the postgres extra), or a journal file for one machine (default: OUTPUT_DIR/study.journal)."),
+    pruner: str = typer.Option("hyperband", "--pruner", help="hyperband, sha (successive halving) or none; each trial "
+                                                             "reports val top-1 after every epoch."),
+    finalists: int = typer.Option(3, "--finalists", "-k", help="The best K recipes re-run over --seeds next to the "
+                                                               "control arms (0: no finish)."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 0..S-1 of the finish (mean ± std, paired Δ with its 95% "
+                                                        "interval)."),
+    search_seed: int = typer.Option(
+        100, "--search-seed", help="The seed of every trial and of the sampler (kept apart from the finish's seeds); "
+                                   "also of the random weights of a model named without --checkpoint or --pretrained."),
+    storage: str | None = typer.Option(None, "--storage", help="The study's store, shared by several processes or "
+                                                               "machines: a PostgreSQL URL for several machines "
+                                                               "(postgresql+psycopg://USER@HOST:PORT/DB; the postgres "
+                                                               "extra), or a journal file for one machine (default: "
+                                                               "OUTPUT_DIR/study.journal)."),
     study: str = typer.Option("tune", "--study", help="The study's name in the store."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="The tune's folder: study, trials.jsonl, tune.json, best_recipe.yaml, the winner's model (default: MODEL-tune/)."),
-    adapter: bool = typer.Option(False, "--adapter", help="Save the winner as an adapter (adapter.safetensors) instead of a full model."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Also write tune.json to FILE (- for stdout only)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw every trial (added parameters against top-1, pruned ones hollow), the finalists with error bars and the controls as lines, to FILE.png."),
-    checkpoint: Optional[Path] = CHECKPOINT, pretrained: bool = PRETRAINED, num_classes: Optional[str] = NUM_CLASSES,
-    input_size: Optional[str] = INPUT_SIZE,
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="The tune's folder: study, trials.jsonl, "
+                                                                            "tune.json, best_recipe.yaml, the winner's "
+                                                                            "model (default: MODEL-tune/)."),
+    adapter: bool = typer.Option(False, "--adapter", help="Save the winner as an adapter (adapter.safetensors) instead "
+                                                          "of a full model."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write tune.json to FILE (- for stdout only)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw every trial (added parameters against top-1, pruned "
+                                                          "ones hollow), the finalists with error bars and the "
+                                                          "controls as lines, to FILE.png."),
+    checkpoint: Path | None = CHECKPOINT, pretrained: bool = PRETRAINED, num_classes: str | None = NUM_CLASSES,
+    input_size: str | None = INPUT_SIZE,
     *, config,
 ):
     """Search recipes within a budget, then re-run the best over seeds next to the control arms.
@@ -100,7 +144,7 @@ def tune_command(
         report(result, out, plot)
 
 
-def report(result, out: Path, plot: Optional[Path]) -> None:
+def report(result, out: Path, plot: Path | None) -> None:
     """The finish table, where the files are, and the verdict last."""
     if result.rows:
         note = (" The finish re-ran every finalist from scratch on seeds other than the search seed; val/ served "
@@ -132,7 +176,8 @@ def draw_tune(pyplot, result, name: str, path: Path) -> None:
     ax.errorbar([r.params_percent for r in finals], [r.top1 for r in finals], yerr=[r.top1_std for r in finals],
                 marker="s", color="C3", linestyle="none", capsize=3, label="finalists (finish seeds)")
     for r in finals:
-        ax.annotate(f"trial {r.trial}", (r.params_percent, r.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(f"trial {r.trial}", (r.params_percent, r.top1), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
     control_lines(ax, result.rows)
     skipped = [t for t in trials if t["state"] == "skipped"]
     if skipped:

@@ -29,15 +29,16 @@ import copy
 import hashlib
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import RetrofitError, RetrofitWarning, excerpt
-from ..inputs import regular_file
 from ..graph.model import model_name
+from ..inputs import regular_file
 from ..surgery.info import BaseRecord, get_info, update_info
 from ..surgery.strip import strip
 from .folder import read_folder
@@ -45,6 +46,7 @@ from .full import load_full, rebuild
 from .header import ADAPTER_FORMAT, FORMAT, Header, metadata, read_header
 from .models import create_model
 from .tensors import alias_groups, check_tensors, load_into, safetensors_header
+
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (any device; bf16 too)."""
@@ -128,7 +130,8 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
     ``nn.Module``; see :func:`retrofit.load`)."""
     path = header.path
     if base is None:
-        raise RetrofitError(f"{excerpt(path)} is an adapter ({len(header.tensors)} tensors: the blocks and what changed) "
+        raise RetrofitError(f"{excerpt(path)} is an adapter ({len(header.tensors)} tensors: the blocks and what "
+                            "changed) "
                             f"made on {excerpt(header.base_name or 'a base model', bare=True)}; give that base: "
                             f"retrofit.load(path, base=WEIGHTS_OR_MODEL) or --base FILE")
     plain, name = base_model(base, header.architecture, header.model_kwargs)
@@ -142,8 +145,10 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
               if not any(a in header.tensors for a in aliases.get(k, (k,)))}
     found = base_hash(relied)
     if found != header.base_sha256:
-        text = (f"{excerpt(path)} was made on another base: {excerpt(header.base_name or 'its base', bare=True)} (sha256 "
-                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given ({excerpt(name, bare=True)}) has "
+        text = (f"{excerpt(path)} was made on another base: {excerpt(header.base_name or 'its base', bare=True)} "
+                "(sha256 "
+                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given "
+                f"({excerpt(name, bare=True)}) has "
                 f"{found[:12]} over {len(relied)}")
         if not force:
             raise RetrofitError(f"{text}; give the base it was made on, or --force (force=True) to rebuild it "
@@ -176,7 +181,8 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
             plain = load_full(header)
         elif _retrofit_format(path):
             if read_header(path).adapter:
-                raise RetrofitError(f"base {excerpt(path)} is itself an adapter; give the full model or the plain weights "
+                raise RetrofitError(f"base {excerpt(path)} is itself an adapter; give the full model or the plain "
+                                    "weights "
                                     f"it was made on")
             plain = load_full(read_header(path))
         elif not architecture:

@@ -25,8 +25,8 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import RetrofitError, excerpt
 
@@ -43,7 +43,7 @@ class WriteError(RetrofitError):
         super().__init__(f"cannot write {excerpt(path)}: {reason}; "
                          f"{f'the previous {path.name} is kept' if kept else 'nothing was written'}; {fix} and {then}")
 
-    def advise(self, then: str) -> "WriteError":
+    def advise(self, then: str) -> WriteError:
         """The same failure with another next step (``rerun with --resume``)."""
         return WriteError(self.path, self.reason, self.kept, then)
 
@@ -206,10 +206,12 @@ def check_writable(path: Path) -> None:
     command that fails later leaves no empty folder behind."""
     path = Path(path)
     if path.is_dir():
-        raise RetrofitError(f"output {excerpt(path)} is a folder; give a file name such as {excerpt(path / 'model.safetensors')}")
+        raise RetrofitError(f"output {excerpt(path)} is a folder; give a file name such as "
+                            f"{excerpt(path / 'model.safetensors')}")
     existing = next((p for p in path.parents if p.exists()), Path("."))  # the nearest folder that exists
     if not existing.is_dir():
-        raise RetrofitError(f"cannot create the output folder {excerpt(path.parent)}: {excerpt(existing)} is a file; choose another "
+        raise RetrofitError(f"cannot create the output folder {excerpt(path.parent)}: {excerpt(existing)} is a file; "
+                            "choose another "
                             f"output path")
     if not os.access(existing, os.W_OK):
         raise RetrofitError(f"output folder {excerpt(existing)} is not writable")

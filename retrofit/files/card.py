@@ -123,7 +123,8 @@ def _folds_section(folds: list, blocks: int) -> list[str]:
         return []
     kept = blocks - len(folds)
     verb = "computes" if kept == 1 else "compute"
-    lines = ["## Folded blocks", "", f"{len(folds)} of the {blocks} blocks were folded by `retrofit fold` into constant "
+    lines = ["## Folded blocks", "", f"{len(folds)} of the {blocks} blocks were folded by `retrofit fold` into "
+                                     "constant "
              f"scales ({kept} still {verb} an excitation). `retrofit.strip` removes the blocks and channel scales "
              f"and keeps the scales folded into neighbours; `retrofit.bypass` computes the same network.", "",
              "| block | folded into |", "| --- | --- |"]

@@ -51,7 +51,8 @@ def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any
         ``path``.
 
     Raises:
-        WriteError: the write failed (a full disk...); the previous file at ``path`` is kept.
+        :exc:`~retrofit.files.atomic.WriteError`: the write failed (a full disk...); the previous file at
+            ``path`` is kept.
     """
     path = Path(path).expanduser()
     check_writable(path)

@@ -7,9 +7,10 @@ way, which is what ``add-se`` prints and writes as JSON: the sites (one scan of 
 (counted from the plan, each block measured alone on the meta device: no second trace), what phase 1
 of a fine-tune would train, and with ``latency`` the forward time against the original's.
 
-    >>> se = retrofit.create_model("resnet101", r=16, position="post", checkpoint="my_resnet101.safetensors")
+    >>> se = retrofit.create_model("resnet50", r=16, position="post", checkpoint="my_resnet50.safetensors")
     >>> made = retrofit.create("resnet101", r=16, position="post")   # on the meta device: no weights, seconds
-    >>> made.overhead.added_params, made.trainable, made.to_dict()["sites"]
+    >>> made.overhead.added_params, len(made.to_dict()["sites"])
+    (4777712, 6)
 
 Without real weights needed (``meta=None`` and no checkpoint, pretrained or latency) the model is built on
 the meta device (:mod:`retrofit.measure.meta`): it can be measured and reported, not saved or trained.
@@ -39,7 +40,8 @@ from ..surgery.sites import Scan, Site
 from ..surgery.trainable import Trainable, trainable_parameters
 from .adapter import head_keys, remember_base
 from .bounds import whole_number
-from .models import create_model as build_timm, new_head
+from .models import create_model as build_timm
+from .models import new_head
 
 
 @dataclass
@@ -62,7 +64,8 @@ class Retrofitted:
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers as plain values (``retrofit add-se --json``)."""
-        data = {"model": model_name(self.model), "recipe": self.recipe.to_dict(), "sites": sites_json(self.scan, self.named),
+        data = {"model": model_name(self.model), "recipe": self.recipe.to_dict(),
+                "sites": sites_json(self.scan, self.named),
                 **self.overhead.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in self.skipped],
                 "trainable_parameters": {"trainable": self.trainable.trainable, "total": self.trainable.total}}
         if self.latency is not None:
@@ -121,7 +124,8 @@ def create(name: str, recipe: Recipe | str | dict | None = None, *, checkpoint: 
         remember_base(net, base_name, new=head_keys(net) if head else set())  # (a new head is not the base's)
     timing = None
     if latency:
-        timing = measure_latency({"original": original, "retrofitted": net}, batch=batch, input_size=found.traced.input_size,
+        timing = measure_latency({"original": original, "retrofitted": net}, batch=batch,
+                                 input_size=found.traced.input_size,
                                  runs=runs, on_event=on_event)
     return Retrofitted(net, chosen, found, named, report, trainable_parameters(net, head=head), head, base_name, timing,
                        list(info.skipped))
@@ -135,7 +139,7 @@ def create_model(name: str, recipe: Recipe | str | dict | None = None, **kwargs:
     Example::
 
         >>> se = retrofit.create_model("resnet50", r=16, checkpoint="my_resnet50.safetensors")
-        >>> retrofit.save_pretrained(se, "se50/")
+        >>> folder = retrofit.save_pretrained(se, "se50/")
     """
     return create(name, recipe, **{"weights_needed": True, **kwargs}).model
 

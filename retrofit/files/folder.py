@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import RetrofitError, excerpt
 from ..inputs import load_json, read_text
@@ -43,7 +44,8 @@ def config_of(meta: Mapping[str, str], info) -> dict[str, Any]:
         config["weights"] = meta["weights"]
     config.update({k: json.loads(meta[k]) for k in OPTIONAL_JSON_KEYS if k in meta})
     if adapter:
-        config["base"] = {"name": meta["base_name"], "sha256": meta["base_sha256"], "tensors": int(meta["base_tensors"])}
+        config["base"] = {"name": meta["base_name"], "sha256": meta["base_sha256"],
+                          "tensors": int(meta["base_tensors"])}
     for key in ("base_model", "license"):
         if info is not None and getattr(info, key):
             config[key] = getattr(info, key)
@@ -64,7 +66,8 @@ def read_folder(directory: str | Path) -> tuple[Header, dict[str, str]]:
     config = read_config(path)
     weights = folder / (ADAPTER_FILE if config["kind"] == "adapter" else MODEL_FILE)
     if not weights.is_file():
-        raise RetrofitError(f"{folder} has a {CONFIG_FILE} for {'an adapter' if config['kind'] == 'adapter' else 'a model'} "
+        raise RetrofitError(f"{folder} has a {CONFIG_FILE} for "
+                            f"{'an adapter' if config['kind'] == 'adapter' else 'a model'} "
                             f"but no {weights.name}; save it again")
     extra = {key: config[key] for key in ("base_model", "license") if key in config}
     return header_of(config, path, weights, read_safetensors_header(weights)[1]), extra

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 from torch import nn
@@ -189,7 +190,8 @@ def _folds(value: list, blocks: int, bad) -> list[Folded]:
     for entry in value:
         if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, str) and len(v) <= MAX_PATH
                                                                      and v.isprintable() for v in entry)):
-            raise bad("folds", f"has an entry that is not [block, kind, neighbour] (three short texts): {excerpt(entry)}")
+            raise bad("folds", "has an entry that is not [block, kind, neighbour] (three short texts): "
+                               f"{excerpt(entry)}")
         path, into, neighbour = entry
         if into not in FOLD_KINDS:
             raise bad("folds", f"has the kind {excerpt(into)}, not one of {', '.join(FOLD_KINDS)}")

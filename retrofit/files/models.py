@@ -52,12 +52,14 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
     except RuntimeError as err:
         if checkpoint is None:
             raise
-        raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)} does not fit {name}: {describe_mismatch(err)}; "
+        raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)} does not fit {name}: "
+                            f"{describe_mismatch(err)}; "
                             f"is it a checkpoint of this architecture?") from None
     except Exception as err:
         if checkpoint is None:
             raise RetrofitError(f"cannot build {name}: {first_line(err)}") from None
-        raise RetrofitError(f"cannot read checkpoint {excerpt(checkpoint, bare=True)} ({type(err).__name__}: {first_line(err)}); "
+        raise RetrofitError(f"cannot read checkpoint {excerpt(checkpoint, bare=True)} ({type(err).__name__}: "
+                            f"{first_line(err)}); "
                             f"is it a complete .safetensors or .pth file?") from None
     if checkpoint is not None:
         _check_dtypes(model, tensors, checkpoint)
@@ -109,7 +111,8 @@ def _check_dtypes(model: nn.Module, tensors: dict[str, tuple[str, tuple[int, ...
     the way are not seen here (timm checks their shapes)."""
     for key, value in model.state_dict().items():
         if key in tensors and not dtype_fits(tensors[key][0], value.dtype):
-            raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)}: {key} is {tensors[key][0]} in the file but "
+            raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)}: {key} is {tensors[key][0]} in the file "
+                                "but "
                                 f"{dtype_name(value.dtype)} in {type(model).__name__}; the file was edited or "
                                 f"is not a weight file of this model")
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from safetensors.torch import save_file, save_model
@@ -48,6 +49,7 @@ from .full import load_full
 from .header import Header, metadata
 from .tensors import read_safetensors_header
 
+
 def save_pretrained(model: nn.Module, directory: str | Path, *, adapter: bool = False, base: Any = None,
                     overhead: Any = None, result: Any = None, command: str | None = None,
                     base_name: str | None = None) -> Path:
@@ -55,7 +57,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, adapter: bool = 
     ``model.safetensors`` (or, with ``adapter``, ``adapter_model.safetensors``) and ``README.md``, its card.
 
     Args:
-        model: a retrofitted model (:func:`retrofit.add_se`, :func:`retrofit.create_model`...).
+        model: a retrofitted model (:func:`retrofit.add_se`, ``retrofit.create_model``...).
         directory: the folder; files of a folder saved there before are replaced (the other kind's weights
             file too), other files are left alone.
         adapter: write only the inserted blocks, the base tensors that differ from the base and a new head,
@@ -79,7 +81,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, adapter: bool = 
     Example::
 
         >>> retrofit.save_pretrained(se_model, "se50/")                  # config.json, model.safetensors, README.md
-        >>> retrofit.save_pretrained(se_model, "se50-adapter/", adapter=True)
+        PosixPath('se50')
+        >>> sorted(p.name for p in retrofit.save_pretrained(se_model, "se50-adapter/", adapter=True).iterdir())
+        ['README.md', 'adapter_model.safetensors', 'config.json']
     """
     folder = Path(directory).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -124,8 +128,12 @@ def from_pretrained(directory: str | Path, base: Any = None, *, force: bool = Fa
 
     Example::
 
+        >>> folder = retrofit.save_pretrained(se_model, "se50/")
+        >>> adapter = retrofit.save_pretrained(se_model, "se50-adapter/", adapter=True)
         >>> model = retrofit.from_pretrained("se50/")
         >>> model = retrofit.from_pretrained("se50-adapter/", base="my_resnet50.safetensors")
+        >>> len(retrofit.get_info(model).blocks)
+        16
     """
     header, extra = read_folder(directory)
     return rebuild_from(header, base, force=force, extra=extra)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -71,7 +71,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple
     except HeaderBound as err:
         raise RetrofitError(f"cannot read {excerpt(path)}: {err}; is it a weight file?") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise RetrofitError(f"cannot read {excerpt(path)}: not a complete safetensors file ({first_line(err)})") from None
+        raise RetrofitError(
+            f"cannot read {excerpt(path)}: not a complete safetensors file ({first_line(err)})"
+        ) from None
 
 
 def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = None,
@@ -90,7 +92,7 @@ def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = N
     model.load_state_dict(with_metadata(state, model), strict=False)  # every name, dtype and shape checked above
 
 
-def with_metadata(state: Mapping[str, torch.Tensor], model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def with_metadata(state: Mapping[str, torch.Tensor], model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """``state`` with the per-module ``_metadata`` of ``model``'s own ``state_dict()`` (each module's
     state-dict ``version``). A safetensors file, or a dict copied key by key, has none, and a module
     whose ``_load_from_state_dict`` reads its version refuses ``None`` (torchvision's MNASNet: "version
@@ -125,7 +127,8 @@ def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, 
             key, detail = found[0] if isinstance(found[0], tuple) else (found[0], "")
             problems.append(f"{len(found)} {label} (e.g. {excerpt(key, bare=True)}{detail and ': ' + detail})")
     if problems:
-        raise RetrofitError(f"weights in {excerpt(where, bare=True)} do not fit the rebuilt model: {', '.join(problems)}")
+        raise RetrofitError(f"weights in {excerpt(where, bare=True)} do not fit the rebuilt model: "
+                            f"{', '.join(problems)}")
 
 
 def dtype_fits(stored: str, wanted: torch.dtype) -> bool:

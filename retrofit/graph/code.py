@@ -20,7 +20,7 @@ _ADD_OPS = frozenset({"BINARY_ADD", "INPLACE_ADD"})
 _MERGE_NAMES = frozenset({"add", "add_", "cat", "concat", "concatenate"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward_code(cls: type) -> tuple[types.CodeType, ...]:
     """The code objects of ``cls.forward`` and of what it reaches: nested functions and the methods of
     ``cls`` it names (properties by their getter)."""
@@ -47,7 +47,7 @@ def forward_code(cls: type) -> tuple[types.CodeType, ...]:
     return tuple(seen)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def names_read(cls: type) -> frozenset[str]:
     """Every name the forward's code mentions, and its string constants (``getattr(self, "flag")``)."""
     names: set[str] = set()
@@ -57,7 +57,7 @@ def names_read(cls: type) -> frozenset[str]:
     return frozenset(names)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def may_merge(cls: type) -> bool:
     """Whether the forward's code adds (``+``, ``+=``, ``.add``) or concatenates anything."""
     for code in forward_code(cls):

@@ -51,9 +51,10 @@ import pickle
 import re
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -61,7 +62,7 @@ from torch.fx.node import map_aggregate
 
 from ..errors import RetrofitError
 
-_COMPILED: dict[tuple, "Compiled"] = {}
+_COMPILED: dict[tuple, Compiled] = {}
 _COUNTER = itertools.count()
 _DEF = "def forward("
 _CODE_ATTRIBUTE = "_retrofit_forward"
@@ -249,7 +250,7 @@ class Specialisation:
     values: tuple
     blocks: tuple[str, ...]
     was_none: tuple[str, ...]
-    again: Callable[[nn.Module, "GraphForward"], "GraphForward"]
+    again: Callable[[nn.Module, GraphForward], GraphForward]
     stale: Callable[[nn.Module], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -323,7 +324,7 @@ class GraphForward:
         module.__dict__[_CODE_ATTRIBUTE] = self.compiled.name
         module.__dict__["__prepare_scriptable__"] = self._prepare_scriptable
 
-    def current(self) -> "GraphForward":
+    def current(self) -> GraphForward:
         """The module's forward for the attributes it has now: this one, or one derived again (and
         installed) when a value it was traced with has changed since."""
         module, spec = self.module, self.specialised
@@ -347,7 +348,7 @@ class GraphForward:
         rows = {id(g): _flatten(g, module) for g in self.graphs.values()}  # one list when both modes share
         return _restore, (module, {mode: rows[id(g)] for mode, g in self.graphs.items()}, self.specialised)
 
-    def __deepcopy__(self, memo: dict) -> "GraphForward":
+    def __deepcopy__(self, memo: dict) -> GraphForward:
         # the copy of the module (memo: the one being copied); graphs and compiled code are shared
         return GraphForward(copy.deepcopy(self.module, memo), self.graphs, self.compiled, self.specialised)
 

@@ -1,7 +1,7 @@
 """What a model says about itself: its name and the input size it takes."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform

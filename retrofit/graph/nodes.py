@@ -150,7 +150,7 @@ def is_pointwise(node: fx.Node) -> bool:
 EXCITATIONS = ("se", "ese", "eca", "ceca", "cbam", "lcbam", "gc", "ge", "coord")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def excitation_classes() -> tuple[type, ...]:
     """Blocks that only rescale a feature map: retrofit's SE and timm's attention modules."""
     return (SqueezeExcite, *{get_attn(name) for name in EXCITATIONS})

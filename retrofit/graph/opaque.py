@@ -42,7 +42,7 @@ class Recorded:
     path: str
     args: tuple
     kwargs: dict
-    callees: list["Recorded"] = field(default_factory=list)  # calls made inside this one, in order
+    callees: list[Recorded] = field(default_factory=list)  # calls made inside this one, in order
 
     def __repr__(self) -> str:
         return f"Recorded({self.path or '<root>'}: {type(self.module).__name__})"

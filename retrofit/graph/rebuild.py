@@ -28,7 +28,6 @@ from torch.fx.node import map_aggregate, map_arg
 from . import nodes as N
 from .trace import Call, Traced
 
-
 # the names of the tensors a rebuilt forward keeps (non-persistent buffers of its module)
 CONSTANT_PREFIX = "_retrofit_constant"
 
@@ -58,7 +57,7 @@ class OwnerGraph:
         self._build()
 
     @classmethod
-    def of(cls, graph: fx.Graph) -> "OwnerGraph":
+    def of(cls, graph: fx.Graph) -> OwnerGraph:
         """An OwnerGraph around a graph built before (a retrofitted module's other mode), for splicing."""
         self = cls.__new__(cls)
         self.graph, self.env, self.children, self.constants, self.arguments = graph, {}, {}, {}, {}
@@ -247,7 +246,8 @@ class OwnerGraph:
 def splice_blocks(owner: OwnerGraph, spliced: list[tuple[Any, Any]], names: list[str], fused: list[Any]) -> None:
     """Call the blocks ``names`` on the values of ``spliced`` ((value, users or None) each) in ``owner``'s
     graph; a residual sum in ``fused`` (one per block, or None) is replaced by ``block(value, shortcut)``."""
-    graph, replaced = owner.graph, {}  # a fused sum -> the block now computing it (a nested unit's branch may end in it)
+    # a fused sum -> the block now computing it (a nested unit's branch may end in it)
+    graph, replaced = owner.graph, {}
     for (value, users), name, add in zip(spliced, names, fused or [None] * len(spliced)):
         value = replaced.get(value, value)
         if add is None:

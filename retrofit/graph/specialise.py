@@ -150,7 +150,8 @@ def _put_back(old: fx.Graph, new: OwnerGraph, blocks: tuple[str, ...]) -> None:
         twin = found.pop()
         if add is not None and (N.add_operands(twins[0]) is None or twin not in N.add_operands(twins[0])):
             raise CannotRewrite(f"the sum block {name} is fused with has no counterpart")
-        splice_blocks(new, [(twin, None if add is not None else twins)], [name], [twins[0] if add is not None else None])
+        splice_blocks(new, [(twin, None if add is not None else twins)], [name],
+                      [twins[0] if add is not None else None])
         made[name] = next(n for n in new.graph.nodes if n.op == "call_module" and n.target == name)
     new.graph.lint()
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules
@@ -50,7 +51,7 @@ class Call:
 
     path: str                     # qualified name of the module ("" for the root)
     module: nn.Module
-    parent: "Call | None"
+    parent: Call | None
     leaf: bool                    # a leaf is one call_module node; others are traced through
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
@@ -65,10 +66,10 @@ class Call:
     def __repr__(self) -> str:
         return f"Call({self.path or '<root>'}: {type(self.module).__name__})"
 
-    def children(self) -> Iterator["Call"]:
+    def children(self) -> Iterator[Call]:
         return (e for e in self.events if isinstance(e, Call))
 
-    def walk(self) -> Iterator["Call"]:
+    def walk(self) -> Iterator[Call]:
         """This call and every call below it."""
         yield self
         for child in self.children():
@@ -104,7 +105,7 @@ def level_of(node: fx.Node) -> Call:
     return call.parent if call.leaf else call
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_torch_layer(cls: type) -> bool:
     """A torch.nn layer or a subclass of one (containers excluded)."""
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -371,7 +372,8 @@ def notrace_blocks(root: Call) -> list[tuple[str, str]]:
         if call.leaf and isinstance(module, notrace) and not isinstance(module, SqueezeExcite) and \
                 not _is_torch_layer(type(module)) and _may_hold_a_unit(module):
             found.setdefault(call.path, f"{type(module).__name__} is a timm notrace module (register_notrace_module): "
-                                        f"fx keeps it as one node, no site inside it is seen; `at:` puts a block on its output")
+                                        "fx keeps it as one node, no site inside it is seen; `at:` puts a block on "
+                                        "its output")
     return list(found.items())
 
 

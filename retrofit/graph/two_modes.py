@@ -129,7 +129,8 @@ class Correspondence:
     def _same_inputs(self, x: fx.Node, y: fx.Node) -> bool:
         if len(x.args) != len(y.args) or x.kwargs.keys() != y.kwargs.keys():
             return False
-        if (x.target in _COMMUTATIVE or N.add_operands(x) is not None) and len(y.args) == 2 and not y.kwargs and self._same_args(x, y.args[::-1], {}):
+        commutes = x.target in _COMMUTATIVE or N.add_operands(x) is not None
+        if commutes and len(y.args) == 2 and not y.kwargs and self._same_args(x, y.args[::-1], {}):
             return True  # a + b and b + a (a fused block's sum reads back as block + shortcut)
         return self._same_args(x, y.args, y.kwargs)
 

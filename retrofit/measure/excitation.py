@@ -27,8 +27,9 @@ logits, ``||L_b - L|| / ||L||`` over all images and classes, and the change of t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,7 +110,8 @@ class _Sums:
         change = (self.d2_e - 2 * mean_d * self.d_e + mean_d * mean_d * e).sum().clamp_min(0)
         output = (ref * ref * e + 2 * ref * self.d_e + self.d2_e).sum()
         return dict(mean=float(means.mean()), image_spread=float(image_var.sqrt().mean()),
-                    class_spread=float(class_spread), local_change=float((change / output).sqrt()) if output > 0 else 0.0,
+                    class_spread=float(class_spread),
+                    local_change=float((change / output).sqrt()) if output > 0 else 0.0,
                     channel_means=means.tolist(),
                     class_means=[(self.ref + row).tolist() if k else [] for row, k in zip(
                         self.by_class / self.class_n.clamp_min(1)[:, None], self.class_n.tolist())])
@@ -129,11 +131,14 @@ class Recorder:
 
     Example::
 
-        >>> with Recorder(model, gates, classes=10) as rec:
+        >>> gates = retrofit.get_info(se_model).blocks[:2]
+        >>> batches = [(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))]
+        >>> with Recorder(se_model.eval(), gates, classes=2) as rec:
         ...     for x, y in batches:
         ...         rec.targets = y
-        ...         model(x)
-        >>> reports = rec.reports()
+        ...         logits = se_model(x)
+        >>> [r.path for r in rec.reports()]
+        ['layer1.0.se', 'layer1.1.se']
     """
 
     def __init__(self, model: nn.Module, blocks: list, classes: int):
@@ -143,7 +148,7 @@ class Recorder:
         self._handles: list = []
         self._pending: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         for b in self.blocks:
             block = self.model.get_submodule(b.path)
             gate, _ = gate_of(block)

@@ -5,13 +5,14 @@ of each channel over the images of a few classes: one line per class, channel in
 that lie on each other mean the block excites channels alike whatever the class; lines that separate
 mean it is class-specific; lines near the top mean it saturates.
 
-    >>> fig = excitation_figure(report.blocks, report.classes)    # report = retrofit.inspect(...)
+    >>> report = retrofit.inspect(model, "data/")
+    >>> fig = excitation_figure(report.blocks, report.classes)
     >>> fig.savefig("excitations.png")
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import RetrofitError
 

@@ -15,15 +15,21 @@ test, the terminal in use), so the caller still writes ``console.print(table)``.
 * When even the headline columns do not fit, each row is printed as ``header: value`` lines instead,
   one block per row.
 
+    >>> from rich.console import Console
     >>> t = FitTable([Col("model", "left"), Col("params"), Col("% MACs", drop=1)], title="Sweep")
-    >>> t.add_row("resnet50", "2,530,048", "0.06%")
+    >>> t.add_row("resnet50", "2,530,992", "0.06%")
     >>> Console(width=80).print(t)
+    Sweep
+    ┏━━━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━┓
+    ┃ model    ┃    params ┃ % MACs ┃
+    ┡━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━┩
+    │ resnet50 │ 2,530,992 │  0.06% │
+    └──────────┴───────────┴────────┘
 """
 from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
-from typing import Optional
 
 from rich.cells import cell_len
 from rich.console import Group
@@ -40,7 +46,7 @@ class Col:
 
     header: str
     justify: str = "right"
-    drop: Optional[int] = None
+    drop: int | None = None
     text: bool = False
 
 
@@ -57,7 +63,7 @@ class FitTable:
     def __init__(self, columns: list[Col], *, title: str | None = None, caption: str | None = None,
                  elsewhere: str = "--json"):
         self.columns, self.title, self.caption, self.elsewhere = list(columns), title, caption, elsewhere
-        self.rows: list[tuple[list[str], Optional[str], bool]] = []  # cells, style, a section line before it
+        self.rows: list[tuple[list[str], str | None, bool]] = []  # cells, style, a section line before it
         self._section = False
 
     def add_row(self, *cells: str, style: str | None = None) -> None:
@@ -110,7 +116,8 @@ class FitTable:
             header = "\n".join(textwrap.wrap(col.header, need, break_long_words=False, break_on_hyphens=False))
             if col.text:  # the width the others leave, up to its longest cell; folds inside it
                 rest = width - self._total(shown) - sum(widths.values()) + sum(self._need(j) for j in shown) + need
-                table.add_column(header, justify=col.justify, overflow="fold", min_width=need, max_width=max(need, rest))
+                table.add_column(header, justify=col.justify, overflow="fold", min_width=need,
+                                 max_width=max(need, rest))
             else:
                 table.add_column(header, justify=col.justify, no_wrap=True, min_width=need)
         for cells, style, section in self.rows:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from timm.layers import PatchEmbed
@@ -77,7 +77,8 @@ def check_fixed_size(model: nn.Module, size: tuple[int, ...]) -> None:
         fixed = getattr(m, "img_size", None)
         if isinstance(m, PatchEmbed) and m.strict_img_size and fixed is not None and tuple(size[1:]) != tuple(fixed):
             asked = size[1] if size[1] == size[2] else (size[1], size[2])
-            raise RetrofitError(f"{model_name(model)} takes {fixed[0]}x{fixed[1]} images only (timm builds its patch embedding "
+            raise RetrofitError(f"{model_name(model)} takes {fixed[0]}x{fixed[1]} images only (timm builds its patch "
+                                "embedding "
                                 f"for one img_size), not {size[1]}x{size[2]}; give --input-size "
                                 f"{size[0]},{fixed[0]},{fixed[1]}, or build it with timm.create_model(..., "
                                 f"img_size={asked}) in Python")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -162,7 +163,8 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
     Example::
 
         >>> report = retrofit.measure_overhead(model, se_model, input_size=(3, 224, 224))
-        >>> report.added_params, round(report.macs_percent(), 2)
+        >>> report.added_params, round(report.macs_percent(), 2)   # resnet50, r=16: timm's seresnet50 has as many
+        (2530992, 0.06)
     """
     if se_model is model:
         raise RetrofitError("measure_overhead needs the original and the retrofitted model, got the same "
@@ -241,7 +243,7 @@ def _module_order(model: nn.Module):
 
 
 # -- from a plan: no block built on real memory, no second trace -----------------------------------
-def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Recipe | None" = None) -> Overhead:
+def planned_overhead(base: ModelCost, blocks: Sequence[BlockInfo], recipe: Recipe | None = None) -> Overhead:
     """The overhead of inserting ``blocks`` (from :func:`retrofit.surgery.prepare.prepare`) into the model
     ``base`` measures, without re-tracing the retrofitted model: a block adds its own parameters and
     multiply-adds and changes nothing else, so each is measured alone, once per distinct block
@@ -260,14 +262,16 @@ def planned_overhead(base: ModelCost, blocks: "Sequence[BlockInfo]", recipe: "Re
 
 
 @functools.lru_cache(maxsize=4096)
-def block_cost(cfg: "BlockConfig", channels: int, size: tuple[int, int], layout: str = "nchw",
+def block_cost(cfg: BlockConfig, channels: int, size: tuple[int, int], layout: str = "nchw",
                prefix: int = 0) -> tuple[int, int]:
     """Parameters and multiply-adds (batch 1) of one block of ``cfg`` on a ``channels x size`` map
     (of ``layout``, with ``prefix`` tokens before a token grid): the block itself, built and run on
     the meta device under ``torch.utils.flop_counter``."""
     # the init decides values, not shapes; "paper" skips the preserving init's work on meta tensors
-    block = build_attention(dataclasses.replace(cfg, init="paper"), channels, layout=layout, prefix=prefix, device="meta")
-    shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(layout, (1, prefix + size[0] * size[1], channels))
+    block = build_attention(dataclasses.replace(cfg, init="paper"), channels, layout=layout, prefix=prefix,
+                            device="meta")
+    shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(layout,
+                                                                             (1, prefix + size[0] * size[1], channels))
     counter = FlopCounterMode(display=False)
     with counter:
         block(torch.empty(shape, device="meta"))

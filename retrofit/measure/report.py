@@ -132,7 +132,7 @@ def overhead_table(report: Overhead, title: str = "Overhead") -> FitTable:
     return table
 
 
-def latency_line(timing: "Timing", name: str = "retrofitted", reference: str = "original") -> str:
+def latency_line(timing: Timing, name: str = "retrofitted", reference: str = "original") -> str:
     """The measured latency of ``name`` against ``reference`` (add-se: the retrofitted model against the
     original; fold: the folded against the unfolded), in one line, with its interval over the rounds."""
     ratio = timing.ratio(name, reference)
@@ -151,7 +151,7 @@ def latency_cell(ratio: float, low: float, high: float) -> str:
     return f"{ratio:.3f}x [{low:.2f}, {high:.2f}]" + (" noise" if low <= 1 <= high else "")
 
 
-def latency_json(timing: "Timing", name: str = "retrofitted", reference: str = "original") -> dict[str, Any]:
+def latency_json(timing: Timing, name: str = "retrofitted", reference: str = "original") -> dict[str, Any]:
     """The latency measurement of an add-se run (or ``name`` against ``reference``): medians (ms), the ratio
     with its interval, every sample."""
     low, high, coverage = timing.interval(name, reference)

@@ -15,7 +15,7 @@ measures its "original" row on it, so that row is the folded network without its
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

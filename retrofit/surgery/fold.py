@@ -14,14 +14,15 @@ What was folded where is recorded on the model (``RetrofitInfo.folds``), and a f
 :func:`apply_folds` rebuilds the same structure on a model retrofitted by the same recipe before its
 weights (the folded neighbours' included) are loaded.
 
+    >>> model = copy.deepcopy(se_model)     # folded in place; se_model: a fresh retrofit, every gate constant
     >>> folds = fold_scales(model, constant_scales(model))   # the input-independent gates, exactly
     >>> [(f.path, f.into, f.neighbour) for f in folds]
-    [('layer1.0.se', 'norm', 'layer1.0.bn2'), ...]
+    [('layer1.0.se', 'norm', 'layer1.0.bn3'), ('layer1.1.se', 'norm', 'layer1.1.bn3'), ...]
 """
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
@@ -141,7 +142,8 @@ def restructure(model: nn.Module, fold: Folded) -> Folded:
     old = getattr(owner, name)
     like = next(old.parameters(), None)
     if fold.into == "scale":
-        setattr(owner, name, ChannelScale(block.channels, block.layout, device=like.device if like is not None else None,
+        setattr(owner, name,
+                ChannelScale(block.channels, block.layout, device=like.device if like is not None else None,
                                           dtype=like.dtype if like is not None else None))
     else:
         _remove_call(owner, name)
@@ -175,13 +177,17 @@ def apply_folds(model: nn.Module, folds: list[Folded]) -> None:
     recipe, before its weights are loaded; each neighbour must be a module of the kind its fold needs."""
     for fold in folds:
         if fold.into not in FOLD_KINDS:
-            raise RetrofitError(f"fold of {excerpt(fold.path)}: unknown kind {excerpt(fold.into)} ({', '.join(FOLD_KINDS)})")
+            raise RetrofitError(f"fold of {excerpt(fold.path)}: unknown kind {excerpt(fold.into)} "
+                                f"({', '.join(FOLD_KINDS)})")
         if fold.into != "scale":
             try:
                 neighbour = model.get_submodule(fold.neighbour)
             except AttributeError:
-                raise RetrofitError(f"fold of {excerpt(fold.path)}: the model has no module {excerpt(fold.neighbour)}") from None
+                raise RetrofitError(
+                    f"fold of {excerpt(fold.path)}: the model has no module {excerpt(fold.neighbour)}"
+                ) from None
             if not isinstance(neighbour, _KINDS[fold.into]):
-                raise RetrofitError(f"fold of {excerpt(fold.path)}: {excerpt(fold.neighbour, bare=True)} is a {type(neighbour).__name__}, not a "
+                raise RetrofitError(f"fold of {excerpt(fold.path)}: {excerpt(fold.neighbour, bare=True)} is a "
+                                    f"{type(neighbour).__name__}, not a "
                                     f"layer a {fold.into} fold goes into")
         restructure(model, fold)

@@ -18,8 +18,9 @@ back; a change is a new record (:func:`update_info`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from torch import fx, nn
 
@@ -127,7 +128,7 @@ class RetrofitInfo:
 
     @property
     def built(self) -> int:
-        """Blocks the recipe built: those still here and those folded into a neighbour."""
+        """The number of blocks the recipe built, those still here and those folded into a neighbour."""
         return len(self.blocks) + len(self.gone)
 
     def folded(self, path: str) -> Folded | None:

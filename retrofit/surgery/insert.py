@@ -123,7 +123,8 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
     info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model), tuple(blocks),
                         tuple(found.skipped) + tuple(prepared.skipped), tuple(was_none))
     if previous is not None:  # a second retrofit adds to the first
-        info = dataclasses.replace(info, blocks=previous.blocks + info.blocks, was_none=previous.was_none + info.was_none,
+        info = dataclasses.replace(info, blocks=previous.blocks + info.blocks,
+                                   was_none=previous.was_none + info.was_none,
                                    weights=previous.weights, base=previous.base, base_model=previous.base_model,
                                    license=previous.license)
     set_info(target, info)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import fx

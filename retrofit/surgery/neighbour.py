@@ -22,8 +22,8 @@ another module's forward (the next unit's first convolution) is found as well as
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import fx, nn
 
@@ -49,12 +49,14 @@ class Neighbours:
 
     Example::
 
-        >>> search = Neighbours(trace(model.eval(), info.input_size), info.blocks)
+        >>> from retrofit.graph.trace import trace
+        >>> info = retrofit.get_info(se_model)
+        >>> search = Neighbours(trace(se_model.eval(), info.input_size), info.blocks)
         >>> search.find(info.blocks[0])
-        Neighbour(into='norm', path='layer1.0.bn2', why='')
+        Neighbour(into='norm', path='layer1.0.bn3', why='')
     """
 
-    def __init__(self, traced: Traced, blocks: "list[BlockInfo]"):
+    def __init__(self, traced: Traced, blocks: list[BlockInfo]):
         self.traced = traced
         self.calls = {c.path: c for c in traced.calls()}
         self.counts = _call_counts(traced.graph)

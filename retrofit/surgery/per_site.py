@@ -11,7 +11,8 @@ import functools
 from typing import TYPE_CHECKING
 
 from ..blocks.attention import ATTENTIONS
-from ..blocks.config import ALWAYS_READ, BLOCK_FIELDS, DEFAULTS as _BLOCK, BlockConfig
+from ..blocks.config import ALWAYS_READ, BLOCK_FIELDS, BlockConfig
+from ..blocks.config import DEFAULTS as _BLOCK
 from ..errors import RecipeError
 from .recipe_fields import StageMap, base_value
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 
-def _sources(recipe: "Recipe", stage: int | None, applying: tuple[int, ...]) -> tuple[dict, dict]:
+def _sources(recipe: Recipe, stage: int | None, applying: tuple[int, ...]) -> tuple[dict, dict]:
     """Each block field's value at a site and where it comes from: -1 its default, 0 the base fields,
     1 a per-stage map, 2 + i override i (a higher number wins)."""
     values, layers = {}, {}
@@ -37,7 +38,7 @@ def _sources(recipe: "Recipe", stage: int | None, applying: tuple[int, ...]) -> 
 
 
 @functools.lru_cache(maxsize=1024)
-def resolve_block(recipe: "Recipe", stage: int | None, applying: tuple[int, ...]) -> BlockConfig:
+def resolve_block(recipe: Recipe, stage: int | None, applying: tuple[int, ...]) -> BlockConfig:
     """The BlockConfig at a site of ``stage`` that the overrides ``applying`` select (cached: a model
     has many sites and few distinct combinations)."""
     values, layers = _sources(recipe, stage, applying)
@@ -65,7 +66,7 @@ def resolve_block(recipe: "Recipe", stage: int | None, applying: tuple[int, ...]
         raise RecipeError(f"recipe at {where}: {err}") from None
 
 
-def check_resolvable(recipe: "Recipe") -> None:
+def check_resolvable(recipe: Recipe) -> None:
     """Every combination the recipe can resolve to, as far as it is known without a model: each
     stage a map or an override names (and the stages none names), with the overrides that select
     every site of it, and each override with a glob added alone. The rest is checked per site when

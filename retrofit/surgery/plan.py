@@ -9,7 +9,7 @@ the forwards the plan touches.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..blocks.config import BLOCK_FIELDS
 from ..errors import RetrofitError, excerpt
@@ -59,7 +59,8 @@ def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name
     """The discovered sites (residual, Inception, 3x3 conv; pyramid merges only when ``kinds`` names
     them) of the kinds asked for that the recipe's position applies to."""
     position = POSITIONS[recipe.position]
-    candidates = [s for s in found.sites if s.kind in position.kinds and (kinds is not None or s.kind not in DEFAULT_OFF)]
+    candidates = [s for s in found.sites
+                  if s.kind in position.kinds and (kinds is not None or s.kind not in DEFAULT_OFF)]
     if kinds is not None:
         candidates = [s for s in candidates if s.kind in kinds]
         if not candidates and found.sites:
@@ -89,7 +90,8 @@ def require_stages(keys: Iterable[int], present: Iterable[int], name: str, *, po
     absent = [k for k in keys if k not in present]
     if absent:
         where = f" for position '{position}'" if position else ""
-        raise RetrofitError(f"{f'{what}: ' if what else ''}stage {excerpt(','.join(map(str, absent[:20])), bare=True)} does not exist in "
+        raise RetrofitError(f"{f'{what}: ' if what else ''}stage {excerpt(','.join(map(str, absent[:20])), bare=True)} "
+                            "does not exist in "
                             f"{name}{where}: its sites are in stages {','.join(map(str, present))} "
                             f"(stage = log2 of the output stride)")
 
@@ -140,7 +142,8 @@ def select(candidates: list, recipe: Recipe, name: str) -> list:
             if (recipe.only is None or any(matches(s.module, p) for p in recipe.only))
             and not any(matches(s.module, p) for p in recipe.skip or ())]
     if not kept:
-        raise RetrofitError(f"only {excerpt(','.join(recipe.only or ['*']), bare=True)} and skip {excerpt(','.join(recipe.skip or []), bare=True)} "
+        raise RetrofitError(f"only {excerpt(','.join(recipe.only or ['*']), bare=True)} and skip "
+                            f"{excerpt(','.join(recipe.skip or []), bare=True)} "
                             f"leave no site of position '{recipe.position}' in {name}")
     return kept
 

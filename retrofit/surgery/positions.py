@@ -34,8 +34,8 @@ on the upsampled top-down map before the sum, and ``post``, on the merged map.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import fx
 
@@ -47,7 +47,7 @@ from .sites import Site, chain_end
 class Insertion:
     """An SE block to insert: it scales ``value``; ``users`` read its output instead (None: all)."""
 
-    site: "Site"
+    site: Site
     value: fx.Node
     users: tuple[fx.Node, ...] | None
     position: str = ""
@@ -65,6 +65,8 @@ class Position:
     place: Callable[..., Insertion]
 
 
+#: The positions by name (``standard``, ``pre``, ``post``, ``identity``, ``inside`` and any added with
+#: :func:`register_position`): where a block goes at each site, and which site kinds it takes.
 POSITIONS: dict[str, Position] = {}
 
 

@@ -136,7 +136,7 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         spliced, other_spliced = _in_both_modes(rebuilt.graph, other.graph, spliced, owner.module.training)
     bases = [_base_name(ins, owner) for ins, _, _ in spliced]
     names, taken = [], set()
-    for (ins, value, users), base in zip(spliced, bases):
+    for (_, value, _), base in zip(spliced, bases):
         if bases.count(base) > 1:
             base = f"{base}_{clean_name(value.name)}"
         name = _free_name(owner.module, base, taken)

@@ -3,22 +3,29 @@
 A :class:`Recipe` is a frozen dataclass. The same fields are the keys of a recipe YAML file, the
 keyword arguments of :func:`retrofit.add_se` and the options of ``retrofit add-se``; one validator per
 field (:mod:`retrofit.surgery.recipe_fields`) checks all three, so every bad value is reported the same
-way, naming the field and the allowed values; a site's block is resolved by :mod:`retrofit.surgery.per_site`. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``, ``min_width``,
-``bias``, ``init``, ``module``, ``allow_wide``) belong to :class:`retrofit.blocks.config.BlockConfig`, which holds their
-defaults, checks and width rule; a recipe carries them as keys and :attr:`Recipe.block` is the
-:class:`~retrofit.blocks.config.BlockConfig` they make. Built-in recipes live in ``recipes/`` (shipped inside
-the wheel as ``retrofit/recipes``)::
+way, naming the field and the allowed values; a site's block is resolved by
+:mod:`retrofit.surgery.per_site`. The fields that shape a block (``r``, ``squeeze``, ``gate``, ``divisor``,
+``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) belong to
+:class:`retrofit.blocks.config.BlockConfig`, which holds their defaults, checks and width rule; a recipe
+carries them as keys and :attr:`Recipe.block` is the :class:`~retrofit.blocks.config.BlockConfig` they make.
+Built-in recipes live in ``recipes/`` (shipped inside the wheel as ``retrofit/recipes``)::
 
-    >>> Recipe.load("timm")                      # a built-in, by name
-    >>> Recipe.load("my_recipe.yaml")            # any YAML file
-    >>> Recipe(position="inside", r=8).replace(stages=[4])
+    >>> Recipe.load("timm").divisor               # a built-in, by name (timm's seresnet layout)
+    8
+    >>> recipe = Recipe.load("my_recipe.yaml")    # any YAML file
+    >>> Recipe(position="inside", r=8).replace(stages=[4]).stages
+    (4,)
 
 Block fields may vary by stage and by module (see :class:`Recipe` for the priority)::
 
-    >>> Recipe(r={2: 8, 3: 8, 4: 16, 5: 32}, gate={5: "hard_sigmoid"})   # per-stage maps
-    >>> Recipe(r="2:8,5:32")                                             # the CLI's spelling
-    >>> Recipe(overrides=[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}])
-    >>> Recipe(r={5: 32}).block_for(stage=5, path="layer4.2")            # one site's BlockConfig
+    >>> Recipe(r={2: 8, 3: 8, 4: 16, 5: 32}, gate={5: "hard_sigmoid"}).r   # per-stage maps
+    StageMap(base=16, values=((2, 8), (3, 8), (4, 16), (5, 32)))
+    >>> Recipe(r="2:8,5:32").r                                               # the CLI's spelling
+    StageMap(base=16, values=((2, 8), (5, 32)))
+    >>> recipe = Recipe(overrides=[{"stages": [4, 5], "r": 32}, {"only": ["layer4.2"], "module": "eca"}])
+    >>> Recipe(r={5: 32}).block_for(stage=5, path="layer4.2")              # one site's BlockConfig
+    BlockConfig(r=32, squeeze='avg', gate='sigmoid', divisor=1, min_width=1, bias=True, init='preserve',
+                module='se', allow_wide=False)
 """
 from __future__ import annotations
 
@@ -26,21 +33,24 @@ import dataclasses
 import functools
 import os
 import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from ..blocks.attention import ATTENTIONS
-from ..blocks.config import BLOCK_FIELDS, DEFAULTS as _BLOCK, HELP as _BLOCK_HELP, INITS, BlockConfig, described
+from ..blocks.config import BLOCK_FIELDS, INITS, BlockConfig, described
+from ..blocks.config import DEFAULTS as _BLOCK
+from ..blocks.config import HELP as _BLOCK_HELP
 from ..blocks.se import GATES, SQUEEZES
 from ..errors import RecipeError, excerpt
 from ..inputs import read_yaml, regular_file
+from .help import RECIPE_HELP
 from .per_site import check_resolvable, resolve_block
 from .positions import POSITIONS
-from .help import RECIPE_HELP
 from .recipe_fields import CHECKS, Override, StageMap, base_value, show, show_bias, staged
 from .sites import KINDS, NAMED
 
@@ -74,7 +84,7 @@ class Recipe:
     # Each field's help is written once (the block fields' in blocks/help.py, with their defaults in
     # BlockConfig, each of them may be a StageMap, see above; the others' in surgery/help.py: modules without
     # torch, so `add-se --help` reads them) and kept in the field's metadata; the Args above, `add-se --help`,
-    # the table and YAML reference of docs/options.md are made from it.
+    # the table and YAML reference of docs/reference/options.md are made from it.
     position: str = described("standard", *RECIPE_HELP["position"])
     r: float | StageMap = _block("r")
     squeeze: str | StageMap = _block("squeeze")
@@ -108,18 +118,19 @@ class Recipe:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str | Path) -> "Recipe":
+    def load(cls, source: str | Path) -> Recipe:
         """A built-in recipe by name (``"timm"``, ``"post"``...) or a YAML file by path."""
         path = _find(source)
         data = read_yaml(path, "recipe", error=RecipeError)  # bounded: size, depth, no aliases
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise RecipeError(f"recipe {excerpt(source, bare=True)}: expected a mapping of fields, e.g. 'position: post'")
+            raise RecipeError(f"recipe {excerpt(source, bare=True)}: expected a mapping of fields, e.g. 'position: "
+                              "post'")
         return cls.from_dict(data, origin=f"recipe {excerpt(source, bare=True)}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
         """Build from a mapping of field names; unknown keys are an error."""
         _check_keys(data, origin)
         try:
@@ -127,7 +138,7 @@ class Recipe:
         except RecipeError as err:
             raise RecipeError(f"{origin}: {err}") from None
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (``None`` values are ignored, as unset CLI flags). A
         per-stage map without a ``default`` keeps this recipe's base value for the other stages."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -221,7 +232,7 @@ def allowed_values() -> dict[str, str]:
 
 
 def reference_table() -> str:
-    """The recipe's fields as a markdown table (``docs/options.md``): field, default, allowed values, help."""
+    """The recipe's fields as a markdown table (``docs/reference/options.md``): field, default, allowed values, help."""
     allowed = allowed_values()
     rows = ["| field | default | allowed | what it does |", "| --- | --- | --- | --- |"]
     for f in fields(Recipe):
@@ -246,7 +257,7 @@ def yaml_value(value: Any) -> str:
         .removesuffix("\n...").removesuffix("...").strip()
 
 
-def resolve_recipe(recipe: "Recipe | str | Path | Mapping | None" = None, **fields_: Any) -> Recipe:
+def resolve_recipe(recipe: Recipe | str | Path | Mapping | None = None, **fields_: Any) -> Recipe:
     """Turn what users pass (a Recipe, a name, a path, a dict or nothing) plus overrides into a Recipe."""
     if recipe is None:
         base = Recipe()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from ..blocks.config import BLOCK_FIELDS, CHECKS as BLOCK_CHECKS, DEFAULTS as _BLOCK, choice as _choice
+from ..blocks.config import BLOCK_FIELDS
+from ..blocks.config import CHECKS as BLOCK_CHECKS
+from ..blocks.config import DEFAULTS as _BLOCK
+from ..blocks.config import choice as _choice
 from ..blocks.config import positive_int as _positive_int
 from ..errors import RecipeError, excerpt
 from .positions import POSITIONS
@@ -170,12 +174,14 @@ def staged(name: str) -> Callable[..., Any]:
         for key, item in value.items():
             stage = _stage_key(name, key)
             if isinstance(item, (Mapping, list, tuple, set)):
-                raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} maps to {excerpt(item)}, not to one value; {_PAIRS}")
+                raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} maps to {excerpt(item)}, "
+                                  f"not to one value; {_PAIRS}")
             try:
                 checked = check(item)
             except RecipeError as err:
                 where = "default" if stage is None else f"stage {stage}"
-                raise RecipeError(str(err).replace(f"recipe field '{name}':", f"recipe field '{name}' ({where}):", 1)) from None
+                raise RecipeError(str(err).replace(f"recipe field '{name}':", f"recipe field '{name}' ({where}):",
+                                                   1)) from None
             if stage is None:
                 base = checked
             elif stage in entries:
@@ -195,7 +201,8 @@ def _pairs(name: str, text: str) -> dict[str, str]:
         if not sep or not key or not value:
             raise RecipeError(f"recipe field '{name}': bad entry {excerpt(entry.strip())} in {excerpt(text)}; {_PAIRS}")
         if key in out:
-            raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} is given twice in {excerpt(text)}")
+            raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} is given twice in "
+                              f"{excerpt(text)}")
         out[key] = value
     return out
 

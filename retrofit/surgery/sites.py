@@ -78,7 +78,7 @@ class SiteRefs:
     # (the anchor) is the concatenation that closes it; the branch is then the tensor both sides slice
     sum: fx.Node | None = None
     chain_end: fx.Node | None = None      # conv3x3: last norm/activation after the convolution
-    unit: "Site | None" = None            # conv3x3: the residual site whose branch holds it
+    unit: Site | None = None            # conv3x3: the residual site whose branch holds it
 
 
 @dataclass(frozen=True)
@@ -447,7 +447,8 @@ def layout_of(traced: Traced, n: fx.Node, shape: tuple[int, ...]) -> tuple[str, 
     if len(shape) == 4:
         return "4-d tensors whose dims are neither (N, C, H, W) nor (N, H, W, C) of the image"
     if shape[1] == 1:
-        return "one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to squeeze"
+        return ("one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to "
+                "squeeze")
     grid = token_grid(traced, n, shape[1])
     if grid is None:
         return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "

@@ -2,10 +2,10 @@
 
 :func:`retrofit.add_se` changes a model in two ways only: it adds block submodules (and, for some
 forwards, non-persistent constant buffers) and installs a regenerated forward on the instances that
-hold them (:mod:`retrofit.graph.forward`). Stripping removes both: the instance attributes ``forward``
-and ``_replicate_for_data_parallel`` are deleted, so the class's own ``forward`` applies again,
-exactly the code that ran before the retrofit; a ``torch.fx.GraphModule`` (which keeps its forward in its graph) gets the block nodes
-removed from its graph instead. The original parameters and buffers were never touched, so the
+hold them (:mod:`retrofit.graph.forward`). Stripping removes both: the instance attributes ``forward`` and
+``_replicate_for_data_parallel`` are deleted, so the class's own ``forward`` applies again, exactly the code
+that ran before the retrofit; a ``torch.fx.GraphModule`` (which keeps its forward in its graph) gets the
+block nodes removed from its graph instead. The original parameters and buffers were never touched, so the
 stripped model's state dict and outputs are the original's, as long as it was not trained since.
 
 A folded model (:func:`retrofit.fold`): strip removes every module retrofit added, the blocks left and
@@ -26,7 +26,6 @@ from ..errors import RetrofitError, excerpt
 from ..graph.forward import uninstall
 from ..graph.rebuild import CONSTANT_PREFIX  # buffers OwnerGraph registers for values fx kept aside
 from .info import clear_info, get_info
-
 
 
 def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:

@@ -38,8 +38,9 @@ import dataclasses
 import math
 import statistics
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,8 +49,8 @@ from ..errors import RetrofitError, first_line
 from ..events import Event, OnEvent, emit
 from ..measure.meta import is_meta
 from ..surgery.insert import retrofit_scanned
-from ..train.data import ImageFolderData
 from ..train.config import DEFAULTS, FinetuneConfig
+from ..train.data import ImageFolderData
 from ..train.distributed import PeerLost, setup
 from ..train.finetune import finetune
 from .rows import Accuracy, Latency, SweepRow, row_recipe
@@ -113,7 +114,8 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
             recipe = row_recipe(base_recipe, row)
             per_seed = []
             for seed in seeds:
-                result = runs.run(_label(row), lambda: build_retrofitted(model, found, recipe, seed), seed,
+                # the lambda is called inside runs.run, in this iteration
+                result = runs.run(_label(row), lambda: build_retrofitted(model, found, recipe, seed), seed,  # noqa: B023
                                   distill=distill)
                 if isinstance(result, str):
                     per_seed = result
@@ -274,7 +276,8 @@ def control_rows(controls: dict[str, list[dict] | str], seeds: list[int], latenc
         row = SweepRow("", 0.0, None, arm=name, seeds=tuple(seeds), note=note,  # nothing added: no cost
                        latency=Latency(1.0) if latency else None)  # the original architecture: latency ratio 1
         if isinstance(per_seed, str) or not per_seed:
-            row = dataclasses.replace(row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run succeeded")
+            row = dataclasses.replace(row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run "
+                                                                                                        "succeeded")
         else:
             row = dataclasses.replace(row, accuracy=_stats(per_seed))
         rows.append(row)

@@ -6,13 +6,15 @@ pretrained weights, latency or data), scans it once and runs :func:`retrofit.swe
 (:meth:`SweepReport.to_dict` is ``retrofit sweep --json``, key for key).
 
     >>> report = retrofit.sweep_model("resnet50", r=[2, 4, 8, 16, 32], position=["standard", "post"])
-    >>> report.rows[0].cost.params, report.verdict, report.to_dict()["base"]
+    >>> len(report.rows), report.rows[0].cost.params
+    (10, 20142208)
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -54,7 +56,8 @@ class SweepReport:
 
     @property
     def verdict(self) -> str | None:
-        """With data: the last line, whether any recipe beat the best control arm (None without data)."""
+        """Whether any recipe beat the best control arm, the last line of an accuracy sweep (None without
+        data)."""
         return verdict(self.rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,7 +80,7 @@ def sweep_model(name: str, r: Iterable[Any] | Any = (16,), position: Iterable[st
 
     Args:
         latency_input_size: ``(C, H, W)`` or ``"C,H,W"`` of the latency runs (default: ``input_size``).
-        data, seeds, config, **options: the accuracy sweep (seeds ``0..seeds-1``; ``config`` and ``options``:
+        data, seeds, config, options: the accuracy sweep (seeds ``0..seeds-1``; ``config`` and ``options``:
             :class:`retrofit.FinetuneConfig`, its ``epochs`` those of each run).
         on_event: :func:`retrofit.sweep`'s events (a ``run`` per fine-tune, a ``round`` per latency round).
 

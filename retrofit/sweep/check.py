@@ -38,9 +38,10 @@ import threading
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -205,7 +206,8 @@ def check_model(model: str | nn.Module, *, input_size: Sequence[int] | None = No
 
     Example::
 
-        >>> check_model("vgg11").status, check_model("vgg11").reason
+        >>> r = check_model("vgg11")
+        >>> r.status, r.reason
         ('no sites', 'no residual or Inception merge in vgg11')
     """
     r = parse_ratio(r)

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,8 @@ class FoldResult:
         if self.before is None:
             return line + "; no data given: top-1 and loss not measured"
         b, a = self.before, self.after
-        bound = f" (bound: log2({self.candidates}) + 2 = {math.log2(self.candidates) + 2:.1f})" if self.tolerance else ""
+        limit = math.log2(self.candidates) + 2
+        bound = f" (bound: log2({self.candidates}) + 2 = {limit:.1f})" if self.tolerance else ""
         return (f"{line}; val top-1 {b['top1']:.2f}% -> {a['top1']:.2f}% ({a['top1'] - b['top1']:+.2f} points), loss "
                 f"{b['val_loss']:.4f} -> {a['val_loss']:.4f} ({a['val_loss'] - b['val_loss']:+.4f}); "
                 f"{self.evaluations} evaluations{bound}")
@@ -112,7 +114,7 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         tolerance: points of val top-1 the folded model may lose (0 to 100); default 0: only the
             input-independent gates (exact). See the module docstring for the search and its cost.
         blocks: globs of block paths (``layer4.*``): fold only these (all of them when ``tolerance`` is None).
-        images, config, **options: as for :func:`retrofit.inspect` (``batch_size``, ``workers``, ``device``).
+        images, config, options: as for :func:`retrofit.inspect` (``batch_size``, ``workers``, ``device``).
 
     Returns:
         A :class:`FoldResult`: the folded model (still a retrofit model: it saves, loads, fine-tunes,
@@ -125,9 +127,10 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
 
     Example::
 
-        >>> result = retrofit.fold(model, "digits/", tolerance=0.5)
-        >>> [(b.path, b.into, b.neighbour) for b in result.blocks]
-        >>> retrofit.save(result.model, "folded.safetensors")
+        >>> result = retrofit.fold(model, "data/", tolerance=0.5)   # model: fine-tuned on data/
+        >>> result.evaluations <= math.log2(len(retrofit.get_info(model).blocks)) + 2
+        True
+        >>> path = retrofit.save(result.model, "folded.safetensors")
     """
     tolerance = check_tolerance(tolerance)
     config = FinetuneConfig.build(config, **options)
@@ -158,7 +161,8 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         after = opened.evaluate(folded, "after the fold") if opened is not None else None
     after_cost = compare(base, cost(folded, size))
     out = _report(folded, info_of(folded).folds[already:], before_cost, local, constants)
-    metrics = (lambda r: {"top1": r["top1"], "val_loss": r["val_loss"]} if r is not None else None)
+    def metrics(r):
+        return {"top1": r["top1"], "val_loss": r["val_loss"]} if r is not None else None
     return FoldResult(folded, out, len(candidates), tolerance, opened.count if opened is not None else 0, before_cost,
                       after_cost, metrics(row), metrics(after), probes)
 
@@ -168,7 +172,8 @@ def check_tolerance(tolerance: Any) -> float | None:
         return None
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
             or not 0 <= tolerance <= MAX_TOLERANCE:
-        raise RetrofitError(f"tolerance must be a number of top-1 points from 0 to {MAX_TOLERANCE:g}, got {excerpt(tolerance)}")
+        raise RetrofitError(f"tolerance must be a number of top-1 points from 0 to {MAX_TOLERANCE:g}, got "
+                            f"{excerpt(tolerance)}")
     return float(tolerance)
 
 
@@ -180,8 +185,9 @@ def _candidates(model: nn.Module, globs: Sequence[str] | None) -> list[str]:
     for pattern in globs:
         if not any(matches(b.path, pattern) for b in found):
             other = next(((b.path, why) for b, why in others if matches(b.path, pattern)), None)
-            raise RetrofitError(f"blocks {excerpt(pattern)}: " + (f"{other[0]} is not a channel gate ({other[1]})" if other
-                                else f"names no block (gates: {', '.join(b.path for b in found[:4])}...)"))
+            why = (f"{other[0]} is not a channel gate ({other[1]})" if other
+                   else f"names no block (gates: {', '.join(b.path for b in found[:4])}...)")
+            raise RetrofitError(f"blocks {excerpt(pattern)}: {why}")
     return [b.path for b in found if any(matches(b.path, p) for p in globs)]
 
 

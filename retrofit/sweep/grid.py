@@ -14,6 +14,7 @@ same run (:mod:`retrofit.measure.latency`).
 
     >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[4, 16], position=["standard", "post"])
     >>> [(row.position, row.r, round(row.params_percent, 2)) for row in rows]
+    [('standard', 4, 39.44), ('standard', 16, 9.9), ('post', 4, 39.44), ('post', 16, 9.9)]
 
 With ``data=`` (an ImageFolder) every combination is also fine-tuned over several seeds, next to
 control arms trained the same way (:mod:`retrofit.sweep.ablation`): the accuracy half of the paper's tables.
@@ -23,8 +24,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -98,8 +100,11 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
 
         >>> rows = retrofit.sweep(timm.create_model("resnet50"), r=[2, 4, 8, 16, 32],
         ...                       position=["standard", "inside"], stages=["all", 4, "3+4"])
-        >>> rows[0].position, rows[0].r, rows[0].cost.params, rows[0].cost.params_percent
-        >>> rows = retrofit.sweep(model, r=[4, 16], data="data/", seeds=3, epochs=10, lr=1e-2, batch_size=10)
+        >>> len(rows), rows[0].position, rows[0].r, rows[0].cost.params
+        (30, 'standard', 2, 20142208)
+        >>> rows = retrofit.sweep(model, r=[4], data="data/", seeds=1, epochs=1, lr=1e-2, batch_size=8)
+        >>> [row.arm for row in rows]     # the control arms first, trained the same way
+        ['original', 'head+norms', 'full', 'se']
     """
     config = finetune_config(config, train, options, "retrofit.sweep")
     on_event = legacy(on_event, "retrofit.sweep", on_run=on_run, on_round=on_round)

@@ -26,7 +26,7 @@ class Cost:
     skipped: int = 0       # sites of this position and stages that could not be rewritten
 
     @classmethod
-    def of(cls, report: Any, skipped: int = 0) -> "Cost":
+    def of(cls, report: Any, skipped: int = 0) -> Cost:
         """The cost of a planned :class:`~retrofit.measure.overhead.Overhead`."""
         return cls(len(report.blocks), report.added_params, report.params_percent(), report.added_macs,
                    report.macs_percent(), report.pool_ops + report.scale_ops, skipped)
@@ -93,7 +93,7 @@ ORDER = ("position", "r", "stages", "blocks", "params", "params_percent", "macs"
 def _flat(key: str) -> property:
     part, name, empty = FLAT[key]
 
-    def get(row: "SweepRow") -> Any:
+    def get(row: SweepRow) -> Any:
         value = getattr(row, part)
         return empty if value is None else getattr(value, name)
     return property(get, doc=f"``{part}.{name}`` ({empty!r} when there is no {part}).")

@@ -8,7 +8,7 @@ else is made from it, never written again:
 * the options of ``retrofit finetune``, ``add-se --finetune``, ``sweep --data`` and ``tune``
   (:mod:`retrofit.cli.options` builds each typer option from its field);
 * the settings a run folder records and compares on ``--resume`` (:meth:`FinetuneConfig.decisive`);
-* the option table of ``docs/options.md`` (:func:`markdown_table`, kept up to date by a test).
+* the option table of ``docs/reference/options.md`` (:func:`markdown_table`, kept up to date by a test).
 
 One default per option. Where the command line differs from Python on purpose, the field says so in
 ``cli_default`` and both show it: ``workers`` is 0 in Python (the calling process loads the images, so
@@ -19,7 +19,7 @@ nothing starts processes from a notebook) and 2 on the command line.
     0.0
     >>> retrofit.FinetuneConfig(smoothing=1.5)
     Traceback (most recent call last):
-    RetrofitError: smoothing must be in [0, 1), got 1.5
+    retrofit.errors.RetrofitError: smoothing must be in [0, 1), got 1.5
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ import dataclasses
 import difflib
 import functools
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import RetrofitError, excerpt
 
@@ -50,7 +51,7 @@ def option(default: Any, help: str, *, flags: tuple[str, ...], low: float | None
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """The options of a fine-tune (:func:`retrofit.finetune`); each field's help is in ``docs/options.md``
+    """The options of a fine-tune (:func:`retrofit.finetune`); each field's help is in ``docs/reference/options.md``
     and in ``retrofit finetune --help``, both made from the field itself.
 
     Phase 1 trains the inserted blocks (and a new head) for ``epochs``; phase 2 then trains everything
@@ -133,7 +134,7 @@ class FinetuneConfig:
         if self.epochs + self.phase2_epochs < 1:
             raise RetrofitError("nothing to train: give epochs (phase 1) or phase2_epochs of at least 1")
 
-    def replace(self, **changes: Any) -> "FinetuneConfig":
+    def replace(self, **changes: Any) -> FinetuneConfig:
         """A copy with ``changes`` (field names; an unknown one is an error naming the closest option)."""
         check_names(changes, "finetune")
         return dataclasses.replace(self, **changes)
@@ -148,7 +149,7 @@ class FinetuneConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["decides"]}
 
     @classmethod
-    def build(cls, config: "FinetuneConfig | Mapping[str, Any] | None" = None, **overrides: Any) -> "FinetuneConfig":
+    def build(cls, config: FinetuneConfig | Mapping[str, Any] | None = None, **overrides: Any) -> FinetuneConfig:
         """A config from a config (or a mapping of options, or None: the defaults) and checked overrides."""
         if config is None:
             config = cls()
@@ -250,9 +251,10 @@ def _range_words(m: Mapping[str, Any]) -> str:
 
 
 def markdown_table() -> str:
-    """The option table of ``docs/options.md``: option, flags, type, default (the command line's where it
+    """The option table of ``docs/reference/options.md``: option, flags, type, default (the command line's where it
     differs), bounds, help; made from the fields alone."""
-    rows = ["| option | command line | type | default | bounds | what it does |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| option | command line | type | default | bounds | what it does |", "| --- | --- | --- | --- | --- | --- "
+                                                                                  "|"]
     for f in fields(FinetuneConfig):
         m = f.metadata
         base, optional = kind(f.name)

@@ -38,9 +38,10 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -154,6 +155,7 @@ class ImageFolderData:
 
         >>> data = ImageFolderData.open("data/", model, input_size=(3, 224, 224), augment=True)
         >>> data.classes, len(data.train), len(data.val)
+        (['class0', 'class1', 'class2'], 24, 12)
     """
 
     root: Path
@@ -164,14 +166,15 @@ class ImageFolderData:
 
     @classmethod
     def open(cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None, *,
-             augment: bool) -> "ImageFolderData":
+             augment: bool) -> ImageFolderData:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise RetrofitError(f"data folder {excerpt(root)} not found; give a folder with train/<class>/*.jpg "
                                 f"and val/<class>/*.jpg")
         for split in SPLITS:
             if not (root / split).is_dir():
-                raise RetrofitError(f"{excerpt(root)} has no {split}/ folder; expected {excerpt(root)}/train/<class>/*.jpg "
+                raise RetrofitError(f"{excerpt(root)} has no {split}/ folder; expected "
+                                    f"{excerpt(root)}/train/<class>/*.jpg "
                                     f"and {excerpt(root)}/val/<class>/*.jpg")
         found = {split: SkippingImageDataset(str(root / split), reader=find_images(root / split))
                  for split in SPLITS}
@@ -188,7 +191,8 @@ class ImageFolderData:
                                 f"{_few(only_train)}; only in val: {_few(only_val)}); give both the same "
                                 f"class folders")
         if len(train_classes) < 2:
-            raise RetrofitError(f"{excerpt(root)}/train has one class ({excerpt(train_classes[0], bare=True)}); a classifier needs two or more "
+            raise RetrofitError(f"{excerpt(root)}/train has one class ({excerpt(train_classes[0], bare=True)}); a "
+                                "classifier needs two or more "
                                 f"class folders")
         args = {"input_size": tuple(input_size)} if input_size else {}
         config = resolve_data_config(args, model=model)
@@ -264,7 +268,7 @@ class TrainBatches(Sampler[list[SampleKey]]):
         return min(self.batch, self.used - (i // accum) * self.batch)
 
 
-def find_images(folder: Path) -> "FoundImages":
+def find_images(folder: Path) -> FoundImages:
     """The images of one split, as timm's folder reader: class ``c`` is ``folder/c/``, its images all
     images below it (links followed, no folder twice), in timm's natural order.
 
@@ -276,7 +280,8 @@ def find_images(folder: Path) -> "FoundImages":
     types = get_img_extensions(as_set=True)
     loose = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in types and p.is_file())
     if loose:
-        raise RetrofitError(f"{len(loose)} image(s) directly in {excerpt(folder)} (e.g. {excerpt(loose[0], bare=True)}) belong to no class; "
+        raise RetrofitError(f"{len(loose)} image(s) directly in {excerpt(folder)} (e.g. "
+                            f"{excerpt(loose[0], bare=True)}) belong to no class; "
                             f"move them into {excerpt(folder)}/<class>/ (a folder per class)")
     dirs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
     seen = {_inode(p) for p in (folder, *dirs)}  # a class never reads the split or another class
@@ -298,7 +303,8 @@ def find_images(folder: Path) -> "FoundImages":
         else:
             empty.append(d.name)
     if again:
-        warnings.warn(f"{excerpt(folder)}: {len(again)} folder(s) reached again through a symbolic link (e.g. {excerpt(again[0], bare=True)}) "
+        warnings.warn(f"{excerpt(folder)}: {len(again)} folder(s) reached again through a symbolic link (e.g. "
+                      f"{excerpt(again[0], bare=True)}) "
                       f"were not read twice; {len(samples)} images found", RetrofitWarning, stacklevel=3)
     if not samples:
         raise RetrofitError(f"no images in {excerpt(folder)}; put each class's images in {excerpt(folder)}/<class>/ "
@@ -325,7 +331,8 @@ def warn_bad(bad: tuple[BadImage, ...], seen: set[str]) -> None:
     for b in bad:
         if b.path not in seen:
             seen.add(b.path)
-            warnings.warn(f"skipped {excerpt(b.path, bare=True)}: cannot decode it ({b.reason})", RetrofitWarning, stacklevel=2)
+            warnings.warn(f"skipped {excerpt(b.path, bare=True)}: cannot decode it ({b.reason})", RetrofitWarning,
+                          stacklevel=2)
 
 
 def _few(names: list[str]) -> str:

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -64,7 +65,7 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, config: Finet
         config: a :class:`retrofit.FinetuneConfig` (default: its defaults).
         **options: any field of :class:`retrofit.FinetuneConfig` (``epochs=2``, ``lr=1e-2``,
             ``smoothing=0``...), overriding ``config``'s; an unknown name or a bad value is one
-            ``RetrofitError``. Each option's type, default, bounds and help: ``docs/options.md``.
+            ``RetrofitError``. Each option's type, default, bounds and help: ``docs/reference/options.md``.
         input_size: ``(C, H, W)`` for the transforms (default: the size the model was retrofitted at).
         output_dir: where ``train_state.pt`` (for resume), ``last.safetensors``, ``best.safetensors`` (by
             val top-1, step 0 included) and ``metrics.jsonl`` go; None: nothing is written.
@@ -82,15 +83,17 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, config: Finet
         RetrofitError: bad options or data, or a phase whose first step gives no trainable parameter a
             gradient (it would train nothing; :mod:`retrofit.train.gradients` says why and what to do).
             Tensors that get none while others do are named in one ``RetrofitWarning``.
-        PeerLost: under torchrun, another process of the job died (a ``RetrofitError``: one line, which
-            says that ``output_dir`` holds the epochs committed before it and ``resume=True`` continues).
+        retrofit.train.distributed.PeerLost: under torchrun, another process of the job died (a
+            ``RetrofitError``: one line, which says that ``output_dir`` holds the epochs committed before it and
+            ``resume=True`` continues).
 
     Example::
 
-        >>> se = retrofit.add_se(timm.create_model("resnet50", pretrained=True), r=16)
-        >>> result = retrofit.finetune(se, data="data/", epochs=2, output_dir="runs/se50")
-        >>> result.row("original")["top1"], result.best["top1"]
-        >>> result = retrofit.finetune(se, "data/", retrofit.FinetuneConfig(epochs=2, smoothing=0.0))
+        >>> se = retrofit.add_se(model, r=16)   # model: your trained network (timm's, or your own)
+        >>> result = retrofit.finetune(se, data="data/", epochs=2, batch_size=8, output_dir="runs/se50")
+        >>> [row["name"] for row in result.rows]
+        ['original', 'step 0', 'epoch 1', 'epoch 2']
+        >>> result = retrofit.finetune(se, "data/", retrofit.FinetuneConfig(epochs=1, smoothing=0.0))
     """
     if isinstance(config, int) and not isinstance(config, bool):  # finetune(model, data, 2): epochs, positionally
         warnings.warn("retrofit.finetune(model, data, EPOCHS) is deprecated: pass epochs=EPOCHS (the third "

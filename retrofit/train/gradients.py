@@ -18,8 +18,8 @@ import warnings
 from torch import nn
 
 from ..errors import RetrofitError, RetrofitWarning
-from ..surgery.info import get_info
 from ..files.provenance import NORMS
+from ..surgery.info import get_info
 from .params import head_params
 
 

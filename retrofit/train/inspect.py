@@ -9,9 +9,10 @@ per gate replaces that gate's excitation by its mean and measures how far the lo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +170,7 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
             or an open :class:`~retrofit.train.data.ImageFolderData`.
         images: read an evenly spaced subset of this many val images (default: all).
         output_change: also measure each gate's constancy at the model's output (one more pass per gate).
-        config, **options: the evaluation reads three options of :class:`retrofit.FinetuneConfig`:
+        config, options: the evaluation reads three options of :class:`retrofit.FinetuneConfig`:
             ``batch_size`` (images per forward pass), ``workers`` (data-loading processes) and ``device``
             (``cpu``, ``cuda`` or ``cuda:N``; default: cuda when available); given as a config, keyword
             arguments, or both (the keywords win).
@@ -186,8 +187,9 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
 
     Example::
 
-        >>> report = retrofit.inspect(model, "digits/", images=500)
-        >>> [(b.path, round(b.class_spread, 3)) for b in report.blocks]
+        >>> report = retrofit.inspect(model, "data/", images=6)     # model: fine-tuned on data/
+        >>> report.images, [b.path for b in report.blocks]
+        (6, ['layer1.0.se', 'layer2.0.se', 'layer3.0.se', 'layer4.0.se'])
     """
     require_gates(model, "inspect")
     others = gates(model)[1]

@@ -18,25 +18,25 @@ from ..blocks.attention import DISPLAY_NAMES
 from ..errors import RetrofitError, RetrofitWarning, excerpt
 from ..events import Event, OnEvent, emit
 from ..files.header import metadata
+from ..files.provenance import mark_trained
 from ..files.tensors import with_metadata
 from ..graph.model import resolve_input_size
 from ..surgery.bypass import blocks_off
 from ..surgery.info import get_info
-from ..files.provenance import mark_trained
 from ..surgery.trainable import Trainable
 from . import optim, params
-from .gradients import check_first_step
+from .config import FinetuneConfig
 from .data import ImageFolderData
 from .distributed import Dist
 from .ema import Ema
 from .evaluate import evaluate
+from .gradients import check_first_step
 from .loop import seed_all, train_epoch
 from .loss import Objective
 from .progress import Progress
 from .record import Record
-from .run_dir import RunDir
-from .config import FinetuneConfig
 from .result import FinetuneResult
+from .run_dir import RunDir
 from .state import restore_training, rng_state, set_rng_state
 
 

@@ -86,7 +86,8 @@ class RunDir:
                 check_model(saved, model, state)
             elif resume:
                 if self.env.main:
-                    warnings.warn(f"nothing to resume in {excerpt(out)}; starting at epoch 1", RetrofitWarning, stacklevel=4)
+                    warnings.warn(f"nothing to resume in {excerpt(out)}; starting at epoch 1", RetrofitWarning,
+                                  stacklevel=4)
             elif state.exists():
                 raise RetrofitError(f"{excerpt(out)} already holds a fine-tuning run; pass resume=True to continue it, "
                                     f"or delete it, or choose another output_dir")
@@ -102,11 +103,13 @@ class RunDir:
         try:
             out.mkdir(parents=True, exist_ok=True)  # mkdir -p: runs/se50 in a fresh checkout
         except OSError as err:
-            return f"cannot create the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can write to"
+            return (f"cannot create the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
+                    "write to")
         try:
             fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            return f"cannot write in the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can write to"
+            return (f"cannot write in the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
+                    "write to")
         try:  # the kernel drops the lock when the process ends, however it ends
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -195,5 +198,6 @@ def _check_resumable(saved: dict[str, Any], path: Path, meta: dict[str, str], se
     changed = [k for k in settings if k in then and then[k] != settings[k]]
     if changed:
         k = changed[0]
-        raise RetrofitError(f"{excerpt(path)} was started with {k} = {excerpt(then[k])}, now {excerpt(settings[k])}; resume with the "
+        raise RetrofitError(f"{excerpt(path)} was started with {k} = {excerpt(then[k])}, now {excerpt(settings[k])}; "
+                            "resume with the "
                             f"same settings (or choose another output folder)")

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import timm
+from conftest import one_error
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit import Recipe, RecipeError, RetrofitError
 from retrofit.cli import app
-from conftest import one_error
 
 runner = CliRunner()
 

@@ -7,13 +7,13 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import one_error
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import retrofit
-from retrofit.files.checkpoint import load
 from retrofit.cli import app
-from conftest import one_error
+from retrofit.files.checkpoint import load
 from support import make_folder
 
 runner = CliRunner()
@@ -46,7 +46,8 @@ def test_mission_command(tmp_path, model, position):
     # two 1x1 convs with biases, 2Cw + w + C parameters, 2Cw multiply-adds at batch 1
     widths = [b["channels"] // 16 for b in data["blocks"]]
     assert [b["width"] for b in data["blocks"]] == widths
-    assert data["added"]["params"] == sum(2 * b["channels"] * w + w + b["channels"] for b, w in zip(data["blocks"], widths))
+    assert data["added"]["params"] == sum(2 * b["channels"] * w + w + b["channels"] for b,
+                                          w in zip(data["blocks"], widths))
     assert data["added"]["macs"] == sum(2 * b["channels"] * w for b, w in zip(data["blocks"], widths))
     assert f'{data["added"]["params"]:,}' in result.stdout
 
@@ -196,7 +197,8 @@ def test_sites_json_says_each_site_layout():
     result = runner.invoke(app, ["sites", "vit_tiny_patch16_224", "--num-classes", "10", "--json", "-"])
     assert result.exit_code == 0, result.output
     sites = json.loads(result.output)["sites"]
-    assert len(sites) == 24 and {(s["layout"], s["prefix"], tuple(s["size"])) for s in sites} == {("tokens", 1, (14, 14))}
+    assert len(sites) == 24 and {(s["layout"], s["prefix"], tuple(s["size"])) for s in sites} == {("tokens", 1,
+                                                                                                   (14, 14))}
 
 
 def test_the_block_table_fits_a_terminal_and_never_cuts_a_name():
@@ -240,7 +242,8 @@ def test_markup_in_messages_and_paths_prints_as_text(tmp_path):
     data = make_folder(tmp_path / "[/x]", train=2, val=1)
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     out = tmp_path / "[/x]" / "[bold]run[red]"
-    result = run("finetune", ckpt, "--data", data, "--epochs", "1", "-b", "6", "-j", "0", "--output-dir", out, "--resume")
+    result = run("finetune", ckpt, "--data", data, "--epochs", "1", "-b", "6", "-j", "0", "--output-dir", out,
+                 "--resume")
     assert result.exit_code == 0, result.output
     assert f"fine-tuning on {data}; checkpoints in {out}" in result.stdout
     assert f"-> {out / 'best.safetensors'}" in result.stdout

@@ -43,7 +43,8 @@ def cases(tmp_path_factory):
                           root / "se.safetensors")
     out = []
     for key in ("recipe", "model_kwargs", "input_size"):
-        deep = rewrite_header(saved, root / f"deep_{key}.safetensors", lambda h, k=key: h["__metadata__"].update({k: DEEP_JSON}))
+        deep = rewrite_header(saved, root / f"deep_{key}.safetensors", lambda h,
+                              k=key: h["__metadata__"].update({k: DEEP_JSON}))
         out.append((["finetune", str(deep), "--data", str(data)], [f"metadata '{key}' is nested more than 32 levels"]))
     (root / "deep.yaml").write_text(DEEP_YAML)
     out.append((["add-se", "test_resnet", "--recipe", str(root / "deep.yaml")], ["is nested more than 32 levels deep"]))
@@ -58,12 +59,13 @@ def cases(tmp_path_factory):
         out.append((["add-se", "test_resnet", "--checkpoint", str(path)], [what]))
         folder = ["has no config.json: not a folder written by retrofit.save_pretrained"]  # a folder is a saved model
         out.append((["finetune", str(path), "--data", str(data)], folder if name == "dir" else [what]))
-    for name, (path, what) in special_files(root / "yaml", ".yaml").items():
+    for path, what in special_files(root / "yaml", ".yaml").values():
         out.append((["add-se", "test_resnet", "--recipe", str(path)], [what]))
         out.append((["tune", "test_resnet", "--space", str(path), "--data", str(data), "--trials", "1"], [what]))
     million = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(1_000_000)}
     (root / "million.safetensors").write_bytes(safetensors_bytes({}, million))
-    out.append((["add-se", "test_resnet", "--checkpoint", str(root / "million.safetensors")], ["more than the 16,777,216"]))
+    out.append((["add-se", "test_resnet", "--checkpoint", str(root / "million.safetensors")], ["more than the "
+                                                                                               "16,777,216"]))
     giant = rewrite_header(saved, root / "giant.safetensors",
                            lambda h: h["__metadata__"].update(architecture="vit_giant_patch14_224"))
     out.append((["finetune", str(giant), "--data", str(data)], ["does not hold the weights of vit_giant_patch14_224"]))

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import one_error
 from safetensors.torch import save_model
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
 from retrofit.surgery.fold import gates, info_of
-from conftest import one_error
 from support import five_class_model, make_folder, se_model
 
 runner = CliRunner()
@@ -54,7 +54,8 @@ def test_fold_saves_reports_and_measures(files):
     result = run("fold", files / "se.safetensors", "--data", files / "data", "-j", 0, "-t", "100", "-o", out,
                  "--json", files / "fold.json")
     assert result.exit_code == 0, result.output
-    for text in ("Folded blocks", "Overhead before the fold", "Overhead after the fold", "folded 4 of 4", "evaluations"):
+    for text in ("Folded blocks", "Overhead before the fold", "Overhead after the fold", "folded 4 of 4",
+                 "evaluations"):
         assert text in result.stdout, text
     data = json.loads((files / "fold.json").read_text())
     assert data["folded"] == 4 and data["evaluations"] <= 4 and data["after"]["top1"] >= data["before"]["top1"] - 100

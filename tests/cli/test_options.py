@@ -8,8 +8,7 @@ import pytest
 import typer
 
 from retrofit.cli import app
-from retrofit.train.config import RUN_OPTIONS
-from retrofit.train.config import FIELDS, bounds_text, cli_default
+from retrofit.train.config import FIELDS, RUN_OPTIONS, bounds_text, cli_default
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = typer.main.get_command(app).commands
@@ -46,7 +45,6 @@ def test_a_changed_field_changes_every_command(monkeypatch):
     """The options are made from the field when the commands are built: change a field's help and default and
     every command shows the new ones (nothing keeps a copy)."""
     import dataclasses
-    import importlib
 
     import retrofit.cli.options as options
 

@@ -37,5 +37,6 @@ def test_the_options_reach_the_run(tmp_path):
                                  "-b", "8", "-j", "0", "--seed", "3", "--smoothing", "0", "--phase2-epochs", "1"])
     assert result.exit_code == 0, result.output
     settings = torch.load(tmp_path / "se-add-se" / "train_state.pt", weights_only=True)["settings"]
-    assert (settings["lr"], settings["batch_size"], settings["seed"], settings["smoothing"], settings["phase2_epochs"]) \
+    assert (settings["lr"], settings["batch_size"], settings["seed"], settings["smoothing"],
+            settings["phase2_epochs"]) \
         == (0.05, 8, 3, 0.0, 1)

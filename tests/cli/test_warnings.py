@@ -66,7 +66,7 @@ def test_a_warning_goes_above_the_live_bars(monkeypatch):
     with warnings_as_they_happen(), Progress(True) as bars:
         task = bars.task("epoch 1 train", 2)
         bars.advance(task, 1.0)
-        warnings.warn("skipped x.jpg: cannot decode it", RetrofitWarning)
+        warnings.warn("skipped x.jpg: cannot decode it", RetrofitWarning, stacklevel=1)
         bars.advance(task, 1.0)
     screen = err.getvalue().replace("\r", "\n").split("\n")
     hits = [ln for ln in screen if "skipped x.jpg" in ln]

@@ -7,6 +7,7 @@ import re
 import pytest
 import timm
 import torch
+from conftest import randomize
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -17,9 +18,7 @@ from retrofit import RetrofitError, RetrofitWarning
 from retrofit.cli import app
 from retrofit.files.header import read_header
 from retrofit.files.models import create_model
-from conftest import randomize
-from support import Net
-from support import CLASSES, FAST, SIZE, make_folder, one_error_line
+from support import CLASSES, FAST, SIZE, Net, make_folder, one_error_line
 
 runner = CliRunner()
 
@@ -69,7 +68,8 @@ def test_resnet50_standard_r16_round_trip(resnet50_random, tmp_path):
     with torch.no_grad():
         wrong.layer3[0].conv2.weight[0, 0, 0, 0] += 1e-3  # one weight of 25 million
     with pytest.raises(RetrofitError, match=r"was made on another base: resnet50 \(sha256 \w{12} over 320 tensors\), "
-                                            r"the base given \(resnet50\) has \w{12} over 320; give the base it was made on"):
+                                            r"the base given \(resnet50\) has \w{12} over 320; give the base it was "
+                                            r"made on"):
         retrofit.load(adapter, base=wrong)
     with pytest.warns(RetrofitWarning, match="rebuilt on it anyway"):
         forced = retrofit.load(adapter, base=wrong, force=True)
@@ -168,7 +168,7 @@ def test_bypass_gives_the_original_network_after_training():
                 assert torch.equal(model(x), retrofit.strip(model)(x))
             assert torch.equal(model(x), trained)
             with pytest.raises(ZeroDivisionError), retrofit.bypass(model):
-                1 / 0
+                1 / 0  # noqa: B018 (it raises inside the context)
             assert torch.equal(model(x), trained)
     with pytest.raises(RetrofitError, match="nothing to bypass"), retrofit.bypass(plain):
         pass

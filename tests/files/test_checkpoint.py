@@ -4,11 +4,11 @@ import os
 import pytest
 import timm
 import torch
+from conftest import randomize
 from torch import nn
 
 import retrofit
 from retrofit import RetrofitError
-from conftest import randomize
 from support import Net
 
 
@@ -61,7 +61,8 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(RetrofitError, match="No space left on device; the previous net.safetensors is kept; free space"):
+    with pytest.raises(RetrofitError,
+                       match="No space left on device; the previous net.safetensors is kept; free space"):
         retrofit.save(se, target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["net.safetensors"]

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import randomize
 from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
@@ -15,7 +16,6 @@ import retrofit
 from retrofit import RetrofitError
 from retrofit.cli import app
 from retrofit.files import pretrained as pretrained_module
-from conftest import randomize
 from support import CLASSES, SIZE, Net, one_error_line, se_model
 
 runner = CliRunner()
@@ -34,7 +34,8 @@ def trained(model):
 CASES = {
     "timm": lambda: (trained(se_model()), None, (3, SIZE, SIZE)),
     "torchvision": lambda: (trained(retrofit.add_se(torchvision.models.resnet18(num_classes=5), r=8,
-                                                    input_size=(3, 64, 64))), torchvision.models.resnet18(num_classes=5),
+                                                    input_size=(3, 64, 64))),
+                                                    torchvision.models.resnet18(num_classes=5),
                             (3, 64, 64)),
     "own module": lambda: (trained(retrofit.add_se(Net(), r=4, input_size=(3, 16, 16))), Net(), (3, 16, 16)),
 }

@@ -12,9 +12,9 @@ from functools import partial
 import pytest
 import torch
 import torchvision
+from conftest import randomize
 
 import retrofit
-from conftest import randomize
 from support import moved_off_identity
 
 SMALL = {  # the classes of maxvit_t and vit_b_32, small enough for a 32x32 input and a fast test

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import randomize
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -19,7 +20,6 @@ from retrofit.cli import app
 from retrofit.files.bounds import out_of_bounds, whole_number
 from retrofit.files.header import metadata, read_header
 from retrofit.files.models import create_model
-from conftest import randomize
 from support import CLASSES, FAST, SIZE, make_folder, one_error_line, rewrite_header, se_model
 
 runner = CliRunner()
@@ -107,7 +107,8 @@ def test_metadata_cannot_reach_the_network_or_the_disk(saved, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(model_kwargs='{"num_classes": 1000000000}'), "num_classes = 1,000,000,000, not a whole number from 0 to 1,000,000"),
+    (dict(model_kwargs='{"num_classes": 1000000000}'), "num_classes = 1,000,000,000, not a whole number from 0 to "
+                                                       "1,000,000"),
     (dict(model_kwargs='{"num_classes": 3, "in_chans": 100000000}', input_size="[100000000, 32, 32]"),
      "in_chans = 100,000,000, not a whole number from 1 to 1,024"),
     (dict(input_size="[3, 1000000, 1000000]"), "input side = 1,000,000, not a whole number from 1 to 8,192"),
@@ -200,7 +201,8 @@ TAMPERED = {
     "rows without top1": (lambda s: s["rows"][2].pop("top1"), "has no valid 'top1'"),
     "python rng": (lambda s: _set("rng.python")(s, (3, (1, 2), None)), "no valid Python random state"),
     "torch rng": (lambda s: _set("rng.torch")(s, torch.zeros(3, dtype=torch.uint8)), "no valid torch generator"),
-    "weights relabelled": (lambda s: s["model"].update({"conv1.0.weight": s["model"]["conv1.0.weight"].view(torch.int32)}),
+    "weights relabelled": (lambda s: s["model"].update({"conv1.0.weight":
+                                                         s["model"]["conv1.0.weight"].view(torch.int32)}),
                            "1 dtype mismatches \\(e.g. conv1.0.weight: I32 in the file, float32 in the model\\)"),
     "weights missing": (lambda s: s["model"].pop("fc.bias"), "1 missing keys \\(e.g. fc.bias\\)"),
     "adam state shape": (lambda s: _set("optimizer.state.0.exp_avg")(s, torch.zeros(3)),
@@ -349,12 +351,14 @@ def test_an_architecture_timm_does_not_have_is_refused_before_anything_is_built(
     """Mutation header.py:140 (`or not timm.is_model(arch)` dropped): a name of the right characters
     that is no timm model went on to be built."""
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
-    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(architecture="resnet_0"))
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
+                         lambda h: h["__metadata__"].update(architecture="resnet_0"))
     with pytest.raises(RetrofitError, match="metadata 'architecture' 'resnet_0' is not a timm model name"):
         retrofit.load(bad)
 
 
-@pytest.mark.parametrize("value, ok", [("random", True), ("pretrained", True), ("checkpoint", True), ("fine-tuned", True),
+@pytest.mark.parametrize("value, ok",
+                         [("random", True), ("pretrained", True), ("checkpoint", True), ("fine-tuned", True),
                                        ("stolen", False), ("Random", False), ("", False)])
 def test_the_weights_provenance_is_one_of_four_words(saved, tmp_path, value, ok):
     """Mutation header.py:125 (the `weights` check removed): a file could say anything of where its
@@ -380,7 +384,8 @@ def test_each_bound_takes_its_smallest_and_largest_value_and_no_other(name):
     for value in (low, high):
         assert out_of_bounds(name, value) is None and whole_number(str(value), name) == value
     for value in (low - 1, high + 1, True, 2.0, str(high)):
-        assert out_of_bounds(name, value) == (f"{name} = {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+        assert out_of_bounds(name,
+                             value) == (f"{name} = {value:,}" if isinstance(value, int) and not isinstance(value, bool)
                                               else f"{name} = {value!r}") + \
             f", not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
     with pytest.raises(ValueError, match=f"{name} = {high + 1:,}, not a whole number"):
@@ -405,7 +410,8 @@ def test_a_count_in_metadata_is_ascii_digits_only(text, shown):
     message) and Arabic-Indic digits through, read as 12."""
     with pytest.raises(ValueError) as caught:
         whole_number(text, "blocks")
-    assert str(caught.value) == f"blocks = {shown}, not a whole number from 1 to 100,000 (the bound on blocks in a retrofit file)"
+    assert str(caught.value) == (f"blocks = {shown}, not a whole number from 1 to 100,000 (the bound on blocks in a "
+                                 "retrofit file)")
 
 
 def test_metadata_names_only_the_constructor_arguments_that_differ_from_timms_defaults(saved):
@@ -417,7 +423,8 @@ def test_metadata_names_only_the_constructor_arguments_that_differ_from_timms_de
 def test_a_bad_stored_recipe_names_its_file_as_a_bare_path(saved, tmp_path):
     """cosmic-ray's survivor of header.py (docs/mutation.md): the file quoted (`bare=True` -> False); a path is
     shown bare, unquoted, in every message (retrofit.errors.excerpt)."""
-    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(recipe='{"r": [1]}'))
+    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
+                         lambda h: h["__metadata__"].update(recipe='{"r": [1]}'))
     with pytest.raises(RetrofitError, match=f"^recipe stored in {re.escape(str(bad))}: "):
         retrofit.load(bad)
 
@@ -526,7 +533,8 @@ def test_config_cannot_reach_the_network_or_the_disk(folder, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(model_kwargs={"num_classes": 1000000000}), "num_classes = 1,000,000,000, not a whole number from 0 to 1,000,000"),
+    (dict(model_kwargs={"num_classes": 1000000000}), "num_classes = 1,000,000,000, not a whole number from 0 to "
+                                                     "1,000,000"),
     (dict(input_size=[3, 1000000, 1000000]), "input side = 1,000,000, not a whole number from 1 to 8,192"),
     (dict(blocks=1000000), "blocks = '1000000', not a whole number from 1 to 100,000"),
 ])

@@ -11,12 +11,10 @@ C++ compilation of a resnet18 takes about 90 s on this project's 2-core machine)
 import pytest
 import timm
 import torch
-
+from conftest import randomize
 from torch.export import Dim
 
 import retrofit
-
-from conftest import randomize
 from support import custom_net
 
 SIZE = (3, 64, 64)
@@ -63,7 +61,8 @@ def test_torch_export_graph_module():
     """A GraphModule keeps its forward in its graph; a plain custom network is exported by the tutorial."""
     net, x = custom_net(), torch.randn(2, 3, 32, 32)
     original = torch.fx.symbolic_trace(net)
-    model = retrofit.add_se(original, position="inside", module="cbam", init="paper", r=4, input_size=(3, 32, 32)).eval()
+    model = retrofit.add_se(original, position="inside", module="cbam", init="paper", r=4,
+                            input_size=(3, 32, 32)).eval()
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         assert close(exported.module()(x), model(x)) and not close(model(x), original(x))

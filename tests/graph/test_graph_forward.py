@@ -8,14 +8,13 @@ import io
 import pytest
 import timm
 import torch
+from conftest import randomize
+from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 from torch import fx, nn
 
-from timm.models._features_fx import create_feature_extractor, get_graph_node_names
-
 import retrofit
-from retrofit.graph.forward import install_forward, installed
 from retrofit.blocks.se_layout import ChannelsLastSqueezeExcite
-from conftest import randomize
+from retrofit.graph.forward import install_forward, installed
 from support import DropBranch
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -120,7 +119,8 @@ def test_a_second_retrofit_of_a_rewritten_root_keeps_the_first_blocks():
     class Net(nn.Module):  # the residual sum is in the model's own forward
         def __init__(self):
             super().__init__()
-            self.stem, self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.stem, self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3,
+                                                                                     padding=1), nn.BatchNorm2d(8)
 
         def forward(self, x):
             x = self.stem(x)

@@ -8,6 +8,7 @@ original back. Weights are randomised (tests/conftest.py): fresh ones would hide
 import pytest
 import timm
 import torch
+from conftest import Residual, randomize
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import detection, segmentation
@@ -15,7 +16,6 @@ from torchvision.models import detection, segmentation
 import retrofit
 from retrofit.measure.report import sites_json
 from retrofit.surgery.sites import scan
-from conftest import Residual, randomize
 
 SIDE = 128  # detectors resize every image to this (min_size = max_size): small, CPU-friendly
 
@@ -141,6 +141,7 @@ def test_fpn_merges_are_pyramid_sites_off_by_default(name):
 
 def test_sites_says_why_pyramid_merges_are_not_residual_units(monkeypatch):
     from typer.testing import CliRunner
+
     import retrofit.cli.sites
 
     monkeypatch.setattr("retrofit.files.create.build_named", lambda *args, **kwargs: detector("retinanet_resnet50_fpn"))
@@ -157,7 +158,8 @@ def test_detector_strides_are_of_the_image_its_backbone_sees():
     model = detector("fasterrcnn_resnet50_fpn", max_size=2 * SIDE)
     found = scan(model, (3, 64, 96))  # the transform scales it up to 128 x 192 (short side = min_size)
     assert found.traced.image_size == (SIDE, 192)
-    units = {s.module.split(".")[2]: (s.size, s.stage) for s in found.sites if s.kind == "residual" and ".body." in s.module}
+    units = {s.module.split(".")[2]: (s.size,
+                                      s.stage) for s in found.sites if s.kind == "residual" and ".body." in s.module}
     assert units == {"layer1": ((32, 48), 2), "layer2": ((16, 24), 3), "layer3": ((8, 12), 4), "layer4": ((4, 6), 5)}
 
 
@@ -190,12 +192,16 @@ def test_deeplabv3():
 def test_timm_features_only(feature_cls):
     kwargs = {} if feature_cls == "list" else {"feature_cls": feature_cls}
     model = randomize(timm.create_model("resnet18", features_only=True, **kwargs))
-    assert type(model).__name__ == {"list": "FeatureListNet", "dict": "FeatureDictNet", "getter": "FeatureGetterNet"}[feature_cls]
+    assert type(model).__name__ == {"list": "FeatureListNet", "dict": "FeatureDictNet",
+                                    "getter": "FeatureGetterNet"}[feature_cls]
     se = retrofit.add_se(model, input_size=(3, 64, 64))
     prefix = "model." if feature_cls == "getter" else ""
     assert blocks_of(se) == [f"{prefix}layer{i}.{j}.se" for i in range(1, 5) for j in range(2)]
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    values = (lambda out: list(out.values()) if isinstance(out, dict) else out)
+
+    def values(out):
+        return list(out.values()) if isinstance(out, dict) else out
+
     with torch.no_grad():
         reference, out = model(x), se.eval()(x)
     assert type(reference) is type(out) and all(torch.equal(a, b) for a, b in zip(values(reference), values(out)))
@@ -232,7 +238,8 @@ def test_hugging_face(kind):
     units = [f"{base}.encoder.stages.{i}.layers.{j}.se" for i, n in enumerate((1, 2, 1, 1)) for j in range(n)]
     assert blocks_of(se) == units
     assert [b.stage for b in retrofit.get_info(se).blocks] == [2, 3, 3, 4, 5]
-    assert {s.where for s in retrofit.get_info(se).skipped if "kept as is" in s.reason} == {p or "<model>" for p in HF_KEPT[kind]}
+    kept = {s.where for s in retrofit.get_info(se).skipped if "kept as is" in s.reason}
+    assert kept == {p or "<model>" for p in HF_KEPT[kind]}
     counter = FlopCounterMode(display=False)  # the kept forwards hold no multiply-add of their own
     with counter, torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
@@ -350,7 +357,8 @@ def test_a_part_given_a_list_by_a_kept_forward_is_not_rewritten():
     net = randomize(Loop())
     se = retrofit.add_se(net, r=1, input_size=(3, 8, 8))
     assert blocks_of(se) == ["unit.se"]
-    assert any(s.where.startswith("head") and "passes it a list of 1" in s.reason for s in retrofit.get_info(se).skipped)
+    skipped = retrofit.get_info(se).skipped
+    assert any(s.where.startswith("head") and "passes it a list of 1" in s.reason for s in skipped)
     x = torch.randn(3, 3, 8, 8)  # three images where the recorded run had one
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(se.eval()(x), net(x)))
@@ -363,6 +371,7 @@ def test_blocks_timm_marks_untraceable_are_in_the_models_skipped_list():
     blocks = [n for n, m in model.named_modules() if type(m).__name__ == "TinyVitBlock"]
     assert len(blocks) == 10
     se = retrofit.add_se(model, input_size=(3, 64, 64))
-    assert {b.path.rsplit(".", 1)[0] for b in retrofit.get_info(se).blocks} == {"stages.0.blocks.0", "stages.0.blocks.1"}
+    assert {b.path.rsplit(".", 1)[0] for b in retrofit.get_info(se).blocks} == {"stages.0.blocks.0",
+                                                                                "stages.0.blocks.1"}
     listed = [s for s in retrofit.get_info(se).skipped if s.reason.startswith("TinyVitBlock is a timm notrace module")]
     assert [s.where for s in listed] == blocks

@@ -11,12 +11,12 @@ import pickle
 import pytest
 import timm
 import torch
+from conftest import randomize
 from timm.layers import get_notrace_functions, get_notrace_modules, set_layer_config
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import retrofit
-from conftest import randomize
 
 
 def same_after(original, se, size, **change):

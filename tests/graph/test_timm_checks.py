@@ -19,11 +19,11 @@ import pytest
 import timm
 import torch
 import torch.utils.checkpoint
+from conftest import randomize
 from timm.layers import get_notrace_functions, get_notrace_modules, set_layer_config
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import retrofit
-from conftest import randomize
 
 MODELS = {  # name: (input size, creation arguments)
     "resnet10t": (32, {}),

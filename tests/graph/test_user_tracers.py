@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import randomize
 from torch import fx, nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
@@ -22,7 +23,6 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 import retrofit
 from retrofit.blocks.se import SqueezeExcite
 from retrofit.graph.forward import traced_as_root
-from conftest import randomize
 from support import DropBranch, Net, moved_off_identity
 
 # small configurations of the token-layout (ViT, Swin) and channels-last (ConvNeXt) models

@@ -103,7 +103,8 @@ def test_the_stage_of_blocks_not_from_add_se_is_log2_of_their_stride():
     resnet50, blocks not made by add_se, placed by their input's size: layerK is stage K + 1 (output
     stride 2^(K+1)), 3, 4, 6 and 3 bottlenecks."""
     with torch.device("meta"):
-        report = measure_overhead(timm.create_model("resnet50"), timm.create_model("seresnet50"), input_size=(3, 224, 224))
+        report = measure_overhead(timm.create_model("resnet50"), timm.create_model("seresnet50"),
+                                  input_size=(3, 224, 224))
     for b in report.blocks:
         k = int(b.path.split(".")[0][len("layer"):])
         assert (b.stage, b.stride, b.size) == (k + 1, 2 ** (k + 1), (224 // 2 ** (k + 1),) * 2), b.path

@@ -6,12 +6,12 @@ import pickle
 import pytest
 import timm
 import torch
+from conftest import max_rel_diff, randomize
 from torch import fx, nn
 
 import retrofit
 from retrofit import RetrofitError
 from retrofit.graph.forward import installed
-from conftest import max_rel_diff, randomize
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -155,7 +155,8 @@ def test_a_forward_that_depends_on_mode_gets_one_forward_per_mode():
     the scaling in each, and the retrofitted model follows train()/eval() like the original."""
     model = randomize(nn.Sequential(ModeDependent(), Residualish(), ModeDependent())).train()
     se = retrofit.add_se(model, r=4, init="paper", input_size=(8, 8, 8))
-    assert [b.path for b in retrofit.get_info(se).blocks] == ["0.se", "1.se", "2.se"] and not retrofit.get_info(se).skipped
+    assert [b.path for b in retrofit.get_info(se).blocks] == ["0.se", "1.se",
+                                                              "2.se"] and not retrofit.get_info(se).skipped
     x = torch.randn(2, 8, 8, 8)
     for mode in (True, False):
         se.train(mode)
@@ -316,7 +317,8 @@ def test_eval_caches_neither_leak_proxies_nor_break_tracing():
     with torch.no_grad():
         before = model(x)  # fills the cache
     se_model = retrofit.add_se(model, input_size=(3, 64, 64))
-    cached = [v for m in [*model.modules(), *se_model.modules()] for v in getattr(m, "attention_bias_cache", {}).values()]
+    cached = [v for m in [*model.modules(), *se_model.modules()] for v in getattr(m, "attention_bias_cache",
+                                                                                  {}).values()]
     assert not any(isinstance(v, Proxy) for v in cached)
     assert not model.training and not se_model.training
     with torch.no_grad():

@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import randomize
 from torch import nn
 
 import retrofit
 from retrofit.surgery.fold import apply_folds, constant_scales, fold_scales, gates, info_of, scale_into
-from conftest import randomize
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -114,7 +114,8 @@ def test_the_weight_algebra_against_functional_calls():
     conv = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()
     w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
     scale_into(conv, "conv_in", s)
-    torch.testing.assert_close(conv(x), F.conv2d(x * s.view(1, 8, 1, 1), w, b, padding=1, groups=2), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(conv(x), F.conv2d(x * s.view(1, 8, 1, 1), w, b, padding=1, groups=2), rtol=1e-13,
+                               atol=1e-13)
     conv = nn.Conv2d(3, 8, 3, padding=1).double()
     w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
     y = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
@@ -183,7 +184,8 @@ class Tied(nn.Module):
         return torch.relu(x + self.b(torch.relu(self.a(x))))
 
 
-@pytest.mark.parametrize("unit,why", [(AlsoRead, "also read"), (CalledTwice, "called 2 times"), (Tied, "shares a parameter")])
+@pytest.mark.parametrize("unit,why", [(AlsoRead, "also read"), (CalledTwice, "called 2 times"), (Tied, "shares a "
+                                                                                                       "parameter")])
 def test_a_neighbour_another_layer_reads_is_not_changed(unit, why):
     torch.manual_seed(0)
     net = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), unit())).double()

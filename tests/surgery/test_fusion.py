@@ -5,11 +5,11 @@ from unittest import mock
 
 import timm
 import torch
+from conftest import randomize
 from torch import nn
 
 import retrofit
 from retrofit.graph.forward import installed
-from conftest import randomize
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -35,7 +35,8 @@ def test_fused_equals_unfused_with_random_blocks():
     assert not any(n.target in ("add", "iadd") or getattr(n.target, "__name__", "") in ("add", "iadd")
                    for n in installed(fused.layer1[0]).graphs[False].nodes)  # the sum is gone into the block
     with torch.no_grad():
-        torch.testing.assert_close(fused(X), reference(X), rtol=1e-5, atol=1e-5)  # addcmul rounds once (an FMA), x * s + y twice
+        torch.testing.assert_close(fused(X), reference(X), rtol=1e-5,
+                                   atol=1e-5)  # addcmul rounds once (an FMA), x * s + y twice
         assert not torch.allclose(fused(X), plain(X))  # random blocks: they do change the output
 
 
@@ -78,4 +79,5 @@ def test_nested_sums_in_one_forward():
     assert [b.path for b in retrofit.get_info(fused).blocks] == [b.path for b in retrofit.get_info(reference).blocks]
     assert len(retrofit.get_info(fused).blocks) == 2 and all(k == 2 for _, k in calls(fused))
     with torch.no_grad():
-        torch.testing.assert_close(fused(X), reference(X), rtol=1e-5, atol=1e-5)  # addcmul rounds once (an FMA), x * s + y twice
+        torch.testing.assert_close(fused(X), reference(X), rtol=1e-5,
+                                   atol=1e-5)  # addcmul rounds once (an FMA), x * s + y twice

@@ -57,7 +57,7 @@ def test_only_its_owner_reads_the_private_attribute():
     owner = ROOT / "retrofit" / "surgery" / "info.py"
     found = []
     for path in [*ROOT.glob("retrofit/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/*.py"),
-                 *ROOT.glob("tools/*.py"), *ROOT.glob("docs/*.md"), ROOT / "README.md"]:
+                 *ROOT.glob("tools/*.py"), *ROOT.glob("docs/**/*.md"), ROOT / "README.md"]:
         if path in (owner, Path(__file__)):
             continue
         found += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)

@@ -8,15 +8,14 @@ import warnings
 import pytest
 import timm
 import torch
+from conftest import randomize
 from torch import nn
 
 import retrofit
-from retrofit.surgery.info import update_info
 from retrofit import RetrofitError
 from retrofit.graph.forward import installed
 from retrofit.surgery import insert as insert_module
-from conftest import randomize
-from support import Net
+from retrofit.surgery.info import update_info
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -49,7 +48,8 @@ def test_a_failure_halfway_leaves_the_model_as_it_was(fail_at, monkeypatch):
     assert not any(name.endswith(".se") for name, _ in model.named_modules())
     assert torch.equal(model(X), out)
     monkeypatch.setattr(insert_module, "install_forward", real)
-    assert len(retrofit.get_info(retrofit.add_se(model, inplace=True, input_size=(3, 32, 32))).blocks) == 8  # and it still can
+    assert len(retrofit.get_info(retrofit.add_se(model, inplace=True,
+                                                 input_size=(3, 32, 32))).blocks) == 8  # and it still can
 
 
 def test_a_failed_second_retrofit_leaves_the_first(monkeypatch):
@@ -77,7 +77,8 @@ def test_a_second_retrofit_keeps_the_provenance_of_the_weights(tmp_path):
     loaded = retrofit.load(retrofit.save(se, tmp_path / "se.safetensors"))
     assert retrofit.get_info(loaded).weights == "checkpoint"
     again = retrofit.add_se(loaded, position="post", stages=[5], r=4, input_size=(3, 32, 32))
-    assert retrofit.get_info(again).weights == "checkpoint" and len(retrofit.get_info(again).blocks) == len(retrofit.get_info(se).blocks) + 1
+    info = retrofit.get_info(again)
+    assert info.weights == "checkpoint" and len(info.blocks) == len(retrofit.get_info(se).blocks) + 1
 
 
 SCALE = torch.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1)  # a tensor no module holds: fx keeps it as a constant

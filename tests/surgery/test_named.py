@@ -4,14 +4,14 @@ import json
 import pytest
 import timm
 import torch
+from conftest import randomize
 from torch import nn
 from typer.testing import CliRunner
 
 import retrofit
+from retrofit.blocks.se_layout import ChannelsLastSqueezeExcite
 from retrofit.cli import app
 from retrofit.surgery.named import path_matches
-from retrofit.blocks.se_layout import ChannelsLastSqueezeExcite
-from conftest import randomize
 
 runner = CliRunner()
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))

@@ -6,16 +6,16 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import max_rel_diff, one_error, randomize
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit import Recipe, RecipeError, RetrofitError
-from retrofit.sweep.check import check_model
 from retrofit.cli import app
 from retrofit.graph.forward import installed
 from retrofit.measure.overhead import measure_overhead
+from retrofit.sweep.check import check_model
 from retrofit.sweep.grid import sweep
-from conftest import max_rel_diff, one_error, randomize
 
 runner = CliRunner()
 SMALL = (3, 64, 64)
@@ -140,7 +140,8 @@ def test_sweep_takes_per_stage_maps_as_r_values(resnet50):
     assert result.exit_code == 0, result.output
     got = [(row["r_label"], row["params"]) for row in json.loads(result.stdout)["rows"]]
     assert got == [("16", rows[0].params), ("2:8,3:8,4:16,5:32", rows[1].params),
-                   ("default:8,5:32", sum(n * se_params(c, 32 if s == 5 else 8) for s, n, c in zip((2, 3, 4, 5), N, C_OUT)))]
+                   ("default:8,5:32",
+                    sum(n * se_params(c, 32 if s == 5 else 8) for s, n, c in zip((2, 3, 4, 5), N, C_OUT)))]
 
 
 def test_planned_counts_equal_a_real_insertion_with_mixed_modules(resnet18):

@@ -2,11 +2,11 @@
 import pytest
 import timm
 import torch
+from conftest import max_rel_diff, randomize
 from timm.models.rexnet import LinearBottleneck
 
 import retrofit
 from retrofit.blocks.se import GATES, SqueezeExcite
-from conftest import max_rel_diff, randomize
 
 GATE_NAMES = list(GATES)
 

@@ -3,13 +3,13 @@ from collections import Counter
 import pytest
 import timm
 import torch
-from timm.models.rexnet import LinearBottleneck
 import torchvision
+from conftest import ChannelsLast
+from timm.models.rexnet import LinearBottleneck
 from torch import fx, nn
 
 from retrofit import find_sites
 from retrofit.surgery.sites import scan
-from conftest import ChannelsLast
 
 
 def kinds(sites):

@@ -4,14 +4,13 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import randomize
 from torch import nn
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
 from retrofit.surgery.recipe import Recipe
-
-from conftest import randomize
 from support import Unit, custom_net
 
 SIZE = (3, 64, 64)
@@ -138,7 +137,7 @@ def test_strip_round_trip_resnet18(resnet18, x, position):
     plain = retrofit.strip(model)
     assert_same(plain, resnet18, x)
     assert type(plain) is type(resnet18) and retrofit.get_info(plain) is None
-    assert all(getattr(plain.get_submodule(u), "se") is None for u in RESNET18_UNITS)  # timm's None is back
+    assert all(plain.get_submodule(u).se is None for u in RESNET18_UNITS)  # timm's None is back
     assert paths(model)  # a copy by default: the retrofitted model keeps its blocks
 
 
@@ -171,7 +170,8 @@ def test_strip_a_model_without_blocks_is_an_error(resnet18):
 
 # -- bad input: one clear message each ------------------------------------------------------------
 @pytest.mark.parametrize("fields, message", [
-    (dict(only=["layer9.*"]), "only glob 'layer9.*' matches no site of position 'standard' in resnet18; site modules: layer1.0"),
+    (dict(only=["layer9.*"]), "only glob 'layer9.*' matches no site of position 'standard' in resnet18; site modules: "
+                              "layer1.0"),
     (dict(skip=["head"]), "skip glob 'head' matches no site"),
     (dict(only=["layer1.*"], skip=["layer1"]), "leave no site of position 'standard'"),
     (dict(module="nope"), "recipe field 'module': unknown value 'nope'; allowed: se, ese, eca, ceca, cbam, gc"),
@@ -190,7 +190,8 @@ def test_bad_selection_or_module_is_one_clear_error(resnet18, fields, message):
 
 def test_a_model_without_any_site_is_one_clear_error():
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
-    with pytest.raises(retrofit.RetrofitError, match="has no site in Sequential.*no residual or Inception merge at all"):
+    with pytest.raises(retrofit.RetrofitError,
+                       match="has no site in Sequential.*no residual or Inception merge at all"):
         retrofit.add_se(plain, input_size=(3, 16, 16))
 
 

@@ -2,9 +2,9 @@
 import pytest
 import timm
 import torch
+from conftest import randomize
 
 import retrofit
-from conftest import randomize
 
 
 def n_params(model):

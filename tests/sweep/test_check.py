@@ -8,15 +8,15 @@ import json
 import pytest
 import timm
 import torch
+from conftest import ChannelsLast, Residual, randomize
 from torch import nn
 from typer.testing import CliRunner
 
 import retrofit
-from conftest import ChannelsLast, Residual, randomize
-from retrofit.sweep.check import check_model, check_models, se_params, smallest_per_family, summarize
-from retrofit.cli import app
 from retrofit.blocks.se_layout import ChannelsLastSqueezeExcite
+from retrofit.cli import app
 from retrofit.surgery.sites import scan
+from retrofit.sweep.check import check_model, check_models, se_params, smallest_per_family, summarize
 
 
 def timm_model(name, **kwargs):

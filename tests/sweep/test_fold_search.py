@@ -7,11 +7,11 @@ import math
 import pytest
 import timm
 import torch
+from conftest import randomize
 from safetensors import safe_open
 
 import retrofit
 import retrofit.train.inspect as inspect_module
-from conftest import randomize
 from retrofit.surgery.fold import gates, info_of
 from support import CLASSES, FAST, make_folder, se_model
 

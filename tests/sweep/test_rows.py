@@ -349,7 +349,8 @@ def test_the_json_of_a_row_is_as_before_the_parts(kind):
 def test_a_part_not_measured_is_none_and_its_flat_names_read_empty():
     row = ROWS["cost"]()
     assert (row.latency, row.accuracy, row.finalist) == (None, None, None)
-    assert (row.top1, row.top1_per_seed, row.pareto, row.trial, row.label, row.latency_low) == (None, (), False, None, "", None)
+    assert (row.top1, row.top1_per_seed, row.pareto, row.trial, row.label, row.latency_low) == (None, (), False, None,
+                                                                                                "", None)
     assert row.params == row.cost.params == 1234
     control = ROWS["control"]()
     assert control.cost is None and control.params == 0 and control.latency.ratio == 1.0

@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import one_error
 from torch import nn
 from typer.testing import CliRunner
 
@@ -13,7 +14,6 @@ from retrofit.cli import app
 from retrofit.measure.latency import measure_latency
 from retrofit.measure.overhead import measure_overhead
 from retrofit.sweep.grid import sweep
-from conftest import one_error
 
 runner = CliRunner()
 N = (3, 4, 6, 3)                   # ResNet-50 bottleneck units per stage (stages 2..5)

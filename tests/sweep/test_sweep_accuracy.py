@@ -99,7 +99,8 @@ def test_rows_are_finetune_runs_and_the_controls_see_the_same_batches(tmp_path, 
             diffs = [a - b for a, b in zip(row["top1_per_seed"], best["top1_per_seed"])]
             assert row["control"] == best["arm"] and row["delta_top1"] == pytest.approx(statistics.fmean(diffs))
             half = 12.706 * statistics.stdev(diffs) / 2 ** 0.5  # t(0.975, 1 df): two seeds
-            assert row["delta_top1_ci"] == pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half])
+            assert row["delta_top1_ci"] == pytest.approx([statistics.fmean(diffs) - half,
+                                                          statistics.fmean(diffs) + half])
         dominated = any(o["params"] <= row["params"] and o["top1"] >= row["top1"]
                         and (o["params"] < row["params"] or o["top1"] > row["top1"]) for o in rows)
         assert row["pareto"] == (not dominated)

@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import one_error
 from safetensors.torch import save_model
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
 from retrofit.sweep.tune.space import load_space
-from conftest import one_error
 from support import SIZE, billion_laughs, five_class_model, make_folder, special_files
 
 runner = CliRunner()
@@ -115,7 +115,8 @@ def test_the_finish_reruns_finalists_and_controls_on_the_sweeps_seeds(tuned):
     controls are the sweep's arms on the same seeds; Δ to the best control with its 95% interval."""
     trials, rows = tuned["json"]["trials"], tuned["json"]["rows"]
     assert [r["arm"] for r in rows] == ["original", "head+norms", "full", "se", "se"]
-    done = sorted((t for t in trials if t["state"] == "complete"), key=lambda t: (-t["top1"], t["added_params"], t["number"]))
+    done = sorted((t for t in trials if t["state"] == "complete"),
+                  key=lambda t: (-t["top1"], t["added_params"], t["number"]))
     distinct = []
     for t in done:
         if t["recipe"] not in [d["recipe"] for d in distinct]:
@@ -124,8 +125,10 @@ def test_the_finish_reruns_finalists_and_controls_on_the_sweeps_seeds(tuned):
     first = rows[3]
     for i, seed in enumerate((0, 1)):
         ref = hand_run(tuned["tmp"], tuned["data"], retrofit.Recipe.from_dict(first["recipe"]), seed)
-        assert first["top1_per_seed"][i] == ref.rows[-1]["top1"] and first["val_loss_per_seed"][i] == ref.rows[-1]["val_loss"]
-    full = retrofit.finetune(five_class_model(), tuned["data"], epochs=0, phase2_epochs=EPOCHS, seed=1, restore_best=False, **FAST)
+        assert first["top1_per_seed"][i] == ref.rows[-1]["top1"]
+        assert first["val_loss_per_seed"][i] == ref.rows[-1]["val_loss"]
+    full = retrofit.finetune(five_class_model(), tuned["data"], epochs=0, phase2_epochs=EPOCHS, seed=1,
+                             restore_best=False, **FAST)
     assert rows[2]["top1_per_seed"][1] == full.rows[-1]["top1"]
     best = max(rows[:3], key=lambda r: r["top1"])
     diffs = [a - b for a, b in zip(first["top1_per_seed"], best["top1_per_seed"])]
@@ -221,7 +224,8 @@ def test_bad_files_and_a_missing_budget_are_one_error_line(tuned, tmp_path, no_t
               "give the space as flags or as --space FILE, not both (--position with --space)")
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    one_error(tune("--trials", "2", *SPACE, "--storage", str(notes)), f"cannot open --storage {notes}: not an Optuna journal")
+    one_error(tune("--trials", "2", *SPACE, "--storage", str(notes)), f"cannot open --storage {notes}: not an Optuna "
+                                                                      "journal")
     assert notes.read_text() == "my notes\n"  # someone else's file is never written into
 
 
@@ -233,8 +237,8 @@ def test_a_resumed_study_must_be_the_same_search(tuned, tmp_path, no_training, c
     if change == "data":
         args[args.index("--data") + 1] = str(make_folder(tmp_path / "other", train=9))
     elif change == "model":
-        from conftest import randomize
         import timm
+        from conftest import randomize
         save_model(randomize(timm.create_model("test_resnet", num_classes=5), seed=1), str(tmp_path / "m.safetensors"))
         args[args.index("--checkpoint") + 1] = str(tmp_path / "m.safetensors")
     else:
@@ -316,13 +320,15 @@ def test_a_model_named_without_weights_gets_them_from_the_search_seed_so_the_sam
     assert [r["state"] for r in rows if r["state"] != "duplicate"] == ["complete", "complete"]  # and one more
     import optuna
     import timm
+
     from retrofit.sweep.tune.storage import open_storage
     from retrofit.sweep.tune.study import IDENTITY, model_identity
 
     torch.manual_seed(100)  # --search-seed's default
     reference = timm.create_model("test_resnet", num_classes=3)
     stored = optuna.load_study(study_name="tune", storage=open_storage(tmp_path / "out" / "study.journal"))
-    assert stored.user_attrs[IDENTITY]["model"]["value"]["weights"] == model_identity(reference, (3, SIZE, SIZE))["weights"]
+    assert stored.user_attrs[IDENTITY]["model"]["value"]["weights"] == model_identity(reference,
+                                                                                      (3, SIZE, SIZE))["weights"]
 
 
 def test_a_recipe_that_fails_teaches_the_sampler_and_is_never_trained_again(tuned, tmp_path):
@@ -351,6 +357,7 @@ def test_a_recipe_that_fails_teaches_the_sampler_and_is_never_trained_again(tune
     assert len(calls) == len(set(calls))  # no recipe fine-tuned twice, failed ones included
     import optuna
     from optuna.trial import TrialState
+
     from retrofit.sweep.tune.storage import open_storage
 
     study = optuna.load_study(study_name="tune", storage=open_storage(tmp_path / "out" / "study.journal"))
@@ -379,8 +386,8 @@ def test_a_resumed_study_on_postgresql_must_be_the_same_search(tuned, tmp_path, 
     elif part == "data":
         args[args.index("--data") + 1] = str(make_folder(tmp_path / "other", train=9))
     else:
-        from conftest import randomize
         import timm
+        from conftest import randomize
         save_model(randomize(timm.create_model("test_resnet", num_classes=5), seed=1), str(tmp_path / "m.safetensors"))
         args[args.index("--checkpoint") + 1] = str(tmp_path / "m.safetensors")
     one_error(runner.invoke(app, args), f"study 'tune' in {url} was started with another {part} (",

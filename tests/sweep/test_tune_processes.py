@@ -140,7 +140,7 @@ def test_two_workers_share_the_trials_and_end_with_one_table_whatever_their_cloc
                                       *on(store), skewed=i == 1), env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (_, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
         assert "its process is gone" not in stderr  # no live trial was failed
     trials = [t for t in study_of(outs[0], store).trials if not t.user_attrs.get("retrofit:surplus")]
@@ -218,7 +218,8 @@ def test_torchrun_two_processes_against_a_postgresql_server(folder, tmp_path, pg
                          text=True, timeout=600, env=ENV, cwd=tmp_path)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["trained"] and r0["trained"] == r1["trained"] and r0["trials"] == r1["trials"] and r0["rows"] == r1["rows"]
+    assert r0["trained"] and r0["trained"] == r1["trained"]
+    assert r0["trials"] == r1["trials"] and r0["rows"] == r1["rows"]
     assert sum(counted(t) for t in study_of(None, pg_url).trials) == 2
     assert not (tmp_path / "two" / "study.journal").exists()  # the study is on the server
 
@@ -298,7 +299,8 @@ def test_under_torchrun_an_error_of_rank_0_ends_every_rank_alike(folder, tmp_pat
     (damaged / "study.journal").write_text('{"op_code":0,"worker_id":"w","study_name":"tune","directions":[2]}\n'
                                            '{"op_code": 999, "worker_id": "x"}\n')
     base = [sys.executable, "-m", "retrofit", "tune", "test_resnet", "--num-classes", "3", "--input-size",
-            f"3,{SIZE},{SIZE}", "--data", str(folder / "data"), "-b", "8", "-j", "0", "--device", "cpu", "--epochs", "2",
+            f"3,{SIZE},{SIZE}", "--data", str(folder / "data"), "-b", "8", "-j", "0", "--device", "cpu", "--epochs",
+            "2",
             "--finalists", "1", "--seeds", "1"]
     cases = {"cannot read --storage": [*base, "--trials", "2", "-o", str(damaged)],
              "the search stopped: the 2 trials this process trained all failed": [

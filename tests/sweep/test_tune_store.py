@@ -2,7 +2,6 @@
 last slot, dead workers' trials (on this machine, on another, on a journal and on a PostgreSQL server, on one
 clock), their capped retries, the per-trial seeding, Hyperband's first bracket, budgets."""
 import json
-import os
 import time
 
 import optuna
@@ -157,7 +156,7 @@ def test_a_recipe_whose_process_keeps_dying_is_retried_twice_then_failed_for_goo
     s, storage, requeue = on_store(tmp_path, store)
     observer = Worker(tmp_path / "workers", storage, requeue)
     lines = []
-    for death in range(4):
+    for death in range(4):  # noqa: B007 - read after the loop: the try that failed for good
         doomed = Worker(tmp_path / "workers", storage, requeue)  # a process the OOM killer takes each time
         t = s.ask()
         doomed.stamp(t)
@@ -244,7 +243,8 @@ def test_every_job_runs_once_and_a_failed_one_is_a_value(tmp_path, store):
 
     keys = [json.dumps({"seed": i}) for i in range(4)]
     done = run_jobs(s, keys, job, worker)
-    assert sorted(ran) == sorted(keys) and {k: t.value for k, t in done.items()} == {k: float(i) for i, k in enumerate(keys)}
+    assert sorted(ran) == sorted(keys) and {k: t.value for k, t in done.items()} == {k: float(i) for i,
+                                                                                     k in enumerate(keys)}
     assert run_jobs(s, keys, job, worker) and len(ran) == 4  # all done: nothing runs again
     worker.close()
 

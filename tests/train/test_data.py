@@ -92,7 +92,9 @@ def test_a_set_smaller_than_one_batch_trains_on_every_image(tmp_path):
     """24 images, the default batch of 32: one step of 24 (phase 1 freezes the norm layers)."""
     data = make_folder(tmp_path / "d")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "-j", "0", "--output-dir", str(tmp_path / "run")])
+    result = runner.invoke(app,
+                           ["finetune", str(ckpt), "--data", str(data), "-j", "0", "--output-dir",
+                            str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "fewer than one batch of 32: each epoch is one step on all of them" in result.stderr
     assert rows(tmp_path / "run")[-1]["train_images"] == 24

@@ -2,11 +2,11 @@
 "Found no NVIDIA driver" from inside the run (exit 3, a locked folder left behind)."""
 import pytest
 import torch
+from conftest import one_error
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit.cli import app
-from conftest import one_error
 from support import make_folder, se_model
 
 runner = CliRunner()

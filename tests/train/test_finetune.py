@@ -9,13 +9,13 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import randomize
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit import RetrofitError, RetrofitWarning
 from retrofit.cli import app
-from conftest import randomize
 from support import CLASSES, FAST, SIZE, make_folder, one_error_line, plain_model, reference_top1, se_model
 
 runner = CliRunner()
@@ -147,7 +147,8 @@ def test_cli_finetune_keeps_the_input_and_saves_the_best(data, tmp_path):
     assert again.exit_code == 2 and "already holds a fine-tuning run" in again.output
     done = runner.invoke(app, args + ["--resume"])  # nothing left to do: the same table again
     assert done.exit_code == 0 and "epoch 1" in done.output
-    clash = runner.invoke(app, ["finetune", str(out / "best.safetensors"), "--data", str(data), "--output-dir", str(out)])
+    clash = runner.invoke(app,
+                          ["finetune", str(out / "best.safetensors"), "--data", str(data), "--output-dir", str(out)])
     assert clash.exit_code == 2 and "never overwritten" in clash.output
 
 
@@ -159,8 +160,10 @@ def test_add_se_finetune(data, tmp_path):
     digest = sha(plain)
     out = tmp_path / "se.safetensors"
     big = make_folder(tmp_path / "d", train=11, val=2)  # add-se fine-tunes with the default batch of 32
-    result = runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(plain), "--input-size", f"3,{SIZE},{SIZE}",
-                                 "--num-classes", "3", "--r", "4", "--finetune", str(big), "--epochs", "1", "--output", str(out)])
+    result = runner.invoke(app,
+                           ["add-se", "test_resnet", "--checkpoint", str(plain), "--input-size", f"3,{SIZE},{SIZE}",
+                                 "--num-classes", "3", "--r", "4", "--finetune", str(big), "--epochs", "1", "--output",
+                                 str(out)])
     assert result.exit_code == 0, result.output
     assert "Overhead" in result.output and "Fine-tuning results" in result.output
     assert sha(plain) == digest and (tmp_path / "se-add-se" / "train_state.pt").is_file()
@@ -211,7 +214,8 @@ def test_resume_refuses_another_model_and_a_damaged_state(data, tmp_path):
         retrofit.finetune(se_model(r=8), data, epochs=1, output_dir=tmp_path / "run", resume=True, **FAST)
     with pytest.raises(RetrofitError, match="started with epochs = 1, now 2"):
         retrofit.finetune(se_model(), data, epochs=2, output_dir=tmp_path / "run", resume=True, **FAST)
-    other = retrofit.save(retrofit.add_se(timm.create_model("resnet18", num_classes=CLASSES), input_size=(3, SIZE, SIZE)),
+    other = retrofit.save(retrofit.add_se(timm.create_model("resnet18", num_classes=CLASSES),
+                                          input_size=(3, SIZE, SIZE)),
                           tmp_path / "r18.safetensors")
     (tmp_path / "r18-finetune").mkdir()
     shutil.copy(state, tmp_path / "r18-finetune" / "train_state.pt")

@@ -22,7 +22,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     settings = ["--epochs", "1", "-b", "8", "--lr", "0.01", "-j", "0", "--no-augment", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retrofit", "finetune", str(ckpt), "--data", str(data), "--output-dir", str(tmp_path / "two"), *settings]
+           "-m", "retrofit", "finetune", str(ckpt), "--data", str(data), "--output-dir", str(tmp_path / "two"),
+           *settings]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("Fine-tuning results") == 1  # rank 0 prints, rank 1 does not
@@ -46,6 +47,7 @@ def test_torchrun_accuracy_sweep_equals_one_process(tmp_path):
     gives one process's numbers to float rounding; only rank 0 prints and writes the JSON. `-r`, not
     `--r`: torchrun's own parser reads `--r` as an ambiguous abbreviation of its options."""
     from safetensors.torch import save_model
+
     from support import five_class_model
 
     data = make_folder(tmp_path / "data")

@@ -8,15 +8,15 @@ import warnings
 import pytest
 import timm
 import torch
+from conftest import randomize
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import retrofit
 from retrofit import RetrofitError, RetrofitWarning
-from retrofit.surgery.info import update_info
 from retrofit.cli import app
-from conftest import randomize
+from retrofit.surgery.info import update_info
 from support import FAST, SIZE, make_folder, one_error_line
 
 runner = CliRunner()
@@ -85,7 +85,8 @@ def test_random_weights_are_said_and_recorded(data, tmp_path):
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert notes == ["note: resnet10t has random weights (no --checkpoint or --pretrained): its sites and costs hold "
                      "for any weights, but a fine-tune of it is only a demonstration"]
-    assert retrofit.files.header.read_header(out).weights == "random" and retrofit.get_info(retrofit.load(out)).weights == "random"
+    assert retrofit.files.header.read_header(out).weights == "random"
+    assert retrofit.get_info(retrofit.load(out)).weights == "random"
     result = runner.invoke(app, ["finetune", str(out), "--data", str(data), "-b", "8", "-j", "0"])
     assert "nothing trainable got a gradient" in one_error_line(result)
     assert "note: this model's weights are random (recorded in its file" in result.output

@@ -212,7 +212,7 @@ def test_a_full_disk_keeps_the_previous_files_and_says_what_to_do(tmp_path, monk
 
     def open_on_a_filling_disk(path, mode="r", *rest, **kwargs):
         states.append(path)
-        return FullDisk(path, mode) if len(states) == 2 else io.open(path, mode, *rest, **kwargs)
+        return FullDisk(path, mode) if len(states) == 2 else open(path, mode, *rest, **kwargs)
 
     monkeypatch.setattr(ts, "open", open_on_a_filling_disk, raising=False)
     result = runner.invoke(app, args)

@@ -1,4 +1,4 @@
-"""Issue 22's hand mutants (docs/mutation.md): apply one (a text replacement) to a checkout, run a pytest
+"""Issue 22's hand mutants (docs/contributing/mutation.md): apply one (a text replacement) to a checkout, run a pytest
 selection, put the file back. Run by hand, under the machine-wide lock, never in the suite or CI:
 
     PYTHONPATH=TREE flock /tmp/cpu.lock .venv/bin/python tools/mutation/hand.py TREE new M1 M2a ...
@@ -6,16 +6,19 @@ selection, put the file back. Run by hand, under the machine-wide lock, never in
 
 TREE: a checkout of this branch (the tests that kill each mutant are run); OLD: a checkout of a1def68
 (its own tests of the module are run: the mutant survived them). Prints 'ID FILE killed|survived'."""
-import json, subprocess, sys
+import subprocess
+import sys
 from pathlib import Path
 
 MUTANTS = {
  # id: (file, {tree: (old text, new text)}, test selection on a1def68 (survival), killing tests (new tree))
  "M1": ("retrofit/measure/overhead.py", {"*": ("return sum(p.numel() for p in model.parameters())",
         "return sum(p.numel() for p in model.parameters() if p.requires_grad)")}),
- "M2": ("retrofit/measure/overhead.py", {"old": ("shape_in == shape_out and len(shape_in) == 4", "shape_in == shape_out and len(shape_in) >= 3")}),
+ "M2": ("retrofit/measure/overhead.py", {"old": ("shape_in == shape_out and len(shape_in) == 4",
+                                                "shape_in == shape_out and len(shape_in) >= 3")}),
  "M2a": ("retrofit/measure/overhead.py", {"new": ("n * (length - prefix) * c if gating", "n * length * c if gating")}),
- "M2b": ("retrofit/measure/overhead.py", {"new": ('(sides[2], sides[0], sides[1]) if layout == "nhwc" else sides', "sides")}),
+ "M2b": ("retrofit/measure/overhead.py",
+         {"new": ('(sides[2], sides[0], sides[1]) if layout == "nhwc" else sides', "sides")}),
  "M2c": ("retrofit/measure/overhead.py", {"new": ('if layout == "tokens" and len(shape_in) == 3:', 'if False:')}),
  "M3": ("retrofit/measure/overhead.py", {"*": ("stage = max(0, round(math.log2(height / h))) if h else 0",
         "stage = max(0, round(math.log2(height / h)) + 1) if h else 0")}),
@@ -41,7 +44,8 @@ MUTANTS = {
  "M14b": ("retrofit/surgery/insert.py", {"new": ("""        for rollback in reversed(undo):
             rollback()""", """        pass""")}),
  "M15": ("retrofit/surgery/insert.py", {"*": ("info.weights = previous.weights", "pass")}),
- "M16": ("retrofit/surgery/insert.py", {"*": ("tensor.clone(), persistent=False)", "tensor.clone(), persistent=True)")}),
+ "M16": ("retrofit/surgery/insert.py",
+         {"*": ("tensor.clone(), persistent=False)", "tensor.clone(), persistent=True)")}),
  "M17": ("retrofit/surgery/insert.py", {"*": ('if info.channels / info.config.r < 1 and info.config.reads("r"):',
          "if info.channels / info.config.r < 1:")}),
 }
@@ -65,7 +69,8 @@ def main():
         path, edits = MUTANTS[mid]
         edit = edits.get(which) or edits.get("*")
         if edit is None:
-            print(mid, "not applicable to", which); continue
+            print(mid, "not applicable to", which)
+            continue
         f = tree / path
         src = f.read_text()
         assert src.count(edit[0]) == 1, (mid, src.count(edit[0]))
@@ -75,7 +80,7 @@ def main():
             run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                                  cwd=tree, capture_output=True, text=True, timeout=1800)
             last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
-            failed = [l for l in run.stdout.splitlines() if l.startswith("FAILED")]
+            failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
             print(mid, path, "killed" if run.returncode else "survived", "|", last, "|", failed[:1], flush=True)
         finally:
             f.write_text(src)

@@ -29,4 +29,5 @@ for job, result in sorted(survivors, key=lambda s: items[s[0]].mutations[0].star
         subprocess.run(["git", "apply", "-R", "-"], cwd=tree, input=diff, text=True, check=True)
     m = items[job].mutations[0]
     failed = [line.split(" - ")[0] for line in run.stdout.splitlines() if line.startswith("FAILED")]
-    print(job[:8], f"line {m.start_pos[0]}", m.operator_name, "killed" if run.returncode else "survived", failed[:1], flush=True)
+    print(job[:8], f"line {m.start_pos[0]}", m.operator_name, "killed" if run.returncode else "survived", failed[:1],
+          flush=True)

@@ -1,7 +1,8 @@
 """Run a cosmic-ray session in batches, each batch one job under the machine-wide lock (the two cores are
 shared: a locked job is kept to a few minutes, and a lock taken per mutant would wait behind every other
 job once per mutant). Run from the checkout being mutated (a separate one: cosmic-ray edits its files),
-after `cosmic-ray init` (the first batch checks that the tests pass unmutated) (and tools/mutation/sample.py, if the run is a sample):
+after `cosmic-ray init` (the first batch checks that the tests pass unmutated) (and tools/mutation/sample.py,
+if the run is a sample):
 
     .venv/bin/python tools/mutation/run.py CONFIG.toml SESSION.sqlite [BATCH]
 
@@ -12,9 +13,9 @@ import sqlite3
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
+import tomllib
 from cosmic_ray.work_db import use_db
 from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
@@ -51,6 +52,7 @@ while True:
         sys.exit(f"batch failed ({run.returncode}): {run.stderr[-2000:]}")
     locked = float(lines[-1])
     total += locked
-    print(f"{time.strftime('%H:%M:%S')} batch of {min(batch, len(jobs))}: {locked:.0f} s locked ({lines[0].strip() if lines else ''}); "
+    print(f"{time.strftime('%H:%M:%S')} batch of {min(batch, len(jobs))}: {locked:.0f} s locked "
+          f"({lines[0].strip() if lines else ''}); "
           f"{len(jobs) - min(batch, len(jobs))} left", flush=True)
 print(f"total locked: {total:.0f} s")

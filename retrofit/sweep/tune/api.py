@@ -1,8 +1,8 @@
 """:func:`retrofit.tune`: a budgeted recipe search with an honest finish, in Python (the CLI's ``retrofit tune``).
 
     >>> result = retrofit.tune(model, data="data/", space={"position": ["standard", "identity"],
-    ...                        "r": {2: ["off", 4, 16], 5: ["off", 4, 16]}}, trials=20, epochs=3)
-    >>> result.summary["line"], result.verdict, result.best
+    ...                        "r": {2: ["off", 4, 16], 5: ["off", 4, 16]}}, trials=8, epochs=1)
+    >>> line, verdict, best = result.summary["line"], result.verdict, result.best
 
 The flow, on one scan and one data pipeline: the space is checked on the model (and the limits against its
 cheapest recipe), the study is opened or resumed (its identity checked), trials run until the budget says
@@ -16,10 +16,11 @@ import functools
 import random
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import optuna
 from torch import nn
@@ -32,8 +33,8 @@ from ...measure.overhead import traced_cost
 from ...surgery.insert import paused_gc
 from ...surgery.recipe import Recipe, resolve_recipe
 from ...surgery.sites import Scan, scan
-from ...train.data import ImageFolderData
 from ...train.config import FinetuneConfig
+from ...train.data import ImageFolderData
 from ...train.distributed import PeerLost, setup, watch_peers
 from ..ablation import check_accuracy_run, verdict
 from ..grid import finetune_config
@@ -309,6 +310,7 @@ def parse_budget(value: Any, trials: int | None, trial_epochs: int) -> Budget:
     if unit:
         return Budget(trials=trials, seconds=number * {"h": 3600, "m": 60, "s": 1}[unit], trial_epochs=trial_epochs)
     if not number.is_integer() or number < trial_epochs:
-        raise RetrofitError(f"--budget {excerpt(value, bare=True)}: training epochs are a whole number, at least one trial's "
+        raise RetrofitError(f"--budget {excerpt(value, bare=True)}: training epochs are a whole number, at least one "
+                            "trial's "
                             f"{trial_epochs}")
     return Budget(trials=trials, epochs=int(number), trial_epochs=trial_epochs)

@@ -1,8 +1,9 @@
 """The tune of a timm model by name: what ``retrofit tune MODEL`` computes, as one library call.
 
-    >>> result = retrofit.tune_model("resnet50", "data/", {"r": [4, 16]}, checkpoint="w.safetensors", trials=20,
-    ...                              epochs=3)
-    >>> result.verdict, result.best, result.output_dir / "tune.json"
+    >>> result = retrofit.tune_model("test_resnet", "data/", {"r": [4, 16], "position": ["post"]}, num_classes=3,
+    ...                              input_size=(3, 32, 32), trials=2, epochs=1, finalists=0, batch_size=8)
+    >>> (result.output_dir / "tune.json").is_file()
+    True
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ with the same table, built from the store.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -248,6 +248,6 @@ def run_jobs(study, keys: list[str], run_job: Callable, worker: Worker, say=None
             study.tell(trial, state=TrialState.FAIL)
             continue
         with worker.beating(trial):
-            outcome = _run_one(lambda t: run_job(t, key), trial)
+            outcome = _run_one(lambda t, key=key: run_job(t, key), trial)
         if outcome is not None:
             study.tell(trial, outcome[1], state=outcome[0])

@@ -12,7 +12,8 @@
 * **Jobs**: every (finalist or control, seed) run is a job of the study ``NAME:final`` in the same store,
   run once over every process (:func:`.claim.run_jobs`); each job keeps its result rows in the store and
   every process builds the same table from it (:func:`retrofit.sweep.ablation.control_rows`, ``with_stats``,
-  ``pareto``, ``verdict``). A job whose run failed, or whose process died too often, is a row with its reason. The job of a finalist's first seed saves that model, for the winner's file.
+  ``pareto``, ``verdict``). A job whose run failed, or whose process died too often, is a row with its
+  reason. The job of a finalist's first seed saves that model, for the winner's file.
 """
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ def parse_latency(text: Any) -> float | None:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise RetrofitError(f"--max-latency: give a ratio to the original's forward time, e.g. 1.10, got {excerpt(text)}")
+        raise RetrofitError("--max-latency: give a ratio to the original's forward time, e.g. 1.10, got "
+                            f"{excerpt(text)}")
     return value
 
 

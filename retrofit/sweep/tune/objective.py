@@ -3,11 +3,11 @@
 A trial trains exactly what the sweep trains for that recipe and seed: ``torch.manual_seed(seed);
 retrofit.add_se(model, recipe)`` (:func:`retrofit.sweep.ablation.build_retrofitted`), fine-tuned by
 :func:`retrofit.sweep.ablation.run_arm` with the search seed; the pruner sees val top-1 after each epoch
-through the fine-tune's ``on_event`` hook (its ``epoch`` events), which draws no random number. So a complete trial's rows are
-bitwise those of ``retrofit finetune`` of that recipe with ``--seed`` the search seed (on CPU), and a pruned
-trial's are the first rows of that run (the schedule is that of all its epochs). The trial's value is its
-last epoch's val top-1; its rows, costs and reason live in the store (user attrs), the one source of truth
-across kills and machines.
+through the fine-tune's ``on_event`` hook (its ``epoch`` events), which draws no random number. So a
+complete trial's rows are bitwise those of ``retrofit finetune`` of that recipe with ``--seed`` the search
+seed (on CPU), and a pruned trial's are the first rows of that run (the schedule is that of all its epochs).
+The trial's value is its last epoch's val top-1; its rows, costs and reason live in the store (user attrs),
+the one source of truth across kills and machines.
 
 Before anything trains: a draw that makes no recipe, a recipe with no site, one over ``--max-params`` /
 ``--max-macs`` / ``--max-latency`` is pruned with its reason and does not count; a recipe a finished trial
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -69,7 +70,8 @@ class Search:
         """One fine-tune (a trial or a finish job; ``recipe`` None: a control arm of the original network),
         logged in :attr:`trained`."""
         if model is None:
-            model = copy.deepcopy(self.model) if recipe is None else build_retrofitted(self.model, self.found, recipe, seed)
+            model = copy.deepcopy(self.model) if recipe is None else build_retrofitted(self.model, self.found, recipe,
+                                                                                       seed)
         config = self.config.replace(epochs=options.pop("epochs", self.epochs),
                                      **({"lr": searched["lr"]} if "lr" in searched else {}))
         if recipe is not None and self.distill:
@@ -91,9 +93,9 @@ class Search:
 
 
 class Reporter:
-    """The ``on_event`` hook of a trial on rank 0 (its ``epoch`` events): report val top-1, ask the pruner before the last epoch
-    (a rung at the last epoch would throw a finished run away). A store error stops the run, to be raised
-    after it (so every rank leaves the fine-tune together)."""
+    """The ``on_event`` hook of a trial on rank 0 (its ``epoch`` events): report val top-1, ask the pruner
+    before the last epoch (a rung at the last epoch would throw a finished run away). A store error stops the
+    run, to be raised after it (so every rank leaves the fine-tune together)."""
 
     def __init__(self, trial, total: int):
         self.trial, self.total = trial, total

@@ -42,7 +42,8 @@ def write_best_recipe(out: Path, best: SweepRow, trials: int) -> Path:
         ci = f" [95% CI {best.delta_top1_ci[0]:+.2f}, {best.delta_top1_ci[1]:+.2f}]" if best.delta_top1_ci else ""
         header.append(f"# against the control '{best.control}': Δ top-1 {best.delta_top1:+.2f}{ci}")
     if best.train:
-        header.append("# fine-tune it with " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in best.train.items()))
+        header.append("# fine-tune it with " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k,
+                                                         v in best.train.items()))
     header.append("# retrofit add-se MODEL --recipe best_recipe.yaml")
     body = yaml.safe_dump(best.recipe.to_dict(), sort_keys=False)
     path = out / BEST_RECIPE

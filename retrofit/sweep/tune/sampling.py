@@ -32,8 +32,9 @@ ETA = 3  # reduction factor of both pruners
 
 def quiet() -> None:
     """Optuna's INFO lines off (a study created, each trial finished: the tune prints its own), its
-    experimental/deprecation warnings and its warning that the RDB heartbeat is meant for ``optimize()``, by message: on Python < 3.12 a deprecation warning is attributed to
-    the caller's module, so a ``module="optuna"`` filter lets it through. Its WARNING lines stay."""
+    experimental/deprecation warnings and its warning that the RDB heartbeat is meant for ``optimize()``, by
+    message: on Python < 3.12 a deprecation warning is attributed to the caller's module, so a
+    ``module="optuna"`` filter lets it through. Its WARNING lines stay."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # the RDB heartbeat outside optimize(): .workers runs it for ask() and tell() on purpose

@@ -22,15 +22,16 @@ import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ...blocks.attention import ATTENTIONS
 from ...blocks.config import DEFAULTS, BlockConfig
 from ...errors import RecipeError, RetrofitError, excerpt
-from ...inputs import read_yaml
 from ...graph.model import model_name
+from ...inputs import read_yaml
 from ...surgery.plan import require_stages
 from ...surgery.recipe import Recipe
 from ...surgery.recipe_fields import StageMap
@@ -75,7 +76,7 @@ class Space:
     base: Recipe = Recipe()
 
     # -- from the model ---------------------------------------------------------------------------
-    def on_model(self, found: Scan) -> "Space":
+    def on_model(self, found: Scan) -> Space:
         """The space with every stage named and checked against the model's sites: a stage the model does
         not have, or a space whose every recipe has no block, is one error."""
         present = {s.stage for s in found.sites}
@@ -153,7 +154,8 @@ class Space:
     def _stages_and_r(self, params: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, Any]:
         if self.per_stage is None:
             r = next(v for v in self.r if r_label(v) == params.get("r", r_label(self.r[0])))
-            st = next(st for st in self.stages if stages_label(st) == params.get("stages", stages_label(self.stages[0])))
+            st_label = params.get("stages", stages_label(self.stages[0]))
+            st = next(st for st in self.stages if stages_label(st) == st_label)
             return st, r
         on = {s: params.get(f"r{s}", v[0]) for s, v in self.per_stage}
         on = {s: v for s, v in on.items() if v != OFF}
@@ -184,7 +186,8 @@ class Space:
     def to_dict(self) -> dict[str, Any]:
         """Plain values (the study's identity: a resumed study must search the same space)."""
         return {"position": list(self.position), "module": list(self.module),
-                "r": [v.to_dict() if isinstance(v, StageMap) else v for v in self.r] if self.per_stage is None else None,
+                "r": ([v.to_dict() if isinstance(v, StageMap) else v for v in self.r]
+                      if self.per_stage is None else None),
                 "stages": [stages_label(st) for st in self.stages] if self.per_stage is None else None,
                 "per_stage": {str(s): list(v) for s, v in self.per_stage} if self.per_stage is not None else None,
                 "gate": list(self.gate), "squeeze": list(self.squeeze),
@@ -251,7 +254,8 @@ def parse_lr(value: Any) -> tuple[float | None, tuple[float, float] | None]:
         parts = [float(p) for p in text.split(":")]
     except ValueError:
         raise RetrofitError(f"--lr: give a rate (1e-3) or a range low:high (1e-4:1e-1), got {excerpt(text)}") from None
-    if len(parts) > 2 or any(not math.isfinite(p) or p <= 0 for p in parts) or (len(parts) == 2 and parts[0] >= parts[1]):
+    unordered = len(parts) == 2 and parts[0] >= parts[1]
+    if len(parts) > 2 or any(not math.isfinite(p) or p <= 0 for p in parts) or unordered:
         raise RetrofitError(f"--lr: give a positive rate (1e-3) or a range low:high with low < high (1e-4:1e-1), "
                             f"got {excerpt(text)}")
     return (parts[0], None) if len(parts) == 1 else (None, (parts[0], parts[1]))
@@ -284,7 +288,8 @@ def space_from_options(base: Recipe, space: Path | None = None, *, lr: Any = Non
     fixed_lr, lr_range = parse_lr(lr)
     if space is None:
         return parse_space(base, per_stage=per_stage, lr=lr if lr_range else None, **axes), fixed_lr
-    given = [f"--{k.replace('_', '-')}" for k, v in axes.items() if v is not None] + (["--per-stage"] if per_stage else [])
+    given = [f"--{k.replace('_', '-')}" for k,
+             v in axes.items() if v is not None] + (["--per-stage"] if per_stage else [])
     if given:
         raise RetrofitError(f"give the space as flags or as --space FILE, not both ({', '.join(given)} with --space)")
     chosen, file_lr = load_space(space, base)

@@ -4,11 +4,11 @@
 * **``--storage URL``** (``postgresql+psycopg://USER@HOST:PORT/DB``, ``mysql+pymysql://...``,
   ``sqlite:///...``) is Optuna's ``RDBStorage``, the store Optuna recommends for several nodes. It is opened
   with Optuna's heartbeat (``heartbeat_interval``, ``grace_period``), which judges a trial's process dead by
-  the database server's ``now()`` alone (:mod:`.workers`); on PostgreSQL every session's time zone is set
-  to UTC when it connects (Optuna stores the heartbeats as the server's wall time in the session's zone:
-  two workers with another ``PGTZ`` would otherwise be hours apart), with a connect timeout; and a ping
-  before each pooled connection is used (a server restarted between two trials costs nothing). Two processes creating the
-  tables of an empty database at once race (optuna/optuna#1092): the loser retries. SQLite is not safe
+  the database server's ``now()`` alone (:mod:`.workers`); on PostgreSQL every session's time zone is set to
+  UTC when it connects (Optuna stores the heartbeats as the server's wall time in the session's zone: two
+  workers with another ``PGTZ`` would otherwise be hours apart), with a connect timeout; and a ping before
+  each pooled connection is used (a server restarted between two trials costs nothing). Two processes creating
+  the tables of an empty database at once race (optuna/optuna#1092): the loser retries. SQLite is not safe
   with parallel writers: one process only. A password in the URL is never printed.
 * **The default journal** (``OUT/study.journal``) is locked with :class:`FlockLock`. Optuna's own journal
   locks (``JournalFileSymlinkLock``, ``JournalFileOpenLock``) are lock *files*: a process killed inside an
@@ -40,9 +40,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import optuna
 import sqlalchemy.event
@@ -131,7 +131,9 @@ def open_storage(where: str | Path, *, shared: bool = False, heartbeat: tuple[in
             _repair(where, lock)
         return CheckedJournal(JournalFileBackend(where, lock_obj=lock), where)  # replays the log now
     except (OSError, ValueError) as err:  # unreadable, or not a journal after all (JSONDecodeError)
-        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: {type(err).__name__}: {first_line(err)}") from None
+        raise StorageError(
+            f"cannot open --storage {excerpt(where, bare=True)}: {type(err).__name__}: {first_line(err)}"
+        ) from None
 
 
 def shown(url: str) -> str:
@@ -218,7 +220,8 @@ class CheckedJournal(JournalStorage):
         except (AssertionError, KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
             read = isinstance(err, json.JSONDecodeError) or str(err) == "Invalid log format."
             line = self._replay_result.log_number_read + (1 if read else 0)
-            raise StorageError(f"cannot read --storage {excerpt(self._where, bare=True)}: line {line} is not an Optuna journal entry "
+            raise StorageError(f"cannot read --storage {excerpt(self._where, bare=True)}: line {line} is not an Optuna "
+                               "journal entry "
                                f"({type(err).__name__}: {first_line(err)}); restore the file from a copy, or use "
                                f"another --output-dir or --storage") from None
 
@@ -227,7 +230,8 @@ def check_journal(where: str) -> None:
     """A journal path that cannot be one: a missing folder, a folder, a file that is not a journal."""
     parent = os.path.dirname(os.path.abspath(where))
     if not os.path.isdir(parent):
-        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: folder {excerpt(parent, bare=True)} does not exist")
+        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: folder {excerpt(parent, bare=True)} "
+                           "does not exist")
     if os.path.isdir(where):
         raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: it is a folder; give a journal file")
     if not os.path.isfile(where) or os.path.getsize(where) == 0:

@@ -60,7 +60,8 @@ def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str,
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
     if study.direction != StudyDirection.MAXIMIZE:
-        raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} minimizes its value: it is not a retrofit tune; use another "
+        raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} minimizes its value: it is not a "
+                            "retrofit tune; use another "
                             f"--study or --output-dir")
     stored = study.user_attrs.get(IDENTITY)
     if stored is None:  # a new study (or its creator died before this): ours; a second creator's write wins

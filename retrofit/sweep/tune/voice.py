@@ -18,7 +18,8 @@ against 21 here) and leaves the ranks in mismatched collectives when rank 0 rais
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.distributed as dist
 

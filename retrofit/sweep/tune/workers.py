@@ -136,7 +136,7 @@ class Worker:
         else:
             trial.set_user_attr(BEAT, count)
 
-    def beating(self, trial) -> "Heartbeat":
+    def beating(self, trial) -> Heartbeat:
         return Heartbeat(self, trial)
 
     def close(self) -> None:
