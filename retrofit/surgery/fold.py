@@ -141,6 +141,7 @@ def restructure(model: nn.Module, fold: Folded) -> Folded:
     owner = model.get_submodule(owner_path) if owner_path else model
     old = getattr(owner, name)
     like = next(old.parameters(), None)
+    changes: dict = {"folds": (*info.folds, fold)}
     if fold.into == "scale":
         setattr(owner, name,
                 ChannelScale(block.channels, block.layout, device=like.device if like is not None else None,
@@ -150,8 +151,8 @@ def restructure(model: nn.Module, fold: Folded) -> Folded:
         delattr(owner, name)
         if fold.path in info.was_none:  # timm's `self.se = None`: the class's forward reads it again after strip
             setattr(owner, name, None)
-        update_info(model, blocks=tuple(b for b in info.blocks if b is not block), gone=(*info.gone, block))
-    update_info(model, folds=(*get_info(model).folds, fold))
+        changes.update(blocks=tuple(b for b in info.blocks if b is not block), gone=(*info.gone, block))
+    update_info(model, **changes)  # one new record for the whole fold
     return fold
 
 
