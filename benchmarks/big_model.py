@@ -8,6 +8,7 @@ same run; and the same command with ``--no-meta`` (real weights) for the smaller
 
 Run: python benchmarks/big_model.py [--runs N]
 """
+
 import argparse
 import json
 import subprocess
@@ -24,8 +25,11 @@ MODELS = [("resnext101_32x32d", "3,320,320"), ("resnet200d", "3,320,320")]
 def weights(model: str, size: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        subprocess.run(RETROFIT + ["add-se", model, "--input-size", size, "--json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            RETROFIT + ["add-se", model, "--input-size", size, "--json", str(out)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         return json.loads(out.read_text())["base"]["params"] * 4
 
 
@@ -34,20 +38,29 @@ def main(runs: int) -> None:
     for model, size in MODELS:
         cmds[f"add-se {model} {size}"] = RETROFIT + ["add-se", model, "--input-size", size]
     small, small_size = MODELS[-1]
-    cmds[f"add-se {small} {small_size} --no-meta"] = RETROFIT + ["add-se", small, "--input-size", small_size,
-                                                                 "--no-meta"]
+    cmds[f"add-se {small} {small_size} --no-meta"] = RETROFIT + [
+        "add-se",
+        small,
+        "--input-size",
+        small_size,
+        "--no-meta",
+    ]
     times, cpu, peak = processes(cmds, runs)
     print(f"whole processes, {runs} rounds in turns (peak = largest resident memory of a round):")
     for name in cmds:
-        print(f"  {name:48s} wall {spread(times[name])}, CPU median {med(cpu[name]):.1f} s, "
-              f"peak {peak[name] / 2**20:.0f} MiB")
+        print(
+            f"  {name:48s} wall {spread(times[name])}, CPU median {med(cpu[name]):.1f} s, "
+            f"peak {peak[name] / 2**20:.0f} MiB"
+        )
     base = peak["import timm"]
     for model, size in MODELS:
         name = f"add-se {model} {size}"
         w = weights(model, size)
-        print(f"  {model}: float32 weights {w / 2**20:.0f} MiB; add-se peak {peak[name] / 2**20:.0f} MiB = "
-              f"{peak[name] / w:.2f} of the weights ({(peak[name] - base) / 2**20:+.0f} MiB over importing timm); "
-              f"{med(times[name]):.1f} s, {med(times[name]) - med(times['import timm']):+.1f} s over importing timm")
+        print(
+            f"  {model}: float32 weights {w / 2**20:.0f} MiB; add-se peak {peak[name] / 2**20:.0f} MiB = "
+            f"{peak[name] / w:.2f} of the weights ({(peak[name] - base) / 2**20:+.0f} MiB over importing timm); "
+            f"{med(times[name]):.1f} s, {med(times[name]) - med(times['import timm']):+.1f} s over importing timm"
+        )
 
 
 if __name__ == "__main__":

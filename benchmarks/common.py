@@ -5,6 +5,7 @@ Every figure a script prints is a ratio of two things measured in turns in the s
 rotating each round), so a machine shared with other jobs slows both sides alike; medians, not
 means, so one stall does not decide the result.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ PYTHON = sys.executable
 RETROFIT = [PYTHON, "-m", "retrofit"]
 
 
-def interleaved(jobs: Mapping[str, Callable[[], object]], runs: int, setup: Callable[[str], object] | None = None,
-                warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    jobs: Mapping[str, Callable[[], object]], runs: int, setup: Callable[[str], object] | None = None, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds of each job, ``runs`` times, in rotating order. ``setup(name)`` runs before each timed
     call, untimed (a fresh model, say); its result is passed to the job if the job takes an argument."""
     names = list(jobs)
@@ -88,6 +90,7 @@ def verdict(ratio: float, target: float) -> str:
 # torch, timm and retrofit are imported in the functions (deferred: the process-level benchmarks that
 # also use this module need none of them in the parent process).
 
+
 def build(arm: str, model_name: str, size: int, classes: int, device: str = "cpu", channels_last: bool = False):
     """The model of one arm on ``device`` (in ``channels_last`` memory format if asked), its trainable
     parameters and norm modes set, and its optimizer (timm's AdamW through retrofit.train.optim):
@@ -111,8 +114,9 @@ def build(arm: str, model_name: str, size: int, classes: int, device: str = "cpu
     params.set_trainable(model, params.block_params(model) if arm == "phase1" else None)
     params.set_modes(model, frozen_norms=arm == "phase1")
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer, _ = optim.create(model, opt="adamw", lr=1e-4, weight_decay=0.0, sched="cosine", epochs=1,
-                                warmup_epochs=0)
+    optimizer, _ = optim.create(
+        model, opt="adamw", lr=1e-4, weight_decay=0.0, sched="cosine", epochs=1, warmup_epochs=0
+    )
     return model, optimizer
 
 
@@ -136,9 +140,16 @@ def batches(n: int, batch: int, size: int, classes: int, device: str = "cpu") ->
     from retrofit.train.data import Batch
 
     g = torch.Generator().manual_seed(0)
-    return Steps([Batch(torch.randn(batch, 3, size, size, generator=g).to(device),
-                        torch.randint(0, classes, (batch,), generator=g).to(device), ())
-                  for _ in range(n)])
+    return Steps(
+        [
+            Batch(
+                torch.randn(batch, 3, size, size, generator=g).to(device),
+                torch.randint(0, classes, (batch,), generator=g).to(device),
+                (),
+            )
+            for _ in range(n)
+        ]
+    )
 
 
 def step_fn(model, optimizer, loader, classes: int, device: str = "cpu", channels_last: bool = False):
@@ -156,11 +167,24 @@ def step_fn(model, optimizer, loader, classes: int, device: str = "cpu", channel
     env = Dist(device=torch.device(device))
 
     def run():
-        train_epoch(model, model, loader, optimizer, accum=1, env=env, progress=Progress(False), label="",
-                    seen_bad=set(), objective=objective, clip_grad=None, clip_mode="norm",
-                    channels_last=channels_last)
+        train_epoch(
+            model,
+            model,
+            loader,
+            optimizer,
+            accum=1,
+            env=env,
+            progress=Progress(False),
+            label="",
+            seen_bad=set(),
+            objective=objective,
+            clip_grad=None,
+            clip_mode="norm",
+            channels_last=channels_last,
+        )
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
+
     return run
 
 

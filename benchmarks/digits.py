@@ -13,6 +13,7 @@ and the fine-tuned SE model is at least as accurate as the original.
 
 Run: ``python benchmarks/digits.py`` (needs ``pip install -c constraints.txt '.[bench]'``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,9 @@ def main() -> None:
     from retrofit.train.data import ImageFolderData
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="test_resnet", help="a plain timm CNN (test_resnet: timm's tiny ResNet; "
-                                                           "resnet18...)")
+    ap.add_argument(
+        "--model", default="test_resnet", help="a plain timm CNN (test_resnet: timm's tiny ResNet; resnet18...)"
+    )
     ap.add_argument("--size", type=int, default=32, help="image side after upscaling the 8x8 digits")
     ap.add_argument("--pretrain-epochs", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2, help="phase-1 fine-tuning epochs")
@@ -100,21 +102,34 @@ def main() -> None:
         reference = logits(plain, data)
         results, exact = {}, None
         for init in ("preserve", "paper"):
-            se = retrofit.add_se(copy.deepcopy(plain), position=args.position, r=args.r, init=init,
-                                 input_size=input_size)
+            se = retrofit.add_se(
+                copy.deepcopy(plain), position=args.position, r=args.r, init=init, input_size=input_size
+            )
             if init == "preserve":
                 exact = torch.equal(logits(se, data), reference)
             t0 = time.perf_counter()
-            results[init] = retrofit.finetune(se, root, epochs=args.epochs, batch_size=64, lr=1e-2,
-                                              augment=False, seed=args.seed, workers=0, input_size=input_size,
-                                              restore_best=False)
+            results[init] = retrofit.finetune(
+                se,
+                root,
+                epochs=args.epochs,
+                batch_size=64,
+                lr=1e-2,
+                augment=False,
+                seed=args.seed,
+                workers=0,
+                input_size=input_size,
+                restore_best=False,
+            )
             results[init].seconds = time.perf_counter() - t0
     pre, paper = results["preserve"], results["paper"]
     original = pre.row("original")
     last = f"epoch {args.epochs}"
-    table = Table(title=f"{args.model} on scikit-learn digits ({len(data.train)} train / {len(data.val)} val, "
-                        f"{args.size}x{args.size}); SE {args.position}, r {args.r}; phase 1: {args.epochs} epoch(s), "
-                        f"SE blocks only", title_justify="left")
+    table = Table(
+        title=f"{args.model} on scikit-learn digits ({len(data.train)} train / {len(data.val)} val, "
+        f"{args.size}x{args.size}); SE {args.position}, r {args.r}; phase 1: {args.epochs} epoch(s), "
+        f"SE blocks only",
+        title_justify="left",
+    )
     for col in ("model", "init", "top-1 %", "top-5 %", "val loss"):
         table.add_column(col, justify="left" if col in ("model", "init") else "right")
 
@@ -127,12 +142,18 @@ def main() -> None:
     add(f"retrofitted, after phase 1 ({last})", "preserve", pre.row(last))
     add(f"retrofitted, after phase 1 ({last})", "paper", paper.row(last))
     console.print(table)
-    console.print(f"preserve at step 0 equals the original: logits bitwise equal = {exact}, top-1 "
-                  f"{pre.row('step 0')['top1']:.2f} vs {original['top1']:.2f}")
-    console.print(f"fine-tuned (preserve) >= original: {pre.row(last)['top1'] >= original['top1']} "
-                  f"({pre.row(last)['top1']:.2f} vs {original['top1']:.2f})")
-    console.print(f"time: pretraining {t_pre:.0f} s, fine-tuning {pre.seconds:.0f} s (preserve) and "
-                  f"{paper.seconds:.0f} s (paper), evaluations included")
+    console.print(
+        f"preserve at step 0 equals the original: logits bitwise equal = {exact}, top-1 "
+        f"{pre.row('step 0')['top1']:.2f} vs {original['top1']:.2f}"
+    )
+    console.print(
+        f"fine-tuned (preserve) >= original: {pre.row(last)['top1'] >= original['top1']} "
+        f"({pre.row(last)['top1']:.2f} vs {original['top1']:.2f})"
+    )
+    console.print(
+        f"time: pretraining {t_pre:.0f} s, fine-tuning {pre.seconds:.0f} s (preserve) and "
+        f"{paper.seconds:.0f} s (paper), evaluations included"
+    )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ take minutes on a CPU).
 Run on a GPU machine: ``python benchmarks/gpu.py`` (``--device cuda:1``, ``--budget-s``, ``--batch``,
 ``--size``). On CPU: ``python benchmarks/gpu.py --device cpu --small``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,14 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import batches, build, interleaved, med, peak_rss, reset_peak_rss, rss_now, step_fn  # noqa: E402
 
-ARMS = {"phase1": "phase 1 (SE blocks only)", "phase2": "phase 2 (retrofit, everything)",
-        "full": "full fine-tune (plain model)"}
+ARMS = {
+    "phase1": "phase 1 (SE blocks only)",
+    "phase2": "phase 2 (retrofit, everything)",
+    "full": "full fine-tune (plain model)",
+}
 FORMATS = {False: "contiguous", True: "channels_last"}
 MODES = ("eager", "compile")
-MIB = 2 ** 20
+MIB = 2**20
 
 
 @dataclass
@@ -132,6 +136,7 @@ def sync(device: torch.device) -> None:
 
 # ---- memory ----------------------------------------------------------------------------------
 
+
 class Memory:
     """Peak memory of one call above what was held just before it, and the whole run's peak (bytes)."""
 
@@ -173,20 +178,29 @@ class Memory:
     def what(self) -> str:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated, above memory_allocated before"
-        return ("the process's peak resident set (VmHWM, reset through /proc/self/clear_refs"
-                + (" after malloc_trim" if self.libc else "") + ") above its resident set before: rough on CPU")
+        return (
+            "the process's peak resident set (VmHWM, reset through /proc/self/clear_refs"
+            + (" after malloc_trim" if self.libc else "")
+            + ") above its resident set before: rough on CPU"
+        )
 
 
 # ---- 1 and 2: training -----------------------------------------------------------------------
 
+
 def training(cfg: Config, table: Table, memory: Memory, share_s: float) -> str:
     """Images/s and memory of the three arms, channels_last off and on; returns what trains in each."""
     dev = str(cfg.device)
-    built = {(arm, cl): build(arm, cfg.plain, cfg.size, cfg.classes, device=dev, channels_last=cl)
-             for arm in ARMS for cl in FORMATS}
+    built = {
+        (arm, cl): build(arm, cfg.plain, cfg.size, cfg.classes, device=dev, channels_last=cl)
+        for arm in ARMS
+        for cl in FORMATS
+    }
     loader = batches(cfg.steps, cfg.batch, cfg.size, cfg.classes, device=dev)
-    jobs = {key: step_fn(model, opt, loader, cfg.classes, device=dev, channels_last=key[1])
-            for key, (model, opt) in built.items()}
+    jobs = {
+        key: step_fn(model, opt, loader, cfg.classes, device=dev, channels_last=key[1])
+        for key, (model, opt) in built.items()
+    }
     counts = {arm: sum(p.numel() for p in built[arm, False][0].parameters() if p.requires_grad) for arm in ARMS}
     for job in jobs.values():  # first steps: cudnn's search, the optimizer's state, the allocator's pools
         job()
@@ -198,23 +212,40 @@ def training(cfg: Config, table: Table, memory: Memory, share_s: float) -> str:
     for cl, fmt in FORMATS.items():
         for arm, label in ARMS.items():
             t = times[arm, cl]
-            table.add(f"train, {label}, {fmt}", ips[arm, cl], "images/s",
-                      f"median of {n} rounds of {cfg.steps} step{'s' if cfg.steps > 1 else ''} (min "
-                      f"{images / max(t):.1f}, max {images / min(t):.1f})")
-        table.add(f"train, phase 1 / full fine-tune, {fmt}", ips["phase1", cl] / ips["full", cl], "ratio",
-                  "images/s over images/s")
+            table.add(
+                f"train, {label}, {fmt}",
+                ips[arm, cl],
+                "images/s",
+                f"median of {n} rounds of {cfg.steps} step{'s' if cfg.steps > 1 else ''} (min "
+                f"{images / max(t):.1f}, max {images / min(t):.1f})",
+            )
+        table.add(
+            f"train, phase 1 / full fine-tune, {fmt}",
+            ips["phase1", cl] / ips["full", cl],
+            "ratio",
+            "images/s over images/s",
+        )
     for arm, label in ARMS.items():
-        table.add(f"train, channels_last / contiguous, {label}", ips[arm, True] / ips[arm, False], "ratio",
-                  "images/s over images/s")
+        table.add(
+            f"train, channels_last / contiguous, {label}",
+            ips[arm, True] / ips[arm, False],
+            "ratio",
+            "images/s over images/s",
+        )
     for cl, fmt in FORMATS.items():
         for arm, label in ARMS.items():
-            table.add(f"memory, one training round, {label}, {fmt}", grown[arm, cl] / MIB, "MiB",
-                      "peak above the memory held before the round")
+            table.add(
+                f"memory, one training round, {label}, {fmt}",
+                grown[arm, cl] / MIB,
+                "MiB",
+                "peak above the memory held before the round",
+            )
         table.add(f"memory, phase 1 / full fine-tune, {fmt}", grown["phase1", cl] / max(grown["full", cl], 1), "ratio")
     return ", ".join(f"{arm} {counts[arm] / 1e6:.2f} M trainable parameters" for arm in ARMS)
 
 
 # ---- 3: latency -------------------------------------------------------------------------------
+
 
 def inference_models(cfg: Config) -> tuple[dict, float]:
     """timm's SE model and the fused retrofit with its weights (randomised, so the blocks matter), each
@@ -264,8 +295,9 @@ def latency(cfg: Config, clock: Clock, table: Table, share_s: float, reserve_s: 
                 c(inputs[key[1]])
             sync(cfg.device)
         except Exception as err:  # a compile that fails is a finding of this check: said in its row
-            notes[key] = (f"failed: {type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
+            notes[key] = (
+                f"failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+            )
             continue
         compiled[key] = time.perf_counter() - t
         worst = max(worst, compiled[key])
@@ -277,6 +309,7 @@ def latency(cfg: Config, clock: Clock, table: Table, share_s: float, reserve_s: 
         def call():
             m(inputs[cl])
             sync(cfg.device)
+
         return call
 
     with torch.inference_mode(), env.autocast():
@@ -287,8 +320,11 @@ def latency(cfg: Config, clock: Clock, table: Table, share_s: float, reserve_s: 
     def ratio(what: str, top: tuple, bottom: tuple) -> None:
         """A row of ``ms[top] / ms[bottom]``; without one of them, the row says why (skipped, failed)."""
         gone = [notes.get(key[1:], "failed") for key in (top, bottom) if key not in ms]
-        why = "" if not gone else ("skipped" if all(n.startswith("skipped") for n in gone) else "failed") + \
-            ": a row above has no figure"
+        why = (
+            ""
+            if not gone
+            else ("skipped" if all(n.startswith("skipped") for n in gone) else "failed") + ": a row above has no figure"
+        )
         table.add(what, None if gone else ms[top] / ms[bottom], "ratio", why)
 
     for mode in MODES:
@@ -303,15 +339,21 @@ def latency(cfg: Config, clock: Clock, table: Table, share_s: float, reserve_s: 
                 table.add(f"latency, {name}, {mode}, {fmt}", ms.get(key), "ms / batch", note)
             ratio(f"latency, retrofit / {cfg.native}, {mode}, {fmt}", (mode, "retrofit", cl), (mode, cfg.native, cl))
     for mode in MODES:
-        ratio(f"latency, channels_last / contiguous, retrofit, {mode}", (mode, "retrofit", True),
-              (mode, "retrofit", False))
+        ratio(
+            f"latency, channels_last / contiguous, retrofit, {mode}",
+            (mode, "retrofit", True),
+            (mode, "retrofit", False),
+        )
     for cl, fmt in FORMATS.items():
         ratio(f"latency, compile / eager, retrofit, {fmt}", ("compile", "retrofit", cl), ("eager", "retrofit", cl))
-    return (f"retrofit ({cfg.plain}, timm recipe, fused) vs {cfg.native}: max |diff| / max |out| {diff:.1e} (float32, "
-            "eager)")
+    return (
+        f"retrofit ({cfg.plain}, timm recipe, fused) vs {cfg.native}: max |diff| / max |out| {diff:.1e} (float32, "
+        "eager)"
+    )
 
 
 # ---- 4: the collective backend ----------------------------------------------------------------
+
 
 def collective(rank: int, world: int, backend: str, store: str, out: str) -> None:
     """One process of the spawned group: join, all_reduce 4 MiB (checked), time 20 more."""
@@ -321,8 +363,13 @@ def collective(rank: int, world: int, backend: str, store: str, out: str) -> Non
     if device.type == "cuda":
         torch.cuda.set_device(device)
     t = time.perf_counter()
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
     x = torch.full((MIB,), float(rank + 1), device=device)
     dist.all_reduce(x)
     sync(device)
@@ -352,8 +399,9 @@ class Collectives:
         self.runs = {}
         for world in self.worlds:
             store, out = (os.path.join(self.dir.name, f"{k}{world}") for k in ("store", "out"))
-            ctx = mp.start_processes(collective, args=(world, self.backend, store, out), nprocs=world, join=False,
-                                     start_method="spawn")
+            ctx = mp.start_processes(
+                collective, args=(world, self.backend, store, out), nprocs=world, join=False, start_method="spawn"
+            )
             self.runs[world] = (ctx, out)
 
     def wait(self, timeout_s: float) -> None:
@@ -380,11 +428,16 @@ class Collectives:
             if isinstance(got, str):
                 table.add(what, None, "ms", got)
             else:
-                table.add(what, got["each"] * 1e3, "ms",
-                          f"result checked; joined and first all_reduce in {got['joined']:.2f} s")
+                table.add(
+                    what,
+                    got["each"] * 1e3,
+                    "ms",
+                    f"result checked; joined and first all_reduce in {got['joined']:.2f} s",
+                )
 
 
 # ---- the run ------------------------------------------------------------------------------------
+
 
 def bad(message: str):
     """Bad input: one ``error:`` line on stderr, exit status 2, no traceback."""
@@ -402,8 +455,10 @@ def config(args) -> Config:
         bad(f"this check runs on cpu or cuda, not {args.device!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            bad(f"--device {args.device} asked, but torch sees no GPU (torch.cuda.is_available() is False); "
-                "on a machine without one run --device cpu --small")
+            bad(
+                f"--device {args.device} asked, but torch sees no GPU (torch.cuda.is_available() is False); "
+                "on a machine without one run --device cpu --small"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             bad(f"--device {args.device} asked, but torch sees {torch.cuda.device_count()} GPU(s)")
         device = torch.device("cuda", device.index or 0)
@@ -413,11 +468,20 @@ def config(args) -> Config:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(f"--{name} must be at least 1, got {getattr(args, name)}")
     small = args.small
-    return Config(device=device, small=small, budget=args.budget_s, batch=args.batch or (4 if small else 64),
-                  size=args.size or (64 if small else 224), steps=args.steps or (1 if small else 4),
-                  classes=10 if small else 1000, plain="resnet18" if small else "resnet50",
-                  native="seresnet18" if small else "seresnet50", backend="eager" if small else "inductor",
-                  train_rounds=(3, 3) if small else (3, 30), latency_rounds=(3, 5) if small else (5, 100))
+    return Config(
+        device=device,
+        small=small,
+        budget=args.budget_s,
+        batch=args.batch or (4 if small else 64),
+        size=args.size or (64 if small else 224),
+        steps=args.steps or (1 if small else 4),
+        classes=10 if small else 1000,
+        plain="resnet18" if small else "resnet50",
+        native="seresnet18" if small else "seresnet50",
+        backend="eager" if small else "inductor",
+        train_rounds=(3, 3) if small else (3, 30),
+        latency_rounds=(3, 5) if small else (5, 100),
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -434,8 +498,11 @@ def device_name(device: torch.device) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
-    ap.add_argument("--small", action="store_true", help="resnet18 / seresnet18, batch 4, 64x64, compile backend "
-                                                        "eager: the CPU check of this script")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="resnet18 / seresnet18, batch 4, 64x64, compile backend eager: the CPU check of this script",
+    )
     ap.add_argument("--budget-s", type=float, default=420.0, help="seconds the run may take (default 420)")
     ap.add_argument("--batch", type=int, default=None, help="default 64 (--small: 4)")
     ap.add_argument("--size", type=int, default=None, help="image side, default 224 (--small: 64)")
@@ -454,16 +521,24 @@ def main(argv=None) -> int:
     if cfg.device.type == "cuda":
         torch.cuda.empty_cache()
     collectives = Collectives(cfg.device)  # they run while the latency models are built and compiled
-    compare = latency(cfg, clock, table, share_s=min(0.15 * cfg.budget, max(clock.left() - 0.05 * cfg.budget, 0)),
-                      reserve_s=0.05 * cfg.budget, settle=lambda: collectives.wait(max(30.0, min(120.0, clock.left()))))
+    compare = latency(
+        cfg,
+        clock,
+        table,
+        share_s=min(0.15 * cfg.budget, max(clock.left() - 0.05 * cfg.budget, 0)),
+        reserve_s=0.05 * cfg.budget,
+        settle=lambda: collectives.wait(max(30.0, min(120.0, clock.left()))),
+    )
     collectives.report(table)
     table.add("memory, whole run's peak", memory.finish() / MIB, "MiB", "")
     dtype = "bf16 autocast" if cfg.device.type == "cuda" else "float32"
-    print(f"retrofit GPU check, {datetime.date.today().isoformat()}: {device_name(cfg.device)}; torch "
-          f"{torch.__version__}, "
-          f"timm {timm.__version__}; batch {cfg.batch}, {cfg.size}x{cfg.size}, {dtype}"
-          f"{', cudnn.benchmark on' if cfg.device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
-          f"torch.compile backend {cfg.backend}{' (--small: dynamo capture only)' if cfg.small else ''}")
+    print(
+        f"retrofit GPU check, {datetime.date.today().isoformat()}: {device_name(cfg.device)}; torch "
+        f"{torch.__version__}, "
+        f"timm {timm.__version__}; batch {cfg.batch}, {cfg.size}x{cfg.size}, {dtype}"
+        f"{', cudnn.benchmark on' if cfg.device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
+        f"torch.compile backend {cfg.backend}{' (--small: dynamo capture only)' if cfg.small else ''}"
+    )
     print(f"train: {cfg.plain}, {cfg.classes} classes, synthetic data, AdamW, the tool's epoch loop; {trains}")
     print(f"memory: {memory.what()}; latency: {compare}")
     print()
@@ -471,8 +546,10 @@ def main(argv=None) -> int:
     print()
     failed = table.failed()
     over = "" if clock.used() <= cfg.budget else " (over the budget: the builds and compiles alone took longer)"
-    print(f"took {clock.used():.1f} s of a {cfg.budget:.0f} s budget{over}"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    print(
+        f"took {clock.used():.1f} s of a {cfg.budget:.0f} s budget{over}"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed or any(v is not None and not (math.isfinite(v) and v > 0) for _, v, _, _ in table.rows) else 0
 
 

@@ -28,6 +28,7 @@ Run (``pip install -c constraints.txt -e '.[bench]'`` first): ``python benchmark
 test_resnet`` and ``--model test_convnext`` (another family: ConvNeXt's blocks end in a layer scale, so its
 gates have no norm or convolution to fold into); 2 CPU threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,21 @@ def fine_tune(plain, folder, seed: int, args):
         if row["epoch"] == args.epochs:
             snapshot["model"] = copy.deepcopy(model)
         return False
-    retrofit.finetune(model, folder, args.epochs, phase2_epochs=args.phase2_epochs, lr=args.lr,
-                      batch_size=args.batch_size, augment=False, seed=seed, workers=0, restore_best=False,
-                      input_size=(3, args.size, args.size), on_epoch=keep_phase1)
+
+    retrofit.finetune(
+        model,
+        folder,
+        args.epochs,
+        phase2_epochs=args.phase2_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        augment=False,
+        seed=seed,
+        workers=0,
+        restore_best=False,
+        input_size=(3, args.size, args.size),
+        on_epoch=keep_phase1,
+    )
     return snapshot["model"], model
 
 
@@ -72,16 +85,23 @@ def measure(model, folder, size: int) -> dict:
     out = {"blocks": [b.to_dict() for b in report.blocks], "folds": {}, "images": report.images}
     for t in TOLERANCES:
         result = retrofit.fold(model, folder, tolerance=t)
-        timing = retrofit.measure_latency({"unfolded": model, "folded": result.model}, batch=8,
-                                          input_size=(3, size, size), runs=10)
+        timing = retrofit.measure_latency(
+            {"unfolded": model, "folded": result.model}, batch=8, input_size=(3, size, size), runs=10
+        )
         low, high, _ = timing.interval("folded", "unfolded")
-        out["folds"][t] = dict(folded=len(result.blocks), of=result.candidates, evaluations=result.evaluations,
-                               params=result.overhead_before.added_params - result.overhead_after.added_params,
-                               added_params=result.overhead_before.added_params,
-                               macs=result.overhead_before.added_macs - result.overhead_after.added_macs,
-                               added_macs=result.overhead_before.added_macs,
-                               before=result.before, after=result.after, into=[b.into for b in result.blocks],
-                               latency=(timing.ratio("folded", "unfolded"), low, high))
+        out["folds"][t] = dict(
+            folded=len(result.blocks),
+            of=result.candidates,
+            evaluations=result.evaluations,
+            params=result.overhead_before.added_params - result.overhead_after.added_params,
+            added_params=result.overhead_before.added_params,
+            macs=result.overhead_before.added_macs - result.overhead_after.added_macs,
+            added_macs=result.overhead_before.added_macs,
+            before=result.before,
+            after=result.after,
+            into=[b.into for b in result.blocks],
+            latency=(timing.ratio("folded", "unfolded"), low, high),
+        )
     return out
 
 
@@ -109,8 +129,10 @@ def stage_rows(runs: list[dict]) -> dict[int, dict[str, list[float]]]:
 
 
 def findings(stages: dict) -> list[str]:
-    mean = {s: {k: statistics.mean([v for v in row[k] if v is not None]) for k in ("class_spread", "logit_change")}
-            for s, row in stages.items()}
+    mean = {
+        s: {k: statistics.mean([v for v in row[k] if v is not None]) for k in ("class_spread", "logit_change")}
+        for s, row in stages.items()
+    }
     order = list(mean)
     spread = [mean[s]["class_spread"] for s in order]
     change = [mean[s]["logit_change"] for s in order]
@@ -118,21 +140,26 @@ def findings(stages: dict) -> list[str]:
     two = all(b > a for a, b in zip(spread, spread[1:]))
     three = change[-1] == min(change)
     nums = ", ".join(f"stage {s} {c:.3g}" for s, c in zip(order, spread))
-    return [f"1. early gates alike for every class (stage {order[0]} has the smallest class spread): "
-            f"{'confirmed' if one else 'NOT confirmed'} here (class spread: {nums})",
-            f"2. deeper gates class-specific (class spread grows with every stage): "
-            f"{'confirmed' if two else 'NOT confirmed'} here",
-            f"3. last-stage gates recalibrate little (stage {order[-1]} moves the logits least at its mean): "
-            f"{'confirmed' if three else 'NOT confirmed'} here (logit change: "
-            + ", ".join(f"stage {s} {c:.3g}" for s, c in zip(order, change)) + ")"]
+    return [
+        f"1. early gates alike for every class (stage {order[0]} has the smallest class spread): "
+        f"{'confirmed' if one else 'NOT confirmed'} here (class spread: {nums})",
+        f"2. deeper gates class-specific (class spread grows with every stage): "
+        f"{'confirmed' if two else 'NOT confirmed'} here",
+        f"3. last-stage gates recalibrate little (stage {order[-1]} moves the logits least at its mean): "
+        f"{'confirmed' if three else 'NOT confirmed'} here (logit change: "
+        + ", ".join(f"stage {s} {c:.3g}" for s, c in zip(order, change))
+        + ")",
+    ]
 
 
 def print_phase(console, name: str, runs: list[dict]) -> None:
     from rich.table import Table
 
     stages = stage_rows(runs)
-    table = Table(title=f"{name}: the gates per stage (mean ± std over {len(runs)} seeds of the per-stage mean)",
-                  title_justify="left")
+    table = Table(
+        title=f"{name}: the gates per stage (mean ± std over {len(runs)} seeds of the per-stage mean)",
+        title_justify="left",
+    )
     for col in ("stage", "gates", *STATS):
         table.add_column(col, justify="right")
     gates = {s: sum(b["stage"] == s for b in runs[0]["blocks"]) for s in stages}
@@ -142,20 +169,39 @@ def print_phase(console, name: str, runs: list[dict]) -> None:
     for line in findings(stages):
         console.print(line)
     folds = Table(title=f"{name}: retrofit fold at each tolerance (mean ± std over seeds)", title_justify="left")
-    for col in ("T", "gates folded (per seed)", "into", "params saved", "MACs saved", "evaluations", "top-1 before",
-                "top-1 after", "Δ top-1", "loss before", "loss after", "latency folded/unfolded [interval] per seed"):
+    for col in (
+        "T",
+        "gates folded (per seed)",
+        "into",
+        "params saved",
+        "MACs saved",
+        "evaluations",
+        "top-1 before",
+        "top-1 after",
+        "Δ top-1",
+        "loss before",
+        "loss after",
+        "latency folded/unfolded [interval] per seed",
+    ):
         folds.add_column(col, justify="right")
     for t in TOLERANCES:
         rs = [r["folds"][t] for r in runs]
         b1, a1 = [r["before"]["top1"] for r in rs], [r["after"]["top1"] for r in rs]
         into = sorted({k for r in rs for k in r["into"]})
-        folds.add_row(f"{t:g}", f"{'/'.join(str(r['folded']) for r in rs)} of {rs[0]['of']}", ",".join(into) or "-",
-                      f"{ms([r['params'] for r in rs], '{:.0f}')} of {rs[0]['added_params']:,}",
-                      f"{ms([r['macs'] for r in rs], '{:.0f}')} of {rs[0]['added_macs']:,}",
-                      "/".join(str(r["evaluations"]) for r in rs), ms(b1, "{:.2f}"), ms(a1, "{:.2f}"),
-                      ms([a - b for a, b in zip(a1, b1)], "{:+.2f}"),
-                      ms([r["before"]["val_loss"] for r in rs]), ms([r["after"]["val_loss"] for r in rs]),
-                      " ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, lo, hi in (r["latency"] for r in rs)))
+        folds.add_row(
+            f"{t:g}",
+            f"{'/'.join(str(r['folded']) for r in rs)} of {rs[0]['of']}",
+            ",".join(into) or "-",
+            f"{ms([r['params'] for r in rs], '{:.0f}')} of {rs[0]['added_params']:,}",
+            f"{ms([r['macs'] for r in rs], '{:.0f}')} of {rs[0]['added_macs']:,}",
+            "/".join(str(r["evaluations"]) for r in rs),
+            ms(b1, "{:.2f}"),
+            ms(a1, "{:.2f}"),
+            ms([a - b for a, b in zip(a1, b1)], "{:+.2f}"),
+            ms([r["before"]["val_loss"] for r in rs]),
+            ms([r["after"]["val_loss"] for r in rs]),
+            " ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, lo, hi in (r["latency"] for r in rs)),
+        )
     console.print(folds)
 
 
@@ -193,15 +239,19 @@ def main() -> None:
             phases["after phase 1"].append(measure(one, folders[seed], args.size))
             phases["after phase 2"].append(measure(two, folders[seed], args.size))
             console.print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)")
-    console.print(f"{args.model}, digits 0-4 -> 5-9, {args.shots} images per class, {len(seeds)} seeds; SE standard, "
-                  f"r 16, preserving init; phase 1 {args.epochs} epochs at lr {args.lr:g}, phase 2 "
-                  f"{args.phase2_epochs} "
-                  f"epochs at lr {args.lr / 10:g}; batch {args.batch_size}, no augmentation; "
-                  f"{phases['after phase 1'][0]['images']} val images")
+    console.print(
+        f"{args.model}, digits 0-4 -> 5-9, {args.shots} images per class, {len(seeds)} seeds; SE standard, "
+        f"r 16, preserving init; phase 1 {args.epochs} epochs at lr {args.lr:g}, phase 2 "
+        f"{args.phase2_epochs} "
+        f"epochs at lr {args.lr / 10:g}; batch {args.batch_size}, no augmentation; "
+        f"{phases['after phase 1'][0]['images']} val images"
+    )
     for name, runs in phases.items():
         print_phase(console, name, runs)
-    console.print(f"{datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} CPU(s), torch "
-                  f"{torch.__version__}, timm {timm.__version__}, 2 threads; {time.perf_counter() - t0:.0f} s in all")
+    console.print(
+        f"{datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} CPU(s), torch "
+        f"{torch.__version__}, timm {timm.__version__}, 2 threads; {time.perf_counter() - t0:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ kept, then writes a Markdown page: the script, the command as run, the date (UTC
 on (CPU model, cores, load average at the start, Python, torch and timm versions), and the output verbatim.
 A page is never edited by hand: run the command in its header again to renew it.
 """
+
 import contextlib
 import datetime
 import io
@@ -42,17 +43,21 @@ def machine() -> str:
     import torch  # deferred: as above
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}, {platform.system()}); load average at the "
-            f"start {load}; Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-            f"{torch.get_num_threads()} torch threads")
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores ({platform.machine()}, {platform.system()}); load average at the "
+        f"start {load}; Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
 
 
 def header(title: str, script: str, argv: list[str], started: datetime.datetime, where: str) -> str:
     command = shlex.join(["python", f"benchmarks/{Path(script).name}", *argv])
-    return (f"# {title}\n\n"
-            f"- script: `benchmarks/{Path(script).name}`\n- command: `{command}`\n"
-            f"- date: {started:%Y-%m-%d %H:%M} UTC\n- machine: {where}\n\n"
-            f"Written by the script itself (`--page`); what it printed, verbatim:\n\n")
+    return (
+        f"# {title}\n\n"
+        f"- script: `benchmarks/{Path(script).name}`\n- command: `{command}`\n"
+        f"- date: {started:%Y-%m-%d %H:%M} UTC\n- machine: {where}\n\n"
+        f"Written by the script itself (`--page`); what it printed, verbatim:\n\n"
+    )
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ Printed:
 
 Run: ``python benchmarks/phase1_speed.py`` (``--model``, ``--size``, ``--batch``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,29 +98,59 @@ def main() -> None:
     del built
     mem = {}
     for arm in ARMS:
-        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--size", str(args.size),
-                              "--batch", str(args.batch), "--classes", str(args.classes), "--steps", str(args.steps),
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--arm",
+                arm,
+                "--model",
+                args.model,
+                "--size",
+                str(args.size),
+                "--batch",
+                str(args.batch),
+                "--classes",
+                str(args.classes),
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         mem[arm] = json.loads(out.stdout.strip().splitlines()[-1])
-    mib = 2 ** 20
-    print(f"{args.model}, batch {args.batch} x 3 x {args.size} x {args.size}, {args.threads} threads, AdamW; "
-          f"phase1 = retrofitted (standard, r 16), SE blocks only, norms frozen; full = plain model, everything")
+    mib = 2**20
+    print(
+        f"{args.model}, batch {args.batch} x 3 x {args.size} x {args.size}, {args.threads} threads, AdamW; "
+        f"phase1 = retrofitted (standard, r 16), SE blocks only, norms frozen; full = plain model, everything"
+    )
     for arm in ARMS:
-        print(f"  {arm:6s}: {ips[arm]:7.1f} images/s (median of {args.runs} rounds of {args.steps} steps; "
-              f"min {args.steps * args.batch / max(times[arm]):.1f}, max "
-              f"{args.steps * args.batch / min(times[arm]):.1f})")
+        print(
+            f"  {arm:6s}: {ips[arm]:7.1f} images/s (median of {args.runs} rounds of {args.steps} steps; "
+            f"min {args.steps * args.batch / max(times[arm]):.1f}, max "
+            f"{args.steps * args.batch / min(times[arm]):.1f})"
+        )
     ratio = ips["phase1"] / ips["full"]
-    print(f"phase-1 images/s / full fine-tune images/s: {ratio:.2f} ({'meets' if ratio >= 1.3 else 'MISSES'} "
-          f"target >= 1.3)")
+    print(
+        f"phase-1 images/s / full fine-tune images/s: {ratio:.2f} ({'meets' if ratio >= 1.3 else 'MISSES'} "
+        f"target >= 1.3)"
+    )
     grow = {arm: mem[arm]["peak"] - mem[arm]["before"] for arm in ARMS}
     for arm in ARMS:
-        print(f"  {arm:6s}: peak RSS while training {mem[arm]['peak'] / mib:.0f} MiB, {grow[arm] / mib:.0f} MiB above "
-              f"the RSS before the steps (own process; peak reset first: {mem[arm]['reset']})")
+        print(
+            f"  {arm:6s}: peak RSS while training {mem[arm]['peak'] / mib:.0f} MiB, {grow[arm] / mib:.0f} MiB above "
+            f"the RSS before the steps (own process; peak reset first: {mem[arm]['reset']})"
+        )
     print(f"phase-1 training memory / full fine-tune training memory: {grow['phase1'] / grow['full']:.2f}")
     for arm in ARMS:
         k = kept[arm]
-        print(f"  {arm:6s}: kept per step: saved for backward {k['saved_for_backward'] / mib:.1f} MiB, gradients "
-              f"{k['gradients'] / mib:.1f} MiB, optimizer state {k['optimizer_state'] / mib:.1f} MiB")
+        print(
+            f"  {arm:6s}: kept per step: saved for backward {k['saved_for_backward'] / mib:.1f} MiB, gradients "
+            f"{k['gradients'] / mib:.1f} MiB, optimizer state {k['optimizer_state'] / mib:.1f} MiB"
+        )
     total = {arm: sum(kept[arm].values()) for arm in ARMS}
     print(f"kept per step, phase 1 / full: {total['phase1'] / total['full']:.2f}")
 

@@ -9,6 +9,7 @@ Targets: retrofit / seresnet50 <= 1.02. Last, the timer's sanity: twice the work
 
 Run: python benchmarks/se_latency.py [--runs N] [--threads T]
 """
+
 import argparse
 from unittest import mock
 
@@ -41,12 +42,16 @@ def main(runs: int) -> None:
         close = torch.allclose(fused(x), native(x), rtol=1e-5, atol=1e-5)
     timing = measure_latency(models, batch=8, input_size=(3, 224, 224), runs=runs)
     ref, plain = "seresnet50 (timm)", "resnet50 (plain)"
-    print(f"forward latency, batch 8, 224x224, CPU, {torch.get_num_threads()} threads, median of {runs} rounds "
-          f"in turns; fused == unfused outputs: {same}; fused ~ seresnet50 (1e-5): {close}")
+    print(
+        f"forward latency, batch 8, 224x224, CPU, {torch.get_num_threads()} threads, median of {runs} rounds "
+        f"in turns; fused == unfused outputs: {same}; fused ~ seresnet50 (1e-5): {close}"
+    )
     print(f"  {'model':32s} {'median ms':>10s} {'/ seresnet50':>13s} {'/ resnet50':>11s}")
     for name in models:
-        print(f"  {name:32s} {timing.median(name) * 1e3:10.1f} {timing.ratio(name, ref):13.3f} "
-              f"{timing.ratio(name, plain):11.3f}")
+        print(
+            f"  {name:32s} {timing.median(name) * 1e3:10.1f} {timing.ratio(name, ref):13.3f} "
+            f"{timing.ratio(name, plain):11.3f}"
+        )
     print("  target: retrofit / seresnet50 <= 1.02")
     twice_the_work()
 
@@ -54,13 +59,16 @@ def main(runs: int) -> None:
 def twice_the_work(runs: int = 15) -> None:
     """The timer's sanity on this machine: a conv stack and the same stack with one more conv (about
     twice the multiply-adds) should time about 2x (the unit tests check the bookkeeping on a fake clock)."""
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(64, 64, 3, padding=1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1)
+    )
     twice = torch.nn.Sequential(net, torch.nn.ReLU(), *list(net.children())[1:])
     timing = measure_latency({"one": net, "two": twice}, batch=2, input_size=(3, 48, 48), runs=runs, warmup=2)
     ratio = timing.ratio("two", "one")
-    print(f"timer sanity: one more conv of the same size, ratio {ratio:.2f} (about 2 expected; "
-          f"{'ok' if 1.3 < ratio < 4 else 'the machine is too noisy for timings now'})")
+    print(
+        f"timer sanity: one more conv of the same size, ratio {ratio:.2f} (about 2 expected; "
+        f"{'ok' if 1.3 < ratio < 4 else 'the machine is too noisy for timings now'})"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ microseconds (timeit), for a resnet50 bottleneck and a Swin block.
 
 Run: python benchmarks/specialise_check.py [--runs N] [--threads T] [--page docs/benchmarks/specialise-check.md]
 """
+
 import argparse
 import copy
 import sys
@@ -40,15 +41,19 @@ def unchecked(model: torch.nn.Module) -> torch.nn.Module:
 def main(runs: int) -> None:
     torch.manual_seed(0)
     cases = {"resnet50": (3, 64, 64), "swin_tiny_patch4_window7_224": (3, 224, 224)}
-    print(f"forward latency with the attribute check / without it, batch 1, CPU, {torch.get_num_threads()} threads, "
-          f"median of {runs} per-round ratios in turns")
+    print(
+        f"forward latency with the attribute check / without it, batch 1, CPU, {torch.get_num_threads()} threads, "
+        f"median of {runs} per-round ratios in turns"
+    )
     for name, size in cases.items():
         se = retrofit.add_se(timm.create_model(name)).eval()
         rewritten = [m for m in se.modules() if installed(m) is not None]
         arms = {"checked": se, "unchecked": unchecked(se), "checked, a copy": copy.deepcopy(se)}
         timing = measure_latency(arms, batch=1, input_size=size, runs=runs)
-        print(f"  {name} ({len(rewritten)} rewritten forwards): checked {timing.median('checked') * 1e3:.2f} ms, "
-              f"unchecked {timing.median('unchecked') * 1e3:.2f} ms")
+        print(
+            f"  {name} ({len(rewritten)} rewritten forwards): checked {timing.median('checked') * 1e3:.2f} ms, "
+            f"unchecked {timing.median('unchecked') * 1e3:.2f} ms"
+        )
         for arm in ("checked", "checked, a copy"):
             low, high, _ = timing.interval(arm, "unchecked")
             print(f"    {arm:16s} / unchecked {timing.ratio(arm, 'unchecked'):.4f} [95% {low:.4f}, {high:.4f}]")

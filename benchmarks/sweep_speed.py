@@ -7,6 +7,7 @@
 
 Run: python benchmarks/sweep_speed.py [--runs N] [--page docs/benchmarks/sweep-speed.md]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -26,8 +27,7 @@ def in_process(runs: int) -> None:
 
     retrofit.sweep(timm.create_model("resnet18"), r=[4], position=["standard"])  # first-call costs
     retrofit.add_se(timm.create_model("resnet18"))
-    jobs = {"add_se": lambda m: retrofit.add_se(m),
-            "sweep 5x5": lambda m: retrofit.sweep(m, r=R, position=POSITIONS)}
+    jobs = {"add_se": lambda m: retrofit.add_se(m), "sweep 5x5": lambda m: retrofit.sweep(m, r=R, position=POSITIONS)}
     samples = interleaved(jobs, runs, setup=lambda _: timm.create_model("resnet50"))
     ratio = med(samples["sweep 5x5"]) / med(samples["add_se"])
     print("1. in one process, resnet50: retrofit.sweep (25 combinations) / retrofit.add_se")
@@ -37,15 +37,19 @@ def in_process(runs: int) -> None:
 
 
 def whole_process(runs: int) -> None:
-    cmds = {"add-se": RETROFIT + ["add-se", "resnet50"],
-            "sweep 5x5": RETROFIT + ["sweep", "resnet50", "--r", R, "--position", POSITIONS]}
+    cmds = {
+        "add-se": RETROFIT + ["add-se", "resnet50"],
+        "sweep 5x5": RETROFIT + ["sweep", "resnet50", "--r", R, "--position", POSITIONS],
+    }
     times, cpu, _ = processes(cmds, runs)
     ratio = med(times["sweep 5x5"]) / med(times["add-se"])
     print("2. whole processes: retrofit sweep resnet50 (5 x 5) / retrofit add-se resnet50")
     for name, xs in times.items():
         print(f"   {name:10s} wall {spread(xs)}, CPU median {med(cpu[name]):.3f} s")
-    print(f"   ratio of wall times {ratio:.3f}  ({verdict(ratio, 3)}); ratio of CPU times "
-          f"{med(cpu['sweep 5x5']) / med(cpu['add-se']):.3f}")
+    print(
+        f"   ratio of wall times {ratio:.3f}  ({verdict(ratio, 3)}); ratio of CPU times "
+        f"{med(cpu['sweep 5x5']) / med(cpu['add-se']):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 
 Run: python benchmarks/tool_speed.py [--runs N]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -27,13 +28,19 @@ def whole_process(runs: int) -> None:
     }
     times, cpu, peak = processes(cmds, runs)
     ratio = med(times["add-se"]) / med(times["create"])
-    print("1. whole process, retrofit add-se resnet101 --r 16 --position post / python -c "
-          "\"import timm; timm.create_model('resnet101')\"")
+    print(
+        "1. whole process, retrofit add-se resnet101 --r 16 --position post / python -c "
+        "\"import timm; timm.create_model('resnet101')\""
+    )
     for name in cmds:
-        print(f"   {name:8s} wall {spread(times[name])}, CPU median {med(cpu[name]):.3f} s, "
-              f"peak memory {peak[name] / 2**20:.0f} MiB")
-    print(f"   ratio of wall times {ratio:.3f}  ({verdict(ratio, 1.25)}); ratio of CPU times "
-          f"{med(cpu['add-se']) / med(cpu['create']):.3f}")
+        print(
+            f"   {name:8s} wall {spread(times[name])}, CPU median {med(cpu[name]):.3f} s, "
+            f"peak memory {peak[name] / 2**20:.0f} MiB"
+        )
+    print(
+        f"   ratio of wall times {ratio:.3f}  ({verdict(ratio, 1.25)}); ratio of CPU times "
+        f"{med(cpu['add-se']) / med(cpu['create']):.3f}"
+    )
 
 
 def growth(runs: int) -> None:
@@ -44,8 +51,14 @@ def growth(runs: int) -> None:
 
     retrofit.add_se(timm.create_model("resnet18"))  # first-call costs out of the way
     for inplace in (False, True):
-        samples = interleaved({name: (lambda m, i=inplace: retrofit.add_se(m, inplace=i, position="post"))
-                               for name in ("resnet50", "resnet152")}, runs, setup=timm.create_model)
+        samples = interleaved(
+            {
+                name: (lambda m, i=inplace: retrofit.add_se(m, inplace=i, position="post"))
+                for name in ("resnet50", "resnet152")
+            },
+            runs,
+            setup=timm.create_model,
+        )
         ratio = med(samples["resnet152"]) / med(samples["resnet50"])
         print(f"2. add_se(model{', inplace=True' if inplace else ''}, position='post'): resnet152 / resnet50")
         for name, xs in samples.items():
@@ -56,8 +69,10 @@ def growth(runs: int) -> None:
     print("3. analysis (trace, meta shapes with multiply-adds, sites) of one model")
     for name, xs in samples.items():
         print(f"   {name:9s} {spread(xs)}")
-    print(f"   resnet152 / resnet50 {med(samples['resnet152']) / med(samples['resnet50']):.3f} "
-          f"(3.1x the blocks); hrnet_w18 / resnet50 {med(samples['hrnet_w18']) / med(samples['resnet50']):.3f}")
+    print(
+        f"   resnet152 / resnet50 {med(samples['resnet152']) / med(samples['resnet50']):.3f} "
+        f"(3.1x the blocks); hrnet_w18 / resnet50 {med(samples['hrnet_w18']) / med(samples['resnet50']):.3f}"
+    )
 
 
 def against_create(runs: int) -> None:
@@ -66,10 +81,15 @@ def against_create(runs: int) -> None:
     import retrofit
 
     create = lambda _: timm.create_model("resnet101")  # noqa: E731
-    samples = interleaved({"create_model": create,
-                           "add_se": lambda m: retrofit.add_se(m, position="post"),
-                           "add_se inplace": lambda m: retrofit.add_se(m, inplace=True, position="post")},
-                          runs, setup=lambda name: None if name == "create_model" else timm.create_model("resnet101"))
+    samples = interleaved(
+        {
+            "create_model": create,
+            "add_se": lambda m: retrofit.add_se(m, position="post"),
+            "add_se inplace": lambda m: retrofit.add_se(m, inplace=True, position="post"),
+        },
+        runs,
+        setup=lambda name: None if name == "create_model" else timm.create_model("resnet101"),
+    )
     print("4. add_se(resnet101, position='post') / timm.create_model('resnet101'), in one process")
     for name, xs in samples.items():
         print(f"   {name:14s} {spread(xs)}")

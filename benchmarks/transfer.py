@@ -33,6 +33,7 @@ settings are the tool's defaults plus a learning rate chosen before any arm was 
 Run: ``python benchmarks/transfer.py`` (needs ``pip install -c constraints.txt '.[bench]'``); 2 CPU
 threads; about 12 minutes on a quiet 2-core machine (validation after every epoch is most of it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,12 +106,15 @@ def arms(epochs: int, phase2: int) -> list[tuple[str, str | None, dict, str]]:
     p2 = dict(phase2_epochs=phase2)
     out = [("head only", None, {}, last), ("head + norms", None, dict(train_norms=True), last)]
     out += [(f"head + SE {p}", p, {}, last) for p in POSITIONS]
-    out += [("full fine-tune", None, p2, last2), ("SE standard + phase 2", "standard", p2, last2),
-            ("head + SE standard, distill", "standard", dict(distill=True), last),
-            ("SE standard + phase 2, distill", "standard", dict(distill=True, **p2), last2),
-            ("head + SE standard, smoothing 0.1", "standard", dict(smoothing=0.1), last),
-            ("head + SE standard, mixup 0.2", "standard", dict(mixup=0.2), last),
-            ("head + SE standard, EMA 0.99", "standard", dict(ema_decay=0.99), f"{last} (ema)")]
+    out += [
+        ("full fine-tune", None, p2, last2),
+        ("SE standard + phase 2", "standard", p2, last2),
+        ("head + SE standard, distill", "standard", dict(distill=True), last),
+        ("SE standard + phase 2, distill", "standard", dict(distill=True, **p2), last2),
+        ("head + SE standard, smoothing 0.1", "standard", dict(smoothing=0.1), last),
+        ("head + SE standard, mixup 0.2", "standard", dict(mixup=0.2), last),
+        ("head + SE standard, EMA 0.99", "standard", dict(ema_decay=0.99), f"{last} (ema)"),
+    ]
     return out
 
 
@@ -143,9 +147,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--only", default=None, help="arm names separated by ; (default: all)")
-    ap.add_argument("--prepare", type=Path, default=None,
-                    help="only write the data (DIR/seed<k>/, DIR/val/) and the pretrained model "
-                         "(DIR/pretrained.safetensors) into the new folder DIR, for `retrofit sweep --data`")
+    ap.add_argument(
+        "--prepare",
+        type=Path,
+        default=None,
+        help="only write the data (DIR/seed<k>/, DIR/val/) and the pretrained model "
+        "(DIR/pretrained.safetensors) into the new folder DIR, for `retrofit sweep --data`",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     console = Console(width=200)
@@ -163,8 +171,9 @@ def main() -> None:
         torch.manual_seed(0)
         plain = timm.create_model(args.model, num_classes=10)
         pre_top1 = pretrain_on(plain, root / "pretrain", size, args.pretrain_epochs)
-        console.print(f"pretrained {args.model} on digits 0-4: val top-1 {pre_top1:.2f}% "
-                      f"({time.perf_counter() - t0:.0f} s)")
+        console.print(
+            f"pretrained {args.model} on digits 0-4: val top-1 {pre_top1:.2f}% ({time.perf_counter() - t0:.0f} s)"
+        )
         if args.prepare is not None:
             from safetensors.torch import save_model
 
@@ -177,10 +186,19 @@ def main() -> None:
                 if position is not None:
                     torch.manual_seed(seed)
                     model = retrofit.add_se(model, position=position, input_size=(3, size, size), inplace=True)
-                result = retrofit.finetune(model, folders[seed], epochs=args.epochs, lr=args.lr,
-                                           batch_size=args.batch_size,
-                                           augment=False, seed=seed, workers=0, input_size=(3, size, size),
-                                           restore_best=False, **{**OFF, **options})
+                result = retrofit.finetune(
+                    model,
+                    folders[seed],
+                    epochs=args.epochs,
+                    lr=args.lr,
+                    batch_size=args.batch_size,
+                    augment=False,
+                    seed=seed,
+                    workers=0,
+                    input_size=(3, size, size),
+                    restore_best=False,
+                    **{**OFF, **options},
+                )
                 results[name].append(result.row(row))
             console.print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)")
     elapsed = time.perf_counter() - t0
@@ -188,23 +206,32 @@ def main() -> None:
     def top1(name):
         return [r["top1"] for r in results[name]]
 
-    title = (f"{args.model}, digits 0-4 -> 5-9, {args.shots} images per class, {len(seeds)} seeds, val "
-             f"{results[chosen[0][0]][0]['val_images']} images; phase 1 {args.epochs} epochs at lr {args.lr:g}, "
-             f"phase 2 {args.phase2_epochs} epochs at lr {args.lr / 10:g}; batch {args.batch_size}, no augmentation")
+    title = (
+        f"{args.model}, digits 0-4 -> 5-9, {args.shots} images per class, {len(seeds)} seeds, val "
+        f"{results[chosen[0][0]][0]['val_images']} images; phase 1 {args.epochs} epochs at lr {args.lr:g}, "
+        f"phase 2 {args.phase2_epochs} epochs at lr {args.lr / 10:g}; batch {args.batch_size}, no augmentation"
+    )
     table = Table(title=title, title_justify="left")
     for col in ("arm", "top-1 % (mean ± std)", "val loss", "Δ vs head only [95% CI]", "Δ vs full fine-tune [95% CI]"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     for name, *_ in chosen:
         t1, loss = np.array(top1(name)), np.array([r["val_loss"] for r in results[name]])
-        deltas = [interval(list(t1 - np.array(top1(c)))) if c in results and c != name else ""
-                  for c in ("head only", "full fine-tune")]
-        table.add_row(name, f"{t1.mean():.2f} ± {t1.std(ddof=1) if len(t1) > 1 else 0:.2f}",
-                      f"{loss.mean():.4f} ± {loss.std(ddof=1) if len(loss) > 1 else 0:.4f}", *deltas)
+        deltas = [
+            interval(list(t1 - np.array(top1(c)))) if c in results and c != name else ""
+            for c in ("head only", "full fine-tune")
+        ]
+        table.add_row(
+            name,
+            f"{t1.mean():.2f} ± {t1.std(ddof=1) if len(t1) > 1 else 0:.2f}",
+            f"{loss.mean():.4f} ± {loss.std(ddof=1) if len(loss) > 1 else 0:.4f}",
+            *deltas,
+        )
     console.print(table)
     base = "head + SE standard"
     if base in results:
-        effects = Table(title=f"Each option against {base} without it (paired over seeds, 95% CI)",
-                        title_justify="left")
+        effects = Table(
+            title=f"Each option against {base} without it (paired over seeds, 95% CI)", title_justify="left"
+        )
         effects.add_column("option", justify="left")
         effects.add_column("Δ top-1", justify="right")
         for name in results:
@@ -213,9 +240,11 @@ def main() -> None:
                 if ref in results:
                     effects.add_row(f"{name} vs {ref}", interval(list(np.array(top1(name)) - np.array(top1(ref)))))
         console.print(effects)
-    console.print(f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.processor() or ''} "
-                  f"{os.cpu_count()} CPU(s), torch {torch.__version__}, timm {timm.__version__}, 2 threads; "
-                  f"{elapsed:.0f} s in all")
+    console.print(
+        f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.processor() or ''} "
+        f"{os.cpu_count()} CPU(s), torch {torch.__version__}, timm {timm.__version__}, 2 threads; "
+        f"{elapsed:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Run: ``python benchmarks/tune.py`` (needs ``pip install -c constraints.txt -e '.
 threads. Settings chosen before the run and not changed after: phase 1 10 epochs at lr 0.01, batch 10,
 no augmentation, the fine-tune's defaults otherwise (label smoothing 0.1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,9 @@ def seeds_of(plain, data, recipe, train, epochs, size, seeds=(0, 1, 2)):
         model = copy.deepcopy(plain)
         torch.manual_seed(seed)
         model = retrofit.add_se(model, recipe, input_size=(3, size, size), inplace=True)
-        result = retrofit.finetune(model, data, epochs=epochs, seed=seed, input_size=(3, size, size),
-                                   restore_best=False,
-                                   **train)
+        result = retrofit.finetune(
+            model, data, epochs=epochs, seed=seed, input_size=(3, size, size), restore_best=False, **train
+        )
         out.append(result.rows[-1]["top1"])
     return out
 
@@ -73,41 +74,71 @@ def grid_against_tune(plain, data, train, epochs, size, tmp: Path, console, say)
     import retrofit
 
     t0 = time.perf_counter()
-    rows = retrofit.sweep(plain, r=[4, 16], position=POSITIONS, stages=["all", "4+5", "5"], input_size=(3, size, size),
-                          data=data, epochs=epochs, seeds=[SEARCH_SEED], **train)
+    rows = retrofit.sweep(
+        plain,
+        r=[4, 16],
+        position=POSITIONS,
+        stages=["all", "4+5", "5"],
+        input_size=(3, size, size),
+        data=data,
+        epochs=epochs,
+        seeds=[SEARCH_SEED],
+        **train,
+    )
     grid_time = time.perf_counter() - t0
     trained = [r for r in rows if r.arm == "se" and r.top1 is not None]
     grid_epochs = epochs * len(trained)
     best = max(trained, key=lambda r: (r.top1, -r.params))
-    console.print(f"(a) grid: {len(trained)} recipes trained ({sum(r.arm == 'se' for r in rows) - len(trained)} "
-                  f"without a site), {grid_epochs} training epochs, {grid_time:.0f} s; best on seed {SEARCH_SEED}: "
-                  f"{best.position} r={best.r_label} stages {best.stages_label}, top-1 {best.top1:.2f}%")
+    console.print(
+        f"(a) grid: {len(trained)} recipes trained ({sum(r.arm == 'se' for r in rows) - len(trained)} "
+        f"without a site), {grid_epochs} training epochs, {grid_time:.0f} s; best on seed {SEARCH_SEED}: "
+        f"{best.position} r={best.r_label} stages {best.stages_label}, top-1 {best.top1:.2f}%"
+    )
     t0 = time.perf_counter()
-    result = retrofit.tune(plain, data, {"position": POSITIONS, "r": [4, 16], "stages": ["all", "4+5", "5"]},
-                           budget=grid_epochs // 3, epochs=epochs, input_size=(3, size, size), search_seed=SEARCH_SEED,
-                           finalists=3, seeds=3, output_dir=tmp / "tune-a", on_event=lambda e: say(e.message), **train)
+    result = retrofit.tune(
+        plain,
+        data,
+        {"position": POSITIONS, "r": [4, 16], "stages": ["all", "4+5", "5"]},
+        budget=grid_epochs // 3,
+        epochs=epochs,
+        input_size=(3, size, size),
+        search_seed=SEARCH_SEED,
+        finalists=3,
+        seeds=3,
+        output_dir=tmp / "tune-a",
+        on_event=lambda e: say(e.message),
+        **train,
+    )
     tune_time = time.perf_counter() - t0
     search = [t for t in result.trials if t["state"] in ("complete", "pruned")]
     top = max((t for t in result.trials if t["state"] == "complete"), key=lambda t: t["top1"])
     console.print(f"(a) tune: {result.summary['line']}; {tune_time:.0f} s with its finish")
-    console.print(f"(a) tune best on seed {SEARCH_SEED}: trial {top['number']} {top['label']}, top-1 "
-                  f"{top['top1']:.2f}%; "
-                  f"search epochs {result.summary['epochs']} of the grid's {grid_epochs}: ratio "
-                  f"{result.summary['epochs'] / grid_epochs:.3f} (goal <= 0.333); {len(search)} recipes searched")
-    grid_seeds = seeds_of(plain, data, retrofit.Recipe(position=best.position, r=best.r, stages=best.stages), train,
-                          epochs, size)
+    console.print(
+        f"(a) tune best on seed {SEARCH_SEED}: trial {top['number']} {top['label']}, top-1 "
+        f"{top['top1']:.2f}%; "
+        f"search epochs {result.summary['epochs']} of the grid's {grid_epochs}: ratio "
+        f"{result.summary['epochs'] / grid_epochs:.3f} (goal <= 0.333); {len(search)} recipes searched"
+    )
+    grid_seeds = seeds_of(
+        plain, data, retrofit.Recipe(position=best.position, r=best.r, stages=best.stages), train, epochs, size
+    )
     gm, gs = statistics.fmean(grid_seeds), statistics.stdev(grid_seeds)
     win = next((r for r in result.rows if r.arm == "se" and r.recipe == result.best), None)
-    console.print(f"(a) grid's best over seeds 0-2: {gm:.2f} ± {gs:.2f}% (per seed "
-                  f"{', '.join(f'{x:.2f}' for x in grid_seeds)})")
+    console.print(
+        f"(a) grid's best over seeds 0-2: {gm:.2f} ± {gs:.2f}% (per seed {', '.join(f'{x:.2f}' for x in grid_seeds)})"
+    )
     if win is not None:
         within = win.top1 >= gm - gs
-        console.print(f"(a) tune's best over seeds 0-2 (its finish): trial {win.trial} {win.position} r={win.r_label} "
-                      f"stages {win.stages_label}: {win.top1:.2f} ± {win.top1_std:.2f}%; within the grid's spread "
-                      f"(>= {gm - gs:.2f}): {within}")
+        console.print(
+            f"(a) tune's best over seeds 0-2 (its finish): trial {win.trial} {win.position} r={win.r_label} "
+            f"stages {win.stages_label}: {win.top1:.2f} ± {win.top1_std:.2f}%; within the grid's spread "
+            f"(>= {gm - gs:.2f}): {within}"
+        )
     ratio_ok = result.summary["epochs"] <= grid_epochs / 3
-    console.print(f"(a) goal: epochs <= 1/3 of the grid's: {ratio_ok}; best within the grid's spread: "
-                  f"{win is not None and win.top1 >= gm - gs}")
+    console.print(
+        f"(a) goal: epochs <= 1/3 of the grid's: {ratio_ok}; best within the grid's spread: "
+        f"{win is not None and win.top1 >= gm - gs}"
+    )
     return dict(result=result)
 
 
@@ -116,9 +147,20 @@ def per_stage(plain, data, train, epochs, size, tmp: Path, console, say):
     from retrofit.cli.sweep import sweep_table
 
     t0 = time.perf_counter()
-    result = retrofit.tune(plain, data, {"r": ["off", 4, 8, 16, 32], "per_stage": True}, budget=30 * epochs,
-                           epochs=epochs, input_size=(3, size, size), search_seed=SEARCH_SEED, finalists=3, seeds=3,
-                           output_dir=tmp / "tune-b", on_event=lambda e: say(e.message), **train)
+    result = retrofit.tune(
+        plain,
+        data,
+        {"r": ["off", 4, 8, 16, 32], "per_stage": True},
+        budget=30 * epochs,
+        epochs=epochs,
+        input_size=(3, size, size),
+        search_seed=SEARCH_SEED,
+        finalists=3,
+        seeds=3,
+        output_dir=tmp / "tune-b",
+        on_event=lambda e: say(e.message),
+        **train,
+    )
     console.print(f"(b) per-stage search: {result.summary['line']}; {time.perf_counter() - t0:.0f} s with its finish")
     top = max((t for t in result.trials if t["state"] == "complete"), key=lambda t: t["top1"])
     console.print(f"(b) best on the search seed: trial {top['number']} {top['label']}, top-1 {top['top1']:.2f}%")
@@ -146,8 +188,10 @@ def main() -> None:
             per_stage(plain, data, train, args.epochs, size, Path(tmp), console, err.print)
     import timm
 
-    console.print(f"{datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} CPU(s), torch "
-                  f"{torch.__version__}, timm {timm.__version__}, 2 threads; {time.perf_counter() - t0:.0f} s in all")
+    console.print(
+        f"{datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} CPU(s), torch "
+        f"{torch.__version__}, timm {timm.__version__}, 2 threads; {time.perf_counter() - t0:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ search seed.
 Run: ``python benchmarks/tune_workers.py`` (needs ``pip install -c constraints.txt -e '.[test]'`` and
 PostgreSQL's ``initdb``, or ``--storage URL``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,43 @@ sys.path.insert(0, str(ROOT / "tests"))  # the suite's toy data and throwaway se
 
 
 def command(data: Path, out: Path, trials: int, epochs: int, storage: str | None, study: str) -> list[str]:
-    return [sys.executable, "-m", "retrofit", "tune", "test_resnet", "--num-classes", "3", "--input-size", "3,32,32",
-            "--data", str(data), "-r", "off,4,8,16", "--per-stage", "--position", "identity,post", "--epochs",
-            str(epochs), "--trials", str(trials), "--pruner", "none", "--finalists", "0", "-b", "8", "--lr", "1e-2",
-            "-j", "0", "-o", str(out), "--study", study, *(["--storage", storage] if storage else [])]
+    return [
+        sys.executable,
+        "-m",
+        "retrofit",
+        "tune",
+        "test_resnet",
+        "--num-classes",
+        "3",
+        "--input-size",
+        "3,32,32",
+        "--data",
+        str(data),
+        "-r",
+        "off,4,8,16",
+        "--per-stage",
+        "--position",
+        "identity,post",
+        "--epochs",
+        str(epochs),
+        "--trials",
+        str(trials),
+        "--pruner",
+        "none",
+        "--finalists",
+        "0",
+        "-b",
+        "8",
+        "--lr",
+        "1e-2",
+        "-j",
+        "0",
+        "-o",
+        str(out),
+        "--study",
+        study,
+        *(["--storage", storage] if storage else []),
+    ]
 
 
 def run(data: Path, root: Path, workers: int, trials: int, epochs: int, storage: str | None) -> dict:
@@ -55,8 +89,16 @@ def run(data: Path, root: Path, workers: int, trials: int, epochs: int, storage:
     outs = [root / (f"w{i}" if storage else "shared") for i in range(workers)]
     study = f"bench-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()
-    procs = [subprocess.Popen(command(data, out, trials, epochs, storage, study), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for out in outs]
+    procs = [
+        subprocess.Popen(
+            command(data, out, trials, epochs, storage, study),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outs
+    ]
     errors = [p.communicate()[1] for p in procs]
     wall = time.perf_counter() - start
     for p, err in zip(procs, errors):
@@ -73,9 +115,11 @@ def machine(server_version: str) -> str:
     import torch
 
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
-    return (f"{datetime.datetime.now().isoformat(timespec='minutes')}, {platform.machine()} "
-            f"{platform.processor() or ''} {os.cpu_count()} CPU(s), load average {load} at the end, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, optuna {optuna.__version__}, {server_version}")
+    return (
+        f"{datetime.datetime.now().isoformat(timespec='minutes')}, {platform.machine()} "
+        f"{platform.processor() or ''} {os.cpu_count()} CPU(s), load average {load} at the end, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, optuna {optuna.__version__}, {server_version}"
+    )
 
 
 def main() -> None:
@@ -101,17 +145,23 @@ def main() -> None:
             server = Postgres(bindir)
             server.start()
         try:
-            version = subprocess.run([os.path.join(server.bindir, "postgres"), "--version"], capture_output=True,
-                                     text=True).stdout.strip() if server else "PostgreSQL at --storage"
+            version = (
+                subprocess.run(
+                    [os.path.join(server.bindir, "postgres"), "--version"], capture_output=True, text=True
+                ).stdout.strip()
+                if server
+                else "PostgreSQL at --storage"
+            )
             url = server.database() if server else args.storage
             configs = [(store, n) for store in ("postgres", "journal") for n in (1, 2)]
             samples: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
             for r in range(args.rounds):
-                for store, n in configs[r % len(configs):] + configs[:r % len(configs)]:
+                for store, n in configs[r % len(configs) :] + configs[: r % len(configs)]:
                     root = tmp / f"{store}-{n}-{r}"
                     root.mkdir()
-                    samples[(store, n)].append(run(data, root, n, args.trials, args.epochs,
-                                                   url if store == "postgres" else None))
+                    samples[(store, n)].append(
+                        run(data, root, n, args.trials, args.epochs, url if store == "postgres" else None)
+                    )
             report(samples, args, machine(version))
         finally:
             if server is not None:
@@ -120,18 +170,24 @@ def main() -> None:
 
 
 def report(samples: dict, args, state: str) -> None:
-    print(f"retrofit tune, the same study ({args.trials} trials of {args.epochs} epochs, test_resnet 32x32, "
-          f"pruner none) with 1 and 2 worker processes; median of {args.rounds} rounds")
-    print(f"{'store':<10} {'workers':>7} {'wall s':>8} {'trials':>7} {'epochs':>7} {'trials/min':>11} "
-          f"{'epochs/min':>11} {'vs 1 worker':>12}")
+    print(
+        f"retrofit tune, the same study ({args.trials} trials of {args.epochs} epochs, test_resnet 32x32, "
+        f"pruner none) with 1 and 2 worker processes; median of {args.rounds} rounds"
+    )
+    print(
+        f"{'store':<10} {'workers':>7} {'wall s':>8} {'trials':>7} {'epochs':>7} {'trials/min':>11} "
+        f"{'epochs/min':>11} {'vs 1 worker':>12}"
+    )
     base = {}
     for (store, n), runs in samples.items():
         wall = statistics.median(r["wall"] for r in runs)
         trials, epochs = runs[0]["trials"], runs[0]["epochs"]
         per_min = (60 * trials / wall, 60 * epochs / wall)
         base.setdefault(store, per_min)
-        print(f"{store:<10} {n:>7} {wall:>8.1f} {trials:>7} {epochs:>7} {per_min[0]:>11.2f} {per_min[1]:>11.2f} "
-              f"{per_min[1] / base[store][1]:>11.2f}x")
+        print(
+            f"{store:<10} {n:>7} {wall:>8.1f} {trials:>7} {epochs:>7} {per_min[0]:>11.2f} {per_min[1]:>11.2f} "
+            f"{per_min[1] / base[store][1]:>11.2f}x"
+        )
     print(state)
 
 

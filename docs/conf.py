@@ -22,12 +22,7 @@ author = "the retrofit developers"
 copyright = "the retrofit developers, Apache-2.0"
 release = metadata.version("retrofit")
 
-extensions = [
-    "myst_parser",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
-    "retrofit_docs",
-]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "retrofit_docs"]
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"
@@ -53,15 +48,47 @@ napoleon_use_rtype = False
 # be fetched), so references into the standard library and the dependencies cannot resolve: they are
 # named here, by package, instead of being links. A reference into retrofit itself that does not
 # resolve still fails the build.
-_EXTERNAL = "|".join([
-    "torch", "timm", "numpy", "optuna", "PIL", "yaml", "safetensors", "click", "typer", "rich",  # dependencies
-    "typing", "typing_extensions", "collections", "pathlib", "os", "io", "enum", "contextlib", "dataclasses",
-    "concurrent", "threading", "types", "abc", "argparse", "datetime", "fnmatch", "json", "logging", "re",
-    "signal", "socket", "subprocess", "warnings", "functools", "itertools", "builtins",  # the standard library
-])
-nitpick_ignore_regex = [
-    (r"py:.*", rf"({_EXTERNAL})(\..*)?"),
-]
+_EXTERNAL = "|".join(
+    [
+        "torch",
+        "timm",
+        "numpy",
+        "optuna",
+        "PIL",
+        "yaml",
+        "safetensors",
+        "click",
+        "typer",
+        "rich",  # dependencies
+        "typing",
+        "typing_extensions",
+        "collections",
+        "pathlib",
+        "os",
+        "io",
+        "enum",
+        "contextlib",
+        "dataclasses",
+        "concurrent",
+        "threading",
+        "types",
+        "abc",
+        "argparse",
+        "datetime",
+        "fnmatch",
+        "json",
+        "logging",
+        "re",
+        "signal",
+        "socket",
+        "subprocess",
+        "warnings",
+        "functools",
+        "itertools",
+        "builtins",  # the standard library
+    ]
+)
+nitpick_ignore_regex = [(r"py:.*", rf"({_EXTERNAL})(\..*)?")]
 
 
 def setup(app):

@@ -40,6 +40,7 @@ The names below are the public API. Each is imported on first use (PEP 562's mod
 so ``import retrofit`` and ``retrofit --help`` import neither torch nor timm (nor Optuna, which
 ``retrofit.tune`` needs: the optional ``tune`` extra).
 """
+
 from __future__ import annotations
 
 import importlib

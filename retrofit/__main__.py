@@ -1,4 +1,5 @@
 """``python -m retrofit`` and the ``retrofit`` script (pyproject: ``retrofit = "retrofit.__main__:run"``)."""
+
 import sys
 
 

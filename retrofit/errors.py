@@ -5,6 +5,7 @@ Every bad input (unknown model, malformed recipe, impossible position, unreadabl
 prints that line and exits non-zero; Python callers can catch the class. A message that quotes what it
 rejects (a value, a file's metadata, a path) quotes :func:`excerpt` of it: short, escaped, one line.
 """
+
 import os
 import reprlib
 
@@ -64,16 +65,19 @@ def excerpt(value: object, limit: int | None = None, *, bare: bool = False) -> s
         value, bare = os.fspath(value), True
     limit = limit or (2 * EXCERPT if bare else EXCERPT)
     if isinstance(value, bytes):
-        value = value[:4 * limit].decode("utf-8", "replace")
+        value = value[: 4 * limit].decode("utf-8", "replace")
     if isinstance(value, str):
-        text = _escaped(value) if len(value) <= limit else \
-            _escaped(value[:limit // 2]) + "..." + _escaped(value[-(limit - limit // 2 - 3):])
+        text = (
+            _escaped(value)
+            if len(value) <= limit
+            else _escaped(value[: limit // 2]) + "..." + _escaped(value[-(limit - limit // 2 - 3) :])
+        )
         return text if bare else f"'{text}'"
     try:
         text = _escaped(_Short(limit).repr(value))
     except Exception:  # noqa: BLE001 - a value whose own repr fails is still named
         text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _escaped(text: str) -> str:

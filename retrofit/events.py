@@ -34,6 +34,7 @@ This replaces the five callbacks of earlier versions (``on_epoch``, ``on_run``, 
 ``on_line`` and the coverage check's ``on_result``); :func:`legacy` keeps them working for a while, with a
 ``DeprecationWarning`` naming ``on_event``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,12 @@ def legacy(on_event: OnEvent | None, where: str, **old: Callable | None) -> OnEv
         return on_event
     if on_event is not None:
         raise TypeError(f"{where}: give on_event only, not also {', '.join(given)}")
-    warnings.warn(f"{where}({', '.join(f'{n}=...' for n in given)}) is deprecated: pass on_event=fn, called with "
-                  f"each retrofit.Event (see retrofit.events)", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{where}({', '.join(f'{n}=...' for n in given)}) is deprecated: pass on_event=fn, called with "
+        f"each retrofit.Event (see retrofit.events)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
     def call(event: Event) -> Any:
         if event.kind == "epoch" and "on_epoch" in given:
@@ -90,4 +95,5 @@ def legacy(on_event: OnEvent | None, where: str, **old: Callable | None) -> OnEv
             if name in given and event.kind in ("run", "line"):
                 return given[name](event.message)
         return None
+
     return call

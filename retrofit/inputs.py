@@ -17,6 +17,7 @@ file holds, reading it costs bounded time and memory, and a file that breaks a b
 
 No torch here: the command line reads its inputs before importing it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,9 +36,13 @@ MAX_DEPTH = 32  # levels of nesting; a recipe's deepest value (overrides: a list
 MAX_NODES = 100_000  # values in one YAML document: a recipe has tens, an `only:` list of every module a few thousand
 YAML_BYTES = 1 << 20  # a recipe or space file is a few hundred bytes; one listing every module of a large model ~100 KB
 
-_KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "is not a regular file (a FIFO)"),
-          (stat.S_ISCHR, "is not a regular file (a character device)"),
-          (stat.S_ISBLK, "is not a regular file (a block device)"), (stat.S_ISSOCK, "is not a regular file (a socket)"))
+_KINDS = (
+    (stat.S_ISDIR, "is a directory"),
+    (stat.S_ISFIFO, "is not a regular file (a FIFO)"),
+    (stat.S_ISCHR, "is not a regular file (a character device)"),
+    (stat.S_ISBLK, "is not a regular file (a block device)"),
+    (stat.S_ISSOCK, "is not a regular file (a socket)"),
+)
 
 
 def open_regular(path: str | Path, what: str, error: type[RetrofitError] = RetrofitError) -> int:
@@ -130,8 +135,11 @@ class BoundedLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
-            raise OverBound(f"uses an alias (*{excerpt(event.anchor, 40, bare=True)}); aliases are not allowed, "
-                            f"write the value out", event.start_mark)
+            raise OverBound(
+                f"uses an alias (*{excerpt(event.anchor, 40, bare=True)}); aliases are not allowed, "
+                f"write the value out",
+                event.start_mark,
+            )
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise OverBound(f"holds more than {MAX_NODES:,} values", event.start_mark)

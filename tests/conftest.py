@@ -3,6 +3,7 @@
 timm zero-initialises the last norm of each residual branch, which makes a broken insertion look
 function-preserving; every equivalence test therefore runs on randomised weights and norm statistics.
 """
+
 import pytest
 import timm
 import torch

@@ -7,6 +7,7 @@ trusts local connections, skips fsync (a throwaway), and is stopped with `pg_ctl
 session. Each test gets a database of its own. Its fixtures are registered for every test by tests/conftest.py.
 Without initdb the tests that need the server are skipped, reported as one line saying what to install.
 """
+
 import glob
 import os
 import shutil
@@ -50,8 +51,9 @@ class Postgres:
         self.run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
 
     def run(self, tool: str, *args: str) -> None:
-        done = subprocess.run([*self.as_owner, os.path.join(self.bindir, tool), *args], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [*self.as_owner, os.path.join(self.bindir, tool), *args], capture_output=True, text=True, timeout=120
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}")
 

@@ -1,6 +1,7 @@
 """Helpers the tests of several layers share: a tiny ImageFolder and the models trained on it, small
 networks of one's own, the one-error-line check of the CLI, and the runner of the pages' python blocks.
 Fixtures live in conftest.py."""
+
 import os
 import re
 import socket
@@ -38,8 +39,9 @@ def plain_model(seed=0):
 
 def se_model(plain=None, **recipe):
     torch.manual_seed(0)  # fc2's random init draws from the global RNG: the same model in any test order
-    return retrofit.add_se(plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE),
-                           **{"r": 4, **recipe})
+    return retrofit.add_se(
+        plain if plain is not None else plain_model(), input_size=(3, SIZE, SIZE), **{"r": 4, **recipe}
+    )
 
 
 FAST = dict(batch_size=8, lr=1e-2, workers=0)
@@ -153,8 +155,11 @@ def special_files(root, suffix):
     os.mkfifo(root / f"fifo{suffix}")
     (root / f"dir{suffix}").mkdir()
     (root / f"loop{suffix}").symlink_to(f"loop{suffix}")
-    out.update(fifo=(root / f"fifo{suffix}", "is not a regular file (a FIFO)"),
-               dir=(root / f"dir{suffix}", "is a directory"), loop=(root / f"loop{suffix}", "is a symlink loop"))
+    out.update(
+        fifo=(root / f"fifo{suffix}", "is not a regular file (a FIFO)"),
+        dir=(root / f"dir{suffix}", "is a directory"),
+        loop=(root / f"loop{suffix}", "is a symlink loop"),
+    )
     return out
 
 
@@ -173,11 +178,13 @@ def rewrite_header(src, dst, edit):
 
     raw = src.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     text = json.dumps(header).encode()
-    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
     return dst
+
+
 def start_ranks(cmd, n=2, env=None, **kwargs):
     """The ``n`` processes that ``torchrun --nproc_per_node n`` starts for ``cmd``, started as torchrun does
     (its environment contract: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
@@ -185,10 +192,26 @@ def start_ranks(cmd, n=2, env=None, **kwargs):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    return [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, **kwargs) for r in range(n)]
+    base = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+        "WORLD_SIZE": str(n),
+        "LOCAL_WORLD_SIZE": str(n),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    return [
+        subprocess.Popen(
+            cmd,
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
+        for r in range(n)
+    ]
 
 
 def python_blocks(page):

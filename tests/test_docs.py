@@ -30,8 +30,9 @@ STRICT = ["-W", "--keep-going", "-n", "-E", "-q"]
 
 def sphinx_build(source: Path, out: Path) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "sphinx", *STRICT, str(source), str(out)],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "sphinx", *STRICT, str(source), str(out)], capture_output=True, text=True, cwd=ROOT
+    )
     return done, time.perf_counter() - start
 
 
@@ -82,8 +83,9 @@ def test_cli_reference_has_every_command_with_its_help(site):
 def test_a_broken_reference_fails_the_build(tmp_path):
     """The strict build is not made lenient by docs/_ext/retrofit_docs.py, which links references to the
     package's objects: one to an object that does not exist still fails, one that exists does not."""
-    (tmp_path / "conf.py").write_text(f"exec(open({str(DOCS / 'conf.py')!r}).read())\n"
-                                      f"import sys; sys.path.insert(0, {str(DOCS / '_ext')!r})\n")
+    (tmp_path / "conf.py").write_text(
+        f"exec(open({str(DOCS / 'conf.py')!r}).read())\nimport sys; sys.path.insert(0, {str(DOCS / '_ext')!r})\n"
+    )
     good = "{py:func}`retrofit.graph.model.own_input_size` and {py:class}`retrofit.surgery.sites.SiteRefs`"
     (tmp_path / "index.md").write_text(f"# Page\n\n{good}\n")
     done, _ = sphinx_build(tmp_path, tmp_path / "good")
@@ -127,14 +129,20 @@ def detection(namespace):
 
 
 # the pages whose blocks leave results to check beyond their own asserts; each needs at least this many blocks
-CHECKS = {"guides/own-networks.md": (own_networks, 8), "quickstart.md": (quickstart, 2),
-          "guides/detection-segmentation.md": (detection, 1)}
+CHECKS = {
+    "guides/own-networks.md": (own_networks, 8),
+    "quickstart.md": (quickstart, 2),
+    "guides/detection-segmentation.md": (detection, 1),
+}
 # the files a page's blocks read, made before they run (in the page's empty folder)
 FILES = {"quickstart.md": quickstart_files}
 # pages whose blocks a test of their own runs, with the files they read and what they must give
 OWN_TEST = {"guides/python-equivalents.md": "tests/test_python_equivalents.py"}
-PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")
-               if "_build" not in p.parts and python_blocks(p) and p.relative_to(DOCS).as_posix() not in OWN_TEST)
+PAGES = sorted(
+    p.relative_to(DOCS).as_posix()
+    for p in DOCS.rglob("*.md")
+    if "_build" not in p.parts and python_blocks(p) and p.relative_to(DOCS).as_posix() not in OWN_TEST
+)
 
 
 def test_the_pages_with_python_blocks_are_found():
@@ -158,10 +166,13 @@ def test_page_python_blocks_run(page, tmp_path, monkeypatch):
     assert ran >= least, f"{page} lost its examples"
     if check:
         check(namespace)
+
+
 # -- generated pages: docs/reference/options.md made from the one definition of each option (issue 23, item 3) --
 def test_the_options_page_is_up_to_date():
-    assert (ROOT / "docs" / "reference" / "options.md").read_text() == options_doc.page(), \
+    assert (ROOT / "docs" / "reference" / "options.md").read_text() == options_doc.page(), (
         "docs/reference/options.md is stale: run `python tools/options_doc.py`"
+    )
 
 
 def test_recipe_help_is_written_once_and_shown_everywhere():
@@ -201,9 +212,13 @@ def test_the_shown_add_se_run_is_a_fresh_runs_output():
     """The run of the README's main job shown in quickstart.md (whole) and in the README (trimmed) is what
     `retrofit add-se resnet101 --r 16 --position post` prints today, line for line (on the meta device:
     seconds). The README's one line of its own says what it left out."""
-    done = subprocess.run([str(Path(sys.executable).with_name("retrofit")), "add-se", "resnet101", "--r", "16",
-                           "--position", "post"], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "200"})
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("retrofit")), "add-se", "resnet101", "--r", "16", "--position", "post"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert done.returncode == 0, done.stderr
     fresh = [line.rstrip() for line in done.stdout.splitlines()]
     words = " ".join(done.stdout.split())  # the same text, whatever the terminal's width wrapped

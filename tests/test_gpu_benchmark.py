@@ -1,5 +1,6 @@
 """benchmarks/gpu.py, the GPU check, runs on CPU (``--device cpu --small``): every row of its table is
 there with a positive, finite number, and bad input is one error line. No timing is judged here."""
+
 import importlib.util
 import math
 import re
@@ -22,8 +23,12 @@ ROWS = (
     + [f"train, channels_last / contiguous, {arm}" for arm in ARMS]
     + [f"memory, one training round, {arm}, {fmt}" for fmt in FORMATS for arm in ARMS]
     + [f"memory, phase 1 / full fine-tune, {fmt}" for fmt in FORMATS]
-    + [f"latency, {name}, {mode}, {fmt}" for mode in ("eager", "compile") for fmt in FORMATS
-       for name in ("seresnet18", "retrofit")]
+    + [
+        f"latency, {name}, {mode}, {fmt}"
+        for mode in ("eager", "compile")
+        for fmt in FORMATS
+        for name in ("seresnet18", "retrofit")
+    ]
     + [f"latency, retrofit / seresnet18, {mode}, {fmt}" for mode in ("eager", "compile") for fmt in FORMATS]
     + [f"latency, channels_last / contiguous, retrofit, {mode}" for mode in ("eager", "compile")]
     + [f"latency, compile / eager, retrofit, {fmt}" for fmt in FORMATS]
@@ -53,8 +58,14 @@ def problems(output: str) -> list[str]:
             found.append(f"{row}: {got[0]!r} is not a positive finite number")
     found += [f"unexpected row {row!r}" for row in values]
     header = output.splitlines()[0] if output else ""
-    for fact in (f"torch {torch.__version__}", "timm ", "batch 4, 64x64", "float32", "CPU",
-                 re.compile(r"\d{4}-\d\d-\d\d")):
+    for fact in (
+        f"torch {torch.__version__}",
+        "timm ",
+        "batch 4, 64x64",
+        "float32",
+        "CPU",
+        re.compile(r"\d{4}-\d\d-\d\d"),
+    ):
         if not (fact.search(header) if isinstance(fact, re.Pattern) else fact in header):
             found.append(f"header lacks {fact}")
     if not re.search(r"^took \d+\.\d s of a 420 s budget$", output, flags=re.M):
@@ -74,8 +85,9 @@ def test_cpu_small_run_prints_every_row_with_a_positive_finite_number():
     lines = result.stdout.splitlines()
     gone = "\n".join(ln for ln in lines if not ln.startswith("| gloo all_reduce"))
     assert problems(gone) == ["gloo all_reduce 4 MiB, spawned group of 1: 0 rows"]
-    nan = re.sub(r"^(\| latency, retrofit / seresnet18, eager, contiguous \| )[^|]+", r"\1nan ", result.stdout,
-                 flags=re.M)
+    nan = re.sub(
+        r"^(\| latency, retrofit / seresnet18, eager, contiguous \| )[^|]+", r"\1nan ", result.stdout, flags=re.M
+    )
     assert problems(nan) == ["latency, retrofit / seresnet18, eager, contiguous: 'nan' is not a positive finite number"]
     negative = re.sub(r"^(\| memory, whole run's peak \| )[^|]+", r"\1-3.0 ", result.stdout, flags=re.M)
     assert problems(negative) == ["memory, whole run's peak: '-3.0' is not a positive finite number"]
@@ -98,12 +110,16 @@ def script(monkeypatch):
     sys.modules.update(had)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--device", "tpu7"], ["unknown device 'tpu7'"]),
-    (["--device", "meta"], ["runs on cpu or cuda"]),
-    (["--device", "cpu", "--budget-s", "0"], ["--budget-s must be positive"]),
-    (["--device", "cpu", "--batch", "0"], ["--batch must be at least 1"]),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], ["no GPU", "--device cpu --small"])]))
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--device", "tpu7"], ["unknown device 'tpu7'"]),
+        (["--device", "meta"], ["runs on cpu or cuda"]),
+        (["--device", "cpu", "--budget-s", "0"], ["--budget-s must be positive"]),
+        (["--device", "cpu", "--batch", "0"], ["--batch must be at least 1"]),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], ["no GPU", "--device cpu --small"])]),
+)
 def test_bad_input_is_one_error_line(args, words, script, capsys):
     with pytest.raises(SystemExit) as exit:
         script.main(args)

@@ -2,6 +2,7 @@
 `retrofit.errors.excerpt` is what every message quotes of a value it rejects. The bounds are checked at
 their edges (the largest input taken, one more refused), and every error message of the package is
 checked to quote through the excerpt."""
+
 import ast
 import subprocess
 import sys
@@ -16,11 +17,21 @@ from support import billion_laughs, special_files
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("value, shown", [
-    ("layer3.*", "'layer3.*'"), (Path("a\nb.yaml"), "a\\nb.yaml"), ("\x1b[31mred", "'\\x1b[31mred'"),
-    ([1] * 2_000_000, "[1, 1, 1, 1, 1, 1, ...]"), ({"r": 8}, "{'r': 8}"), (3.5, "3.5"), (None, "None"),
-    (10 ** 100_000, "<a whole number of about 100,000 digits>"), (b"abc", "'abc'"),
-], ids=range(9))
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("layer3.*", "'layer3.*'"),
+        (Path("a\nb.yaml"), "a\\nb.yaml"),
+        ("\x1b[31mred", "'\\x1b[31mred'"),
+        ([1] * 2_000_000, "[1, 1, 1, 1, 1, 1, ...]"),
+        ({"r": 8}, "{'r': 8}"),
+        (3.5, "3.5"),
+        (None, "None"),
+        (10**100_000, "<a whole number of about 100,000 digits>"),
+        (b"abc", "'abc'"),
+    ],
+    ids=range(9),
+)
 def test_an_excerpt_is_short_escaped_and_one_line(value, shown):
     assert excerpt(value) == shown
 
@@ -39,7 +50,7 @@ def test_an_excerpt_of_a_value_nested_deeper_than_python_recurses_is_bounded():
         current.append([])
         current = current[0]
     assert excerpt(deep) == "[[[[...]]]]"
-    assert excerpt({"k" * 10_000: list(range(10 ** 6))}).startswith("{'kkk") and len(excerpt({"k" * 10_000: 1})) <= 60
+    assert excerpt({"k" * 10_000: list(range(10**6))}).startswith("{'kkk") and len(excerpt({"k" * 10_000: 1})) <= 60
 
 
 def test_first_line_is_escaped_and_cut():
@@ -56,12 +67,16 @@ def test_json_is_read_to_the_depth_bound_brackets_in_strings_not_counted():
     assert load_json('["\\"' + "{" * 40 + '"]') == ['"' + "{" * 40]
 
 
-@pytest.mark.parametrize("text, words", [
-    ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "nested more than 32 levels deep"),
-    ("[" * 100_000 + "]" * 100_000, "nested more than 32 levels deep"),
-    ("[1", "not valid JSON (Expecting ',' delimiter: line 1 column 3 (char 2))"),
-    ("9" * 5000, "not valid JSON (Exceeds the limit (4300 digits)"),
-], ids=["33-levels", "100000-levels", "broken", "long-number"])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "nested more than 32 levels deep"),
+        ("[" * 100_000 + "]" * 100_000, "nested more than 32 levels deep"),
+        ("[1", "not valid JSON (Expecting ',' delimiter: line 1 column 3 (char 2))"),
+        ("9" * 5000, "not valid JSON (Exceeds the limit (4300 digits)"),
+    ],
+    ids=["33-levels", "100000-levels", "broken", "long-number"],
+)
 def test_json_over_the_bound_or_broken_is_one_short_value_error(text, words):
     with pytest.raises(ValueError) as caught:
         load_json(text)
@@ -87,11 +102,14 @@ def test_yaml_at_and_over_its_bounds():
 
 def test_a_billion_laughs_costs_nothing_under_a_memory_cap():
     """Nine levels of aliases (10^9 strings once expanded): refused in a child process limited to 1 GiB."""
-    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); import sys\n"
-            "from retrofit.inputs import load_yaml\n"
-            "try: load_yaml(sys.argv[1])\nexcept ValueError as err: print(err)")
-    run = subprocess.run([sys.executable, "-c", code, billion_laughs("only", 9)], capture_output=True, text=True,
-                         timeout=60)
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); import sys\n"
+        "from retrofit.inputs import load_yaml\n"
+        "try: load_yaml(sys.argv[1])\nexcept ValueError as err: print(err)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, billion_laughs("only", 9)], capture_output=True, text=True, timeout=60
+    )
     said = "uses an alias (*a0) at line 1; aliases are not allowed, write the value out"
     assert run.stdout.strip() == said, run.stderr
 
@@ -123,8 +141,10 @@ def test_a_missing_or_unreadable_file(tmp_path):
 
 
 # -- every error message quotes what it rejects through the excerpt -------------------------------------
-ALLOWED = {("retrofit/__init__.py", "name"),  # the module's __getattr__: Python's own AttributeError wording
-           ("retrofit/graph/forward.py", "target")}  # a callable of the model's own code
+ALLOWED = {
+    ("retrofit/__init__.py", "name"),  # the module's __getattr__: Python's own AttributeError wording
+    ("retrofit/graph/forward.py", "target"),
+}  # a callable of the model's own code
 
 
 def message_calls(tree: ast.AST):
@@ -145,13 +165,20 @@ def test_no_message_quotes_a_value_by_its_whole_repr():
         where = str(path.relative_to(ROOT))
         for joined in message_calls(ast.parse(path.read_text())):
             for part in joined.values:
-                if isinstance(part, ast.FormattedValue) and part.conversion == ord("r") and \
-                        (where, ast.unparse(part.value)) not in ALLOWED:
+                if (
+                    isinstance(part, ast.FormattedValue)
+                    and part.conversion == ord("r")
+                    and (where, ast.unparse(part.value)) not in ALLOWED
+                ):
                     found.append(f"{where}: {ast.unparse(part.value)}!r")
     assert found == []
 
 
 def test_the_rule_sees_a_whole_repr(tmp_path):
     tree = ast.parse('def f(value):\n    raise ValueError(f"bad {value!r}")\n')
-    assert [ast.unparse(p.value) for j in message_calls(tree) for p in j.values if isinstance(p, ast.FormattedValue)
-            and p.conversion == ord("r")] == ["value"]
+    assert [
+        ast.unparse(p.value)
+        for j in message_calls(tree)
+        for p in j.values
+        if isinstance(p, ast.FormattedValue) and p.conversion == ord("r")
+    ] == ["value"]

@@ -1,6 +1,7 @@
 """The package's layers hold: import-linter's contracts (pyproject.toml) are kept, and a deliberate upward
 import or circle breaks them; imports inside functions are documented deferrals; the facade imports
 nothing heavy; the tests follow the package's folders. See docs/contributing/architecture.md."""
+
 import ast
 import shutil
 import subprocess
@@ -13,16 +14,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import imports  # noqa: E402  (tools/imports.py: the same counts the architecture page quotes)
 
-LAYERS = ["cli", "sweep", "train", "files", "measure", "surgery", "graph", "blocks", "inputs",
-          "errors | events"]  # top first
+LAYERS = [
+    "cli",
+    "sweep",
+    "train",
+    "files",
+    "measure",
+    "surgery",
+    "graph",
+    "blocks",
+    "inputs",
+    "errors | events",
+]  # top first
 MODULES = {"inputs", "errors | events"}  # the lowest layers are one module each
 
 
 def lint(root: Path) -> subprocess.CompletedProcess:
     """import-linter's own command on the package under ``root`` (its pyproject.toml's contracts)."""
     tool = Path(sys.executable).with_name("lint-imports")
-    return subprocess.run([str(tool), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [str(tool), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def copy_of_the_project(tmp_path: Path) -> Path:
@@ -43,13 +60,18 @@ def test_the_contracts_are_kept_and_name_every_layer():
     assert folders == set(LAYERS) - MODULES
 
 
-@pytest.mark.parametrize("where, line, words", [
-    ("graph/trace.py", "from ..files.atomic import atomic_write", ["retrofit.graph is not allowed to import "
-                                                                   "retrofit.files",
-                                                                    "retrofit.graph.trace -> retrofit.files.atomic"]),
-    ("blocks/se.py", "from ..surgery import recipe", ["retrofit.blocks is not allowed to import retrofit.surgery"]),
-    ("surgery/sites.py", "from . import named", ["No cycles are allowed in retrofit.surgery", ".sites -> .named"]),
-])
+@pytest.mark.parametrize(
+    "where, line, words",
+    [
+        (
+            "graph/trace.py",
+            "from ..files.atomic import atomic_write",
+            ["retrofit.graph is not allowed to import retrofit.files", "retrofit.graph.trace -> retrofit.files.atomic"],
+        ),
+        ("blocks/se.py", "from ..surgery import recipe", ["retrofit.blocks is not allowed to import retrofit.surgery"]),
+        ("surgery/sites.py", "from . import named", ["No cycles are allowed in retrofit.surgery", ".sites -> .named"]),
+    ],
+)
 def test_an_upward_import_or_a_circle_breaks_them(tmp_path, where, line, words):
     copy = copy_of_the_project(tmp_path)
     module = copy / "retrofit" / where
@@ -75,21 +97,28 @@ def test_the_counting_tool_sees_a_bare_inner_import(tmp_path):
     module.write_text(module.read_text() + "\n\ndef late():\n    from .sites import scan\n    return scan\n")
     found = imports.inner_imports(imports.package_modules(copy / "retrofit"))
     assert [(i.module, i.documented) for i in found if i.module == "retrofit.surgery.bypass"] == [
-        ("retrofit.surgery.bypass", False)]
+        ("retrofit.surgery.bypass", False)
+    ]
 
 
 def test_no_module_of_the_package_imports_its_facade():
     """`retrofit/__init__.py` reaches every layer: a module that imported it would import upward."""
     modules = imports.package_modules()
-    found = [f"{module}:{node.lineno}" for module, path in modules.items() if module != "retrofit"
-             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
-             and "retrofit" in imports.targets(module, path, node, modules)]
+    found = [
+        f"{module}:{node.lineno}"
+        for module, path in modules.items()
+        if module != "retrofit"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and "retrofit" in imports.targets(module, path, node, modules)
+    ]
     assert found == []
 
 
 def test_the_facade_loads_nothing_heavy_and_its_names_are_the_api():
-    code = ("import sys, retrofit, retrofit.cli; heavy = [m for m in ('torch', 'timm', 'optuna') if m in sys.modules]; "
-            "print(heavy); import retrofit.sweep.grid; print(callable(retrofit.sweep), retrofit.sweep.__module__)")
+    code = (
+        "import sys, retrofit, retrofit.cli; heavy = [m for m in ('torch', 'timm', 'optuna') if m in sys.modules]; "
+        "print(heavy); import retrofit.sweep.grid; print(callable(retrofit.sweep), retrofit.sweep.__module__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "True retrofit.sweep.grid"]

@@ -1,4 +1,5 @@
 """The project frame: the README's test command is what CI runs; recipes ship inside the wheel."""
+
 import re
 import shutil
 import subprocess
@@ -30,8 +31,22 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
 def test_wheel_ships_every_package_the_builtin_recipes_py_typed_and_the_license(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("retrofit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for recipe in ("standard", "pre", "post", "identity", "inside", "timm"):

@@ -1,6 +1,7 @@
 """docs/guides/python-equivalents.md runs as written (its python blocks, in order, in one namespace), and its
 two-line equivalents are the commands: `create` gives what `add-se --json` writes, `sweep_model` what
 `sweep --json` writes, on the same arguments (issue 23, item 4)."""
+
 import json
 import re
 import shutil
@@ -18,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "guides" / "python-equivalents.md"
 
 
-
 def as_json(value):
     """``value`` as the JSON a command writes reads back (tuples become lists)."""
     return json.loads(json.dumps(value))
+
 
 def test_every_block_runs_as_written(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)\n```", PAGE.read_text(), flags=re.S)
@@ -53,11 +54,13 @@ def cli_json(*args):
 
 def test_create_is_add_se():
     made = retrofit.create("resnet18", r=8, position="post", stages=[4, 5])
-    assert as_json(made.to_dict()) == cli_json("add-se", "resnet18", "--r", "8", "--position", "post", "--stages",
-                                               "4,5")
+    assert as_json(made.to_dict()) == cli_json(
+        "add-se", "resnet18", "--r", "8", "--position", "post", "--stages", "4,5"
+    )
 
 
 def test_sweep_model_is_sweep():
     report = retrofit.sweep_model("resnet18", r=[4, 16], position=["standard", "identity"], stages="all,4")
-    assert as_json(report.to_dict()) == cli_json("sweep", "resnet18", "--r", "4,16", "--position", "standard,identity",
-                                         "--stages", "all,4")
+    assert as_json(report.to_dict()) == cli_json(
+        "sweep", "resnet18", "--r", "4,16", "--position", "standard,identity", "--stages", "all,4"
+    )

@@ -10,6 +10,7 @@ contracts in pyproject.toml); the imports inside functions are read off the sour
 which grimp does not tell apart from module-level ones. An import inside a function is *documented*
 when a comment with the word "defer" stands on its line or on the line above its group of imports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class InnerImport:
-    module: str      # the importing module
+    module: str  # the importing module
     line: int
-    targets: tuple   # the package modules it imports (empty: a third-party or standard module)
+    targets: tuple  # the package modules it imports (empty: a third-party or standard module)
     documented: bool
     text: str
 
@@ -48,7 +49,7 @@ def targets(module: str, path: Path, node: ast.AST, modules: dict[str, Path]) ->
         return tuple(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
     base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     if node.level:
-        base = base[:len(base) - node.level + 1]
+        base = base[: len(base) - node.level + 1]
         target = ".".join(base + ([node.module] if node.module else []))
     else:
         target = node.module or ""
@@ -80,8 +81,15 @@ def inner_imports(modules: dict[str, Path] | None = None) -> list[InnerImport]:
                 continue
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    found.append(InnerImport(module, node.lineno, targets(module, path, node, modules),
-                                             _documented(lines, node), lines[node.lineno - 1].strip()))
+                    found.append(
+                        InnerImport(
+                            module,
+                            node.lineno,
+                            targets(module, path, node, modules),
+                            _documented(lines, node),
+                            lines[node.lineno - 1].strip(),
+                        )
+                    )
     return sorted(set(found), key=lambda i: (i.module, i.line))
 
 
@@ -90,8 +98,14 @@ def circles(graph: grimp.ImportGraph | None = None) -> list[list[str]]:
     more than one module), largest first. A package's ``__init__`` importing its own modules is not one."""
     graph = graph or grimp.build_graph(PACKAGE, exclude_type_checking_imports=True)
     modules = sorted(graph.modules)
-    edges = {m: {t for t in graph.find_modules_directly_imported_by(m) if not m.startswith(f"{t}.")
-                 and not t.startswith(f"{m}.")} for m in modules}
+    edges = {
+        m: {
+            t
+            for t in graph.find_modules_directly_imported_by(m)
+            if not m.startswith(f"{t}.") and not t.startswith(f"{m}.")
+        }
+        for m in modules
+    }
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
 
     def visit(v):  # Tarjan's algorithm, iterative over the stack of a recursion-free walk
@@ -125,6 +139,7 @@ def circles(graph: grimp.ImportGraph | None = None) -> list[list[str]]:
                 work.append((nxt, iter(sorted(edges[nxt]))))
             elif nxt in on:
                 low[node] = min(low[node], index[nxt])
+
     for m in modules:
         if m not in index:
             visit(m)
@@ -170,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     groups = circles(graph)
     print(f"modules: {len(graph.modules)}")
     print(f"circles: {len(groups)}" + "".join(f"\n  {len(g)}: {' '.join(g)}" for g in groups))
-    print(f"imports inside functions: {len(inner)}, of package modules: {len(own)}, "
-          f"documented deferrals: {sum(i.documented for i in inner)}, undocumented: "
-          f"{sum(not i.documented for i in inner)}")
+    print(
+        f"imports inside functions: {len(inner)}, of package modules: {len(own)}, "
+        f"documented deferrals: {sum(i.documented for i in inner)}, undocumented: "
+        f"{sum(not i.documented for i in inner)}"
+    )
     if args.list:
         for i in inner:
             print(f"  {'ok  ' if i.documented else 'BARE'} {i.module}:{i.line}  {i.text}")

@@ -1,6 +1,7 @@
 """docs/reference/options.md: every option of a fine-tune and every field of a recipe, made from their one definition
 (retrofit.FinetuneConfig's fields, retrofit.Recipe's fields). `python tools/options_doc.py` writes it;
 tests/test_docs.py fails when it is not up to date."""
+
 from __future__ import annotations
 
 import sys

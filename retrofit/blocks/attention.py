@@ -39,6 +39,7 @@ A new module is one registered function; ``cfg`` is the site's :class:`~retrofit
 
 This module knows nothing of recipes (:mod:`retrofit.blocks.config` imports it, not the other way round).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -81,10 +82,17 @@ ATTENTIONS: dict[str, AttentionSpec] = {}
 DISPLAY_NAMES = {"se": "SE", "ese": "eSE", "eca": "ECA", "ceca": "circular ECA", "cbam": "CBAM", "gc": "GC"}
 
 
-def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
-                       preserve: Callable[[nn.Module], None] | None = None, fuses_residual_sum: bool = False,
-                       layouts: tuple[str, ...] = ("nchw",), excitation: tuple[str, ...] = (),
-                       not_a_gate: str = ""):
+def register_attention(
+    name: str,
+    *,
+    fields: tuple[str, ...],
+    paper: str,
+    preserve: Callable[[nn.Module], None] | None = None,
+    fuses_residual_sum: bool = False,
+    layouts: tuple[str, ...] = ("nchw",),
+    excitation: tuple[str, ...] = (),
+    not_a_gate: str = "",
+):
     """Register ``build(channels, cfg, dd) -> nn.Module`` under ``name`` (``cfg``: a
     :class:`~retrofit.blocks.config.BlockConfig`; ``dd``: device, dtype). ``fields``: the block fields it reads.
 
@@ -97,11 +105,14 @@ def register_attention(name: str, *, fields: tuple[str, ...], paper: str,
     maps' attribute names: ``retrofit inspect`` reads its excitations and ``retrofit fold`` replaces it by
     a constant scale. ``not_a_gate``: for any other block, why it is neither (one clause).
     """
+
     def register(fn):
         why = not_a_gate or AttentionSpec.not_a_gate
-        ATTENTIONS[name] = AttentionSpec(name, fn, fields, preserve, paper, fuses_residual_sum, layouts,
-                                         tuple(excitation), "" if excitation else why)
+        ATTENTIONS[name] = AttentionSpec(
+            name, fn, fields, preserve, paper, fuses_residual_sum, layouts, tuple(excitation), "" if excitation else why
+        )
         return fn
+
     return register
 
 
@@ -124,8 +135,7 @@ class ScaledGate(nn.Module):
         return f"origin={self.origin:g}"
 
 
-def build_attention(cfg, channels: int, *, layout: str = "nchw", prefix: int = 0, device=None,
-                    dtype=None) -> nn.Module:
+def build_attention(cfg, channels: int, *, layout: str = "nchw", prefix: int = 0, device=None, dtype=None) -> nn.Module:
     """The block ``cfg.module`` (``cfg``: a :class:`~retrofit.blocks.config.BlockConfig`) for a site with
     ``channels`` channels, initialised by ``cfg.init``; ``layout``/``prefix``: the site's feature
     layout (see :mod:`retrofit.blocks.se_layout`).
@@ -154,8 +164,11 @@ def build_attention(cfg, channels: int, *, layout: str = "nchw", prefix: int = 0
 
 
 def _width(block: nn.Module) -> int:
-    fc1 = getattr(block, "fc1", None) or getattr(getattr(block, "channel", None), "fc1", None) \
+    fc1 = (
+        getattr(block, "fc1", None)
+        or getattr(getattr(block, "channel", None), "fc1", None)
         or getattr(getattr(block, "mlp_scale", None), "fc1", None)
+    )
     return fc1.out_channels if isinstance(fc1, nn.Conv2d) else 0
 
 
@@ -179,44 +192,80 @@ def _zero(*layers: nn.Module | None) -> None:
 
 
 # -- the registry -----------------------------------------------------------------------------------
-@register_attention("se", fields=SE_FIELDS, paper="https://arxiv.org/abs/1709.01507", fuses_residual_sum=True,
-                    layouts=LAYOUTS, excitation=("fc1", "fc2"))
+@register_attention(
+    "se",
+    fields=SE_FIELDS,
+    paper="https://arxiv.org/abs/1709.01507",
+    fuses_residual_sum=True,
+    layouts=LAYOUTS,
+    excitation=("fc1", "fc2"),
+)
 def se(channels, cfg, dd):
-    return make_block(dd.pop("layout"), channels, cfg.width(channels), prefix=dd.pop("prefix"),
-                      squeeze=cfg.squeeze, gate=cfg.gate, bias=cfg.bias, init=cfg.init, **dd)
+    return make_block(
+        dd.pop("layout"),
+        channels,
+        cfg.width(channels),
+        prefix=dd.pop("prefix"),
+        squeeze=cfg.squeeze,
+        gate=cfg.gate,
+        bias=cfg.bias,
+        init=cfg.init,
+        **dd,
+    )
 
 
-@register_attention("ese", fields=("gate",), paper="https://arxiv.org/abs/1911.06667",
-                    preserve=lambda b: _zero(b.fc), excitation=("fc",))
+@register_attention(
+    "ese",
+    fields=("gate",),
+    paper="https://arxiv.org/abs/1911.06667",
+    preserve=lambda b: _zero(b.fc),
+    excitation=("fc",),
+)
 def ese(channels, cfg, dd):
     return create_attn("ese", channels, gate_layer=cfg.gate, **dd)
 
 
-@register_attention("eca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
-                    preserve=lambda b: _zero(b.conv2 if b.conv2 is not None else b.conv), excitation=("conv", "conv2"))
+@register_attention(
+    "eca",
+    fields=("gate",),
+    paper="https://arxiv.org/abs/1910.03151",
+    preserve=lambda b: _zero(b.conv2 if b.conv2 is not None else b.conv),
+    excitation=("conv", "conv2"),
+)
 def eca(channels, cfg, dd):
     return create_attn("eca", channels, gate_layer=cfg.gate, **dd)
 
 
-@register_attention("ceca", fields=("gate",), paper="https://arxiv.org/abs/1910.03151",
-                    preserve=lambda b: _zero(b.conv), excitation=("conv",))
+@register_attention(
+    "ceca",
+    fields=("gate",),
+    paper="https://arxiv.org/abs/1910.03151",
+    preserve=lambda b: _zero(b.conv),
+    excitation=("conv",),
+)
 def ceca(channels, cfg, dd):
     return create_attn("ceca", channels, gate_layer=cfg.gate, **dd)
 
 
 # CBAM's spatial conv is followed by a fresh BatchNorm, which maps the zeroed conv's 0 to 0 in both
 # modes (running mean 0; a batch of zeros has mean 0)
-@register_attention("cbam", fields=("r", "gate", "divisor", "min_width", "bias", "allow_wide"),
-                    paper="https://arxiv.org/abs/1807.06521",
-                    preserve=lambda b: _zero(b.channel.fc2, b.spatial.conv.conv),
-                    not_a_gate="its spatial gate scales every position of the map apart, not one scale per channel")
+@register_attention(
+    "cbam",
+    fields=("r", "gate", "divisor", "min_width", "bias", "allow_wide"),
+    paper="https://arxiv.org/abs/1807.06521",
+    preserve=lambda b: _zero(b.channel.fc2, b.spatial.conv.conv),
+    not_a_gate="its spatial gate scales every position of the map apart, not one scale per channel",
+)
 def cbam(channels, cfg, dd):
-    return create_attn("cbam", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate,
-                       mlp_bias=cfg.bias, **dd)
+    return create_attn("cbam", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate, mlp_bias=cfg.bias, **dd)
 
 
-@register_attention("gc", fields=("r", "gate", "divisor", "min_width", "allow_wide"),
-                    paper="https://arxiv.org/abs/1904.11492", preserve=lambda b: _zero(b.mlp_scale.fc2),
-                    not_a_gate="it adds a transformed context vector to the map instead of scaling its channels")
+@register_attention(
+    "gc",
+    fields=("r", "gate", "divisor", "min_width", "allow_wide"),
+    paper="https://arxiv.org/abs/1904.11492",
+    preserve=lambda b: _zero(b.mlp_scale.fc2),
+    not_a_gate="it adds a transformed context vector to the map instead of scaling its channels",
+)
 def gc(channels, cfg, dd):
     return create_attn("gc", channels, rd_channels=cfg.width(channels), gate_layer=cfg.gate, **dd)

@@ -16,6 +16,7 @@ step).
     Traceback (most recent call last):
     retrofit.errors.RecipeError: recipe field 'r' does not apply to module 'eca' (it reads gate); ...
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ def choice(name: str, allowed: Callable[[], Any]) -> Callable[[Any], str]:
         if not isinstance(value, str) or value.lower() not in options:
             raise RecipeError(f"recipe field '{name}': unknown value {excerpt(value)}; allowed: {', '.join(options)}")
         return value.lower()
+
     return check
 
 
@@ -63,9 +65,11 @@ def ratio(value: Any) -> float:
     if r is None or not math.isfinite(r) or r <= 0:
         raise RecipeError(f"recipe field 'r': the reduction ratio must be a positive number, got {excerpt(value)}")
     if r < 1 / MAX_EXPANSION:
-        raise RecipeError(f"recipe field 'r': {excerpt(value)} would make each block {1 / r:.3g} times wider than its "
-                          f"input; r must be at least 1/{MAX_EXPANSION} = {1 / MAX_EXPANSION:g}, and at least 1 "
-                          f"unless allow_wide is true")
+        raise RecipeError(
+            f"recipe field 'r': {excerpt(value)} would make each block {1 / r:.3g} times wider than its "
+            f"input; r must be at least 1/{MAX_EXPANSION} = {1 / MAX_EXPANSION:g}, and at least 1 "
+            f"unless allow_wide is true"
+        )
     return int(r) if r.is_integer() else r
 
 
@@ -77,6 +81,7 @@ def positive_int(name: str, at_most: int | None = None) -> Callable[[Any], int]:
         if at_most is not None and n > at_most:
             raise RecipeError(f"recipe field '{name}': at most {at_most}, got {excerpt(value)}")
         return int(n)
+
     return check
 
 
@@ -87,6 +92,7 @@ def boolean(name: str) -> Callable[[Any], bool]:
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.strip().lower() in ("true", "yes", "1", "on")
         raise RecipeError(f"recipe field '{name}': expected true or false, got {excerpt(value)}")
+
     return check
 
 
@@ -118,21 +124,28 @@ class BlockConfig:
         unread = self.unread()
         if unread:
             name = unread[0]
-            raise RecipeError(f"recipe field '{name}' does not apply to module '{self.module}' (it reads "
-                              f"{', '.join(ATTENTIONS[self.module].fields) or 'no block field'}); leave it at "
-                              f"its default ({str(DEFAULTS[name]).lower()}) or use module se")
+            raise RecipeError(
+                f"recipe field '{name}' does not apply to module '{self.module}' (it reads "
+                f"{', '.join(ATTENTIONS[self.module].fields) or 'no block field'}); leave it at "
+                f"its default ({str(DEFAULTS[name]).lower()}) or use module se"
+            )
         if self.r < 1 and not self.allow_wide and self.reads("r"):
-            raise RecipeError(f"recipe field 'r': {self.r:g} makes every block wider than its input (C / r > C); "
-                              f"use r >= 1, or allow_wide: true (--allow-wide) if that is what you mean")
+            raise RecipeError(
+                f"recipe field 'r': {self.r:g} makes every block wider than its input (C / r > C); "
+                f"use r >= 1, or allow_wide: true (--allow-wide) if that is what you mean"
+            )
         if self.init == "preserve" and preserve_needs_gate(self.module) and self.gate in zero_gate_gates():
-            raise RecipeError(f"recipe fields 'init', 'gate', 'module': init 'preserve' for module "
-                              f"'{self.module}' needs a gate that is non-zero at 0 (sigmoid, hard_sigmoid); "
-                              f"gate '{self.gate}' is 0 there. Use another gate or init: paper")
+            raise RecipeError(
+                f"recipe fields 'init', 'gate', 'module': init 'preserve' for module "
+                f"'{self.module}' needs a gate that is non-zero at 0 (sigmoid, hard_sigmoid); "
+                f"gate '{self.gate}' is 0 there. Use another gate or init: paper"
+            )
         if self.init == "preserve" and not self.bias and GATES[self.gate].at_zero == 0:
             raise RecipeError(
                 f"recipe fields 'init', 'bias', 'gate': init 'preserve' without biases needs a gate "
                 f"that is non-zero at 0 ({', '.join(g for g, s in GATES.items() if s.at_zero)}); "
-                f"gate '{self.gate}' is 0 there. Use bias: true, another gate, or init: paper")
+                f"gate '{self.gate}' is 0 there. Use bias: true, another gate, or init: paper"
+            )
 
     def reads(self, name: str) -> bool:
         """Whether this block's module reads field ``name`` (every module reads ``module`` and ``init``)."""

@@ -16,6 +16,7 @@ channel gates. Three facts about a gate, used by ``retrofit inspect`` and ``retr
 * :func:`constant_scale`: that excitation, read off the block itself run on a map of ones (``y = 1 * s``),
   with the block's own arithmetic, so a constant scale of it reproduces the block bitwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,11 @@ def constant_scale(block: nn.Module, channels: int, layout: str = "nchw", prefix
     """The per-channel scale (``C`` values) an input-independent ``block`` multiplies every input by: its
     output on a map of ones (``1 * s == s`` exactly), in the block's dtype and device."""
     weight = next(block.parameters(), None)
-    ones = torch.ones(probe_shape(channels, layout, prefix), dtype=weight.dtype if weight is not None else None,
-                      device=weight.device if weight is not None else None)
+    ones = torch.ones(
+        probe_shape(channels, layout, prefix),
+        dtype=weight.dtype if weight is not None else None,
+        device=weight.device if weight is not None else None,
+    )
     was = block.training
     block.eval()
     try:

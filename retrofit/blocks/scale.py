@@ -12,6 +12,7 @@ scaling pass. The scale is a parameter, so a later fine-tune can still move it.
     >>> scale(x).equal(x)       # ones until a fold sets it
     True
 """
+
 from __future__ import annotations
 
 import torch

@@ -18,6 +18,7 @@ block divides the gate by that constant value, ``gate_origin``, so it starts as 
 ``gate_origin`` is part of the architecture the recipe describes (like the gate), not a learned
 parameter: it is 1 (no division) for ``init="paper"``, which is what timm's SE models compute.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,7 +34,7 @@ class GateSpec:
     """A gate of the registry: where the preserving init holds its input, and its value at 0."""
 
     preserve_bias: float  # the gate's constant input under init="preserve" (with biases)
-    at_zero: float        # gate(0): the constant it gives when the block has no biases
+    at_zero: float  # gate(0): the constant it gives when the block has no biases
 
 
 # gate name -> spec; the module itself comes from timm's activation factory (create_act_layer).
@@ -62,13 +63,17 @@ def _uninitialised_conv1x1(cin: int, cout: int, bias: bool, device, dtype) -> nn
     return conv
 
 
-def timm_width(channels: int, width: int | None, rd_ratio: float | None, rd_channels: int | None,
-               rd_divisor: int | None) -> int:
+def timm_width(
+    channels: int, width: int | None, rd_ratio: float | None, rd_channels: int | None, rd_divisor: int | None
+) -> int:
     """The block's width: ``width``, or timm's ``SEModule`` rule on its arguments (``rd_channels`` if given
     and non-zero, else ``make_divisible(channels * rd_ratio, rd_divisor, round_limit=0)`` with timm's
     defaults, 1/16 and 8), by timm's own ``make_divisible``."""
-    timm_args = {k: v for k, v in (("rd_ratio", rd_ratio), ("rd_channels", rd_channels),
-                                   ("rd_divisor", rd_divisor)) if v is not None}
+    timm_args = {
+        k: v
+        for k, v in (("rd_ratio", rd_ratio), ("rd_channels", rd_channels), ("rd_divisor", rd_divisor))
+        if v is not None
+    }
     if width is not None:
         if timm_args:
             raise TypeError(f"SqueezeExcite: give width or timm's {', '.join(timm_args)}, not both")
@@ -98,10 +103,22 @@ class SqueezeExcite(nn.Module):
         init: ``preserve`` (start as the identity) or ``paper`` (PyTorch's default init).
     """
 
-    def __init__(self, channels: int, width: int | None = None, *, rd_ratio: float | None = None,
-                 rd_channels: int | None = None, rd_divisor: int | None = None, squeeze: str = "avg",
-                 gate: str = "sigmoid", bias: bool = True, init: str = "paper", act_layer: type[nn.Module] = nn.ReLU,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        channels: int,
+        width: int | None = None,
+        *,
+        rd_ratio: float | None = None,
+        rd_channels: int | None = None,
+        rd_divisor: int | None = None,
+        squeeze: str = "avg",
+        gate: str = "sigmoid",
+        bias: bool = True,
+        init: str = "paper",
+        act_layer: type[nn.Module] = nn.ReLU,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         width = timm_width(channels, width, rd_ratio, rd_channels, rd_divisor)
         dd = {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
@@ -160,5 +177,7 @@ class SqueezeExcite(nn.Module):
         self.gate_origin = float(self.gate(torch.tensor(z, dtype=torch.float32, device="cpu")))
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, width={self.width}, squeeze={self.squeeze_type}, "
-                f"gate={self.gate_type}, gate_origin={self.gate_origin:g}")
+        return (
+            f"channels={self.channels}, width={self.width}, squeeze={self.squeeze_type}, "
+            f"gate={self.gate_type}, gate_origin={self.gate_origin:g}"
+        )

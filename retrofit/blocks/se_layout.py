@@ -18,6 +18,7 @@ The parameters are :class:`~retrofit.blocks.se.SqueezeExcite`'s (``fc1``/``fc2``
 the pooled (B, C, 1, 1) vector), so widths, parameter counts, state-dict layout and the preserving
 init (exact identity at the start) are the same as for the NCHW block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,7 +55,7 @@ class ChannelsLastSqueezeExcite(SqueezeExcite):
         # Never reads the tensor's rank: under torch.fx ``x.dim()`` is a Proxy, which a user's
         # ``symbolic_trace`` or torchvision's ``create_feature_extractor`` (tracers that do not keep
         # this class as a leaf) cannot loop over or build a shape from. TorchScript compiles it too.
-        grid = x[:, self.prefix:] if self.prefix > 0 else x
+        grid = x[:, self.prefix :] if self.prefix > 0 else x
         grid = grid.flatten(1, -2)  # (N, positions, C): a map's H x W, or the grid tokens
         z = grid.amax(dim=1) if self.squeeze_type == "max" else grid.mean(dim=1)
         s = self.gate(self.fc2(self.act(self.fc1(z[:, :, None, None]))))

@@ -4,6 +4,7 @@ Every command turns bad input into one red line and a non-zero exit (see :mod:`r
 Recipe options are taken as text and checked by the recipe's own validators, so ``--r abc`` is
 reported like ``r: abc`` in a YAML file: naming the field and the allowed values.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,17 @@ import typer
 
 from .common import app, say
 
-COMMANDS = ("add_se", "sites", "recipes", "finetune", "inspect", "fold", "sweep", "check",
-            "tune")  # one module each, registered on `app` when imported
+COMMANDS = (
+    "add_se",
+    "sites",
+    "recipes",
+    "finetune",
+    "inspect",
+    "fold",
+    "sweep",
+    "check",
+    "tune",
+)  # one module each, registered on `app` when imported
 for _command in COMMANDS:
     importlib.import_module(f".{_command}", __name__)
 

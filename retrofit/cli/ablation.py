@@ -1,4 +1,5 @@
 """The accuracy columns and plot of `retrofit sweep --data` (rows from :mod:`retrofit.sweep.ablation`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,10 +15,12 @@ def has_accuracy(rows) -> bool:
 def accuracy_caption(rows, latency: bool) -> str:
     seeds = next((len(row.seeds) for row in rows if row.seeds), 0)
     control = next((row.control for row in rows if row.control), None)
-    return (f"top-1, val loss: the last epoch's, mean ± std over {seeds} seed(s). Δ top-1: paired difference "
-            f"to the control arm '{control}' (the best control), mean ± std over the seeds [its 95% t-interval]. "
-            f"front: on the Pareto front of top-1 against {'latency' if latency else 'added parameters'}, controls "
-            "included.")
+    return (
+        f"top-1, val loss: the last epoch's, mean ± std over {seeds} seed(s). Δ top-1: paired difference "
+        f"to the control arm '{control}' (the best control), mean ± std over the seeds [its 95% t-interval]. "
+        f"front: on the Pareto front of top-1 against {'latency' if latency else 'added parameters'}, controls "
+        "included."
+    )
 
 
 def accuracy_columns(rows) -> list:
@@ -33,8 +36,12 @@ def accuracy_cells(row) -> list[str]:
     delta = "" if row.delta_top1 is None else f"{row.delta_top1:+.2f} ± {row.delta_top1_std:.2f}"
     if row.delta_top1_ci is not None:
         delta += f" [{row.delta_top1_ci[0]:+.2f}, {row.delta_top1_ci[1]:+.2f}]"
-    return [f"{row.top1:.2f} ± {row.top1_std:.2f}", f"{row.val_loss:.4f} ± {row.val_loss_std:.4f}", delta,
-            "*" if row.pareto else ""]
+    return [
+        f"{row.top1:.2f} ± {row.top1_std:.2f}",
+        f"{row.val_loss:.4f} ± {row.val_loss_std:.4f}",
+        delta,
+        "*" if row.pareto else "",
+    ]
 
 
 def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
@@ -53,8 +60,14 @@ def draw_accuracy(pyplot, rows, name: str, path: Path, latency: bool) -> None:
 
     for label, points in lines.items():
         points.sort(key=x_of)
-        ax.errorbar([x_of(p) for p in points], [p.top1 for p in points], yerr=[p.top1_std for p in points],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(
+            [x_of(p) for p in points],
+            [p.top1 for p in points],
+            yerr=[p.top1_std for p in points],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
         for p in points:
             ax.annotate(f"r={p.r_label}", (x_of(p), p.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
     control_lines(ax, rows)
@@ -70,8 +83,12 @@ def control_lines(ax, rows) -> None:
     """The control arms of ``rows`` as horizontal lines at their mean top-1, labelled with mean ± std."""
     styles = ("--", "-.", ":")
     for i, row in enumerate(r for r in rows if r.arm != "se" and r.top1 is not None):
-        ax.axhline(row.top1, linestyle=styles[i % len(styles)], color="gray",
-                   label=f"control: {row.arm} ({row.top1:.2f} ± {row.top1_std:.2f})")
+        ax.axhline(
+            row.top1,
+            linestyle=styles[i % len(styles)],
+            color="gray",
+            label=f"control: {row.arm} ({row.top1:.2f} ± {row.top1_std:.2f})",
+        )
 
 
 def save_figure(pyplot, fig, path: Path) -> None:

@@ -7,6 +7,7 @@ reported like ``r: abc`` in a YAML file: naming the field and the allowed values
 Everything is printed as text, never as rich markup: a message, a path or a module name holding
 ``[/x]`` or ``:smile:`` prints as it is (styles come from :class:`rich.text.Text`, see :func:`say`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,7 +69,11 @@ class Group(TyperGroup):
 
 
 app = typer.Typer(
-    name="retrofit", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Group,
+    name="retrofit",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    cls=Group,
     # click's plain help, wrapped to the terminal: typer's rich panels share 80 columns between 6 or 7
     # columns and cut the rest with an ellipsis, option names included (--backbone-lr-sc…)
     rich_markup_mode=None,
@@ -85,8 +90,15 @@ def console(stderr: bool = False) -> Console:
     tty = stream.isatty()
     quiet = os.environ.get("RANK", "0") != "0"
     fixed = not tty and not os.environ.get("COLUMNS", "").isdigit()
-    return Console(stderr=stderr, highlight=False, markup=False, emoji=False, width=200 if fixed else None,
-                   soft_wrap=fixed, quiet=quiet)
+    return Console(
+        stderr=stderr,
+        highlight=False,
+        markup=False,
+        emoji=False,
+        width=200 if fixed else None,
+        soft_wrap=fixed,
+        quiet=quiet,
+    )
 
 
 def say(*parts: str | tuple[str, str], stderr: bool = False) -> None:
@@ -112,6 +124,7 @@ def warnings_as_they_happen():
     """Each of retrofit's warnings printed as one ``warning:`` line on stderr when it is raised, others
     silenced. Before, a command's warnings were recorded and printed after it: below its results, and
     not at all when it then failed."""
+
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UserWarning) and "retrofit" in str(category.__module__):
             say(("warning:", "yellow"), f" {message}", stderr=True)
@@ -129,15 +142,23 @@ def rounds_bar(label: str, quiet: bool = False):
     if quiet or os.environ.get("RANK", "0") != "0":
         yield None
         return
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bars:
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bars:
         task = bars.add_task(label, total=None)
-        yield lambda e: bars.update(task, completed=e.data["done"],
-                                    total=e.data["total"]) if e.kind == "round" else None
+        yield (
+            lambda e: bars.update(task, completed=e.data["done"], total=e.data["total"]) if e.kind == "round" else None
+        )
 
 
 def fail_cleanly(fn):
     """One clear line and a non-zero exit for bad input; never a traceback (RETROFIT_DEBUG=1 shows it)."""
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
@@ -158,9 +179,14 @@ def fail_cleanly(fn):
             if isinstance(e.__context__, KeyboardInterrupt):  # a Ctrl-C inside an import surfaces as another error
                 say(("interrupted", "red"), stderr=True)
                 raise typer.Exit(130) from None
-            say(("internal error:", "red"), f" {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
-                f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)", stderr=True)
+            say(
+                ("internal error:", "red"),
+                f" {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
+                f"(rerun with RETROFIT_DEBUG=1 for the traceback and report it)",
+                stderr=True,
+            )
             raise typer.Exit(3) from None
+
     return run
 
 
@@ -202,17 +228,25 @@ NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size (a new h
 INPUT_SIZE = typer.Option(None, "--input-size", help="C,H,W to trace with (default: the model's own).")
 AT = recipe_option("at")
 # reading a saved model: `finetune`, `inspect`, `fold`
-SAVED = typer.Argument(..., help="A retrofitted model saved by `retrofit add-se --output` (its folder, or a "
-                                 ".safetensors file), or an adapter (with --base).")
-BASE = typer.Option(None, "--base", help="When CHECKPOINT is an adapter: the base weights it was made on (plain "
-                                         "weights, or a model saved by retrofit: a file or a folder).")
-FORCE = typer.Option(False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own "
-                                            "base's.")
-IMAGES = typer.Option(None, "--images", min=1, help="Read an evenly spaced subset of this many val images (default: "
-                                                    "all).")
+SAVED = typer.Argument(
+    ...,
+    help="A retrofitted model saved by `retrofit add-se --output` (its folder, or a "
+    ".safetensors file), or an adapter (with --base).",
+)
+BASE = typer.Option(
+    None,
+    "--base",
+    help="When CHECKPOINT is an adapter: the base weights it was made on (plain "
+    "weights, or a model saved by retrofit: a file or a folder).",
+)
+FORCE = typer.Option(
+    False, "--force", help="Rebuild an adapter on a --base whose weights hash differs from its own base's."
+)
+IMAGES = typer.Option(
+    None, "--images", min=1, help="Read an evenly spaced subset of this many val images (default: all)."
+)
 
 
 def globs(text: str | None) -> list[str] | None:
     """``'layer3.*, layer4.*'`` -> ``['layer3.*', 'layer4.*']``; None stays None."""
     return None if text is None else [g.strip() for g in text.split(",") if g.strip()]
-

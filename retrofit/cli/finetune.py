@@ -3,6 +3,7 @@
 Also used by ``retrofit add-se ... --finetune DIR``. Under ``torchrun`` every process runs this
 command; only rank 0 prints and writes (see :mod:`retrofit.train.distributed`).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,18 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_finetune(model, data: Path, output_dir: Path, config, inputs: tuple[Path, ...] = (), quiet: bool = False,
-                 resumable: bool = True, said_random: bool = False, resume: bool = False, input_size=None):
+def run_finetune(
+    model,
+    data: Path,
+    output_dir: Path,
+    config,
+    inputs: tuple[Path, ...] = (),
+    quiet: bool = False,
+    resumable: bool = True,
+    said_random: bool = False,
+    resume: bool = False,
+    input_size=None,
+):
     """Fine-tune ``model`` in place by ``config`` (a :class:`retrofit.FinetuneConfig`), print the results table
     (rank 0) and return the result. ``resumable``: the command takes ``--resume`` (``finetune`` does,
     ``add-se --finetune`` does not), for what a refusal or a Ctrl-C says.
@@ -45,13 +56,20 @@ def run_finetune(model, data: Path, output_dir: Path, config, inputs: tuple[Path
     for name in (BEST_FILE, LAST_FILE, STATE_FILE, METRICS_FILE, ADAPTER_FILE):
         for given in inputs:
             if (output_dir / name).resolve() == Path(given).expanduser().resolve():
-                raise RetrofitError(f"{excerpt(given, bare=True)} would be overwritten by the fine-tuning run in "
-                                    f"{excerpt(output_dir)}; input "
-                                    f"weights are never overwritten, choose another --output-dir")
+                raise RetrofitError(
+                    f"{excerpt(given, bare=True)} would be overwritten by the fine-tuning run in "
+                    f"{excerpt(output_dir)}; input "
+                    f"weights are never overwritten, choose another --output-dir"
+                )
     if not resume and (output_dir / STATE_FILE).exists():  # the library's words are resume=True
-        raise RetrofitError(f"{excerpt(output_dir)} already holds a fine-tuning run; " + (
-            "add --resume to continue it, delete it, or choose another --output-dir" if resumable else
-            "delete it or choose another --output"))
+        raise RetrofitError(
+            f"{excerpt(output_dir)} already holds a fine-tuning run; "
+            + (
+                "add --resume to continue it, delete it, or choose another --output-dir"
+                if resumable
+                else "delete it or choose another --output"
+            )
+        )
     main = is_main_process() and not quiet
     if main:  # what trains (SE blocks, a new 3-class head...) the run says once it has opened the data
         say(f"fine-tuning on {data}; checkpoints in {output_dir}")
@@ -59,8 +77,9 @@ def run_finetune(model, data: Path, output_dir: Path, config, inputs: tuple[Path
         if why:
             say(("note:", "yellow"), f" this model's weights are random ({why}): the results are only a demonstration")
     try:
-        result = finetune(model, data, config, output_dir=output_dir, progress=main, resume=resume,
-                          input_size=input_size)
+        result = finetune(
+            model, data, config, output_dir=output_dir, progress=main, resume=resume, input_size=input_size
+        )
     except KeyboardInterrupt:
         if is_main_process():
             saved = (output_dir / STATE_FILE).is_file()
@@ -69,8 +88,10 @@ def run_finetune(model, data: Path, output_dir: Path, config, inputs: tuple[Path
     if main:
         console().print(results_table(result))
         best = result.best
-        say(f"best: {best['name']}, top-1 {best['top1']:.2f}% -> {output_dir / BEST_FILE}; last: "
-            f"{output_dir / LAST_FILE}; metrics: {output_dir / METRICS_FILE}")
+        say(
+            f"best: {best['name']}, top-1 {best['top1']:.2f}% -> {output_dir / BEST_FILE}; last: "
+            f"{output_dir / LAST_FILE}; metrics: {output_dir / METRICS_FILE}"
+        )
         if result.skipped_images:
             say((f"{result.skipped_images} image(s) could not be decoded and were skipped", "yellow"))
     return result
@@ -82,8 +103,10 @@ def how_to_continue(saved: bool, output_dir: Path, data: Path, resumable: bool) 
         return "no epoch had finished: nothing to resume"
     if resumable:
         return f"the finished epochs are saved in {output_dir}: rerun the same command with --resume to continue"
-    return (f"the finished epochs are in {output_dir}, but add-se --finetune cannot resume; for a run that can, "
-            f"save with `retrofit add-se ... --output FILE`, then `retrofit finetune FILE --data {data}`")
+    return (
+        f"the finished epochs are in {output_dir}, but add-se --finetune cannot resume; for a run that can, "
+        f"save with `retrofit add-se ... --output FILE`, then `retrofit finetune FILE --data {data}`"
+    )
 
 
 @app.command("finetune", short_help="Fine-tune a retrofitted model: SE blocks first, optionally all.")
@@ -93,17 +116,26 @@ def finetune_command(
     checkpoint: Path = SAVED,
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder: DATA/train/<class>/* and DATA/val/<class>/*."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output-dir."),
-    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Checkpoints, best/last models, "
-                                                                            "metrics.jsonl (default: CHECKPOINT's name "
-                                                                            "+ -finetune/)."),
-    input_size: str | None = typer.Option(None, "--input-size", help="C,H,W of the images fed to the model (default: "
-                                                                     "the size it was retrofitted at)."),
+    output_dir: Path | None = typer.Option(
+        None,
+        "--output-dir",
+        "-o",
+        help="Checkpoints, best/last models, metrics.jsonl (default: CHECKPOINT's name + -finetune/).",
+    ),
+    input_size: str | None = typer.Option(
+        None, "--input-size", help="C,H,W of the images fed to the model (default: the size it was retrofitted at)."
+    ),
     base: Path | None = BASE,
     force: bool = FORCE,
-    adapter: bool = typer.Option(False, "--adapter", help="Also save the best model as an adapter, "
-                                                          "OUTPUT_DIR/adapter.safetensors (the blocks and what "
-                                                          "changed, with a hash of the base)."),
-    *, config,
+    adapter: bool = typer.Option(
+        False,
+        "--adapter",
+        help="Also save the best model as an adapter, "
+        "OUTPUT_DIR/adapter.safetensors (the blocks and what "
+        "changed, with a hash of the base).",
+    ),
+    *,
+    config,
 ):
     """Fine-tune a retrofitted model briefly: SE blocks first (backbone frozen), optionally everything."""
     # deferred: torch and timm load when a command runs, not for --help
@@ -118,8 +150,15 @@ def finetune_command(
     model = load(checkpoint, base=base, force=force)
     size = resolve_input_size(model, input_size) if input_size is not None else None
     out = output_dir if output_dir is not None else checkpoint.expanduser().with_name(f"{checkpoint.stem}-finetune")
-    result = run_finetune(model, data, out, config, inputs=tuple(p for p in (checkpoint, base) if p is not None),
-                          resume=resume, input_size=size)
+    result = run_finetune(
+        model,
+        data,
+        out,
+        config,
+        inputs=tuple(p for p in (checkpoint, base) if p is not None),
+        resume=resume,
+        input_size=size,
+    )
     if is_main_process():  # the card (and adapter) of the model the run hands over: the best one
         out = out.expanduser()
         handed = out / (ADAPTER_FILE if adapter else BEST_FILE)
@@ -127,6 +166,7 @@ def finetune_command(
             save(model, handed, adapter=True)
         model.to("cpu")
         overhead = measure_overhead(strip(model), model, get_info(model).input_size)
-        card = write_card(handed, model, overhead=overhead, result=result, command=command_line(),
-                          base_name=get_info(model).base.name)
+        card = write_card(
+            handed, model, overhead=overhead, result=result, command=command_line(), base_name=get_info(model).base.name
+        )
         console().print(f"{'adapter: ' + str(handed) + '; ' if adapter else ''}card: {card}")

@@ -7,6 +7,7 @@ Closed bounds become click ranges (``[x>=0]`` in ``--help``, checked by the pars
 (``0 <= x < 1``) are said in the help and checked when the command builds the config, with the same
 error a Python call gets. No torch here: ``--help`` loads neither torch nor timm.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,9 @@ def config_option(name: str, note: str = "") -> tuple[Any, Any]:
     return annotation, typer.Option(cli_default(f), *m["flags"], help=config_help(name, note), **extra)
 
 
-def finetune_options(fn: Callable | None = None, *, only: tuple[str, ...] | None = None,
-                     notes: dict[str, str] | None = None):
+def finetune_options(
+    fn: Callable | None = None, *, only: tuple[str, ...] | None = None, notes: dict[str, str] | None = None
+):
     """Give a typer command the options of :class:`FinetuneConfig` (``only``: these of them; default every
     one; ``notes``: per option, what it means in this command): they are added to ``fn``'s signature
     (typer reads ``inspect.signature``) after its own parameters, and ``fn`` receives them as one keyword

@@ -1,4 +1,5 @@
 """`retrofit recipes`: list the built-in recipes."""
+
 from __future__ import annotations
 
 from rich.table import Table

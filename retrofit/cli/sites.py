@@ -1,4 +1,5 @@
 """`retrofit sites`: list the sites the pass finds."""
+
 from __future__ import annotations
 
 import typer

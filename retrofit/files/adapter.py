@@ -23,6 +23,7 @@ adapter, or saved as one (then its current weights are the base), or computed fr
 :func:`retrofit.save`. A model whose base weights were changed before any of these (your own training
 loop) gets that changed base's hash: its adapter is refused on the original base, never loaded wrong.
 """
+
 from __future__ import annotations
 
 import copy
@@ -90,8 +91,9 @@ def remember_base(model: nn.Module, name: str = "", *, new: set[str] | frozenset
     if info is not None and info.base is not None:
         return info.base
     skip = block_keys(model) | set(new)
-    record = BaseRecord({k: tensor_digest(v) for k, v in model.state_dict().items() if k not in skip},
-                        name or _default_name(model))
+    record = BaseRecord(
+        {k: tensor_digest(v) for k, v in model.state_dict().items() if k not in skip}, name or _default_name(model)
+    )
     update_info(model, base=record)
     return record
 
@@ -120,8 +122,12 @@ def adapter_tensors(model: nn.Module, base: Any = None) -> tuple[dict[str, torch
             continue
         relied.pop(key, None)
         tensors[key] = value.detach().to("cpu", copy=True).contiguous()
-    meta.update(format=ADAPTER_FORMAT, base_sha256=base_hash(relied), base_tensors=str(len(relied)),
-                base_name=_printable(record.name))
+    meta.update(
+        format=ADAPTER_FORMAT,
+        base_sha256=base_hash(relied),
+        base_tensors=str(len(relied)),
+        base_name=_printable(record.name),
+    )
     return tensors, meta
 
 
@@ -130,10 +136,12 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
     ``nn.Module``; see :func:`retrofit.load`)."""
     path = header.path
     if base is None:
-        raise RetrofitError(f"{excerpt(path)} is an adapter ({len(header.tensors)} tensors: the blocks and what "
-                            "changed) "
-                            f"made on {excerpt(header.base_name or 'a base model', bare=True)}; give that base: "
-                            f"retrofit.load(path, base=WEIGHTS_OR_MODEL) or --base FILE")
+        raise RetrofitError(
+            f"{excerpt(path)} is an adapter ({len(header.tensors)} tensors: the blocks and what "
+            "changed) "
+            f"made on {excerpt(header.base_name or 'a base model', bare=True)}; give that base: "
+            f"retrofit.load(path, base=WEIGHTS_OR_MODEL) or --base FILE"
+        )
     plain, name = base_model(base, header.architecture, header.model_kwargs)
     record = BaseRecord({k: tensor_digest(v) for k, v in plain.state_dict().items()}, name)
     model = rebuild(header, plain)
@@ -141,18 +149,24 @@ def load_adapter(header: Header, base: Any, *, force: bool = False) -> nn.Module
     check_tensors(model, header.tensors, path, required=blocks)
     state = model.state_dict()
     aliases = alias_groups(state)
-    relied = {k: record.digests.get(k) or tensor_digest(v) for k, v in state.items()
-              if not any(a in header.tensors for a in aliases.get(k, (k,)))}
+    relied = {
+        k: record.digests.get(k) or tensor_digest(v)
+        for k, v in state.items()
+        if not any(a in header.tensors for a in aliases.get(k, (k,)))
+    }
     found = base_hash(relied)
     if found != header.base_sha256:
-        text = (f"{excerpt(path)} was made on another base: {excerpt(header.base_name or 'its base', bare=True)} "
-                "(sha256 "
-                f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given "
-                f"({excerpt(name, bare=True)}) has "
-                f"{found[:12]} over {len(relied)}")
+        text = (
+            f"{excerpt(path)} was made on another base: {excerpt(header.base_name or 'its base', bare=True)} "
+            "(sha256 "
+            f"{header.base_sha256[:12]} over {header.base_tensors} tensors), the base given "
+            f"({excerpt(name, bare=True)}) has "
+            f"{found[:12]} over {len(relied)}"
+        )
         if not force:
-            raise RetrofitError(f"{text}; give the base it was made on, or --force (force=True) to rebuild it "
-                                f"on this one anyway")
+            raise RetrofitError(
+                f"{text}; give the base it was made on, or --force (force=True) to rebuild it on this one anyway"
+            )
         warnings.warn(RetrofitWarning(f"{text}; rebuilt on it anyway (forced)"), stacklevel=3)
     load_into(model, path, tensors=header.tensors, required=blocks)
     update_info(model, base=record)
@@ -176,18 +190,23 @@ def base_model(base: Any, architecture: str, model_kwargs: Mapping[str, int]) ->
         if path.is_dir():  # a folder of retrofit.save_pretrained
             header = read_folder(path)[0]
             if header.adapter:
-                raise RetrofitError(f"base {path} is itself an adapter; give the full model or the plain weights "
-                                    f"it was made on")
+                raise RetrofitError(
+                    f"base {path} is itself an adapter; give the full model or the plain weights it was made on"
+                )
             plain = load_full(header)
         elif _retrofit_format(path):
             if read_header(path).adapter:
-                raise RetrofitError(f"base {excerpt(path)} is itself an adapter; give the full model or the plain "
-                                    "weights "
-                                    f"it was made on")
+                raise RetrofitError(
+                    f"base {excerpt(path)} is itself an adapter; give the full model or the plain "
+                    "weights "
+                    f"it was made on"
+                )
             plain = load_full(read_header(path))
         elif not architecture:
-            raise RetrofitError("this adapter is of a network that is not from timm: pass the base network with "
-                                "its weights, retrofit.load(path, base=my_net)")
+            raise RetrofitError(
+                "this adapter is of a network that is not from timm: pass the base network with "
+                "its weights, retrofit.load(path, base=my_net)"
+            )
         else:
             plain = create_model(architecture, checkpoint=path, **model_kwargs)
     else:

@@ -16,6 +16,7 @@ the folder, no such process), so a killed ``add-se --output F`` leaves nothing b
 again; :func:`remove_stale_temps` lets a run folder's lock holder remove all of its own at once (see
 :mod:`retrofit.train.run_dir`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,10 @@ class WriteError(RetrofitError):
     def __init__(self, path: Path, reason: str, kept: bool, then: str = "try again"):
         self.path, self.reason, self.kept, self.then = path, reason, kept, then
         fix = "free space" if "space" in reason.lower() else "fix that"
-        super().__init__(f"cannot write {excerpt(path)}: {reason}; "
-                         f"{f'the previous {path.name} is kept' if kept else 'nothing was written'}; {fix} and {then}")
+        super().__init__(
+            f"cannot write {excerpt(path)}: {reason}; "
+            f"{f'the previous {path.name} is kept' if kept else 'nothing was written'}; {fix} and {then}"
+        )
 
     def advise(self, then: str) -> WriteError:
         """The same failure with another next step (``rerun with --resume``)."""
@@ -196,8 +199,11 @@ def _temps(folder: Path, names: set[str]) -> list[tuple[Path, int]]:
         entries = os.listdir(folder)
     except OSError:
         return []
-    return [(folder / entry, int(match.group("pid"))) for entry in entries
-            if (match := TEMP.match(entry)) and match.group("name") in names]
+    return [
+        (folder / entry, int(match.group("pid")))
+        for entry in entries
+        if (match := TEMP.match(entry)) and match.group("name") in names
+    ]
 
 
 def check_writable(path: Path) -> None:
@@ -206,13 +212,16 @@ def check_writable(path: Path) -> None:
     command that fails later leaves no empty folder behind."""
     path = Path(path)
     if path.is_dir():
-        raise RetrofitError(f"output {excerpt(path)} is a folder; give a file name such as "
-                            f"{excerpt(path / 'model.safetensors')}")
+        raise RetrofitError(
+            f"output {excerpt(path)} is a folder; give a file name such as {excerpt(path / 'model.safetensors')}"
+        )
     existing = next((p for p in path.parents if p.exists()), Path("."))  # the nearest folder that exists
     if not existing.is_dir():
-        raise RetrofitError(f"cannot create the output folder {excerpt(path.parent)}: {excerpt(existing)} is a file; "
-                            "choose another "
-                            f"output path")
+        raise RetrofitError(
+            f"cannot create the output folder {excerpt(path.parent)}: {excerpt(existing)} is a file; "
+            "choose another "
+            f"output path"
+        )
     if not os.access(existing, os.W_OK):
         raise RetrofitError(f"output folder {excerpt(existing)} is not writable")
 
@@ -224,5 +233,6 @@ def make_folders(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way (FileExistsError, NotADirectoryError), no permission...
         reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
-        raise RetrofitError(f"cannot create the output folder {excerpt(folder)}: {reason or err}; choose another "
-                            f"output path") from None
+        raise RetrofitError(
+            f"cannot create the output folder {excerpt(folder)}: {reason or err}; choose another output path"
+        ) from None

@@ -9,6 +9,7 @@ and the counts ``blocks`` and ``base_tensors``. Retrofit does not write a file o
 ``--num-classes`` is held to the same bound before a model is built. No torch here: the command
 line checks its options with it before importing torch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,11 @@ def out_of_bounds(name: str, value: Any) -> str | None:
     low, high = SIZES[name]
     if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
         return None
-    shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**30 \
+    shown = (
+        f"{value:,}"
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**30
         else excerpt(value, 40)
+    )
     return f"{name} = {shown}, not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
 
 
@@ -51,8 +55,10 @@ def whole_number(text: str, name: str) -> int:
     ``ValueError`` naming it, if not). No more digits than the bound has are ever converted."""
     low, high = SIZES[name]
     if not text.isascii() or not text.isdigit() or len(text) > len(str(high)):
-        raise ValueError(f"{name} = {excerpt(text)}, not a whole number from {low:,} to {high:,} (the bound on "
-                         f"{name} in a retrofit file)")
+        raise ValueError(
+            f"{name} = {excerpt(text)}, not a whole number from {low:,} to {high:,} (the bound on "
+            f"{name} in a retrofit file)"
+        )
     problem = out_of_bounds(name, int(text))
     if problem:
         raise ValueError(problem)

@@ -7,6 +7,7 @@ header are already in a fixed order. :func:`sort_metadata` rewrites the header i
 metadata keys sorted: the same entries in the same compact JSON (serde_json's: no spaces, non-ASCII
 as it is, the same escapes as Python's ``json``), so the same length, and the data is not touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def sort_metadata(path: Path) -> bool:
         meta = header.pop("__metadata__", None)
         if meta is None:
             return False
-        ordered = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
-                             ensure_ascii=False).encode()
+        ordered = json.dumps(
+            {"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"), ensure_ascii=False
+        ).encode()
         if len(ordered) > size:
             return False  # longer escapes than serde_json's: leave it
         f.seek(8)

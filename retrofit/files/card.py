@@ -7,6 +7,7 @@ on, for an adapter the sha256 it checks), the recipe, the blocks' overhead, the 
 full model's, the fine-tuning results when there was a fine-tune, the date and the command line. Its
 facts about the file are read back from the file itself. It is written atomically, like the weights.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -38,8 +39,15 @@ def card_path(weights: str | Path) -> Path:
     return weights.with_name(f"{weights.stem}.README.md")
 
 
-def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead: Any = None, result: Any = None,
-               command: str | None = None, base_name: str | None = None) -> Path:
+def write_card(
+    weights: str | Path,
+    model: nn.Module | None = None,
+    *,
+    overhead: Any = None,
+    result: Any = None,
+    command: str | None = None,
+    base_name: str | None = None,
+) -> Path:
     """Write the card of the retrofit file ``weights`` (already saved) and return its path.
 
     Args:
@@ -52,40 +60,74 @@ def write_card(weights: str | Path, model: nn.Module | None = None, *, overhead:
     """
     weights = Path(weights)
     header = read_header(weights)
-    load = (f'retrofit.load("{weights.name}", base="BASE_WEIGHTS")  # or base=the base nn.Module' if header.adapter
-            else f'retrofit.load("{weights.name}")' if header.architecture
-            else f'retrofit.load("{weights.name}", base=MyNet())  # the plain network')
-    lines = card_lines(header, weights.stem, weights.name, weights.stat().st_size, load, model=model,
-                       overhead=overhead, result=result, command=command, base_name=base_name)
+    load = (
+        f'retrofit.load("{weights.name}", base="BASE_WEIGHTS")  # or base=the base nn.Module'
+        if header.adapter
+        else f'retrofit.load("{weights.name}")'
+        if header.architecture
+        else f'retrofit.load("{weights.name}", base=MyNet())  # the plain network'
+    )
+    lines = card_lines(
+        header,
+        weights.stem,
+        weights.name,
+        weights.stat().st_size,
+        load,
+        model=model,
+        overhead=overhead,
+        result=result,
+        command=command,
+        base_name=base_name,
+    )
     return write_text(card_path(weights), "\n".join(lines) + "\n", weights.name)
 
 
-def card_lines(header: Header, title: str, file_name: str, size: int, load: str, *, model: nn.Module | None = None,
-               overhead: Any = None, result: Any = None, command: str | None = None,
-               base_name: str | None = None, target: str | None = None) -> list[str]:
+def card_lines(
+    header: Header,
+    title: str,
+    file_name: str,
+    size: int,
+    load: str,
+    *,
+    model: nn.Module | None = None,
+    overhead: Any = None,
+    result: Any = None,
+    command: str | None = None,
+    base_name: str | None = None,
+    target: str | None = None,
+) -> list[str]:
     """The markdown of a card (see the module doc): ``header`` describes the saved file ``file_name`` of
     ``size`` bytes, ``load`` is the Python line that loads it, ``target`` what a command is given (default:
     the file; a folder's name for a folder)."""
     retrofit_version = version("retrofit")
     arch = header.architecture or "a network that is not from timm"
     kind = "adapter" if header.adapter else "retrofitted model"
-    lines = [f"# {title}", "",
-             f"{'An adapter' if header.adapter else 'A model'}: `{arch}` with {header.blocks} `{header.recipe.module}` "
-             f"block(s) inserted by retrofit {retrofit_version} (recipe: {header.recipe.describe()}).", "",
-             "## Base model", "",
-             f"- architecture: `{arch}`" + (" (timm)" if header.architecture else ""),
-             f"- constructor arguments: `{json.dumps(header.model_kwargs)}`; traced at input "
-             f"{'x'.join(map(str, header.input_size))}"]
+    lines = [
+        f"# {title}",
+        "",
+        f"{'An adapter' if header.adapter else 'A model'}: `{arch}` with {header.blocks} `{header.recipe.module}` "
+        f"block(s) inserted by retrofit {retrofit_version} (recipe: {header.recipe.describe()}).",
+        "",
+        "## Base model",
+        "",
+        f"- architecture: `{arch}`" + (" (timm)" if header.architecture else ""),
+        f"- constructor arguments: `{json.dumps(header.model_kwargs)}`; traced at input "
+        f"{'x'.join(map(str, header.input_size))}",
+    ]
     name = header.base_name if header.adapter else base_name
     if name:
         lines.append(f"- base weights: {name}")
     if header.adapter:
-        lines.append(f"- sha256 of the {header.base_tensors} base tensors it takes from the base (name, dtype, "
-                     f"shape, bytes; checked on load): `{header.base_sha256}`")
+        lines.append(
+            f"- sha256 of the {header.base_tensors} base tensors it takes from the base (name, dtype, "
+            f"shape, bytes; checked on load): `{header.base_sha256}`"
+        )
     lines += ["", "## Loading", "", "```python", "import retrofit", "", f"model = {load}", "```", ""]
     if header.adapter:
-        lines += [f"or `retrofit finetune {target or file_name} --base BASE_WEIGHTS --data DIR` to fine-tune it "
-                  f"further.", ""]
+        lines += [
+            f"or `retrofit finetune {target or file_name} --base BASE_WEIGHTS --data DIR` to fine-tune it further.",
+            "",
+        ]
     lines += ["## Recipe", "", "```json", json.dumps(header.recipe.to_dict(), indent=2), "```", ""]
     lines += _folds_section(header.folds, header.blocks)
     if overhead is not None:
@@ -96,12 +138,20 @@ def card_lines(header: Header, title: str, file_name: str, size: int, load: str,
         lines.append(f"| the full model's weights | {_mb(full)} (the adapter is {100 * size / full:.1f}%) |")
     lines.append("")
     if result is not None:
-        lines += ["## Fine-tuning", "", table_markdown(results_table(result, title="")),
-                  f"Best by val top-1: {result.best['name']} ({result.best['top1']:.2f}%); "
-                  f"{len(result.classes)} classes.", ""]
+        lines += [
+            "## Fine-tuning",
+            "",
+            table_markdown(results_table(result, title="")),
+            f"Best by val top-1: {result.best['name']} ({result.best['top1']:.2f}%); {len(result.classes)} classes.",
+            "",
+        ]
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines += ["## Provenance", "", f"- written {now}; retrofit {retrofit_version}, torch {torch.__version__}, timm "
-                                   f"{timm.__version__}, Python {platform.python_version()}"]
+    lines += [
+        "## Provenance",
+        "",
+        f"- written {now}; retrofit {retrofit_version}, torch {torch.__version__}, timm "
+        f"{timm.__version__}, Python {platform.python_version()}",
+    ]
     if command:
         lines.append(f"- command: `{command}`")
     return lines
@@ -123,13 +173,20 @@ def _folds_section(folds: list, blocks: int) -> list[str]:
         return []
     kept = blocks - len(folds)
     verb = "computes" if kept == 1 else "compute"
-    lines = ["## Folded blocks", "", f"{len(folds)} of the {blocks} blocks were folded by `retrofit fold` into "
-                                     "constant "
-             f"scales ({kept} still {verb} an excitation). `retrofit.strip` removes the blocks and channel scales "
-             f"and keeps the scales folded into neighbours; `retrofit.bypass` computes the same network.", "",
-             "| block | folded into |", "| --- | --- |"]
-    lines += [f"| `{f.path}` | {FOLD_KINDS[f.into]}" + (f" (`{f.neighbour}`)" if f.neighbour else "") + " |"
-              for f in folds]
+    lines = [
+        "## Folded blocks",
+        "",
+        f"{len(folds)} of the {blocks} blocks were folded by `retrofit fold` into "
+        "constant "
+        f"scales ({kept} still {verb} an excitation). `retrofit.strip` removes the blocks and channel scales "
+        f"and keeps the scales folded into neighbours; `retrofit.bypass` computes the same network.",
+        "",
+        "| block | folded into |",
+        "| --- | --- |",
+    ]
+    lines += [
+        f"| `{f.path}` | {FOLD_KINDS[f.into]}" + (f" (`{f.neighbour}`)" if f.neighbour else "") + " |" for f in folds
+    ]
     return lines + [""]
 
 

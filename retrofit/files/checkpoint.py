@@ -12,6 +12,7 @@ the weights, :mod:`retrofit.files.full`, or rebuilds an adapter on its base) or 
 destination; every metadata value and every tensor's name, dtype and shape is checked before anything of
 a file is loaded.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -32,8 +33,7 @@ from .header import metadata, read_header
 from .pretrained import from_pretrained, rebuild_from, save_pretrained
 
 
-def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any = None,
-         card: bool = False) -> Path:
+def save(model: nn.Module, path: str | Path, *, adapter: bool = False, base: Any = None, card: bool = False) -> Path:
     """Write a retrofitted ``model`` (from :func:`retrofit.add_se`) to ``path`` (``.safetensors``).
 
     Args:
@@ -97,8 +97,12 @@ def load(path: str | Path, base: Any = None, *, force: bool = False, model: nn.M
     if model is not None:
         if base is not None:
             raise RetrofitError("give the network to rebuild on once, as base= (model= is its old name)")
-        warnings.warn("retrofit.load(path, model=net) is deprecated: pass base=net (one name for the network to "
-                      "rebuild on, a plain network or an adapter's base)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "retrofit.load(path, model=net) is deprecated: pass base=net (one name for the network to "
+            "rebuild on, a plain network or an adapter's base)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         base = model
     if Path(path).expanduser().is_dir():
         return from_pretrained(path, base, force=force)

@@ -15,6 +15,7 @@ of a fine-tune would train, and with ``latency`` the forward time against the or
 Without real weights needed (``meta=None`` and no checkpoint, pretrained or latency) the model is built on
 the meta device (:mod:`retrofit.measure.meta`): it can be measured and reported, not saved or trained.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,19 +65,35 @@ class Retrofitted:
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers as plain values (``retrofit add-se --json``)."""
-        data = {"model": model_name(self.model), "recipe": self.recipe.to_dict(),
-                "sites": sites_json(self.scan, self.named),
-                **self.overhead.to_dict(), "skipped": [{"where": s.where, "reason": s.reason} for s in self.skipped],
-                "trainable_parameters": {"trainable": self.trainable.trainable, "total": self.trainable.total}}
+        data = {
+            "model": model_name(self.model),
+            "recipe": self.recipe.to_dict(),
+            "sites": sites_json(self.scan, self.named),
+            **self.overhead.to_dict(),
+            "skipped": [{"where": s.where, "reason": s.reason} for s in self.skipped],
+            "trainable_parameters": {"trainable": self.trainable.trainable, "total": self.trainable.total},
+        }
         if self.latency is not None:
             data["latency"] = latency_json(self.latency)
         return data
 
 
-def create(name: str, recipe: Recipe | str | dict | None = None, *, checkpoint: str | Path | None = None,
-           pretrained: bool = False, num_classes: int | str | None = None, input_size: Any = None,
-           meta: bool | None = None, latency: bool = False, batch: int = 8, runs: int = 10,
-           on_event: OnEvent | None = None, weights_needed: bool = False, **fields: Any) -> Retrofitted:
+def create(
+    name: str,
+    recipe: Recipe | str | dict | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    num_classes: int | str | None = None,
+    input_size: Any = None,
+    meta: bool | None = None,
+    latency: bool = False,
+    batch: int = 8,
+    runs: int = 10,
+    on_event: OnEvent | None = None,
+    weights_needed: bool = False,
+    **fields: Any,
+) -> Retrofitted:
     """Build the timm model ``name``, retrofit it by ``recipe`` (and ``fields``, as :func:`retrofit.add_se`),
     and measure it (see the module doc).
 
@@ -103,11 +120,16 @@ def create(name: str, recipe: Recipe | str | dict | None = None, *, checkpoint: 
         raise RetrofitError(f"--batch and --runs must be at least 1, got {batch} and {runs}")
     needs_weights = checkpoint is not None or pretrained or latency or weights_needed
     if meta and needs_weights:
-        raise RetrofitError("--meta builds the model without weights: it cannot go with --output, --checkpoint, "
-                            "--pretrained, --latency or --finetune; drop --meta")
+        raise RetrofitError(
+            "--meta builds the model without weights: it cannot go with --output, --checkpoint, "
+            "--pretrained, --latency or --finetune; drop --meta"
+        )
     with paused_gc():
-        net, found = build_and_scan(lambda: build_named(name, checkpoint, pretrained, classes), input_size,
-                                    meta=not needs_weights if meta is None else meta)
+        net, found = build_and_scan(
+            lambda: build_named(name, checkpoint, pretrained, classes),
+            input_size,
+            meta=not needs_weights if meta is None else meta,
+        )
         named = named_sites(found.traced, chosen.at, model_name(net)) if chosen.at else []  # before the blocks
         base = traced_cost(found.traced, found.macs)  # measured before the surgery changes `net`
         original = copy.deepcopy(net) if latency else None
@@ -118,17 +140,36 @@ def create(name: str, recipe: Recipe | str | dict | None = None, *, checkpoint: 
     hub = dict(base_model=cfg.get("hf_hub_id") or "", license=cfg.get("license") or "") if pretrained else {}
     update_info(net, weights=weights, **hub)
     head = new_head(name, checkpoint, pretrained, classes)
-    base_name = f"{name}, " + (f"weights {Path(checkpoint).name}" if checkpoint is not None else
-                               "timm's pretrained weights" if pretrained else "random weights")
+    base_name = f"{name}, " + (
+        f"weights {Path(checkpoint).name}"
+        if checkpoint is not None
+        else "timm's pretrained weights"
+        if pretrained
+        else "random weights"
+    )
     if not any(p.is_meta for p in net.parameters()):  # the base an adapter is relative to: the weights as built
         remember_base(net, base_name, new=head_keys(net) if head else set())  # (a new head is not the base's)
     timing = None
     if latency:
-        timing = measure_latency({"original": original, "retrofitted": net}, batch=batch,
-                                 input_size=found.traced.input_size,
-                                 runs=runs, on_event=on_event)
-    return Retrofitted(net, chosen, found, named, report, trainable_parameters(net, head=head), head, base_name, timing,
-                       list(info.skipped))
+        timing = measure_latency(
+            {"original": original, "retrofitted": net},
+            batch=batch,
+            input_size=found.traced.input_size,
+            runs=runs,
+            on_event=on_event,
+        )
+    return Retrofitted(
+        net,
+        chosen,
+        found,
+        named,
+        report,
+        trainable_parameters(net, head=head),
+        head,
+        base_name,
+        timing,
+        list(info.skipped),
+    )
 
 
 def create_model(name: str, recipe: Recipe | str | dict | None = None, **kwargs: Any) -> nn.Module:
@@ -144,8 +185,13 @@ def create_model(name: str, recipe: Recipe | str | dict | None = None, **kwargs:
     return create(name, recipe, **{"weights_needed": True, **kwargs}).model
 
 
-def build_named(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
-                num_classes: int | str | None = None, seed: int | None = None) -> nn.Module:
+def build_named(
+    name: str,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    num_classes: int | str | None = None,
+    seed: int | None = None,
+) -> nn.Module:
     """The timm model ``name`` with its weights from ``checkpoint``, timm's ``pretrained`` ones or random, and
     ``num_classes`` outputs (checked by :func:`parse_num_classes`): what every command that takes a model
     name builds. ``seed``: random weights drawn after ``torch.manual_seed(seed)`` (the global generator

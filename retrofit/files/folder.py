@@ -6,6 +6,7 @@ depth (:mod:`retrofit.inputs`, the reader of every file the tool reads) with no 
 top-level keys against an allow-list, then every value through the checks, allow-lists and bounds of
 :func:`retrofit.files.header.parse_metadata`: nothing is built before all of it is checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,30 @@ from ..inputs import load_json, read_text
 from .header import ADAPTER_FORMAT, FORMAT, Header, parse_metadata
 from .tensors import read_safetensors_header
 
-CONFIG_FILE, MODEL_FILE, ADAPTER_FILE, CARD_FILE = "config.json", "model.safetensors", "adapter_model.safetensors", \
-    "README.md"
+CONFIG_FILE, MODEL_FILE, ADAPTER_FILE, CARD_FILE = (
+    "config.json",
+    "model.safetensors",
+    "adapter_model.safetensors",
+    "README.md",
+)
 CONFIG_FORMAT = "retrofit-pretrained/1"
 CONFIG_BYTES = 1 << 20  # a config is a few kB (a recipe with overrides); more is not one retrofit wrote
 # config.json's top-level keys (any other is refused), and the metadata keys each becomes (parse_metadata's)
-CONFIG_KEYS = ("format", "kind", "retrofit_version", "architecture", "model_kwargs", "recipe", "input_size", "blocks",
-               "weights", "folds", "base", "base_model", "license")
+CONFIG_KEYS = (
+    "format",
+    "kind",
+    "retrofit_version",
+    "architecture",
+    "model_kwargs",
+    "recipe",
+    "input_size",
+    "blocks",
+    "weights",
+    "folds",
+    "base",
+    "base_model",
+    "license",
+)
 JSON_KEYS = ("model_kwargs", "recipe", "input_size")  # values parse_metadata reads as JSON text
 OPTIONAL_JSON_KEYS = ("folds",)  # the same, when the model has them (retrofit.fold's record)
 BASE_KEYS = ("name", "sha256", "tensors")
@@ -37,15 +55,23 @@ LICENSE = re.compile(r"[a-z0-9][a-z0-9.\-]{0,63}")
 def config_of(meta: Mapping[str, str], info) -> dict[str, Any]:
     """``config.json`` of a file's metadata (:func:`retrofit.files.header.metadata`, an adapter's too)."""
     adapter = meta["format"] == ADAPTER_FORMAT
-    config: dict[str, Any] = {"format": CONFIG_FORMAT, "kind": "adapter" if adapter else "model",
-                              "retrofit_version": version("retrofit"), "architecture": meta["architecture"],
-                              **{k: json.loads(meta[k]) for k in JSON_KEYS}, "blocks": int(meta["blocks"])}
+    config: dict[str, Any] = {
+        "format": CONFIG_FORMAT,
+        "kind": "adapter" if adapter else "model",
+        "retrofit_version": version("retrofit"),
+        "architecture": meta["architecture"],
+        **{k: json.loads(meta[k]) for k in JSON_KEYS},
+        "blocks": int(meta["blocks"]),
+    }
     if "weights" in meta:
         config["weights"] = meta["weights"]
     config.update({k: json.loads(meta[k]) for k in OPTIONAL_JSON_KEYS if k in meta})
     if adapter:
-        config["base"] = {"name": meta["base_name"], "sha256": meta["base_sha256"],
-                          "tensors": int(meta["base_tensors"])}
+        config["base"] = {
+            "name": meta["base_name"],
+            "sha256": meta["base_sha256"],
+            "tensors": int(meta["base_tensors"]),
+        }
     for key in ("base_model", "license"):
         if info is not None and getattr(info, key):
             config[key] = getattr(info, key)
@@ -61,14 +87,18 @@ def read_folder(directory: str | Path) -> tuple[Header, dict[str, str]]:
         raise RetrofitError(f"{folder} is not a folder saved by retrofit.save_pretrained")
     path = folder / CONFIG_FILE
     if not path.exists() and not path.is_symlink():
-        raise RetrofitError(f"{folder} has no {CONFIG_FILE}: not a folder written by retrofit.save_pretrained, or one "
-                            f"whose writing was interrupted; save it again")
+        raise RetrofitError(
+            f"{folder} has no {CONFIG_FILE}: not a folder written by retrofit.save_pretrained, or one "
+            f"whose writing was interrupted; save it again"
+        )
     config = read_config(path)
     weights = folder / (ADAPTER_FILE if config["kind"] == "adapter" else MODEL_FILE)
     if not weights.is_file():
-        raise RetrofitError(f"{folder} has a {CONFIG_FILE} for "
-                            f"{'an adapter' if config['kind'] == 'adapter' else 'a model'} "
-                            f"but no {weights.name}; save it again")
+        raise RetrofitError(
+            f"{folder} has a {CONFIG_FILE} for "
+            f"{'an adapter' if config['kind'] == 'adapter' else 'a model'} "
+            f"but no {weights.name}; save it again"
+        )
     extra = {key: config[key] for key in ("base_model", "license") if key in config}
     return header_of(config, path, weights, read_safetensors_header(weights)[1]), extra
 
@@ -77,6 +107,7 @@ def read_config(path: Path) -> dict[str, Any]:
     """``config.json``, read as bounded data: a regular file of at most :data:`CONFIG_BYTES`, strict JSON (no
     NaN or Infinity, no key twice), an object of the keys retrofit writes, each top-level value of its kind;
     the values themselves are checked by :func:`header_of`."""
+
     def bad(why: str) -> RetrofitError:
         return RetrofitError(f"{path}: {why}; the folder was not written by retrofit or was edited, save it again")
 
@@ -99,8 +130,11 @@ def read_config(path: Path) -> dict[str, Any]:
     base = config.get("base", dict.fromkeys(BASE_KEYS))
     if not isinstance(base, dict) or set(base) != set(BASE_KEYS):
         raise bad(f"'base' must be an object of {', '.join(BASE_KEYS)}")
-    for key, pattern in (("retrofit_version", re.compile(r"[0-9A-Za-z.+\-]{1,40}")), ("base_model", HUB_ID),
-                         ("license", LICENSE)):
+    for key, pattern in (
+        ("retrofit_version", re.compile(r"[0-9A-Za-z.+\-]{1,40}")),
+        ("base_model", HUB_ID),
+        ("license", LICENSE),
+    ):
         if key in config and (not isinstance(config[key], str) or not pattern.fullmatch(config[key])):
             raise bad(f"'{key}' is {excerpt(config[key])}, not a {key.replace('_', ' ')}")
     return config
@@ -118,9 +152,11 @@ def header_of(config: Mapping[str, Any], where: Path, weights: Path, tensors) ->
             meta[key] = value if isinstance(value, str) else json.dumps(value)
     if "base" in config:
         base = config["base"]
-        meta.update(base_name=base["name"] if isinstance(base["name"], str) else json.dumps(base["name"]),
-                    base_sha256=base["sha256"] if isinstance(base["sha256"], str) else json.dumps(base["sha256"]),
-                    base_tensors=json.dumps(base["tensors"]))
+        meta.update(
+            base_name=base["name"] if isinstance(base["name"], str) else json.dumps(base["name"]),
+            base_sha256=base["sha256"] if isinstance(base["sha256"], str) else json.dumps(base["sha256"]),
+            base_tensors=json.dumps(base["tensors"]),
+        )
     return Header(path=weights, format=meta["format"], tensors=tensors, **parse_metadata(meta, str(where)))
 
 

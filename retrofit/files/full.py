@@ -1,5 +1,6 @@
 """A full model file: the plain network rebuilt from the file's metadata, retrofitted by its recipe,
 then its weights loaded after every tensor's name, dtype and shape is checked."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -19,15 +20,19 @@ def rebuild(header: Header, model: nn.Module | None = None) -> nn.Module:
     the file says: no weights loaded yet."""
     if model is None:
         if not header.architecture:
-            raise RetrofitError(f"{excerpt(header.path)} holds a model that is not from timm: pass the plain network, "
-                                f"retrofit.load(path, base=MyNet())")
+            raise RetrofitError(
+                f"{excerpt(header.path)} holds a model that is not from timm: pass the plain network, "
+                f"retrofit.load(path, base=MyNet())"
+            )
         check_model_file(header.architecture, header.model_kwargs, header.tensors, header.path)  # on meta: no memory
         model = create_model(header.architecture, **header.model_kwargs)
     model = add_se(model, header.recipe, inplace=True, input_size=header.input_size)
     blocks = len(get_info(model).blocks)
     if blocks != header.blocks:
-        raise RetrofitError(f"{excerpt(header.path)} says {header.blocks} blocks but its recipe gives "
-                            f"{blocks} on this model; is it the network it was saved from?")
+        raise RetrofitError(
+            f"{excerpt(header.path)} says {header.blocks} blocks but its recipe gives "
+            f"{blocks} on this model; is it the network it was saved from?"
+        )
     update_info(model, weights=header.weights)  # where the file says its weights came from
     try:
         apply_folds(model, header.folds)

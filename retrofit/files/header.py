@@ -12,6 +12,7 @@ every size-like value against the bounds of :mod:`retrofit.files.bounds`, so it 
 amount of memory. A file that fails any check is refused with one line naming the problem. Retrofit
 writes no file outside those bounds (:func:`metadata`).
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,10 @@ def read_header(path: str | Path) -> Header:
     path = regular_file(path, "file")  # a directory, a FIFO, a device, a symlink loop: said as what it is
     meta, tensors = read_safetensors_header(path)
     if meta.get("format") not in (FORMAT, ADAPTER_FORMAT):
-        raise RetrofitError(f"{excerpt(path)} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
-                            f"use `retrofit add-se MODEL --checkpoint {excerpt(path.name, bare=True)}`")
+        raise RetrofitError(
+            f"{excerpt(path)} is not a retrofit file (no '{FORMAT}' metadata); for plain weights "
+            f"use `retrofit add-se MODEL --checkpoint {excerpt(path.name, bare=True)}`"
+        )
     return Header(path=path, format=meta["format"], tensors=tensors, **parse_metadata(meta, str(path)))
 
 
@@ -113,9 +116,12 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The values of retrofit metadata, each checked for its type; anything else is refused.
 
     Returns the fields of :class:`Header` (``architecture``, ``model_kwargs``, ``recipe``...)."""
+
     def bad(key: str, why: str) -> RetrofitError:
-        return RetrofitError(f"{excerpt(where, bare=True)}: metadata {excerpt(key)} {why}; the file was not written "
-                             f"by retrofit or was edited, rebuild it from its source")
+        return RetrofitError(
+            f"{excerpt(where, bare=True)}: metadata {excerpt(key)} {why}; the file was not written "
+            f"by retrofit or was edited, rebuild it from its source"
+        )
 
     required = ADAPTER_KEYS if meta.get("format") == ADAPTER_FORMAT else KEYS
     for key in meta:
@@ -148,8 +154,11 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     kwargs = json_value("model_kwargs", dict, "a mapping")
     for key in kwargs:
         if key not in MODEL_KWARGS:
-            raise bad("model_kwargs", f"names {excerpt(key)}: only {', '.join(MODEL_KWARGS)} are allowed (a "
-                                      f"file may not ask for downloads or other files)")
+            raise bad(
+                "model_kwargs",
+                f"names {excerpt(key)}: only {', '.join(MODEL_KWARGS)} are allowed (a "
+                f"file may not ask for downloads or other files)",
+            )
     size = json_value("input_size", list, "a list [C, H, W]")
     if len(size) != 3 or not all(_is_int(v) and v >= 1 for v in size):
         raise bad("input_size", f"must be three positive whole numbers [C, H, W], got {excerpt(size)}")
@@ -188,10 +197,14 @@ def _folds(value: list, blocks: int, bad) -> list[Folded]:
         raise bad("folds", f"lists {len(value)} folded blocks but the file has {blocks} blocks")
     folds, seen = [], set()
     for entry in value:
-        if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, str) and len(v) <= MAX_PATH
-                                                                     and v.isprintable() for v in entry)):
-            raise bad("folds", "has an entry that is not [block, kind, neighbour] (three short texts): "
-                               f"{excerpt(entry)}")
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and all(isinstance(v, str) and len(v) <= MAX_PATH and v.isprintable() for v in entry)
+        ):
+            raise bad(
+                "folds", f"has an entry that is not [block, kind, neighbour] (three short texts): {excerpt(entry)}"
+            )
         path, into, neighbour = entry
         if into not in FOLD_KINDS:
             raise bad("folds", f"has the kind {excerpt(into)}, not one of {', '.join(FOLD_KINDS)}")

@@ -16,6 +16,7 @@ A model whose construction needs real values (an ``.item()`` on a tensor: see
 :mod:`retrofit.measure.meta`) cannot be built on the meta device; it is not checked here, and the checks
 after the real build (every tensor's name, dtype and shape) still refuse a file that does not fit.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,13 +58,21 @@ def check_model_file(name: str, kwargs: Mapping[str, Any], tensors: Tensors, whe
         held = [(k, v) for k, v in group if k in tensors]
         if not held:
             missing.append(group[0][0])
-        shapes += [f"{k}: {excerpt(list(tensors[k][1]))} in the file, {list(v.shape)} in the model"
-                   for k, v in held if tuple(tensors[k][1]) != tuple(v.shape)]
-    problems = [f"{len(found)} {label} (e.g. {excerpt(found[0], 200, bare=True)})"
-                for label, found in (("missing tensors", missing), ("shape mismatches", shapes)) if found]
+        shapes += [
+            f"{k}: {excerpt(list(tensors[k][1]))} in the file, {list(v.shape)} in the model"
+            for k, v in held
+            if tuple(tensors[k][1]) != tuple(v.shape)
+        ]
+    problems = [
+        f"{len(found)} {label} (e.g. {excerpt(found[0], 200, bare=True)})"
+        for label, found in (("missing tensors", missing), ("shape mismatches", shapes))
+        if found
+    ]
     if problems:
-        raise RetrofitError(f"{excerpt(where, bare=True)} does not hold the weights of {name}: {', '.join(problems)} "
-                            f"(checked before building it); is it the network it was saved from?")
+        raise RetrofitError(
+            f"{excerpt(where, bare=True)} does not hold the weights of {name}: {', '.join(problems)} "
+            f"(checked before building it); is it the network it was saved from?"
+        )
 
 
 def check_checkpoint(name: str, kwargs: Mapping[str, Any], tensors: Tensors, where: Any) -> None:
@@ -79,6 +88,8 @@ def check_checkpoint(name: str, kwargs: Mapping[str, Any], tensors: Tensors, whe
     need = sum(v.numel() for v in unique.values())
     have = sum(math.prod(shape) for _, shape in tensors.values())
     if need > 2 * have:
-        raise RetrofitError(f"checkpoint {excerpt(where, bare=True)} holds {have:,} values, but {name} has {need:,} "
-                            f"outside its classifier (checked before building it); is it a checkpoint of this "
-                            f"architecture?")
+        raise RetrofitError(
+            f"checkpoint {excerpt(where, bare=True)} holds {have:,} values, but {name} has {need:,} "
+            f"outside its classifier (checked before building it); is it a checkpoint of this "
+            f"architecture?"
+        )

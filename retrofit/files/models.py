@@ -1,4 +1,5 @@
 """Getting the user's model: timm names (with close-name suggestions) and local weight files."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ from .meta_check import check_checkpoint
 from .tensors import HeaderBound, dtype_fits, dtype_name, safetensors_header
 
 
-def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained: bool = False,
-                 **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, *, checkpoint: str | Path | None = None, pretrained: bool = False, **kwargs: Any
+) -> nn.Module:
     """Build a timm model by name, optionally with weights.
 
     Args:
@@ -52,15 +54,19 @@ def create_model(name: str, *, checkpoint: str | Path | None = None, pretrained:
     except RuntimeError as err:
         if checkpoint is None:
             raise
-        raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)} does not fit {name}: "
-                            f"{describe_mismatch(err)}; "
-                            f"is it a checkpoint of this architecture?") from None
+        raise RetrofitError(
+            f"checkpoint {excerpt(checkpoint, bare=True)} does not fit {name}: "
+            f"{describe_mismatch(err)}; "
+            f"is it a checkpoint of this architecture?"
+        ) from None
     except Exception as err:
         if checkpoint is None:
             raise RetrofitError(f"cannot build {name}: {first_line(err)}") from None
-        raise RetrofitError(f"cannot read checkpoint {excerpt(checkpoint, bare=True)} ({type(err).__name__}: "
-                            f"{first_line(err)}); "
-                            f"is it a complete .safetensors or .pth file?") from None
+        raise RetrofitError(
+            f"cannot read checkpoint {excerpt(checkpoint, bare=True)} ({type(err).__name__}: "
+            f"{first_line(err)}); "
+            f"is it a complete .safetensors or .pth file?"
+        ) from None
     if checkpoint is not None:
         _check_dtypes(model, tensors, checkpoint)
     return model
@@ -85,8 +91,10 @@ def checkpoint_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     except HeaderBound as err:
         raise RetrofitError(f"cannot read checkpoint {excerpt(path)}: {err}; is it a weight file?") from None
     except Exception as err:  # a pickle that would run code, a truncated zip, I/O: no usable weights
-        raise RetrofitError(f"cannot read checkpoint {excerpt(path)} ({type(err).__name__}: {first_line(err)}); is it "
-                            f"a complete .safetensors or .pth weight file? (pickled code is never run)") from None
+        raise RetrofitError(
+            f"cannot read checkpoint {excerpt(path)} ({type(err).__name__}: {first_line(err)}); is it "
+            f"a complete .safetensors or .pth weight file? (pickled code is never run)"
+        ) from None
     if isinstance(state, dict):
         for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's order (use_ema)
             if state.get(wrapper) is not None:
@@ -97,10 +105,12 @@ def checkpoint_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     out = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise RetrofitError(f"checkpoint {excerpt(path)}: entry {excerpt(key)} is a {type(value).__name__}, not a "
-                                f"tensor; give a state dict of tensors")
+            raise RetrofitError(
+                f"checkpoint {excerpt(path)}: entry {excerpt(key)} is a {type(value).__name__}, not a "
+                f"tensor; give a state dict of tensors"
+            )
         for prefix in ("_orig_mod.", "module.", "_orig_mod."):  # timm's clean_state_dict
-            key = key[len(prefix):] if key.startswith(prefix) else key
+            key = key[len(prefix) :] if key.startswith(prefix) else key
         out[key] = (dtype_name(value.dtype), tuple(value.shape))
     return out
 
@@ -111,10 +121,12 @@ def _check_dtypes(model: nn.Module, tensors: dict[str, tuple[str, tuple[int, ...
     the way are not seen here (timm checks their shapes)."""
     for key, value in model.state_dict().items():
         if key in tensors and not dtype_fits(tensors[key][0], value.dtype):
-            raise RetrofitError(f"checkpoint {excerpt(checkpoint, bare=True)}: {key} is {tensors[key][0]} in the file "
-                                "but "
-                                f"{dtype_name(value.dtype)} in {type(model).__name__}; the file was edited or "
-                                f"is not a weight file of this model")
+            raise RetrofitError(
+                f"checkpoint {excerpt(checkpoint, bare=True)}: {key} is {tensors[key][0]} in the file "
+                "but "
+                f"{dtype_name(value.dtype)} in {type(model).__name__}; the file was edited or "
+                f"is not a weight file of this model"
+            )
 
 
 def checkpoint_classes(path: Path, name: str, tensors: dict | None = None) -> int | None:
@@ -144,7 +156,7 @@ def new_head(name: str, checkpoint: str | Path | None, pretrained: bool, num_cla
     if checkpoint is not None:
         return checkpoint_classes(Path(checkpoint).expanduser(), name) != int(num_classes)
     if pretrained:
-            return timm.models.get_pretrained_cfg(name).num_classes != int(num_classes)
+        return timm.models.get_pretrained_cfg(name).num_classes != int(num_classes)
     return True
 
 
@@ -152,8 +164,10 @@ def describe_mismatch(err: BaseException) -> str:
     """One line out of ``load_state_dict``'s multi-line error: counts and an example of each problem."""
     text = str(err)
     parts = []
-    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
-                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+    for label, pattern in (
+        ("missing", r"Missing key\(s\) in state_dict: (.*)"),
+        ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)"),
+    ):
         match = re.search(pattern, text)
         if match:
             keys = re.findall(r'"([^"]+)"', match.group(1))

@@ -27,6 +27,7 @@ folder's commit: written last, and removed first when a folder is written again.
 leaves the old folder whole, a folder without ``config.json`` (refused by :func:`from_pretrained` as
 incomplete), or the new folder whole, never a config next to weights it does not describe.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,9 +51,17 @@ from .header import Header, metadata
 from .tensors import read_safetensors_header
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, *, adapter: bool = False, base: Any = None,
-                    overhead: Any = None, result: Any = None, command: str | None = None,
-                    base_name: str | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    adapter: bool = False,
+    base: Any = None,
+    overhead: Any = None,
+    result: Any = None,
+    command: str | None = None,
+    base_name: str | None = None,
+) -> Path:
     """Write a retrofitted ``model`` to the folder ``directory`` (created as by ``mkdir -p``): ``config.json``,
     ``model.safetensors`` (or, with ``adapter``, ``adapter_model.safetensors``) and ``README.md``, its card.
 
@@ -102,8 +111,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, adapter: bool = 
         else:
             save_model(model, str(tmp), metadata={"format": "pt"})
     header = header_of(config, folder / CONFIG_FILE, weights, read_safetensors_header(weights)[1])
-    card = card_text(header, folder, weights, model, config, overhead=overhead, result=result, command=command,
-                     base_name=base_name)
+    card = card_text(
+        header, folder, weights, model, config, overhead=overhead, result=result, command=command, base_name=base_name
+    )
     write_text(folder / CARD_FILE, card, weights.name)
     with atomic_write(folder / CONFIG_FILE) as tmp:  # the commit
         tmp.write_text(json.dumps(config, indent=2) + "\n")
@@ -145,16 +155,19 @@ def rebuild_from(header: Header, base: Any, *, force: bool, extra: Mapping[str, 
         model = load_adapter(header, base, force=force)
     else:
         if base is not None and not isinstance(base, nn.Module):
-            raise RetrofitError(f"{header.path} is a full model: it holds every weight and needs no base weights "
-                                f"(base= takes the plain network, an nn.Module, for a network that is not from timm)")
+            raise RetrofitError(
+                f"{header.path} is a full model: it holds every weight and needs no base weights "
+                f"(base= takes the plain network, an nn.Module, for a network that is not from timm)"
+            )
         model = load_full(header, copy.deepcopy(base) if base is not None else None)
     if extra:
         update_info(model, **extra)
     return model
 
 
-def card_text(header: Header, folder: Path, weights: Path, model: nn.Module, config: Mapping[str, Any],
-              **tables: Any) -> str:
+def card_text(
+    header: Header, folder: Path, weights: Path, model: nn.Module, config: Mapping[str, Any], **tables: Any
+) -> str:
     """``README.md``: the Hub's YAML metadata block, then the card of :mod:`retrofit.files.card`."""
     data: dict[str, Any] = {"library_name": "retrofit"}
     if config.get("base_model"):
@@ -170,11 +183,14 @@ def card_text(header: Header, folder: Path, weights: Path, model: nn.Module, con
     # hand-written front matter rather than huggingface_hub's ModelCard: that is no dependency of retrofit, and
     # the block is YAML between two '---' lines (the tests read it back with huggingface_hub's own parser)
     front = "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n\n"
-    load = (f'retrofit.from_pretrained("{folder.name}", base="BASE_WEIGHTS")  # or base=the base nn.Module'
-            if header.adapter else f'retrofit.from_pretrained("{folder.name}")' if header.architecture
-            else f'retrofit.from_pretrained("{folder.name}", base=MyNet())  # the plain network')
-    lines = card_lines(header, folder.name, weights.name, weights.stat().st_size, load, model=model,
-                       target=f"{folder.name}/", **tables)
+    load = (
+        f'retrofit.from_pretrained("{folder.name}", base="BASE_WEIGHTS")  # or base=the base nn.Module'
+        if header.adapter
+        else f'retrofit.from_pretrained("{folder.name}")'
+        if header.architecture
+        else f'retrofit.from_pretrained("{folder.name}", base=MyNet())  # the plain network'
+    )
+    lines = card_lines(
+        header, folder.name, weights.name, weights.stat().st_size, load, model=model, target=f"{folder.name}/", **tables
+    )
     return front + "\n".join(lines) + "\n"
-
-

@@ -8,6 +8,7 @@ no record, :func:`look_random` guesses from the norm layers. On random weights a
 that the code runs. With timm's ``zero_init_last`` the blocks on a residual branch get no gradient at
 all (see :mod:`retrofit.train.gradients`).
 """
+
 from __future__ import annotations
 
 import torch

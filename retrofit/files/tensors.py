@@ -5,6 +5,7 @@ file is judged before its data is read: an unknown or missing name, a wrong shap
 tensor relabelled as a float (and the reverse) is refused in one line. A float tensor may come at
 another float precision (a model saved in half precision loads into float32).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,18 @@ from .bounds import HEADER_BYTES, TENSORS
 
 # safetensors' names of the torch dtypes; a float tensor may be stored at another float precision (a
 # model saved in half precision loads into float32), any other tensor must have its exact type
-DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL"}
+DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 FLOAT_DTYPES = {name for dtype, name in DTYPE_NAMES.items() if dtype.is_floating_point}
 EXACT_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items() if not dtype.is_floating_point}
 
@@ -41,8 +51,9 @@ def safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str,
     is refused from its first bytes, not after parsing it whole (seconds and gigabytes)."""
     check_header_size(path)
     with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}, {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
-                                    for k in f.keys()}
+        return f.metadata() or {}, {
+            k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()
+        }
 
 
 def check_header_size(path: Path) -> None:
@@ -56,12 +67,14 @@ def check_header_size(path: Path) -> None:
         if len(head) < 8 or 8 + size > total:
             raise ValueError(f"its first 8 bytes declare a header of {size:,} bytes, the file has {total:,}")
         if size > HEADER_BYTES:
-            raise HeaderBound(f"its safetensors header declares {size:,} bytes, more than the {HEADER_BYTES:,} a "
-                              f"weight file may have")
+            raise HeaderBound(
+                f"its safetensors header declares {size:,} bytes, more than the {HEADER_BYTES:,} a weight file may have"
+            )
         count = f.read(size).count(b'"data_offsets"')
     if count > TENSORS:
-        raise HeaderBound(f"its safetensors header lists {count:,} tensors, more than the {TENSORS:,} a weight "
-                          f"file may have")
+        raise HeaderBound(
+            f"its safetensors header lists {count:,} tensors, more than the {TENSORS:,} a weight file may have"
+        )
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
@@ -76,8 +89,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple
         ) from None
 
 
-def load_into(model: nn.Module, path: str | Path, *, tensors: Mapping | None = None,
-              required: Iterable[str] | None = None) -> None:
+def load_into(
+    model: nn.Module, path: str | Path, *, tensors: Mapping | None = None, required: Iterable[str] | None = None
+) -> None:
     """Load the tensors of a safetensors file into ``model`` after checking each one's name, dtype and
     shape against ``model.state_dict()``: no unknown name, no missing one (of ``required``: default every
     key of the model; a key that shares its storage with a key in the file counts as present).
@@ -103,8 +117,12 @@ def with_metadata(state: Mapping[str, torch.Tensor], model: nn.Module) -> Ordere
     return out
 
 
-def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, ...]]], where: Path | str,
-                  required: Iterable[str] | None = None) -> None:
+def check_tensors(
+    model: nn.Module,
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    where: Path | str,
+    required: Iterable[str] | None = None,
+) -> None:
     """Refuse (one line: counts and an example of each problem) tensors that do not fit ``model``."""
     state = model.state_dict()
     unexpected = [k for k in tensors if k not in state]
@@ -121,14 +139,19 @@ def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, 
         elif not dtype_fits(dtype, have.dtype):
             dtypes.append((key, f"{dtype} in the file, {str(have.dtype).replace('torch.', '')} in the model"))
     problems = []
-    for label, found in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", shapes), ("dtype mismatches", dtypes)):
+    for label, found in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+        ("dtype mismatches", dtypes),
+    ):
         if found:
             key, detail = found[0] if isinstance(found[0], tuple) else (found[0], "")
             problems.append(f"{len(found)} {label} (e.g. {excerpt(key, bare=True)}{detail and ': ' + detail})")
     if problems:
-        raise RetrofitError(f"weights in {excerpt(where, bare=True)} do not fit the rebuilt model: "
-                            f"{', '.join(problems)}")
+        raise RetrofitError(
+            f"weights in {excerpt(where, bare=True)} do not fit the rebuilt model: {', '.join(problems)}"
+        )
 
 
 def dtype_fits(stored: str, wanted: torch.dtype) -> bool:

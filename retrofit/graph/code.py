@@ -8,6 +8,7 @@ rewritten forward depends on (:mod:`retrofit.graph.specialise`) and whether a fo
 ``training`` (:mod:`retrofit.graph.two_modes`); the second whether a module fx cannot see into could
 hold a merge (:func:`retrofit.graph.trace.notrace_blocks`).
 """
+
 from __future__ import annotations
 
 import dis

@@ -40,6 +40,7 @@ as ``self``. What is installed, and why:
 ``module.forward.code`` shows the generated source; :func:`installed` returns the holder (its
 ``graph``, ``graphs``, ``two_modes``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,13 @@ _COUNTER = itertools.count()
 _DEF = "def forward("
 _CODE_ATTRIBUTE = "_retrofit_forward"
 _TRACED = "_retrofit_traced_forward"  # a class attribute only while an fx tracer traces a retrofitted root
-INSTALLED = ("forward", "_replicate_for_data_parallel", "__constants__", _CODE_ATTRIBUTE,
-             "__prepare_scriptable__")  # instance attributes
+INSTALLED = (
+    "forward",
+    "_replicate_for_data_parallel",
+    "__constants__",
+    _CODE_ATTRIBUTE,
+    "__prepare_scriptable__",
+)  # instance attributes
 
 
 @dataclass(frozen=True)
@@ -76,9 +82,9 @@ class Compiled:
     """The code of one set of graphs: what runs in each mode, and the function bound as the forward."""
 
     fns: dict[bool, Callable]  # training flag -> forward(module, ...) generated from that mode's graph
-    method: Callable           # forward(holder, ...): runs fns[module.training]; __wrapped__: the scripted source
+    method: Callable  # forward(holder, ...): runs fns[module.training]; __wrapped__: the scripted source
     code: str
-    name: str                  # the file name of the code, one per compiled structure
+    name: str  # the file name of the code, one per compiled structure
 
 
 # The function installed as every rewritten forward, appended to each generated source: it shares the
@@ -116,8 +122,10 @@ def compile_graphs(graphs: dict[bool, fx.Graph], label: str = "a module") -> Com
         fns = {True: namespace["forward"], False: namespace["forward"]}
     else:
         codes = {mode: g.python_code(root_module="self") for mode, g in graphs.items()}
-        fns = {mode: _exec(c.src, c.globals, f"{label}, {'train' if mode else 'eval'} mode")["forward"]
-               for mode, c in codes.items()}
+        fns = {
+            mode: _exec(c.src, c.globals, f"{label}, {'train' if mode else 'eval'} mode")["forward"]
+            for mode, c in codes.items()
+        }
         src, globals_ = _two_mode_source(codes[True], codes[False])
         namespace = _exec(src + _CALL, globals_, label)  # its forward: read by TorchScript and inspect, never run
     method = namespace["_retrofit_call"]
@@ -137,8 +145,9 @@ def _two_mode_source(train: fx.graph.PythonCode, evaluation: fx.graph.PythonCode
     head, definition, train_body = _split(train.src)
     eval_head, eval_definition, eval_body = _split(evaluation.src)
     if definition != eval_definition:
-        raise RetrofitError(f"the train and eval forwards take different parameters ({definition} vs "
-                            f"{eval_definition})")
+        raise RetrofitError(
+            f"the train and eval forwards take different parameters ({definition} vs {eval_definition})"
+        )
     namespace = dict(train.globals)
     for name, value in evaluation.globals.items():
         if name in namespace and namespace[name] is not value:  # two objects under one name: rename
@@ -147,8 +156,14 @@ def _two_mode_source(train: fx.graph.PythonCode, evaluation: fx.graph.PythonCode
             name = new
         namespace[name] = value
     head += [line for line in eval_head if line not in head]
-    lines = [*head, definition, "    if self.training:", *("    " + _kept(x) for x in train_body),
-             "    else:", *("    " + _kept(x) for x in eval_body)]
+    lines = [
+        *head,
+        definition,
+        "    if self.training:",
+        *("    " + _kept(x) for x in train_body),
+        "    else:",
+        *("    " + _kept(x) for x in eval_body),
+    ]
     return "\n".join(lines) + "\n", namespace
 
 
@@ -162,11 +177,12 @@ def _split(src: str) -> tuple[list[str], str, list[str]]:
     """fx's code as (lines before the def, the def line, the body lines)."""
     lines = src.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(_DEF))
-    return lines[:at], lines[at], [line for line in lines[at + 1:] if line.strip()]
+    return lines[:at], lines[at], [line for line in lines[at + 1 :] if line.strip()]
 
 
 def _structure(graph: fx.Graph) -> tuple | None:
     """A hashable description of the graph's code (names, ops, targets, arguments, types), or None."""
+
     def arg(a):
         if isinstance(a, fx.Node):
             return ("%", a.name)
@@ -177,6 +193,7 @@ def _structure(graph: fx.Graph) -> tuple | None:
         if isinstance(a, slice):
             return ("slice", arg(a.start), arg(a.stop), arg(a.step))
         return (type(a), a)
+
     try:
         key = tuple((n.op, n.name, n.target, arg(n.args), arg(n.kwargs), n.type) for n in graph.nodes)
         hash(key)
@@ -220,10 +237,11 @@ def _stale_check(watched: tuple[tuple[str, int], ...], values: tuple) -> Callabl
     expression (every call of the forward runs it: a loop over the names costs several times more)."""
     if not watched:
         return _never
-    reads = ", ".join(f"{_WHERE[kind]}.get({name!r}, _ABSENT)" + (" is None" if kind else "")
-                      for name, kind in watched)
-    src = (f"def stale(module):\n    d = module.__dict__\n"
-           f"    p, b, m = d['_parameters'], d['_buffers'], d['_modules']\n    return ({reads},) != values\n")
+    reads = ", ".join(f"{_WHERE[kind]}.get({name!r}, _ABSENT)" + (" is None" if kind else "") for name, kind in watched)
+    src = (
+        f"def stale(module):\n    d = module.__dict__\n"
+        f"    p, b, m = d['_parameters'], d['_buffers'], d['_modules']\n    return ({reads},) != values\n"
+    )
     namespace = {"values": values, "_ABSENT": _ABSENT}
     exec(compile(src, "<retrofit specialisation check>", "exec"), namespace)
     return namespace["stale"]
@@ -262,8 +280,11 @@ class Specialisation:
     def changed(self, module: nn.Module) -> list[str]:
         """``name: old -> new`` for each watched attribute that differs now."""
         now = observe(module, self.watched)
-        return [f"{name}: {_shown(kind, a)} -> {_shown(kind, b)}"
-                for (name, kind), a, b in zip(self.watched, self.values, now) if a != b]
+        return [
+            f"{name}: {_shown(kind, a)} -> {_shown(kind, b)}"
+            for (name, kind), a, b in zip(self.watched, self.values, now)
+            if a != b
+        ]
 
 
 def _shown(kind: int, value: Any) -> str:
@@ -279,8 +300,13 @@ class GraphForward:
     the module.
     """
 
-    def __init__(self, module: nn.Module, graphs: dict[bool, fx.Graph], compiled: Compiled | None = None,
-                 specialised: Specialisation | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        graphs: dict[bool, fx.Graph],
+        compiled: Compiled | None = None,
+        specialised: Specialisation | None = None,
+    ):
         self._module = weakref.ref(module)
         self.graphs = graphs
         self.compiled = compiled or compile_graphs(graphs, type(module).__qualname__)
@@ -427,8 +453,9 @@ def class_forward(module: nn.Module):
         module.__dict__.update(saved)
 
 
-def install_forward(module: nn.Module, graphs: fx.Graph | dict[bool, fx.Graph],
-                    specialised: Specialisation | None = None) -> GraphForward | None:
+def install_forward(
+    module: nn.Module, graphs: fx.Graph | dict[bool, fx.Graph], specialised: Specialisation | None = None
+) -> GraphForward | None:
     """Make ``graphs`` the forward of ``module``: one graph, or {True: train graph, False: eval graph}
     (a GraphModule, whose forward is its graph, is recompiled in place instead); ``specialised``: the
     values they were traced with (see :class:`Specialisation`). Returns the installed holder."""
@@ -488,15 +515,19 @@ def _target(target: Any, module: nn.Module) -> Any:
             return _Import(target.__module__, name)
     except (AttributeError, ImportError, TypeError, ValueError):
         pass
-    raise RetrofitError(f"cannot pickle the rewritten forward of {type(module).__name__}: it calls {target!r}, "
-                        f"which cannot be imported by name; save the weights with retrofit.save and "
-                        f"retrofit.load them instead")
+    raise RetrofitError(
+        f"cannot pickle the rewritten forward of {type(module).__name__}: it calls {target!r}, "
+        f"which cannot be imported by name; save the weights with retrofit.save and "
+        f"retrofit.load them instead"
+    )
 
 
 def _flatten(graph: fx.Graph, module: nn.Module) -> list[tuple]:
     """The graph as a flat list of nodes (pickling fx's linked nodes recurses once per node)."""
+
     def ref(a):
         return map_aggregate(a, lambda x: _Node(x.name) if isinstance(x, fx.Node) else x)
+
     return [(n.op, n.name, _target(n.target, module), ref(n.args), ref(n.kwargs), n.type) for n in graph.nodes]
 
 
@@ -505,13 +536,15 @@ def _unflatten(rows: list[tuple]) -> fx.Graph:
 
     def look(a):
         return map_aggregate(a, lambda x: env[x.name] if isinstance(x, _Node) else x)
+
     for op, name, target, args, kwargs, type_expr in rows:
         env[name] = graph.create_node(op, target, look(args), look(kwargs), name=name, type_expr=type_expr)
     return graph
 
 
-def _restore(module: nn.Module, flat: dict[bool, list[tuple]],
-             specialised: Specialisation | None = None) -> GraphForward:
+def _restore(
+    module: nn.Module, flat: dict[bool, list[tuple]], specialised: Specialisation | None = None
+) -> GraphForward:
     graphs = {mode: _unflatten(rows) for mode, rows in flat.items()}
     if flat[True] is flat[False]:
         graphs[False] = graphs[True]

@@ -1,4 +1,5 @@
 """What a model says about itself: its name and the input size it takes."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,8 +23,9 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None 
     except (TypeError, ValueError):
         size = ()
     if len(size) != 3 or min(size) < 1:
-        raise RetrofitError(f"input size must be three positive whole numbers C,H,W (e.g. 3,224,224), "
-                            f"got {excerpt(input_size)}")
+        raise RetrofitError(
+            f"input size must be three positive whole numbers C,H,W (e.g. 3,224,224), got {excerpt(input_size)}"
+        )
     return size
 
 

@@ -3,6 +3,7 @@
 Small predicates the site analysis is written in. A node's module (for ``call_module`` nodes) comes
 from the call tree recorded while tracing, so no name lookup is needed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,13 +21,58 @@ from .trace import output_marker
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
-_WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d, torch.matmul, torch.mm,
-                       torch.bmm, torch.addmm, torch.einsum, operator.matmul}
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh)
-_ACTIVATION_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
-                         F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid,
-                         torch.tanh, F.tanh, F.softplus, F.hardtanh}
+_WEIGHTED_FUNCTIONS = {
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.linear,
+    torch.conv2d,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+    torch.addmm,
+    torch.einsum,
+    operator.matmul,
+}
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Hardtanh,
+)
+_ACTIVATION_FUNCTIONS = {
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.softplus,
+    F.hardtanh,
+}
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 _REGULARIZERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _REGULARIZER_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
@@ -58,8 +104,9 @@ def is_marker(node: fx.Node) -> bool:
 
 def add_operands(node: fx.Node) -> tuple | None:
     """The two operands of an addition of two nodes (``a + b``, ``torch.add``, ``a.add(b)``)."""
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
-             (node.op == "call_method" and node.target in _ADD_METHODS)
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
     if not is_add or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
         return None
     a, b = node.args[:2]
@@ -101,8 +148,9 @@ def is_weighted(node: fx.Node) -> bool:
     """A layer that mixes channels or features with weights: convolution, linear, matmul."""
     module = module_of(node)
     if module is not None:
-        return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)) or \
-            any(p.dim() > 1 for p in module.parameters())
+        return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)) or any(
+            p.dim() > 1 for p in module.parameters()
+        )
     return node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS
 
 
@@ -170,10 +218,16 @@ def is_upsample(node: fx.Node) -> bool:
     """A resize to a larger map (``F.interpolate``, ``nn.Upsample``, a transposed convolution) of a
     coarser one, markers stepped over: the top-down path of a feature pyramid, or a decoder's."""
     node = unmarked(node)
-    resizes = (node.op == "call_function" and node.target in _UPSAMPLE_FUNCTIONS) or \
-        isinstance(module_of(node), _UPSAMPLE_MODULES)
+    resizes = (node.op == "call_function" and node.target in _UPSAMPLE_FUNCTIONS) or isinstance(
+        module_of(node), _UPSAMPLE_MODULES
+    )
     if not resizes or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     before, after = shape(node.args[0]), shape(node)
-    return before is not None and after is not None and len(before) == len(after) >= 3 and \
-        all(b <= a for b, a in zip(before[2:], after[2:])) and before[2:] != after[2:]
+    return (
+        before is not None
+        and after is not None
+        and len(before) == len(after) >= 3
+        and all(b <= a for b, a in zip(before[2:], after[2:]))
+        and before[2:] != after[2:]
+    )

@@ -18,6 +18,7 @@ forward may pass differently next time would be baked in. Such a child is kept a
 pass goes down into it in turn. A child the kept forward calls more than once is left alone (one
 forward serves every call).
 """
+
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
@@ -103,9 +104,11 @@ def record_calls(model: nn.Module, input_size: tuple[int, ...]) -> Recording:
             model(x)
     except Exception as err:
         size = "x".join(map(str, input_size))
-        raise RetrofitError(f"{type(model).__name__} did not run on a random 1x{size} input ({first_line(err)}): "
-                            f"retrofit runs a model whose forward fx cannot trace once, to see what its parts "
-                            f"receive; give the input size it takes (input_size=, --input-size C,H,W)") from err
+        raise RetrofitError(
+            f"{type(model).__name__} did not run on a random 1x{size} input ({first_line(err)}): "
+            f"retrofit runs a model whose forward fx cannot trace once, to see what its parts "
+            f"receive; give the input size it takes (input_size=, --input-size C,H,W)"
+        ) from err
     finally:
         for h in handles:
             h.remove()

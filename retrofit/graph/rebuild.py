@@ -12,6 +12,7 @@ mode too (:mod:`retrofit.graph.two_modes`).
 Anything that cannot be rebuilt faithfully raises :class:`CannotRewrite` with the reason, and the
 site is reported as skipped instead of rewritten wrongly.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -46,9 +47,9 @@ class OwnerGraph:
         self.call = call
         self.traced = traced
         self.graph = fx.Graph()
-        self.env: dict[fx.Node, fx.Node] = {}      # analysis node -> node of this graph
-        self.children: dict[int, fx.Node] = {}      # id(child Call) -> its call_module node
-        self.constants: dict[str, Any] = {}         # tensors to register on the module (non-persistent)
+        self.env: dict[fx.Node, fx.Node] = {}  # analysis node -> node of this graph
+        self.children: dict[int, fx.Node] = {}  # id(child Call) -> its call_module node
+        self.constants: dict[str, Any] = {}  # tensors to register on the module (non-persistent)
         self.arguments: dict[int, tuple[torch.Tensor, fx.Node]] = {}  # id(a tensor passed in) -> its input
         self.reserved = reserved
         self.prefix = f"{call.path}." if call.path else ""
@@ -74,8 +75,10 @@ class OwnerGraph:
         if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
             raise CannotRewrite("its forward takes *args or **kwargs")
         # the annotations go into the generated code: TorchScript reads them (Optional[Tensor] = None...)
-        holders = {p.name: self.graph.placeholder(p.name, type_expr=_annotation(p), default_value=p.default)
-                   for p in sig.parameters.values()}
+        holders = {
+            p.name: self.graph.placeholder(p.name, type_expr=_annotation(p), default_value=p.default)
+            for p in sig.parameters.values()
+        }
         for name, value in bound.arguments.items():
             self._bind(holders[name], value)
 
@@ -117,11 +120,17 @@ class OwnerGraph:
             elif ev.op == "output":
                 g.output(map_arg(ev.args[0], self.lookup))
             elif ev.op == "placeholder":
-                self.env[ev] = g.placeholder(ev.target, type_expr=ev.type,
-                                             default_value=ev.args[0] if ev.args else inspect.Parameter.empty)
+                self.env[ev] = g.placeholder(
+                    ev.target, type_expr=ev.type, default_value=ev.args[0] if ev.args else inspect.Parameter.empty
+                )
             else:
-                self.env[ev] = g.create_node(ev.op, ev.target, map_arg(ev.args, self.lookup),
-                                             map_arg(ev.kwargs, self.lookup), name=clean_name(ev.name))
+                self.env[ev] = g.create_node(
+                    ev.op,
+                    ev.target,
+                    map_arg(ev.args, self.lookup),
+                    map_arg(ev.kwargs, self.lookup),
+                    name=clean_name(ev.name),
+                )
         if self.call.parent is not None:
             g.output(self._result(self.call.result))
 
@@ -141,6 +150,7 @@ class OwnerGraph:
 
     def _map(self, value: Any) -> Any:
         """Values passed to or returned by a traced-through call, as arguments of this graph."""
+
         def convert(a):
             if isinstance(a, fx.Proxy):
                 return self.lookup(a.node)
@@ -149,6 +159,7 @@ class OwnerGraph:
             if not isinstance(a, _LITERALS):  # generated code could not spell it
                 raise CannotRewrite(f"it passes a {type(a).__name__} value to a submodule")
             return a
+
         return map_aggregate(value, convert)
 
     def _tensor(self, t: torch.Tensor) -> fx.Node:
@@ -162,7 +173,7 @@ class OwnerGraph:
                 return self.graph.get_attr(name)
         qualified = self.traced.tensor_attrs.get(t)
         if qualified is not None and qualified.startswith(self.prefix):
-            return self.graph.get_attr(qualified[len(self.prefix):])
+            return self.graph.get_attr(qualified[len(self.prefix) :])
         return self._constant(t)
 
     def _constant(self, value: Any) -> fx.Node:
@@ -173,8 +184,9 @@ class OwnerGraph:
         if id(value) in self.arguments:
             return self.arguments[id(value)][1]
         name, k = CONSTANT_PREFIX, 0
-        while hasattr(self.call.module, f"{name}{k}") or f"{name}{k}" in self.constants \
-                or f"{name}{k}" in self.reserved:
+        while (
+            hasattr(self.call.module, f"{name}{k}") or f"{name}{k}" in self.constants or f"{name}{k}" in self.reserved
+        ):
             k += 1
         self.constants[f"{name}{k}"] = value
         return self.graph.get_attr(f"{name}{k}")
@@ -196,7 +208,7 @@ class OwnerGraph:
     def relative(self, path: str) -> str:
         if not path.startswith(self.prefix):
             raise CannotRewrite(f"it uses {path}, which is not one of its submodules")
-        return path[len(self.prefix):]
+        return path[len(self.prefix) :]
 
     # -- splicing -----------------------------------------------------------------------------
     def rep(self, n: fx.Node) -> fx.Node:
@@ -272,8 +284,19 @@ def _annotation(p: inspect.Parameter) -> Any:
     return None if p.annotation is p.empty or isinstance(p.annotation, str) else p.annotation
 
 
-_LITERALS = (type(None), bool, int, float, complex, str, type(Ellipsis), torch.dtype, torch.device,
-             torch.memory_format, torch.layout)
+_LITERALS = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    type(Ellipsis),
+    torch.dtype,
+    torch.device,
+    torch.memory_format,
+    torch.layout,
+)
 
 
 def _has_proxy(value: Any) -> bool:
@@ -285,5 +308,3 @@ def _has_proxy(value: Any) -> bool:
 def clean_name(name: str) -> str:
     """``layer1_0_add_3`` -> ``add``: stable local names, so equal blocks compile to equal code."""
     return re.sub(r"_\d+$", "", name) or name
-
-

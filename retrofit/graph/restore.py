@@ -4,6 +4,7 @@ the caches eval-mode forwards fill.
 A trace must leave the user's model exactly as it was, whether it succeeds or raises: every context
 manager here restores its state on every exit path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,12 +19,14 @@ def eval_caches_cleared(model: nn.Module):
     before and after tracing: a trace would read a cached tensor as a constant, and a traced eval
     forward would leave fx Proxies in the user's model. Those modules clear their caches in
     ``train()``; the training flags are put back as they were, so the model's mode is unchanged."""
+
     def clear():
         if any(type(m).train is not nn.Module.train for m in model.modules()):
             modes = [(m, m.training) for m in model.modules()]
             model.train()
             for m, mode in modes:
                 m.training = mode
+
     clear()
     try:
         yield

@@ -16,6 +16,7 @@ propagates in milliseconds. Two deliberate departures from running every op:
 :func:`count_macs` runs the same pass under ``torch.utils.flop_counter.FlopCounterMode`` and stores
 each node's multiply-adds (the counter's FLOPs / 2: it counts one multiply-add as two FLOPs).
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,10 +35,33 @@ from .trace import Traced
 
 # Layers whose output has their input's shape (subclasses included: timm's BatchNormAct2d...).
 SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Softsign,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Softsign,
     nn.Tanhshrink,
 )
 
@@ -51,8 +75,10 @@ def twin(module: nn.Module, meta: bool = True) -> nn.Module:
     copied = copy.copy(module)
     copied.__dict__ = {k: copy.copy(v) if type(v) in (dict, list, set) else v for k, v in module.__dict__.items()}
     if meta:
-        copied._parameters = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
-                              for k, p in module._parameters.items()}
+        copied._parameters = {
+            k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
+            for k, p in module._parameters.items()
+        }
         copied._buffers = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
     copied._modules = {k: None if c is None else twin(c, meta) for k, c in module._modules.items()}
     return copied
@@ -129,11 +155,13 @@ class MetaShapeProp(fx.Interpreter):
         fake_log.setLevel(logging.CRITICAL)  # a failure here is reported below, in one line
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+
                 def fake(v):
                     if isinstance(v, torch.Tensor) and v.device.type == "meta":
                         # empty CPU memory is never touched: from_tensor reads only the metadata
                         return mode.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype))
                     return v
+
                 args, kwargs = map_aggregate(args, fake), map_aggregate(kwargs, fake)
                 out = self._call(n, args, kwargs) if n.op in CALLS else super().run_node(n)
         except Exception as err:
@@ -143,12 +171,13 @@ class MetaShapeProp(fx.Interpreter):
             except Exception:
                 pass
             reason = first_line(err)
-            raise RetrofitError(f"cannot work out the shapes at {n.name} ({n.format_node()[:80]}): {reason}; "
-                                f"check the input size (--input-size) the model expects") from err
+            raise RetrofitError(
+                f"cannot work out the shapes at {n.name} ({n.format_node()[:80]}): {reason}; "
+                f"check the input size (--input-size) the model expects"
+            ) from err
         finally:
             fake_log.setLevel(level)
         return _to_meta(out)
-
 
     def _run_real(self, n: fx.Node) -> Any:
         """Run one node for real, on random CPU tensors shaped like its (meta) inputs."""
@@ -161,6 +190,7 @@ class MetaShapeProp(fx.Interpreter):
                     return torch.randn(v.shape, generator=g, dtype=v.dtype)
                 return torch.zeros(v.shape, dtype=v.dtype)
             return v
+
         args, kwargs = map_aggregate(args, real), map_aggregate(kwargs, real)
         if n.op not in CALLS:
             raise RetrofitError(f"cannot run {n.op} nodes for real")
@@ -187,6 +217,7 @@ def count_macs(traced: Traced, batch: int = 1) -> int:
 
     class Counting(MetaShapeProp):
         """Each node's multiply-adds: those of its last attempt (a failed one may have run convs)."""
+
         wasted = 0
 
         def run_node(self, n):

@@ -21,6 +21,7 @@ naming what changed, never another computation.
 Values a rewritten forward gets from elsewhere follow on their own: a tensor its parent passes is an
 input (:class:`~retrofit.graph.rebuild.OwnerGraph`), and a child module keeps its own forward.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,9 +77,11 @@ def respecialise(module: nn.Module, holder: GraphForward) -> GraphForward:
             graphs, constants = _derive(module, holder)
     except CannotRewrite as err:
         changed = "; ".join(spec.changed(module)) or "its attributes"
-        raise RetrofitError(f"{type(module).__name__} was retrofitted for other values of {changed}, and its "
-                            f"blocks have no place in its forward for the new ones ({err}); retrofit the model "
-                            f"after the change (retrofit.strip, then retrofit.add_se)") from None
+        raise RetrofitError(
+            f"{type(module).__name__} was retrofitted for other values of {changed}, and its "
+            f"blocks have no place in its forward for the new ones ({err}); retrofit the model "
+            f"after the change (retrofit.strip, then retrofit.add_se)"
+        ) from None
     used = {n.target for g in graphs.values() for n in g.nodes if n.op == "get_attr"}
     for name, _ in list(module.named_buffers(recurse=False)):  # the old forward's constants, if unused now
         if name.startswith(CONSTANT_PREFIX) and name not in used and name not in constants:
@@ -150,8 +153,9 @@ def _put_back(old: fx.Graph, new: OwnerGraph, blocks: tuple[str, ...]) -> None:
         twin = found.pop()
         if add is not None and (N.add_operands(twins[0]) is None or twin not in N.add_operands(twins[0])):
             raise CannotRewrite(f"the sum block {name} is fused with has no counterpart")
-        splice_blocks(new, [(twin, None if add is not None else twins)], [name],
-                      [twins[0] if add is not None else None])
+        splice_blocks(
+            new, [(twin, None if add is not None else twins)], [name], [twins[0] if add is not None else None]
+        )
         made[name] = next(n for n in new.graph.nodes if n.op == "call_module" and n.target == name)
     new.graph.lint()
 
@@ -168,8 +172,11 @@ def _without(old: fx.Graph, blocks: tuple[str, ...]) -> tuple[fx.Graph, list[str
     for n in reversed(nodes):  # later blocks first: their readers become the earlier ones'
         node = copies[n]
         first = n.args[0]
-        source = first.target if isinstance(first, fx.Node) and first.op == "call_module" and first.target in blocks \
+        source = (
+            first.target
+            if isinstance(first, fx.Node) and first.op == "call_module" and first.target in blocks
             else None
+        )
         add = None
         if len(node.args) > 1:  # block(x, shortcut): the sum it replaced
             with plain_graph.inserting_before(node):

@@ -19,6 +19,7 @@ modules they call are traced as sub-roots with placeholders shaped like what the
 recorded forward (:mod:`retrofit.graph.opaque`). Their nodes sit in the same flat graph, each sub-root a
 separate island of data flow; a kept call records them as its children.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,15 +50,15 @@ def output_marker(x):
 class Call:
     """One module call seen while tracing."""
 
-    path: str                     # qualified name of the module ("" for the root)
+    path: str  # qualified name of the module ("" for the root)
     module: nn.Module
     parent: Call | None
-    leaf: bool                    # a leaf is one call_module node; others are traced through
+    leaf: bool  # a leaf is one call_module node; others are traced through
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    result: Any = None            # what the forward returned (Proxies), for non-leaf calls
+    result: Any = None  # what the forward returned (Proxies), for non-leaf calls
     events: list = field(default_factory=list)  # fx.Node | Call, in creation order, at this level
-    node: fx.Node | None = None   # the call_module node, for leaf calls
+    node: fx.Node | None = None  # the call_module node, for leaf calls
     # why this module's own forward is kept as is (retrofit.graph.opaque); its children are then sub-roots
     # traced apart. A kept call inside a traced forward is also a leaf node there; a kept call made
     # by another kept forward (or the kept model itself) has no node.
@@ -137,8 +138,9 @@ class RetrofitTracer(fx.Tracer):
         leaf_modules: extra module classes to keep as single nodes.
     """
 
-    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (), kept: dict[int, str] | None = None,
-                 recording: Any = None):
+    def __init__(
+        self, leaf_modules: tuple[type[nn.Module], ...] = (), kept: dict[int, str] | None = None, recording: Any = None
+    ):
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
         self.leaf_modules = tuple(get_notrace_modules()) + tuple(leaf_modules)
         # ids of module instances whose forward is kept as is, and why (fx failed in them, or a kept
@@ -171,6 +173,7 @@ class RetrofitTracer(fx.Tracer):
 
         def kept_forward(root):  # stands for the model's own forward: its callees, each on its own
             return tuple(_proxies(self._descend(self.root_call)))
+
         return kept_forward, [self.root]
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -186,8 +189,15 @@ class RetrofitTracer(fx.Tracer):
             return self.call_module(m, forward, args[:1], {}) + args[1]
         path = self.path_of_module(m)
         # copies of the containers: a forward may change a list it was given (HRNet's x[i] = ...)
-        call = Call(path, m, self._stack[-1], self.is_leaf_module(m, path), map_aggregate(args, _same),
-                    map_aggregate(dict(kwargs), _same), kept=self.kept.get(id(m)))
+        call = Call(
+            path,
+            m,
+            self._stack[-1],
+            self.is_leaf_module(m, path),
+            map_aggregate(args, _same),
+            map_aggregate(dict(kwargs), _same),
+            kept=self.kept.get(id(m)),
+        )
         self._stack[-1].events.append(call)
         self._stack.append(call)
         try:
@@ -215,8 +225,9 @@ class RetrofitTracer(fx.Tracer):
             why = why_not_a_sub_root(callee, self.recording)
             name = type(callee.module).__name__
             if why is not None and why.startswith("called"):
-                self.left_out.append((callee.path, f"{name} is {why} by a forward kept as is: left as it is, "
-                                                   f"no site inside"))
+                self.left_out.append(
+                    (callee.path, f"{name} is {why} by a forward kept as is: left as it is, no site inside")
+                )
                 continue
             if self._is_layer(callee.module):  # one node: literal arguments are fine, objects are not
                 odd = not_tensors((callee.args, callee.kwargs), literals=True)
@@ -249,6 +260,7 @@ class RetrofitTracer(fx.Tracer):
             if is_plain(value):
                 return rebuild(value, holder)
             return value
+
         return holder(callee.args), holder(callee.kwargs)
 
     def _mark(self, call: Call, value: Any, path: tuple) -> Any:
@@ -337,22 +349,35 @@ def trace(model: nn.Module, input_size: tuple[int, ...], none_inputs: bool = Fal
             reason = first_line(err)
             if id(module) in kept or len(kept) >= MAX_OPAQUE or isinstance(err, RetrofitError):
                 inside = f", in its module {path} ({type(module).__name__})" if path else ""
-                raise RetrofitError(f"torch.fx cannot trace {type(model).__name__}{inside}: {reason}; "
-                                    f"mark that module as a leaf with timm.layers.register_notrace_module "
-                                    f"or pass a model fx can trace") from err
+                raise RetrofitError(
+                    f"torch.fx cannot trace {type(model).__name__}{inside}: {reason}; "
+                    f"mark that module as a leaf with timm.layers.register_notrace_module "
+                    f"or pass a model fx can trace"
+                ) from err
             kept[id(module)] = f"torch.fx cannot trace {type(module).__name__}: {reason}"
             if recording is None and cannot_record is None:
                 try:
                     recording = record_calls(model, input_size)
                 except RetrofitError as run_err:
                     if module is model:
-                        raise RetrofitError(f"torch.fx cannot trace {type(model).__name__}: {reason}; and "
-                                            f"{run_err}") from err
+                        raise RetrofitError(
+                            f"torch.fx cannot trace {type(model).__name__}: {reason}; and {run_err}"
+                        ) from err
                     cannot_record = str(run_err)  # inner modules: kept as opaque nodes, not gone into
-    opaque = [(call.path, _kept_line(call, recording, cannot_record)) for call in tracer.root_call.walk()
-              if call.kept is not None]
-    traced = Traced(model, graph, tracer.root_call, tuple(input_size), constants, dict(tracer.tensor_attrs),
-                    opaque + tracer.left_out + notrace_blocks(tracer.root_call))
+    opaque = [
+        (call.path, _kept_line(call, recording, cannot_record))
+        for call in tracer.root_call.walk()
+        if call.kept is not None
+    ]
+    traced = Traced(
+        model,
+        graph,
+        tracer.root_call,
+        tuple(input_size),
+        constants,
+        dict(tracer.tensor_attrs),
+        opaque + tracer.left_out + notrace_blocks(tracer.root_call),
+    )
     traced.needs_real_run = cannot_record is not None and any(p.is_meta for p in model.parameters())
     if tracer.root_call.kept is not None:
         traced.image = _image_seen(graph)
@@ -369,18 +394,27 @@ def notrace_blocks(root: Call) -> list[tuple[str, str]]:
     found: dict[str, str] = {}
     for call in root.walk():
         module = call.module
-        if call.leaf and isinstance(module, notrace) and not isinstance(module, SqueezeExcite) and \
-                not _is_torch_layer(type(module)) and _may_hold_a_unit(module):
-            found.setdefault(call.path, f"{type(module).__name__} is a timm notrace module (register_notrace_module): "
-                                        "fx keeps it as one node, no site inside it is seen; `at:` puts a block on "
-                                        "its output")
+        if (
+            call.leaf
+            and isinstance(module, notrace)
+            and not isinstance(module, SqueezeExcite)
+            and not _is_torch_layer(type(module))
+            and _may_hold_a_unit(module)
+        ):
+            found.setdefault(
+                call.path,
+                f"{type(module).__name__} is a timm notrace module (register_notrace_module): "
+                "fx keeps it as one node, no site inside it is seen; `at:` puts a block on "
+                "its output",
+            )
     return list(found.items())
 
 
 def _may_hold_a_unit(module: nn.Module) -> bool:
     """Weighted layers below it, and an addition or concatenation in its code or its children's."""
-    return any(p.dim() > 1 for c in module.children() for p in c.parameters()) and \
-        any(may_merge(type(m)) for m in module.modules() if not _is_torch_layer(type(m)))
+    return any(p.dim() > 1 for c in module.children() for p in c.parameters()) and any(
+        may_merge(type(m)) for m in module.modules() if not _is_torch_layer(type(m))
+    )
 
 
 def _kept_line(call: Call, recording, cannot_record: str | None) -> str:
@@ -392,14 +426,22 @@ def _kept_line(call: Call, recording, cannot_record: str | None) -> str:
         return f"{call.kept}; kept as one opaque node, not called in the recorded forward: no site inside"
     if not record.callees:
         return f"{call.kept}; its forward is kept as is (it calls no module): no site inside"
-    return (f"{call.kept}; its forward is kept as is, the {len(record.callees)} module call(s) it makes "
-            f"are analysed on their own")
+    return (
+        f"{call.kept}; its forward is kept as is, the {len(record.callees)} module call(s) it makes "
+        f"are analysed on their own"
+    )
 
 
 def _image_seen(graph: fx.Graph) -> tuple[int, int] | None:
     """The largest (H, W) of the 4-d floating-point inputs the traced parts got in the recorded run."""
-    sizes = [tuple(v.shape[-2:]) for n in graph.nodes if n.op == "placeholder"
-             and isinstance(v := n.meta.get("example"), torch.Tensor) and v.dim() == 4 and v.is_floating_point()]
+    sizes = [
+        tuple(v.shape[-2:])
+        for n in graph.nodes
+        if n.op == "placeholder"
+        and isinstance(v := n.meta.get("example"), torch.Tensor)
+        and v.dim() == 4
+        and v.is_floating_point()
+    ]
     return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
 
 
@@ -414,5 +456,3 @@ def none_defaults(model: nn.Module) -> dict[str, Any] | None:
         return None
     found = {p.name: None for p in params if p.default is None and p.kind is p.POSITIONAL_OR_KEYWORD}
     return found or None
-
-

@@ -6,6 +6,7 @@ deep in both modes (:func:`other_mode`); :class:`Correspondence` pairs up the no
 so surgery can splice each block into both and the installed forward switches on ``self.training``
 (:mod:`retrofit.graph.forward`), as torchvision's ``feature_extraction`` keeps a train and an eval graph.
 """
+
 from __future__ import annotations
 
 import copy
@@ -101,10 +102,12 @@ class Correspondence:
         na, nb = list(a.nodes), list(b.nodes)
         self.pairs: dict[fx.Node, fx.Node] = {}
         self.back: dict[fx.Node, fx.Node] = {}
+
         def sig(n):
             if N.add_operands(n) is not None:
                 return ("add",)
             return n.op, (n.target if n.op != "output" else None)
+
         try:
             matcher = difflib.SequenceMatcher(None, [sig(n) for n in na], [sig(n) for n in nb], autojunk=False)
         except TypeError:  # an unhashable target: nothing corresponds

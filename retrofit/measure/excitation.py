@@ -24,6 +24,7 @@ The constancy measured at the model's output (:func:`replaced`: one block's gate
 others live) is computed by :func:`retrofit.inspect`, one pass per block: the relative change of the
 logits, ``||L_b - L|| / ||L||`` over all images and classes, and the change of the mean cross-entropy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,16 +52,16 @@ class GateReport:
     module: str
     channels: int
     gate: str
-    origin: float                       # the block scales by raw gate / origin
-    constant: bool                      # input-independent by its weights (no data needed)
+    origin: float  # the block scales by raw gate / origin
+    constant: bool  # input-independent by its weights (no data needed)
     mean: float
     image_spread: float
     class_spread: float
-    saturated: float | None             # share of channels; None for a gate without upper bound
+    saturated: float | None  # share of channels; None for a gate without upper bound
     local_change: float
-    logit_change: float | None = None   # at the model's output (retrofit.inspect, output_change=True)
+    logit_change: float | None = None  # at the model's output (retrofit.inspect, output_change=True)
     loss_change: float | None = None
-    channel_means: list[float] = field(default_factory=list)      # mean raw gate per channel
+    channel_means: list[float] = field(default_factory=list)  # mean raw gate per channel
     class_means: list[list[float]] = field(default_factory=list)  # [class][channel]
 
     @property
@@ -109,12 +110,17 @@ class _Sums:
         ref, e = self.ref, self.energy
         change = (self.d2_e - 2 * mean_d * self.d_e + mean_d * mean_d * e).sum().clamp_min(0)
         output = (ref * ref * e + 2 * ref * self.d_e + self.d2_e).sum()
-        return dict(mean=float(means.mean()), image_spread=float(image_var.sqrt().mean()),
-                    class_spread=float(class_spread),
-                    local_change=float((change / output).sqrt()) if output > 0 else 0.0,
-                    channel_means=means.tolist(),
-                    class_means=[(self.ref + row).tolist() if k else [] for row, k in zip(
-                        self.by_class / self.class_n.clamp_min(1)[:, None], self.class_n.tolist())])
+        return dict(
+            mean=float(means.mean()),
+            image_spread=float(image_var.sqrt().mean()),
+            class_spread=float(class_spread),
+            local_change=float((change / output).sqrt()) if output > 0 else 0.0,
+            channel_means=means.tolist(),
+            class_means=[
+                (self.ref + row).tolist() if k else []
+                for row, k in zip(self.by_class / self.class_n.clamp_min(1)[:, None], self.class_n.tolist())
+            ],
+        )
 
 
 def _energy(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -164,12 +170,14 @@ class Recorder:
     def _gate_hook(self, path: str):
         def hook(module, args, out):
             self._pending[path] = out.reshape(out.shape[0], -1)
+
         return hook
 
     def _block_hook(self, b):
         def hook(module, args, out):
             g = self._pending.pop(b.path)
             self.sums[b.path].add(g, _energy(args[0], b.layout), self.targets)
+
         return hook
 
     def reports(self) -> list[GateReport]:
@@ -185,8 +193,20 @@ class Recorder:
             upper = UPPER.get(gate) if gate in GATES else None
             means = torch.tensor(summary["channel_means"])
             saturated = float((means >= upper - SATURATION).double().mean()) if upper is not None else None
-            out.append(GateReport(b.path, b.stage, b.position, b.config.module, b.channels, gate, gate_of(block)[1],
-                                  False, saturated=saturated, **summary))
+            out.append(
+                GateReport(
+                    b.path,
+                    b.stage,
+                    b.position,
+                    b.config.module,
+                    b.channels,
+                    gate,
+                    gate_of(block)[1],
+                    False,
+                    saturated=saturated,
+                    **summary,
+                )
+            )
         return out
 
 
@@ -199,6 +219,7 @@ def replaced(model: nn.Module, path: str, raw: torch.Tensor) -> Iterator[None]:
     def hook(module, args, out):
         value = raw.to(device=out.device, dtype=out.dtype).reshape(1, *out.shape[1:])
         return value.expand_as(out).clone()
+
     handle = gate.register_forward_hook(hook)
     try:
         yield

@@ -9,6 +9,7 @@ mean it is class-specific; lines near the top mean it saturates.
     >>> fig = excitation_figure(report.blocks, report.classes)
     >>> fig.savefig("excitations.png")
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,10 @@ from collections.abc import Sequence
 
 from ..errors import RetrofitError
 
-PLOT_MISSING = ("--plot needs matplotlib, which is not installed; install the extra: "
-                "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)")
+PLOT_MISSING = (
+    "--plot needs matplotlib, which is not installed; install the extra: "
+    "pip install -c constraints.txt 'retrofit[plot]' (or drop --plot)"
+)
 MAX_CLASSES = 20  # lines per panel: the first classes beyond this are left out (said in the title)
 
 
@@ -59,7 +62,7 @@ def excitation_figure(blocks: Sequence, classes: Sequence[str], chosen: Sequence
         ax.set_xlabel("channel index", fontsize=8)
         ax.set_ylabel("mean excitation", fontsize=8)
         ax.grid(True, alpha=0.3)
-    for ax in axes[len(shown):]:
+    for ax in axes[len(shown) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize=6, ncol=2)
     more = f" (first {MAX_CLASSES} of {len(classes)} classes)" if len(classes) > MAX_CLASSES else ""

@@ -26,6 +26,7 @@ test, the terminal in use), so the caller still writes ``console.print(table)``.
     │ resnet50 │ 2,530,992 │  0.06% │
     └──────────┴───────────┴────────┘
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -60,8 +61,9 @@ class FitTable:
     ``elsewhere``: where a user finds the columns a narrow console leaves out (said in the caption).
     """
 
-    def __init__(self, columns: list[Col], *, title: str | None = None, caption: str | None = None,
-                 elsewhere: str = "--json"):
+    def __init__(
+        self, columns: list[Col], *, title: str | None = None, caption: str | None = None, elsewhere: str = "--json"
+    ):
         self.columns, self.title, self.caption, self.elsewhere = list(columns), title, caption, elsewhere
         self.rows: list[tuple[list[str], str | None, bool]] = []  # cells, style, a section line before it
         self._section = False
@@ -107,8 +109,9 @@ class FitTable:
         gone = [self.columns[i].header for i in self._filled() if i not in shown]
         caption = self.caption
         if gone:
-            caption = (f"{caption} " if caption else "") + (f"Not shown at this width: {', '.join(gone)} (a wider "
-                                                            f"terminal or {self.elsewhere} has them).")
+            caption = (f"{caption} " if caption else "") + (
+                f"Not shown at this width: {', '.join(gone)} (a wider terminal or {self.elsewhere} has them)."
+            )
         table = Table(title=self.title, title_justify="left", caption=caption, caption_justify="left")
         widths = self._widen(shown, width)
         for i in shown:
@@ -116,8 +119,9 @@ class FitTable:
             header = "\n".join(textwrap.wrap(col.header, need, break_long_words=False, break_on_hyphens=False))
             if col.text:  # the width the others leave, up to its longest cell; folds inside it
                 rest = width - self._total(shown) - sum(widths.values()) + sum(self._need(j) for j in shown) + need
-                table.add_column(header, justify=col.justify, overflow="fold", min_width=need,
-                                 max_width=max(need, rest))
+                table.add_column(
+                    header, justify=col.justify, overflow="fold", min_width=need, max_width=max(need, rest)
+                )
             else:
                 table.add_column(header, justify=col.justify, no_wrap=True, min_width=need)
         for cells, style, section in self.rows:
@@ -145,8 +149,11 @@ class FitTable:
         for n, (cells, style, _) in enumerate(self.rows):
             if n:
                 lines.append(Text(""))
-            lines += [Text(f"{col.header or ' '}: {cell}", style=style or "") for col, cell in zip(self.columns, cells)
-                      if cell]
+            lines += [
+                Text(f"{col.header or ' '}: {cell}", style=style or "")
+                for col, cell in zip(self.columns, cells)
+                if cell
+            ]
         if self.caption:
             lines.append(Text(self.caption))
         return Group(*lines)

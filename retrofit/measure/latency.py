@@ -12,6 +12,7 @@ ratios from one run are.
     >>> ratio = timing.ratio("se", "resnet50")   # e.g. 1.07: the retrofit costs 7% more time per batch
     >>> low, high, level = timing.interval("se", "resnet50")  # e.g. 1.04, 1.10, 0.979: a 97.9% interval
 """
+
 from __future__ import annotations
 
 import math
@@ -55,10 +56,10 @@ class Timing:
         r = sorted(self.ratios(name, reference))
         n, alpha = len(r), (1 - level) / 2
         k, below = 0, 0.0  # k ratios left out on each side; below = P(Binomial(n, 1/2) <= k - 1)
-        while k < n // 2 and below + math.comb(n, k) / 2 ** n <= alpha:
-            below, k = below + math.comb(n, k) / 2 ** n, k + 1
+        while k < n // 2 and below + math.comb(n, k) / 2**n <= alpha:
+            below, k = below + math.comb(n, k) / 2**n, k + 1
         if k == 0:
-            return r[0], r[-1], 1 - 2 / 2 ** n
+            return r[0], r[-1], 1 - 2 / 2**n
         return r[k - 1], r[n - k], 1 - 2 * below
 
     def within_noise(self, name: str, reference: str, level: float = 0.95) -> bool:
@@ -67,10 +68,17 @@ class Timing:
         return low <= 1.0 <= high
 
 
-def measure_latency(models: Mapping[str, nn.Module], *, batch: int = 8,
-                    input_size: tuple[int, ...] = (3, 224, 224), runs: int = 10, warmup: int = 2,
-                    seed: int = 0, on_event: OnEvent | None = None,
-                    on_round: Callable[[int, int], None] | None = None) -> Timing:
+def measure_latency(
+    models: Mapping[str, nn.Module],
+    *,
+    batch: int = 8,
+    input_size: tuple[int, ...] = (3, 224, 224),
+    runs: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    on_event: OnEvent | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> Timing:
     """Time the forward passes of ``models`` on one random input, interleaved (see the module doc).
 
     Args:

@@ -13,6 +13,7 @@ does one with a module fx cannot trace that a forward on meta tensors cannot go 
 ``--input-size`` above all, is the user's and is reported as it is, at once: a real build would fail
 the same way, after spending the memory and time the meta build saves.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,12 +29,14 @@ from ..graph.model import model_name, resolve_input_size
 from ..surgery.sites import Scan, scan
 
 # what a meta tensor cannot do and a real one can: the only failures a real build may cure
-NEEDS_REAL_VALUES = re.compile(r"meta|data[- ]dependent|DataDependent|DynamicOutputShape|_local_scalar_dense|"
-                               r"Cannot copy out", re.IGNORECASE)
+NEEDS_REAL_VALUES = re.compile(
+    r"meta|data[- ]dependent|DataDependent|DynamicOutputShape|_local_scalar_dense|"
+    r"Cannot copy out",
+    re.IGNORECASE,
+)
 
 
-def build_and_scan(build: Callable[[], nn.Module], input_size, meta: bool,
-                   macs: bool = True) -> tuple[nn.Module, Scan]:
+def build_and_scan(build: Callable[[], nn.Module], input_size, meta: bool, macs: bool = True) -> tuple[nn.Module, Scan]:
     """``build()`` the model (on the meta device if ``meta``) and scan it at ``input_size`` (a size or
     ``None`` for the model's own; see :func:`retrofit.graph.model.resolve_input_size`). Falls back to a
     real build only when the meta one failed for want of real values (see the module doc); errors of
@@ -77,11 +80,13 @@ def check_fixed_size(model: nn.Module, size: tuple[int, ...]) -> None:
         fixed = getattr(m, "img_size", None)
         if isinstance(m, PatchEmbed) and m.strict_img_size and fixed is not None and tuple(size[1:]) != tuple(fixed):
             asked = size[1] if size[1] == size[2] else (size[1], size[2])
-            raise RetrofitError(f"{model_name(model)} takes {fixed[0]}x{fixed[1]} images only (timm builds its patch "
-                                "embedding "
-                                f"for one img_size), not {size[1]}x{size[2]}; give --input-size "
-                                f"{size[0]},{fixed[0]},{fixed[1]}, or build it with timm.create_model(..., "
-                                f"img_size={asked}) in Python")
+            raise RetrofitError(
+                f"{model_name(model)} takes {fixed[0]}x{fixed[1]} images only (timm builds its patch "
+                "embedding "
+                f"for one img_size), not {size[1]}x{size[2]}; give --input-size "
+                f"{size[0]},{fixed[0]},{fixed[1]}, or build it with timm.create_model(..., "
+                f"img_size={asked}) in Python"
+            )
 
 
 def is_meta(model: nn.Module) -> bool:

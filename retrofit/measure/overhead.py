@@ -10,6 +10,7 @@ Blocks are found by comparing the two models: every module of the retrofitted mo
 lacks (``layer1.0.se``...) is one block, so any pair of models can be compared, e.g. timm's
 ``resnet50`` against its ``seresnet50``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,7 @@ class BlockCost:
     """Cost of one inserted block at its site."""
 
     path: str
-    site: str          # site kind (residual/inception/conv3x3), "" if unknown
+    site: str  # site kind (residual/inception/conv3x3), "" if unknown
     position: str
     stage: int
     stride: int
@@ -76,9 +77,9 @@ class BlockCost:
     size: tuple[int, int]
     params: int
     macs: int
-    pool_ops: int      # squeeze pass: one read-and-add per input element (tokens: per grid token's element)
-    scale_ops: int     # scale pass: one multiplication per input element
-    module: str = ""   # the block's kind (se, eca...), "" if unknown
+    pool_ops: int  # squeeze pass: one read-and-add per input element (tokens: per grid token's element)
+    scale_ops: int  # scale pass: one multiplication per input element
+    module: str = ""  # the block's kind (se, eca...), "" if unknown
 
 
 @dataclass(frozen=True)
@@ -129,28 +130,49 @@ class Overhead:
         out: dict[int, list[BlockCost]] = {}
         for b in self.blocks:
             out.setdefault(b.stage, []).append(b)
-        return [StageCost(s, 2 ** s, len(bs), sum(b.params for b in bs), sum(b.macs for b in bs),
-                          sum(b.pool_ops for b in bs), sum(b.scale_ops for b in bs))
-                for s, bs in sorted(out.items())]
+        return [
+            StageCost(
+                s,
+                2**s,
+                len(bs),
+                sum(b.params for b in bs),
+                sum(b.macs for b in bs),
+                sum(b.pool_ops for b in bs),
+                sum(b.scale_ops for b in bs),
+            )
+            for s, bs in sorted(out.items())
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         def pct(x):
             return round(x, 4)
+
         return {
             "input_size": list(self.input_size),
             "base": {"params": self.base_params, "macs": self.base_macs},
             "retrofitted": {"params": self.params, "macs": self.macs},
-            "added": {"params": self.added_params, "params_percent": pct(self.params_percent()),
-                      "macs": self.added_macs, "macs_percent": pct(self.macs_percent()),
-                      "pool_ops": self.pool_ops, "scale_ops": self.scale_ops, "blocks": len(self.blocks)},
-            "stages": [dict(asdict(s), params_percent=pct(self.params_percent(s.params)),
-                            macs_percent=pct(self.macs_percent(s.macs))) for s in self.stages()],
+            "added": {
+                "params": self.added_params,
+                "params_percent": pct(self.params_percent()),
+                "macs": self.added_macs,
+                "macs_percent": pct(self.macs_percent()),
+                "pool_ops": self.pool_ops,
+                "scale_ops": self.scale_ops,
+                "blocks": len(self.blocks),
+            },
+            "stages": [
+                dict(
+                    asdict(s),
+                    params_percent=pct(self.params_percent(s.params)),
+                    macs_percent=pct(self.macs_percent(s.macs)),
+                )
+                for s in self.stages()
+            ],
             "blocks": [dict(asdict(b), size=list(b.size)) for b in self.blocks],
         }
 
 
-def measure_overhead(model: nn.Module, se_model: nn.Module,
-                     input_size: tuple[int, ...] | None = None) -> Overhead:
+def measure_overhead(model: nn.Module, se_model: nn.Module, input_size: tuple[int, ...] | None = None) -> Overhead:
     """Parameters and multiply-adds that ``se_model`` adds to ``model``, per block, stage and total.
 
     Args:
@@ -167,8 +189,10 @@ def measure_overhead(model: nn.Module, se_model: nn.Module,
         (2530992, 0.06)
     """
     if se_model is model:
-        raise RetrofitError("measure_overhead needs the original and the retrofitted model, got the same "
-                            "object twice (add_se with inplace=True changes the original: keep a copy)")
+        raise RetrofitError(
+            "measure_overhead needs the original and the retrofitted model, got the same "
+            "object twice (add_se with inplace=True changes the original: keep a copy)"
+        )
     size = resolve_input_size(model, input_size)
     return compare(cost(model, size), cost(se_model, size))
 
@@ -178,8 +202,11 @@ def compare(base: ModelCost, retro: ModelCost) -> Overhead:
     model = retro.traced.model
     info = get_info(model)
     sites = {b.path: b for b in info.blocks} if info is not None else {}
-    new = [p for p in sorted(retro.modules - base.modules, key=_module_order(model))
-           if p.rpartition(".")[0] in base.modules]
+    new = [
+        p
+        for p in sorted(retro.modules - base.modules, key=_module_order(model))
+        if p.rpartition(".")[0] in base.modules
+    ]
     calls: dict[str, list] = {}
     for call in retro.traced.calls():
         calls.setdefault(call.path, []).append(call)
@@ -208,12 +235,13 @@ def _block_cost(path, module, calls, site, height) -> BlockCost:
         name = site.config.module
     else:  # not from add_se: stage from the block's own input
         stage = max(0, round(math.log2(height / h))) if h else 0
-        stride, kind, position, name = 2 ** stage, "", "", ""
+        stride, kind, position, name = 2**stage, "", "", ""
     params = sum(p.numel() for p in module.parameters())
     width = getattr(module, "width", None) or getattr(getattr(module, "fc1", None), "out_channels", 0)
     squeezes = getattr(module, "squeezes", True)  # a folded block's channel scale: no squeeze pass
-    return BlockCost(path, kind, position, stage, stride, c, width, (h, w),
-                     params, macs, pool if squeezes else 0, scale, name)
+    return BlockCost(
+        path, kind, position, stage, stride, c, width, (h, w), params, macs, pool if squeezes else 0, scale, name
+    )
 
 
 def _geometry(shape_in, shape_out, layout: str, prefix: int, grid: tuple[int, int]):
@@ -255,23 +283,47 @@ def planned_overhead(base: ModelCost, blocks: Sequence[BlockInfo], recipe: Recip
     for b in blocks:
         params, macs = block_cost(b.config, b.channels, b.size, b.layout, b.prefix)
         elements = b.channels * b.size[0] * b.size[1]
-        costs.append(BlockCost(b.path, b.site_kind, b.position, b.stage, b.stride, b.channels, b.width,
-                               tuple(b.size), params, macs, elements, elements, b.config.module))
-    return Overhead(base.traced.input_size, base.params, base.macs, base.params + sum(c.params for c in costs),
-                    base.macs + sum(c.macs for c in costs), costs)
+        costs.append(
+            BlockCost(
+                b.path,
+                b.site_kind,
+                b.position,
+                b.stage,
+                b.stride,
+                b.channels,
+                b.width,
+                tuple(b.size),
+                params,
+                macs,
+                elements,
+                elements,
+                b.config.module,
+            )
+        )
+    return Overhead(
+        base.traced.input_size,
+        base.params,
+        base.macs,
+        base.params + sum(c.params for c in costs),
+        base.macs + sum(c.macs for c in costs),
+        costs,
+    )
 
 
 @functools.lru_cache(maxsize=4096)
-def block_cost(cfg: BlockConfig, channels: int, size: tuple[int, int], layout: str = "nchw",
-               prefix: int = 0) -> tuple[int, int]:
+def block_cost(
+    cfg: BlockConfig, channels: int, size: tuple[int, int], layout: str = "nchw", prefix: int = 0
+) -> tuple[int, int]:
     """Parameters and multiply-adds (batch 1) of one block of ``cfg`` on a ``channels x size`` map
     (of ``layout``, with ``prefix`` tokens before a token grid): the block itself, built and run on
     the meta device under ``torch.utils.flop_counter``."""
     # the init decides values, not shapes; "paper" skips the preserving init's work on meta tensors
-    block = build_attention(dataclasses.replace(cfg, init="paper"), channels, layout=layout, prefix=prefix,
-                            device="meta")
-    shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(layout,
-                                                                             (1, prefix + size[0] * size[1], channels))
+    block = build_attention(
+        dataclasses.replace(cfg, init="paper"), channels, layout=layout, prefix=prefix, device="meta"
+    )
+    shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(
+        layout, (1, prefix + size[0] * size[1], channels)
+    )
     counter = FlopCounterMode(display=False)
     with counter:
         block(torch.empty(shape, device="meta"))

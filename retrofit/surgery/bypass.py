@@ -12,6 +12,7 @@ folded into neighbours in their weights: within ``bypass`` the model computes wh
 is the original network only where no block was folded into a neighbour (a fine-tune of a folded model
 measures its "original" row on it, so that row is the folded network without its blocks).
 """
+
 from __future__ import annotations
 
 import contextlib

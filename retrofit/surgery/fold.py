@@ -19,6 +19,7 @@ weights (the folded neighbours' included) are loaded.
     >>> [(f.path, f.into, f.neighbour) for f in folds]
     [('layer1.0.se', 'norm', 'layer1.0.bn3'), ('layer1.1.se', 'norm', 'layer1.1.bn3'), ...]
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,17 +37,22 @@ from .info import FOLD_KINDS, BlockInfo, Folded, RetrofitInfo, get_info, update_
 from .neighbour import Neighbours
 from .strip import take_out
 
-_KINDS = {"norm": (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm),
-          "conv_out": nn.modules.conv._ConvNd, "conv_in": nn.modules.conv._ConvNd,
-          "linear_out": nn.Linear, "linear_in": nn.Linear}
+_KINDS = {
+    "norm": (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm),
+    "conv_out": nn.modules.conv._ConvNd,
+    "conv_in": nn.modules.conv._ConvNd,
+    "linear_out": nn.Linear,
+    "linear_in": nn.Linear,
+}
 
 
 def info_of(model: nn.Module) -> RetrofitInfo:
     """``model``'s record (:func:`retrofit.get_info`), refused in one line when it has no blocks to read."""
     info = get_info(model)
     if info is None or not (info.blocks or info.gone):
-        raise RetrofitError(f"this {type(model).__name__} has no blocks from retrofit.add_se; nothing to inspect "
-                            f"or fold")
+        raise RetrofitError(
+            f"this {type(model).__name__} has no blocks from retrofit.add_se; nothing to inspect or fold"
+        )
     return info
 
 
@@ -67,16 +73,22 @@ def require_gates(model: nn.Module, verb: str) -> list[BlockInfo]:
     if found:
         return found
     info = info_of(model)
-    why = (f"{others[0][0]}: {others[0][1]}" if others else
-           f"all {len(info.gone)} of its blocks were folded into their neighbours")
+    why = (
+        f"{others[0][0]}: {others[0][1]}"
+        if others
+        else f"all {len(info.gone)} of its blocks were folded into their neighbours"
+    )
     raise RetrofitError(f"this model has no channel gate to {verb} ({why})")
 
 
 def constant_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """The input-independent gates of ``model`` (:func:`retrofit.blocks.excitation.input_independent`:
     known from the weights, no data) and the scale each multiplies every input by."""
-    return {b.path: constant_scale(model.get_submodule(b.path), b.channels, b.layout, b.prefix)
-            for b in gates(model)[0] if input_independent(model.get_submodule(b.path), b.config.module)}
+    return {
+        b.path: constant_scale(model.get_submodule(b.path), b.channels, b.layout, b.prefix)
+        for b in gates(model)[0]
+        if input_independent(model.get_submodule(b.path), b.config.module)
+    }
 
 
 @torch.no_grad()
@@ -143,9 +155,16 @@ def restructure(model: nn.Module, fold: Folded) -> Folded:
     like = next(old.parameters(), None)
     changes: dict = {"folds": (*info.folds, fold)}
     if fold.into == "scale":
-        setattr(owner, name,
-                ChannelScale(block.channels, block.layout, device=like.device if like is not None else None,
-                                          dtype=like.dtype if like is not None else None))
+        setattr(
+            owner,
+            name,
+            ChannelScale(
+                block.channels,
+                block.layout,
+                device=like.device if like is not None else None,
+                dtype=like.dtype if like is not None else None,
+            ),
+        )
     else:
         _remove_call(owner, name)
         delattr(owner, name)
@@ -165,8 +184,10 @@ def _remove_call(owner: nn.Module, name: str) -> None:
         return
     holder = installed(owner)
     if holder is None:
-        raise RetrofitError(f"the forward of {type(owner).__name__} holding block {name} is not retrofit's; was "
-                            f"the model edited after add_se?")
+        raise RetrofitError(
+            f"the forward of {type(owner).__name__} holding block {name} is not retrofit's; was "
+            f"the model edited after add_se?"
+        )
     copies = {id(g): copy.deepcopy(g) for g in holder.graphs.values()}
     for graph in copies.values():
         take_out(graph, [name])
@@ -178,8 +199,9 @@ def apply_folds(model: nn.Module, folds: list[Folded]) -> None:
     recipe, before its weights are loaded; each neighbour must be a module of the kind its fold needs."""
     for fold in folds:
         if fold.into not in FOLD_KINDS:
-            raise RetrofitError(f"fold of {excerpt(fold.path)}: unknown kind {excerpt(fold.into)} "
-                                f"({', '.join(FOLD_KINDS)})")
+            raise RetrofitError(
+                f"fold of {excerpt(fold.path)}: unknown kind {excerpt(fold.into)} ({', '.join(FOLD_KINDS)})"
+            )
         if fold.into != "scale":
             try:
                 neighbour = model.get_submodule(fold.neighbour)
@@ -188,7 +210,9 @@ def apply_folds(model: nn.Module, folds: list[Folded]) -> None:
                     f"fold of {excerpt(fold.path)}: the model has no module {excerpt(fold.neighbour)}"
                 ) from None
             if not isinstance(neighbour, _KINDS[fold.into]):
-                raise RetrofitError(f"fold of {excerpt(fold.path)}: {excerpt(fold.neighbour, bare=True)} is a "
-                                    f"{type(neighbour).__name__}, not a "
-                                    f"layer a {fold.into} fold goes into")
+                raise RetrofitError(
+                    f"fold of {excerpt(fold.path)}: {excerpt(fold.neighbour, bare=True)} is a "
+                    f"{type(neighbour).__name__}, not a "
+                    f"layer a {fold.into} fold goes into"
+                )
         restructure(model, fold)

@@ -15,6 +15,7 @@ back; a change is a new record (:func:`update_info`).
     >>> retrofit.get_info(timm.create_model("resnet50")) is None    # a model retrofit did not touch
     True
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,17 +41,17 @@ _ATTR = "_retrofit"  # the attribute the record lives in; no module but this one
 class BlockInfo:
     """One inserted block and the site it serves."""
 
-    path: str          # the block's module path, e.g. "layer1.0.se"
+    path: str  # the block's module path, e.g. "layer1.0.se"
     position: str
     site_kind: str
-    site_module: str   # the module whose forward holds the site
+    site_module: str  # the module whose forward holds the site
     stage: int
     stride: int
     channels: int
     width: int
     size: tuple[int, int] = (0, 0)  # height and width of the feature map it scales (tokens: the patch grid)
-    layout: str = "nchw"            # nchw, nhwc or tokens (see retrofit.blocks.se_layout)
-    prefix: int = 0                 # tokens: class/register tokens before the patch grid
+    layout: str = "nchw"  # nchw, nhwc or tokens (see retrofit.blocks.se_layout)
+    prefix: int = 0  # tokens: class/register tokens before the patch grid
     config: BlockConfig = BlockConfig()  # how the block is built (the recipe resolved for its site)
 
 

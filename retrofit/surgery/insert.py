@@ -5,6 +5,7 @@ at its own level (:mod:`retrofit.graph.rebuild`), the SE node is spliced in, and
 the same instance (:mod:`retrofit.graph.forward`): the model keeps its class, methods and state-dict
 keys. Sites that cannot be rewritten safely are skipped and reported with the reason.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,14 @@ from .recipe import Recipe, resolve_recipe
 from .sites import Scan, scan
 
 
-def add_se(model: nn.Module, recipe: Recipe | str | dict | None = None, *, inplace: bool = False,
-           input_size: tuple[int, ...] | None = None, **fields: Any) -> nn.Module:
+def add_se(
+    model: nn.Module,
+    recipe: Recipe | str | dict | None = None,
+    *,
+    inplace: bool = False,
+    input_size: tuple[int, ...] | None = None,
+    **fields: Any,
+) -> nn.Module:
     """Insert Squeeze-and-Excitation blocks into ``model`` following a recipe.
 
     Args:
@@ -107,32 +114,52 @@ def retrofit_scanned(found: Scan, target: nn.Module, recipe: Recipe) -> Retrofit
             rollback()
         raise
     if in_root and not isinstance(target, fx.GraphModule):
-        warnings.warn(RetrofitWarning(
-            f"{in_root} block(s) went into the forward of the model itself ({type(target).__name__}): it runs "
-            f"them, but fx tracers (torch.fx.symbolic_trace, torchvision's feature extraction) trace a root's "
-            f"class forward and would leave them out; to trace it, retrofit a GraphModule: "
-            f"retrofit.add_se(torch.fx.symbolic_trace(model))"), stacklevel=3)
+        warnings.warn(
+            RetrofitWarning(
+                f"{in_root} block(s) went into the forward of the model itself ({type(target).__name__}): it runs "
+                f"them, but fx tracers (torch.fx.symbolic_trace, torchvision's feature extraction) trace a root's "
+                f"class forward and would leave them out; to trace it, retrofit a GraphModule: "
+                f"retrofit.add_se(torch.fx.symbolic_trace(model))"
+            ),
+            stacklevel=3,
+        )
     by_config: dict[tuple, list[int]] = {}
     for b in narrow:
         by_config.setdefault((b.config.r, b.config.min_width), []).append(b.channels)
     for (r, min_width), channels in by_config.items():
-        warnings.warn(RetrofitWarning(
-            f"r={r:g} gives a reduced width below 1 for {len(channels)} block(s) "
-            f"(fewest channels: {min(channels)}); raised to min_width={min_width}"), stacklevel=3)
+        warnings.warn(
+            RetrofitWarning(
+                f"r={r:g} gives a reduced width below 1 for {len(channels)} block(s) "
+                f"(fewest channels: {min(channels)}); raised to min_width={min_width}"
+            ),
+            stacklevel=3,
+        )
     previous = get_info(target)
-    info = RetrofitInfo(recipe, found.traced.input_size, architecture_of(found.traced.model), tuple(blocks),
-                        tuple(found.skipped) + tuple(prepared.skipped), tuple(was_none))
+    info = RetrofitInfo(
+        recipe,
+        found.traced.input_size,
+        architecture_of(found.traced.model),
+        tuple(blocks),
+        tuple(found.skipped) + tuple(prepared.skipped),
+        tuple(was_none),
+    )
     if previous is not None:  # a second retrofit adds to the first
-        info = dataclasses.replace(info, blocks=previous.blocks + info.blocks,
-                                   was_none=previous.was_none + info.was_none,
-                                   weights=previous.weights, base=previous.base, base_model=previous.base_model,
-                                   license=previous.license)
+        info = dataclasses.replace(
+            info,
+            blocks=previous.blocks + info.blocks,
+            was_none=previous.was_none + info.was_none,
+            weights=previous.weights,
+            base=previous.base,
+            base_model=previous.base_model,
+            license=previous.license,
+        )
     set_info(target, info)
     return info
 
 
-def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[BlockInfo],
-             none_attributes: list[str], undo: list) -> list[BlockInfo]:
+def _install(
+    rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[BlockInfo], none_attributes: list[str], undo: list
+) -> list[BlockInfo]:
     """Build the blocks of one prepared rewrite on ``target`` and install the rebuilt forward; its
     rollback (the module as it was) is appended to ``undo``, and run at once if the rewrite fails."""
     owner, rebuilt = rewrite.owner, rewrite.graph
@@ -158,8 +185,14 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
         for (ins, _, _), name, info in zip(rewrite.spliced, rewrite.names, infos):
             if info.channels / info.config.r < 1 and info.config.reads("r"):
                 narrow.append(info)
-            block = build_attention(info.config, info.channels, layout=info.layout, prefix=info.prefix,
-                                    device=_device_of(module, target), dtype=N.tensor(ins.value).dtype)
+            block = build_attention(
+                info.config,
+                info.channels,
+                layout=info.layout,
+                prefix=info.prefix,
+                device=_device_of(module, target),
+                dtype=N.tensor(ins.value).dtype,
+            )
             if name in vars(module):  # _free_name reuses an attribute only when it is None
                 was_none.append(name)
             setattr(module, name, block)
@@ -171,9 +204,15 @@ def _install(rewrite: Rewrite, target: nn.Module, recipe: Recipe, narrow: list[B
             mode = owner.module.training  # the mode the analysis graph was traced in
             graphs = {mode: rebuilt.graph, not mode: rewrite.other.graph}
         # what the forward was traced with, so it follows the module's attributes (set_input_size)
-        spec = None if isinstance(module, fx.GraphModule) else specialisation(
-            module, (earlier.blocks if earlier else ()) + tuple(rewrite.names),
-            (earlier.was_none if earlier else ()) + tuple(was_none))
+        spec = (
+            None
+            if isinstance(module, fx.GraphModule)
+            else specialisation(
+                module,
+                (earlier.blocks if earlier else ()) + tuple(rewrite.names),
+                (earlier.was_none if earlier else ()) + tuple(was_none),
+            )
+        )
         install_forward(module, graphs, spec)
     except BaseException:
         rollback()
@@ -191,5 +230,3 @@ def _device_of(module: nn.Module, model: nn.Module):
         for t in source.buffers():
             return t.device
     return None
-
-

@@ -15,6 +15,7 @@ whose output is not a 4-d feature map (NCHW or NHWC) or a token sequence (B, N, 
 The block is installed in the forward that reads the module's output (its parent's); where that
 forward is kept as is (:mod:`retrofit.graph.opaque`), at the end of the module's own forward.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -53,8 +54,9 @@ def named_sites(traced: Traced, globs: Iterable[str], name: str) -> list[Site]:
     """
     info = get_info(traced.model)  # a retrofitted model: its blocks are not candidates
     blocks = tuple(b.path for b in info.blocks) if info is not None else ()
-    modules = [p for p, _ in traced.model.named_modules()
-               if p and not any(p == b or p.startswith(f"{b}.") for b in blocks)]
+    modules = [
+        p for p, _ in traced.model.named_modules() if p and not any(p == b or p.startswith(f"{b}.") for b in blocks)
+    ]
     calls: dict[str, list[Call]] = {}
     for call in traced.calls():
         calls.setdefault(call.path, []).append(call)
@@ -64,8 +66,10 @@ def named_sites(traced: Traced, globs: Iterable[str], name: str) -> list[Site]:
         if not found:
             close = difflib.get_close_matches(glob, modules, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise RetrofitError(f"at: {excerpt(glob)} matches no module of {name}; {hint}(`*` stays within one name "
-                                f"of the path, `**` spans several; model.named_modules() lists the paths)")
+            raise RetrofitError(
+                f"at: {excerpt(glob)} matches no module of {name}; {hint}(`*` stays within one name "
+                f"of the path, `**` spans several; model.named_modules() lists the paths)"
+            )
         chosen += [p for p in found if p not in chosen]
     order = {p: i for i, p in enumerate(modules)}
     return [_site(traced, path, calls.get(path, []), name) for path in sorted(chosen, key=order.get)]
@@ -77,27 +81,44 @@ def _site(traced: Traced, path: str, calls: list[Call], name: str) -> Site:
     if not calls:
         raise RetrofitError(f"{what} is not called where the pass sees {name}'s forward: {_unseen(traced, path)}")
     if len(calls) > 1:
-        raise RetrofitError(f"{what} is called {len(calls)} times (a shared module): one block on its output "
-                            f"would change every call; name a module called once")
+        raise RetrofitError(
+            f"{what} is called {len(calls)} times (a shared module): one block on its output "
+            f"would change every call; name a module called once"
+        )
     call = calls[0]
     caller = call.parent
     if caller is not None and caller.kept is not None and (call.leaf or call.kept is not None):
-        raise RetrofitError(f"{what} is called by a forward kept as is ({caller.path or '<model>'}: fx cannot "
-                            f"trace it) and is {'a layer' if call.kept is None else 'kept as is too'}: no "
-                            f"forward can take the block; name a module inside it, or the one that calls it")
+        raise RetrofitError(
+            f"{what} is called by a forward kept as is ({caller.path or '<model>'}: fx cannot "
+            f"trace it) and is {'a layer' if call.kept is None else 'kept as is too'}: no "
+            f"forward can take the block; name a module inside it, or the one that calls it"
+        )
     value = _output(traced, call)
     shape = N.shape(value) if value is not None else None
     layout = layout_of(traced, value, shape) if shape is not None and len(shape) in (3, 4) else None
     if not isinstance(layout, tuple):
         got = f"a {tuple(shape)} tensor" if shape is not None else _kind_of(value, call)
         why = f" ({layout})" if isinstance(layout, str) else ""
-        raise RetrofitError(f"{what} outputs {got}{why}, not a 4-d feature map or a (B, N, C) token sequence; "
-                            f"choose a module whose output is one")
+        raise RetrofitError(
+            f"{what} outputs {got}{why}, not a 4-d feature map or a (B, N, C) token sequence; "
+            f"choose a module whose output is one"
+        )
     kind, size, prefix = layout
     channels = shape[1] if kind == "nchw" else shape[-1]
     stage = stage_of(traced, size[0])
-    return Site(NAMED, path, value.name, channels, tuple(size), 2 ** stage, stage, f"{type(module).__name__} output",
-                SiteRefs(value), kind, prefix)
+    return Site(
+        NAMED,
+        path,
+        value.name,
+        channels,
+        tuple(size),
+        2**stage,
+        stage,
+        f"{type(module).__name__} output",
+        SiteRefs(value),
+        kind,
+        prefix,
+    )
 
 
 def _output(traced: Traced, call: Call) -> fx.Node | None:
@@ -108,8 +129,17 @@ def _output(traced: Traced, call: Call) -> fx.Node | None:
     if caller is not None and caller.kept is None:
         if call.leaf:
             return call.node
-        return next((n for n in caller.events if isinstance(n, fx.Node) and N.is_marker(n)
-                     and n.meta["output_of"] is call and n.meta["output_path"] == ()), None)
+        return next(
+            (
+                n
+                for n in caller.events
+                if isinstance(n, fx.Node)
+                and N.is_marker(n)
+                and n.meta["output_of"] is call
+                and n.meta["output_path"] == ()
+            ),
+            None,
+        )
     if call.leaf or call.kept is not None or not isinstance(call.result, fx.Proxy):
         return None
     node = call.result.node

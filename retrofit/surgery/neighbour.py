@@ -20,6 +20,7 @@ channels along the right axis, and is not part of a block. Where none qualifies 
 The graph is :func:`retrofit.graph.trace.trace`'s flat graph of the whole model, so a neighbour in
 another module's forward (the next unit's first convolution) is found as well as one in the block's own.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -110,6 +111,7 @@ def _ends(call: Call) -> tuple[fx.Node | None, fx.Node | None]:
 
 def _within(call: Call) -> Callable[[fx.Node], bool]:
     """Whether a node was made inside ``call`` (a traced-through timm block's own nodes)."""
+
     def inside(node: fx.Node) -> bool:
         c = node.meta.get("call")
         while c is not None:
@@ -117,6 +119,7 @@ def _within(call: Call) -> Callable[[fx.Node], bool]:
                 return True
             c = c.parent
         return False
+
     return inside
 
 

@@ -5,6 +5,7 @@ per-stage maps, the overrides that select the site, in order (:class:`~retrofit.
 documents the rule). A field the site's module does not read is an error when it is set with or
 over the module, and is dropped when it comes from below.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,8 @@ def resolve_block(recipe: Recipe, stage: int | None, applying: tuple[int, ...]) 
 
     def origin(name):
         layer = layers[name]
-        return ("the base fields" if layer <= 0 else "its per-stage map" if layer == 1
-                else f"override {layer - 1}")
+        return "the base fields" if layer <= 0 else "its per-stage map" if layer == 1 else f"override {layer - 1}"
+
     where = "the stages no map names" if stage is None else f"stage {stage}"
     if applying:
         where += f" with override{'s' if len(applying) > 1 else ''} {', '.join(str(i + 1) for i in applying)}"
@@ -56,9 +57,11 @@ def resolve_block(recipe: Recipe, stage: int | None, applying: tuple[int, ...]) 
         if name in reads or layers[name] < 0:
             continue
         if layers[name] >= layers["module"]:  # set with or over the module: a mistake, not a leftover
-            raise RecipeError(f"recipe field '{name}' ({origin(name)}) does not apply to module '{module}' "
-                              f"({origin('module')}) at {where}: it reads "
-                              f"{', '.join(ATTENTIONS[module].fields) or 'no block field'}; remove it there")
+            raise RecipeError(
+                f"recipe field '{name}' ({origin(name)}) does not apply to module '{module}' "
+                f"({origin('module')}) at {where}: it reads "
+                f"{', '.join(ATTENTIONS[module].fields) or 'no block field'}; remove it there"
+            )
         values[name] = _BLOCK[name]  # from below the module's entry: that module has no use for it
     try:
         return BlockConfig(**values)
@@ -77,8 +80,9 @@ def check_resolvable(recipe: Recipe) -> None:
     named |= {s for o in recipe.overrides for s in o.stages or ()}
     for stage in [*sorted(named), None]:
         sure = [i for i, o in enumerate(recipe.overrides) if o.only is None and o.selects(stage, None)]
-        maybe = [i for i, o in enumerate(recipe.overrides)
-                 if o.only is not None and (o.stages is None or stage in o.stages)]
+        maybe = [
+            i for i, o in enumerate(recipe.overrides) if o.only is not None and (o.stages is None or stage in o.stages)
+        ]
         resolve_block(recipe, stage, tuple(sure))
         for i in maybe:
             resolve_block(recipe, stage, tuple(sorted([*sure, i])))

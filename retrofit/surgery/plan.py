@@ -6,6 +6,7 @@ position (:mod:`retrofit.surgery.positions`). A stage, glob or kind that selects
 an error, named with what the model has. Nothing is changed: :mod:`retrofit.surgery.prepare` rebuilds
 the forwards the plan touches.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -50,8 +51,7 @@ def plan(found: Scan, recipe: Recipe) -> tuple[list[Insertion], list[Skipped]]:
         except SkipSite as err:
             skipped.append(Skipped(site_name(site), f"{recipe.position}: {err}"))
     if not insertions:
-        raise RetrofitError(f"position '{recipe.position}' has no usable site in {name}: "
-                            f"{skipped[0].reason}")
+        raise RetrofitError(f"position '{recipe.position}' has no usable site in {name}: {skipped[0].reason}")
     return insertions, skipped
 
 
@@ -59,14 +59,17 @@ def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name
     """The discovered sites (residual, Inception, 3x3 conv; pyramid merges only when ``kinds`` names
     them) of the kinds asked for that the recipe's position applies to."""
     position = POSITIONS[recipe.position]
-    candidates = [s for s in found.sites
-                  if s.kind in position.kinds and (kinds is not None or s.kind not in DEFAULT_OFF)]
+    candidates = [
+        s for s in found.sites if s.kind in position.kinds and (kinds is not None or s.kind not in DEFAULT_OFF)
+    ]
     if kinds is not None:
         candidates = [s for s in candidates if s.kind in kinds]
         if not candidates and found.sites:
             wanted = [k for k in kinds if k != NAMED]
-            raise RetrofitError(f"kinds {','.join(wanted)} have no site in {name} for position "
-                                f"'{recipe.position}': the model has {found.summary()}")
+            raise RetrofitError(
+                f"kinds {','.join(wanted)} have no site in {name} for position "
+                f"'{recipe.position}': the model has {found.summary()}"
+            )
     if not candidates:
         usable = [p for p, spec in POSITIONS.items() if any(s.kind in spec.kinds for s in found.sites)]
         if usable:
@@ -76,24 +79,29 @@ def _discovered(found: Scan, recipe: Recipe, kinds: tuple[str, ...] | None, name
             hint = f"it has no residual or Inception merge the pass supports ({n} candidates skipped: {reason})"
         else:
             hint = "it has no residual or Inception merge at all"
-        raise RetrofitError(f"position '{recipe.position}' has no site in {name}: it needs "
-                            f"{' or '.join(position.kinds)} sites and the model has {found.summary()}; {hint}; "
-                            f"`at:` puts blocks on the outputs of modules you name")
+        raise RetrofitError(
+            f"position '{recipe.position}' has no site in {name}: it needs "
+            f"{' or '.join(position.kinds)} sites and the model has {found.summary()}; {hint}; "
+            f"`at:` puts blocks on the outputs of modules you name"
+        )
     return candidates
 
 
-def require_stages(keys: Iterable[int], present: Iterable[int], name: str, *, position: str | None = None,
-                   what: str | None = None) -> None:
+def require_stages(
+    keys: Iterable[int], present: Iterable[int], name: str, *, position: str | None = None, what: str | None = None
+) -> None:
     """A stage key (of ``stages``, a per-stage map, an override, a sweep axis: ``what``) that no site of
     model ``name`` (of ``position``'s sites) lies in is a typo: one error naming the stages there are."""
     present = sorted(set(present))
     absent = [k for k in keys if k not in present]
     if absent:
         where = f" for position '{position}'" if position else ""
-        raise RetrofitError(f"{f'{what}: ' if what else ''}stage {excerpt(','.join(map(str, absent[:20])), bare=True)} "
-                            "does not exist in "
-                            f"{name}{where}: its sites are in stages {','.join(map(str, present))} "
-                            f"(stage = log2 of the output stride)")
+        raise RetrofitError(
+            f"{f'{what}: ' if what else ''}stage {excerpt(','.join(map(str, absent[:20])), bare=True)} "
+            "does not exist in "
+            f"{name}{where}: its sites are in stages {','.join(map(str, present))} "
+            f"(stage = log2 of the output stride)"
+        )
 
 
 def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
@@ -107,6 +115,7 @@ def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
 
     def missing(keys, what):
         require_stages(keys, stages, name, position=recipe.position, what=what)
+
     for field_name in BLOCK_FIELDS:
         value = getattr(recipe, field_name)
         if isinstance(value, StageMap):
@@ -120,9 +129,11 @@ def check_variations(candidates: list, recipe: Recipe, name: str) -> None:
         for pattern in o.only or ():
             if not any(matches(s.module, pattern) for s in in_stages):
                 where = f" in stages {','.join(map(str, o.stages))}" if o.stages else ""
-                raise RetrofitError(f"{what}: only glob {excerpt(pattern)} matches no site of position "
-                                    f"'{recipe.position}'{where} in {name}; site modules: {shown} "
-                                    f"(`retrofit sites MODEL` lists them)")
+                raise RetrofitError(
+                    f"{what}: only glob {excerpt(pattern)} matches no site of position "
+                    f"'{recipe.position}'{where} in {name}; site modules: {shown} "
+                    f"(`retrofit sites MODEL` lists them)"
+                )
 
 
 def select(candidates: list, recipe: Recipe, name: str) -> list:
@@ -135,16 +146,23 @@ def select(candidates: list, recipe: Recipe, name: str) -> list:
     for field_name in ("only", "skip"):
         for pattern in getattr(recipe, field_name) or ():
             if not any(matches(s.module, pattern) for s in candidates):
-                raise RetrofitError(f"{field_name} glob {excerpt(pattern)} matches no site of position "
-                                    f"'{recipe.position}' in {name}; site modules: {shown} "
-                                    f"(`retrofit sites MODEL` lists them)")
-    kept = [s for s in candidates
-            if (recipe.only is None or any(matches(s.module, p) for p in recipe.only))
-            and not any(matches(s.module, p) for p in recipe.skip or ())]
+                raise RetrofitError(
+                    f"{field_name} glob {excerpt(pattern)} matches no site of position "
+                    f"'{recipe.position}' in {name}; site modules: {shown} "
+                    f"(`retrofit sites MODEL` lists them)"
+                )
+    kept = [
+        s
+        for s in candidates
+        if (recipe.only is None or any(matches(s.module, p) for p in recipe.only))
+        and not any(matches(s.module, p) for p in recipe.skip or ())
+    ]
     if not kept:
-        raise RetrofitError(f"only {excerpt(','.join(recipe.only or ['*']), bare=True)} and skip "
-                            f"{excerpt(','.join(recipe.skip or []), bare=True)} "
-                            f"leave no site of position '{recipe.position}' in {name}")
+        raise RetrofitError(
+            f"only {excerpt(','.join(recipe.only or ['*']), bare=True)} and skip "
+            f"{excerpt(','.join(recipe.skip or []), bare=True)} "
+            f"leave no site of position '{recipe.position}' in {name}"
+        )
     return kept
 
 

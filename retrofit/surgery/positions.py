@@ -32,6 +32,7 @@ their block goes on the module's output (the concatenation), the one placement t
 Feature-pyramid merges (``pyramid`` sites, only when a recipe's ``kinds`` names them) take ``standard``,
 on the upsampled top-down map before the sum, and ``post``, on the merged map.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -72,12 +73,15 @@ POSITIONS: dict[str, Position] = {}
 
 def register_position(name: str, kinds: tuple[str, ...], summary: str):
     """Register a position function under ``name`` for the given site kinds."""
+
     def register(fn):
         def place(site) -> Insertion:
             ins = fn(site)
             return Insertion(ins.site, ins.value, ins.users, name)
+
         POSITIONS[name] = Position(name, kinds, summary, place)
         return fn
+
     return register
 
 

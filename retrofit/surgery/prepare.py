@@ -7,6 +7,7 @@ and readers are found in it. All that can make an insertion fail is checked here
 :func:`retrofit.sweep` counts exactly the blocks :func:`retrofit.add_se` would insert, and an error
 leaves the model as it was.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -39,7 +40,7 @@ class Rewrite:
     owner: Call
     graph: OwnerGraph
     spliced: list[tuple[Insertion, Any, Any]]  # (insertion, this level's value node, its users or None)
-    names: list[str]                            # the blocks' attribute names on the module
+    names: list[str]  # the blocks' attribute names on the module
     fused: list[Any] = field(default_factory=list)  # per insertion: the residual sum it fuses, or None
     # a forward that differs by train/eval mode: the other mode's graph, with the same insertions
     other: OwnerGraph | None = None
@@ -55,9 +56,22 @@ class Rewrite:
             channels = shape[channel_dim(layout)]
             size = {"nchw": shape[2:4], "nhwc": shape[1:3]}.get(layout, ins.site.size)
             cfg = recipe.block_for(ins.site.stage, ins.site.module)
-            out.append(BlockInfo(prefix + name, ins.position, ins.site.kind, ins.site.module, ins.site.stage,
-                                 ins.site.stride, channels, cfg.reduced_width(channels), tuple(size),
-                                 layout, ins.site.prefix, cfg))
+            out.append(
+                BlockInfo(
+                    prefix + name,
+                    ins.position,
+                    ins.site.kind,
+                    ins.site.module,
+                    ins.site.stage,
+                    ins.site.stride,
+                    channels,
+                    cfg.reduced_width(channels),
+                    tuple(size),
+                    layout,
+                    ins.site.prefix,
+                    cfg,
+                )
+            )
         return out
 
 
@@ -89,8 +103,13 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
     for ins in insertions:
         owner = owner_of(ins)
         if calls_of[id(owner.module)] > 1:  # one forward serves every call: they would all change
-            skipped.append(Skipped(site_name(ins.site), f"{owner.path or '<model>'} is called "
-                                   f"{calls_of[id(owner.module)]} times (a shared module): not rewritten"))
+            skipped.append(
+                Skipped(
+                    site_name(ins.site),
+                    f"{owner.path or '<model>'} is called "
+                    f"{calls_of[id(owner.module)]} times (a shared module): not rewritten",
+                )
+            )
             continue
         by_owner.setdefault(id(owner), (owner, []))[1].append(ins)
     rewrites, failures, planned = [], Counter(), len(skipped)
@@ -104,8 +123,7 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
         why = Counter(s.reason for s in skipped[:planned]) + failures  # a rewrite's reason once, not per module
         reasons = "; ".join(f"{n} site(s): {reason}" for reason, n in why.most_common())
         block = "" if isinstance(recipe.module, StageMap) or recipe.overrides else f"{recipe.module} "
-        raise RetrofitError(f"no {block}block could be inserted in {model_name(found.traced.model)} "
-                            f"({reasons})")
+        raise RetrofitError(f"no {block}block could be inserted in {model_name(found.traced.model)} ({reasons})")
     return Prepared(rewrites, skipped)
 
 
@@ -113,10 +131,14 @@ def prepare(found: Scan, recipe: Recipe) -> Prepared:
 def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe) -> Rewrite:
     if owner.kept is not None:  # retrofit.graph.opaque: fx cannot trace it, its forward stays as it is
         raise CannotRewrite("its forward is kept as is (fx cannot trace it)")
-    if owner.parent is not None and owner.parent.kept is not None and \
-            (sequence := fixed_length(owner.args, owner.kwargs)) is not None:
-        raise CannotRewrite(f"a forward kept as is passes it {sequence}: a rewritten forward would take "
-                            f"only that many (one per image?)")
+    if (
+        owner.parent is not None
+        and owner.parent.kept is not None
+        and (sequence := fixed_length(owner.args, owner.kwargs)) is not None
+    ):
+        raise CannotRewrite(
+            f"a forward kept as is passes it {sequence}: a rewritten forward would take only that many (one per image?)"
+        )
     rebuilt = OwnerGraph(owner, traced)
     # the scanned module (the target is it or a copy of it) in the mode it was not traced in
     other = other_mode(owner.module, frozenset(rebuilt.constants))
@@ -143,13 +165,22 @@ def _prepare(owner: Call, group: list[Insertion], traced: Traced, recipe: Recipe
         taken.add(name)
         names.append(name)
     # fused per insertion: only some modules fuse
-    rewrite = Rewrite(owner, rebuilt, spliced, names,
-                      [_fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
-                       for (ins, value, users), spec in zip(spliced, specs)])
+    rewrite = Rewrite(
+        owner,
+        rebuilt,
+        spliced,
+        names,
+        [
+            _fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
+            for (ins, value, users), spec in zip(spliced, specs)
+        ],
+    )
     if other is not None:
         rewrite.other, rewrite.other_spliced = other, other_spliced
-        rewrite.other_fused = [_fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
-                               for (ins, _, _), (value, users), spec in zip(spliced, other_spliced, specs)]
+        rewrite.other_fused = [
+            _fusable_sum(ins, value, users) if spec.fuses_residual_sum else None
+            for (ins, _, _), (value, users), spec in zip(spliced, other_spliced, specs)
+        ]
     return rewrite
 
 
@@ -171,8 +202,10 @@ def _in_both_modes(graph: fx.Graph, other: fx.Graph, spliced: list, traced_mode:
     for ins, value, users in spliced:
         anchor = match.anchor(value, match.pairs)
         if anchor is None:
-            raise CannotRewrite(f"its forward differs in {mode} mode, and the tensor at the {ins.position} "
-                                f"position ({value.name}) has no counterpart there")
+            raise CannotRewrite(
+                f"its forward differs in {mode} mode, and the tensor at the {ins.position} "
+                f"position ({value.name}) has no counterpart there"
+            )
         twin = match.get(anchor)
         if anchor is not value:
             here.append((ins, anchor, list(anchor.users)))
@@ -183,8 +216,10 @@ def _in_both_modes(graph: fx.Graph, other: fx.Graph, spliced: list, traced_mode:
         else:
             readers = [match.get(u) for u in users]
             if any(r is None or twin not in r.all_input_nodes for r in readers):
-                raise CannotRewrite(f"its forward differs in {mode} mode, and what reads the tensor at the "
-                                    f"{ins.position} position ({value.name}) has no counterpart there")
+                raise CannotRewrite(
+                    f"its forward differs in {mode} mode, and what reads the tensor at the "
+                    f"{ins.position} position ({value.name}) has no counterpart there"
+                )
             here.append((ins, value, users))
             there.append((twin, readers))
     return here, there
@@ -194,8 +229,13 @@ def _fusable_sum(ins: Insertion, value, users):
     """The residual sum a standard-position block feeds directly (no drop-path between), at this level:
     the block then computes ``x * s + shortcut`` in one pass (``torch.addcmul``), which saves a pass
     over the activations; None when the block feeds anything else."""
-    if ins.position != "standard" or ins.site.kind != "residual" or ins.site.layout != "nchw" \
-            or users is None or len(users) != 1:
+    if (
+        ins.position != "standard"
+        or ins.site.kind != "residual"
+        or ins.site.layout != "nchw"
+        or users is None
+        or len(users) != 1
+    ):
         return None
     (add,) = users
     operands = N.add_operands(add)
@@ -211,7 +251,7 @@ def _base_name(ins: Insertion, owner: Call) -> str:
     if ins.position == "at":
         if ins.site.module == owner.path:
             return "se_out"
-        relative = ins.site.module[len(owner.path) + 1:] if owner.path else ins.site.module
+        relative = ins.site.module[len(owner.path) + 1 :] if owner.path else ins.site.module
         return "se_" + relative.replace(".", "_")
     return "se" if ins.position == "standard" else f"se_{ins.position}"
 

@@ -27,6 +27,7 @@ Block fields may vary by stage and by module (see :class:`Recipe` for the priori
     BlockConfig(r=32, squeeze='avg', gate='sigmoid', divisor=1, min_width=1, bias=True, init='preserve',
                 module='se', allow_wide=False)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,21 +65,21 @@ def _block(name: str) -> Any:
 class Recipe:
     """How to retrofit SE blocks into a model.
 
-    Args:
-{fields}
+        Args:
+    {fields}
 
-    Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
-    ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to
-    value, e.g. ``r={2: 8, 3: 8, 4: 16, 5: 32}`` or, as text, ``"2:8,3:8,4:16,5:32"``; its ``default``
-    key (e.g. ``{"default": 8, 5: 32}``) is the value of the stages it does not name, else the field's
-    base value (``replace`` and the CLI keep the recipe's own; a new recipe, the field's default). The
-    :class:`~retrofit.blocks.config.BlockConfig` of a site (:meth:`block_for`) takes each field from, lowest
-    priority first: the base fields; the per-stage maps; the ``overrides`` that select the site, in
-    order (a later entry wins). A field the site's module does not read (ECA has no ``r``) is an
-    error when it is set by the same entry as the module or a higher-priority one; set by a lower one,
-    it does not apply to that site. Stage keys and override globs are checked against the model when
-    it is planned (:func:`retrofit.surgery.plan.plan`): a stage it does not have, a glob that matches no
-    site is an error there, the structure and the values here.
+        Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
+        ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to
+        value, e.g. ``r={2: 8, 3: 8, 4: 16, 5: 32}`` or, as text, ``"2:8,3:8,4:16,5:32"``; its ``default``
+        key (e.g. ``{"default": 8, 5: 32}``) is the value of the stages it does not name, else the field's
+        base value (``replace`` and the CLI keep the recipe's own; a new recipe, the field's default). The
+        :class:`~retrofit.blocks.config.BlockConfig` of a site (:meth:`block_for`) takes each field from, lowest
+        priority first: the base fields; the per-stage maps; the ``overrides`` that select the site, in
+        order (a later entry wins). A field the site's module does not read (ECA has no ``r``) is an
+        error when it is set by the same entry as the module or a higher-priority one; set by a lower one,
+        it does not apply to that site. Stage keys and override globs are checked against the model when
+        it is planned (:func:`retrofit.surgery.plan.plan`): a stage it does not have, a glob that matches no
+        site is an error there, the structure and the values here.
     """
 
     # Each field's help is written once (the block fields' in blocks/help.py, with their defaults in
@@ -109,12 +110,16 @@ class Recipe:
         check_resolvable(self)
         found = [k for k in self.kinds or () if k != NAMED]  # `at` sites take any position
         if found and not set(found) & set(POSITIONS[self.position].kinds):
-            raise RecipeError(f"recipe fields 'kinds', 'position': position '{self.position}' applies to "
-                              f"{' and '.join(POSITIONS[self.position].kinds)} sites, not to "
-                              f"{', '.join(found)}; choose kinds it applies to or another position")
+            raise RecipeError(
+                f"recipe fields 'kinds', 'position': position '{self.position}' applies to "
+                f"{' and '.join(POSITIONS[self.position].kinds)} sites, not to "
+                f"{', '.join(found)}; choose kinds it applies to or another position"
+            )
         if (NAMED in (self.kinds or ())) != (self.at is not None) and self.kinds is not None:
-            raise RecipeError("recipe fields 'kinds', 'at': kind 'module' is the sites `at` names; give both "
-                              "(at: [module globs] and module in kinds) or neither")
+            raise RecipeError(
+                "recipe fields 'kinds', 'at': kind 'module' is the sites `at` names; give both "
+                "(at: [module globs] and module in kinds) or neither"
+            )
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -125,8 +130,9 @@ class Recipe:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise RecipeError(f"recipe {excerpt(source, bare=True)}: expected a mapping of fields, e.g. 'position: "
-                              "post'")
+            raise RecipeError(
+                f"recipe {excerpt(source, bare=True)}: expected a mapping of fields, e.g. 'position: post'"
+            )
         return cls.from_dict(data, origin=f"recipe {excerpt(source, bare=True)}")
 
     @classmethod
@@ -196,10 +202,11 @@ class Recipe:
 
     def describe(self) -> str:
         stages = "all stages" if self.stages is None else "stages " + ",".join(map(str, self.stages))
-        return (f"position {self.position}, r {show(self.r)}, {show(self.squeeze)} squeeze, "
-                f"{show(self.gate)} gate, {stages}, divisor {show(self.divisor)}, min width "
-                f"{show(self.min_width)}, {show_bias(self.bias)}, init {show(self.init)}"
-                + self._describe_selection())
+        return (
+            f"position {self.position}, r {show(self.r)}, {show(self.squeeze)} squeeze, "
+            f"{show(self.gate)} gate, {stages}, divisor {show(self.divisor)}, min width "
+            f"{show(self.min_width)}, {show_bias(self.bias)}, init {show(self.init)}" + self._describe_selection()
+        )
 
     def _describe_selection(self) -> str:
         """Module, selection and overrides, named only when they differ from the defaults (SE on
@@ -217,8 +224,10 @@ class Recipe:
 
 def field_doc() -> str:
     """The Args of :class:`Recipe`'s docstring, made from its fields' help."""
-    return "\n".join(textwrap.fill(f"{f.name}: {f.metadata['help']}", 108, initial_indent=" " * 8,
-                                    subsequent_indent=" " * 12) for f in fields(Recipe))
+    return "\n".join(
+        textwrap.fill(f"{f.name}: {f.metadata['help']}", 108, initial_indent=" " * 8, subsequent_indent=" " * 12)
+        for f in fields(Recipe)
+    )
 
 
 Recipe.__doc__ = Recipe.__doc__.replace("{fields}", field_doc())
@@ -226,9 +235,16 @@ Recipe.__doc__ = Recipe.__doc__.replace("{fields}", field_doc())
 
 def allowed_values() -> dict[str, str]:
     """The values a choice field takes, from the registries (a new position or block shows up here)."""
-    return {"position": " \\| ".join(POSITIONS), "squeeze": " \\| ".join(SQUEEZES), "gate": " \\| ".join(GATES),
-            "init": " \\| ".join(INITS), "module": " \\| ".join(ATTENTIONS),
-            "kinds": " \\| ".join((*KINDS, NAMED)), "bias": "true \\| false", "allow_wide": "true \\| false"}
+    return {
+        "position": " \\| ".join(POSITIONS),
+        "squeeze": " \\| ".join(SQUEEZES),
+        "gate": " \\| ".join(GATES),
+        "init": " \\| ".join(INITS),
+        "module": " \\| ".join(ATTENTIONS),
+        "kinds": " \\| ".join((*KINDS, NAMED)),
+        "bias": "true \\| false",
+        "allow_wide": "true \\| false",
+    }
 
 
 def reference_table() -> str:
@@ -253,8 +269,13 @@ def reference_yaml() -> str:
 
 
 def yaml_value(value: Any) -> str:
-    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip() \
-        .removesuffix("\n...").removesuffix("...").strip()
+    return (
+        yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True)
+        .strip()
+        .removesuffix("\n...")
+        .removesuffix("...")
+        .strip()
+    )
 
 
 def resolve_recipe(recipe: Recipe | str | Path | Mapping | None = None, **fields_: Any) -> Recipe:
@@ -275,8 +296,7 @@ def resolve_recipe(recipe: Recipe | str | Path | Mapping | None = None, **fields
 def builtin_recipes() -> dict[str, Path]:
     """Names and files of the recipes shipped with the package."""
     root = resources.files("retrofit.recipes")
-    return {p.name[:-5]: Path(str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name)
-            if p.name.endswith(".yaml")}
+    return {p.name[:-5]: Path(str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")}
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -290,10 +310,13 @@ def _find(source: str | Path) -> Path:
         return regular_file(path, "recipe file", error=RecipeError)
     looks_like_path = any(s in text for s in "/\\") or path.suffix in (".yaml", ".yml")
     if looks_like_path:
-        raise RecipeError(f"recipe file {excerpt(text, bare=True)} not found; give an existing YAML file or a "
-                          f"built-in name ({', '.join(builtins)})")
-    raise RecipeError(f"unknown recipe {excerpt(text)}; built-in recipes: {', '.join(builtins)} "
-                      f"(or give the path of a YAML file)")
+        raise RecipeError(
+            f"recipe file {excerpt(text, bare=True)} not found; give an existing YAML file or a "
+            f"built-in name ({', '.join(builtins)})"
+        )
+    raise RecipeError(
+        f"unknown recipe {excerpt(text)}; built-in recipes: {', '.join(builtins)} (or give the path of a YAML file)"
+    )
 
 
 def _check_keys(data: Mapping[str, Any], origin: str) -> None:
@@ -301,5 +324,3 @@ def _check_keys(data: Mapping[str, Any], origin: str) -> None:
     for key in data:
         if key not in allowed:
             raise RecipeError(f"{origin}: unknown field {excerpt(key)}; allowed fields: {', '.join(allowed)}")
-
-

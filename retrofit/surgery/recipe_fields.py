@@ -6,6 +6,7 @@ a bad value is reported the same way wherever it came from, naming the field and
 The block fields' own checks are :data:`retrofit.blocks.config.CHECKS`; here they also take per-stage
 maps (``{2: 8, 5: 32}``, or as text ``"2:8,5:32"``).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -58,7 +59,7 @@ class Override:
     """One entry of :attr:`Recipe.overrides`: block field values for the sites it selects."""
 
     stages: tuple[int, ...] | None = None  # None: any stage
-    only: tuple[str, ...] | None = None    # None: any module
+    only: tuple[str, ...] | None = None  # None: any module
     values: tuple[tuple[str, Any], ...] = ()  # (block field, value), in BLOCK_FIELDS order
 
     def selects(self, stage: int | None, path: str | None) -> bool:
@@ -77,8 +78,14 @@ class Override:
         return {**d, **dict(self.values)}
 
     def describe(self) -> str:
-        where = " ".join(p for p in (self.stages and "stages " + ",".join(map(str, self.stages)),
-                                     self.only and "only " + ",".join(self.only)) if p)
+        where = " ".join(
+            p
+            for p in (
+                self.stages and "stages " + ",".join(map(str, self.stages)),
+                self.only and "only " + ",".join(self.only),
+            )
+            if p
+        )
         return f"{where}: " + ", ".join(f"{k} {plain(v)}" for k, v in self.values)
 
 
@@ -118,35 +125,48 @@ def _stages(value: Any) -> tuple[int, ...] | None:
     try:
         stages = tuple(sorted({_positive_int("stages")(s) for s in items}))
     except (TypeError, RecipeError):
-        raise RecipeError(f"recipe field 'stages': expected 'all' or stage numbers such as 2,3 "
-                          f"(stage = log2 of the output stride), got {excerpt(value)}") from None
+        raise RecipeError(
+            f"recipe field 'stages': expected 'all' or stage numbers such as 2,3 "
+            f"(stage = log2 of the output stride), got {excerpt(value)}"
+        ) from None
     if not stages:
         raise RecipeError("recipe field 'stages': empty; use 'all' or stage numbers such as 2,3")
     return stages
 
 
-def _names(name: str, allowed: Callable[[], Any] | None = None,
-           aliases: Mapping[str, str] | None = None) -> Callable[[Any], tuple[str, ...] | None]:
+def _names(
+    name: str, allowed: Callable[[], Any] | None = None, aliases: Mapping[str, str] | None = None
+) -> Callable[[Any], tuple[str, ...] | None]:
     """A list of names (or globs, ``allowed`` None), or one comma-separated string; None means all."""
+
     def check(value: Any) -> tuple[str, ...] | None:
         if value is None:
             return None
         items = value.split(",") if isinstance(value, str) else value
-        if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)) or \
-                not all(isinstance(i, str) and i.strip() for i in items) or not items:
-            raise RecipeError(f"recipe field '{name}': expected a list of "
-                              f"{'names' if allowed else 'module-path globs such as layer3.*'}, got {excerpt(value)}")
+        if (
+            isinstance(items, (str, bytes))
+            or not isinstance(items, (list, tuple))
+            or not all(isinstance(i, str) and i.strip() for i in items)
+            or not items
+        ):
+            raise RecipeError(
+                f"recipe field '{name}': expected a list of "
+                f"{'names' if allowed else 'module-path globs such as layer3.*'}, got {excerpt(value)}"
+            )
         out = []
         for item in (i.strip() for i in items):
             if allowed is not None:
                 item = (aliases or {}).get(item.lower(), item.lower())
                 options = list(allowed())
                 if item not in options:
-                    raise RecipeError(f"recipe field '{name}': unknown value {excerpt(item)}; allowed: "
-                                      f"{', '.join(options + list(aliases or {}))}")
+                    raise RecipeError(
+                        f"recipe field '{name}': unknown value {excerpt(item)}; allowed: "
+                        f"{', '.join(options + list(aliases or {}))}"
+                    )
             if item not in out:
                 out.append(item)
         return tuple(out)
+
     return check
 
 
@@ -174,14 +194,17 @@ def staged(name: str) -> Callable[..., Any]:
         for key, item in value.items():
             stage = _stage_key(name, key)
             if isinstance(item, (Mapping, list, tuple, set)):
-                raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} maps to {excerpt(item)}, "
-                                  f"not to one value; {_PAIRS}")
+                raise RecipeError(
+                    f"recipe field '{name}': stage {excerpt(key, bare=True)} maps to {excerpt(item)}, "
+                    f"not to one value; {_PAIRS}"
+                )
             try:
                 checked = check(item)
             except RecipeError as err:
                 where = "default" if stage is None else f"stage {stage}"
-                raise RecipeError(str(err).replace(f"recipe field '{name}':", f"recipe field '{name}' ({where}):",
-                                                   1)) from None
+                raise RecipeError(
+                    str(err).replace(f"recipe field '{name}':", f"recipe field '{name}' ({where}):", 1)
+                ) from None
             if stage is None:
                 base = checked
             elif stage in entries:
@@ -190,6 +213,7 @@ def staged(name: str) -> Callable[..., Any]:
                 entries[stage] = checked
         base = check(base)
         return StageMap(base, tuple(sorted(entries.items()))) if entries else base
+
     return parse
 
 
@@ -201,8 +225,9 @@ def _pairs(name: str, text: str) -> dict[str, str]:
         if not sep or not key or not value:
             raise RecipeError(f"recipe field '{name}': bad entry {excerpt(entry.strip())} in {excerpt(text)}; {_PAIRS}")
         if key in out:
-            raise RecipeError(f"recipe field '{name}': stage {excerpt(key, bare=True)} is given twice in "
-                              f"{excerpt(text)}")
+            raise RecipeError(
+                f"recipe field '{name}': stage {excerpt(key, bare=True)} is given twice in {excerpt(text)}"
+            )
         out[key] = value
     return out
 
@@ -211,11 +236,20 @@ def _stage_key(name: str, key: Any) -> int | None:
     """A map key: a stage number (int or its text), or ``default`` (None)."""
     if isinstance(key, str) and key.strip().lower() == "default":
         return None
-    n = None if isinstance(key, bool) else key if isinstance(key, int) else \
-        int(key.strip()) if isinstance(key, str) and key.strip().isdigit() else None
+    n = (
+        None
+        if isinstance(key, bool)
+        else key
+        if isinstance(key, int)
+        else int(key.strip())
+        if isinstance(key, str) and key.strip().isdigit()
+        else None
+    )
     if n is None or n < 1:
-        raise RecipeError(f"recipe field '{name}': {excerpt(key)} is not a stage number (stage = log2 of the "
-                          f"output stride, e.g. 2..5 on a ResNet); {_PAIRS}")
+        raise RecipeError(
+            f"recipe field '{name}': {excerpt(key)} is not a stage number (stage = log2 of the "
+            f"output stride, e.g. 2..5 on a ResNet); {_PAIRS}"
+        )
     return n
 
 
@@ -226,8 +260,9 @@ def _overrides(value: Any) -> tuple[Override, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
-        raise RecipeError(f"recipe field 'overrides': expected a list of entries, {_OVERRIDE_EXAMPLE}; "
-                          f"got {excerpt(value)}")
+        raise RecipeError(
+            f"recipe field 'overrides': expected a list of entries, {_OVERRIDE_EXAMPLE}; got {excerpt(value)}"
+        )
     return tuple(_override(i, entry) for i, entry in enumerate(value))
 
 
@@ -248,14 +283,17 @@ def _override(i: int, entry: Any) -> Override:
         for name in BLOCK_FIELDS:
             if name in entry:
                 if isinstance(entry[name], (Mapping, StageMap)) or isinstance(entry[name], str) and ":" in entry[name]:
-                    raise RecipeError(f"recipe field '{name}': an override gives one value per field (per-stage "
-                                      f"maps go outside overrides)")
+                    raise RecipeError(
+                        f"recipe field '{name}': an override gives one value per field (per-stage "
+                        f"maps go outside overrides)"
+                    )
                 values.append((name, BLOCK_CHECKS[name](entry[name])))
     except RecipeError as err:
         raise RecipeError(f"{where}: {str(err).removeprefix('recipe ')}") from None
     if stages is None and only is None:
-        raise RecipeError(f"{where}: selects every site; give stages and/or only (module-path globs), "
-                          f"{_OVERRIDE_EXAMPLE}")
+        raise RecipeError(
+            f"{where}: selects every site; give stages and/or only (module-path globs), {_OVERRIDE_EXAMPLE}"
+        )
     if not values:
         raise RecipeError(f"{where}: sets no block field; give one of {', '.join(BLOCK_FIELDS)}")
     return Override(stages, only, tuple(values))

@@ -36,6 +36,7 @@ where it says, else the smallest that fits. The SE block squeezes over the spati
 grid tokens: prefix tokens are not positions of the image) and excites the channels of every token
 (see :mod:`retrofit.blocks.se_layout`). Inception merges and 3x3 convolutions are ``nchw`` only.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ KINDS = ("residual", "inception", "conv3x3", "pyramid")
 # The kinds a recipe gets only when its `kinds` names them.
 DEFAULT_OFF = ("pyramid",)
 # Why a pyramid site is not a residual unit: what `retrofit sites` and `add-se` say of them.
-PYRAMID_NOTE = ("a coarser map upsampled plus a lateral projection of this level, not a residual unit (its deep side "
-                "leaves this resolution and comes back; the paper never put SE there)")
+PYRAMID_NOTE = (
+    "a coarser map upsampled plus a lateral projection of this level, not a residual unit (its deep side "
+    "leaves this resolution and comes back; the paper never put SE there)"
+)
 # The kind of the sites a recipe names by module path (`at:`, retrofit.surgery.named): not discovered, asked for.
 NAMED = "module"
 # At most this many prefix (class, register, distillation) tokens before a token sequence's patch grid.
@@ -69,16 +72,16 @@ MAX_PROJECTION = 2
 class SiteRefs:
     """Where a site sits in the analysis graph (internal; used by positions and surgery)."""
 
-    anchor: fx.Node                       # the merge, the concatenation or the convolution
-    fork: fx.Node | None = None           # where the merged paths start
-    branch: fx.Node | None = None         # residual: the branch operand of the merge
-    shortcut: fx.Node | None = None       # residual: the shortcut operand
+    anchor: fx.Node  # the merge, the concatenation or the convolution
+    fork: fx.Node | None = None  # where the merged paths start
+    branch: fx.Node | None = None  # residual: the branch operand of the merge
+    shortcut: fx.Node | None = None  # residual: the shortcut operand
     branch_nodes: frozenset = frozenset()  # residual: nodes between the fork and the branch operand
     # residual, partial: the sum of the shortcut and the branch's first channels, when the unit's merge
     # (the anchor) is the concatenation that closes it; the branch is then the tensor both sides slice
     sum: fx.Node | None = None
-    chain_end: fx.Node | None = None      # conv3x3: last norm/activation after the convolution
-    unit: Site | None = None            # conv3x3: the residual site whose branch holds it
+    chain_end: fx.Node | None = None  # conv3x3: last norm/activation after the convolution
+    unit: Site | None = None  # conv3x3: the residual site whose branch holds it
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,14 @@ class Scan:
         """One line on the model's pyramid sites, why they are not residual units and how to select
         them; None when it has none."""
         n = self.count("pyramid")
-        return (f"{n} pyramid site(s), feature-pyramid merges: {PYRAMID_NOTE}; off by default, --kinds "
-                f"residual,pyramid (recipe kinds: [residual, pyramid]) selects them") if n else None
+        return (
+            (
+                f"{n} pyramid site(s), feature-pyramid merges: {PYRAMID_NOTE}; off by default, --kinds "
+                f"residual,pyramid (recipe kinds: [residual, pyramid]) selects them"
+            )
+            if n
+            else None
+        )
 
 
 def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> list[Site]:
@@ -166,6 +175,7 @@ def find_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> l
 def scan(model: nn.Module, input_size: tuple[int, ...], macs: bool = False) -> Scan:
     """Trace ``model``, propagate shapes on meta tensors (counting multiply-adds if ``macs``) and
     find its sites."""
+
     def shapes(traced: Traced) -> int:
         if macs:
             return count_macs(traced)
@@ -210,7 +220,8 @@ class _Analysis:
                 continue
             val = n.meta.get("val")
             carries_tensor = isinstance(val, torch.Tensor) or (
-                isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
+                isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
+            )
             if carries_tensor and (n.op == "placeholder" or any(a in data for a in n.all_input_nodes)):
                 data.add(n)
         return data
@@ -265,14 +276,22 @@ class _Analysis:
         path = level_of(n).path
         return f"{path or '<model>'} ({n.name})"
 
-    def _site(self, kind: str, anchor: fx.Node, detail: str, refs: SiteRefs, at: fx.Node | None = None,
-              layout: tuple[str, tuple[int, int], int] | None = None) -> Site:
+    def _site(
+        self,
+        kind: str,
+        anchor: fx.Node,
+        detail: str,
+        refs: SiteRefs,
+        at: fx.Node | None = None,
+        layout: tuple[str, tuple[int, int], int] | None = None,
+    ) -> Site:
         shape = N.shape(at or anchor)
         name, size, prefix = layout or ("nchw", (shape[2], shape[3]), 0)
         channels = shape[1] if name == "nchw" else shape[-1]
         stage = stage_of(self.traced, size[0])
-        return Site(kind, level_of(anchor).path, anchor.name, channels, size, 2 ** stage, stage, detail, refs,
-                    name, prefix)
+        return Site(
+            kind, level_of(anchor).path, anchor.name, channels, size, 2**stage, stage, detail, refs, name, prefix
+        )
 
     # -- the three kinds -----------------------------------------------------------------
     def run(self, macs: int) -> Scan:
@@ -309,9 +328,14 @@ class _Analysis:
             depth = {v: w[1] for v, w in walks.items()}
             if depth[a] == depth[b] or min(depth.values()) > MAX_PROJECTION:
                 said = {v: f"more than {MAX_PROJECTION}" if d > MAX_PROJECTION else str(d) for v, d in depth.items()}
-                self.skipped.append(Skipped(self._where(n), f"sum of two paths with {said[a]} and {said[b]} "
-                                            f"weighted layers: neither is an identity or a short projection "
-                                            f"shortcut, not a residual unit"))
+                self.skipped.append(
+                    Skipped(
+                        self._where(n),
+                        f"sum of two paths with {said[a]} and {said[b]} "
+                        f"weighted layers: neither is an identity or a short projection "
+                        f"shortcut, not a residual unit",
+                    )
+                )
                 return None
             branch, shortcut = (a, b) if depth[a] > depth[b] else (b, a)
             if N.is_upsample(branch):  # an FPN's top-down sum: the lateral conv looked like a projection
@@ -321,9 +345,14 @@ class _Analysis:
             kind = "identity" if depth[shortcut] == 0 else "projection"
         layer = level_of(n).module
         if next(layer.children(), None) is None and not any(N.is_weighted(v) for v in region):
-            self.skipped.append(Skipped(self._where(n), f"a sum inside one layer ({type(layer).__name__}: no "
-                                        f"submodules, no weighted operation on either side) is part of that "
-                                        f"layer's formula, not a residual unit"))
+            self.skipped.append(
+                Skipped(
+                    self._where(n),
+                    f"a sum inside one layer ({type(layer).__name__}: no "
+                    f"submodules, no weighted operation on either side) is part of that "
+                    f"layer's formula, not a residual unit",
+                )
+            )
             return None
         refs = SiteRefs(n, fork=fork, branch=branch, shortcut=shortcut, branch_nodes=frozenset(region))
         return self._site("residual", n, kind, refs, layout=layout)
@@ -341,8 +370,13 @@ class _Analysis:
         for site in residual:
             unit = widest.get(site.refs.anchor)
             if unit is not None and unit.channels > site.channels:
-                self.skipped.append(Skipped(self._where(site.refs.anchor), f"inside the residual branch of "
-                                            f"{unit.module or '<model>'}, on a channel split: part of that unit"))
+                self.skipped.append(
+                    Skipped(
+                        self._where(site.refs.anchor),
+                        f"inside the residual branch of "
+                        f"{unit.module or '<model>'}, on a channel split: part of that unit",
+                    )
+                )
                 continue
             kept.append(site)
         return kept
@@ -365,13 +399,23 @@ class _Analysis:
             unit = sums[0]
             rest = [t for t in tensors if t is not unit.refs.anchor]
             source = N.channel_slice_of(unit.refs.branch)
-            if source is None or any(N.channel_slice_of(t) is not source for t in rest) or \
-                    not set(source.users) <= {unit.refs.branch, *rest}:
+            if (
+                source is None
+                or any(N.channel_slice_of(t) is not source for t in rest)
+                or not set(source.users) <= {unit.refs.branch, *rest}
+            ):
                 continue
-            refs = SiteRefs(n, fork=unit.refs.fork, branch=source, shortcut=unit.refs.shortcut,
-                            branch_nodes=unit.refs.branch_nodes | set(rest), sum=unit.refs.anchor)
-            merged[id(unit)] = self._site("residual", n, f"{unit.detail}, on {unit.channels} of {N.shape(n)[1]} "
-                                      f"channels", refs)
+            refs = SiteRefs(
+                n,
+                fork=unit.refs.fork,
+                branch=source,
+                shortcut=unit.refs.shortcut,
+                branch_nodes=unit.refs.branch_nodes | set(rest),
+                sum=unit.refs.anchor,
+            )
+            merged[id(unit)] = self._site(
+                "residual", n, f"{unit.detail}, on {unit.channels} of {N.shape(n)[1]} channels", refs
+            )
         return [merged.get(id(s), s) for s in residual]
 
     def _inception(self, residual: list[Site]) -> list[Site]:
@@ -391,13 +435,21 @@ class _Analysis:
             if fork is None:
                 continue
             if fork in tensors:
-                self.skipped.append(Skipped(self._where(n), "concatenation that includes its own "
-                                            "input (DenseNet style): not an Inception merge"))
+                self.skipped.append(
+                    Skipped(
+                        self._where(n),
+                        "concatenation that includes its own input (DenseNet style): not an Inception merge",
+                    )
+                )
                 continue
             if n in in_branches:
                 unit = in_branches[n]
-                self.skipped.append(Skipped(self._where(n), f"inside the residual branch of "
-                                            f"{unit.module or '<model>'}: part of that residual unit"))
+                self.skipped.append(
+                    Skipped(
+                        self._where(n),
+                        f"inside the residual branch of {unit.module or '<model>'}: part of that residual unit",
+                    )
+                )
                 continue
             found[n] = self._site("inception", n, f"{len(tensors)} branches", SiteRefs(n, fork=fork))
         # a concatenation that feeds another one directly (through markers) is nested in it
@@ -406,8 +458,9 @@ class _Analysis:
             for t in map(N.unmarked, N.cat_operands(n)[0]):
                 if t in found:
                     nested.add(t)
-                    self.skipped.append(Skipped(self._where(t), f"nested in the Inception merge of "
-                                                f"{found[n].module or '<model>'}"))
+                    self.skipped.append(
+                        Skipped(self._where(t), f"nested in the Inception merge of {found[n].module or '<model>'}")
+                    )
         return [s for n, s in found.items() if n not in nested]
 
     def _convs(self, residual: list[Site]) -> list[Site]:
@@ -433,8 +486,12 @@ def spatial(traced: Traced, h: int, w: int) -> bool:
     """Whether (h, w) can be the image's height and width at some output stride: both sides
     shrunk by the same power of two (NCHW). A channels-last (N, H, W, C) tensor fails this."""
     in_h, in_w = traced.image_size
-    return h > 0 and w > 0 and round(math.log2(in_h / h)) == round(math.log2(in_w / w)) and \
-        abs(in_h / h - in_w / w) <= 0.5 * max(in_h / h, in_w / w)
+    return (
+        h > 0
+        and w > 0
+        and round(math.log2(in_h / h)) == round(math.log2(in_w / w))
+        and abs(in_h / h - in_w / w) <= 0.5 * max(in_h / h, in_w / w)
+    )
 
 
 def layout_of(traced: Traced, n: fx.Node, shape: tuple[int, ...]) -> tuple[str, tuple[int, int], int] | str:
@@ -447,12 +504,15 @@ def layout_of(traced: Traced, n: fx.Node, shape: tuple[int, ...]) -> tuple[str, 
     if len(shape) == 4:
         return "4-d tensors whose dims are neither (N, C, H, W) nor (N, H, W, C) of the image"
     if shape[1] == 1:
-        return ("one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to "
-                "squeeze")
+        return (
+            "one-token tensors (B, 1, C) (a class token alone, as in CaiT's class attention): no positions to squeeze"
+        )
     grid = token_grid(traced, n, shape[1])
     if grid is None:
-        return (f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
-                f"{traced.image_size[0]}x{traced.image_size[1]} input: the squeeze axis is unknown")
+        return (
+            f"token tensors (B, N, C) whose {shape[1]} tokens match no patch grid of the "
+            f"{traced.image_size[0]}x{traced.image_size[1]} input: the squeeze axis is unknown"
+        )
     return "tokens", grid[:2], grid[2]
 
 

@@ -15,6 +15,7 @@ weights now (as a phase-2 fine-tune's change would be) and stays: strip cannot d
 scale may be 0 or round). So the stripped network is the folded one without its blocks and channel
 scales, with the folded neighbours; :func:`retrofit.bypass` computes the same network in place.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,9 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         try:
             module = target.get_submodule(path) if path else target
         except AttributeError:
-            raise RetrofitError(f"block owner {excerpt(path)} is no longer in the model; was it edited after "
-                                f"add_se?") from None
+            raise RetrofitError(
+                f"block owner {excerpt(path)} is no longer in the model; was it edited after add_se?"
+            ) from None
         _strip_module(module, names)
         for name in names:  # an attribute that was None before (timm's `self.se = None`) is None again
             if (f"{path}.{name}" if path else name) in info.was_none:

@@ -6,6 +6,7 @@ the whole model (tied parameters once) and prints as one line::
 
     trainable parameters: 2,530,992 || all: 28,088,024 || 9.01%
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -31,6 +31,7 @@ epoch)`` (:func:`retrofit.finetune`), a new head is built from ``seed`` alone
 Under ``torchrun`` every run is DistributedDataParallel over all the processes (the combinations run
 one after the other, each as fast as the job allows); every process gets the same rows.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,9 +71,19 @@ def parse_seeds(seeds: int | Iterable[int]) -> list[int]:
     return out
 
 
-def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str | Path, config: FinetuneConfig,
-                  seeds: int | Iterable[int], input_size: tuple[int, ...], latency: bool,
-                  on_event: OnEvent | None = None) -> list:
+def with_accuracy(
+    model: nn.Module,
+    rows: list,
+    found,
+    base_recipe,
+    *,
+    data: str | Path,
+    config: FinetuneConfig,
+    seeds: int | Iterable[int],
+    input_size: tuple[int, ...],
+    latency: bool,
+    on_event: OnEvent | None = None,
+) -> list:
     """The control rows, then ``rows`` (a sweep's cost rows) with their accuracy columns.
 
     Args:
@@ -115,8 +126,12 @@ def with_accuracy(model: nn.Module, rows: list, found, base_recipe, *, data: str
             per_seed = []
             for seed in seeds:
                 # the lambda is called inside runs.run, in this iteration
-                result = runs.run(_label(row), lambda: build_retrofitted(model, found, recipe, seed), seed,  # noqa: B023
-                                  distill=distill)
+                result = runs.run(
+                    _label(row),
+                    lambda: build_retrofitted(model, found, recipe, seed),  # noqa: B023
+                    seed,
+                    distill=distill,
+                )
                 if isinstance(result, str):
                     per_seed = result
                     break
@@ -149,8 +164,10 @@ def check_accuracy_run(model: nn.Module, seeds: int | Iterable[int], config: Fin
 
 
 # what each trained control arm changes in the fine-tune (the original arm is the runs' step 0)
-CONTROL_OPTIONS: dict[str, dict[str, Any]] = {"head+norms": dict(train_head=True, train_norms=True),
-                                              "full": dict(phase1=False)}
+CONTROL_OPTIONS: dict[str, dict[str, Any]] = {
+    "head+norms": dict(train_head=True, train_norms=True),
+    "full": dict(phase1=False),
+}
 
 
 def build_retrofitted(model: nn.Module, found, recipe, seed: int) -> nn.Module:
@@ -164,17 +181,35 @@ def build_retrofitted(model: nn.Module, found, recipe, seed: int) -> nn.Module:
     return se_model
 
 
-def run_arm(pipeline: ImageFolderData, model: nn.Module, config: FinetuneConfig, seed: int, *, input_size,
-            phase1: bool = True, phase2_epochs: int = 0, on_event: OnEvent | None = None,
-            **options) -> dict[str, Any]:
+def run_arm(
+    pipeline: ImageFolderData,
+    model: nn.Module,
+    config: FinetuneConfig,
+    seed: int,
+    *,
+    input_size,
+    phase1: bool = True,
+    phase2_epochs: int = 0,
+    on_event: OnEvent | None = None,
+    **options,
+) -> dict[str, Any]:
     """One fine-tune of an accuracy run: ``model`` (trained in place) by ``config`` with ``seed``;
     ``phase1=False`` trains ``config.epochs`` epochs of phase 2 only (the ``full`` control); ``options``:
     other options of this run (``train_head``...). Returns ``last`` (the last epoch's row), ``original``
     (the original's row) and ``rows``; a failure raises."""
     epochs = config.epochs
     planned = dict(epochs=epochs, phase2_epochs=phase2_epochs) if phase1 else dict(epochs=0, phase2_epochs=epochs)
-    result = finetune(model, pipeline, config, **planned, seed=seed, input_size=input_size, restore_best=False,
-                      on_event=on_event, **options)
+    result = finetune(
+        model,
+        pipeline,
+        config,
+        **planned,
+        seed=seed,
+        input_size=input_size,
+        restore_best=False,
+        on_event=on_event,
+        **options,
+    )
     last = next(r for r in reversed(result.rows) if not r["name"].endswith("(ema)"))  # the live weights' row
     return {"last": last, "original": result.row("original"), "rows": result.rows}
 
@@ -195,8 +230,9 @@ class _Runner:
     def run(self, label: str, build: Callable[[], nn.Module], seed: int, phase1: bool = True, **options):
         """A dict (``last``, ``original``: metric rows) or, when the run fails, the reason (a string)."""
         try:
-            result = run_arm(self.pipeline, build(), self.config, seed, input_size=self.input_size, phase1=phase1,
-                             **options)
+            result = run_arm(
+                self.pipeline, build(), self.config, seed, input_size=self.input_size, phase1=phase1, **options
+            )
         except PeerLost:
             raise  # another process of the torchrun job died: no row can run any more
         except Exception as err:  # noqa: BLE001 - a failed combination is a row with its reason
@@ -204,14 +240,21 @@ class _Runner:
             self._say(f"{label}, seed {seed}: failed ({reason})", label=label, seed=seed, failed=reason)
             return reason
         last = result["last"]
-        self._say(f"{label}, seed {seed}: top-1 {last['top1']:.2f}%, val loss {last['val_loss']:.4f}", label=label,
-                  seed=seed, top1=last["top1"], val_loss=last["val_loss"])
+        self._say(
+            f"{label}, seed {seed}: top-1 {last['top1']:.2f}%, val loss {last['val_loss']:.4f}",
+            label=label,
+            seed=seed,
+            top1=last["top1"],
+            val_loss=last["val_loss"],
+        )
         return result
 
     def _say(self, text: str, **data: Any) -> None:
         self.done += 1
-        emit(self.on_event, Event("sweep", "run", f"[{self.done}/{self.total}] {text}",
-                                  dict(done=self.done, total=self.total, **data)))
+        emit(
+            self.on_event,
+            Event("sweep", "run", f"[{self.done}/{self.total}] {text}", dict(done=self.done, total=self.total, **data)),
+        )
 
 
 def _label(row) -> str:
@@ -225,9 +268,38 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 # Student's t quantiles t(0.975, df) for df = 1..30 (beyond: the normal's 1.96); a table, so the core
 # package needs no scipy (benchmarks/transfer.py's interval() computes the same with scipy.stats.t.ppf)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t_interval(xs: list[float]) -> tuple[float, float] | None:
@@ -243,8 +315,9 @@ def _stats(per_seed: list[dict]) -> Accuracy:
     top1 = [r["last"]["top1"] for r in per_seed]
     loss = [r["last"]["val_loss"] for r in per_seed]
     (m1, s1), (ml, sl) = mean_std(top1), mean_std(loss)
-    return Accuracy(top1=m1, top1_std=s1, val_loss=ml, val_loss_std=sl, top1_per_seed=tuple(top1),
-                    val_loss_per_seed=tuple(loss))
+    return Accuracy(
+        top1=m1, top1_std=s1, val_loss=ml, val_loss_std=sl, top1_per_seed=tuple(top1), val_loss_per_seed=tuple(loss)
+    )
 
 
 def with_stats(row, per_seed: list[dict], seeds: list[int], control) -> SweepRow:
@@ -254,17 +327,22 @@ def with_stats(row, per_seed: list[dict], seeds: list[int], control) -> SweepRow
     if control is not None:
         diffs = [a - b for a, b in zip(stats.top1_per_seed, control.top1_per_seed)]
         mean, std = mean_std(diffs)
-        stats = dataclasses.replace(stats, delta_top1=mean, delta_top1_std=std, delta_top1_ci=t_interval(diffs),
-                                    control=control.arm)
+        stats = dataclasses.replace(
+            stats, delta_top1=mean, delta_top1_std=std, delta_top1_ci=t_interval(diffs), control=control.arm
+        )
     return dataclasses.replace(row, seeds=tuple(seeds), accuracy=stats)
 
 
-NOTES = {"original": "the original at step 0", "head+norms": "original, head + norm affine trained at lr",
-         "full": "original, every parameter trained at the phase-2 lr"}
+NOTES = {
+    "original": "the original at step 0",
+    "head+norms": "original, head + norm affine trained at lr",
+    "full": "original, every parameter trained at the phase-2 lr",
+}
 
 
-def control_rows(controls: dict[str, list[dict] | str], seeds: list[int], latency: bool,
-                 notes: dict[str, str] | None = None) -> tuple[list[SweepRow], SweepRow | None]:
+def control_rows(
+    controls: dict[str, list[dict] | str], seeds: list[int], latency: bool, notes: dict[str, str] | None = None
+) -> tuple[list[SweepRow], SweepRow | None]:
     """The control rows and the best of them (highest mean top-1; None if none ran). ``controls``: each
     trained arm (``head+norms``, ``full``; any name) -> its per-seed results, or why it failed; the
     ``original`` arm is the step-0 row those runs share."""
@@ -273,11 +351,19 @@ def control_rows(controls: dict[str, list[dict] | str], seeds: list[int], latenc
     rows = []
     for name, per_seed in every.items():
         note = (notes or {}).get(name) or NOTES.get(name, "")
-        row = SweepRow("", 0.0, None, arm=name, seeds=tuple(seeds), note=note,  # nothing added: no cost
-                       latency=Latency(1.0) if latency else None)  # the original architecture: latency ratio 1
+        row = SweepRow(
+            "",
+            0.0,
+            None,
+            arm=name,
+            seeds=tuple(seeds),
+            note=note,  # nothing added: no cost
+            latency=Latency(1.0) if latency else None,
+        )  # the original architecture: latency ratio 1
         if isinstance(per_seed, str) or not per_seed:
-            row = dataclasses.replace(row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run "
-                                                                                                        "succeeded")
+            row = dataclasses.replace(
+                row, note=f"failed: {per_seed}" if isinstance(per_seed, str) else "no run succeeded"
+            )
         else:
             row = dataclasses.replace(row, accuracy=_stats(per_seed))
         rows.append(row)
@@ -295,8 +381,10 @@ def verdict(rows: list) -> str | None:
     winners = [r for r in scored if r.delta_top1_ci is not None and r.delta_top1_ci[0] > 0]
     best = max(winners or scored, key=lambda r: (r.delta_top1, -r.params))
     delta = f"Δ top-1 {best.delta_top1:+.2f} points" + (
-        f" [95% CI {best.delta_top1_ci[0]:+.2f}, {best.delta_top1_ci[1]:+.2f}]" if best.delta_top1_ci
-        else " (one seed: no interval)")
+        f" [95% CI {best.delta_top1_ci[0]:+.2f}, {best.delta_top1_ci[1]:+.2f}]"
+        if best.delta_top1_ci
+        else " (one seed: no interval)"
+    )
     if winners:
         return f"{describe_row(best)} beat the control '{control}' on this data: {delta}"
     return f"no recipe beat the control '{control}' on this data: best {describe_row(best)}, {delta}"
@@ -312,6 +400,7 @@ def pareto(rows: list, latency: bool) -> list:
     """Mark the rows with top-1 on the Pareto front of top-1 (higher is better) against added parameters
     (or latency; lower is better): no other row is at most as costly and at least as accurate, and
     better in one of them."""
+
     def cost(r):
         return (r.latency.ratio if r.latency is not None else None) if latency else r.params
 
@@ -320,7 +409,9 @@ def pareto(rows: list, latency: bool) -> list:
     out = []
     for r in rows:
         front = id(r) in ids and not any(
-            cost(o) <= cost(r) and o.top1 >= r.top1 and (cost(o) < cost(r) or o.top1 > r.top1) for o in scored)
-        out.append(r if r.accuracy is None else dataclasses.replace(r, accuracy=dataclasses.replace(r.accuracy,
-                                                                                                  pareto=front)))
+            cost(o) <= cost(r) and o.top1 >= r.top1 and (cost(o) < cost(r) or o.top1 > r.top1) for o in scored
+        )
+        out.append(
+            r if r.accuracy is None else dataclasses.replace(r, accuracy=dataclasses.replace(r.accuracy, pareto=front))
+        )
     return out

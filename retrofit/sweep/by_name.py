@@ -9,6 +9,7 @@ pretrained weights, latency or data), scans it once and runs :func:`retrofit.swe
     >>> len(report.rows), report.rows[0].cost.params
     (10, 20142208)
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -62,18 +63,39 @@ class SweepReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain values (``retrofit sweep --json``)."""
-        return {"model": model_name(self.model), "input_size": list(self.input_size), "recipe": self.recipe.to_dict(),
-                "latency": self.latency, "accuracy": self.accuracy,
-                "base": {"params": count_params(self.model), "macs": self.scan.macs},
-                "rows": [row.to_dict() for row in self.rows], "verdict": self.verdict}
+        return {
+            "model": model_name(self.model),
+            "input_size": list(self.input_size),
+            "recipe": self.recipe.to_dict(),
+            "latency": self.latency,
+            "accuracy": self.accuracy,
+            "base": {"params": count_params(self.model), "macs": self.scan.macs},
+            "rows": [row.to_dict() for row in self.rows],
+            "verdict": self.verdict,
+        }
 
 
-def sweep_model(name: str, r: Iterable[Any] | Any = (16,), position: Iterable[str] | str = ("standard",),
-                stages: Iterable[Any] | Any = (None,), *, recipe: Recipe | str | dict | None = None,
-                checkpoint: str | Path | None = None, pretrained: bool = False, num_classes: int | str | None = None,
-                input_size: Any = None, latency: bool = False, batch: int = 8, latency_input_size: Any = None,
-                runs: int = 10, data: str | Path | None = None, seeds: int = 1, config: FinetuneConfig | None = None,
-                on_event: OnEvent | None = None, **options: Any) -> SweepReport:
+def sweep_model(
+    name: str,
+    r: Iterable[Any] | Any = (16,),
+    position: Iterable[str] | str = ("standard",),
+    stages: Iterable[Any] | Any = (None,),
+    *,
+    recipe: Recipe | str | dict | None = None,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    num_classes: int | str | None = None,
+    input_size: Any = None,
+    latency: bool = False,
+    batch: int = 8,
+    latency_input_size: Any = None,
+    runs: int = 10,
+    data: str | Path | None = None,
+    seeds: int = 1,
+    config: FinetuneConfig | None = None,
+    on_event: OnEvent | None = None,
+    **options: Any,
+) -> SweepReport:
     """Build the timm model ``name`` and sweep it: :func:`retrofit.sweep`'s axes, latency and accuracy runs
     (``r``, ``position``, ``stages`` as lists or as the command line's strings, ``"2,4,16"``), on the model
     :func:`retrofit.create` would build from ``checkpoint``, ``pretrained``, ``num_classes`` and ``input_size``.
@@ -95,16 +117,39 @@ def sweep_model(name: str, r: Iterable[Any] | Any = (16,), position: Iterable[st
     if data is not None and config.device is not None:
         check_device(config.device)  # before the model is built
     real = latency or data is not None or checkpoint is not None or pretrained
-    net, found = build_and_scan(lambda: build_named(name, checkpoint, pretrained, num_classes), input_size,
-                                meta=not real)
+    net, found = build_and_scan(
+        lambda: build_named(name, checkpoint, pretrained, num_classes), input_size, meta=not real
+    )
     size = found.traced.input_size
     timing_size = resolve_input_size(net, latency_input_size) if latency_input_size is not None else size
-    rows = sweep(net, r, position, stages, recipe=base, input_size=size, latency=latency, batch=batch,
-                 latency_input_size=timing_size, runs=runs, found=found, data=data, seeds=seeds, config=config,
-                 on_event=on_event)
+    rows = sweep(
+        net,
+        r,
+        position,
+        stages,
+        recipe=base,
+        input_size=size,
+        latency=latency,
+        batch=batch,
+        latency_input_size=timing_size,
+        runs=runs,
+        found=found,
+        data=data,
+        seeds=seeds,
+        config=config,
+        on_event=on_event,
+    )
     timing = {"batch": batch, "input_size": list(timing_size), "runs": runs} if latency else None
-    accuracy = {"data": str(data), "epochs": config.epochs, "seeds": list(range(seeds)),
-                "train": {option: getattr(config, option) for option in RUN_OPTIONS}} if data is not None else None
+    accuracy = (
+        {
+            "data": str(data),
+            "epochs": config.epochs,
+            "seeds": list(range(seeds)),
+            "train": {option: getattr(config, option) for option in RUN_OPTIONS},
+        }
+        if data is not None
+        else None
+    )
     return SweepReport(net, found, base, rows, timing, accuracy)
 
 

@@ -26,6 +26,7 @@ Example::
     >>> r.status, r.sites, r.params_added["standard"]
     ('ok', {'residual': 8, 'inception': 0, 'conv3x3': 16, 'pyramid': 0}, 89080)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,11 +61,11 @@ from ..surgery.recipe_fields import StageMap
 from ..surgery.sites import KINDS, scan
 
 TOLERANCE = 1e-5
-R = 16            # the recipe the check uses: timm-free defaults, see se_params
+R = 16  # the recipe the check uses: timm-free defaults, see se_params
 POSITIONS = ("standard", "inside")
 _KINDS = {"standard": ("residual", "inception"), "inside": ("conv3x3",)}
 NUM_CLASSES = 10  # a small head: the classifier is not what is checked
-SMALL_SIDE = 64   # the input side tried first (the model's own size when it refuses it)
+SMALL_SIDE = 64  # the input side tried first (the model's own size when it refuses it)
 
 # Statuses: ``ok`` every check passed; ``no sites``: the model has no residual or Inception merge
 # (nothing to retrofit, e.g. VGG); ``unsupported``: it has candidate merges but the pass skipped
@@ -79,13 +80,13 @@ class CheckResult:
     model: str
     family: str | None = None
     status: str = "fail"
-    reason: str = ""                                    # one line; empty when ok
+    reason: str = ""  # one line; empty when ok
     input_size: tuple[int, ...] | None = None
     sites: dict[str, int] = field(default_factory=dict)  # kind -> count
-    skipped: int = 0                                    # candidates (and sites) the pass skipped
+    skipped: int = 0  # candidates (and sites) the pass skipped
     blocks: dict[str, int] = field(default_factory=dict)  # position -> blocks inserted
     params_added: dict[str, int] = field(default_factory=dict)  # position -> parameters added
-    max_diff: dict[str, float] = field(default_factory=dict)    # position -> preservation error
+    max_diff: dict[str, float] = field(default_factory=dict)  # position -> preservation error
     seconds: float = 0.0
 
     @property
@@ -151,6 +152,7 @@ def time_limit(seconds: float | None):
 
     def expire(signum, frame):
         raise TimeLimit(f"took longer than the {seconds:g} s limit")
+
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -181,9 +183,16 @@ def _build(name: str) -> nn.Module:
         return create_model(name)
 
 
-def check_model(model: str | nn.Module, *, input_size: Sequence[int] | None = None,
-                 family: str | None = None, time_limit_s: float | None = None,
-                 name: str | None = None, inplace: bool = False, r: Any = R) -> CheckResult:
+def check_model(
+    model: str | nn.Module,
+    *,
+    input_size: Sequence[int] | None = None,
+    family: str | None = None,
+    time_limit_s: float | None = None,
+    name: str | None = None,
+    inplace: bool = False,
+    r: Any = R,
+) -> CheckResult:
     """Check that the pass handles ``model``; never raises for a model it cannot handle.
 
     Args:
@@ -322,9 +331,14 @@ def _verify(base_params, se, info, candidates, x, reference, position, result, r
     result.max_diff[position] = diff
 
 
-def check_models(models: Iterable[str | tuple[str, str]], *, time_limit_s: float | None = None,
-                 on_event: OnEvent | None = None, r: Any = R,
-                 on_result: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
+def check_models(
+    models: Iterable[str | tuple[str, str]],
+    *,
+    time_limit_s: float | None = None,
+    on_event: OnEvent | None = None,
+    r: Any = R,
+    on_result: Callable[[CheckResult], None] | None = None,
+) -> list[CheckResult]:
     """:func:`check_model` for each model (a name, or ``(family, name)``), one result each, in order.
 
     ``on_event`` is called with a ``model`` :class:`retrofit.Event` after each model (``data["result"]``: its
@@ -336,8 +350,10 @@ def check_models(models: Iterable[str | tuple[str, str]], *, time_limit_s: float
         family, name = item if isinstance(item, tuple) else (family_of(item), item)
         result = check_model(name, family=family, time_limit_s=time_limit_s, r=r)
         results.append(result)
-        emit(on_event, Event("check", "model", f"{result.family or ''} {result.model}: {result.status}",
-                             {"result": result}))
+        emit(
+            on_event,
+            Event("check", "model", f"{result.family or ''} {result.model}: {result.status}", {"result": result}),
+        )
     return results
 
 
@@ -345,8 +361,11 @@ def summarize(results: Sequence[CheckResult]) -> dict:
     """Counts by status and the success rate over the models that have merges (all but ``no sites``)."""
     counts = Counter(r.status for r in results)
     with_merges = len(results) - counts["no sites"]
-    return {"models": len(results), **{s: counts[s] for s in STATUSES},
-            "success_rate": counts["ok"] / with_merges if with_merges else 1.0}
+    return {
+        "models": len(results),
+        **{s: counts[s] for s in STATUSES},
+        "success_rate": counts["ok"] / with_merges if with_merges else 1.0,
+    }
 
 
 # -- families --------------------------------------------------------------------------------------

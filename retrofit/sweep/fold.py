@@ -20,6 +20,7 @@ becomes a channel-scale module of ``C`` parameters where none can take it. Which
 
 Every model evaluated and returned is a copy: ``model`` itself is not changed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,8 +57,8 @@ class FoldedBlock:
     into: str
     neighbour: str
     why: str
-    constant: bool                 # input-independent: folded exactly
-    local_change: float | None     # on the val images (None: folded without data)
+    constant: bool  # input-independent: folded exactly
+    local_change: float | None  # on the val images (None: folded without data)
     params_saved: int
     macs_saved: int
     ops_saved: int
@@ -82,28 +83,50 @@ class FoldResult:
     def summary(self) -> str:
         """One line: how many gates were folded, how, at what measured cost in top-1 and loss, in how many
         evaluations."""
-        rule = ("the named gates" if self.tolerance is None else "input-independent gates only (exact)"
-                if not self.tolerance else f"tolerance {self.tolerance:g} points of top-1")
+        rule = (
+            "the named gates"
+            if self.tolerance is None
+            else "input-independent gates only (exact)"
+            if not self.tolerance
+            else f"tolerance {self.tolerance:g} points of top-1"
+        )
         line = f"folded {len(self.blocks)} of {self.candidates} channel gates ({rule})"
         if self.before is None:
             return line + "; no data given: top-1 and loss not measured"
         b, a = self.before, self.after
         limit = math.log2(self.candidates) + 2
         bound = f" (bound: log2({self.candidates}) + 2 = {limit:.1f})" if self.tolerance else ""
-        return (f"{line}; val top-1 {b['top1']:.2f}% -> {a['top1']:.2f}% ({a['top1'] - b['top1']:+.2f} points), loss "
-                f"{b['val_loss']:.4f} -> {a['val_loss']:.4f} ({a['val_loss'] - b['val_loss']:+.4f}); "
-                f"{self.evaluations} evaluations{bound}")
+        return (
+            f"{line}; val top-1 {b['top1']:.2f}% -> {a['top1']:.2f}% ({a['top1'] - b['top1']:+.2f} points), loss "
+            f"{b['val_loss']:.4f} -> {a['val_loss']:.4f} ({a['val_loss'] - b['val_loss']:+.4f}); "
+            f"{self.evaluations} evaluations{bound}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "candidates": self.candidates, "folded": len(self.blocks),
-                "evaluations": self.evaluations, "before": self.before, "after": self.after, "probes": self.probes,
-                "blocks": [asdict(b) for b in self.blocks],
-                "overhead_before": self.overhead_before.to_dict(), "overhead_after": self.overhead_after.to_dict()}
+        return {
+            "tolerance": self.tolerance,
+            "candidates": self.candidates,
+            "folded": len(self.blocks),
+            "evaluations": self.evaluations,
+            "before": self.before,
+            "after": self.after,
+            "probes": self.probes,
+            "blocks": [asdict(b) for b in self.blocks],
+            "overhead_before": self.overhead_before.to_dict(),
+            "overhead_after": self.overhead_after.to_dict(),
+        }
 
 
-def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, tolerance: float | None = None,
-         blocks: Sequence[str] | None = None, images: int | None = None, config: FinetuneConfig | None = None,
-         **options: Any) -> FoldResult:
+def fold(
+    model: nn.Module,
+    data: str | Path | ImageFolderData | None = None,
+    *,
+    tolerance: float | None = None,
+    blocks: Sequence[str] | None = None,
+    images: int | None = None,
+    config: FinetuneConfig | None = None,
+    **options: Any,
+) -> FoldResult:
     """Fold the channel gates of ``model`` that learnt (almost) a constant into constant scales.
 
     Args:
@@ -161,19 +184,36 @@ def fold(model: nn.Module, data: str | Path | ImageFolderData | None = None, *, 
         after = opened.evaluate(folded, "after the fold") if opened is not None else None
     after_cost = compare(base, cost(folded, size))
     out = _report(folded, info_of(folded).folds[already:], before_cost, local, constants)
+
     def metrics(r):
         return {"top1": r["top1"], "val_loss": r["val_loss"]} if r is not None else None
-    return FoldResult(folded, out, len(candidates), tolerance, opened.count if opened is not None else 0, before_cost,
-                      after_cost, metrics(row), metrics(after), probes)
+
+    return FoldResult(
+        folded,
+        out,
+        len(candidates),
+        tolerance,
+        opened.count if opened is not None else 0,
+        before_cost,
+        after_cost,
+        metrics(row),
+        metrics(after),
+        probes,
+    )
 
 
 def check_tolerance(tolerance: Any) -> float | None:
     if tolerance is None:
         return None
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
-            or not 0 <= tolerance <= MAX_TOLERANCE:
-        raise RetrofitError(f"tolerance must be a number of top-1 points from 0 to {MAX_TOLERANCE:g}, got "
-                            f"{excerpt(tolerance)}")
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not math.isfinite(tolerance)
+        or not 0 <= tolerance <= MAX_TOLERANCE
+    ):
+        raise RetrofitError(
+            f"tolerance must be a number of top-1 points from 0 to {MAX_TOLERANCE:g}, got {excerpt(tolerance)}"
+        )
     return float(tolerance)
 
 
@@ -185,14 +225,23 @@ def _candidates(model: nn.Module, globs: Sequence[str] | None) -> list[str]:
     for pattern in globs:
         if not any(matches(b.path, pattern) for b in found):
             other = next(((b.path, why) for b, why in others if matches(b.path, pattern)), None)
-            why = (f"{other[0]} is not a channel gate ({other[1]})" if other
-                   else f"names no block (gates: {', '.join(b.path for b in found[:4])}...)")
+            why = (
+                f"{other[0]} is not a channel gate ({other[1]})"
+                if other
+                else f"names no block (gates: {', '.join(b.path for b in found[:4])}...)"
+            )
             raise RetrofitError(f"blocks {excerpt(pattern)}: {why}")
     return [b.path for b in found if any(matches(b.path, p) for p in globs)]
 
 
-def _search(target: nn.Module, order: list[str], scales: dict[str, torch.Tensor], images: Evaluator,
-            tolerance: float, unfolded: dict[str, Any]):
+def _search(
+    target: nn.Module,
+    order: list[str],
+    scales: dict[str, torch.Tensor],
+    images: Evaluator,
+    tolerance: float,
+    unfolded: dict[str, Any],
+):
     """The longest prefix of ``order`` (found by bisection) whose folded model keeps val top-1 within
     ``tolerance`` points of ``unfolded``'s: ``(model, its row, the probes)``."""
     lo, hi = 0, len(order) + 1
@@ -218,8 +267,19 @@ def _report(model: nn.Module, folds: list, before: Overhead, local: dict, consta
     for f in folds:
         c, site = costs.get(f.path), sites[f.path]
         kept = site.channels if f.into == "scale" else 0
-        out.append(FoldedBlock(f.path, site.stage, site.position, f.into, f.neighbour, f.why, f.path in constants,
-                               local[f.path].local_change if f.path in local else None,
-                               (c.params if c else 0) - kept, c.macs if c else 0,
-                               (c.pool_ops + (0 if kept else c.scale_ops)) if c else 0))
+        out.append(
+            FoldedBlock(
+                f.path,
+                site.stage,
+                site.position,
+                f.into,
+                f.neighbour,
+                f.why,
+                f.path in constants,
+                local[f.path].local_change if f.path in local else None,
+                (c.params if c else 0) - kept,
+                c.macs if c else 0,
+                (c.pool_ops + (0 if kept else c.scale_ops)) if c else 0,
+            )
+        )
     return out

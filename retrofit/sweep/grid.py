@@ -19,6 +19,7 @@ same run (:mod:`retrofit.measure.latency`).
 With ``data=`` (an ImageFolder) every combination is also fine-tuned over several seeds, next to
 control arms trained the same way (:mod:`retrofit.sweep.ablation`): the accuracy half of the paper's tables.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,14 +49,29 @@ from .rows import Cost, Latency, SweepRow, row_recipe
 AXES = ("r", "position", "stages")
 
 
-def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterable[str] | str = ("standard",),
-          stages: Iterable[Any] | Any = (None,), *, recipe: Recipe | str | dict | None = None,
-          input_size: tuple[int, ...] | None = None, latency: bool = False, batch: int = 8,
-          latency_input_size: tuple[int, ...] | None = None, runs: int = 10, warmup: int = 2,
-          found: Scan | None = None, data: str | Path | None = None, seeds: int | Iterable[int] = 1,
-          config: FinetuneConfig | None = None, on_event: OnEvent | None = None,
-          train: dict[str, Any] | None = None, on_run: Callable[[str], None] | None = None,
-          on_round: Callable[[int, int], None] | None = None, **options: Any) -> list[SweepRow]:
+def sweep(
+    model: nn.Module,
+    r: Iterable[float] | float = (16,),
+    position: Iterable[str] | str = ("standard",),
+    stages: Iterable[Any] | Any = (None,),
+    *,
+    recipe: Recipe | str | dict | None = None,
+    input_size: tuple[int, ...] | None = None,
+    latency: bool = False,
+    batch: int = 8,
+    latency_input_size: tuple[int, ...] | None = None,
+    runs: int = 10,
+    warmup: int = 2,
+    found: Scan | None = None,
+    data: str | Path | None = None,
+    seeds: int | Iterable[int] = 1,
+    config: FinetuneConfig | None = None,
+    on_event: OnEvent | None = None,
+    train: dict[str, Any] | None = None,
+    on_run: Callable[[str], None] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> list[SweepRow]:
     """The cost of every combination of ``r`` x ``position`` x ``stages`` on ``model``, and with
     ``data`` its accuracy over seeds next to the control arms (:mod:`retrofit.sweep.ablation`).
 
@@ -131,22 +147,35 @@ def sweep(model: nn.Module, r: Iterable[float] | float = (16,), position: Iterab
                     report = planned_overhead(base, prepared.blocks(this), this)
                     rows.append(SweepRow(pos, ratio, st, Cost.of(report, len(prepared.skipped))))
     if latency:
-        rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup,
-                             on_event)
+        rows = _with_latency(model, found, rows, base_recipe, batch, latency_input_size or size, runs, warmup, on_event)
     if data is not None:
-        rows = with_accuracy(model, rows, found, base_recipe, data=data, config=config, seeds=seeds,
-                             input_size=size, latency=latency, on_event=on_event)
+        rows = with_accuracy(
+            model,
+            rows,
+            found,
+            base_recipe,
+            data=data,
+            config=config,
+            seeds=seeds,
+            input_size=size,
+            latency=latency,
+            on_event=on_event,
+        )
     return rows
 
 
-def finetune_config(config: FinetuneConfig | None, train: dict[str, Any] | None, options: dict[str, Any],
-                    where: str) -> FinetuneConfig:
+def finetune_config(
+    config: FinetuneConfig | None, train: dict[str, Any] | None, options: dict[str, Any], where: str
+) -> FinetuneConfig:
     """The fine-tune config of a sweep's (or tune's) runs: ``config`` with ``options`` on top; ``train``, the
     dict of keyword arguments earlier versions took, is merged under them with a ``DeprecationWarning``."""
     if train is not None:
-        warnings.warn(f"{where}(train=dict(...)) is deprecated: pass the options as keyword arguments "
-                      f"({where}(..., lr=1e-2)) or config=retrofit.FinetuneConfig(...)", DeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{where}(train=dict(...)) is deprecated: pass the options as keyword arguments "
+            f"({where}(..., lr=1e-2)) or config=retrofit.FinetuneConfig(...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         options = {**train, **options}
     return FinetuneConfig.build(config, **options)
 
@@ -164,12 +193,27 @@ def _with_latency(model, found, rows, base_recipe, batch, size, runs, warmup, on
             warnings.simplefilter("ignore")
             retrofit_scanned(found, se_model, chosen)
         before = each * sum(not r.note for r in out)
-        timing = measure_latency({"original": model, "retrofitted": se_model}, batch=batch, input_size=size,
-                                 runs=runs, warmup=warmup, on_event=_counted(on_event, before, total))
+        timing = measure_latency(
+            {"original": model, "retrofitted": se_model},
+            batch=batch,
+            input_size=size,
+            runs=runs,
+            warmup=warmup,
+            on_event=_counted(on_event, before, total),
+        )
         low, high, _ = timing.interval("retrofitted", "original")
-        out.append(dataclasses.replace(row, latency=Latency(timing.ratio("retrofitted", "original"), low, high,
-                                                            timing.median("retrofitted") * 1e3,
-                                                            timing.median("original") * 1e3)))
+        out.append(
+            dataclasses.replace(
+                row,
+                latency=Latency(
+                    timing.ratio("retrofitted", "original"),
+                    low,
+                    high,
+                    timing.median("retrofitted") * 1e3,
+                    timing.median("original") * 1e3,
+                ),
+            )
+        )
         del se_model
     return out
 
@@ -178,17 +222,26 @@ def _counted(on_event: OnEvent | None, before: int, total: int) -> OnEvent | Non
     """One combination's latency rounds as rounds of the whole sweep (``done`` counted over all of them)."""
     if on_event is None:
         return None
-    return lambda e: emit(on_event, Event("sweep", "round", f"round {before + e.data['done']}/{total}",
-                                          {"done": before + e.data["done"], "total": total}))
+    return lambda e: emit(
+        on_event,
+        Event(
+            "sweep",
+            "round",
+            f"round {before + e.data['done']}/{total}",
+            {"done": before + e.data["done"], "total": total},
+        ),
+    )
 
 
 # -- axes ---------------------------------------------------------------------------------------
 def parse_axes(base_recipe: Recipe, r: Any, position: Any, stages: Any) -> tuple[list, list, list]:
     """The three axes of a sweep, each a checked list (:func:`parse_axis`): r and position as fields of
     ``base_recipe``, stages as stage sets."""
-    return (parse_axis("r", r, lambda v: base_recipe.replace(r=v).r),
-            parse_axis("position", position, lambda v: base_recipe.replace(position=v).position),
-            parse_axis("stages", stages, parse_stages))
+    return (
+        parse_axis("r", r, lambda v: base_recipe.replace(r=v).r),
+        parse_axis("position", position, lambda v: base_recipe.replace(position=v).position),
+        parse_axis("stages", stages, parse_stages),
+    )
 
 
 def parse_axis(name: str, values: Any, check) -> list:
@@ -212,8 +265,10 @@ def parse_axis(name: str, values: Any, check) -> list:
     for i, item in enumerate(items):
         if isinstance(item, str) and not item.strip():
             sep = "';'" if isinstance(values, str) and ";" in values else "comma"
-            raise RetrofitError(f"--{name}: item {i + 1} of {excerpt(values)} is empty; give {sep}-separated "
-                                f"values, e.g. {_EXAMPLES[name]}")
+            raise RetrofitError(
+                f"--{name}: item {i + 1} of {excerpt(values)} is empty; give {sep}-separated "
+                f"values, e.g. {_EXAMPLES[name]}"
+            )
         try:
             value = check(item.strip() if isinstance(item, str) else item)
         except RecipeError as err:
@@ -223,9 +278,15 @@ def parse_axis(name: str, values: Any, check) -> list:
     return out
 
 
-_EXAMPLES = {"r": "2,4,8,16,32 or '16;2:8,3:8,4:16,5:32'", "position": "standard,pre,post,identity,inside",
-             "stages": "all,2,3,4,5,3+4", "module": "se,eca,cbam", "gate": "sigmoid,hard_sigmoid",
-             "squeeze": "avg,max", "phase2-epochs": "0,2"}  # the last four: retrofit tune's axes
+_EXAMPLES = {
+    "r": "2,4,8,16,32 or '16;2:8,3:8,4:16,5:32'",
+    "position": "standard,pre,post,identity,inside",
+    "stages": "all,2,3,4,5,3+4",
+    "module": "se,eca,cbam",
+    "gate": "sigmoid,hard_sigmoid",
+    "squeeze": "avg,max",
+    "phase2-epochs": "0,2",
+}  # the last four: retrofit tune's axes
 
 
 def split_axis(text: str) -> list[str]:

@@ -30,6 +30,7 @@ process loads it: ``workers=0`` and ``workers=N`` train on the same images and g
 from its own id: an image's crop depended on the worker that loaded it, and with no workers the
 transforms' draws interleaved with the main process's mixup and dropout.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -165,56 +166,74 @@ class ImageFolderData:
     config: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None, *,
-             augment: bool) -> ImageFolderData:
+    def open(
+        cls, root: str | Path, model: torch.nn.Module, input_size: tuple[int, ...] | None = None, *, augment: bool
+    ) -> ImageFolderData:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise RetrofitError(f"data folder {excerpt(root)} not found; give a folder with train/<class>/*.jpg "
-                                f"and val/<class>/*.jpg")
+            raise RetrofitError(
+                f"data folder {excerpt(root)} not found; give a folder with train/<class>/*.jpg and val/<class>/*.jpg"
+            )
         for split in SPLITS:
             if not (root / split).is_dir():
-                raise RetrofitError(f"{excerpt(root)} has no {split}/ folder; expected "
-                                    f"{excerpt(root)}/train/<class>/*.jpg "
-                                    f"and {excerpt(root)}/val/<class>/*.jpg")
-        found = {split: SkippingImageDataset(str(root / split), reader=find_images(root / split))
-                 for split in SPLITS}
+                raise RetrofitError(
+                    f"{excerpt(root)} has no {split}/ folder; expected "
+                    f"{excerpt(root)}/train/<class>/*.jpg "
+                    f"and {excerpt(root)}/val/<class>/*.jpg"
+                )
+        found = {split: SkippingImageDataset(str(root / split), reader=find_images(root / split)) for split in SPLITS}
         empty = [f"{split}/{name}" for split in SPLITS for name in found[split].reader.empty]
         if empty:  # dropped as timm drops them, but said: a class may be missing by mistake
-            warnings.warn(f"{excerpt(root)}: {len(empty)} empty class folder(s) skipped (no images): "
-                          f"{excerpt(_few(empty), 200, bare=True)}", RetrofitWarning, stacklevel=2)
+            warnings.warn(
+                f"{excerpt(root)}: {len(empty)} empty class folder(s) skipped (no images): "
+                f"{excerpt(_few(empty), 200, bare=True)}",
+                RetrofitWarning,
+                stacklevel=2,
+            )
         train_classes = list(found["train"].reader.class_to_idx)
         val_classes = list(found["val"].reader.class_to_idx)
         if train_classes != val_classes:
             only_train = sorted(set(train_classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(train_classes))
-            raise RetrofitError(f"train/ and val/ in {excerpt(root)} have different classes (only in train: "
-                                f"{_few(only_train)}; only in val: {_few(only_val)}); give both the same "
-                                f"class folders")
+            raise RetrofitError(
+                f"train/ and val/ in {excerpt(root)} have different classes (only in train: "
+                f"{_few(only_train)}; only in val: {_few(only_val)}); give both the same "
+                f"class folders"
+            )
         if len(train_classes) < 2:
-            raise RetrofitError(f"{excerpt(root)}/train has one class ({excerpt(train_classes[0], bare=True)}); a "
-                                "classifier needs two or more "
-                                f"class folders")
+            raise RetrofitError(
+                f"{excerpt(root)}/train has one class ({excerpt(train_classes[0], bare=True)}); a "
+                "classifier needs two or more "
+                f"class folders"
+            )
         args = {"input_size": tuple(input_size)} if input_size else {}
         config = resolve_data_config(args, model=model)
         found["train"].transform = create_transform(**config, is_training=augment, no_aug=not augment)
         found["val"].transform = create_transform(**config, is_training=False)
         return cls(root, found["train"], found["val"], train_classes, config)
 
-    def train_loader(self, micro_batch: int, *, batch_size: int, seed: int, workers: int, rank: int = 0,
-                     world: int = 1) -> DataLoader:
+    def train_loader(
+        self, micro_batch: int, *, batch_size: int, seed: int, workers: int, rank: int = 0, world: int = 1
+    ) -> DataLoader:
         """Shuffled by ``(seed, epoch)`` (call ``loader.batch_sampler.set_epoch``); see
         :class:`TrainBatches`. ``micro_batch`` is per process, ``batch_size`` global (one step)."""
         batches = TrainBatches(len(self.train), batch_size, micro_batch, seed=seed, rank=rank, world=world)
-        return DataLoader(self.train, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                          persistent_workers=False)
+        return DataLoader(
+            self.train, batch_sampler=batches, num_workers=workers, collate_fn=collate, persistent_workers=False
+        )
 
     def describe(self) -> str:
         """``48 train and 12 val images in 3 classes``: what was found, for the user to check."""
         return f"{len(self.train)} train and {len(self.val)} val images in {len(self.classes)} classes"
 
     def val_loader(self, batch_size: int, *, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
-        return DataLoader(self.val, batch_size=batch_size, sampler=ShardSampler(len(self.val), rank, world),
-                          num_workers=workers, collate_fn=collate)
+        return DataLoader(
+            self.val,
+            batch_size=batch_size,
+            sampler=ShardSampler(len(self.val), rank, world),
+            num_workers=workers,
+            collate_fn=collate,
+        )
 
 
 class TrainBatches(Sampler[list[SampleKey]]):
@@ -254,10 +273,10 @@ class TrainBatches(Sampler[list[SampleKey]]):
     def __iter__(self) -> Iterator[list[SampleKey]]:
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)  # as DistributedSampler orders: the same global order
-        order = torch.randperm(self.size, generator=g).tolist()[:self.used]
+        order = torch.randperm(self.size, generator=g).tolist()[: self.used]
         group = self.micro * self.world
         for start in range(0, self.used, group):
-            yield [SampleKey(i, self.seed, self.epoch) for i in order[start:start + group][self.rank::self.world]]
+            yield [SampleKey(i, self.seed, self.epoch) for i in order[start : start + group][self.rank :: self.world]]
 
     def __len__(self) -> int:
         return math.ceil(self.used / (self.micro * self.world))
@@ -280,9 +299,11 @@ def find_images(folder: Path) -> FoundImages:
     types = get_img_extensions(as_set=True)
     loose = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in types and p.is_file())
     if loose:
-        raise RetrofitError(f"{len(loose)} image(s) directly in {excerpt(folder)} (e.g. "
-                            f"{excerpt(loose[0], bare=True)}) belong to no class; "
-                            f"move them into {excerpt(folder)}/<class>/ (a folder per class)")
+        raise RetrofitError(
+            f"{len(loose)} image(s) directly in {excerpt(folder)} (e.g. "
+            f"{excerpt(loose[0], bare=True)}) belong to no class; "
+            f"move them into {excerpt(folder)}/<class>/ (a folder per class)"
+        )
     dirs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
     seen = {_inode(p) for p in (folder, *dirs)}  # a class never reads the split or another class
     again: list[str] = []
@@ -303,12 +324,18 @@ def find_images(folder: Path) -> FoundImages:
         else:
             empty.append(d.name)
     if again:
-        warnings.warn(f"{excerpt(folder)}: {len(again)} folder(s) reached again through a symbolic link (e.g. "
-                      f"{excerpt(again[0], bare=True)}) "
-                      f"were not read twice; {len(samples)} images found", RetrofitWarning, stacklevel=3)
+        warnings.warn(
+            f"{excerpt(folder)}: {len(again)} folder(s) reached again through a symbolic link (e.g. "
+            f"{excerpt(again[0], bare=True)}) "
+            f"were not read twice; {len(samples)} images found",
+            RetrofitWarning,
+            stacklevel=3,
+        )
     if not samples:
-        raise RetrofitError(f"no images in {excerpt(folder)}; put each class's images in {excerpt(folder)}/<class>/ "
-                            f"({', '.join(sorted(types))})")
+        raise RetrofitError(
+            f"no images in {excerpt(folder)}; put each class's images in {excerpt(folder)}/<class>/ "
+            f"({', '.join(sorted(types))})"
+        )
     return FoundImages(folder, sorted(samples, key=lambda k: natural_key(k[0])), classes, empty)
 
 
@@ -331,8 +358,9 @@ def warn_bad(bad: tuple[BadImage, ...], seen: set[str]) -> None:
     for b in bad:
         if b.path not in seen:
             seen.add(b.path)
-            warnings.warn(f"skipped {excerpt(b.path, bare=True)}: cannot decode it ({b.reason})", RetrofitWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"skipped {excerpt(b.path, bare=True)}: cannot decode it ({b.reason})", RetrofitWarning, stacklevel=2
+            )
 
 
 def _few(names: list[str]) -> str:

@@ -9,6 +9,7 @@ backend's own words (gloo: ``RuntimeError: [.../pair.cc:561] Connection closed b
 bug of ours. :func:`watch_peers` turns those into one :class:`PeerLost` error that says what happened and what
 the caller's files allow (a fine-tune's run folder holds its last committed epoch: ``--resume`` continues).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,14 @@ import torch.distributed as dist
 from ..errors import RetrofitError, excerpt, first_line
 
 # what gloo, NCCL and the TCP store say when the process at the other end is gone
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
-             "remote process exited", "communicator was aborted")
+PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote worker crashing",
+    "remote process exited",
+    "communicator was aborted",
+)
 
 
 class PeerLost(RetrofitError):
@@ -132,8 +139,10 @@ def check_device(device: str) -> torch.device:
         count = torch.cuda.device_count()  # 0, no exception, without a driver or on a CPU-only build of torch
         if count == 0:
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise RetrofitError(f"device {device}: no CUDA GPU found (torch {torch.__version__}, {build}); use "
-                                f"--device cpu, or leave --device out to take a GPU when there is one")
+            raise RetrofitError(
+                f"device {device}: no CUDA GPU found (torch {torch.__version__}, {build}); use "
+                f"--device cpu, or leave --device out to take a GPU when there is one"
+            )
         if dev.index is not None and dev.index >= count:
             raise RetrofitError(f"device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     elif dev.type == "mps" and not torch.backends.mps.is_available():

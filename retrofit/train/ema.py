@@ -7,6 +7,7 @@ starting weights. Frozen parameters and the frozen statistics of phase 1 stay bi
 live ones (``lerp(a, a, w) == a``). Its weights and step count go into ``train_state.pt``, so
 ``resume`` continues the same average.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Validation: loss and top-1/top-5 over every image once (summed over processes)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,8 +15,18 @@ from .progress import Progress
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Progress, label: str,
-             seen_bad: set[str], root, channels_last: bool) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    classes: int,
+    env: Dist,
+    progress: Progress,
+    label: str,
+    seen_bad: set[str],
+    root,
+    channels_last: bool,
+) -> dict[str, Any]:
     """``val_loss``, ``top1``, ``top5`` (percent), ``val_images`` and ``skipped_images`` of ``model``
     on ``loader`` (the shard of this process; the sums are global)."""
     dev = env.device
@@ -32,8 +43,9 @@ def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Pro
             with env.autocast():
                 logits = model(x).float()
             if logits.dim() != 2 or logits.shape[1] < classes:
-                raise RetrofitError(f"the model gives {tuple(logits.shape[1:])} outputs per image but the "
-                                    f"data has {classes} classes")
+                raise RetrofitError(
+                    f"the model gives {tuple(logits.shape[1:])} outputs per image but the data has {classes} classes"
+                )
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
             top1 += hits[:, 0].sum().item()
@@ -43,5 +55,6 @@ def evaluate(model: nn.Module, loader, *, classes: int, env: Dist, progress: Pro
     loss_sum, n, top1, top5, bad = env.sum([loss_sum, n, top1, top5, bad])
     if n == 0:
         raise RetrofitError(f"no image in {excerpt(root)}/val could be decoded")
-    return dict(val_loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n, val_images=int(n),
-                skipped_images=int(bad))
+    return dict(
+        val_loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n, val_images=int(n), skipped_images=int(bad)
+    )

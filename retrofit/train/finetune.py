@@ -29,6 +29,7 @@ the weights of an uninterrupted run: the data order and every random draw are fu
 The pieces (what trains, optimizer, objective, one epoch, evaluation, EMA, the run folder, progress)
 are small modules of :mod:`retrofit.train`; :class:`retrofit.train.run.Run` puts them together.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -49,10 +50,20 @@ from .result import FinetuneResult
 from .run import Run
 
 
-def finetune(model: nn.Module, data: str | Path | ImageFolderData, config: FinetuneConfig | None = None, *,
-             input_size: tuple[int, ...] | None = None, output_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = False, restore_best: bool = True, on_event: OnEvent | None = None,
-             on_epoch: Callable[[dict[str, Any]], bool] | None = None, **options: Any) -> FinetuneResult:
+def finetune(
+    model: nn.Module,
+    data: str | Path | ImageFolderData,
+    config: FinetuneConfig | None = None,
+    *,
+    input_size: tuple[int, ...] | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    restore_best: bool = True,
+    on_event: OnEvent | None = None,
+    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+    **options: Any,
+) -> FinetuneResult:
     """Fine-tune a retrofitted model briefly on an ImageFolder; returns the metrics.
 
     Args:
@@ -96,8 +107,12 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, config: Finet
         >>> result = retrofit.finetune(se, "data/", retrofit.FinetuneConfig(epochs=1, smoothing=0.0))
     """
     if isinstance(config, int) and not isinstance(config, bool):  # finetune(model, data, 2): epochs, positionally
-        warnings.warn("retrofit.finetune(model, data, EPOCHS) is deprecated: pass epochs=EPOCHS (the third "
-                      "argument is now a retrofit.FinetuneConfig)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "retrofit.finetune(model, data, EPOCHS) is deprecated: pass epochs=EPOCHS (the third "
+            "argument is now a retrofit.FinetuneConfig)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         config, options = None, {"epochs": config, **options}
     config = FinetuneConfig.build(config, **options)
     config.check_run()
@@ -106,8 +121,11 @@ def finetune(model: nn.Module, data: str | Path | ImageFolderData, config: Finet
     if params.block_params(model):  # a plain network (a sweep's control arm) has no adapter to make
         remember_base(model)  # the base an adapter of the result is made on (retrofit.files.adapter): before any change
     run = None
-    then = (f"{output_dir} holds the epochs finished before it: the same command with --resume continues"
-            if output_dir is not None else "this run saved nothing")
+    then = (
+        f"{output_dir} holds the epochs finished before it: the same command with --resume continues"
+        if output_dir is not None
+        else "this run saved nothing"
+    )
     try:
         with watch_peers(env.world, then):
             run = Run(model, config, env, data, input_size, output_dir, resume, progress)
@@ -123,8 +141,10 @@ def _signature() -> inspect.Signature:
     their defaults), from the fields themselves."""
     sig = inspect.signature(finetune)
     head = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    fields_ = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-               for name, f in FIELDS.items()]
+    fields_ = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for name, f in FIELDS.items()
+    ]
     return sig.replace(parameters=head + fields_)
 
 

@@ -11,6 +11,7 @@ block, head or module. Each group gets the reason that can be found: a zero-init
 block's residual unit, an exactly zero gradient, or not being on the loss path. It also says what
 to do, leaving out any option that is already on.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -51,9 +52,14 @@ def owners(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
 def zero_norms(model: nn.Module, path: str) -> list[str]:
     """The norm layers with an all-zero scale in the module that holds ``path`` (a block's residual unit)."""
     parent = path.rpartition(".")[0]
-    return [f"{parent}.{n}" if parent else n for n, m in model.get_submodule(parent).named_modules()
-            if isinstance(m, NORMS) and getattr(m, "weight", None) is not None and not m.weight.is_meta
-            and not bool(m.weight.any())]
+    return [
+        f"{parent}.{n}" if parent else n
+        for n, m in model.get_submodule(parent).named_modules()
+        if isinstance(m, NORMS)
+        and getattr(m, "weight", None) is not None
+        and not m.weight.is_meta
+        and not bool(m.weight.any())
+    ]
 
 
 def _listed(items: list[str]) -> str:
@@ -67,14 +73,18 @@ def explain(model: nn.Module, unused: list[str], zero: list[str], train_norms: b
         norms = zero_norms(model, owner) if owner != "head" else []
         (zeroed if norms else other).append(f"{owner} ({', '.join(norms[:2])} = 0)" if norms else owner)
     if zeroed:
-        parts.append(f"{_listed(zeroed)}: a zero-initialised norm after them (timm's zero_init_last: the weights "
-                     f"are random) makes their gradient exactly zero" + ("; the norm trains, so they can learn once "
-                                                                         "it moves" if train_norms else ""))
+        parts.append(
+            f"{_listed(zeroed)}: a zero-initialised norm after them (timm's zero_init_last: the weights "
+            f"are random) makes their gradient exactly zero"
+            + ("; the norm trains, so they can learn once it moves" if train_norms else "")
+        )
     if other:
         parts.append(f"{_listed(other)}: an exactly zero gradient (a zero factor between it and the loss)")
     if unused:
-        parts.append(f"{_listed(list(owners(model, unused)))}: not on the loss path (unused by the forward, or "
-                     f"its output detached)")
+        parts.append(
+            f"{_listed(list(owners(model, unused)))}: not on the loss path (unused by the forward, or "
+            f"its output detached)"
+        )
     if not zeroed:
         return "; ".join(parts)
     fixes = ["trained weights (--checkpoint or --pretrained)"]
@@ -101,9 +111,15 @@ def check_first_step(model: nn.Module, phase: int, train_norms: bool, warn: bool
     if len(unused) + len(zero) == len(trainable):
         head = head_params(model)
         frozen = head and not head & set(trainable)
-        raise RetrofitError(f"nothing trainable got a gradient in the first step of phase {phase}, so it would "
-                            f"train nothing: {why}" + ("; the classifier is frozen (it is not new: --train-head, "
-                                                       "train_head=True, trains it)" if frozen else ""))
+        raise RetrofitError(
+            f"nothing trainable got a gradient in the first step of phase {phase}, so it would "
+            f"train nothing: {why}"
+            + ("; the classifier is frozen (it is not new: --train-head, train_head=True, trains it)" if frozen else "")
+        )
     if warn:
-        warnings.warn(f"{len(unused) + len(zero)} of {len(trainable)} trainable tensors got no gradient in the "
-                      f"first step of phase {phase}: {why}", RetrofitWarning, stacklevel=2)
+        warnings.warn(
+            f"{len(unused) + len(zero)} of {len(trainable)} trainable tensors got no gradient in the "
+            f"first step of phase {phase}: {why}",
+            RetrofitWarning,
+            stacklevel=2,
+        )

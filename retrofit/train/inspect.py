@@ -6,6 +6,7 @@ while :class:`retrofit.measure.excitation.Recorder` reads every gate; with ``out
 per gate replaces that gate's excitation by its mean and measures how far the logits and the loss move
 (definitions: :mod:`retrofit.measure.excitation`).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,9 +54,15 @@ class Inspection:
         if len(self.classes) > JSON_CLASSES:
             for b in blocks:
                 b.pop("class_means")
-        return {"data": self.data, "images": self.images, "classes": self.classes, "top1": self.top1,
-                "val_loss": self.val_loss, "blocks": blocks,
-                "not_inspected": [{"block": p, "why": w} for p, w in self.others]}
+        return {
+            "data": self.data,
+            "images": self.images,
+            "classes": self.classes,
+            "top1": self.top1,
+            "val_loss": self.val_loss,
+            "blocks": blocks,
+            "not_inspected": [{"block": p, "why": w} for p, w in self.others],
+        }
 
 
 @dataclass
@@ -65,7 +72,7 @@ class Evaluator:
     data: ImageFolderData
     batches: Iterable  # Batch objects: a list when they fit in memory, else the loader (read each time)
     env: Dist = field(default_factory=Dist)
-    count: int = 0    # evaluations run (retrofit.fold's cost bound counts them)
+    count: int = 0  # evaluations run (retrofit.fold's cost bound counts them)
 
     @property
     def classes(self) -> list[str]:
@@ -76,13 +83,22 @@ class Evaluator:
         ``model`` (on ``batches``: these images passed on, e.g. labelled for a recorder)."""
         self.count += 1
         model.to(self.env.device)
-        return evaluate(model, self.batches if batches is None else batches, classes=len(self.classes),
-                        env=self.env, progress=Progress(False), label=label, seen_bad=set(), root=self.data.root,
-                        channels_last=False)
+        return evaluate(
+            model,
+            self.batches if batches is None else batches,
+            classes=len(self.classes),
+            env=self.env,
+            progress=Progress(False),
+            label=label,
+            seen_bad=set(),
+            root=self.data.root,
+            channels_last=False,
+        )
 
 
-def open_images(model: nn.Module, data: str | Path | ImageFolderData, config: FinetuneConfig, *,
-                images: int | None = None) -> Evaluator:
+def open_images(
+    model: nn.Module, data: str | Path | ImageFolderData, config: FinetuneConfig, *, images: int | None = None
+) -> Evaluator:
     """The val split of ``data`` (``images``: an evenly spaced subset of that many) for ``model``, whose
     classifier must have the data's number of classes; read ``config.batch_size`` images at a time by
     ``config.workers`` processes, on ``config.device``.
@@ -93,20 +109,28 @@ def open_images(model: nn.Module, data: str | Path | ImageFolderData, config: Fi
     if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
         raise RetrofitError(f"images must be a whole number >= 1, got {excerpt(images)}")
     info = info_of(model)
-    opened = data if isinstance(data, ImageFolderData) else \
-        ImageFolderData.open(data, model, input_size=info.input_size, augment=False)
+    opened = (
+        data
+        if isinstance(data, ImageFolderData)
+        else ImageFolderData.open(data, model, input_size=info.input_size, augment=False)
+    )
     have = getattr(model, "num_classes", None)
     if isinstance(have, int) and have != len(opened.classes):
-        raise RetrofitError(f"{opened.root} has {len(opened.classes)} classes but the model's classifier has {have} "
-                            f"outputs: give the data it was trained on (inspect and fold measure the model's own task)")
+        raise RetrofitError(
+            f"{opened.root} has {len(opened.classes)} classes but the model's classifier has {have} "
+            f"outputs: give the data it was trained on (inspect and fold measure the model's own task)"
+        )
     dataset = opened.val
     if images is not None and images < len(dataset):
         dataset = Subset(dataset, [int(i * len(opened.val) / images) for i in range(images)])
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate)
     if len(dataset) * 4 * math.prod(info.input_size) <= CACHE_BYTES:
         loader = list(loader)
-    env = Dist(device=check_device(config.device) if config.device is not None else
-               torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    env = Dist(
+        device=check_device(config.device)
+        if config.device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     return Evaluator(opened, loader, env)
 
 
@@ -159,8 +183,15 @@ def output_changes(model: nn.Module, images: Evaluator, reports: list[GateReport
         r.loss_change = F.cross_entropy(out.double(), targets).item() - base_loss
 
 
-def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int | None = None,
-            output_change: bool = True, config: FinetuneConfig | None = None, **options: Any) -> Inspection:
+def inspect(
+    model: nn.Module,
+    data: str | Path | ImageFolderData,
+    *,
+    images: int | None = None,
+    output_change: bool = True,
+    config: FinetuneConfig | None = None,
+    **options: Any,
+) -> Inspection:
     """Read every channel gate of a retrofitted ``model`` on the val images of ``data``.
 
     Args:
@@ -201,5 +232,12 @@ def inspect(model: nn.Module, data: str | Path | ImageFolderData, *, images: int
             output_changes(model, opened, reports, logits)
     finally:
         model.train(mode)
-    return Inspection(reports, [(b.path, why) for b, why in others], opened.classes, row["val_images"],
-                      row["top1"], row["val_loss"], str(opened.data.root))
+    return Inspection(
+        reports,
+        [(b.path, why) for b, why in others],
+        opened.classes,
+        row["val_images"],
+        row["top1"],
+        row["val_loss"],
+        str(opened.data.root),
+    )

@@ -1,5 +1,6 @@
 """One training epoch: micro-batches, gradient accumulation, DDP's ``no_sync`` between steps, gradient
 clipping and the updates after each step (model EMA)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,11 +25,24 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_epoch(net: nn.Module, model: nn.Module, loader, optimizer, *, accum: int, env: Dist,
-                progress: Progress, label: str, seen_bad: set[str], objective: Objective,
-                clip_grad: float | None, clip_mode: str, channels_last: bool,
-                after_step: Callable[[], None] | None = None,
-                check_step: Callable[[], None] | None = None) -> tuple[float, int, int]:
+def train_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    loader,
+    optimizer,
+    *,
+    accum: int,
+    env: Dist,
+    progress: Progress,
+    label: str,
+    seen_bad: set[str],
+    objective: Objective,
+    clip_grad: float | None,
+    clip_mode: str,
+    channels_last: bool,
+    after_step: Callable[[], None] | None = None,
+    check_step: Callable[[], None] | None = None,
+) -> tuple[float, int, int]:
     """Train ``net`` (``model``, or its DDP wrapper) for one pass over ``loader``.
 
     Each micro-batch: mixup / cutmix (``objective.mix``), the forward pass, the teacher's logits when

@@ -26,6 +26,7 @@ optionally, distillation from the original network.
 The random draws (mixup's factor and box) come from NumPy's global generator, which the run seeds at
 every epoch from ``(seed, epoch)``: a resumed run draws the same ones.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,12 @@ class Objective:
         self.frozen: nn.Module | None = None  # phase 2's teacher (see freeze_teacher)
         self.mixer = None
         if self.mixup > 0 or self.cutmix > 0:
-            self.mixer = Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, label_smoothing=self.smoothing,
-                               num_classes=self.classes)
+            self.mixer = Mixup(
+                mixup_alpha=self.mixup,
+                cutmix_alpha=self.cutmix,
+                label_smoothing=self.smoothing,
+                num_classes=self.classes,
+            )
             self.label_loss = SoftTargetCrossEntropy()
         elif self.smoothing > 0:
             self.label_loss = LabelSmoothingCrossEntropy(self.smoothing)
@@ -88,13 +93,14 @@ class Objective:
             _, target[:even] = self.mixer(x[:even], y[:even])
         return x, target
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor,
-                 teacher: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of one micro-batch: the label loss plus, when a teacher's logits are given, the
         weighted distillation term."""
         if target.dim() == 2 and logits.shape[1] != target.shape[1]:
-            raise RetrofitError(f"mixup needs a model with one output per class: it gives {logits.shape[1]} "
-                                f"outputs for {target.shape[1]} classes")
+            raise RetrofitError(
+                f"mixup needs a model with one output per class: it gives {logits.shape[1]} "
+                f"outputs for {target.shape[1]} classes"
+            )
         loss = self.label_loss(logits, target)
         if teacher is not None:
             loss = loss + self.distill * kd_loss(logits, teacher, self.temperature)
@@ -125,7 +131,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     ``LogitDistillationTask`` formula)."""
     log_s = F.log_softmax(student / temperature, dim=-1)
     log_t = F.log_softmax(teacher / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ activations, since nothing before them needs a gradient.
 The parameters that are new (the blocks, and a head built for the data) and the rest can train at
 different rates (:func:`lr_groups`, timm's ``lr_scale`` convention).
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,9 +61,12 @@ def norm_params(model: nn.Module) -> set[str]:
     """Names of the affine parameters (scale and shift) of the norm layers: BatchNorm, LayerNorm,
     GroupNorm and timm's norm+act variants (subclasses of these)."""
     kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-    return {f"{m_name}.{p_name}" if m_name else p_name
-            for m_name, m in model.named_modules() if isinstance(m, kinds)
-            for p_name, _ in m.named_parameters(recurse=False)}
+    return {
+        f"{m_name}.{p_name}" if m_name else p_name
+        for m_name, m in model.named_modules()
+        if isinstance(m, kinds)
+        for p_name, _ in m.named_parameters(recurse=False)
+    }
 
 
 def fit_head(model: nn.Module, classes: int, seed: int) -> bool:
@@ -73,8 +77,7 @@ def fit_head(model: nn.Module, classes: int, seed: int) -> bool:
     if not isinstance(have, int) or have == classes:
         return False
     if not hasattr(model, "reset_classifier"):
-        raise RetrofitError(f"the data has {classes} classes but the model {have}; give a model with "
-                            f"{classes} outputs")
+        raise RetrofitError(f"the data has {classes} classes but the model {have}; give a model with {classes} outputs")
     torch.manual_seed(seed)
     model.reset_classifier(classes)
     return True

@@ -1,4 +1,5 @@
 """Progress bars for the fine-tuning run: rich bars on stderr on rank 0, nothing elsewhere."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,9 +23,15 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.enabled:
-            self._bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                              console=Console(stderr=True), transient=True)
+            self._bars = Bars(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(stderr=True),
+                transient=True,
+            )
             self._bars.__enter__()
         return self
 

@@ -1,4 +1,5 @@
 """The metrics of a run: one row per evaluation, and the best one with the weights it measured."""
+
 from __future__ import annotations
 
 from typing import Any

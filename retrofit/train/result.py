@@ -1,4 +1,5 @@
 """What a fine-tune measured: :class:`FinetuneResult` (what decides it: :mod:`retrofit.train.config`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

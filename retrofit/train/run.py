@@ -6,6 +6,7 @@ epoch (:mod:`~retrofit.train.loop`), validation (:mod:`~retrofit.train.evaluate`
 (:mod:`~retrofit.train.ema`), the rows (:mod:`~retrofit.train.record`), the run folder
 (:mod:`~retrofit.train.run_dir`). :func:`retrofit.finetune` makes a :class:`Run` and runs it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -43,20 +44,26 @@ from .state import restore_training, rng_state, set_rng_state
 class Run:
     """A fine-tune of ``model`` on ``data`` by ``s``; every check is made before anything trains."""
 
-    def __init__(self, model: nn.Module, s: FinetuneConfig, env: Dist, data, input_size, output_dir, resume: bool,
-                 progress: bool):
+    def __init__(
+        self, model: nn.Module, s: FinetuneConfig, env: Dist, data, input_size, output_dir, resume: bool, progress: bool
+    ):
         s.check_run()
         if s.batch_size % (env.world * s.accum_steps):  # each at least 1: the config's bounds
-            raise RetrofitError(f"batch size {s.batch_size} must be a positive multiple of processes x "
-                                f"accumulation steps ({env.world} x {s.accum_steps})")
+            raise RetrofitError(
+                f"batch size {s.batch_size} must be a positive multiple of processes x "
+                f"accumulation steps ({env.world} x {s.accum_steps})"
+            )
         blocks = params.block_params(model)
         self.folded = params.all_folded(model)  # a retrofit model still (it saves), with no block left to train
         if s.distill and not blocks:
-            raise RetrofitError("distill needs inserted blocks: the teacher is the model with its blocks "
-                                "bypassed, which for a plain network is the student itself")
+            raise RetrofitError(
+                "distill needs inserted blocks: the teacher is the model with its blocks "
+                "bypassed, which for a plain network is the student itself"
+            )
         if output_dir is not None and not blocks and not self.folded:
-            raise RetrofitError("this model has no blocks from retrofit.add_se, so its run cannot be saved; "
-                                "run it without output_dir")
+            raise RetrofitError(
+                "this model has no blocks from retrofit.add_se, so its run cannot be saved; run it without output_dir"
+            )
         self.model, self.s, self.env, self.workers, self.blocks = model, s, env, s.workers, bool(blocks)
         if isinstance(data, ImageFolderData):
             self.data = data
@@ -64,8 +71,14 @@ class Run:
             size = input_size or _input_size(model)
             self.data = ImageFolderData.open(data, model, size, augment=s.augment)
         self._what_trains(blocks)
-        self.objective = Objective(len(self.data.classes), s.smoothing, s.mixup, s.cutmix,
-                                   s.distill_weight if s.distill else 0.0, s.distill_temperature)
+        self.objective = Objective(
+            len(self.data.classes),
+            s.smoothing,
+            s.mixup,
+            s.cutmix,
+            s.distill_weight if s.distill else 0.0,
+            s.distill_temperature,
+        )
         self.meta = metadata(model) if blocks or self.folded else None
         self.dir = RunDir(output_dir, env)
         self.progress = Progress(progress and env.main)
@@ -73,8 +86,12 @@ class Run:
         self.seen_bad: set[str] = set()
         self.said_left_out = False
         if len(self.data.train) < s.batch_size and env.main:
-            warnings.warn(f"{excerpt(self.data.root)}/train has {len(self.data.train)} images, fewer than one batch of "
-                          f"{s.batch_size}: each epoch is one step on all of them", RetrofitWarning, stacklevel=3)
+            warnings.warn(
+                f"{excerpt(self.data.root)}/train has {len(self.data.train)} images, fewer than one batch of "
+                f"{s.batch_size}: each epoch is one step on all of them",
+                RetrofitWarning,
+                stacklevel=3,
+            )
         # the training state resumed from (last: it locks the folder)
         self.saved = self.dir.open(resume, model, self.meta, s.decisive())
         model.to(env.device)
@@ -94,13 +111,19 @@ class Run:
         if train_head and not head:
             raise RetrofitError("cannot find this model's classifier to train (it has no get_classifier())")
         self.new = blocks | (head if new_head else set())
-        self.phase1_params = (blocks | (head if train_head else set())
-                              | (params.norm_params(model) if s.train_norms else set()))
+        self.phase1_params = (
+            blocks | (head if train_head else set()) | (params.norm_params(model) if s.train_norms else set())
+        )
         if s.epochs and not self.phase1_params:
-            why = ("every block of this model was folded (retrofit.fold)" if params.all_folded(model) else
-                   "this model has no blocks from retrofit.add_se")
-            raise RetrofitError(f"phase 1 has nothing to train: {why}; train its head or norm layers (train_head, "
-                                f"train_norms) or give only phase2_epochs")
+            why = (
+                "every block of this model was folded (retrofit.fold)"
+                if params.all_folded(model)
+                else "this model has no blocks from retrofit.add_se"
+            )
+            raise RetrofitError(
+                f"phase 1 has nothing to train: {why}; train its head or norm layers (train_head, "
+                f"train_norms) or give only phase2_epochs"
+            )
 
     def run(self, restore_best: bool, on_event: OnEvent | None = None) -> FinetuneResult:
         """Train the epochs left and return the result; ``on_event`` gets an ``epoch`` event after each
@@ -108,10 +131,12 @@ class Run:
         up to that epoch."""
         s, env = self.s, self.env
         micro = s.batch_size // (env.world * s.accum_steps)
-        self.train_loader = self.data.train_loader(micro, batch_size=s.batch_size, seed=s.seed, rank=env.rank,
-                                                   world=env.world, workers=self.workers)
-        self.val_loader = self.data.val_loader(micro * s.accum_steps, rank=env.rank, world=env.world,
-                                               workers=self.workers)
+        self.train_loader = self.data.train_loader(
+            micro, batch_size=s.batch_size, seed=s.seed, rank=env.rank, world=env.world, workers=self.workers
+        )
+        self.val_loader = self.data.val_loader(
+            micro * s.accum_steps, rank=env.rank, world=env.world, workers=self.workers
+        )
         net, optimizer, scheduler, phase = None, None, None, 0
         with self.progress:
             self.progress.note(f"{self.data.root}: {self.data.describe()}")
@@ -142,8 +167,10 @@ class Run:
                 what.append(f"new {len(self.data.classes)}-class head" if self.new_head else "head")
             if s.train_norms:
                 what.append("norm affine parameters")
-            count = Trainable(sum(p.numel() for n, p in model.named_parameters() if n in self.phase1_params),
-                              sum(p.numel() for p in model.parameters()))
+            count = Trainable(
+                sum(p.numel() for n, p in model.named_parameters() if n in self.phase1_params),
+                sum(p.numel() for p in model.parameters()),
+            )
             parts.append(f"phase 1, {s.epochs} epoch(s): {', '.join(what)} train, the rest is frozen ({count})")
         if s.phase2_epochs:
             parts.append(f"phase 2, {s.phase2_epochs} epoch(s): everything trains")
@@ -191,9 +218,18 @@ class Run:
             ema_val = self._evaluate(f"epoch {epoch} val (ema)", self.ema.module)
             ema_val["skipped_images"] = val["skipped_images"]
             record.add(f"epoch {epoch} (ema)", epoch, phase, train, ema_val, self.ema.module)
-        state = dict(meta=self.meta, settings=s.decisive(), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), epoch=epoch, phase=phase, rng=rng_state(),
-                     rows=record.rows, best=record.best)
+        state = dict(
+            meta=self.meta,
+            settings=s.decisive(),
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            epoch=epoch,
+            phase=phase,
+            rng=rng_state(),
+            rows=record.rows,
+            best=record.best,
+        )
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.objective.frozen is not None:
@@ -218,11 +254,19 @@ class Run:
         s, model = self.s, self.model
         params.set_trainable(model, self.phase1_params if phase == 1 else None)
         lr = s.lr if phase == 1 else (s.phase2_lr if s.phase2_lr is not None else s.lr / 10)
-        groups = params.lr_groups(model, self.new, s.backbone_lr_scale, s.weight_decay) \
-            if s.backbone_lr_scale != 1 else None
-        optimizer, scheduler = optim.create(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay, sched=s.sched,
-                                            epochs=s.epochs if phase == 1 else s.phase2_epochs,
-                                            warmup_epochs=s.warmup_epochs, groups=groups)
+        groups = (
+            params.lr_groups(model, self.new, s.backbone_lr_scale, s.weight_decay) if s.backbone_lr_scale != 1 else None
+        )
+        optimizer, scheduler = optim.create(
+            model,
+            opt=s.opt,
+            lr=lr,
+            weight_decay=s.weight_decay,
+            sched=s.sched,
+            epochs=s.epochs if phase == 1 else s.phase2_epochs,
+            warmup_epochs=s.warmup_epochs,
+            groups=groups,
+        )
         resumed = self.saved is not None and self.saved["phase"] == phase and self.saved["epoch"] == epoch - 1
         if resumed:
             restore_training(optimizer, scheduler, self.saved, self.dir.state_file)
@@ -239,9 +283,12 @@ class Run:
         batches.set_epoch(epoch, no_single=phase == 2)
         if batches.left_out and self.env.main and not self.said_left_out:
             self.said_left_out = True
-            warnings.warn(f"phase 2 leaves out {batches.left_out} image(s) of each epoch: the last batch would give "
-                          f"a process a batch of one image, on which the norm layers cannot train", RetrofitWarning,
-                          stacklevel=4)
+            warnings.warn(
+                f"phase 2 leaves out {batches.left_out} image(s) of each epoch: the last batch would give "
+                f"a process a batch of one image, on which the norm layers cannot train",
+                RetrofitWarning,
+                stacklevel=4,
+            )
 
     def _train_epoch(self, net: nn.Module, optimizer, epoch: int) -> tuple[float, int, int]:
         s, ema = self.s, self.ema
@@ -251,26 +298,51 @@ class Run:
             check_first_step(self.model, phase, s.train_norms or phase == 2, warn=self.env.main)
 
         loss, images, bad = train_epoch(
-            net, self.model, self.train_loader, optimizer, accum=s.accum_steps, env=self.env, progress=self.progress,
-            label=f"epoch {epoch} train", seen_bad=self.seen_bad, objective=self.objective, clip_grad=s.clip_grad,
-            clip_mode=s.clip_mode, channels_last=s.channels_last,
+            net,
+            self.model,
+            self.train_loader,
+            optimizer,
+            accum=s.accum_steps,
+            env=self.env,
+            progress=self.progress,
+            label=f"epoch {epoch} train",
+            seen_bad=self.seen_bad,
+            objective=self.objective,
+            clip_grad=s.clip_grad,
+            clip_mode=s.clip_mode,
+            channels_last=s.channels_last,
             after_step=(lambda: ema.update(self.model)) if ema is not None else None,
-            check_step=check if epoch in (1, s.epochs + 1) else None)
+            check_step=check if epoch in (1, s.epochs + 1) else None,
+        )
         if images == 0:
-            raise RetrofitError(f"none of the {bad} images in {self.data.root}/train could be decoded (each is "
-                                f"named in a warning); replace or remove them")
+            raise RetrofitError(
+                f"none of the {bad} images in {self.data.root}/train could be decoded (each is "
+                f"named in a warning); replace or remove them"
+            )
         return loss, images, bad
 
     def _evaluate(self, label: str, module: nn.Module | None = None) -> dict[str, Any]:
-        return evaluate(module if module is not None else self.model, self.val_loader,
-                        classes=len(self.data.classes), env=self.env, progress=self.progress, label=label,
-                        seen_bad=self.seen_bad, root=self.data.root, channels_last=self.s.channels_last)
+        return evaluate(
+            module if module is not None else self.model,
+            self.val_loader,
+            classes=len(self.data.classes),
+            env=self.env,
+            progress=self.progress,
+            label=label,
+            seen_bad=self.seen_bad,
+            root=self.data.root,
+            channels_last=self.s.channels_last,
+        )
 
 
 def epoch_event(row: dict[str, Any]) -> Event:
     """The ``epoch`` event of an epoch's row (the live weights')."""
-    return Event("finetune", "epoch", f"epoch {row['epoch']}: top-1 {row['top1']:.2f}%, val loss {row['val_loss']:.4f}",
-                 dict(row))
+    return Event(
+        "finetune",
+        "epoch",
+        f"epoch {row['epoch']}: top-1 {row['top1']:.2f}%, val loss {row['val_loss']:.4f}",
+        dict(row),
+    )
 
 
 def _input_size(model: nn.Module) -> tuple[int, ...]:

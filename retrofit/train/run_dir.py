@@ -18,6 +18,7 @@ the last model, the best one if it is that epoch, and every metrics row. Step 0 
 writes best -> metrics; a kill there starts the run over. A kill leaves its temporary folders
 (``.<name>.<pid>.tmp``, :mod:`retrofit.files.atomic`); the next run in the folder removes them once it holds the lock.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -59,8 +60,9 @@ class RunDir:
     def state_file(self) -> Path | None:
         return self.path / STATE_FILE if self.path is not None else None
 
-    def open(self, resume: bool, model: nn.Module, meta: dict[str, str],
-             settings: dict[str, Any]) -> dict[str, Any] | None:
+    def open(
+        self, resume: bool, model: nn.Module, meta: dict[str, str], settings: dict[str, Any]
+    ) -> dict[str, Any] | None:
         """Check the folder, create and lock it; return the saved training state when resuming one.
 
         Raises:
@@ -86,11 +88,14 @@ class RunDir:
                 check_model(saved, model, state)
             elif resume:
                 if self.env.main:
-                    warnings.warn(f"nothing to resume in {excerpt(out)}; starting at epoch 1", RetrofitWarning,
-                                  stacklevel=4)
+                    warnings.warn(
+                        f"nothing to resume in {excerpt(out)}; starting at epoch 1", RetrofitWarning, stacklevel=4
+                    )
             elif state.exists():
-                raise RetrofitError(f"{excerpt(out)} already holds a fine-tuning run; pass resume=True to continue it, "
-                                    f"or delete it, or choose another output_dir")
+                raise RetrofitError(
+                    f"{excerpt(out)} already holds a fine-tuning run; pass resume=True to continue it, "
+                    f"or delete it, or choose another output_dir"
+                )
         except BaseException:
             self.close()
             raise
@@ -103,23 +108,32 @@ class RunDir:
         try:
             out.mkdir(parents=True, exist_ok=True)  # mkdir -p: runs/se50 in a fresh checkout
         except OSError as err:
-            return (f"cannot create the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
-                    "write to")
+            return (
+                f"cannot create the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
+                "write to"
+            )
         try:
             fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            return (f"cannot write in the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
-                    "write to")
+            return (
+                f"cannot write in the output folder {excerpt(out)}: {err.strerror or err}; choose a folder you can "
+                "write to"
+            )
         try:  # the kernel drops the lock when the process ends, however it ends
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            return (f"{excerpt(out)} is in use by another fine-tuning run ({holder}); wait for it to end or choose "
-                    f"another output folder")
+            return (
+                f"{excerpt(out)} is in use by another fine-tuning run ({holder}); wait for it to end or choose "
+                f"another output folder"
+            )
         except OSError as err:  # a file system without locks: say so, go on
-            warnings.warn(f"cannot lock {excerpt(out)} ({err.strerror or err}); make sure no other run writes there",
-                          RetrofitWarning, stacklevel=5)
+            warnings.warn(
+                f"cannot lock {excerpt(out)} ({err.strerror or err}); make sure no other run writes there",
+                RetrofitWarning,
+                stacklevel=5,
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
         self._lock = fd
@@ -150,8 +164,9 @@ class RunDir:
             self.write_metrics(rows)
         self.env.barrier()
 
-    def commit_epoch(self, model: nn.Module, state: dict[str, Any], rows: list[dict[str, Any]],
-                     best: nn.Module | None) -> None:
+    def commit_epoch(
+        self, model: nn.Module, state: dict[str, Any], rows: list[dict[str, Any]], best: nn.Module | None
+    ) -> None:
         """After an epoch: the training state (the commit), then the last model, the best one (``best``:
         the module whose weights are this epoch's best row, the model or its EMA; None when the epoch
         is not the best so far) and the metrics (every rank waits)."""
@@ -189,15 +204,23 @@ class RunDir:
 
 def _check_resumable(saved: dict[str, Any], path: Path, meta: dict[str, str], settings: dict[str, Any]) -> None:
     theirs = saved.get("meta", {})
-    for key, what in (("architecture", "architecture"), ("model_kwargs", "model arguments"),
-                      ("recipe", "recipe"), ("input_size", "input size")):
+    for key, what in (
+        ("architecture", "architecture"),
+        ("model_kwargs", "model arguments"),
+        ("recipe", "recipe"),
+        ("input_size", "input size"),
+    ):
         if meta.get(key) != theirs.get(key):
-            raise RetrofitError(f"{excerpt(path)} is from another model ({what} {excerpt(theirs.get(key))}, this one "
-                                f"{excerpt(meta.get(key))}); choose another output folder or drop --resume")
+            raise RetrofitError(
+                f"{excerpt(path)} is from another model ({what} {excerpt(theirs.get(key))}, this one "
+                f"{excerpt(meta.get(key))}); choose another output folder or drop --resume"
+            )
     then = saved.get("settings", {})
     changed = [k for k in settings if k in then and then[k] != settings[k]]
     if changed:
         k = changed[0]
-        raise RetrofitError(f"{excerpt(path)} was started with {k} = {excerpt(then[k])}, now {excerpt(settings[k])}; "
-                            "resume with the "
-                            f"same settings (or choose another output folder)")
+        raise RetrofitError(
+            f"{excerpt(path)} was started with {k} = {excerpt(then[k])}, now {excerpt(settings[k])}; "
+            "resume with the "
+            f"same settings (or choose another output folder)"
+        )

@@ -8,6 +8,7 @@ It is written with ``torch.save`` to a temporary name and renamed (``os.replace`
 with ``torch.load(weights_only=True)``: no pickled code runs. What it reads is checked before use
 (:func:`load_state`, :func:`restore_training`): an edited or foreign file is one ``error:`` line.
 """
+
 from __future__ import annotations
 
 import functools
@@ -73,15 +74,26 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, unpickling refused, I/O: all mean "not a usable state"
-        raise RetrofitError(f"cannot read {excerpt(path)}: not a complete training checkpoint ({first_line(err)}); "
-                            f"delete it to start over") from None
+        raise RetrofitError(
+            f"cannot read {excerpt(path)}: not a complete training checkpoint ({first_line(err)}); "
+            f"delete it to start over"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise RetrofitError(f"{excerpt(path)} is not a retrofit training checkpoint; delete it to start over")
 
     bad = functools.partial(_damaged, path)
-    for key, kind in (("meta", dict), ("settings", dict), ("model", dict), ("optimizer", dict),
-                      ("scheduler", dict), ("epoch", int), ("phase", int), ("rng", dict), ("rows", list),
-                      ("best", dict)):
+    for key, kind in (
+        ("meta", dict),
+        ("settings", dict),
+        ("model", dict),
+        ("optimizer", dict),
+        ("scheduler", dict),
+        ("epoch", int),
+        ("phase", int),
+        ("rng", dict),
+        ("rows", list),
+        ("best", dict),
+    ):
         if key not in state:
             raise bad(f"no '{key}' entry")
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
@@ -145,8 +157,15 @@ def check_model(saved: dict[str, Any], model: nn.Module, path: Path) -> None:
             raise _damaged(path, f"'{key}': {err}") from None
 
 
-ROW_FIELDS = {"name": (str,), "phase": (int,), "val_loss": (int, float), "top1": (int, float),
-              "top5": (int, float), "lr": (int, float, type(None)), "train_loss": (int, float, type(None))}
+ROW_FIELDS = {
+    "name": (str,),
+    "phase": (int,),
+    "val_loss": (int, float),
+    "top1": (int, float),
+    "top5": (int, float),
+    "lr": (int, float, type(None)),
+    "train_loss": (int, float, type(None)),
+}
 
 
 def _check_rows(rows: list, best: dict, bad) -> None:
@@ -173,8 +192,9 @@ def _check_rng(rng: dict, bad) -> None:
     except (TypeError, ValueError, OverflowError):
         raise bad("'rng' has no valid Python random state") from None
     cuda = rng.get("cuda", [])
-    if not isinstance(cuda, (list, tuple)) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
-                                                      for t in cuda):
+    if not isinstance(cuda, (list, tuple)) or not all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda
+    ):
         raise bad("'rng' has an invalid CUDA generator state")
 
 

@@ -1,5 +1,6 @@
 """A channel gate's excitation (retrofit.blocks.excitation) and the channel scale a folded gate becomes
 (retrofit.blocks.scale), against closed forms computed here."""
+
 import pytest
 import torch
 from torch import nn
@@ -50,8 +51,9 @@ def test_channel_scale_scales_the_channel_axis_of_each_layout(layout, shape):
         scale.scale.copy_(torch.arange(1.0, 7.0))
     x = torch.randn(shape, dtype=torch.float64)
     axis = 1 if layout == "nchw" else -1
-    want = x * torch.arange(1.0, 7.0, dtype=torch.float64).view([-1 if d == axis % len(shape) else 1
-                                                                  for d in range(len(shape))])
+    want = x * torch.arange(1.0, 7.0, dtype=torch.float64).view(
+        [-1 if d == axis % len(shape) else 1 for d in range(len(shape))]
+    )
     assert torch.equal(scale(x), want)
     shortcut = torch.randn(shape, dtype=torch.float64)
     torch.testing.assert_close(scale(x, shortcut), want + shortcut, rtol=1e-15, atol=1e-15)

@@ -40,9 +40,17 @@ def test_parameter_layout_interchanges_with_timm_semodule():
 
 
 # timm's SEModule arguments (issue 23, item 6): the same arguments give timm's width, whatever rounding it does
-TIMM_ARGS = [dict(), dict(rd_ratio=1 / 4), dict(rd_ratio=0.25, rd_divisor=1), dict(rd_ratio=1 / 16, rd_divisor=32),
-             dict(rd_channels=10), dict(rd_channels=10, rd_ratio=0.5), dict(rd_channels=0, rd_ratio=1 / 8),
-             dict(rd_divisor=4), dict(rd_ratio=0.3, rd_divisor=8)]
+TIMM_ARGS = [
+    dict(),
+    dict(rd_ratio=1 / 4),
+    dict(rd_ratio=0.25, rd_divisor=1),
+    dict(rd_ratio=1 / 16, rd_divisor=32),
+    dict(rd_channels=10),
+    dict(rd_channels=10, rd_ratio=0.5),
+    dict(rd_channels=0, rd_ratio=1 / 8),
+    dict(rd_divisor=4),
+    dict(rd_ratio=0.3, rd_divisor=8),
+]
 
 
 @pytest.mark.parametrize("channels", [24, 64, 100, 2048])
@@ -87,8 +95,9 @@ def test_paper_init_is_random_and_divides_by_nothing():
 
 
 @pytest.mark.parametrize("squeeze", ["avg", "max"])
-@pytest.mark.parametrize("shape, prefix", [((2, 5, 7, 16), 0), ((2, 1 + 12, 16), 1), ((2, 12, 16), 0),
-                                           ((2, 3, 4, 5, 16), 0)])
+@pytest.mark.parametrize(
+    "shape, prefix", [((2, 5, 7, 16), 0), ((2, 1 + 12, 16), 1), ((2, 12, 16), 0), ((2, 3, 4, 5, 16), 0)]
+)
 def test_channels_last_block_at_any_rank_traced_and_scripted(squeeze, shape, prefix):
     """(N, ..., C) maps and token sequences: the equations written out per rank (the prefix tokens left
     out of the squeeze, every token scaled); a plain torch.fx.symbolic_trace (which does not keep the
@@ -99,8 +108,13 @@ def test_channels_last_block_at_any_rank_traced_and_scripted(squeeze, shape, pre
         grid = x[:, prefix:]
         axes = tuple(range(1, x.dim() - 1))
         z = grid.mean(axes) if squeeze == "avg" else grid.amax(axes)
-        s = torch.sigmoid(F.linear(F.relu(F.linear(z, block.fc1.weight.flatten(1), block.fc1.bias)),
-                                   block.fc2.weight.flatten(1), block.fc2.bias))
+        s = torch.sigmoid(
+            F.linear(
+                F.relu(F.linear(z, block.fc1.weight.flatten(1), block.fc1.bias)),
+                block.fc2.weight.flatten(1),
+                block.fc2.bias,
+            )
+        )
         expected = x * s.reshape(shape[0], *[1] * (x.dim() - 2), 16)
         torch.testing.assert_close(block(x), expected)
         torch.testing.assert_close(torch.fx.symbolic_trace(block)(x), expected)

@@ -1,6 +1,7 @@
 """An absurd r is a memory attack (issue 11 item 5): `--r 1e-6`, or `r: 1e-4` in a file's metadata,
 would ask for blocks 10^4-10^6 times wider than their input. The recipe refuses it in one line,
 before any model or block is built; r below 1 needs allow_wide, and even then r >= 1/16."""
+
 import json
 
 import pytest
@@ -20,14 +21,17 @@ def no_model(*args, **kwargs):
     raise AssertionError("a model was built before the recipe was refused")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--r", "1e-6"], ["recipe field 'r'", "at least 1/16"]),
-    (["--r", "0.5"], ["recipe field 'r'", "wider than its input", "--allow-wide"]),
-    (["--r", "5:1e-6"], ["recipe field 'r' (stage 5)", "at least 1/16"]),
-    (["--min-width", "1000000000"], ["recipe field 'min_width': at most 1024"]),
-    (["--divisor", "4096"], ["recipe field 'divisor': at most 1024"]),
-    (["--r", "0.01", "--allow-wide"], ["at least 1/16"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--r", "1e-6"], ["recipe field 'r'", "at least 1/16"]),
+        (["--r", "0.5"], ["recipe field 'r'", "wider than its input", "--allow-wide"]),
+        (["--r", "5:1e-6"], ["recipe field 'r' (stage 5)", "at least 1/16"]),
+        (["--min-width", "1000000000"], ["recipe field 'min_width': at most 1024"]),
+        (["--divisor", "4096"], ["recipe field 'divisor': at most 1024"]),
+        (["--r", "0.01", "--allow-wide"], ["at least 1/16"]),
+    ],
+)
 def test_cli_refuses_absurd_widths_before_building_anything(monkeypatch, args, words):
     monkeypatch.setattr("retrofit.files.create.build_timm", no_model)
     one_error(runner.invoke(app, ["add-se", "resnet18", *args]), *words)
@@ -38,12 +42,20 @@ def test_sweep_refuses_an_absurd_r_before_building_anything(monkeypatch):
     one_error(runner.invoke(app, ["sweep", "resnet18", "--r", "16,1e-6"]), "--r", "at least 1/16")
 
 
-@pytest.mark.parametrize("recipe", [{"r": 1e-4}, {"r": {"default": 16, "5": 1e-4}},
-                                    {"overrides": [{"stages": [5], "r": 1e-4}]}, {"min_width": 10 ** 9}])
+@pytest.mark.parametrize(
+    "recipe",
+    [{"r": 1e-4}, {"r": {"default": 16, "5": 1e-4}}, {"overrides": [{"stages": [5], "r": 1e-4}]}, {"min_width": 10**9}],
+)
 def test_load_refuses_a_file_whose_recipe_asks_for_absurd_blocks(tmp_path, monkeypatch, recipe):
     path = tmp_path / "evil.safetensors"
-    meta = {"format": "retrofit/1", "architecture": "resnet18", "model_kwargs": "{}",
-            "recipe": json.dumps({"position": "standard", **recipe}), "input_size": "[3, 64, 64]", "blocks": "8"}
+    meta = {
+        "format": "retrofit/1",
+        "architecture": "resnet18",
+        "model_kwargs": "{}",
+        "recipe": json.dumps({"position": "standard", **recipe}),
+        "input_size": "[3, 64, 64]",
+        "blocks": "8",
+    }
     save_file({"w": timm.create_model("resnet18").fc.bias.detach()}, str(path), metadata=meta)
     monkeypatch.setattr("retrofit.files.full.create_model", no_model)
     with pytest.raises(RetrofitError) as err:

@@ -1,4 +1,5 @@
 """The command line: the mission command, JSON, saved models, and one clear line for bad input."""
+
 import hashlib
 import json
 import subprocess
@@ -18,7 +19,9 @@ from support import make_folder
 
 runner = CliRunner()
 BLOCKS = {  # units per model: ResNet-18 8 BasicBlocks, ResNet-50 16 and ResNet-101 33 bottlenecks
-    "resnet18": 8, "resnet50": 16, "resnet101": 33,
+    "resnet18": 8,
+    "resnet50": 16,
+    "resnet101": 33,
 }
 
 
@@ -46,8 +49,9 @@ def test_mission_command(tmp_path, model, position):
     # two 1x1 convs with biases, 2Cw + w + C parameters, 2Cw multiply-adds at batch 1
     widths = [b["channels"] // 16 for b in data["blocks"]]
     assert [b["width"] for b in data["blocks"]] == widths
-    assert data["added"]["params"] == sum(2 * b["channels"] * w + w + b["channels"] for b,
-                                          w in zip(data["blocks"], widths))
+    assert data["added"]["params"] == sum(
+        2 * b["channels"] * w + w + b["channels"] for b, w in zip(data["blocks"], widths)
+    )
     assert data["added"]["macs"] == sum(2 * b["channels"] * w for b, w in zip(data["blocks"], widths))
     assert f'{data["added"]["params"]:,}' in result.stdout
 
@@ -102,7 +106,8 @@ def test_checkpoint_with_another_number_of_classes(tmp_path):
     result = run("add-se", "resnet18", "--checkpoint", ckpt, "--num-classes", 7, "--json", "-")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["base"]["params"] == sum(
-        p.numel() for p in timm.create_model("resnet18", num_classes=7).parameters())
+        p.numel() for p in timm.create_model("resnet18", num_classes=7).parameters()
+    )
 
 
 def test_sites_command():
@@ -172,11 +177,14 @@ def test_width_below_one_is_a_warning_not_an_error():
     assert "warning: r=1000 gives a reduced width below 1" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["add-se", "resnet18", "--r", "-1"], "error: recipe field 'r'"),
-    (["add-se", "resnet18", "--bogus", "1"], "error: No such option: --bogus"),
-    (["sites"], "error: Missing argument"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["add-se", "resnet18", "--r", "-1"], "error: recipe field 'r'"),
+        (["add-se", "resnet18", "--bogus", "1"], "error: No such option: --bogus"),
+        (["sites"], "error: Missing argument"),
+    ],
+)
 def test_installed_entry_point_fails_cleanly(args, message):
     proc = subprocess.run([sys.executable, "-m", "retrofit", *args], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -197,8 +205,9 @@ def test_sites_json_says_each_site_layout():
     result = runner.invoke(app, ["sites", "vit_tiny_patch16_224", "--num-classes", "10", "--json", "-"])
     assert result.exit_code == 0, result.output
     sites = json.loads(result.output)["sites"]
-    assert len(sites) == 24 and {(s["layout"], s["prefix"], tuple(s["size"])) for s in sites} == {("tokens", 1,
-                                                                                                   (14, 14))}
+    assert len(sites) == 24 and {(s["layout"], s["prefix"], tuple(s["size"])) for s in sites} == {
+        ("tokens", 1, (14, 14))
+    }
 
 
 def test_the_block_table_fits_a_terminal_and_never_cuts_a_name():
@@ -211,9 +220,18 @@ def test_the_block_table_fits_a_terminal_and_never_cuts_a_name():
     assert len(rows) > 30 and max(len(ln) for ln in rows) <= 100 and "…" not in folded.stdout
     table = folded.stdout.split("SE blocks inserted")[1].split("Overhead")[0]
     shown = [n for n in names if f" {n} " in table]
-    assert shown == ["layer1.0.se_post", "layer1.1.se_post", "layer1.2.se_post", "layer2.0.se_post",
-                     "layer2.3.se_post", "layer3.0.se_post", "layer3.22.se_post", "layer4.0.se_post",
-                     "layer4.1.se_post", "layer4.2.se_post"]
+    assert shown == [
+        "layer1.0.se_post",
+        "layer1.1.se_post",
+        "layer1.2.se_post",
+        "layer2.0.se_post",
+        "layer2.3.se_post",
+        "layer3.0.se_post",
+        "layer3.22.se_post",
+        "layer4.0.se_post",
+        "layer4.1.se_post",
+        "layer4.2.se_post",
+    ]
     assert "... 2 more" in table and "... 21 more" in table
     every = runner.invoke(app, ["add-se", "resnet101", "--position", "post", "--blocks"], env={"COLUMNS": "100"})
     assert every.exit_code == 0, every.output
@@ -233,7 +251,8 @@ def test_an_unexpected_exception_is_one_line_and_exit_3(monkeypatch):
     assert result.exit_code == 3 and "Traceback" not in result.output
     assert result.stderr.strip().splitlines() == [
         "internal error: ValueError: unexpected [/bold] value [red]x[/] (rerun with RETROFIT_DEBUG=1 for the "
-        "traceback and report it)"]
+        "traceback and report it)"
+    ]
 
 
 def test_markup_in_messages_and_paths_prints_as_text(tmp_path):
@@ -242,8 +261,9 @@ def test_markup_in_messages_and_paths_prints_as_text(tmp_path):
     data = make_folder(tmp_path / "[/x]", train=2, val=1)
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     out = tmp_path / "[/x]" / "[bold]run[red]"
-    result = run("finetune", ckpt, "--data", data, "--epochs", "1", "-b", "6", "-j", "0", "--output-dir", out,
-                 "--resume")
+    result = run(
+        "finetune", ckpt, "--data", data, "--epochs", "1", "-b", "6", "-j", "0", "--output-dir", out, "--resume"
+    )
     assert result.exit_code == 0, result.output
     assert f"fine-tuning on {data}; checkpoints in {out}" in result.stdout
     assert f"-> {out / 'best.safetensors'}" in result.stdout
@@ -296,19 +316,52 @@ def test_missing_output_folders_are_created(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_folder(tmp_path / "data")
     commands = [
-        ["add-se", "test_resnet", "--num-classes", "3", "--input-size", "3,32,32", "--position", "post",
-         "--output", "new/a/se.safetensors", "--json", "new/b/add.json"],
+        [
+            "add-se",
+            "test_resnet",
+            "--num-classes",
+            "3",
+            "--input-size",
+            "3,32,32",
+            "--position",
+            "post",
+            "--output",
+            "new/a/se.safetensors",
+            "--json",
+            "new/b/add.json",
+        ],
         ["sites", "test_resnet", "--json", "new/c/sites.json"],
         ["sweep", "test_resnet", "--r", "4,8", "--json", "new/d/sweep.json", "--plot", "new/e/sweep.png"],
         ["check", "test_resnet", "--json", "new/f/check.json"],
-        ["finetune", "new/a/se.safetensors", "--data", "data", "--epochs", "1", "-b", "8", "-j", "0",
-         "--output-dir", "new/g/run"],
+        [
+            "finetune",
+            "new/a/se.safetensors",
+            "--data",
+            "data",
+            "--epochs",
+            "1",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--output-dir",
+            "new/g/run",
+        ],
     ]
     for args in commands:
         result = run(*args)
         assert result.exit_code == 0, (args, result.output)
-    for path in ("a/se.safetensors", "a/se.README.md", "b/add.json", "c/sites.json", "d/sweep.json", "e/sweep.png",
-                 "f/check.json", "g/run/best.safetensors", "g/run/metrics.jsonl"):
+    for path in (
+        "a/se.safetensors",
+        "a/se.README.md",
+        "b/add.json",
+        "c/sites.json",
+        "d/sweep.json",
+        "e/sweep.png",
+        "f/check.json",
+        "g/run/best.safetensors",
+        "g/run/metrics.jsonl",
+    ):
         assert (tmp_path / "new" / path).is_file(), path
     one_error(run("add-se", "no_such_model", "--output", "later/se.safetensors"), "unknown model")
     assert not (tmp_path / "later").exists()

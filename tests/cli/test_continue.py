@@ -1,5 +1,6 @@
 """After a Ctrl-C or a refusal the command line says what to type next, in its own words; a Ctrl-C while
 it is still loading is 'interrupted' too; counts are in the singular when there is one."""
+
 import subprocess
 import sys
 
@@ -33,8 +34,9 @@ def setup(tmp_path):
 
 
 def finetune(ckpt, data, out, *more):
-    return runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "3", "-b", "8", "-j", "0",
-                               "-o", str(out), *more])
+    return runner.invoke(
+        app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "3", "-b", "8", "-j", "0", "-o", str(out), *more]
+    )
 
 
 def test_a_ctrl_c_says_how_to_continue_and_the_resume_finishes(setup, monkeypatch):
@@ -43,7 +45,8 @@ def test_a_ctrl_c_says_how_to_continue_and_the_resume_finishes(setup, monkeypatc
     stopped = finetune(ckpt, data, out)
     assert stopped.exit_code == 130
     assert stopped.stderr.strip().splitlines()[-1] == (
-        f"interrupted; the finished epochs are saved in {out}: rerun the same command with --resume to continue")
+        f"interrupted; the finished epochs are saved in {out}: rerun the same command with --resume to continue"
+    )
     monkeypatch.undo()
     resumed = finetune(ckpt, data, out, "--resume")
     assert resumed.exit_code == 0, resumed.output
@@ -61,9 +64,27 @@ def test_a_ctrl_c_before_any_epoch_finished(setup, monkeypatch):
 def test_add_se_finetune_names_the_two_commands_that_resume(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data")
     killed_in_epoch(monkeypatch, 2)
-    stopped = runner.invoke(app, ["add-se", "test_resnet", "--num-classes", "3", "--input-size", f"3,{SIZE},{SIZE}",
-                                  "--finetune", str(data), "--epochs", "3", "-b", "8", "-j", "0",
-                                  "--output", str(tmp_path / "se.safetensors")])
+    stopped = runner.invoke(
+        app,
+        [
+            "add-se",
+            "test_resnet",
+            "--num-classes",
+            "3",
+            "--input-size",
+            f"3,{SIZE},{SIZE}",
+            "--finetune",
+            str(data),
+            "--epochs",
+            "3",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--output",
+            str(tmp_path / "se.safetensors"),
+        ],
+    )
     assert stopped.exit_code == 130
     line = stopped.stderr.strip().splitlines()[-1]
     assert "add-se --finetune cannot resume" in line
@@ -76,8 +97,10 @@ def test_a_second_run_into_the_same_folder_is_told_in_cli_words(setup):
     assert finetune(ckpt, data, out, "--epochs", "1").exit_code == 0
     again = finetune(ckpt, data, out, "--epochs", "1")
     assert again.exit_code == 2
-    assert again.stderr.strip() == (f"error: {out} already holds a fine-tuning run; add --resume to continue it, "
-                                    f"delete it, or choose another --output-dir")
+    assert again.stderr.strip() == (
+        f"error: {out} already holds a fine-tuning run; add --resume to continue it, "
+        f"delete it, or choose another --output-dir"
+    )
 
 
 def test_the_python_api_is_told_in_its_own_words(setup):
@@ -102,8 +125,9 @@ run()
 
 @pytest.mark.parametrize("module", ["typer", "retrofit.cli.sweep", "rich.progress"])
 def test_a_ctrl_c_while_loading_is_interrupted_not_a_traceback(module):
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT.format(module=module)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AT_IMPORT.format(module=module)], capture_output=True, text=True, timeout=120
+    )
     assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted\n", "")
 
 

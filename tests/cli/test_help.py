@@ -1,5 +1,6 @@
 """--help at 80 columns: no option name, example or text cut, no word broken at a hyphen, and printed
 without importing torch or timm."""
+
 import json
 import re
 import subprocess
@@ -12,8 +13,14 @@ from typer.testing import CliRunner
 from retrofit.cli import app
 
 COMMANDS = list(typer.main.get_command(app).commands)
-EXAMPLES = ["2:8,3:8,4:16,5:32", "'features.denseblock*,features.transition*'", "LabelSmoothingCrossEntropy",
-            "'16;2:8,3:8,4:16,5:32'", "--input-size", "[default: no-channels-last]"]
+EXAMPLES = [
+    "2:8,3:8,4:16,5:32",
+    "'features.denseblock*,features.transition*'",
+    "LabelSmoothingCrossEntropy",
+    "'16;2:8,3:8,4:16,5:32'",
+    "--input-size",
+    "[default: no-channels-last]",
+]
 
 
 def help_text(*command):
@@ -45,10 +52,12 @@ def test_the_examples_are_there_whole():
 def test_no_help_imports_torch_or_timm():
     """Every command's --help in one fresh process, then what it imported (the facade test covers
     `import retrofit.cli` alone; this one the help of each command too)."""
-    code = ("import json, sys, typer; from typer.testing import CliRunner; from retrofit.cli import app; "
-            "names = list(typer.main.get_command(app).commands); "
-            "codes = [CliRunner().invoke(app, [*c, '--help']).exit_code for c in [[]] + [[n] for n in names]]; "
-            "print(json.dumps([codes, [m for m in ('torch', 'timm') if m in sys.modules]]))")
+    code = (
+        "import json, sys, typer; from typer.testing import CliRunner; from retrofit.cli import app; "
+        "names = list(typer.main.get_command(app).commands); "
+        "codes = [CliRunner().invoke(app, [*c, '--help']).exit_code for c in [[]] + [[n] for n in names]]; "
+        "print(json.dumps([codes, [m for m in ('torch', 'timm') if m in sys.modules]]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     codes, heavy = json.loads(out.stdout)

@@ -4,6 +4,7 @@ address-space limit (the torch import alone reserves about 3.6 GiB of it) and a 
 fixes, the billion laughs and the 1-billion-parameter model ran out of that memory, metadata nested
 100,000 deep ended in `internal error: RecursionError`, a FIFO given as --space waited forever, and the
 messages that quoted a bad value repeated all of it."""
+
 import json
 import subprocess
 import sys
@@ -39,22 +40,33 @@ def cases(tmp_path_factory):
 
     import retrofit
 
-    saved = retrofit.save(retrofit.add_se(timm.create_model("test_resnet", num_classes=3), r=4, input_size=(3, 32, 32)),
-                          root / "se.safetensors")
+    saved = retrofit.save(
+        retrofit.add_se(timm.create_model("test_resnet", num_classes=3), r=4, input_size=(3, 32, 32)),
+        root / "se.safetensors",
+    )
     out = []
     for key in ("recipe", "model_kwargs", "input_size"):
-        deep = rewrite_header(saved, root / f"deep_{key}.safetensors", lambda h,
-                              k=key: h["__metadata__"].update({k: DEEP_JSON}))
+        deep = rewrite_header(
+            saved, root / f"deep_{key}.safetensors", lambda h, k=key: h["__metadata__"].update({k: DEEP_JSON})
+        )
         out.append((["finetune", str(deep), "--data", str(data)], [f"metadata '{key}' is nested more than 32 levels"]))
     (root / "deep.yaml").write_text(DEEP_YAML)
     out.append((["add-se", "test_resnet", "--recipe", str(root / "deep.yaml")], ["is nested more than 32 levels deep"]))
-    out.append((["tune", "test_resnet", "--space", str(root / "deep.yaml"), "--data", str(data), "--trials", "1"],
-                ["is nested more than 32 levels deep"]))
+    out.append(
+        (
+            ["tune", "test_resnet", "--space", str(root / "deep.yaml"), "--data", str(data), "--trials", "1"],
+            ["is nested more than 32 levels deep"],
+        )
+    )
     for key in ("r", "position", "only", "stages"):
         (root / f"laughs_{key}.yaml").write_text(billion_laughs(key, 9))
         out.append((["add-se", "test_resnet", "--recipe", str(root / f"laughs_{key}.yaml")], ["uses an alias (*a0)"]))
-    out.append((["tune", "test_resnet", "--space", str(root / "laughs_r.yaml"), "--data", str(data), "--trials", "1"],
-                ["uses an alias (*a0)"]))
+    out.append(
+        (
+            ["tune", "test_resnet", "--space", str(root / "laughs_r.yaml"), "--data", str(data), "--trials", "1"],
+            ["uses an alias (*a0)"],
+        )
+    )
     for name, (path, what) in special_files(root / "st", ".safetensors").items():
         out.append((["add-se", "test_resnet", "--checkpoint", str(path)], [what]))
         folder = ["has no config.json: not a folder written by retrofit.save_pretrained"]  # a folder is a saved model
@@ -64,17 +76,24 @@ def cases(tmp_path_factory):
         out.append((["tune", "test_resnet", "--space", str(path), "--data", str(data), "--trials", "1"], [what]))
     million = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(1_000_000)}
     (root / "million.safetensors").write_bytes(safetensors_bytes({}, million))
-    out.append((["add-se", "test_resnet", "--checkpoint", str(root / "million.safetensors")], ["more than the "
-                                                                                               "16,777,216"]))
-    giant = rewrite_header(saved, root / "giant.safetensors",
-                           lambda h: h["__metadata__"].update(architecture="vit_giant_patch14_224"))
+    out.append(
+        (["add-se", "test_resnet", "--checkpoint", str(root / "million.safetensors")], ["more than the 16,777,216"])
+    )
+    giant = rewrite_header(
+        saved, root / "giant.safetensors", lambda h: h["__metadata__"].update(architecture="vit_giant_patch14_224")
+    )
     out.append((["finetune", str(giant), "--data", str(data)], ["does not hold the weights of vit_giant_patch14_224"]))
     return out
 
 
 def test_hostile_inputs_are_one_short_line_in_bounded_time_and_memory(cases):
-    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps([args for args, _ in cases])], capture_output=True,
-                         text=True, timeout=480, cwd=Path(__file__).parent)
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps([args for args, _ in cases])],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        cwd=Path(__file__).parent,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.splitlines()[-1])
     for (args, words), got in zip(cases, results):

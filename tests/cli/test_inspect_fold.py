@@ -1,6 +1,7 @@
 """`retrofit inspect` and `retrofit fold` on saved files: what they print and write, and one `error:` line
 for each bad input (a file without blocks, blocks that are not channel gates, data with other classes,
 a tolerance out of range)."""
+
 import json
 
 import pytest
@@ -39,8 +40,18 @@ def files(tmp_path_factory):
 
 
 def test_inspect_prints_the_table_writes_json_and_the_figure(files):
-    result = run("inspect", files / "se.safetensors", "--data", files / "data", "-j", 0, "--plot", files / "fig.png",
-                 "--json", files / "inspect.json")
+    result = run(
+        "inspect",
+        files / "se.safetensors",
+        "--data",
+        files / "data",
+        "-j",
+        0,
+        "--plot",
+        files / "fig.png",
+        "--json",
+        files / "inspect.json",
+    )
     assert result.exit_code == 0, result.output
     assert "Channel gates" in result.stdout and "layer2.0.se" in result.stdout and "constant" in result.stdout
     data = json.loads((files / "inspect.json").read_text())
@@ -51,11 +62,28 @@ def test_inspect_prints_the_table_writes_json_and_the_figure(files):
 
 def test_fold_saves_reports_and_measures(files):
     out = files / "folded.safetensors"
-    result = run("fold", files / "se.safetensors", "--data", files / "data", "-j", 0, "-t", "100", "-o", out,
-                 "--json", files / "fold.json")
+    result = run(
+        "fold",
+        files / "se.safetensors",
+        "--data",
+        files / "data",
+        "-j",
+        0,
+        "-t",
+        "100",
+        "-o",
+        out,
+        "--json",
+        files / "fold.json",
+    )
     assert result.exit_code == 0, result.output
-    for text in ("Folded blocks", "Overhead before the fold", "Overhead after the fold", "folded 4 of 4",
-                 "evaluations"):
+    for text in (
+        "Folded blocks",
+        "Overhead before the fold",
+        "Overhead after the fold",
+        "folded 4 of 4",
+        "evaluations",
+    ):
         assert text in result.stdout, text
     data = json.loads((files / "fold.json").read_text())
     assert data["folded"] == 4 and data["evaluations"] <= 4 and data["after"]["top1"] >= data["before"]["top1"] - 100
@@ -72,19 +100,22 @@ def test_fold_without_data_and_nothing_to_fold_says_so(files):
     one_error(result, "no channel gate to inspect", "all 4 of its blocks were folded")
 
 
-@pytest.mark.parametrize("args,words", [
-    (("inspect", "plain.safetensors", "--data", "data"), ("not a retrofit file",)),
-    (("inspect", "cbam.safetensors", "--data", "data"), ("no channel gate", "spatial gate")),
-    (("fold", "cbam.safetensors", "-o", "x.safetensors"), ("no channel gate", "spatial gate")),
-    (("inspect", "five.safetensors", "--data", "data"), ("3 classes", "5 outputs")),
-    (("fold", "five.safetensors", "-t", "1", "--data", "data", "-o", "x.safetensors"), ("3 classes", "5 outputs")),
-    (("fold", "se.safetensors", "-t", "-1", "-o", "x.safetensors"), ("tolerance must be",)),
-    (("fold", "se.safetensors", "-t", "101", "-o", "x.safetensors"), ("tolerance must be",)),
-    (("fold", "se.safetensors", "-t", "nan", "-o", "x.safetensors"), ("tolerance must be",)),
-    (("fold", "se.safetensors", "-t", "0.5", "-o", "x.safetensors"), ("--data",)),
-    (("fold", "se.safetensors", "--blocks", "layer9.*", "-o", "x.safetensors"), ("names no block",)),
-    (("fold", "se.safetensors", "-o", "se.safetensors"), ("never overwritten",)),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (("inspect", "plain.safetensors", "--data", "data"), ("not a retrofit file",)),
+        (("inspect", "cbam.safetensors", "--data", "data"), ("no channel gate", "spatial gate")),
+        (("fold", "cbam.safetensors", "-o", "x.safetensors"), ("no channel gate", "spatial gate")),
+        (("inspect", "five.safetensors", "--data", "data"), ("3 classes", "5 outputs")),
+        (("fold", "five.safetensors", "-t", "1", "--data", "data", "-o", "x.safetensors"), ("3 classes", "5 outputs")),
+        (("fold", "se.safetensors", "-t", "-1", "-o", "x.safetensors"), ("tolerance must be",)),
+        (("fold", "se.safetensors", "-t", "101", "-o", "x.safetensors"), ("tolerance must be",)),
+        (("fold", "se.safetensors", "-t", "nan", "-o", "x.safetensors"), ("tolerance must be",)),
+        (("fold", "se.safetensors", "-t", "0.5", "-o", "x.safetensors"), ("--data",)),
+        (("fold", "se.safetensors", "--blocks", "layer9.*", "-o", "x.safetensors"), ("names no block",)),
+        (("fold", "se.safetensors", "-o", "se.safetensors"), ("never overwritten",)),
+    ],
+)
 def test_bad_input_is_one_error_line(files, args, words, monkeypatch):
     monkeypatch.chdir(files)
     one_error(run(*args), *words)

@@ -1,6 +1,7 @@
 """One definition of each option: every typer option of a fine-tune option is made from its
 FinetuneConfig field (flags, default, bounds, help), and no default, bound, flag or help text of one is
 written anywhere else in the package (issue 23, item 3)."""
+
 import ast
 from pathlib import Path
 
@@ -12,8 +13,12 @@ from retrofit.train.config import FIELDS, RUN_OPTIONS, bounds_text, cli_default
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = typer.main.get_command(app).commands
-TAKES = {"finetune": set(FIELDS), "add-se": set(FIELDS), "sweep": {"epochs", "lr", *RUN_OPTIONS},
-         "tune": {"epochs", *RUN_OPTIONS}}
+TAKES = {
+    "finetune": set(FIELDS),
+    "add-se": set(FIELDS),
+    "sweep": {"epochs", "lr", *RUN_OPTIONS},
+    "tune": {"epochs", *RUN_OPTIONS},
+}
 AXES = {"tune": {"lr", "phase2_epochs"}}  # tune searches these: its own options, their help from the field
 
 
@@ -75,30 +80,38 @@ def test_the_scan_finds_a_planted_copy(tmp_path):
     package = tmp_path / "retrofit"
     shutil.copytree(ROOT / "retrofit", package, ignore=shutil.ignore_patterns("__pycache__"))
     with open(package / "train" / "loop.py", "a") as f:
-        f.write("\n\ndef planted(data, lr: float = 1e-3):\n    return data\n\n\nHELP = "
-                f"{FIELDS['smoothing'].metadata['help']!r}\nFLAG = '--mixup'\n\n\ndef bound(config):\n"
-                "    return config.batch_size < 1 or config.epochs < 1\n")  # the second: not the field's bound
-    assert copies(package) == ["train/loop.py: help of smoothing", "train/loop.py: flag --mixup",
-                               "train/loop.py: planted(lr=...)", "train/loop.py: bound of batch_size"]
+        f.write(
+            "\n\ndef planted(data, lr: float = 1e-3):\n    return data\n\n\nHELP = "
+            f"{FIELDS['smoothing'].metadata['help']!r}\nFLAG = '--mixup'\n\n\ndef bound(config):\n"
+            "    return config.batch_size < 1 or config.epochs < 1\n"
+        )  # the second: not the field's bound
+    assert copies(package) == [
+        "train/loop.py: help of smoothing",
+        "train/loop.py: flag --mixup",
+        "train/loop.py: planted(lr=...)",
+        "train/loop.py: bound of batch_size",
+    ]
 
 
 # parameters and dataclass fields named like an option that are not that option: (module, owner, name) -> why
-OTHER = {("measure/latency.py", "measure_latency", "seed"): "the seed of the timing input",
-         ("sweep/check.py", "randomize", "seed"): "the seed of the random weights a check draws",
-         ("blocks/attention.py", "build_attention", "device"): "a torch device to build the block on",
-         ("blocks/se.py", "__init__", "device"): "a torch device to build the block on",
-         ("blocks/scale.py", "__init__", "device"): "a torch device to build a folded gate's channel scale on",
-         ("files/create.py", "build_named", "seed"): "the seed of a named model's random weights",
-         ("sweep/tune/space.py", "space_from_options", "lr"): "the search axis or a fixed rate: None, not given",
-         ("cli/tune.py", "tune_command", "lr"): "tune's search axis (a range), its default from the field",
-         ("cli/tune.py", "tune_command", "phase2_epochs"): "tune's search axis: None, not searched",
-         ("sweep/tune/space.py", "parse_space", "lr"): "the search axis: None, not searched",
-         ("sweep/tune/space.py", "parse_space", "phase2_epochs"): "the search axis: None, not searched",
-         ("sweep/ablation.py", "run_arm", "phase2_epochs"): "a run's searched phase-2 epochs: 0, none",
-         ("sweep/tune/claim.py", "Budget", "epochs"): "the study's budget of training epochs",
-         ("sweep/tune/space.py", "Space", "lr"): "the search axis: None, not searched",
-         ("sweep/tune/space.py", "Space", "phase2_epochs"): "the search axis: (0,), not searched",
-         ("train/distributed.py", "Dist", "device"): "the torch device a process trains on"}
+OTHER = {
+    ("measure/latency.py", "measure_latency", "seed"): "the seed of the timing input",
+    ("sweep/check.py", "randomize", "seed"): "the seed of the random weights a check draws",
+    ("blocks/attention.py", "build_attention", "device"): "a torch device to build the block on",
+    ("blocks/se.py", "__init__", "device"): "a torch device to build the block on",
+    ("blocks/scale.py", "__init__", "device"): "a torch device to build a folded gate's channel scale on",
+    ("files/create.py", "build_named", "seed"): "the seed of a named model's random weights",
+    ("sweep/tune/space.py", "space_from_options", "lr"): "the search axis or a fixed rate: None, not given",
+    ("cli/tune.py", "tune_command", "lr"): "tune's search axis (a range), its default from the field",
+    ("cli/tune.py", "tune_command", "phase2_epochs"): "tune's search axis: None, not searched",
+    ("sweep/tune/space.py", "parse_space", "lr"): "the search axis: None, not searched",
+    ("sweep/tune/space.py", "parse_space", "phase2_epochs"): "the search axis: None, not searched",
+    ("sweep/ablation.py", "run_arm", "phase2_epochs"): "a run's searched phase-2 epochs: 0, none",
+    ("sweep/tune/claim.py", "Budget", "epochs"): "the study's budget of training epochs",
+    ("sweep/tune/space.py", "Space", "lr"): "the search axis: None, not searched",
+    ("sweep/tune/space.py", "Space", "phase2_epochs"): "the search axis: (0,), not searched",
+    ("train/distributed.py", "Dist", "device"): "the torch device a process trains on",
+}
 AXIS_FLAGS = {("cli/tune.py", "--lr"), ("cli/tune.py", "--phase2-epochs")}  # tune's search axes (above)
 
 
@@ -134,15 +147,27 @@ def copies(package: Path) -> list[str]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args.args + node.args.kwonlyargs
-                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + \
-                    node.args.kw_defaults
-                found += [f"{rel}: {node.name}({arg.arg}=...)" for arg, default in zip(args, defaults)
-                          if default is not None and arg.arg in FIELDS and (rel, node.name, arg.arg) not in OTHER]
+                defaults = (
+                    [None] * (len(node.args.args) - len(node.args.defaults))
+                    + node.args.defaults
+                    + node.args.kw_defaults
+                )
+                found += [
+                    f"{rel}: {node.name}({arg.arg}=...)"
+                    for arg, default in zip(args, defaults)
+                    if default is not None and arg.arg in FIELDS and (rel, node.name, arg.arg) not in OTHER
+                ]
             name = bound_checked(node)
             if name is not None:
                 found.append(f"{rel}: bound of {name}")
             if isinstance(node, ast.ClassDef):  # a dataclass field named like an option, with a default
-                found += [f"{rel}: class {node.name}: {s.target.id} = ..." for s in node.body
-                          if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None
-                          and s.target.id in FIELDS and (rel, node.name, s.target.id) not in OTHER]
+                found += [
+                    f"{rel}: class {node.name}: {s.target.id} = ..."
+                    for s in node.body
+                    if isinstance(s, ast.AnnAssign)
+                    and isinstance(s.target, ast.Name)
+                    and s.value is not None
+                    and s.target.id in FIELDS
+                    and (rel, node.name, s.target.id) not in OTHER
+                ]
     return found

@@ -1,6 +1,7 @@
 """Every table the CLI prints, at 80 and 120 columns: no line wider than the terminal, nothing cut with an
 ellipsis, and every headline number and name whole on one line (the values taken from the command's
 JSON or metrics file, not from the table)."""
+
 import json
 import re
 
@@ -40,9 +41,12 @@ def test_add_se_tables(tmp_path, width):
     """resnet101: a 7-digit stage total and 10-digit base multiply-adds, which 80 columns used to split."""
     out = run(width, "add-se", "resnet101", "--json", tmp_path / "r.json")
     d = json.loads((tmp_path / "r.json").read_text())
-    numbers = [b["params"] for b in d["blocks"]] + [b["macs"] for b in d["blocks"]] + [
-        d[k][m] for k in ("added", "base", "retrofitted") for m in ("params", "macs")] + [
-        s["params"] for s in d["stages"]]
+    numbers = (
+        [b["params"] for b in d["blocks"]]
+        + [b["macs"] for b in d["blocks"]]
+        + [d[k][m] for k in ("added", "base", "retrofitted") for m in ("params", "macs")]
+        + [s["params"] for s in d["stages"]]
+    )
     firsts = [b["path"] for b in d["blocks"] if b["path"].endswith(".0.se")]  # each stage's first: never folded
     fits(out, width, [f"{n:,}" for n in numbers] + firsts + [f"{s['stage']}" for s in d["stages"]])
 
@@ -64,8 +68,29 @@ def test_sweep_cost_table(tmp_path, width):
 @pytest.mark.parametrize("width", WIDTHS)
 def test_sweep_accuracy_table(tmp_path, data, width):
     # post: on a random resnet10t the standard position gets no gradient (timm zeroes the branch ends)
-    out = run(width, "sweep", "resnet10t", "--r", "4,16", "-p", "post", "--input-size", "3,32,32", "--num-classes", "3",
-              "--data", data, "--seeds", "2", "-b", "8", "-j", "0", "--json", tmp_path / "s.json")
+    out = run(
+        width,
+        "sweep",
+        "resnet10t",
+        "--r",
+        "4,16",
+        "-p",
+        "post",
+        "--input-size",
+        "3,32,32",
+        "--num-classes",
+        "3",
+        "--data",
+        data,
+        "--seeds",
+        "2",
+        "-b",
+        "8",
+        "-j",
+        "0",
+        "--json",
+        tmp_path / "s.json",
+    )
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     tokens = [f"{r['top1']:.2f} ± {r['top1_std']:.2f}" for r in rows]
     tokens += [f"{r['delta_top1']:+.2f} ± {r['delta_top1_std']:.2f}" for r in rows if r["delta_top1"] is not None]

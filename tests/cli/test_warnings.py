@@ -1,5 +1,6 @@
 """A warning is printed when it happens: before the results in a pipe, above the live progress bars in a
 terminal, and also when the command then fails."""
+
 import io
 import sys
 import warnings
@@ -27,8 +28,9 @@ def test_warnings_come_before_the_results(tmp_path):
     data = make_folder(tmp_path / "data")
     broken_jpg(data / "train" / "class0" / "broken.jpg")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "-b", "64", "-j", "0",
-                                 "-o", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["finetune", str(ckpt), "--data", str(data), "-b", "64", "-j", "0", "-o", str(tmp_path / "run")]
+    )
     assert result.exit_code == 0, result.output
     text = result.output  # stdout and stderr as they were written
     results = text.index("Fine-tuning results")
@@ -44,8 +46,9 @@ def test_a_warning_is_printed_when_the_command_then_fails(tmp_path):
             p.unlink()
         broken_jpg(data / "train" / f"class{c}" / "bad.jpg")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "-b", "3", "-j", "0",
-                                 "-o", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["finetune", str(ckpt), "--data", str(data), "-b", "3", "-j", "0", "-o", str(tmp_path / "run")]
+    )
     assert result.exit_code == 2, result.output
     assert result.stderr.count("warning: skipped") == 3
     assert result.stderr.strip().splitlines()[-1].startswith("error: none of the 3 images")

@@ -1,5 +1,6 @@
 """Adapters (only the blocks and what changed, on a base named by its hash), model cards, retrofit.bypass
 and the trainable-parameters line."""
+
 import copy
 import json
 import re
@@ -67,9 +68,12 @@ def test_resnet50_standard_r16_round_trip(resnet50_random, tmp_path):
     wrong = copy.deepcopy(resnet50_random)
     with torch.no_grad():
         wrong.layer3[0].conv2.weight[0, 0, 0, 0] += 1e-3  # one weight of 25 million
-    with pytest.raises(RetrofitError, match=r"was made on another base: resnet50 \(sha256 \w{12} over 320 tensors\), "
-                                            r"the base given \(resnet50\) has \w{12} over 320; give the base it was "
-                                            r"made on"):
+    with pytest.raises(
+        RetrofitError,
+        match=r"was made on another base: resnet50 \(sha256 \w{12} over 320 tensors\), "
+        r"the base given \(resnet50\) has \w{12} over 320; give the base it was "
+        r"made on",
+    ):
         retrofit.load(adapter, base=wrong)
     with pytest.warns(RetrofitWarning, match="rebuilt on it anyway"):
         forced = retrofit.load(adapter, base=wrong, force=True)
@@ -89,8 +93,11 @@ def test_phase2_finetuned_resnet18_round_trip(data, tmp_path):
     full = retrofit.save(se, tmp_path / "full.safetensors")
     adapter = retrofit.save(se, tmp_path / "adapter.safetensors", adapter=True)
     before = base_model.state_dict()
-    changed = {k for k, v in se.state_dict().items()
-               if k not in before or v.shape != before[k].shape or not torch.equal(v, before[k])}
+    changed = {
+        k
+        for k, v in se.state_dict().items()
+        if k not in before or v.shape != before[k].shape or not torch.equal(v, before[k])
+    }
     assert adapter_keys(adapter) == changed  # computed here from the base itself, not from the digests
     assert {"fc.weight", "fc.bias", "conv1.weight", "bn1.running_mean"} <= changed  # new head, phase 2
     rebuilt = retrofit.load(adapter, base=base)
@@ -117,8 +124,22 @@ def test_adapter_command_line_and_cards(data, tmp_path):
     base = tmp_path / "base.safetensors"
     save_file(randomize(timm.create_model("test_resnet", num_classes=CLASSES)).state_dict(), str(base))
     out = tmp_path / "se.safetensors"
-    made = runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(base), "--r", "4", "--input-size",
-                               f"3,{SIZE},{SIZE}", "--output", str(out), "--adapter"])
+    made = runner.invoke(
+        app,
+        [
+            "add-se",
+            "test_resnet",
+            "--checkpoint",
+            str(base),
+            "--r",
+            "4",
+            "--input-size",
+            f"3,{SIZE},{SIZE}",
+            "--output",
+            str(out),
+            "--adapter",
+        ],
+    )
     assert made.exit_code == 0, made.output
     se = retrofit.load(out, base=base)
     expected = retrofit.trainable_parameters(se)
@@ -128,12 +149,36 @@ def test_adapter_command_line_and_cards(data, tmp_path):
     assert match and float(match.group(2)) == pytest.approx(100 * out.stat().st_size / full, abs=0.2)
     card = (tmp_path / "se.README.md").read_text()
     header = read_header(out)
-    for part in ("## Base model", "test_resnet, weights base.safetensors", header.base_sha256, "## Recipe",
-                 "## Overhead", f"| total |  | {len(retrofit.get_info(se).blocks)} | {expected.trainable:,} |"):
+    for part in (
+        "## Base model",
+        "test_resnet, weights base.safetensors",
+        header.base_sha256,
+        "## Recipe",
+        "## Overhead",
+        f"| total |  | {len(retrofit.get_info(se).blocks)} | {expected.trainable:,} |",
+    ):
         assert part in card, part
 
-    tuned = runner.invoke(app, ["finetune", str(out), "--base", str(base), "--data", str(data), "--epochs", "1",
-                                "-b", "8", "-j", "0", "--adapter", "-o", str(tmp_path / "run")])
+    tuned = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(out),
+            "--base",
+            str(base),
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--adapter",
+            "-o",
+            str(tmp_path / "run"),
+        ],
+    )
     assert tuned.exit_code == 0, tuned.output
     assert f"phase 1, 1 epoch(s): SE blocks train, the rest is frozen ({expected})" in tuned.output
     again = retrofit.load(tmp_path / "run" / "adapter.safetensors", base=base)
@@ -147,8 +192,9 @@ def test_adapter_command_line_and_cards(data, tmp_path):
     assert "was made on another base: test_resnet, weights base.safetensors" in line and "--force" in line
     line = one_error_line(runner.invoke(app, ["finetune", str(out), "--data", str(data)]))
     assert "is an adapter" in line and "--base FILE" in line
-    line = one_error_line(runner.invoke(app, ["add-se", "test_resnet", "--output", str(tmp_path / "x.safetensors"),
-                                              "--adapter"]))
+    line = one_error_line(
+        runner.invoke(app, ["add-se", "test_resnet", "--output", str(tmp_path / "x.safetensors"), "--adapter"])
+    )
     assert "--adapter needs a base others can rebuild" in line
 
 
@@ -183,8 +229,10 @@ def test_trainable_parameters_against_timm_and_the_fine_tune(data):
         plain = sum(p.numel() for p in timm.create_model("resnet50").parameters())
     count = retrofit.trainable_parameters(se)
     assert count == (seresnet - plain, seresnet)
-    assert str(count) == f"trainable parameters: {seresnet - plain:,} || all: {seresnet:,} || " \
-                         f"{100 * (seresnet - plain) / seresnet:.3g}%"
+    assert (
+        str(count) == f"trainable parameters: {seresnet - plain:,} || all: {seresnet:,} || "
+        f"{100 * (seresnet - plain) / seresnet:.3g}%"
+    )
     assert retrofit.trainable_parameters(se, head=True).trainable == seresnet - plain + 2048 * 1000 + 1000
     result = json.loads(runner.invoke(app, ["add-se", "resnet50", "--recipe", "timm", "--json", "-"]).stdout)
     assert result["trainable_parameters"] == {"trainable": seresnet - plain, "total": seresnet}

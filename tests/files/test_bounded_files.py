@@ -1,6 +1,7 @@
 """Files that ask for unbounded work are refused in one short line before the work (issue 22, items 1, 3, 4
 and 5): metadata nested 100,000 deep, a special file where a weight file should be, a header of a million
 tensors, an architecture the file's tensors cannot be the weights of."""
+
 import pytest
 import timm
 import torch
@@ -39,8 +40,9 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("key", ["recipe", "model_kwargs", "input_size"])
 def test_metadata_nested_100000_deep_is_one_line(saved, tmp_path, key):
     """Issue 22.1: retrofit.load raised RecursionError (a traceback) on JSON nested 100,000 deep."""
-    bad = rewrite_header(saved[0], tmp_path / "deep.safetensors",
-                         lambda h: h["__metadata__"].update({key: nested(100_000)}))
+    bad = rewrite_header(
+        saved[0], tmp_path / "deep.safetensors", lambda h: h["__metadata__"].update({key: nested(100_000)})
+    )
     with pytest.raises(RetrofitError) as caught:
         retrofit.load(bad)
     assert f"metadata '{key}' is nested more than 32 levels deep" in short(caught.value)
@@ -48,12 +50,14 @@ def test_metadata_nested_100000_deep_is_one_line(saved, tmp_path, key):
 
 def test_the_depth_bound_is_32_levels(saved, tmp_path):
     """At the bound the value is parsed (and refused for what it is), one level over it is not."""
-    at = rewrite_header(saved[0], tmp_path / "at.safetensors",
-                        lambda h: h["__metadata__"].update(input_size=nested(32)))
+    at = rewrite_header(
+        saved[0], tmp_path / "at.safetensors", lambda h: h["__metadata__"].update(input_size=nested(32))
+    )
     with pytest.raises(RetrofitError, match="metadata 'input_size' must be three positive whole numbers"):
         retrofit.load(at)
-    over = rewrite_header(saved[0], tmp_path / "over.safetensors",
-                          lambda h: h["__metadata__"].update(input_size=nested(33)))
+    over = rewrite_header(
+        saved[0], tmp_path / "over.safetensors", lambda h: h["__metadata__"].update(input_size=nested(33))
+    )
     with pytest.raises(RetrofitError, match="metadata 'input_size' is nested more than 32 levels deep"):
         retrofit.load(over)
 
@@ -65,8 +69,11 @@ def test_a_long_bad_value_is_quoted_as_a_short_excerpt(saved, tmp_path):
     with pytest.raises(RetrofitError, match=r"got \[7, 7, 7, 7, 7, 7, \.\.\.\]") as caught:
         retrofit.load(bad)
     short(caught.value)
-    escape = rewrite_header(saved[0], tmp_path / "escape.safetensors",
-                            lambda h: h["__metadata__"].update(architecture="\x1b[31mred\nline" * 1000))
+    escape = rewrite_header(
+        saved[0],
+        tmp_path / "escape.safetensors",
+        lambda h: h["__metadata__"].update(architecture="\x1b[31mred\nline" * 1000),
+    )
     with pytest.raises(RetrofitError) as caught:
         retrofit.load(escape)
     assert "'\\x1b[31mred\\nline" in short(caught.value) and "\x1b" not in str(caught.value)
@@ -77,14 +84,17 @@ def test_a_special_file_is_named_for_what_it_is(saved, tmp_path, kind):
     """Issue 22.4: a link to /dev/zero, a FIFO, a directory or a symlink loop given as the file to load, a
     checkpoint or an adapter's base was reported as "not found"."""
     path, what = special_files(tmp_path, ".safetensors")[kind]
-    for call, role in ((lambda: retrofit.load(path), "file"),
-                       (lambda: create_model("test_resnet", checkpoint=path), "checkpoint"),
-                       (lambda: retrofit.load(saved[1], base=path), "base")):
+    for call, role in (
+        (lambda: retrofit.load(path), "file"),
+        (lambda: create_model("test_resnet", checkpoint=path), "checkpoint"),
+        (lambda: retrofit.load(saved[1], base=path), "base"),
+    ):
         with pytest.raises(RetrofitError) as caught:
             call()
         if kind == "dir" and role != "checkpoint":  # a folder is what retrofit.save_pretrained writes (issue 23)
-            assert short(caught.value).startswith(f"{path} has no config.json: not a folder written by "
-                                                  f"retrofit.save_pretrained")
+            assert short(caught.value).startswith(
+                f"{path} has no config.json: not a folder written by retrofit.save_pretrained"
+            )
             continue
         loop = " (a link that leads back to itself)" if kind == "loop" else ""
         assert short(caught.value) == f"{role} {path} {what}" + loop
@@ -157,12 +167,16 @@ def no_real_build(monkeypatch):
 def test_an_architecture_is_checked_against_the_file_before_it_is_built(saved, tmp_path, no_real_build):
     """Issue 22.5: a file whose metadata named vit_giant_patch14_224 built it for real (4.3 GB, 23 s)
     before refusing it; now its tensors are compared with the model built on the meta device."""
-    bad = rewrite_header(saved[0], tmp_path / "giant.safetensors",
-                         lambda h: h["__metadata__"].update(architecture=GIANT))
+    bad = rewrite_header(
+        saved[0], tmp_path / "giant.safetensors", lambda h: h["__metadata__"].update(architecture=GIANT)
+    )
     with torch.device("meta"):
         tensors = len(timm.create_model(GIANT, num_classes=CLASSES).state_dict())  # every one missing
-    with pytest.raises(RetrofitError, match=f"does not hold the weights of {GIANT}: {tensors} missing tensors "
-                                            r"\(e.g. cls_token\)") as caught:
+    with pytest.raises(
+        RetrofitError,
+        match=f"does not hold the weights of {GIANT}: {tensors} missing tensors "
+        r"\(e.g. cls_token\)",
+    ) as caught:
         retrofit.load(bad)
     short(caught.value)
 
@@ -170,19 +184,25 @@ def test_an_architecture_is_checked_against_the_file_before_it_is_built(saved, t
 def test_a_file_with_a_wrong_shape_is_refused_before_the_build(saved, tmp_path, no_real_build):
     """The same check finds a tensor of the wrong shape (the head's weight transposed: the same bytes, so
     safetensors takes it), with the names right."""
+
     def head(h):
         h["fc.weight"]["shape"] = h["fc.weight"]["shape"][::-1]
+
     bad = rewrite_header(saved[0], tmp_path / "head.safetensors", head)
-    with pytest.raises(RetrofitError, match=r"does not hold the weights of test_resnet: 1 shape mismatches \(e.g. "
-                                            r"fc.weight: \[\d+, 3\] in the file, \[3, \d+\] in the model\)"):
+    with pytest.raises(
+        RetrofitError,
+        match=r"does not hold the weights of test_resnet: 1 shape mismatches \(e.g. "
+        r"fc.weight: \[\d+, 3\] in the file, \[3, \d+\] in the model\)",
+    ):
         retrofit.load(bad)
 
 
 def test_a_base_far_smaller_than_its_architecture_is_refused_before_the_build(saved, tmp_path, no_real_build):
     """An adapter naming GIANT over a small base file, and --checkpoint: the base must hold at least half
     of the values the model has outside its classifier."""
-    adapter = rewrite_header(saved[1], tmp_path / "giant.safetensors",
-                             lambda h: h["__metadata__"].update(architecture=GIANT))
+    adapter = rewrite_header(
+        saved[1], tmp_path / "giant.safetensors", lambda h: h["__metadata__"].update(architecture=GIANT)
+    )
     have = sum(t.numel() for t in timm.create_model("test_resnet", num_classes=CLASSES).state_dict().values())
     for call in (lambda: retrofit.load(adapter, base=saved[2]), lambda: create_model(GIANT, checkpoint=saved[2])):
         with pytest.raises(RetrofitError, match=f"holds {have:,} values, but {GIANT} has 1,011,") as caught:
@@ -199,6 +219,7 @@ def test_a_checkpoint_of_half_the_values_passes_the_check(tmp_path):
     with pytest.raises(RetrofitError, match="does not fit test_resnet: .* missing keys"):
         create_model("test_resnet", checkpoint=tmp_path / "half.safetensors")
     save_file({"pad": torch.zeros(half - 1)}, str(tmp_path / "less.safetensors"))
-    with pytest.raises(RetrofitError, match=f"holds {half - 1:,} values, but test_resnet has {need:,} outside its "
-                                            "classifier"):
+    with pytest.raises(
+        RetrofitError, match=f"holds {half - 1:,} values, but test_resnet has {need:,} outside its classifier"
+    ):
         create_model("test_resnet", checkpoint=tmp_path / "less.safetensors")

@@ -1,4 +1,5 @@
 """Saved retrofitted models: round trips, non-timm models, damaged files, atomic writes."""
+
 import os
 
 import pytest
@@ -35,6 +36,7 @@ def test_damaged_and_foreign_files(tmp_path):
     with pytest.raises(RetrofitError, match="cannot read"):
         retrofit.load(truncated)
     from safetensors.torch import save_file
+
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(RetrofitError, match="not a retrofit file"):
@@ -61,8 +63,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(RetrofitError,
-                       match="No space left on device; the previous net.safetensors is kept; free space"):
+    with pytest.raises(
+        RetrofitError, match="No space left on device; the previous net.safetensors is kept; free space"
+    ):
         retrofit.save(se, target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["net.safetensors"]

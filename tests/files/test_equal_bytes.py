@@ -1,5 +1,6 @@
 """Equal models give equal files: safetensors writes its metadata in a random order per process, and
 retrofit.save rewrites the header in a fixed one (still a safetensors file that loads)."""
+
 import hashlib
 import json
 import subprocess
@@ -17,13 +18,15 @@ from retrofit.files.canonical import sort_metadata
 from support import make_folder, se_model
 
 TESTS = Path(__file__).resolve().parents[1]
-SAVE = ("import sys; sys.path.insert(0, {tests!r}); import retrofit; from support import se_model; "
-        "retrofit.save(se_model(), sys.argv[1])")
+SAVE = (
+    "import sys; sys.path.insert(0, {tests!r}); import retrofit; from support import se_model; "
+    "retrofit.save(se_model(), sys.argv[1])"
+)
 
 
 def header_of(raw):
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n])
+    return json.loads(raw[8 : 8 + n])
 
 
 def header(path):
@@ -53,7 +56,7 @@ def test_sort_metadata_keeps_the_length_the_entries_and_the_data(tmp_path):
     n = int.from_bytes(before[:8], "little")
     assert sort_metadata(path)
     after = path.read_bytes()
-    assert len(after) == len(before) and after[:8] == before[:8] and after[8 + n:] == before[8 + n:]
+    assert len(after) == len(before) and after[:8] == before[:8] and after[8 + n :] == before[8 + n :]
     assert header(path) == header_of(before) and list(header(path)["__metadata__"]) == ["alpha", "mid", "zeta"]
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == meta
@@ -64,8 +67,23 @@ def test_two_equal_fine_tunes_give_equal_files(tmp_path):
     data = make_folder(tmp_path / "data")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     for run in ("a", "b"):
-        result = CliRunner().invoke(app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "2", "-b", "8",
-                                          "-j", "0", "-o", str(tmp_path / run)])
+        result = CliRunner().invoke(
+            app,
+            [
+                "finetune",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--epochs",
+                "2",
+                "-b",
+                "8",
+                "-j",
+                "0",
+                "-o",
+                str(tmp_path / run),
+            ],
+        )
         assert result.exit_code == 0, result.output
     for name in ("last.safetensors", "best.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

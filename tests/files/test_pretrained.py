@@ -2,6 +2,7 @@
 torchvision, a user's own module; full and adapter), the card's YAML block read by huggingface_hub's own
 parser, the folder written so a kill never leaves a config next to weights it does not describe, and the
 command line's --output DIR (issue 23, item 1)."""
+
 import json
 
 import pytest
@@ -33,10 +34,11 @@ def trained(model):
 
 CASES = {
     "timm": lambda: (trained(se_model()), None, (3, SIZE, SIZE)),
-    "torchvision": lambda: (trained(retrofit.add_se(torchvision.models.resnet18(num_classes=5), r=8,
-                                                    input_size=(3, 64, 64))),
-                                                    torchvision.models.resnet18(num_classes=5),
-                            (3, 64, 64)),
+    "torchvision": lambda: (
+        trained(retrofit.add_se(torchvision.models.resnet18(num_classes=5), r=8, input_size=(3, 64, 64))),
+        torchvision.models.resnet18(num_classes=5),
+        (3, 64, 64),
+    ),
     "own module": lambda: (trained(retrofit.add_se(Net(), r=4, input_size=(3, 16, 16))), Net(), (3, 16, 16)),
 }
 
@@ -74,8 +76,9 @@ def test_an_adapter_is_refused_on_another_base(tmp_path):
 
 def test_the_card_carries_the_hub_metadata_huggingface_hub_reads(tmp_path):
     model = se_model()
-    retrofit.surgery.info.update_info(model, weights="pretrained", base_model="timm/test_resnet.r160_in1k",
-                                      license="apache-2.0")
+    retrofit.surgery.info.update_info(
+        model, weights="pretrained", base_model="timm/test_resnet.r160_in1k", license="apache-2.0"
+    )
     folder = retrofit.save_pretrained(model, tmp_path / "se", adapter=True)
     card = ModelCard.load(folder / "README.md")  # a local path: no network
     data = card.data.to_dict()
@@ -131,23 +134,63 @@ def test_add_se_output_dir_writes_the_folder_and_finetune_reads_it(tmp_path):
 
     ckpt = tmp_path / "plain.safetensors"
     from safetensors.torch import save_file
+
     save_file(randomize(timm.create_model("test_resnet", num_classes=CLASSES)).state_dict(), str(ckpt))
     out = tmp_path / "se"
-    done = runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(ckpt), "--r", "4", "--position", "post",
-                               "--input-size", f"3,{SIZE},{SIZE}", "--output", str(out)])
+    done = runner.invoke(
+        app,
+        [
+            "add-se",
+            "test_resnet",
+            "--checkpoint",
+            str(ckpt),
+            "--r",
+            "4",
+            "--position",
+            "post",
+            "--input-size",
+            f"3,{SIZE},{SIZE}",
+            "--output",
+            str(out),
+        ],
+    )
     assert done.exit_code == 0, done.output
     assert f"saved {out} (load with retrofit.from_pretrained); card: {out / 'README.md'}" in done.output
     assert json.loads((out / "config.json").read_text())["weights"] == "checkpoint"
     data = make_folder(tmp_path / "data")
-    tuned = runner.invoke(app, ["finetune", str(out), "--data", str(data), "-b", "8", "-j", "0",
-                                "--output-dir", str(tmp_path / "run")])
+    tuned = runner.invoke(
+        app, ["finetune", str(out), "--data", str(data), "-b", "8", "-j", "0", "--output-dir", str(tmp_path / "run")]
+    )
     assert tuned.exit_code == 0, tuned.output
-    adapter = runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(ckpt), "--r", "4", "--input-size",
-                                  f"3,{SIZE},{SIZE}", "--output", str(tmp_path / "ad"), "--adapter"])
+    adapter = runner.invoke(
+        app,
+        [
+            "add-se",
+            "test_resnet",
+            "--checkpoint",
+            str(ckpt),
+            "--r",
+            "4",
+            "--input-size",
+            f"3,{SIZE},{SIZE}",
+            "--output",
+            str(tmp_path / "ad"),
+            "--adapter",
+        ],
+    )
     assert adapter.exit_code == 0, adapter.output
     assert f"`retrofit finetune ad/ --base ...`); card: {tmp_path / 'ad' / 'README.md'}" in adapter.output
     into = runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(ckpt), "--output", str(tmp_path)])
     assert "input checkpoint" not in into.output  # plain.safetensors is not among the folder's files
-    same = runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(tmp_path / "x" / "model.safetensors"),
-                               "--output", str(tmp_path / "x")])
+    same = runner.invoke(
+        app,
+        [
+            "add-se",
+            "test_resnet",
+            "--checkpoint",
+            str(tmp_path / "x" / "model.safetensors"),
+            "--output",
+            str(tmp_path / "x"),
+        ],
+    )
     assert "error:" in one_error_line(same)

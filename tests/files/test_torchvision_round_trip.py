@@ -7,6 +7,7 @@ model's own output, with its blocks moved off the identity so that a block whose
 would show. Left out for time: the larger members of each family (the same classes) and VGG (its
 120 M-parameter classifier takes 5 s to build, save and load).
 """
+
 from functools import partial
 
 import pytest
@@ -18,10 +19,25 @@ import retrofit
 from support import moved_off_identity
 
 SMALL = {  # the classes of maxvit_t and vit_b_32, small enough for a 32x32 input and a fast test
-    "MaxVit": partial(torchvision.models.MaxVit, input_size=(32, 32), stem_channels=16, partition_size=2,
-                      block_channels=[16, 32], block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0),
-    "VisionTransformer": partial(torchvision.models.VisionTransformer, image_size=32, patch_size=16, num_layers=2,
-                                 num_heads=2, hidden_dim=32, mlp_dim=64),
+    "MaxVit": partial(
+        torchvision.models.MaxVit,
+        input_size=(32, 32),
+        stem_channels=16,
+        partition_size=2,
+        block_channels=[16, 32],
+        block_layers=[1, 1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+    ),
+    "VisionTransformer": partial(
+        torchvision.models.VisionTransformer,
+        image_size=32,
+        patch_size=16,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+    ),
 }
 # builder (or class of SMALL): (input side, builder arguments, recipe fields); `at` where no merge is found
 CLASSIFIERS = {

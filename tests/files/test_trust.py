@@ -1,5 +1,6 @@
 """Files the tool reads are data, never code or orders: tampered files are refused in one line, metadata
 cannot reach the network or the disk, and a malicious pickle in any pickle-capable input never runs."""
+
 import copy
 import json
 import pickle
@@ -28,8 +29,11 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A retrofitted test_resnet (random blocks, eval mode) and the file it was saved to."""
-    model = randomize(retrofit.add_se(timm.create_model("test_resnet", num_classes=CLASSES), r=4, init="paper",
-                                      input_size=(3, SIZE, SIZE)))
+    model = randomize(
+        retrofit.add_se(
+            timm.create_model("test_resnet", num_classes=CLASSES), r=4, init="paper", input_size=(3, SIZE, SIZE)
+        )
+    )
     return model, retrofit.save(model, tmp_path_factory.mktemp("saved") / "se.safetensors")
 
 
@@ -49,8 +53,11 @@ def test_relabelled_dtypes_are_refused(saved, tmp_path):
     model, path = saved
     bad = rewrite_header(path, tmp_path / "bad.safetensors", relabel_floats)
     assert load_file(str(bad))["conv1.0.weight"].dtype == torch.int32  # the tampered file is a valid safetensors
-    with pytest.raises(RetrofitError, match=r"do not fit the rebuilt model: \d+ dtype mismatches \(e.g. .*: I32 in "
-                                            r"the file, float32 in the model\)"):
+    with pytest.raises(
+        RetrofitError,
+        match=r"do not fit the rebuilt model: \d+ dtype mismatches \(e.g. .*: I32 in "
+        r"the file, float32 in the model\)",
+    ):
         retrofit.load(bad)
     plain = tmp_path / "plain.safetensors"  # the same through --checkpoint: timm's loader would cast silently
     save_file(randomize(timm.create_model("test_resnet")).state_dict(), str(plain))
@@ -59,29 +66,33 @@ def test_relabelled_dtypes_are_refused(saved, tmp_path):
         create_model("test_resnet", checkpoint=plain)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("recipe", "null", "metadata 'recipe' must be a mapping of recipe fields, got NoneType"),
-    ("recipe", '{"r": [1]}', "recipe stored in"),
-    ("input_size", '"5"', "metadata 'input_size' must be a list"),
-    ("input_size", "[3, 32]", "three positive whole numbers"),
-    ("input_size", "[1, 32, 32]", "has 1 channels but the model 3"),
-    # cosmic-ray's survivors of header.py (docs/mutation.md): `len(size) != 3` -> `< 3` (four numbers are also
-    # refused later, through load, so this case does not kill it), and the channel check `!=` -> `>`, each
-    # tested from one side only before
-    ("input_size", "[3, 32, 32, 32]", "three positive whole numbers"),
-    ("input_size", "[4, 32, 32]", "has 4 channels but the model 3"),
-    ("model_kwargs", "[1]", "metadata 'model_kwargs' must be a mapping, got list"),
-    ("model_kwargs", '{"num_classes": "3"}', "num_classes = '3', not a whole number"),
-    ("model_kwargs", '{"num_classes": true}', "not a whole number"),
-    ("blocks", "many", "metadata 'blocks' gives blocks = 'many', not a whole number from 1 to 100,000"),
-    ("blocks", "3", "says 3 blocks but its recipe gives 4"),
-    ("architecture", "hf-hub:timm/resnet18", "is not a timm model name"),
-    ("architecture", "../../model", "is not a timm model name"),
-    ("comment", "hello", "metadata 'comment' is not one retrofit writes"),
-    ("format", None, "not a retrofit file"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("recipe", "null", "metadata 'recipe' must be a mapping of recipe fields, got NoneType"),
+        ("recipe", '{"r": [1]}', "recipe stored in"),
+        ("input_size", '"5"', "metadata 'input_size' must be a list"),
+        ("input_size", "[3, 32]", "three positive whole numbers"),
+        ("input_size", "[1, 32, 32]", "has 1 channels but the model 3"),
+        # cosmic-ray's survivors of header.py (docs/mutation.md): `len(size) != 3` -> `< 3` (four numbers are also
+        # refused later, through load, so this case does not kill it), and the channel check `!=` -> `>`, each
+        # tested from one side only before
+        ("input_size", "[3, 32, 32, 32]", "three positive whole numbers"),
+        ("input_size", "[4, 32, 32]", "has 4 channels but the model 3"),
+        ("model_kwargs", "[1]", "metadata 'model_kwargs' must be a mapping, got list"),
+        ("model_kwargs", '{"num_classes": "3"}', "num_classes = '3', not a whole number"),
+        ("model_kwargs", '{"num_classes": true}', "not a whole number"),
+        ("blocks", "many", "metadata 'blocks' gives blocks = 'many', not a whole number from 1 to 100,000"),
+        ("blocks", "3", "says 3 blocks but its recipe gives 4"),
+        ("architecture", "hf-hub:timm/resnet18", "is not a timm model name"),
+        ("architecture", "../../model", "is not a timm model name"),
+        ("comment", "hello", "metadata 'comment' is not one retrofit writes"),
+        ("format", None, "not a retrofit file"),
+    ],
+)
 def test_metadata_of_the_wrong_type_is_refused(saved, tmp_path, key, value, message):
     """Issue 11.4: recipe null, input_size "5" or model_kwargs [1] raised TypeError from retrofit.load."""
+
     def edit(header):
         meta = header["__metadata__"]
         meta.pop(key) if value is None else meta.__setitem__(key, value)
@@ -91,32 +102,49 @@ def test_metadata_of_the_wrong_type_is_refused(saved, tmp_path, key, value, mess
         retrofit.load(bad)
 
 
-@pytest.mark.parametrize("kwargs", [{"pretrained": True}, {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
-                                    {"pretrained_cfg_overlay": {"url": "https://example.com/w.pth"}},
-                                    {"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg": {"hf_hub_id": "x/y"}}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"pretrained": True},
+        {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+        {"pretrained_cfg_overlay": {"url": "https://example.com/w.pth"}},
+        {"checkpoint_path": "/etc/passwd"},
+        {"pretrained_cfg": {"hf_hub_id": "x/y"}},
+    ],
+)
 def test_metadata_cannot_reach_the_network_or_the_disk(saved, tmp_path, monkeypatch, kwargs):
     """Issue 11.13: model_kwargs {"pretrained": true} made retrofit.load contact a model hub, and a
     pretrained_cfg_overlay in it was honoured. Refused before any model is built."""
     built = []
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(k) or pytest.fail("a model was built"))
-    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
-                         lambda h: h["__metadata__"].update(model_kwargs=json.dumps({"num_classes": 3, **kwargs})))
+    bad = rewrite_header(
+        saved[1],
+        tmp_path / "bad.safetensors",
+        lambda h: h["__metadata__"].update(model_kwargs=json.dumps({"num_classes": 3, **kwargs})),
+    )
     with pytest.raises(RetrofitError, match=f"names '{next(iter(kwargs))}': only num_classes, in_chans are allowed"):
         retrofit.load(bad)
     assert not built
 
 
-@pytest.mark.parametrize("edit, message", [
-    (dict(model_kwargs='{"num_classes": 1000000000}'), "num_classes = 1,000,000,000, not a whole number from 0 to "
-                                                       "1,000,000"),
-    (dict(model_kwargs='{"num_classes": 3, "in_chans": 100000000}', input_size="[100000000, 32, 32]"),
-     "in_chans = 100,000,000, not a whole number from 1 to 1,024"),
-    (dict(input_size="[3, 1000000, 1000000]"), "input side = 1,000,000, not a whole number from 1 to 8,192"),
-    (dict(input_size="[3, 32, 10000]"), "input side = 10,000, not a whole number from 1 to 8,192"),
-    (dict(model_kwargs='{"num_classes": ' + "9" * 5000 + "}"), "metadata 'model_kwargs' is not valid JSON"),
-    (dict(blocks="9" * 5000), "blocks = '99999"),
-    (dict(blocks="1000000"), "blocks = '1000000', not a whole number from 1 to 100,000"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            dict(model_kwargs='{"num_classes": 1000000000}'),
+            "num_classes = 1,000,000,000, not a whole number from 0 to 1,000,000",
+        ),
+        (
+            dict(model_kwargs='{"num_classes": 3, "in_chans": 100000000}', input_size="[100000000, 32, 32]"),
+            "in_chans = 100,000,000, not a whole number from 1 to 1,024",
+        ),
+        (dict(input_size="[3, 1000000, 1000000]"), "input side = 1,000,000, not a whole number from 1 to 8,192"),
+        (dict(input_size="[3, 32, 10000]"), "input side = 10,000, not a whole number from 1 to 8,192"),
+        (dict(model_kwargs='{"num_classes": ' + "9" * 5000 + "}"), "metadata 'model_kwargs' is not valid JSON"),
+        (dict(blocks="9" * 5000), "blocks = '99999"),
+        (dict(blocks="1000000"), "blocks = '1000000', not a whole number from 1 to 100,000"),
+    ],
+)
 def test_a_file_cannot_ask_for_any_amount_of_memory(saved, tmp_path, monkeypatch, edit, message):
     """Issue 17, item 6: model_kwargs {"num_classes": 10^9} made retrofit.load allocate a 2 TB head, a
     10^6 x 10^6 input size loaded (and a fine-tune would have made images of it), and numbers of
@@ -129,8 +157,13 @@ def test_a_file_cannot_ask_for_any_amount_of_memory(saved, tmp_path, monkeypatch
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("classes, side, message", [(2_000_000, 32, "num_classes = 2,000,000, not a whole number"),
-                                                    (10, 10_000, "input side = 10,000, not a whole number")])
+@pytest.mark.parametrize(
+    "classes, side, message",
+    [
+        (2_000_000, 32, "num_classes = 2,000,000, not a whole number"),
+        (10, 10_000, "input side = 10,000, not a whole number"),
+    ],
+)
 def test_retrofit_writes_no_file_it_would_refuse(tmp_path, classes, side, message):
     """The same bounds at save time: on the meta device (no memory) a model of 2 million classes, or
     traced at 10,000 pixels a side, can be retrofitted, but not saved."""
@@ -139,8 +172,9 @@ def test_retrofit_writes_no_file_it_would_refuse(tmp_path, classes, side, messag
     with pytest.raises(RetrofitError, match=f"cannot save this model: {message}.*retrofit.load would refuse"):
         retrofit.save(se, tmp_path / "se.safetensors")
     assert list(tmp_path.iterdir()) == []
-    result = runner.invoke(app, ["add-se", "test_resnet", "--num-classes", "2000000", "--output",
-                                 str(tmp_path / "cli.safetensors")])
+    result = runner.invoke(
+        app, ["add-se", "test_resnet", "--num-classes", "2000000", "--output", str(tmp_path / "cli.safetensors")]
+    )
     assert "from 0 to 1,000,000" in one_error_line(result) and list(tmp_path.iterdir()) == []
 
 
@@ -160,8 +194,9 @@ def test_missing_and_extra_keys_are_refused(saved, tmp_path):
 
 def test_one_channel_model_round_trip(tmp_path):
     """in_chans of a non-RGB model is stored: a 1-channel model saved and loaded back is the same model."""
-    se = randomize(retrofit.add_se(timm.create_model("test_resnet", in_chans=1), r=4, init="paper",
-                                   input_size=(1, SIZE, SIZE)))
+    se = randomize(
+        retrofit.add_se(timm.create_model("test_resnet", in_chans=1), r=4, init="paper", input_size=(1, SIZE, SIZE))
+    )
     again = retrofit.load(retrofit.save(se, tmp_path / "gray.safetensors"))
     first_conv = next(m for m in again.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == 1
@@ -188,6 +223,7 @@ def _set(path):
         for p in parents:
             state = state[int(p) if p.isdigit() else p]
         state[int(last) if last.isdigit() else last] = value
+
     return edit
 
 
@@ -201,12 +237,15 @@ TAMPERED = {
     "rows without top1": (lambda s: s["rows"][2].pop("top1"), "has no valid 'top1'"),
     "python rng": (lambda s: _set("rng.python")(s, (3, (1, 2), None)), "no valid Python random state"),
     "torch rng": (lambda s: _set("rng.torch")(s, torch.zeros(3, dtype=torch.uint8)), "no valid torch generator"),
-    "weights relabelled": (lambda s: s["model"].update({"conv1.0.weight":
-                                                         s["model"]["conv1.0.weight"].view(torch.int32)}),
-                           "1 dtype mismatches \\(e.g. conv1.0.weight: I32 in the file, float32 in the model\\)"),
+    "weights relabelled": (
+        lambda s: s["model"].update({"conv1.0.weight": s["model"]["conv1.0.weight"].view(torch.int32)}),
+        "1 dtype mismatches \\(e.g. conv1.0.weight: I32 in the file, float32 in the model\\)",
+    ),
     "weights missing": (lambda s: s["model"].pop("fc.bias"), "1 missing keys \\(e.g. fc.bias\\)"),
-    "adam state shape": (lambda s: _set("optimizer.state.0.exp_avg")(s, torch.zeros(3)),
-                         "optimizer state 'exp_avg' does not have its parameter's shape"),
+    "adam state shape": (
+        lambda s: _set("optimizer.state.0.exp_avg")(s, torch.zeros(3)),
+        "optimizer state 'exp_avg' does not have its parameter's shape",
+    ),
     "optimizer lr as text": (lambda s: _set("optimizer.param_groups.0.lr")(s, "fast"), "optimizer setting 'lr'"),
     "scheduler field": (lambda s: _set("scheduler.t_initial")(s, "long"), "scheduler field 't_initial'"),
     "scheduler extra field": (lambda s: _set("scheduler.optimizer")(s, {}), "not one of this run's scheduler"),
@@ -237,9 +276,28 @@ def test_tampered_training_state_is_one_error_line(run2, data, tmp_path):
     state.pop("best")
     (tmp_path / "run").mkdir()
     torch.save(state, tmp_path / "run" / "train_state.pt")
-    line = one_error_line(runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "2", "-b", "8",
-                                              "-j", "0", "--lr", str(FAST["lr"]), "-o", str(tmp_path / "run"),
-                                              "--resume"]))
+    line = one_error_line(
+        runner.invoke(
+            app,
+            [
+                "finetune",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--epochs",
+                "2",
+                "-b",
+                "8",
+                "-j",
+                "0",
+                "--lr",
+                str(FAST["lr"]),
+                "-o",
+                str(tmp_path / "run"),
+                "--resume",
+            ],
+        )
+    )
     assert "train_state.pt is damaged or was edited: no 'best' entry; delete it to start over" in line
 
 
@@ -278,8 +336,21 @@ def test_planted_pickle_in_a_checkpoint_never_runs(tmp_path, suffix):
     """add-se --checkpoint (timm's pretrained path and retrofit's own reading of the file)."""
     marker = tmp_path / "pwned"
     evil = plant(tmp_path / f"weights{suffix}", marker, timm.create_model("test_resnet").state_dict())
-    line = one_error_line(runner.invoke(app, ["add-se", "test_resnet", "--checkpoint", str(evil), "--input-size",
-                                              "3,32,32", "--output", str(tmp_path / "se.safetensors")]))
+    line = one_error_line(
+        runner.invoke(
+            app,
+            [
+                "add-se",
+                "test_resnet",
+                "--checkpoint",
+                str(evil),
+                "--input-size",
+                "3,32,32",
+                "--output",
+                str(tmp_path / "se.safetensors"),
+            ],
+        )
+    )
     assert "cannot read checkpoint" in line
     assert not marker.exists()
     assert not (tmp_path / "se.safetensors").exists()
@@ -291,8 +362,11 @@ def test_planted_pickle_in_the_training_state_never_runs(data, tmp_path):
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     (tmp_path / "run").mkdir()
     plant(tmp_path / "run" / "train_state.pt", marker, {"format": "retrofit-train/1"})
-    line = one_error_line(runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "-o", str(tmp_path / "run"),
-                                              "--resume", "-j", "0"]))
+    line = one_error_line(
+        runner.invoke(
+            app, ["finetune", str(ckpt), "--data", str(data), "-o", str(tmp_path / "run"), "--resume", "-j", "0"]
+        )
+    )
     assert "not a complete training checkpoint" in line
     assert not marker.exists()
 
@@ -324,8 +398,18 @@ def adapter_with(saved, tmp_path, **meta):
     return rewrite_header(adapter, tmp_path / "edited.safetensors", lambda h: h["__metadata__"].update(meta))
 
 
-@pytest.mark.parametrize("digest, ok", [("0" * 64, True), ("ab" * 32, True), ("0" * 63, False), ("0" * 65, False),
-                                        ("A" * 64, False), ("g" * 64, False), ("", False)])
+@pytest.mark.parametrize(
+    "digest, ok",
+    [
+        ("0" * 64, True),
+        ("ab" * 32, True),
+        ("0" * 63, False),
+        ("0" * 65, False),
+        ("A" * 64, False),
+        ("g" * 64, False),
+        ("", False),
+    ],
+)
 def test_an_adapters_base_sha256_is_exactly_64_hexadecimal_digits(saved, tmp_path, digest, ok):
     """Mutation header.py:170 (`{64}` -> `{1,64}`): a hash of any length was accepted."""
     path = adapter_with(saved, tmp_path, base_sha256=digest)
@@ -351,15 +435,25 @@ def test_an_architecture_timm_does_not_have_is_refused_before_anything_is_built(
     """Mutation header.py:140 (`or not timm.is_model(arch)` dropped): a name of the right characters
     that is no timm model went on to be built."""
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
-    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
-                         lambda h: h["__metadata__"].update(architecture="resnet_0"))
+    bad = rewrite_header(
+        saved[1], tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(architecture="resnet_0")
+    )
     with pytest.raises(RetrofitError, match="metadata 'architecture' 'resnet_0' is not a timm model name"):
         retrofit.load(bad)
 
 
-@pytest.mark.parametrize("value, ok",
-                         [("random", True), ("pretrained", True), ("checkpoint", True), ("fine-tuned", True),
-                                       ("stolen", False), ("Random", False), ("", False)])
+@pytest.mark.parametrize(
+    "value, ok",
+    [
+        ("random", True),
+        ("pretrained", True),
+        ("checkpoint", True),
+        ("fine-tuned", True),
+        ("stolen", False),
+        ("Random", False),
+        ("", False),
+    ],
+)
 def test_the_weights_provenance_is_one_of_four_words(saved, tmp_path, value, ok):
     """Mutation header.py:125 (the `weights` check removed): a file could say anything of where its
     weights came from, and the model card would repeat it."""
@@ -367,14 +461,21 @@ def test_the_weights_provenance_is_one_of_four_words(saved, tmp_path, value, ok)
     if ok:
         assert read_header(path).weights == value
     else:
-        with pytest.raises(RetrofitError, match=f"metadata 'weights' is '{value}', not one of random, pretrained, "
-                                                f"checkpoint, fine-tuned"):
+        with pytest.raises(
+            RetrofitError,
+            match=f"metadata 'weights' is '{value}', not one of random, pretrained, checkpoint, fine-tuned",
+        ):
             read_header(path)
 
 
 # the bounds of files/bounds.py, as documented there and in the README (smallest, largest)
-BOUNDS = {"num_classes": (0, 1_000_000), "in_chans": (1, 1024), "input side": (1, 8192), "blocks": (1, 100_000),
-          "base_tensors": (0, 10_000_000)}
+BOUNDS = {
+    "num_classes": (0, 1_000_000),
+    "in_chans": (1, 1024),
+    "input side": (1, 8192),
+    "blocks": (1, 100_000),
+    "base_tensors": (0, 10_000_000),
+}
 
 
 @pytest.mark.parametrize("name", list(BOUNDS))
@@ -384,10 +485,15 @@ def test_each_bound_takes_its_smallest_and_largest_value_and_no_other(name):
     for value in (low, high):
         assert out_of_bounds(name, value) is None and whole_number(str(value), name) == value
     for value in (low - 1, high + 1, True, 2.0, str(high)):
-        assert out_of_bounds(name,
-                             value) == (f"{name} = {value:,}" if isinstance(value, int) and not isinstance(value, bool)
-                                              else f"{name} = {value!r}") + \
-            f", not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
+        assert (
+            out_of_bounds(name, value)
+            == (
+                f"{name} = {value:,}"
+                if isinstance(value, int) and not isinstance(value, bool)
+                else f"{name} = {value!r}"
+            )
+            + f", not a whole number from {low:,} to {high:,} (the bound on {name} in a retrofit file)"
+        )
     with pytest.raises(ValueError, match=f"{name} = {high + 1:,}, not a whole number"):
         whole_number(str(high + 1), name)
 
@@ -403,15 +509,25 @@ def test_a_rejected_value_is_shown_with_separators_below_10_to_the_30_and_as_an_
     assert out_of_bounds("num_classes", "7" * 100) == "num_classes = '" + "7" * 20 + "..." + "7" * 17 + "'" + tail
 
 
-@pytest.mark.parametrize("text, shown", [("many", "'many'"), ("\u0661\u0662", "'\u0661\u0662'"), ("-1", "'-1'"),
-                                         ("+1", "'+1'"), (" 1", "' 1'"), ("", "''")])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("many", "'many'"),
+        ("\u0661\u0662", "'\u0661\u0662'"),
+        ("-1", "'-1'"),
+        ("+1", "'+1'"),
+        (" 1", "' 1'"),
+        ("", "''"),
+    ],
+)
 def test_a_count_in_metadata_is_ascii_digits_only(text, shown):
     """cosmic-ray's survivor of bounds.py (docs/mutation.md): `or` -> `and` let a word reach int() (another
     message) and Arabic-Indic digits through, read as 12."""
     with pytest.raises(ValueError) as caught:
         whole_number(text, "blocks")
-    assert str(caught.value) == (f"blocks = {shown}, not a whole number from 1 to 100,000 (the bound on blocks in a "
-                                 "retrofit file)")
+    assert str(caught.value) == (
+        f"blocks = {shown}, not a whole number from 1 to 100,000 (the bound on blocks in a retrofit file)"
+    )
 
 
 def test_metadata_names_only_the_constructor_arguments_that_differ_from_timms_defaults(saved):
@@ -423,8 +539,9 @@ def test_metadata_names_only_the_constructor_arguments_that_differ_from_timms_de
 def test_a_bad_stored_recipe_names_its_file_as_a_bare_path(saved, tmp_path):
     """cosmic-ray's survivor of header.py (docs/mutation.md): the file quoted (`bare=True` -> False); a path is
     shown bare, unquoted, in every message (retrofit.errors.excerpt)."""
-    bad = rewrite_header(saved[1], tmp_path / "bad.safetensors",
-                         lambda h: h["__metadata__"].update(recipe='{"r": [1]}'))
+    bad = rewrite_header(
+        saved[1], tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(recipe='{"r": [1]}')
+    )
     with pytest.raises(RetrofitError, match=f"^recipe stored in {re.escape(str(bad))}: "):
         retrofit.load(bad)
 
@@ -446,24 +563,28 @@ def folded_file(tmp_path_factory):
     return retrofit.save(retrofit.fold(model).model, tmp_path_factory.mktemp("folded") / "folded.safetensors")
 
 
-@pytest.mark.parametrize("folds,words", [
-    ("[[\"layer1.0.se_identity\", \"melt\", \"\"]]", "kind 'melt'"),
-    ("[[\"layer1.0.se_identity\", \"scale\"]]", "not [block, kind, neighbour]"),
-    ("{\"a\": 1}", "must be a list"),
-    (json.dumps([["layer1.0.se_identity", "scale", ""]] * 5), "lists 5 folded blocks"),
-    (json.dumps([["layer1.0.se_identity", "scale", ""]] * 2), "bad entry"),
-    (json.dumps([["layer1.0.se_identity", "conv_in", "layer1.0.bn1"]]), "not a layer a conv_in fold goes into"),
-    (json.dumps([["layer1.0.se_identity", "norm", "layer9.bn"]]), "no module 'layer9.bn'"),
-    (json.dumps([["layer1.0.conv1", "scale", ""]]), "not a block of this model"),
-])
+@pytest.mark.parametrize(
+    "folds,words",
+    [
+        ("[[\"layer1.0.se_identity\", \"melt\", \"\"]]", "kind 'melt'"),
+        ("[[\"layer1.0.se_identity\", \"scale\"]]", "not [block, kind, neighbour]"),
+        ("{\"a\": 1}", "must be a list"),
+        (json.dumps([["layer1.0.se_identity", "scale", ""]] * 5), "lists 5 folded blocks"),
+        (json.dumps([["layer1.0.se_identity", "scale", ""]] * 2), "bad entry"),
+        (json.dumps([["layer1.0.se_identity", "conv_in", "layer1.0.bn1"]]), "not a layer a conv_in fold goes into"),
+        (json.dumps([["layer1.0.se_identity", "norm", "layer9.bn"]]), "no module 'layer9.bn'"),
+        (json.dumps([["layer1.0.conv1", "scale", ""]]), "not a block of this model"),
+    ],
+)
 def test_tampered_fold_records_are_refused_in_one_line(folded_file, tmp_path, folds, words):
     """The fold records a file keeps (metadata `folds`) are checked before and while the model is rebuilt."""
-    bad = rewrite_header(folded_file, tmp_path / "bad.safetensors",
-                         lambda h: h["__metadata__"].update(folds=folds))
+    bad = rewrite_header(folded_file, tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(folds=folds))
     with pytest.raises(RetrofitError, match=words.replace("[", r"\[").replace("]", r"\]")):
         retrofit.load(bad)
     result = runner.invoke(app, ["fold", str(bad), "-o", str(tmp_path / "out.safetensors")])
     assert words.split("'")[0].split(" [")[0] in one_error_line(result)
+
+
 # -- the folder's config.json (issue 23, item 1): the same guarantees as a file's metadata -----------------
 @pytest.fixture(scope="module")
 def folder(saved, tmp_path_factory):
@@ -521,8 +642,15 @@ def test_config_of_the_wrong_type_is_refused(folder, tmp_path, monkeypatch, key,
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("kwargs", [{"pretrained": True}, {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
-                                    {"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg": {"hf_hub_id": "x/y"}}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"pretrained": True},
+        {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+        {"checkpoint_path": "/etc/passwd"},
+        {"pretrained_cfg": {"hf_hub_id": "x/y"}},
+    ],
+)
 def test_config_cannot_reach_the_network_or_the_disk(folder, tmp_path, monkeypatch, kwargs):
     built = []
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(k) or pytest.fail("a model was built"))
@@ -532,12 +660,17 @@ def test_config_cannot_reach_the_network_or_the_disk(folder, tmp_path, monkeypat
     assert not built
 
 
-@pytest.mark.parametrize("edit, message", [
-    (dict(model_kwargs={"num_classes": 1000000000}), "num_classes = 1,000,000,000, not a whole number from 0 to "
-                                                     "1,000,000"),
-    (dict(input_size=[3, 1000000, 1000000]), "input side = 1,000,000, not a whole number from 1 to 8,192"),
-    (dict(blocks=1000000), "blocks = '1000000', not a whole number from 1 to 100,000"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            dict(model_kwargs={"num_classes": 1000000000}),
+            "num_classes = 1,000,000,000, not a whole number from 0 to 1,000,000",
+        ),
+        (dict(input_size=[3, 1000000, 1000000]), "input side = 1,000,000, not a whole number from 1 to 8,192"),
+        (dict(blocks=1000000), "blocks = '1000000', not a whole number from 1 to 100,000"),
+    ],
+)
 def test_a_config_cannot_ask_for_any_amount_of_memory(folder, tmp_path, monkeypatch, edit, message):
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
     bad = edited(folder, tmp_path, lambda c: c.update(edit))
@@ -545,15 +678,18 @@ def test_a_config_cannot_ask_for_any_amount_of_memory(folder, tmp_path, monkeypa
         retrofit.from_pretrained(bad)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"format": "retrofit-pretrained/1", "blocks": NaN}', "not valid JSON (NaN is not a number JSON allows)"),
-    ('{"kind": "model", "kind": "adapter"}', "not valid JSON (key 'kind' is given twice)"),
-    ("[1, 2]", "must be a JSON object, got list"),
-    ("{" * 100000, "nested more than 32 levels deep"),
-    ('{"n": ' + "9" * 5000 + "}", "not valid JSON"),
-    (b"\xff\xfe", "is not UTF-8 text"),
-    (" " * (1 << 20) + "{}", "is larger than 1,048,576 bytes"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"format": "retrofit-pretrained/1", "blocks": NaN}', "not valid JSON (NaN is not a number JSON allows)"),
+        ('{"kind": "model", "kind": "adapter"}', "not valid JSON (key 'kind' is given twice)"),
+        ("[1, 2]", "must be a JSON object, got list"),
+        ("{" * 100000, "nested more than 32 levels deep"),
+        ('{"n": ' + "9" * 5000 + "}", "not valid JSON"),
+        (b"\xff\xfe", "is not UTF-8 text"),
+        (" " * (1 << 20) + "{}", "is larger than 1,048,576 bytes"),
+    ],
+)
 def test_a_config_that_is_not_strict_bounded_json_is_refused(folder, tmp_path, text, message):
     bad = edited(folder, tmp_path, lambda c: text)
     with pytest.raises(RetrofitError, match=re.escape(message)) as caught:

@@ -8,6 +8,7 @@ another batch and size than exported) and torch.compile
 (dynamo with fullgraph=True, so a graph break fails the test; backend aot_eager, because inductor's
 C++ compilation of a resnet18 takes about 90 s on this project's 2-core machine) trace through them.
 """
+
 import pytest
 import timm
 import torch
@@ -48,8 +49,9 @@ def test_torch_export_resnet18_with_dynamic_batch_and_size(models):
 
 def test_torch_export_of_token_blocks_with_dynamic_batch_and_size():
     """A ViT's token-layout blocks (retrofit.blocks.se_layout) export with a dynamic grid too."""
-    base = randomize(timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, dynamic_img_size=True,
-                                       num_classes=10))
+    base = randomize(
+        timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, dynamic_img_size=True, num_classes=10)
+    )
     se = retrofit.add_se(base, init="paper", input_size=(3, 32, 32)).eval()
     x, other = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 48, 64)
     exported = torch.export.export(se, (x,), dynamic_shapes={"x": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}})
@@ -61,8 +63,9 @@ def test_torch_export_graph_module():
     """A GraphModule keeps its forward in its graph; a plain custom network is exported by the tutorial."""
     net, x = custom_net(), torch.randn(2, 3, 32, 32)
     original = torch.fx.symbolic_trace(net)
-    model = retrofit.add_se(original, position="inside", module="cbam", init="paper", r=4,
-                            input_size=(3, 32, 32)).eval()
+    model = retrofit.add_se(
+        original, position="inside", module="cbam", init="paper", r=4, input_size=(3, 32, 32)
+    ).eval()
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         assert close(exported.module()(x), model(x)) and not close(model(x), original(x))
@@ -80,8 +83,14 @@ def test_onnx_export_resnet18_with_dynamic_axes(models):
     pytest.importorskip("onnxscript", reason="the ONNX exporter needs the `export` extra (onnx, onnxscript)")
     ort = pytest.importorskip("onnxruntime", reason="running the ONNX model needs the `export` extra")
     se, x = models
-    program = torch.onnx.export(se, (x,), dynamo=True, verbose=False, input_names=["x"],
-                                dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    program = torch.onnx.export(
+        se,
+        (x,),
+        dynamo=True,
+        verbose=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}},
+    )
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for inputs in (x, torch.randn(3, 3, 96, 80)):  # another batch and size than the exported one
         (out,) = session.run(None, {"x": inputs.numpy()})

@@ -2,6 +2,7 @@
 for nn.DataParallel, pickle it, script it, build it on the meta device, switch train/eval mode.
 
 Each test of a defect found from outside (issue 10, item 5) failed on the code before the fix."""
+
 import copy
 import io
 
@@ -82,6 +83,7 @@ def test_torch_save_of_inception_v3(inception_v3_random):
 def test_a_forward_that_pickle_cannot_name_is_one_clear_error():
     def local_relu(x):  # a function pickle cannot import
         return x.clamp(min=0)
+
     module = nn.Sequential(nn.Conv2d(2, 2, 1))
     graph = fx.symbolic_trace(module).graph
     out = next(n for n in graph.nodes if n.op == "output")
@@ -116,15 +118,20 @@ def test_script_of_an_fx_trace_of_a_token_block():
 
 def test_a_second_retrofit_of_a_rewritten_root_keeps_the_first_blocks():
     """fx traces a root's class forward; retrofit's tracer traces the forward installed on it."""
+
     class Net(nn.Module):  # the residual sum is in the model's own forward
         def __init__(self):
             super().__init__()
-            self.stem, self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3,
-                                                                                     padding=1), nn.BatchNorm2d(8)
+            self.stem, self.conv, self.bn = (
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.Conv2d(8, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+            )
 
         def forward(self, x):
             x = self.stem(x)
             return x + self.bn(self.conv(x))
+
     net, x = randomize(Net()), torch.randn(2, 3, 8, 8)
     once = retrofit.add_se(net, init="paper", r=4, input_size=(3, 8, 8))
     twice = retrofit.add_se(once, init="paper", r=4, position="post", input_size=(3, 8, 8))
@@ -135,6 +142,7 @@ def test_a_second_retrofit_of_a_rewritten_root_keeps_the_first_blocks():
 def test_scripted_modules_of_one_class_keep_their_own_forwards():
     """TorchScript compiles one forward per class and attribute set; a rewritten module must not
     share the class's (or another rewrite's) code."""
+
     class Unit(nn.Module):
         def __init__(self):
             super().__init__()
@@ -142,6 +150,7 @@ def test_scripted_modules_of_one_class_keep_their_own_forwards():
 
         def forward(self, x):
             return x + self.conv(x)
+
     plain, rewritten = Unit(), Unit()
     graph = fx.symbolic_trace(rewritten).graph
     for node in graph.nodes:
@@ -202,8 +211,9 @@ def test_a_train_eval_dependent_forward_preserves_in_both_modes(traced_in):
 def test_a_timm_block_with_a_train_eval_dependent_forward():
     """timm's ParallelScalingBlock passes dropout_p only in train mode (attn_drop_rate > 0): its
     forward is rebuilt in both modes, and the model preserves in both (the same random dropout)."""
-    model = randomize(timm.create_model("vit_pwee_patch16_reg1_gap_256", depth=2, img_size=32,
-                                        attn_drop_rate=0.2, num_classes=10))
+    model = randomize(
+        timm.create_model("vit_pwee_patch16_reg1_gap_256", depth=2, img_size=32, attn_drop_rate=0.2, num_classes=10)
+    )
     se = retrofit.add_se(model, input_size=(3, 32, 32))
     assert all(installed(b).two_modes for b in se.blocks)
     assert_preserves_in_both_modes(model, se, torch.randn(2, 3, 32, 32))

@@ -5,6 +5,7 @@ original's under the preserving init in eval mode (a detector's boxes, scores, l
 training mode (losses, seeded alike), every block's parameters get gradients, and strip gives the
 original back. Weights are randomised (tests/conftest.py): fresh ones would hide a wrong insertion.
 """
+
 import pytest
 import timm
 import torch
@@ -55,33 +56,47 @@ DETECTORS = {  # builder, FPN merges: `pyramid` sites, off by default (their lat
 }
 # what each keeps as is: the model (loops over images), its transform, what gets an ImageList or sizes
 KEPT = {
-    "fasterrcnn_resnet50_fpn": {"", "transform", "rpn", "rpn.anchor_generator", "roi_heads",
-                                "roi_heads.box_roi_pool", "roi_heads.box_predictor"},
+    "fasterrcnn_resnet50_fpn": {
+        "",
+        "transform",
+        "rpn",
+        "rpn.anchor_generator",
+        "roi_heads",
+        "roi_heads.box_roi_pool",
+        "roi_heads.box_predictor",
+    },
     "retinanet_resnet50_fpn": {"", "transform", "anchor_generator"},
 }
 KEPT["maskrcnn_resnet50_fpn"] = KEPT["fasterrcnn_resnet50_fpn"] | {"roi_heads.mask_roi_pool"}
 
 
 # fewer proposals and detections than the defaults: the RoI heads' cost grows with them
-FEW = {"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "rpn_pre_nms_top_n_train": 100,
-       "rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 32, "box_detections_per_img": 10}
+FEW = {
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "box_batch_size_per_image": 32,
+    "box_detections_per_img": 10,
+}
 
 
 def detector(name, max_size=SIDE):
     build, _ = DETECTORS[name]
     torch.manual_seed(0)
     few = FEW if "rcnn" in name else {"detections_per_img": 20}
-    return randomize(build(weights=None, weights_backbone=None, num_classes=3, min_size=SIDE, max_size=max_size,
-                           **few))
+    return randomize(build(weights=None, weights_backbone=None, num_classes=3, min_size=SIDE, max_size=max_size, **few))
 
 
 def images_and_targets():
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, SIDE, SIDE, generator=g), torch.rand(3, 96, 120, generator=g)]
     targets = []
-    for (h, w), box, label in zip(((SIDE, SIDE), (96, 120)), ([10., 20., 60., 80.], [5., 5., 50., 40.]), (1, 2)):
+    for (h, w), box, label in zip(
+        ((SIDE, SIDE), (96, 120)), ([10.0, 20.0, 60.0, 80.0], [5.0, 5.0, 50.0, 40.0]), (1, 2)
+    ):
         mask = torch.zeros(1, h, w, dtype=torch.uint8)
-        mask[0, int(box[1]):int(box[3]), int(box[0]):int(box[2])] = 1
+        mask[0, int(box[1]) : int(box[3]), int(box[0]) : int(box[2])] = 1
         targets.append({"boxes": torch.tensor([box]), "labels": torch.tensor([label]), "masks": mask})
     return images, targets
 
@@ -93,8 +108,9 @@ def test_detector(name):
     assert sorted(blocks_of(se)) == sorted(RESNET50_UNITS)  # the FPN's merges are no residual units
     strides = {b.path.split(".")[2]: b.stride for b in retrofit.get_info(se).blocks if ".body." in b.path}
     assert strides == {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # of the resized image
-    assert {s.where for s in retrofit.get_info(se).skipped if "kept as is" in s.reason} == \
-        {p or "<model>" for p in KEPT[name]}
+    assert {s.where for s in retrofit.get_info(se).skipped if "kept as is" in s.reason} == {
+        p or "<model>" for p in KEPT[name]
+    }
 
     images, targets = images_and_targets()
     with torch.no_grad():
@@ -150,28 +166,36 @@ def test_sites_says_why_pyramid_merges_are_not_residual_units(monkeypatch):
     lines = result.output.splitlines()
     assert sum(" pyramid " in line and "top-down + lateral" in line for line in lines) == 2  # the sites table
     (note,) = [line for line in lines if "pyramid site(s)" in line]
-    assert note.startswith("2 pyramid site(s), feature-pyramid merges: a coarser map upsampled plus a lateral "
-                           "projection of this level, not a residual unit") and "--kinds residual,pyramid" in note
+    assert (
+        note.startswith(
+            "2 pyramid site(s), feature-pyramid merges: a coarser map upsampled plus a lateral "
+            "projection of this level, not a residual unit"
+        )
+        and "--kinds residual,pyramid" in note
+    )
 
 
 def test_detector_strides_are_of_the_image_its_backbone_sees():
     model = detector("fasterrcnn_resnet50_fpn", max_size=2 * SIDE)
     found = scan(model, (3, 64, 96))  # the transform scales it up to 128 x 192 (short side = min_size)
     assert found.traced.image_size == (SIDE, 192)
-    units = {s.module.split(".")[2]: (s.size,
-                                      s.stage) for s in found.sites if s.kind == "residual" and ".body." in s.module}
+    units = {
+        s.module.split(".")[2]: (s.size, s.stage) for s in found.sites if s.kind == "residual" and ".body." in s.module
+    }
     assert units == {"layer1": ((32, 48), 2), "layer2": ((16, 24), 3), "layer3": ((8, 12), 4), "layer4": ((4, 6), 5)}
 
 
 # -- segmentation and timm feature extractors (they trace whole: nothing is kept) ---------------------
 def test_deeplabv3():
     torch.manual_seed(0)
-    model = randomize(segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=3,
-                                                      aux_loss=True))
+    model = randomize(
+        segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=3, aux_loss=True)
+    )
     se = retrofit.add_se(model, input_size=(3, 64, 64))
     # 16 bottlenecks (dilated: layer3 and layer4 stay at stride 8) and ASPP's five-branch concatenation
-    assert sorted(blocks_of(se)) == sorted([p.replace("backbone.body.", "backbone.") for p in RESNET50_UNITS]
-                                           + ["classifier.0.se"])
+    assert sorted(blocks_of(se)) == sorted(
+        [p.replace("backbone.body.", "backbone.") for p in RESNET50_UNITS] + ["classifier.0.se"]
+    )
     assert {b.stride for b in retrofit.get_info(se).blocks if b.path.startswith("backbone.layer4")} == {8}
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -192,8 +216,10 @@ def test_deeplabv3():
 def test_timm_features_only(feature_cls):
     kwargs = {} if feature_cls == "list" else {"feature_cls": feature_cls}
     model = randomize(timm.create_model("resnet18", features_only=True, **kwargs))
-    assert type(model).__name__ == {"list": "FeatureListNet", "dict": "FeatureDictNet",
-                                    "getter": "FeatureGetterNet"}[feature_cls]
+    assert (
+        type(model).__name__
+        == {"list": "FeatureListNet", "dict": "FeatureDictNet", "getter": "FeatureGetterNet"}[feature_cls]
+    )
     se = retrofit.add_se(model, input_size=(3, 64, 64))
     prefix = "model." if feature_cls == "getter" else ""
     assert blocks_of(se) == [f"{prefix}layer{i}.{j}.se" for i in range(1, 5) for j in range(2)]
@@ -217,8 +243,9 @@ def hf_model(kind):
     transformers = pytest.importorskip("transformers")  # a guard only: the test extra installs it (CI)
     torch.manual_seed(0)
     if kind == "resnet":
-        config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1],
-                                           layer_type="bottleneck", num_labels=5)
+        config = transformers.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1], layer_type="bottleneck", num_labels=5
+        )
         return randomize(transformers.ResNetForImageClassification(config))
     config = transformers.ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1], num_labels=5)
     return randomize(transformers.ConvNextForImageClassification(config))
@@ -265,8 +292,11 @@ def test_at_on_a_part_called_by_a_kept_forward_ends_its_own_forward():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(se(x).logits, model(x).logits)
-    with pytest.raises(retrofit.RetrofitError, match=r"at: resnet.embedder.pooler \(MaxPool2d\) is called by a "
-                                                     r"forward kept as is \(resnet.embedder"):
+    with pytest.raises(
+        retrofit.RetrofitError,
+        match=r"at: resnet.embedder.pooler \(MaxPool2d\) is called by a "
+        r"forward kept as is \(resnet.embedder",
+    ):
         retrofit.add_se(model, at=["resnet.embedder.pooler"], input_size=(3, 64, 64))
 
 
@@ -371,7 +401,9 @@ def test_blocks_timm_marks_untraceable_are_in_the_models_skipped_list():
     blocks = [n for n, m in model.named_modules() if type(m).__name__ == "TinyVitBlock"]
     assert len(blocks) == 10
     se = retrofit.add_se(model, input_size=(3, 64, 64))
-    assert {b.path.rsplit(".", 1)[0] for b in retrofit.get_info(se).blocks} == {"stages.0.blocks.0",
-                                                                                "stages.0.blocks.1"}
+    assert {b.path.rsplit(".", 1)[0] for b in retrofit.get_info(se).blocks} == {
+        "stages.0.blocks.0",
+        "stages.0.blocks.1",
+    }
     listed = [s for s in retrofit.get_info(se).skipped if s.reason.startswith("TinyVitBlock is a timm notrace module")]
     assert [s.where for s in listed] == blocks

@@ -5,6 +5,7 @@ References: the unretrofitted model after the same call, in float64, with the pr
 blocks are exact identities, so the outputs must be equal bit for bit). Where the blocks cannot follow,
 one RetrofitError line, never another computation.
 """
+
 import copy
 import pickle
 
@@ -49,10 +50,14 @@ def test_swin_tiny_after_set_input_size_computes_what_the_original_does(swin_tin
 
 
 FAMILIES = {  # tiny configurations; (input size, set_input_size arguments)
-    "swinv2_tiny_window8_256": (dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1)),
-                                [(320, dict(img_size=(320, 320))), (512, dict(img_size=(512, 512), window_size=8))]),
-    "swinv2_cr_tiny_ns_224": (dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1)),
-                              [(288, dict(img_size=(288, 288)))]),
+    "swinv2_tiny_window8_256": (
+        dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1)),
+        [(320, dict(img_size=(320, 320))), (512, dict(img_size=(512, 512), window_size=8))],
+    ),
+    "swinv2_cr_tiny_ns_224": (
+        dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1)),
+        [(288, dict(img_size=(288, 288)))],
+    ),
     "maxvit_pico_rw_256": ({}, [(320, dict(img_size=(320, 320)))]),
     # EVA's rope is a tensor its root makes outside the trace and passes each block: an input of the
     # rewritten block forward, not a constant of it
@@ -74,8 +79,9 @@ def test_script_pickle_copy_fx_and_a_second_retrofit_follow_too():
     """What reads a forward without calling it first: TorchScript (through ``__prepare_scriptable__``),
     pickle, deepcopy, torchvision's fx feature extraction, retrofit's own tracer."""
     with set_layer_config(scriptable=True):
-        original = randomize(timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, depths=(2, 2, 2, 2),
-                                               num_heads=(1, 1, 1, 1))).double()
+        original = randomize(
+            timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1))
+        ).double()
     se = retrofit.add_se(original).eval()
     original.set_input_size(img_size=(288, 288))
     se.set_input_size(img_size=(288, 288))
@@ -87,8 +93,9 @@ def test_script_pickle_copy_fx_and_a_second_retrofit_follow_too():
         torch.testing.assert_close(pickle.loads(pickle.dumps(se))(x), expected, rtol=0, atol=0)
         torch.testing.assert_close(copy.deepcopy(se)(x), expected, rtol=0, atol=0)
         train_nodes, eval_nodes = get_graph_node_names(se, tracer_kwargs=tracer)
-        extractor = create_feature_extractor(se, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:],
-                                             tracer_kwargs=tracer).eval()
+        extractor = create_feature_extractor(
+            se, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:], tracer_kwargs=tracer
+        ).eval()
         torch.testing.assert_close(next(iter(extractor(x).values())), expected, rtol=0, atol=0)
         twice = retrofit.add_se(se, position="post", input_size=(3, 288, 288)).eval()
         assert len(retrofit.get_info(twice).blocks) == 2 * len(retrofit.get_info(se).blocks)
@@ -127,6 +134,9 @@ def test_a_changed_attribute_is_followed_or_refused_in_one_line():
         se[1].shift = 0
         torch.testing.assert_close(se(x), before, rtol=0, atol=0)
         se[1].residual = False  # no sum left for the block to go before: refused, not computed otherwise
-        with pytest.raises(retrofit.RetrofitError, match=r"^Unit was retrofitted for other values of residual: "
-                                                         r"True -> False.*retrofit the model after the change"):
+        with pytest.raises(
+            retrofit.RetrofitError,
+            match=r"^Unit was retrofitted for other values of residual: "
+            r"True -> False.*retrofit the model after the change",
+        ):
             se(x)

@@ -10,6 +10,7 @@ pickle. One model per family, small configurations and inputs, ``num_classes=10`
 ``preserve`` (the default init) must give the original's outputs exactly; ``paper`` (random blocks)
 must change them, so a check that lost the blocks on the way would fail.
 """
+
 import copy
 import pickle
 from types import SimpleNamespace
@@ -35,8 +36,10 @@ MODELS = {  # name: (input size, creation arguments)
     "inception_v3": (75, {}),
     "vit_tiny_patch16_224": (32, dict(depth=2, img_size=32)),
     "xcit_nano_12_p16_224": (32, dict(depth=2, img_size=32)),
-    "swin_tiny_patch4_window7_224": (64, dict(depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 1, 1),
-                                              window_size=2, img_size=64)),
+    "swin_tiny_patch4_window7_224": (
+        64,
+        dict(depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 1, 1), window_size=2, img_size=64),
+    ),
     "levit_128s": (64, dict(img_size=64)),  # attention biases cached in eval mode
 }
 TRACER = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())  # timm's fx setup
@@ -84,8 +87,9 @@ def test_torchscript(case):
 def test_fx_forward_backward_and_torchscript(case):
     """timm's fx check: the feature extractor of the last node, traced in train and eval mode."""
     train_nodes, eval_nodes = get_graph_node_names(case.paper, tracer_kwargs=TRACER)
-    fx_model = create_feature_extractor(case.paper, train_return_nodes=[train_nodes[-1]],
-                                        eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=TRACER).eval()
+    fx_model = create_feature_extractor(
+        case.paper, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=TRACER
+    ).eval()
     with torch.no_grad():
         (out,) = fx_model(case.x).values()
         torch.testing.assert_close(out, case.paper(case.x))

@@ -7,6 +7,7 @@ make must compute what the model computes (the reference: the model's own eager 
 blocks moved off the identity so a dropped block shows). A user's trace that fails part-way must
 leave the model exactly as it was.
 """
+
 import copy
 import re
 import warnings
@@ -27,25 +28,47 @@ from support import DropBranch, Net, moved_off_identity
 
 # small configurations of the token-layout (ViT, Swin) and channels-last (ConvNeXt) models
 MODELS = {
-    "tv_vit": (lambda: torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
-                                                           hidden_dim=32, mlp_dim=64, num_classes=10), 32),
-    "tv_swin": (lambda: torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1],
-                                                          num_heads=[1, 2], window_size=[2, 2], num_classes=10), 32),
+    "tv_vit": (
+        lambda: torchvision.models.VisionTransformer(
+            image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+        ),
+        32,
+    ),
+    "tv_swin": (
+        lambda: torchvision.models.SwinTransformer(
+            patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=10
+        ),
+        32,
+    ),
     "tv_convnext": (lambda: ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10), 32),
     "timm_vit": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10), 32),
-    "timm_swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2, depths=(1, 1),
-                                            embed_dim=16, num_heads=(1, 2), num_classes=10), 32),
+    "timm_swin": (
+        lambda: timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            img_size=32,
+            window_size=2,
+            depths=(1, 1),
+            embed_dim=16,
+            num_heads=(1, 2),
+            num_classes=10,
+        ),
+        32,
+    ),
     "timm_convnext": (lambda: timm.create_model("convnext_atto", num_classes=10), 32),
 }
 # the other token-layout models the suite retrofits (tests/graph/test_timm_checks.py)
 TOKENS = {
-    "timm_xcit": (lambda: timm.create_model("xcit_nano_12_p16_224", img_size=32, depth=2, num_classes=10), 32),
+    "timm_xcit": (lambda: timm.create_model("xcit_nano_12_p16_224", img_size=32, depth=2, num_classes=10), 32)
 }  # not levit_128s: timm's attention-bias cache keeps a user tracer's Proxies (on the original too)
 # the models whose forward differs between train and eval mode that the suite retrofits
 TWO_MODES = {
     "drop_branch": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DropBranch(), DropBranch()), 8),
-    "timm_vit_attn_drop": (lambda: timm.create_model("vit_pwee_patch16_reg1_gap_256", depth=2, img_size=32,
-                                                     attn_drop_rate=0.2, num_classes=10), 32),
+    "timm_vit_attn_drop": (
+        lambda: timm.create_model(
+            "vit_pwee_patch16_reg1_gap_256", depth=2, img_size=32, attn_drop_rate=0.2, num_classes=10
+        ),
+        32,
+    ),
 }
 
 
@@ -66,8 +89,9 @@ def test_users_fx_tools_trace_a_retrofitted_model(name):
         torch.testing.assert_close(fx.symbolic_trace(se)(x), reference)  # the blocks are in the graph
         train_nodes, eval_nodes = get_graph_node_names(se)
         assert not se.training  # torchvision puts the mode back only when both traces succeed
-        extractor = create_feature_extractor(se, train_return_nodes=[train_nodes[-1]],
-                                             eval_return_nodes=[eval_nodes[-1]]).eval()
+        extractor = create_feature_extractor(
+            se, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]]
+        ).eval()
         (out,) = extractor(x).values()
         torch.testing.assert_close(out, reference)
     assert not se.training
@@ -96,8 +120,11 @@ def state_of(model):
     for name, m in model.named_modules():
         # fx's Tracer.create_arg puts each tensor constant it meets on the root (``_tensor_constant0``...),
         # on the original model as well (timm's Swin): torch.fx's doing, not a state retrofit set
-        values = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in vars(m).items()
-                  if k not in ("_parameters", "_buffers", "_modules") and not re.fullmatch(r"_tensor_constant\d+", k)}
+        values = {
+            k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+            for k, v in vars(m).items()
+            if k not in ("_parameters", "_buffers", "_modules") and not re.fullmatch(r"_tensor_constant\d+", k)
+        }
         tensors = {k: t.detach().clone() for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
         modules.append((name, values, tensors, dict(m._modules)))
     classes = {c: {k: v for k, v in vars(c).items() if k != "__annotations__"} for c in map(type, model.modules())}

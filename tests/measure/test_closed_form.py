@@ -3,6 +3,7 @@
 ResNet-50 has N_s = 3, 4, 6, 3 bottleneck units per stage with output widths C_s = 256 .. 2048 and
 bottleneck (3x3 conv) widths C_s / 4. Per block: 2 C^2 / r weights, plus C / r + C biases.
 """
+
 import pytest
 import timm
 

@@ -1,5 +1,6 @@
 """The excitation statistics (retrofit.measure.excitation) against a hand computation on a tiny model:
 one SE block on the first convolution's output, its input and gate written out here."""
+
 import torch
 from torch import nn
 
@@ -41,8 +42,10 @@ def by_hand(model, block, x):
 def test_statistics_against_the_hand_computation():
     model, block = tiny_se()
     g_ = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(5, 3, 16, 16, generator=g_, dtype=torch.float64), torch.tensor(t))
-               for t in ([0, 1, 2, 0, 1], [2, 2, 0, 1, 0])]
+    batches = [
+        (torch.randn(5, 3, 16, 16, generator=g_, dtype=torch.float64), torch.tensor(t))
+        for t in ([0, 1, 2, 0, 1], [2, 2, 0, 1, 0])
+    ]
     with torch.no_grad(), Recorder(model, gates(model)[0], classes=3) as rec:
         for x, y in batches:
             rec.targets = y
@@ -55,7 +58,7 @@ def test_statistics_against_the_hand_computation():
     mean_c = g.mean(0)
     class_means = torch.stack([g[y == k].mean(0) for k in range(3)])
     e = (u * u).sum((2, 3))
-    local = ((g - mean_c) ** 2 * e).sum().sqrt() / ((g ** 2) * e).sum().sqrt()
+    local = ((g - mean_c) ** 2 * e).sum().sqrt() / ((g**2) * e).sum().sqrt()
     assert abs(r.mean - g.mean().item()) < 1e-12
     assert abs(r.image_spread - g.std(0, unbiased=False).mean().item()) < 1e-12
     assert abs(r.class_spread - class_means.std(0, unbiased=False).mean().item()) < 1e-12

@@ -1,5 +1,6 @@
 """Tables fitted to the console: optional columns go in their order and the caption says which, headline
 columns stay whole, an empty column is left out, and a console too narrow gets one line per value."""
+
 import re
 
 from rich.console import Console
@@ -14,8 +15,18 @@ def render(table, width):
 
 
 def sample():
-    t = FitTable([Col("model", "left"), Col("params added"), Col("stride", drop=1), Col("pool+scale ops", drop=0),
-                  Col("empty", drop=2), Col("note", "left", drop=3, text=True)], title="T", caption="Counts.")
+    t = FitTable(
+        [
+            Col("model", "left"),
+            Col("params added"),
+            Col("stride", drop=1),
+            Col("pool+scale ops", drop=0),
+            Col("empty", drop=2),
+            Col("note", "left", drop=3, text=True),
+        ],
+        title="T",
+        caption="Counts.",
+    )
     t.add_row("layer3.22.se_post", "4,777,712", "16", "17,862,656", "", "a note of some words that go on and on")
     t.add_row("layer4.0.se_post", "49,326,872", "32", "602,112", "", "")
     return t
@@ -28,8 +39,13 @@ def lines_of(text):
 def test_wide_enough_every_filled_column_shows_and_headers_stay_on_one_line():
     text = render(sample(), 160)
     header = lines_of(text)[1]
-    assert [h.strip() for h in header.strip("┃").split("┃")] == ["model", "params added", "stride", "pool+scale ops",
-                                                               "note"]  # "empty" has no cell: left out
+    assert [h.strip() for h in header.strip("┃").split("┃")] == [
+        "model",
+        "params added",
+        "stride",
+        "pool+scale ops",
+        "note",
+    ]  # "empty" has no cell: left out
     assert "Not shown" not in text and "a note of some words that go on and on" in text
 
 
@@ -40,12 +56,13 @@ def test_optional_columns_go_lowest_drop_first_and_the_caption_names_them():
     # most 20 for the layout); 3 per column for padding and borders, and one more
     assert table.layout(17 + 10 + 6 + 10 + 20 + 3 * 5 + 1) == [0, 1, 2, 3, 5]
     assert table.layout(17 + 10 + 6 + 10 + 20 + 3 * 5) == [0, 1, 2, 5]  # one short: pool+scale ops (drop 0) goes
-    assert table.layout(17 + 10 + 6 + 20 + 3 * 4) == [0, 1, 5]          # then stride (drop 1)
-    assert table.layout(17 + 10 + 3 * 2 + 1) == [0, 1]                  # then the note (drop 3)
-    assert table.layout(17 + 10 + 3 * 2) is None                        # the headline columns alone do not fit
+    assert table.layout(17 + 10 + 6 + 20 + 3 * 4) == [0, 1, 5]  # then stride (drop 1)
+    assert table.layout(17 + 10 + 3 * 2 + 1) == [0, 1]  # then the note (drop 3)
+    assert table.layout(17 + 10 + 3 * 2) is None  # the headline columns alone do not fit
     text = render(table, 60)
-    assert "Not shown at this width: stride, pool+scale ops (a wider terminal or --json has them)." in \
-        " ".join(text.split())
+    assert "Not shown at this width: stride, pool+scale ops (a wider terminal or --json has them)." in " ".join(
+        text.split()
+    )
     assert "empty" not in text  # an empty column is not news
 
 
@@ -62,10 +79,22 @@ def test_too_narrow_for_the_headline_columns_one_line_per_value():
     text = render(sample(), 30)
     assert "┃" not in text and "│" not in text  # no table
     blocks = [[ln.rstrip() for ln in b.splitlines()] for b in text.split("\n\n")]
-    assert blocks[0] == ["T", "model: layer3.22.se_post", "params added: 4,777,712", "stride: 16",
-                         "pool+scale ops: 17,862,656", "note: a note of some words", "that go on and on"]
-    assert blocks[1] == ["model: layer4.0.se_post", "params added: 49,326,872", "stride: 32",
-                         "pool+scale ops: 602,112", "Counts."]
+    assert blocks[0] == [
+        "T",
+        "model: layer3.22.se_post",
+        "params added: 4,777,712",
+        "stride: 16",
+        "pool+scale ops: 17,862,656",
+        "note: a note of some words",
+        "that go on and on",
+    ]
+    assert blocks[1] == [
+        "model: layer4.0.se_post",
+        "params added: 49,326,872",
+        "stride: 32",
+        "pool+scale ops: 602,112",
+        "Counts.",
+    ]
 
 
 def test_a_free_text_column_folds_into_the_width_left():

@@ -1,5 +1,6 @@
 """The latency ratio and its spread: the median of per-round ratios, a distribution-free interval from
 order statistics (the binomial indices worked out by hand below), and "within noise" when it holds 1."""
+
 import json
 import statistics
 
@@ -13,8 +14,12 @@ from retrofit.measure.latency import Timing
 # n = 10: P(X <= 1) = (1 + 10) / 1024 <= 0.025 < P(X <= 2) = 56 / 1024, so k = 2: the 2nd and 9th ratios.
 # n = 20: P(X <= 5) = (1 + 20 + 190 + 1140 + 4845 + 15504) / 2**20 = 21700 / 2**20 <= 0.025 < P(X <= 6).
 # n = 6: P(X <= 0) = 1 / 64 <= 0.025 < 7 / 64, so k = 1; n = 5: 1 / 32 > 0.025, no k: min and max.
-CASES = [(5, 1, 5, 1 - 2 / 32), (6, 1, 6, 1 - 2 / 64), (10, 2, 9, 1 - 2 * 11 / 1024),
-         (20, 6, 15, 1 - 2 * 21700 / 2 ** 20)]
+CASES = [
+    (5, 1, 5, 1 - 2 / 32),
+    (6, 1, 6, 1 - 2 / 64),
+    (10, 2, 9, 1 - 2 * 11 / 1024),
+    (20, 6, 15, 1 - 2 * 21700 / 2**20),
+]
 
 
 def timing_of(ratios):
@@ -44,23 +49,28 @@ def test_within_noise_when_the_interval_holds_one():
 
 
 def test_add_se_reports_the_interval_and_the_samples():
-    result = CliRunner().invoke(app, ["add-se", "resnet18", "--latency", "--runs", "6", "--batch", "1",
-                                      "--input-size", "3,32,32", "--json", "-"])
+    result = CliRunner().invoke(
+        app,
+        ["add-se", "resnet18", "--latency", "--runs", "6", "--batch", "1", "--input-size", "3,32,32", "--json", "-"],
+    )
     assert result.exit_code == 0, result.output
     lat = json.loads(result.stdout)["latency"]
     samples = lat["samples_ms"]
     assert len(samples["original"]) == len(samples["retrofitted"]) == 6 == lat["runs"]
     ratios = sorted(r / o for r, o in zip(samples["retrofitted"], samples["original"]))
     assert lat["ratio"] == pytest.approx(statistics.median(ratios), rel=1e-3)
-    assert (lat["ratio_low"], lat["ratio_high"]) == (pytest.approx(ratios[0], rel=1e-3),
-                                                     pytest.approx(ratios[-1], rel=1e-3))
+    assert (lat["ratio_low"], lat["ratio_high"]) == (
+        pytest.approx(ratios[0], rel=1e-3),
+        pytest.approx(ratios[-1], rel=1e-3),
+    )
     assert lat["ratio_coverage"] == pytest.approx(1 - 2 / 64, abs=1e-4)
     assert lat["within_noise"] == (lat["ratio_low"] <= 1 <= lat["ratio_high"])
 
 
 def test_the_text_says_the_interval_and_whether_it_is_within_noise():
-    result = CliRunner().invoke(app, ["add-se", "resnet18", "--latency", "--runs", "6", "--batch", "1",
-                                      "--input-size", "3,32,32"])
+    result = CliRunner().invoke(
+        app, ["add-se", "resnet18", "--latency", "--runs", "6", "--batch", "1", "--input-size", "3,32,32"]
+    )
     assert result.exit_code == 0, result.output
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("Latency"))
     assert "(97% interval of the median per-round ratio)" in line

@@ -1,4 +1,5 @@
 """Overhead numbers: consistent with each other and with independent counts."""
+
 import pytest
 import timm
 import torch
@@ -85,10 +86,11 @@ def test_blocks_on_channels_last_maps_and_tokens_are_counted_by_their_layout():
     scale pass, and a Swin block on an (N, H, W, C) map with H as its channels. Closed forms: DeiT-Ti
     distilled at 224 has 196 patch tokens after 2 prefix tokens, 192 channels; the squeeze reads the
     grid tokens, the scale multiplies all 198. Swin-T's first stage: 56 x 56 positions of 96 channels."""
-    cases = [("deit_tiny_distilled_patch16_224", "blocks.0.se_attn", 192, (14, 14), 196 * 192, 198 * 192),
-             ("vit_tiny_patch16_224", "blocks.0.se_mlp", 192, (14, 14), 196 * 192, 197 * 192),
-             ("swin_tiny_patch4_window7_224", "layers.0.blocks.0.se_contiguous", 96, (56, 56), 56 * 56 * 96,
-              56 * 56 * 96)]
+    cases = [
+        ("deit_tiny_distilled_patch16_224", "blocks.0.se_attn", 192, (14, 14), 196 * 192, 198 * 192),
+        ("vit_tiny_patch16_224", "blocks.0.se_mlp", 192, (14, 14), 196 * 192, 197 * 192),
+        ("swin_tiny_patch4_window7_224", "layers.0.blocks.0.se_contiguous", 96, (56, 56), 56 * 56 * 96, 56 * 56 * 96),
+    ]
     for name, path, channels, size, pool, scale in cases:
         with torch.device("meta"):
             model = timm.create_model(name)
@@ -103,9 +105,10 @@ def test_the_stage_of_blocks_not_from_add_se_is_log2_of_their_stride():
     resnet50, blocks not made by add_se, placed by their input's size: layerK is stage K + 1 (output
     stride 2^(K+1)), 3, 4, 6 and 3 bottlenecks."""
     with torch.device("meta"):
-        report = measure_overhead(timm.create_model("resnet50"), timm.create_model("seresnet50"),
-                                  input_size=(3, 224, 224))
+        report = measure_overhead(
+            timm.create_model("resnet50"), timm.create_model("seresnet50"), input_size=(3, 224, 224)
+        )
     for b in report.blocks:
-        k = int(b.path.split(".")[0][len("layer"):])
+        k = int(b.path.split(".")[0][len("layer") :])
         assert (b.stage, b.stride, b.size) == (k + 1, 2 ** (k + 1), (224 // 2 ** (k + 1),) * 2), b.path
     assert [(s.stage, s.stride, s.blocks) for s in report.stages()] == [(2, 4, 3), (3, 8, 4), (4, 16, 6), (5, 32, 3)]

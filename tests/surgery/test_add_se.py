@@ -1,4 +1,5 @@
 """Surgery: the model stays the user's model, and each position puts the block where the notes say."""
+
 import copy
 import io
 import pickle
@@ -103,8 +104,9 @@ def test_block_names_and_stage_restriction(resnet50_random):
     assert paths == [f"layer3.{i}.se" for i in range(6)]
     assert all(b.stage == 4 and b.stride == 16 for b in retrofit.get_info(se).blocks)
     se2 = retrofit.add_se(resnet50_random, position="inside", r=8, bias=False, stages=[2, 5], input_size=(3, 64, 64))
-    assert [b.path for b in retrofit.get_info(se2).blocks] == [f"layer1.{i}.se_inside" for i in range(3)] + \
-        [f"layer4.{i}.se_inside" for i in range(3)]
+    assert [b.path for b in retrofit.get_info(se2).blocks] == [f"layer1.{i}.se_inside" for i in range(3)] + [
+        f"layer4.{i}.se_inside" for i in range(3)
+    ]
     assert se2.layer1[0].se_inside.fc1.bias is None and se2.layer1[0].se_inside.width == 8
 
 
@@ -155,8 +157,9 @@ def test_a_forward_that_depends_on_mode_gets_one_forward_per_mode():
     the scaling in each, and the retrofitted model follows train()/eval() like the original."""
     model = randomize(nn.Sequential(ModeDependent(), Residualish(), ModeDependent())).train()
     se = retrofit.add_se(model, r=4, init="paper", input_size=(8, 8, 8))
-    assert [b.path for b in retrofit.get_info(se).blocks] == ["0.se", "1.se",
-                                                              "2.se"] and not retrofit.get_info(se).skipped
+    assert [b.path for b in retrofit.get_info(se).blocks] == ["0.se", "1.se", "2.se"] and not retrofit.get_info(
+        se
+    ).skipped
     x = torch.randn(2, 8, 8, 8)
     for mode in (True, False):
         se.train(mode)
@@ -274,15 +277,21 @@ class Untraceable(nn.Module):
 
 def test_an_untraceable_model_keeps_its_forward_and_says_why():
     # its own forward is kept, what it calls is analysed (one conv here: no site), and the reason shown
-    with pytest.raises(RetrofitError, match=r"no site in Untraceable.*torch.fx cannot trace Untraceable: "
-                                            r"symbolically traced.*kept as is"):
+    with pytest.raises(
+        RetrofitError,
+        match=r"no site in Untraceable.*torch.fx cannot trace Untraceable: "
+        r"symbolically traced.*kept as is",
+    ):
         retrofit.add_se(Untraceable(), input_size=(3, 8, 8))
     # a submodule: kept as one node, and here it held the only site
     with pytest.raises(RetrofitError, match=r"no site in Sequential.*torch.fx cannot trace Untraceable"):
         retrofit.add_se(nn.Sequential(nn.Identity(), Untraceable()), input_size=(3, 8, 8))
     # what the parts of a kept forward receive comes from one run: an input it does not take is one line
-    with pytest.raises(RetrofitError, match=r"cannot trace Untraceable.*did not run on a random 1x4x8x8 input.*"
-                                            r"input size it takes"):
+    with pytest.raises(
+        RetrofitError,
+        match=r"cannot trace Untraceable.*did not run on a random 1x4x8x8 input.*"
+        r"input size it takes",
+    ):
         retrofit.add_se(Untraceable(), input_size=(4, 8, 8))
 
 
@@ -317,8 +326,9 @@ def test_eval_caches_neither_leak_proxies_nor_break_tracing():
     with torch.no_grad():
         before = model(x)  # fills the cache
     se_model = retrofit.add_se(model, input_size=(3, 64, 64))
-    cached = [v for m in [*model.modules(), *se_model.modules()] for v in getattr(m, "attention_bias_cache",
-                                                                                  {}).values()]
+    cached = [
+        v for m in [*model.modules(), *se_model.modules()] for v in getattr(m, "attention_bias_cache", {}).values()
+    ]
     assert not any(isinstance(v, Proxy) for v in cached)
     assert not model.training and not se_model.training
     with torch.no_grad():
@@ -334,6 +344,9 @@ def test_inside_skips_a_second_conv_that_only_an_se_block_follows(base):
         model = timm.create_model("seresnet18", num_classes=10)
     else:
         model = retrofit.add_se(timm.create_model("resnet18", num_classes=10), input_size=(3, 64, 64))
-    inside = [b for b in retrofit.get_info(retrofit.add_se(model, position="inside", input_size=(3, 64, 64))).blocks
-              if b.position == "inside"]
+    inside = [
+        b
+        for b in retrofit.get_info(retrofit.add_se(model, position="inside", input_size=(3, 64, 64))).blocks
+        if b.position == "inside"
+    ]
     assert len(inside) == 8 and len({b.site_module for b in inside}) == 8

@@ -1,6 +1,7 @@
 """Folding constant gates (retrofit.surgery.fold, .neighbour): each neighbour kind is exact against the
 unfolded model in float64 (train and eval mode), a neighbour another layer reads is never changed, and
 strip / bypass mean one defined thing on a folded model."""
+
 import copy
 
 import pytest
@@ -61,8 +62,9 @@ def test_standard_folds_into_the_branchs_last_norm_exactly_in_train_and_eval_mod
     torch.testing.assert_close(folded.layer1[0].bn2.bias, se.layer1[0].bn2.bias * s, rtol=1e-15, atol=0)
 
 
-@pytest.mark.parametrize("position,into", [("pre", "conv_in"), ("inside", "conv_in"), ("post", "scale"),
-                                           ("identity", None)])
+@pytest.mark.parametrize(
+    "position,into", [("pre", "conv_in"), ("inside", "conv_in"), ("post", "scale"), ("identity", None)]
+)
 def test_each_position_folds_exactly(position, into):
     plain = randomize(timm.create_model("test_resnet", num_classes=5)).double()
     se = retrofitted(plain, r=4, position=position)
@@ -114,8 +116,9 @@ def test_the_weight_algebra_against_functional_calls():
     conv = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()
     w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
     scale_into(conv, "conv_in", s)
-    torch.testing.assert_close(conv(x), F.conv2d(x * s.view(1, 8, 1, 1), w, b, padding=1, groups=2), rtol=1e-13,
-                               atol=1e-13)
+    torch.testing.assert_close(
+        conv(x), F.conv2d(x * s.view(1, 8, 1, 1), w, b, padding=1, groups=2), rtol=1e-13, atol=1e-13
+    )
     conv = nn.Conv2d(3, 8, 3, padding=1).double()
     w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
     y = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
@@ -184,8 +187,9 @@ class Tied(nn.Module):
         return torch.relu(x + self.b(torch.relu(self.a(x))))
 
 
-@pytest.mark.parametrize("unit,why", [(AlsoRead, "also read"), (CalledTwice, "called 2 times"), (Tied, "shares a "
-                                                                                                       "parameter")])
+@pytest.mark.parametrize(
+    "unit,why", [(AlsoRead, "also read"), (CalledTwice, "called 2 times"), (Tied, "shares a parameter")]
+)
 def test_a_neighbour_another_layer_reads_is_not_changed(unit, why):
     torch.manual_seed(0)
     net = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), unit())).double()
@@ -238,8 +242,10 @@ def test_apply_folds_rebuilds_the_structure_from_the_records():
     again.load_state_dict(folded.state_dict())
     torch.testing.assert_close(outputs(again), outputs(folded), rtol=0, atol=0)
     with pytest.raises(retrofit.RetrofitError, match="not a layer"):
-        apply_folds(retrofit.add_se(plain, input_size=(3, 32, 32), r=4),
-                    [type(folds[0])("layer1.0.se", "conv_in", "layer1.0.bn2")])
+        apply_folds(
+            retrofit.add_se(plain, input_size=(3, 32, 32), r=4),
+            [type(folds[0])("layer1.0.se", "conv_in", "layer1.0.bn2")],
+        )
 
 
 def test_a_graph_module_folds_in_its_own_graph():

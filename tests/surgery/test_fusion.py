@@ -1,6 +1,7 @@
 """A standard-position block fused with the residual sum it feeds (x * s + shortcut in one
 torch.addcmul pass) computes what the unfused block and sum compute, up to the rounding of one
 multiply-add (bit for bit under the preserving init, where s = 1), and stays analysable."""
+
 from unittest import mock
 
 import timm
@@ -21,8 +22,11 @@ def unfused(model, **fields):
 
 def calls(module):
     """(name, number of arguments) of the SE block calls in a rebuilt forward."""
-    return [(n.target, len(n.args)) for n in installed(module).graphs[False].nodes
-            if n.op == "call_module" and n.target.startswith("se")]
+    return [
+        (n.target, len(n.args))
+        for n in installed(module).graphs[False].nodes
+        if n.op == "call_module" and n.target.startswith("se")
+    ]
 
 
 def test_fused_equals_unfused_with_random_blocks():
@@ -32,11 +36,14 @@ def test_fused_equals_unfused_with_random_blocks():
     reference = unfused(plain, init="paper")
     reference.load_state_dict(fused.state_dict())
     assert ("se", 2) in calls(fused.layer1[0]) and ("se", 1) in calls(reference.layer1[0])
-    assert not any(n.target in ("add", "iadd") or getattr(n.target, "__name__", "") in ("add", "iadd")
-                   for n in installed(fused.layer1[0]).graphs[False].nodes)  # the sum is gone into the block
+    assert not any(
+        n.target in ("add", "iadd") or getattr(n.target, "__name__", "") in ("add", "iadd")
+        for n in installed(fused.layer1[0]).graphs[False].nodes
+    )  # the sum is gone into the block
     with torch.no_grad():
-        torch.testing.assert_close(fused(X), reference(X), rtol=1e-5,
-                                   atol=1e-5)  # addcmul rounds once (an FMA), x * s + y twice
+        torch.testing.assert_close(
+            fused(X), reference(X), rtol=1e-5, atol=1e-5
+        )  # addcmul rounds once (an FMA), x * s + y twice
         assert not torch.allclose(fused(X), plain(X))  # random blocks: they do change the output
 
 
@@ -79,5 +86,6 @@ def test_nested_sums_in_one_forward():
     assert [b.path for b in retrofit.get_info(fused).blocks] == [b.path for b in retrofit.get_info(reference).blocks]
     assert len(retrofit.get_info(fused).blocks) == 2 and all(k == 2 for _, k in calls(fused))
     with torch.no_grad():
-        torch.testing.assert_close(fused(X), reference(X), rtol=1e-5,
-                                   atol=1e-5)  # addcmul rounds once (an FMA), x * s + y twice
+        torch.testing.assert_close(
+            fused(X), reference(X), rtol=1e-5, atol=1e-5
+        )  # addcmul rounds once (an FMA), x * s + y twice

@@ -1,5 +1,6 @@
 """retrofit.get_info: what a retrofit did, as a frozen record; the private attribute it lives in is read
 by its owner (retrofit/surgery/info.py) alone, never by the package's other modules, the docs or the tests."""
+
 import copy
 import dataclasses
 import re
@@ -56,11 +57,20 @@ def test_only_its_owner_reads_the_private_attribute():
     attribute = re.compile(r"""(\._retrofit\b|["']_retrofit["'])""")
     owner = ROOT / "retrofit" / "surgery" / "info.py"
     found = []
-    for path in [*ROOT.glob("retrofit/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/*.py"),
-                 *ROOT.glob("tools/*.py"), *ROOT.glob("docs/**/*.md"), ROOT / "README.md"]:
+    for path in [
+        *ROOT.glob("retrofit/**/*.py"),
+        *ROOT.glob("tests/**/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+        *ROOT.glob("tools/*.py"),
+        *ROOT.glob("docs/**/*.md"),
+        ROOT / "README.md",
+    ]:
         if path in (owner, Path(__file__)):
             continue
-        found += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
-                  if attribute.search(line)]
+        found += [
+            f"{path.relative_to(ROOT)}:{i}"
+            for i, line in enumerate(path.read_text().splitlines(), 1)
+            if attribute.search(line)
+        ]
     assert found == []
     assert attribute.search(owner.read_text())  # the pattern does find the owner's own use

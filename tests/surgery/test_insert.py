@@ -3,6 +3,7 @@ surgery/insert.py and surgery/plan.py): a failure halfway leaves the user's mode
 retrofit keeps the weights' provenance, fx's constants stay out of the state dict, the narrow-width
 warning is for blocks that read r, a position with no usable site is an error, and an insertion read in
 two submodules is owned by the forward that holds both."""
+
 import warnings
 
 import pytest
@@ -48,8 +49,9 @@ def test_a_failure_halfway_leaves_the_model_as_it_was(fail_at, monkeypatch):
     assert not any(name.endswith(".se") for name, _ in model.named_modules())
     assert torch.equal(model(X), out)
     monkeypatch.setattr(insert_module, "install_forward", real)
-    assert len(retrofit.get_info(retrofit.add_se(model, inplace=True,
-                                                 input_size=(3, 32, 32))).blocks) == 8  # and it still can
+    assert (
+        len(retrofit.get_info(retrofit.add_se(model, inplace=True, input_size=(3, 32, 32))).blocks) == 8
+    )  # and it still can
 
 
 def test_a_failed_second_retrofit_leaves_the_first(monkeypatch):
@@ -122,8 +124,9 @@ def narrow_warnings(**recipe) -> list[str]:
 def test_the_narrow_width_warning_is_for_blocks_that_read_r():
     """Issue 22's mutation of insert.py:138: SE with r = 16 on 8 channels has a width of 0.5, raised to
     1 with a warning; ECA (no r, one 1-d conv) on the same sites has nothing to raise."""
-    assert narrow_warnings(module="se") == ["r=16 gives a reduced width below 1 for 2 block(s) (fewest channels: 8); "
-                                            "raised to min_width=1"]
+    assert narrow_warnings(module="se") == [
+        "r=16 gives a reduced width below 1 for 2 block(s) (fewest channels: 8); raised to min_width=1"
+    ]
     assert narrow_warnings(module="eca") == []
     assert narrow_warnings(module="se", r=8) == []  # 8 / 8 = 1: not below
 
@@ -144,8 +147,11 @@ def test_a_position_with_no_usable_site_is_an_error():
     a model without blocks, silently. `inside` skips a 3x3 conv that ends the branch (that block would
     be the standard position)."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), OneConvUnit(), OneConvUnit())
-    with pytest.raises(RetrofitError, match="position 'inside' has no usable site in Sequential: inside: its output "
-                                            "already ends the residual branch: a block there is the standard position"):
+    with pytest.raises(
+        RetrofitError,
+        match="position 'inside' has no usable site in Sequential: inside: its output "
+        "already ends the residual branch: a block there is the standard position",
+    ):
         retrofit.add_se(model, position="inside", input_size=(3, 16, 16))
     assert len(retrofit.get_info(retrofit.add_se(model, position="standard", r=8, input_size=(3, 16, 16))).blocks) == 2
 

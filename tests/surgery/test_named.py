@@ -1,4 +1,5 @@
 """Sites the user names (`at:`): a block on the output of any module, for models with no merge."""
+
 import json
 
 import pytest
@@ -54,8 +55,11 @@ def test_densenet121_blocks_and_transitions(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(X), reference)
     se.train()(X).square().mean().backward()  # last: a training step moves the norm statistics
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for b in retrofit.get_info(se).blocks for p in se.get_submodule(b.path).parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for b in retrofit.get_info(se).blocks
+        for p in se.get_submodule(b.path).parameters()
+    )
 
 
 VGG_STAGES = ["features.1", "features.4", "features.9", "features.14", "features.19"]  # each stage's last ReLU
@@ -72,24 +76,29 @@ def test_vgg11_stage_ends_preserve():
 
 
 def test_vgg11_cli_counts_the_closed_form():
-    result = runner.invoke(app, ["add-se", "vgg11", "--input-size", "3,64,64", "--at", ",".join(VGG_STAGES),
-                                 "--json", "-"])
+    result = runner.invoke(
+        app, ["add-se", "vgg11", "--input-size", "3,64,64", "--at", ",".join(VGG_STAGES), "--json", "-"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     channels = [64, 128, 256, 512, 512]
-    assert [(b["channels"], b["stride"], b["site"], b["position"]) for b in data["blocks"]] == \
-        [(c, s, "module", "at") for c, s in zip(channels, (1, 2, 4, 8, 16))]
+    assert [(b["channels"], b["stride"], b["site"], b["position"]) for b in data["blocks"]] == [
+        (c, s, "module", "at") for c, s in zip(channels, (1, 2, 4, 8, 16))
+    ]
     assert [(b["params"], b["macs"]) for b in data["blocks"]] == [closed_form(c) for c in channels]
     assert data["added"]["params"] == sum(closed_form(c)[0] for c in channels)
     assert data["recipe"]["at"] == VGG_STAGES and data["sites"]["counts"]["module"] == 5
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--at", "features.x"], "error: at: 'features.x' matches no module of vgg11; did you mean features."),
-    (["--at", "head.fc"], "error: at: head.fc (Linear) outputs a (1, 1000) tensor, not a 4-d feature map"),
-    (["--at", "features.1", "--kinds", "residual"], "error: recipe fields 'kinds', 'at'"),
-    (["--at", ","], "error: recipe field 'at': expected a list of module-path globs"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--at", "features.x"], "error: at: 'features.x' matches no module of vgg11; did you mean features."),
+        (["--at", "head.fc"], "error: at: head.fc (Linear) outputs a (1, 1000) tensor, not a 4-d feature map"),
+        (["--at", "features.1", "--kinds", "residual"], "error: recipe fields 'kinds', 'at'"),
+        (["--at", ","], "error: recipe field 'at': expected a list of module-path globs"),
+    ],
+)
 def test_bad_at_is_one_error_line(args, message):
     result = runner.invoke(app, ["add-se", "vgg11", "--input-size", "3,64,64", *args])
     assert result.exit_code == 2, result.output
@@ -107,8 +116,9 @@ def test_nfnet_blocks_as_a_whole_and_vit_tokens():
     vit = randomize(timm.create_model("test_vit"))
     se = retrofit.add_se(vit, at=["blocks.*"])
     blocks = [se.get_submodule(b.path) for b in retrofit.get_info(se).blocks]
-    assert len(blocks) == len(vit.blocks) and all(isinstance(b, ChannelsLastSqueezeExcite) and b.prefix == 1
-                                                  for b in blocks)
+    assert len(blocks) == len(vit.blocks) and all(
+        isinstance(b, ChannelsLastSqueezeExcite) and b.prefix == 1 for b in blocks
+    )
     x = torch.randn(2, *vit.pretrained_cfg["input_size"])
     with torch.no_grad():
         assert torch.equal(se.eval()(x), vit(x))

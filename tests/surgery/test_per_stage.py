@@ -1,5 +1,6 @@
 """Block fields per stage and per module (issue 9 item 2): maps, overrides and their priority, against
 hand-written closed forms, real insertions, saved files, sweeps, the check, and bad input."""
+
 import json
 
 import pytest
@@ -19,8 +20,8 @@ from retrofit.sweep.grid import sweep
 
 runner = CliRunner()
 SMALL = (3, 64, 64)
-N = (3, 4, 6, 3)                  # ResNet-50 bottleneck units in stages 2..5
-C_OUT = (256, 512, 1024, 2048)    # their output widths
+N = (3, 4, 6, 3)  # ResNet-50 bottleneck units in stages 2..5
+C_OUT = (256, 512, 1024, 2048)  # their output widths
 R_MAP = {2: 8, 3: 8, 4: 16, 5: 32}
 
 
@@ -46,10 +47,12 @@ def test_per_stage_r_adds_the_closed_form_stage_by_stage(resnet50):
     se = retrofit.add_se(resnet50, r=R_MAP, input_size=SMALL)  # measured on the real model
     stages = {s.stage: s.params for s in measure_overhead(resnet50, se, input_size=SMALL).stages()}
     assert stages == expected
-    assert [b.width for b in retrofit.get_info(se).blocks] == [c // R_MAP[s] for s, n, c in zip((2, 3, 4, 5), N, C_OUT)
-                                                      for _ in range(n)]
-    result = runner.invoke(app, ["add-se", "resnet50", "--r", "2:8,3:8,4:16,5:32", "--input-size", "3,64,64",
-                                 "--json", "-"])  # planned on meta, as the CLI does
+    assert [b.width for b in retrofit.get_info(se).blocks] == [
+        c // R_MAP[s] for s, n, c in zip((2, 3, 4, 5), N, C_OUT) for _ in range(n)
+    ]
+    result = runner.invoke(
+        app, ["add-se", "resnet50", "--r", "2:8,3:8,4:16,5:32", "--input-size", "3,64,64", "--json", "-"]
+    )  # planned on meta, as the CLI does
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert {s["stage"]: s["params"] for s in data["stages"]} == expected
@@ -69,15 +72,18 @@ def test_recipe_carries_every_block_field_with_its_default():
 
 # -- priority ---------------------------------------------------------------------------------------
 def test_priority_base_then_maps_then_overrides_in_order():
-    recipe = Recipe(r=4, gate={5: "hard_sigmoid"}, overrides=[
-        {"stages": [4, 5], "r": 32}, {"only": ["layer4.1"], "r": 8}, {"only": ["layer4"], "module": "eca"}])
-    assert recipe.block_for(2, "layer1.0").r == 4                   # base
-    assert recipe.block_for(4, "layer3.0").r == 32                  # override 1 over the base
-    assert recipe.block_for(5, "layer4.0").gate == "hard_sigmoid"   # a map over the base
-    last = recipe.block_for(5, "layer4.1")                           # override 3 wins; r from lower entries drops
+    recipe = Recipe(
+        r=4,
+        gate={5: "hard_sigmoid"},
+        overrides=[{"stages": [4, 5], "r": 32}, {"only": ["layer4.1"], "r": 8}, {"only": ["layer4"], "module": "eca"}],
+    )
+    assert recipe.block_for(2, "layer1.0").r == 4  # base
+    assert recipe.block_for(4, "layer3.0").r == 32  # override 1 over the base
+    assert recipe.block_for(5, "layer4.0").gate == "hard_sigmoid"  # a map over the base
+    last = recipe.block_for(5, "layer4.1")  # override 3 wins; r from lower entries drops
     assert (last.module, last.r, last.gate) == ("eca", 16, "hard_sigmoid")
     assert Recipe(r={"default": 8, 5: 32}).block_for(3).r == 8
-    assert Recipe(r=8).replace(r="5:32").block_for(3).r == 8          # a map keeps the recipe's base r
+    assert Recipe(r=8).replace(r="5:32").block_for(3).r == 8  # a map keeps the recipe's base r
     assert Recipe(r=8).replace(r={5: 32, "default": 2}).block_for(3).r == 2
 
 
@@ -107,14 +113,16 @@ def test_mixed_modules_keep_the_function_and_fuse_only_se(resnet18):
 
 # -- saved files, sweeps, the check ----------------------------------------------------------------
 def test_save_and_load_rebuild_mixed_widths_and_modules(resnet18, tmp_path):
-    recipe = Recipe(r={2: 4, 5: 32}, gate={3: "hard_sigmoid"}, init="paper",
-                    overrides=[{"only": ["layer4.1"], "module": "cbam"}])
+    recipe = Recipe(
+        r={2: 4, 5: 32}, gate={3: "hard_sigmoid"}, init="paper", overrides=[{"only": ["layer4.1"], "module": "cbam"}]
+    )
     se = retrofit.add_se(resnet18, recipe, input_size=SMALL).eval()
     path = retrofit.save(se, tmp_path / "mixed.safetensors")
     again = retrofit.load(path).eval()
     assert retrofit.get_info(again).recipe == recipe
-    assert [(b.path, b.width, b.config) for b in retrofit.get_info(again).blocks] == \
-        [(b.path, b.width, b.config) for b in retrofit.get_info(se).blocks]
+    assert [(b.path, b.width, b.config) for b in retrofit.get_info(again).blocks] == [
+        (b.path, b.width, b.config) for b in retrofit.get_info(se).blocks
+    ]
     assert type(again.layer4[1].se).__name__ == "CbamModule" and again.layer4[0].se.width == 16
     x = torch.randn(2, *SMALL)
     with torch.no_grad():
@@ -122,8 +130,12 @@ def test_save_and_load_rebuild_mixed_widths_and_modules(resnet18, tmp_path):
 
 
 def test_recipe_round_trips_through_json_and_yaml():
-    recipe = Recipe(r={"default": 8, 4: 16, 5: 32}, bias={2: False}, gate={2: "sigmoid", 5: "tanh"},
-                    overrides=[{"stages": 5, "only": "layer4.*", "module": "se", "divisor": 8}])
+    recipe = Recipe(
+        r={"default": 8, 4: 16, 5: 32},
+        bias={2: False},
+        gate={2: "sigmoid", 5: "tanh"},
+        overrides=[{"stages": 5, "only": "layer4.*", "module": "se", "divisor": 8}],
+    )
     assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
     assert Recipe.from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))) == recipe
     assert "r 8 (stage 4: 16, stage 5: 32)" in recipe.describe()
@@ -135,13 +147,17 @@ def test_sweep_takes_per_stage_maps_as_r_values(resnet50):
     rows = sweep(resnet50, r=[16, R_MAP], input_size=SMALL)
     assert [row.r_label for row in rows] == ["16", "2:8,3:8,4:16,5:32"]
     assert rows[1].params == sum(n * se_params(c, R_MAP[s]) for s, n, c in zip((2, 3, 4, 5), N, C_OUT))
-    result = runner.invoke(app, ["sweep", "resnet50", "--r", "16;2:8,3:8,4:16,5:32;default:8,5:32",
-                                 "--input-size", "3,64,64", "--json", "-"])
+    result = runner.invoke(
+        app,
+        ["sweep", "resnet50", "--r", "16;2:8,3:8,4:16,5:32;default:8,5:32", "--input-size", "3,64,64", "--json", "-"],
+    )
     assert result.exit_code == 0, result.output
     got = [(row["r_label"], row["params"]) for row in json.loads(result.stdout)["rows"]]
-    assert got == [("16", rows[0].params), ("2:8,3:8,4:16,5:32", rows[1].params),
-                   ("default:8,5:32",
-                    sum(n * se_params(c, 32 if s == 5 else 8) for s, n, c in zip((2, 3, 4, 5), N, C_OUT)))]
+    assert got == [
+        ("16", rows[0].params),
+        ("2:8,3:8,4:16,5:32", rows[1].params),
+        ("default:8,5:32", sum(n * se_params(c, 32 if s == 5 else 8) for s, n, c in zip((2, 3, 4, 5), N, C_OUT))),
+    ]
 
 
 def test_planned_counts_equal_a_real_insertion_with_mixed_modules(resnet18):
@@ -160,29 +176,35 @@ def test_check_verifies_per_stage_widths_against_the_closed_form():
 
 
 # -- bad input: one line each -----------------------------------------------------------------------
-@pytest.mark.parametrize("args, words", [
-    (["--r", "2:"], ["recipe field 'r'", "'2:'", "stage:value"]),
-    (["--r", "x:8"], ["recipe field 'r'", "'x' is not a stage number"]),
-    (["--r", "2:8,2:4"], ["stage 2 is given twice"]),
-    (["--r", "2:8,6:4"], ["recipe field 'r': stage 6 does not exist in resnet18", "2,3,4,5"]),
-    (["--gate", "5:softmax"], ["recipe field 'gate' (stage 5): unknown value 'softmax'"]),
-    (["--module", "5:eca", "--r", "5:8"], ["'r' (its per-stage map) does not apply to module 'eca'"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--r", "2:"], ["recipe field 'r'", "'2:'", "stage:value"]),
+        (["--r", "x:8"], ["recipe field 'r'", "'x' is not a stage number"]),
+        (["--r", "2:8,2:4"], ["stage 2 is given twice"]),
+        (["--r", "2:8,6:4"], ["recipe field 'r': stage 6 does not exist in resnet18", "2,3,4,5"]),
+        (["--gate", "5:softmax"], ["recipe field 'gate' (stage 5): unknown value 'softmax'"]),
+        (["--module", "5:eca", "--r", "5:8"], ["'r' (its per-stage map) does not apply to module 'eca'"]),
+    ],
+)
 def test_cli_malformed_maps_are_one_error_line(args, words):
     one_error(runner.invoke(app, ["add-se", "resnet18", *args, "--input-size", "3,64,64"]), *words)
 
 
-@pytest.mark.parametrize("text, words", [
-    ("r: {two: 8}\n", ["'two' is not a stage number"]),
-    ("r: {2: {3: 4}}\n", ["stage 2 maps to {3: 4}, not to one value"]),
-    ("r: {2: [8]}\n", ["not to one value"]),
-    ("overrides: [{only: [layer9.*], r: 4}]\n", ["entry 1: only glob 'layer9.*' matches no site"]),
-    ("overrides: [{stages: [5], only: [layer1], r: 4}]\n", ["only glob 'layer1' matches no site", "in stages 5"]),
-    ("overrides: [{stages: [7], r: 4}]\n", ["entry 1: stage 7 does not exist in resnet18"]),
-    ("overrides: {stages: [4], r: 4}\n", ["expected a list of entries"]),
-    ("overrides: [{stages: [4], ratio: 4}]\n", ["unknown key 'ratio'"]),
-    ("overrides: [{stages: [4]}]\n", ["sets no block field"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("r: {two: 8}\n", ["'two' is not a stage number"]),
+        ("r: {2: {3: 4}}\n", ["stage 2 maps to {3: 4}, not to one value"]),
+        ("r: {2: [8]}\n", ["not to one value"]),
+        ("overrides: [{only: [layer9.*], r: 4}]\n", ["entry 1: only glob 'layer9.*' matches no site"]),
+        ("overrides: [{stages: [5], only: [layer1], r: 4}]\n", ["only glob 'layer1' matches no site", "in stages 5"]),
+        ("overrides: [{stages: [7], r: 4}]\n", ["entry 1: stage 7 does not exist in resnet18"]),
+        ("overrides: {stages: [4], r: 4}\n", ["expected a list of entries"]),
+        ("overrides: [{stages: [4], ratio: 4}]\n", ["unknown key 'ratio'"]),
+        ("overrides: [{stages: [4]}]\n", ["sets no block field"]),
+    ],
+)
 def test_recipe_files_with_bad_maps_are_one_error_line(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -190,8 +212,10 @@ def test_recipe_files_with_bad_maps_are_one_error_line(tmp_path, text, words):
 
 
 def test_bad_maps_in_sweep_and_check_are_one_error_line():
-    one_error(runner.invoke(app, ["sweep", "resnet18", "--r", "16;2:8,7:4", "--input-size", "3,64,64"]),
-              "--r: stage 7 does not exist in resnet18")
+    one_error(
+        runner.invoke(app, ["sweep", "resnet18", "--r", "16;2:8,7:4", "--input-size", "3,64,64"]),
+        "--r: stage 7 does not exist in resnet18",
+    )
     one_error(runner.invoke(app, ["sweep", "resnet18", "--r", "16;;2:8"]), "--r", "item 2", "empty", "';'")
     one_error(runner.invoke(app, ["check", "resnet18", "--r", "2:x"]), "recipe field 'r' (stage 2)")
     with pytest.raises(RetrofitError, match="stage 9 does not exist"):

@@ -1,4 +1,5 @@
 """With init 'preserve' the retrofitted network computes what the original did, and still learns."""
+
 import pytest
 import timm
 import torch
@@ -59,8 +60,11 @@ def partial_and_norm_models():
     return {name: randomize(timm.create_model(name)) for name in ("convnextv2_atto", "rexnet_100")}
 
 
-@pytest.mark.parametrize(("name", "position"), [("convnextv2_atto", p) for p in ("standard", "pre", "post", "identity")]
-                         + [("rexnet_100", p) for p in ("standard", "pre", "post", "identity", "inside")])
+@pytest.mark.parametrize(
+    ("name", "position"),
+    [("convnextv2_atto", p) for p in ("standard", "pre", "post", "identity")]
+    + [("rexnet_100", p) for p in ("standard", "pre", "post", "identity", "inside")],
+)
 def test_one_block_per_unit_of_convnextv2_and_rexnet(partial_and_norm_models, name, position):
     """One block per ConvNeXt-V2 block (none in its GlobalResponseNorm) and per ReXNet bottleneck with a
     shortcut (none on its closing concatenation), as wide as the tensor it scales; outputs preserved."""

@@ -21,26 +21,45 @@ def test_builtin_recipes_one_per_position_plus_timm():
     for name in names - {"timm"}:
         assert Recipe.load(name).position == name
     timm_recipe = Recipe.load("timm")
-    assert (timm_recipe.position, timm_recipe.r, timm_recipe.divisor, timm_recipe.min_width, timm_recipe.init) == \
-        ("standard", 16, 8, 8, "paper")
+    assert (timm_recipe.position, timm_recipe.r, timm_recipe.divisor, timm_recipe.min_width, timm_recipe.init) == (
+        "standard",
+        16,
+        8,
+        8,
+        "paper",
+    )
 
 
 def test_yaml_file_roundtrip(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump({"position": "inside", "r": 8, "stages": [3, 4], "bias": False,
-                                    "gate": "hard_sigmoid"}))
+    path.write_text(
+        yaml.safe_dump({"position": "inside", "r": 8, "stages": [3, 4], "bias": False, "gate": "hard_sigmoid"})
+    )
     r = Recipe.load(path)
     assert (r.position, r.r, r.stages, r.bias, r.gate) == ("inside", 8, (3, 4), False, "hard_sigmoid")
     assert Recipe.from_dict(r.to_dict()) == r
     assert Recipe.load(str(path)) == r
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"position": "middle"}, "position"), ({"gate": "softmax"}, "gate"), ({"squeeze": "median"}, "squeeze"),
-    ({"init": "zeros"}, "init"), ({"r": 0}, "r"), ({"r": -4}, "r"), ({"r": "abc"}, "r"), ({"r": True}, "r"),
-    ({"r": float("nan")}, "r"), ({"divisor": 0}, "divisor"), ({"min_width": 1.5}, "min_width"),
-    ({"stages": "x"}, "stages"), ({"stages": []}, "stages"), ({"bias": "maybe"}, "bias"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"position": "middle"}, "position"),
+        ({"gate": "softmax"}, "gate"),
+        ({"squeeze": "median"}, "squeeze"),
+        ({"init": "zeros"}, "init"),
+        ({"r": 0}, "r"),
+        ({"r": -4}, "r"),
+        ({"r": "abc"}, "r"),
+        ({"r": True}, "r"),
+        ({"r": float("nan")}, "r"),
+        ({"divisor": 0}, "divisor"),
+        ({"min_width": 1.5}, "min_width"),
+        ({"stages": "x"}, "stages"),
+        ({"stages": []}, "stages"),
+        ({"bias": "maybe"}, "bias"),
+    ],
+)
 def test_bad_values_name_the_field(data, field):
     with pytest.raises(RecipeError, match=f"'{field}'"):
         Recipe.from_dict(data)
@@ -85,7 +104,7 @@ def test_cli_style_strings_are_coerced():
 def test_preserve_without_bias_needs_a_gate_nonzero_at_zero():
     with pytest.raises(RecipeError, match="init 'preserve' without biases"):
         Recipe(bias=False, gate="tanh")
-    Recipe(bias=False, gate="sigmoid")          # sigmoid(0) = 0.5: fine
+    Recipe(bias=False, gate="sigmoid")  # sigmoid(0) = 0.5: fine
     Recipe(bias=False, gate="relu", init="paper")
 
 
@@ -109,10 +128,14 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path, key):
     assert len(str(caught.value)) <= 300
 
 
-@pytest.mark.parametrize("levels, words", [(50_000, "is nested more than 32 levels deep at line 1"),
-                                           (33, "is nested more than 32 levels deep at line 1"),
-                                           (32, "recipe field 'r': the reduction ratio must be a positive number, got "
-                                                "[[[[...]]]]")])
+@pytest.mark.parametrize(
+    "levels, words",
+    [
+        (50_000, "is nested more than 32 levels deep at line 1"),
+        (33, "is nested more than 32 levels deep at line 1"),
+        (32, "recipe field 'r': the reduction ratio must be a positive number, got [[[[...]]]]"),
+    ],
+)
 def test_a_recipe_nested_deeper_than_the_bound_is_one_line(tmp_path, levels, words):
     """Issue 22.1: `r: [[[...]]]` 50,000 deep ended in RecursionError. The bound: 32 levels, the mapping
     of the file one of them; at the bound the value is read and refused for what it is."""
@@ -143,12 +166,17 @@ def test_a_recipe_file_over_a_mebibyte_is_not_read(tmp_path):
     assert Recipe.load(path) == Recipe()
 
 
-@pytest.mark.parametrize("field, value, shown", [
-    ("r", [1] * 2_000_000, "got [1, 1, 1, 1, 1, 1, ...]"), ("position", "x" * 10_000_000, "unknown value 'xxxxx"),
-    ("only", [7] * 2_000_000, "got [7, 7, 7, 7, 7, 7, ...]"), ("stages", "1," * 1_000_000 + "x", "got '1,1,1,"),
-    ("r", {2: [1] * 1_000_000}, "stage 2 maps to [1, 1, 1, 1, 1, 1, ...]"),
-    ("gate", "\x1b[2J\n" * 1000, "'\\x1b[2J\\n"),
-])
+@pytest.mark.parametrize(
+    "field, value, shown",
+    [
+        ("r", [1] * 2_000_000, "got [1, 1, 1, 1, 1, 1, ...]"),
+        ("position", "x" * 10_000_000, "unknown value 'xxxxx"),
+        ("only", [7] * 2_000_000, "got [7, 7, 7, 7, 7, 7, ...]"),
+        ("stages", "1," * 1_000_000 + "x", "got '1,1,1,"),
+        ("r", {2: [1] * 1_000_000}, "stage 2 maps to [1, 1, 1, 1, 1, 1, ...]"),
+        ("gate", "\x1b[2J\n" * 1000, "'\\x1b[2J\\n"),
+    ],
+)
 def test_a_message_quotes_a_short_escaped_excerpt_of_the_value(field, value, shown):
     """Issue 22.3: a 2-million-element r gave a 6 MB error line (the whole value repeated)."""
     with pytest.raises(RecipeError) as caught:
@@ -184,9 +212,15 @@ def test_a_stage_key_is_a_whole_number_from_1(key):
 def test_an_override_must_select_its_sites():
     """Mutation recipe_fields.py:249 (the "selects every site" error off): an override without stages
     or only would set its fields everywhere, which is the base field's job."""
-    with pytest.raises(RecipeError, match=r"recipe field 'overrides', entry 2: selects every site; give stages and/or "
-                                          r"only"):
+    with pytest.raises(
+        RecipeError,
+        match=r"recipe field 'overrides', entry 2: selects every site; give stages and/or "
+        r"only",
+    ):
         Recipe(overrides=[{"stages": [4], "r": 8}, {"r": 32}])
-    for entry in ({"stages": [4], "r": 8}, {"only": ["layer4.*"], "r": 8},
-                  {"stages": [5], "only": ["layer4.2"], "r": 8}):
+    for entry in (
+        {"stages": [4], "r": 8},
+        {"only": ["layer4.*"], "r": 8},
+        {"stages": [5], "only": ["layer4.2"], "r": 8},
+    ):
         assert Recipe(overrides=[entry]).overrides[0].values == (("r", 8),)

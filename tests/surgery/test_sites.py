@@ -111,12 +111,10 @@ class Twin(nn.Module):  # a sum of two equally deep paths: no shortcut
         return self.a(x) + self.b(x)
 
 
-@pytest.mark.parametrize("net, expected", [
-    (Residual(), {"residual": 1, "conv3x3": 2}),
-    (TwoBranch(), {"inception": 1}),
-    (Dense(), {}),
-    (Twin(), {}),
-])
+@pytest.mark.parametrize(
+    "net, expected",
+    [(Residual(), {"residual": 1, "conv3x3": 2}), (TwoBranch(), {"inception": 1}), (Dense(), {}), (Twin(), {})],
+)
 def test_custom_modules(net, expected):
     sites = find_sites(nn.Sequential(nn.Conv2d(3, 8, 3), net), input_size=(3, 16, 16))
     assert kinds(sites) == expected
@@ -135,7 +133,6 @@ def test_res2net_hierarchical_sums_belong_to_their_bottleneck():
     found = scan(timm.create_model("res2net50_14w_8s"), (3, 64, 64))
     assert found.count("residual") == 16  # one per Bottle2neck, like ResNet-50
     assert sum("channel split" in s.reason for s in found.skipped) == 72  # 12 blocks x 6 inner sums
-
 
 
 class PoolMixer(nn.Module):  # PoolFormer: a parameter-free branch on an identity shortcut
@@ -162,8 +159,9 @@ def test_convnextv2_sums_inside_global_response_norm_are_not_sites():
     blocks = [n for n, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
     norms = [n for n, m in model.named_modules() if type(m).__name__ == "GlobalResponseNorm"]
     assert len(blocks) == len(norms) == 12  # depths 2, 2, 6, 2
-    assert [(s.kind, s.module, s.channels) for s in found.sites] == \
-        [("residual", n, model.get_submodule(n).conv_dw.out_channels) for n in blocks]
+    assert [(s.kind, s.module, s.channels) for s in found.sites] == [
+        ("residual", n, model.get_submodule(n).conv_dw.out_channels) for n in blocks
+    ]
     inside = [s.where.split(" ")[0] for s in found.skipped if "one layer (GlobalResponseNorm" in s.reason]
     assert inside == norms
 
@@ -177,6 +175,7 @@ def test_rexnet_partial_residual_is_one_site_per_bottleneck():
     assert len(units) == 11
     assert kinds(found.sites) == {"residual": 11, "conv3x3": 11}
     residual = [s for s in found.sites if s.kind == "residual"]
-    assert [(s.module, s.channels, s.detail) for s in residual] == \
-        [(n, m.out_channels, f"identity, on {m.in_channels} of {m.out_channels} channels") for n, m in units.items()]
+    assert [(s.module, s.channels, s.detail) for s in residual] == [
+        (n, m.out_channels, f"identity, on {m.in_channels} of {m.out_channels} channels") for n, m in units.items()
+    ]
     assert all(s.refs.anchor.target is torch.cat for s in residual)

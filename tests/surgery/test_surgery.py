@@ -1,4 +1,5 @@
 """Custom graphs, site selection, other attention modules and strip (issue 4, items 4-6)."""
+
 import copy
 
 import pytest
@@ -32,14 +33,20 @@ def paths(model):
 
 
 # -- selection ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fields, expected", [
-    (dict(only=["layer3.*"]), ["layer3.0.se", "layer3.1.se"]),
-    (dict(only="layer3,layer4.1"), ["layer3.0.se", "layer3.1.se", "layer4.1.se"]),  # a parent path selects inside it
-    (dict(skip=["layer[12].*", "layer4.0"]), ["layer3.0.se", "layer3.1.se", "layer4.1.se"]),
-    (dict(only=["layer4*"], skip=["*.1"]), ["layer4.0.se"]),
-    (dict(position="inside", kinds=["inside"], only=["layer2.0"]), ["layer2.0.se_inside"]),
-    (dict(kinds="residual"), [u + ".se" for u in RESNET18_UNITS]),
-])
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (dict(only=["layer3.*"]), ["layer3.0.se", "layer3.1.se"]),
+        (
+            dict(only="layer3,layer4.1"),
+            ["layer3.0.se", "layer3.1.se", "layer4.1.se"],
+        ),  # a parent path selects inside it
+        (dict(skip=["layer[12].*", "layer4.0"]), ["layer3.0.se", "layer3.1.se", "layer4.1.se"]),
+        (dict(only=["layer4*"], skip=["*.1"]), ["layer4.0.se"]),
+        (dict(position="inside", kinds=["inside"], only=["layer2.0"]), ["layer2.0.se_inside"]),
+        (dict(kinds="residual"), [u + ".se" for u in RESNET18_UNITS]),
+    ],
+)
 def test_only_skip_and_kinds_select_sites(resnet18, fields, expected):
     assert paths(retrofit.add_se(resnet18, input_size=SIZE, **fields)) == expected
 
@@ -108,6 +115,7 @@ def test_eca_parameter_count_is_the_papers_kernel_formula(resnet18):
     def k(c):
         t = int((torch.log2(torch.tensor(float(c))).item() + 1) / 2)
         return max(t if t % 2 else t + 1, 3)
+
     channels = [64, 64, 128, 128, 256, 256, 512, 512]
     model = retrofit.add_se(resnet18, module="eca", input_size=SIZE)
     report = retrofit.measure_overhead(resnet18, model, input_size=SIZE)
@@ -169,19 +177,24 @@ def test_strip_a_model_without_blocks_is_an_error(resnet18):
 
 
 # -- bad input: one clear message each ------------------------------------------------------------
-@pytest.mark.parametrize("fields, message", [
-    (dict(only=["layer9.*"]), "only glob 'layer9.*' matches no site of position 'standard' in resnet18; site modules: "
-                              "layer1.0"),
-    (dict(skip=["head"]), "skip glob 'head' matches no site"),
-    (dict(only=["layer1.*"], skip=["layer1"]), "leave no site of position 'standard'"),
-    (dict(module="nope"), "recipe field 'module': unknown value 'nope'; allowed: se, ese, eca, ceca, cbam, gc"),
-    (dict(module="eca", r=8), "recipe field 'r' does not apply to module 'eca'"),
-    (dict(module="cbam", gate="tanh"), "init 'preserve' for module 'cbam' needs a gate that is non-zero at 0"),
-    (dict(kinds=["inception"]), "kinds inception have no site in resnet18"),
-    (dict(kinds=["nope"]), "recipe field 'kinds': unknown value 'nope'"),
-    (dict(position="inside", kinds=["residual"]), "position 'inside' applies to conv3x3 sites, not to residual"),
-    (dict(only=[""]), "recipe field 'only': expected a list of module-path globs"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(only=["layer9.*"]),
+            "only glob 'layer9.*' matches no site of position 'standard' in resnet18; site modules: layer1.0",
+        ),
+        (dict(skip=["head"]), "skip glob 'head' matches no site"),
+        (dict(only=["layer1.*"], skip=["layer1"]), "leave no site of position 'standard'"),
+        (dict(module="nope"), "recipe field 'module': unknown value 'nope'; allowed: se, ese, eca, ceca, cbam, gc"),
+        (dict(module="eca", r=8), "recipe field 'r' does not apply to module 'eca'"),
+        (dict(module="cbam", gate="tanh"), "init 'preserve' for module 'cbam' needs a gate that is non-zero at 0"),
+        (dict(kinds=["inception"]), "kinds inception have no site in resnet18"),
+        (dict(kinds=["nope"]), "recipe field 'kinds': unknown value 'nope'"),
+        (dict(position="inside", kinds=["residual"]), "position 'inside' applies to conv3x3 sites, not to residual"),
+        (dict(only=[""]), "recipe field 'only': expected a list of module-path globs"),
+    ],
+)
 def test_bad_selection_or_module_is_one_clear_error(resnet18, fields, message):
     with pytest.raises(retrofit.RetrofitError) as err:
         retrofit.add_se(resnet18, input_size=SIZE, **fields)
@@ -190,18 +203,22 @@ def test_bad_selection_or_module_is_one_clear_error(resnet18, fields, message):
 
 def test_a_model_without_any_site_is_one_clear_error():
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
-    with pytest.raises(retrofit.RetrofitError,
-                       match="has no site in Sequential.*no residual or Inception merge at all"):
+    with pytest.raises(
+        retrofit.RetrofitError, match="has no site in Sequential.*no residual or Inception merge at all"
+    ):
         retrofit.add_se(plain, input_size=(3, 16, 16))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["resnet18", "--only", "layer9.*"], "error: only glob 'layer9.*' matches no site"),
-    (["resnet18", "--skip", "fc"], "error: skip glob 'fc' matches no site"),
-    (["resnet18", "--module", "nope"], "error: recipe field 'module': unknown value 'nope'"),
-    (["resnet18", "--kinds", "inception"], "error: kinds inception have no site in resnet18"),
-    (["lcnet_035"], "error: position 'standard' has no site in lcnet_035"),  # no residual merge at all
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["resnet18", "--only", "layer9.*"], "error: only glob 'layer9.*' matches no site"),
+        (["resnet18", "--skip", "fc"], "error: skip glob 'fc' matches no site"),
+        (["resnet18", "--module", "nope"], "error: recipe field 'module': unknown value 'nope'"),
+        (["resnet18", "--kinds", "inception"], "error: kinds inception have no site in resnet18"),
+        (["lcnet_035"], "error: position 'standard' has no site in lcnet_035"),  # no residual merge at all
+    ],
+)
 def test_cli_bad_selection_is_one_error_line(args, message):
     result = CliRunner().invoke(app, ["add-se", *args, "--input-size", "3,64,64"])
     assert result.exit_code == 2, result.output
@@ -213,8 +230,21 @@ def test_cli_selection_and_module_options(tmp_path):
     import json
 
     report = tmp_path / "r.json"
-    result = CliRunner().invoke(app, ["add-se", "resnet18", "--module", "eca", "--only", "layer3.*,layer4.0",
-                                      "--input-size", "3,64,64", "--json", str(report)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "add-se",
+            "resnet18",
+            "--module",
+            "eca",
+            "--only",
+            "layer3.*,layer4.0",
+            "--input-size",
+            "3,64,64",
+            "--json",
+            str(report),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert [b["path"] for b in data["blocks"]] == ["layer3.0.se", "layer3.1.se", "layer4.0.se"]

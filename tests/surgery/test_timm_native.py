@@ -1,4 +1,5 @@
 """The timm recipe on a plain model reproduces timm's native SE model: parameters, keys, outputs."""
+
 import pytest
 import timm
 import torch
@@ -11,9 +12,9 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("plain, native", [
-    ("resnet50", "seresnet50"), ("resnet18", "seresnet18"), ("resnext50_32x4d", "seresnext50_32x4d"),
-])
+@pytest.mark.parametrize(
+    "plain, native", [("resnet50", "seresnet50"), ("resnet18", "seresnet18"), ("resnext50_32x4d", "seresnext50_32x4d")]
+)
 def test_timm_recipe_matches_native_se_model(plain, native):
     se = retrofit.add_se(timm.create_model(plain), recipe="timm", input_size=(3, 64, 64)).eval()
     reference = randomize(timm.create_model(native), seed=3)

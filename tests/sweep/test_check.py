@@ -3,6 +3,7 @@
 Models are the smallest variants (some scaled down further through timm's own constructor
 arguments) at small inputs, so the whole file runs in about a minute on two CPU cores.
 """
+
 import json
 
 import pytest
@@ -50,9 +51,16 @@ def one_of_each(name):
 
 
 def vgg_style():  # plain convolutions: no merge anywhere
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 # family -> (model, input side, status, expected sites by kind); sites counted by hand from each
@@ -70,16 +78,24 @@ FAMILIES = {
     "inception_v4": (lambda: one_of_each("inception_v4"), 75, "ok", {"inception": 8}),
     # Block35, Block17, Block8 and the final Block8 (residual); mixed_5b/6a/7a (Inception); Block35 has
     # three 3x3 convs, Block17 and Block8 use 1x7/7x1 and 1x3/3x1
-    "inception_resnet_v2": (lambda: one_of_each("inception_resnet_v2"), 75, "ok",
-                            {"residual": 4, "inception": 3, "conv3x3": 3}),
+    "inception_resnet_v2": (
+        lambda: one_of_each("inception_resnet_v2"),
+        75,
+        "ok",
+        {"residual": 4, "inception": 3, "conv3x3": 3},
+    ),
     "dpn": (lambda: timm_model("dpn48b"), 32, "ok", None),
     # scale 8: seven 3x3 convs per unit; ResNeSt: one split-attention 3x3 conv per unit
     "res2net": (lambda: timm_model("res2net50_14w_8s", layers=(1, 1, 1, 1)), 32, "ok", {"residual": 4, "conv3x3": 28}),
     "resnest": (lambda: timm_model("resnest14d"), 32, "ok", {"residual": 4, "conv3x3": 4}),
     "vgg": (vgg_style, 64, "no sites", {}),
     "vit": (lambda: timm_model("vit_tiny_patch16_224", img_size=64, depth=2), 64, "ok", {"residual": 4}),
-    "swin": (lambda: timm_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4, depths=(1, 1, 1, 1)),
-             64, "ok", {"residual": 8}),
+    "swin": (
+        lambda: timm_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4, depths=(1, 1, 1, 1)),
+        64,
+        "ok",
+        {"residual": 8},
+    ),
 }
 
 
@@ -162,7 +178,6 @@ class TinyViT(nn.Module):
         return self.blocks(x)[:, 0]
 
 
-
 def test_token_sites_squeeze_the_patch_grid_only():
     net = randomize(TinyViT())
     sites = [s for s in scan(net, (3, 16, 16)).sites]
@@ -176,8 +191,13 @@ def test_token_sites_squeeze_the_patch_grid_only():
     block.reset_parameters("paper")
     t = torch.randn(2, 17, 16)
     z = t[:, 1:].mean(1)
-    gate = torch.sigmoid(nn.functional.linear(torch.relu(nn.functional.linear(
-        z, block.fc1.weight.flatten(1), block.fc1.bias)), block.fc2.weight.flatten(1), block.fc2.bias))
+    gate = torch.sigmoid(
+        nn.functional.linear(
+            torch.relu(nn.functional.linear(z, block.fc1.weight.flatten(1), block.fc1.bias)),
+            block.fc2.weight.flatten(1),
+            block.fc2.bias,
+        )
+    )
     torch.testing.assert_close(block(t), t * gate[:, None, :])
     t2 = t.clone()
     t2[:, 0] += 100.0  # the class token does not move the gate
@@ -213,7 +233,13 @@ def test_sweep_reports_bad_models_instead_of_crashing():
     plain = check_model(vgg_style(), input_size=(3, 16, 16))
     good = check_model(untraceable_net(), input_size=(3, 16, 16))
     assert summarize(results + [broken, plain, good]) == {
-        "models": 4, "ok": 1, "no sites": 1, "unsupported": 0, "fail": 2, "success_rate": 1 / 3}
+        "models": 4,
+        "ok": 1,
+        "no sites": 1,
+        "unsupported": 0,
+        "fail": 2,
+        "success_rate": 1 / 3,
+    }
 
 
 def test_smallest_per_family_counts_parameters():

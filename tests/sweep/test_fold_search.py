@@ -1,5 +1,6 @@
 """retrofit.fold: which gates go at each tolerance, its cost bound counted, and the folded model is still a
 retrofit model (files, card, fine-tune, strip, export)."""
+
 import copy
 import json
 import math
@@ -95,6 +96,7 @@ def test_blocks_fold_the_named_gates_by_their_mean(data):
 def test_a_folded_model_saves_and_loads_full_and_as_an_adapter(tmp_path):
     plain = randomize(timm.create_model("test_resnet", num_classes=CLASSES))
     from safetensors.torch import save_model
+
     save_model(plain, str(tmp_path / "plain.safetensors"))
     model = moved(se_model(plain=plain, position="identity"))  # a channel scale and norm folds
     folded = retrofit.fold(model).model.eval()
@@ -103,8 +105,10 @@ def test_a_folded_model_saves_and_loads_full_and_as_an_adapter(tmp_path):
     retrofit.save(folded, tmp_path / "full.safetensors", card=True)
     with safe_open(tmp_path / "full.safetensors", "pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["folds"])[:2] == [["layer1.0.se_identity", "scale", ""],
-                                             ["layer3.0.se_identity", "norm", "layer3.0.downsample.2"]]
+    assert json.loads(meta["folds"])[:2] == [
+        ["layer1.0.se_identity", "scale", ""],
+        ["layer3.0.se_identity", "norm", "layer3.0.downsample.2"],
+    ]
     assert meta["blocks"] == "4"
     card = (tmp_path / "full.README.md").read_text()
     assert "## Folded blocks" in card and "`layer3.0.downsample.2`" in card
@@ -152,7 +156,8 @@ def test_fold_again_and_strip_after_all_blocks_are_gone():
         retrofit.fold(folded)
     plain = retrofit.strip(folded)
     assert plain.state_dict().keys() == se_model().state_dict().keys() - {
-        k for k in se_model().state_dict() if ".se." in k}
+        k for k in se_model().state_dict() if ".se." in k
+    }
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(X), folded.eval()(X), rtol=0, atol=0)
     assert info_of(copy.deepcopy(folded)).folds == info_of(folded).folds

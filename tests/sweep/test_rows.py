@@ -1,6 +1,7 @@
 """SweepRow composed of its parts (issue 23, item 5): cost, latency, accuracy and finalist, each None when not
 measured; its JSON unchanged key for key. EXPECTED is the JSON of the same rows made by the code before the parts
 (the flat 33-field SweepRow of commit 802957e, dumped with json.dumps(row.to_dict())), stored here as it printed."""
+
 import json
 
 import pytest
@@ -11,20 +12,61 @@ from retrofit.sweep.rows import Accuracy, Cost, Finalist, Latency, SweepRow
 ROWS = {
     "cost": lambda: SweepRow("post", 16.0, (3, 4), Cost(7, 1234, 0.5, 5678, 0.25, 900, skipped=1)),
     "note": lambda: SweepRow("identity", 4.0, (2,), note="no site"),
-    "latency": lambda: SweepRow("standard", Recipe(r="2:8,5:32").r, None, Cost(16, 100, 1.0, 200, 2.0, 300),
-                                latency=Latency(1.05, 1.01, 1.09, 12.5, 11.9)),
-    "accuracy": lambda: SweepRow("standard", 8.0, None, Cost(16, 100, 1.0, 200, 2.0, 300), seeds=(0, 1),
-                                 accuracy=Accuracy(75.0, 1.5, 0.7, 0.05, (74.0, 76.0), (0.72, 0.68), delta_top1=1.25,
-                                                   delta_top1_std=0.5, delta_top1_ci=(0.1, 2.4), control="full",
-                                                   pareto=True)),
-    "control": lambda: SweepRow("", 0.0, None, arm="head+norms", seeds=(0, 1), note="original, head",
-                                latency=Latency(1.0), accuracy=Accuracy(70.0, 0.5, 0.9, 0.1, (69.5, 70.5), (0.8, 1.0))),
-    "failed": lambda: SweepRow("pre", 32.0, None, Cost(16, 50, 0.5, 60, 0.6, 70), seeds=(0,),
-                               note="fine-tune failed: nan"),
-    "finalist": lambda: SweepRow("identity", 4.0, (5,), Cost(3, 10, 0.1, 20, 0.2, 30), note="trial 3, lr 1.00e-02",
-                                 finalist=Finalist(Recipe(position="identity", r=4, stages=(5,), gate="hard_sigmoid"),
-                                                   {"lr": 0.01, "phase2_epochs": 1}, 3, "lr 1.00e-02"), seeds=(0, 1),
-                                 accuracy=Accuracy(80.0, 0.0, 0.5, 0.0, (80.0, 80.0), (0.5, 0.5))),
+    "latency": lambda: SweepRow(
+        "standard",
+        Recipe(r="2:8,5:32").r,
+        None,
+        Cost(16, 100, 1.0, 200, 2.0, 300),
+        latency=Latency(1.05, 1.01, 1.09, 12.5, 11.9),
+    ),
+    "accuracy": lambda: SweepRow(
+        "standard",
+        8.0,
+        None,
+        Cost(16, 100, 1.0, 200, 2.0, 300),
+        seeds=(0, 1),
+        accuracy=Accuracy(
+            75.0,
+            1.5,
+            0.7,
+            0.05,
+            (74.0, 76.0),
+            (0.72, 0.68),
+            delta_top1=1.25,
+            delta_top1_std=0.5,
+            delta_top1_ci=(0.1, 2.4),
+            control="full",
+            pareto=True,
+        ),
+    ),
+    "control": lambda: SweepRow(
+        "",
+        0.0,
+        None,
+        arm="head+norms",
+        seeds=(0, 1),
+        note="original, head",
+        latency=Latency(1.0),
+        accuracy=Accuracy(70.0, 0.5, 0.9, 0.1, (69.5, 70.5), (0.8, 1.0)),
+    ),
+    "failed": lambda: SweepRow(
+        "pre", 32.0, None, Cost(16, 50, 0.5, 60, 0.6, 70), seeds=(0,), note="fine-tune failed: nan"
+    ),
+    "finalist": lambda: SweepRow(
+        "identity",
+        4.0,
+        (5,),
+        Cost(3, 10, 0.1, 20, 0.2, 30),
+        note="trial 3, lr 1.00e-02",
+        finalist=Finalist(
+            Recipe(position="identity", r=4, stages=(5,), gate="hard_sigmoid"),
+            {"lr": 0.01, "phase2_epochs": 1},
+            3,
+            "lr 1.00e-02",
+        ),
+        seeds=(0, 1),
+        accuracy=Accuracy(80.0, 0.0, 0.5, 0.0, (80.0, 80.0), (0.5, 0.5)),
+    ),
 }
 
 
@@ -349,8 +391,14 @@ def test_the_json_of_a_row_is_as_before_the_parts(kind):
 def test_a_part_not_measured_is_none_and_its_flat_names_read_empty():
     row = ROWS["cost"]()
     assert (row.latency, row.accuracy, row.finalist) == (None, None, None)
-    assert (row.top1, row.top1_per_seed, row.pareto, row.trial, row.label, row.latency_low) == (None, (), False, None,
-                                                                                                "", None)
+    assert (row.top1, row.top1_per_seed, row.pareto, row.trial, row.label, row.latency_low) == (
+        None,
+        (),
+        False,
+        None,
+        "",
+        None,
+    )
     assert row.params == row.cost.params == 1234
     control = ROWS["control"]()
     assert control.cost is None and control.params == 0 and control.latency.ratio == 1.0
@@ -363,4 +411,3 @@ def test_a_flat_name_cannot_be_set_or_given():
         row.params = 1
     with pytest.raises(TypeError):
         SweepRow("post", 16.0, None, params=5)
-

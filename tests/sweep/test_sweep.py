@@ -1,5 +1,6 @@
 """`retrofit sweep` and the latency/meta options of add-se: counts against hand-written closed forms
 and against real insertions, stage selection, and one clear line for each bad input."""
+
 import json
 
 import pytest
@@ -16,10 +17,10 @@ from retrofit.measure.overhead import measure_overhead
 from retrofit.sweep.grid import sweep
 
 runner = CliRunner()
-N = (3, 4, 6, 3)                   # ResNet-50 bottleneck units per stage (stages 2..5)
-C_OUT = (256, 512, 1024, 2048)     # their output widths (standard position)
-C_MID = (64, 128, 256, 512)        # their 3x3 conv widths (inside position)
-RESNET50_PARAMS = 25_557_032       # timm resnet50, 1000 classes
+N = (3, 4, 6, 3)  # ResNet-50 bottleneck units per stage (stages 2..5)
+C_OUT = (256, 512, 1024, 2048)  # their output widths (standard position)
+C_MID = (64, 128, 256, 512)  # their 3x3 conv widths (inside position)
+RESNET50_PARAMS = 25_557_032  # timm resnet50, 1000 classes
 SMALL = (3, 64, 64)
 
 
@@ -45,8 +46,20 @@ def resnet50():
 
 def test_params_column_matches_the_closed_form_over_r():
     ratios = [2, 3, 4, 8, 16, 32, 64]  # 3 and 64 exercise the rounding and the minimum width
-    result = run("sweep", "resnet50", "--r", ",".join(map(str, ratios)), "--position", "standard,inside",
-                 "--recipe", "timm", "--input-size", "3,64,64", "--json", "-")
+    result = run(
+        "sweep",
+        "resnet50",
+        "--r",
+        ",".join(map(str, ratios)),
+        "--position",
+        "standard,inside",
+        "--recipe",
+        "timm",
+        "--input-size",
+        "3,64,64",
+        "--json",
+        "-",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["base"]["params"] == RESNET50_PARAMS
@@ -74,9 +87,9 @@ def test_stage_2_touches_only_the_stride_4_blocks():
     assert stage34["params"] == 4 * (2 * 512 * 32 + 32 + 512) + 6 * (2 * 1024 * 64 + 64 + 1024)
 
 
-@pytest.mark.parametrize("position, r, stages", [
-    ("pre", 3, None), ("inside", 8, (3, 4)), ("identity", 32, (5,)), ("post", 2, (2,)),
-])
+@pytest.mark.parametrize(
+    "position, r, stages", [("pre", 3, None), ("inside", 8, (3, 4)), ("identity", 32, (5,)), ("post", 2, (2,))]
+)
 def test_counts_from_the_plan_equal_a_real_insertion(resnet50, position, r, stages):
     (row,) = sweep(resnet50, r=[r], position=[position], stages=[stages], input_size=SMALL)
     se = retrofit.add_se(resnet50, position=position, r=r, stages=stages, input_size=SMALL)
@@ -121,8 +134,14 @@ def test_latency_takes_medians_of_interleaved_rounds(monkeypatch):
     monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     one, two = Costs("one", [9.0] + [1.0] * 5), Costs("two", [9.0, 2.0, 2.0, 50.0, 2.0, 2.0])  # warm-up first
     rounds = []
-    timing = measure_latency({"one": one, "two": two}, batch=1, input_size=(1, 1, 1), runs=5, warmup=1,
-                             on_event=lambda e: rounds.append((e.data["done"], e.data["total"])))
+    timing = measure_latency(
+        {"one": one, "two": two},
+        batch=1,
+        input_size=(1, 1, 1),
+        runs=5,
+        warmup=1,
+        on_event=lambda e: rounds.append((e.data["done"], e.data["total"])),
+    )
     assert timing.samples == {"one": [1.0] * 5, "two": [2.0, 2.0, 50.0, 2.0, 2.0]}  # warm-up not timed
     assert timing.ratio("two", "one") == 2.0
     assert calls == ["one", "two"] + ["one", "two", "two", "one"] * 2 + ["one", "two"]  # turns rotate
@@ -130,19 +149,35 @@ def test_latency_takes_medians_of_interleaved_rounds(monkeypatch):
 
 
 def test_add_se_latency_in_the_report():
-    result = run("add-se", "resnet18", "--latency", "--runs", "2", "--batch", "1", "--input-size", "3,32,32",
-                 "--json", "-")
+    result = run(
+        "add-se", "resnet18", "--latency", "--runs", "2", "--batch", "1", "--input-size", "3,32,32", "--json", "-"
+    )
     assert result.exit_code == 0, result.output
     latency = json.loads(result.stdout)["latency"]
     assert latency["batch"] == 1 and latency["runs"] == 2 and latency["input_size"] == [3, 32, 32]
     samples = latency["samples_ms"]  # the ratio: the median of the two rounds' ratios
-    assert latency["ratio"] == pytest.approx((samples["retrofitted"][0] / samples["original"][0]
-                                              + samples["retrofitted"][1] / samples["original"][1]) / 2, rel=1e-3)
+    assert latency["ratio"] == pytest.approx(
+        (samples["retrofitted"][0] / samples["original"][0] + samples["retrofitted"][1] / samples["original"][1]) / 2,
+        rel=1e-3,
+    )
 
 
 def test_sweep_latency_has_its_interval(tmp_path):
-    result = run("sweep", "resnet18", "--r", "4,16", "--latency", "--runs", "6", "--batch", "1", "--input-size",
-                 "3,32,32", "--json", tmp_path / "s.json")
+    result = run(
+        "sweep",
+        "resnet18",
+        "--r",
+        "4,16",
+        "--latency",
+        "--runs",
+        "6",
+        "--batch",
+        "1",
+        "--input-size",
+        "3,32,32",
+        "--json",
+        tmp_path / "s.json",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert all(r["latency_low"] <= r["latency"] <= r["latency_high"] for r in rows)
@@ -154,30 +189,35 @@ def test_sweep_latency_has_its_interval(tmp_path):
 def test_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")  # an optional extra (`retrofit[plot]`)
     path = tmp_path / "sweep.png"
-    result = run("sweep", "resnet18", "--r", "4,16", "--position", "standard,post", "--input-size", "3,64,64",
-                 "--plot", path)
+    result = run(
+        "sweep", "resnet18", "--r", "4,16", "--position", "standard,post", "--input-size", "3,64,64", "--plot", path
+    )
     assert result.exit_code == 0, result.output
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p != path]  # no temporary file left
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--r", "4,,x"], ["--r", "item 2", "empty"]),
-    (["--r", "4,x"], ["--r", "'x'", "positive number"]),
-    (["--r", ""], ["--r", "empty list"]),
-    (["--r", "0"], ["--r", "positive number"]),
-    (["--position", "standard,middle"], ["--position", "middle", "allowed"]),
-    (["--stages", "2,,3"], ["--stages", "empty"]),
-    (["--stages", "3+"], ["--stages", "3+4"]),
-    (["--stages", "x"], ["--stages", "stage numbers"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--r", "4,,x"], ["--r", "item 2", "empty"]),
+        (["--r", "4,x"], ["--r", "'x'", "positive number"]),
+        (["--r", ""], ["--r", "empty list"]),
+        (["--r", "0"], ["--r", "positive number"]),
+        (["--position", "standard,middle"], ["--position", "middle", "allowed"]),
+        (["--stages", "2,,3"], ["--stages", "empty"]),
+        (["--stages", "3+"], ["--stages", "3+4"]),
+        (["--stages", "x"], ["--stages", "stage numbers"]),
+    ],
+)
 def test_malformed_axis_lists(args, words):
     one_error(run("sweep", "resnet18", *args), *words)
 
 
 def test_a_stage_that_does_not_exist():
-    one_error(run("sweep", "resnet18", "--stages", "all,7", "--input-size", "3,64,64"),
-              "stage 7 does not exist", "2,3,4,5")
+    one_error(
+        run("sweep", "resnet18", "--stages", "all,7", "--input-size", "3,64,64"), "stage 7 does not exist", "2,3,4,5"
+    )
 
 
 def test_plot_without_matplotlib(tmp_path, monkeypatch):

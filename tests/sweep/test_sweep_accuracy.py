@@ -1,6 +1,7 @@
 """The accuracy sweep (issue 9, point 1): each row is what `retrofit finetune` gives for that recipe and
 seed, bitwise; the control arms train on the same images in the same order for as many steps; a
 failed combination is a row with its reason."""
+
 import importlib
 import json
 import statistics
@@ -57,10 +58,28 @@ def test_rows_are_finetune_runs_and_the_controls_see_the_same_batches(tmp_path, 
     root = make_folder(tmp_path / "data")
     save_model(five_class_model(), str(tmp_path / "plain.safetensors"))
     recorder = Recorder(monkeypatch)
-    result = runner.invoke(app, ["sweep", "test_resnet", "--checkpoint", str(tmp_path / "plain.safetensors"),
-                                 "--num-classes", "5", "--input-size", f"3,{SIZE},{SIZE}",
-                                 "--r", ",".join(map(str, RATIOS)), "--data", str(root), "--seeds", str(len(SEEDS)),
-                                 *TRAIN, "--json", "-"])
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            "test_resnet",
+            "--checkpoint",
+            str(tmp_path / "plain.safetensors"),
+            "--num-classes",
+            "5",
+            "--input-size",
+            f"3,{SIZE},{SIZE}",
+            "--r",
+            ",".join(map(str, RATIOS)),
+            "--data",
+            str(root),
+            "--seeds",
+            str(len(SEEDS)),
+            *TRAIN,
+            "--json",
+            "-",
+        ],
+    )
     assert result.exit_code == 0, result.output
     swept = json.loads(result.stdout)
     rows = swept["rows"]
@@ -82,8 +101,9 @@ def test_rows_are_finetune_runs_and_the_controls_see_the_same_batches(tmp_path, 
             se = retrofit.add_se(plain, r=r, input_size=(3, SIZE, SIZE))
             ckpt = retrofit.save(se, tmp_path / f"se{r}-{seed}.safetensors")
             out = tmp_path / f"run{r}-{seed}"
-            done = runner.invoke(app, ["finetune", str(ckpt), "--data", str(root), *TRAIN, "--seed", str(seed),
-                                       "--output-dir", str(out)])
+            done = runner.invoke(
+                app, ["finetune", str(ckpt), "--data", str(root), *TRAIN, "--seed", str(seed), "--output-dir", str(out)]
+            )
             assert done.exit_code == 0, done.output
             metrics = {m["name"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
             last = metrics[f"epoch {EPOCHS}"]
@@ -98,11 +118,16 @@ def test_rows_are_finetune_runs_and_the_controls_see_the_same_batches(tmp_path, 
         if row["arm"] == "se":
             diffs = [a - b for a, b in zip(row["top1_per_seed"], best["top1_per_seed"])]
             assert row["control"] == best["arm"] and row["delta_top1"] == pytest.approx(statistics.fmean(diffs))
-            half = 12.706 * statistics.stdev(diffs) / 2 ** 0.5  # t(0.975, 1 df): two seeds
-            assert row["delta_top1_ci"] == pytest.approx([statistics.fmean(diffs) - half,
-                                                          statistics.fmean(diffs) + half])
-        dominated = any(o["params"] <= row["params"] and o["top1"] >= row["top1"]
-                        and (o["params"] < row["params"] or o["top1"] > row["top1"]) for o in rows)
+            half = 12.706 * statistics.stdev(diffs) / 2**0.5  # t(0.975, 1 df): two seeds
+            assert row["delta_top1_ci"] == pytest.approx(
+                [statistics.fmean(diffs) - half, statistics.fmean(diffs) + half]
+            )
+        dominated = any(
+            o["params"] <= row["params"]
+            and o["top1"] >= row["top1"]
+            and (o["params"] < row["params"] or o["top1"] > row["top1"])
+            for o in rows
+        )
         assert row["pareto"] == (not dominated)
     se = [r for r in rows if r["arm"] == "se"]
     beat = [r for r in se if r["delta_top1_ci"][0] > 0]
@@ -124,9 +149,19 @@ def test_a_failed_combination_is_a_row(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ablation_module, "finetune", fails_for_r8)
     lines = []
-    rows = retrofit.sweep(plain_model(), r=[4, 8], position=["standard", "pre"], input_size=(3, SIZE, SIZE),
-                          data=root, epochs=1, seeds=1, batch_size=4, lr=1e-2, workers=0,
-                          on_event=lambda e: lines.append(e.message))
+    rows = retrofit.sweep(
+        plain_model(),
+        r=[4, 8],
+        position=["standard", "pre"],
+        input_size=(3, SIZE, SIZE),
+        data=root,
+        epochs=1,
+        seeds=1,
+        batch_size=4,
+        lr=1e-2,
+        workers=0,
+        on_event=lambda e: lines.append(e.message),
+    )
     by = {(r.arm, r.position, r.r): r for r in rows}
     assert by["se", "standard", 8].note == "fine-tune failed: loss is nan" and by["se", "standard", 8].top1 is None
     assert by["se", "pre", 8].top1 is None and by["se", "standard", 4].top1 is not None

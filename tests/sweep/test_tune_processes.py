@@ -3,6 +3,7 @@ and the same command again; two workers at once (one of them on "another machine
 behind); a two-process torchrun against one process; a server stopped in the middle; a recipe whose process
 is killed each time; rank 0's errors and a failing search under torchrun. Each in real subprocesses, on a
 tiny ImageFolder."""
+
 import json
 import os
 import signal
@@ -37,10 +38,41 @@ main()
 
 def command(tmp, out, *extra, skewed=False):
     start = [sys.executable, "-c", SKEWED] if skewed else [sys.executable, "-m", "retrofit"]
-    return [*start, "tune", "test_resnet", "--checkpoint", str(tmp / "plain.safetensors"),
-            "--num-classes", "5", "--input-size", f"3,{SIZE},{SIZE}", "--data", str(tmp / "data"),
-            "-r", "off,4,16", "--per-stage", "--position", "standard,identity", "--epochs", "3", "-b", "8",
-            "--lr", "1e-2", "-j", "0", "--pruner", "sha", "--finalists", "2", "--seeds", "1", "-o", str(out), *extra]
+    return [
+        *start,
+        "tune",
+        "test_resnet",
+        "--checkpoint",
+        str(tmp / "plain.safetensors"),
+        "--num-classes",
+        "5",
+        "--input-size",
+        f"3,{SIZE},{SIZE}",
+        "--data",
+        str(tmp / "data"),
+        "-r",
+        "off,4,16",
+        "--per-stage",
+        "--position",
+        "standard,identity",
+        "--epochs",
+        "3",
+        "-b",
+        "8",
+        "--lr",
+        "1e-2",
+        "-j",
+        "0",
+        "--pruner",
+        "sha",
+        "--finalists",
+        "2",
+        "--seeds",
+        "1",
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
 def on(store):
@@ -86,8 +118,11 @@ def mid_trial(proc, out, store, first=2):
         if store or (out / "study.journal").is_file():
             try:  # one storage, read again each time (a journal replays only the new lines)
                 storage = storage or open_storage(store or out / "study.journal")
-                running = [t for t in optuna.load_study(study_name="tune", storage=storage).trials
-                           if t.state == TrialState.RUNNING and t.number >= first and t.intermediate_values]
+                running = [
+                    t
+                    for t in optuna.load_study(study_name="tune", storage=storage).trials
+                    if t.state == TrialState.RUNNING and t.number >= first and t.intermediate_values
+                ]
             except Exception:  # noqa: BLE001 - the study is not there yet, or being written: look again
                 running = []
             if running:
@@ -102,17 +137,20 @@ def test_kill_9_during_a_trial_then_the_same_command_finishes_the_study(folder, 
     # no pruner: every trial runs its 3 epochs, so one is caught between two (with a pruner, which trials
     # run on past epoch 1 depends on the draws, and a killed run might never be mid-trial)
     kill = ("--pruner", "none", *on(store))
-    proc = subprocess.Popen(command(folder, out, "--trials", "5", *kill), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(folder, out, "--trials", "5", *kill), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     victim = mid_trial(proc, out, store)
     if victim is not None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert victim is not None, "no trial was caught mid-run"
-    before = {t.number: (t.state, t.value, t.datetime_complete) for t in study_of(out, store).trials
-              if t.state.is_finished()}
-    again = subprocess.run(command(folder, out, "--trials", "5", *kill), env=ENV, capture_output=True, text=True,
-                           timeout=300)
+    before = {
+        t.number: (t.state, t.value, t.datetime_complete) for t in study_of(out, store).trials if t.state.is_finished()
+    }
+    again = subprocess.run(
+        command(folder, out, "--trials", "5", *kill), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     trials = study_of(out, store).trials
     for number, kept in before.items():  # the finished trials are kept as they were, not re-run
@@ -136,9 +174,18 @@ def test_two_workers_share_the_trials_and_end_with_one_table_whatever_their_cloc
     heartbeat judged by comparing two machines' clocks would fail its live trials (and crash it). On the
     journal they share one output folder (a shared file system), on PostgreSQL each has its own."""
     outs = [tmp_path / "two"] * 2 if store is None else [tmp_path / "w0", tmp_path / "w1"]
-    procs = [subprocess.Popen(command(folder, outs[i], "--trials", "8", "--json", str(tmp_path / f"w{i}.json"),
-                                      *on(store), skewed=i == 1), env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            command(
+                folder, outs[i], "--trials", "8", "--json", str(tmp_path / f"w{i}.json"), *on(store), skewed=i == 1
+            ),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (_, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
@@ -183,24 +230,50 @@ def test_torchrun_two_processes_train_the_same_trials_as_one(folder, tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS.format(tests=str(Path(__file__).parents[1])))
     data = str(folder / "data")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path / "two"), data], capture_output=True, text=True, timeout=600,
-                         env=ENV, cwd=tmp_path)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two"),
+            data,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+        cwd=tmp_path,
+    )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), data], capture_output=True, text=True,
-                         timeout=600, env=ENV, cwd=tmp_path)
+    one = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), data],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+        cwd=tmp_path,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    r0, r1, single = (json.loads((tmp_path / name).read_text()) for name in ("two.rank0.json", "two.rank1.json",
-                                                                              "one.rank0.json"))
+    r0, r1, single = (
+        json.loads((tmp_path / name).read_text()) for name in ("two.rank0.json", "two.rank1.json", "one.rank0.json")
+    )
     assert r0["trained"] and r0["trained"] == r1["trained"]  # the same runs on both ranks
     assert r0["trials"] == r1["trials"] and r0["rows"] == r1["rows"]  # every rank returns the same result
+
     def runs(result):  # the full control's top-1 may differ: BatchNorm statistics per process
-        return [(t["what"], t["epochs"], t["top1"] if '"arm":"full"' not in t["what"] else None)
-                for t in result["trained"]]
+        return [
+            (t["what"], t["epochs"], t["top1"] if '"arm":"full"' not in t["what"] else None) for t in result["trained"]
+        ]
+
     assert runs(r0) == runs(single)
     assert any(t["state"] == "pruned" for t in single["trials"])
     assert [(t["number"], t["state"], t["label"], t["top1"]) for t in r0["trials"]] == [
-        (t["number"], t["state"], t["label"], t["top1"]) for t in single["trials"]]
+        (t["number"], t["state"], t["label"], t["top1"]) for t in single["trials"]
+    ]
     for a, b in zip(r0["rows"], single["rows"]):
         assert a["arm"] == b["arm"]
         if a["arm"] != "full":
@@ -211,11 +284,31 @@ def test_torchrun_two_processes_train_the_same_trials_as_one(folder, tmp_path):
 def test_torchrun_two_processes_against_a_postgresql_server(folder, tmp_path, pg_url):
     """Rank 0 alone opens the server's study; both ranks train the same trials and return the same result."""
     script = tmp_path / "ranks.py"
-    script.write_text(RANKS.format(tests=TESTS).replace("output_dir=out,", "output_dir=out, storage=sys.argv[3],")
-                      .replace("trials=3,", "trials=2,").replace("seeds=2,", "seeds=1,"))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path / "two"), str(folder / "data"), pg_url], capture_output=True,
-                         text=True, timeout=600, env=ENV, cwd=tmp_path)
+    script.write_text(
+        RANKS.format(tests=TESTS)
+        .replace("output_dir=out,", "output_dir=out, storage=sys.argv[3],")
+        .replace("trials=3,", "trials=2,")
+        .replace("seeds=2,", "seeds=1,")
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two"),
+            str(folder / "data"),
+            pg_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+        cwd=tmp_path,
+    )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in (0, 1))
     assert r0["trained"] and r0["trained"] == r1["trained"]
@@ -224,8 +317,7 @@ def test_torchrun_two_processes_against_a_postgresql_server(folder, tmp_path, pg
     assert not (tmp_path / "two" / "study.journal").exists()  # the study is on the server
 
 
-def test_the_server_stopped_mid_search_is_one_error_line_and_the_same_command_continues(folder, tmp_path,
-                                                                                        postgres):
+def test_the_server_stopped_mid_search_is_one_error_line_and_the_same_command_continues(folder, tmp_path, postgres):
     url = postgres.database()
     out = tmp_path / "out"
     args = command(folder, out, "--trials", "5", "--pruner", "none", "--finalists", "1", "--storage", url)
@@ -240,8 +332,10 @@ def test_the_server_stopped_mid_search_is_one_error_line_and_the_same_command_co
     assert proc.returncode == 2, stderr[-3000:]
     lines = [ln for ln in stderr.splitlines() if not ln.startswith("[trial ")]
     assert len(lines) == 1 and lines[0].startswith(f"error: lost the study's store --storage {url} ("), stderr
-    assert lines[0].endswith("the study keeps every finished trial: the same command continues it once the "
-                             "server is back") and "Traceback" not in stderr + stdout
+    assert (
+        lines[0].endswith("the study keeps every finished trial: the same command continues it once the server is back")
+        and "Traceback" not in stderr + stdout
+    )
     no_leftovers(out, finished=False)
     again = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -275,8 +369,15 @@ def test_a_recipe_whose_process_is_killed_every_time_is_failed_for_good_after_tw
     script.write_text(KILLER.format(tests=TESTS))
     runs = []
     for _ in range(5):
-        runs.append(subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(folder / "data")],
-                                   capture_output=True, text=True, timeout=300, env=ENV))
+        runs.append(
+            subprocess.run(
+                [sys.executable, str(script), str(tmp_path / "out"), str(folder / "data")],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=ENV,
+            )
+        )
         if runs[-1].returncode != -signal.SIGKILL:
             break
     assert [r.returncode for r in runs] == [-signal.SIGKILL] * 3 + [0], runs[-1].stderr[-3000:]
@@ -284,8 +385,9 @@ def test_a_recipe_whose_process_is_killed_every_time_is_failed_for_good_after_tw
     killed = [r for r in json.loads(runs[-1].stdout) if r["state"] == "failed"]
     assert len(killed) == 3 and {r["recipe"]["r"] for r in killed} == {16}
     numbers = [r["number"] for r in killed]
-    assert killed[-1]["reason"] == (f"its process died 3 times (trials {', '.join(map(str, numbers))}); "
-                                    f"not retried again")
+    assert killed[-1]["reason"] == (
+        f"its process died 3 times (trials {', '.join(map(str, numbers))}); not retried again"
+    )
     assert [r["retry_of"] for r in killed] == [None, numbers[0], numbers[0]]
     assert [r["state"] for r in rows.values() if r["recipe"]["r"] == 4] == ["complete"]
 
@@ -296,15 +398,47 @@ def test_under_torchrun_an_error_of_rank_0_ends_every_rank_alike(folder, tmp_pat
     line (rank 0's; the others print nothing), no traceback, no rank waiting for ever."""
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    (damaged / "study.journal").write_text('{"op_code":0,"worker_id":"w","study_name":"tune","directions":[2]}\n'
-                                           '{"op_code": 999, "worker_id": "x"}\n')
-    base = [sys.executable, "-m", "retrofit", "tune", "test_resnet", "--num-classes", "3", "--input-size",
-            f"3,{SIZE},{SIZE}", "--data", str(folder / "data"), "-b", "8", "-j", "0", "--device", "cpu", "--epochs",
+    (damaged / "study.journal").write_text(
+        '{"op_code":0,"worker_id":"w","study_name":"tune","directions":[2]}\n{"op_code": 999, "worker_id": "x"}\n'
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "retrofit",
+        "tune",
+        "test_resnet",
+        "--num-classes",
+        "3",
+        "--input-size",
+        f"3,{SIZE},{SIZE}",
+        "--data",
+        str(folder / "data"),
+        "-b",
+        "8",
+        "-j",
+        "0",
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+        "--finalists",
+        "1",
+        "--seeds",
+        "1",
+    ]
+    cases = {
+        "cannot read --storage": [*base, "--trials", "2", "-o", str(damaged)],
+        "the search stopped: the 2 trials this process trained all failed": [
+            *base,
+            "-r",
+            "off,4,16",
+            "--per-stage",
+            "--trials",
             "2",
-            "--finalists", "1", "--seeds", "1"]
-    cases = {"cannot read --storage": [*base, "--trials", "2", "-o", str(damaged)],
-             "the search stopped: the 2 trials this process trained all failed": [
-                 *base, "-r", "off,4,16", "--per-stage", "--trials", "2", "-o", str(tmp_path / "fails")]}
+            "-o",
+            str(tmp_path / "fails"),
+        ],
+    }
     for words, cmd in cases.items():
         ranks = start_ranks(cmd)
         done = [r.communicate(timeout=300) for r in ranks]
@@ -321,18 +455,57 @@ def test_a_search_whose_every_trial_fails_ends_with_its_reason_and_a_small_store
     gets a gradient. It ran 2,155 failing trials in 3.6 minutes, and --budget 4 (epochs) could not stop
     it: a failed trial spends no epoch."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "retrofit", "tune", "test_resnet", "--num-classes", "3",
-                           "--input-size", f"3,{SIZE},{SIZE}", "--data", str(folder / "data"), "-r", "off,4,16",
-                           "--per-stage", "--epochs", "2", *budget, "--finalists", "1", "--seeds", "1", "-b", "8",
-                           "--lr", "1e-2", "-j", "0", "-o", str(out)], capture_output=True, text=True, timeout=120,
-                          env=ENV)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retrofit",
+            "tune",
+            "test_resnet",
+            "--num-classes",
+            "3",
+            "--input-size",
+            f"3,{SIZE},{SIZE}",
+            "--data",
+            str(folder / "data"),
+            "-r",
+            "off,4,16",
+            "--per-stage",
+            "--epochs",
+            "2",
+            *budget,
+            "--finalists",
+            "1",
+            "--seeds",
+            "1",
+            "-b",
+            "8",
+            "--lr",
+            "1e-2",
+            "-j",
+            "0",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("[trial ")]
-    assert len(errors) == 1 and errors[0].startswith("error: the search stopped: the 5 trials this process trained "
-                                                     "all failed and no trial of the study completed; the first "
-                                                     "failure, trial "), proc.stderr
-    for words in ("nothing trainable got a gradient", "trained weights (--checkpoint or --pretrained)",
-                  "--position post or identity", "--train-norms", "never trained again"):
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: the search stopped: the 5 trials this process trained "
+        "all failed and no trial of the study completed; the first "
+        "failure, trial "
+    ), proc.stderr
+    for words in (
+        "nothing trainable got a gradient",
+        "trained weights (--checkpoint or --pretrained)",
+        "--position post or identity",
+        "--train-norms",
+        "never trained again",
+    ):
         assert words in errors[0]
     rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert sum(r["state"] == "failed" for r in rows) == 5 and len(rows) < 30

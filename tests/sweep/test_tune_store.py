@@ -1,6 +1,7 @@
 """The study plumbing of `retrofit tune` without training: the journal store and its lock, the claim of the
 last slot, dead workers' trials (on this machine, on another, on a journal and on a PostgreSQL server, on one
 clock), their capped retries, the per-trial seeding, Hyperband's first bracket, budgets."""
+
 import json
 import time
 
@@ -20,8 +21,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def study(path, name="s", **kw):
-    return optuna.create_study(storage=open_storage(path), study_name=name, direction="maximize",
-                               load_if_exists=True, **kw)
+    return optuna.create_study(
+        storage=open_storage(path), study_name=name, direction="maximize", load_if_exists=True, **kw
+    )
 
 
 def test_a_torn_last_line_is_cut_under_the_lock_and_the_journal_stays_readable(tmp_path):
@@ -74,8 +76,11 @@ def on_store(tmp_path, store, name="s", grace=(1, 2), **kw):
     tune opens it (an RDB with Optuna's heartbeat: ``grace`` = (interval, grace period) in seconds)."""
     requeue = Requeue()
     storage = open_storage(store or tmp_path / "j.journal", heartbeat=grace, on_stale=requeue)
-    return optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-                               **kw), storage, requeue
+    return (
+        optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True, **kw),
+        storage,
+        requeue,
+    )
 
 
 def other_machine(tmp_path, storage, requeue, monkeypatch, **kw):
@@ -86,7 +91,8 @@ def other_machine(tmp_path, storage, requeue, monkeypatch, **kw):
 
 
 def test_a_trial_of_another_machine_on_a_journal_is_dead_once_its_stamp_stays_the_same_for_the_grace_period(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """Judged on the observer's own clock: a stamp 10 minutes old by the observer's clock (the writer's clock
     behind) is not dead while it changes; one that stops changing is, after the grace period."""
     s, storage, requeue = on_store(tmp_path, None)
@@ -170,9 +176,11 @@ def test_a_recipe_whose_process_keeps_dying_is_retried_twice_then_failed_for_goo
     assert len({x.params["r"] for x in trials}) == 1  # the same recipe each time
     assert [x.system_attrs.get("retry_history", []) for x in trials] == [[], [0], [0, 1]]
     assert [x.system_attrs.get("failed_trial") for x in trials] == [None, 0, 0]
-    assert lines == ["[trial 0] its process is gone; marked failed, its recipe queued again",
-                     "[trial 1] its process is gone; marked failed, its recipe queued again",
-                     "[trial 2] its process is gone; marked failed for good (see trials.jsonl)"]
+    assert lines == [
+        "[trial 0] its process is gone; marked failed, its recipe queued again",
+        "[trial 1] its process is gone; marked failed, its recipe queued again",
+        "[trial 2] its process is gone; marked failed for good (see trials.jsonl)",
+    ]
     row = trial_row(trials[2], 1)
     assert row["state"] == "failed" and row["retry_of"] == 0
     assert row["reason"] == "its process died 3 times (trials 0, 1, 2); not retried again"
@@ -243,14 +251,20 @@ def test_every_job_runs_once_and_a_failed_one_is_a_value(tmp_path, store):
 
     keys = [json.dumps({"seed": i}) for i in range(4)]
     done = run_jobs(s, keys, job, worker)
-    assert sorted(ran) == sorted(keys) and {k: t.value for k, t in done.items()} == {k: float(i) for i,
-                                                                                     k in enumerate(keys)}
+    assert sorted(ran) == sorted(keys) and {k: t.value for k, t in done.items()} == {
+        k: float(i) for i, k in enumerate(keys)
+    }
     assert run_jobs(s, keys, job, worker) and len(ran) == 4  # all done: nothing runs again
     worker.close()
 
 
-@pytest.mark.parametrize("text, want", [("60", Budget(epochs=60, trial_epochs=2)),
-                                        ("2h", Budget(seconds=7200, trial_epochs=2)),
-                                        ("90s", Budget(seconds=90, trial_epochs=2))])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("60", Budget(epochs=60, trial_epochs=2)),
+        ("2h", Budget(seconds=7200, trial_epochs=2)),
+        ("90s", Budget(seconds=90, trial_epochs=2)),
+    ],
+)
 def test_budgets(text, want):
     assert parse_budget(text, None, 2) == want

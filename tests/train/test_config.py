@@ -1,5 +1,6 @@
 """FinetuneConfig: every option's type, default, bounds and help in one place; the checks it makes, and
 retrofit.finetune's keyword arguments as checked overrides of it (issue 23, item 3)."""
+
 import inspect
 
 import pytest
@@ -16,23 +17,26 @@ def test_the_defaults_and_what_a_run_folder_records():
     assert config.to_dict() == DEFAULTS
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(smoothing=1.5), "smoothing must be in [0, 1), got 1.5"),
-    (dict(smoothing=-0.1), "smoothing must be in [0, 1), got -0.1"),
-    (dict(mixup=-1), "mixup must be 0 or more, got -1.0"),
-    (dict(epochs=-1), "epochs must be 0 or more, got -1"),
-    (dict(batch_size=0), "batch_size must be 1 or more, got 0"),
-    (dict(ema_decay=1.0), "ema_decay must be in (0, 1), got 1.0"),
-    (dict(ema_decay=0), "ema_decay must be in (0, 1), got 0.0"),
-    (dict(distill_temperature=0), "distill_temperature must be positive, got 0.0"),
-    (dict(lr=0), "lr must be positive, got 0.0"),
-    (dict(clip_mode="l2"), "clip_mode must be norm, value or agc, got 'l2'"),
-    (dict(epochs=1.5), "epochs must be a whole number, got 1.5"),
-    (dict(epochs=True), "epochs must be a whole number, got True"),
-    (dict(augment="no"), "augment must be bool, got 'no'"),
-    (dict(lr="0.01"), "lr must be float, got '0.01'"),
-    (dict(seed=None), "seed must be int, got None"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(smoothing=1.5), "smoothing must be in [0, 1), got 1.5"),
+        (dict(smoothing=-0.1), "smoothing must be in [0, 1), got -0.1"),
+        (dict(mixup=-1), "mixup must be 0 or more, got -1.0"),
+        (dict(epochs=-1), "epochs must be 0 or more, got -1"),
+        (dict(batch_size=0), "batch_size must be 1 or more, got 0"),
+        (dict(ema_decay=1.0), "ema_decay must be in (0, 1), got 1.0"),
+        (dict(ema_decay=0), "ema_decay must be in (0, 1), got 0.0"),
+        (dict(distill_temperature=0), "distill_temperature must be positive, got 0.0"),
+        (dict(lr=0), "lr must be positive, got 0.0"),
+        (dict(clip_mode="l2"), "clip_mode must be norm, value or agc, got 'l2'"),
+        (dict(epochs=1.5), "epochs must be a whole number, got 1.5"),
+        (dict(epochs=True), "epochs must be a whole number, got True"),
+        (dict(augment="no"), "augment must be bool, got 'no'"),
+        (dict(lr="0.01"), "lr must be float, got '0.01'"),
+        (dict(seed=None), "seed must be int, got None"),
+    ],
+)
 def test_a_bad_value_is_one_error_naming_the_option(options, message):
     with pytest.raises(RetrofitError) as err:
         FinetuneConfig(**options)
@@ -70,7 +74,13 @@ def test_the_finetune_signature_is_made_from_the_fields():
 
 def test_bounds_read_as_written():
     assert [bounds_text(FIELDS[n]) for n in ("smoothing", "ema_decay", "mixup", "lr", "batch_size", "opt")] == [
-        "0 <= x < 1", "0 < x < 1", "x >= 0", "x > 0", "x >= 1", ""]
+        "0 <= x < 1",
+        "0 < x < 1",
+        "x >= 0",
+        "x > 0",
+        "x >= 1",
+        "",
+    ]
 
 
 def test_workers_says_where_the_command_line_differs():

@@ -1,5 +1,6 @@
 """The data folder of a fine-tune: what is found in it (links, nesting), what is refused, and the
 training batches (every image once per epoch, the same global batches for 1 and N processes)."""
+
 import json
 import os
 
@@ -30,8 +31,9 @@ def test_links_are_followed_once_and_nested_folders_belong_to_their_class(tmp_pa
     (root / "train" / "class2" / "sub").mkdir()
     (root / "train" / "class1" / "0.png").rename(root / "train" / "class2" / "sub" / "moved.png")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(root), "-b", "8", "-j", "0",
-                                 "--output-dir", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["finetune", str(ckpt), "--data", str(root), "-b", "8", "-j", "0", "--output-dir", str(tmp_path / "run")]
+    )
     assert result.exit_code == 0, result.output
     assert f"{root}: 24 train and 12 val images in 3 classes" in result.stderr
     assert "reached again through a symbolic link" in result.stderr
@@ -52,14 +54,31 @@ def test_empty_class_folders_are_named_in_one_warning(tmp_path):
     with pytest.warns(RetrofitWarning) as caught:
         data = ImageFolderData.open(root, se_model(), (3, 32, 32), augment=True)
     assert [str(w.message) for w in caught] == [
-        f"{root}: 4 empty class folder(s) skipped (no images): train/cats, train/dogs, val/cats, val/dogs"]
+        f"{root}: 4 empty class folder(s) skipped (no images): train/cats, train/dogs, val/cats, val/dogs"
+    ]
     assert data.classes == ["class0", "class1", "class2"]
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(root), "-b", "6", "-j", "0", "--epochs", "1",
-                                 "--output-dir", str(tmp_path / "run")])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(ckpt),
+            "--data",
+            str(root),
+            "-b",
+            "6",
+            "-j",
+            "0",
+            "--epochs",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert [ln for ln in result.stderr.splitlines() if "empty class" in ln] == [
-        f"warning: {root}: 4 empty class folder(s) skipped (no images): train/cats, train/dogs, val/cats, val/dogs"]
+        f"warning: {root}: 4 empty class folder(s) skipped (no images): train/cats, train/dogs, val/cats, val/dogs"
+    ]
 
 
 def test_what_cannot_be_trained_on_is_refused(tmp_path):
@@ -80,21 +99,24 @@ def test_what_cannot_be_trained_on_is_refused(tmp_path):
     for f in (broken / "train").rglob("*.png"):
         f.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     ckpt = retrofit.save(se, tmp_path / "se.safetensors")
-    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(broken), "-b", "6", "-j", "0",
-                                 "--output-dir", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["finetune", str(ckpt), "--data", str(broken), "-b", "6", "-j", "0", "--output-dir", str(tmp_path / "run")]
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: none of the 6 images in {broken}/train could be decoded (each is named in a warning); "
-                      f"replace or remove them"]
+    assert errors == [
+        f"error: none of the 6 images in {broken}/train could be decoded (each is named in a warning); "
+        f"replace or remove them"
+    ]
 
 
 def test_a_set_smaller_than_one_batch_trains_on_every_image(tmp_path):
     """24 images, the default batch of 32: one step of 24 (phase 1 freezes the norm layers)."""
     data = make_folder(tmp_path / "d")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
-    result = runner.invoke(app,
-                           ["finetune", str(ckpt), "--data", str(data), "-j", "0", "--output-dir",
-                            str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["finetune", str(ckpt), "--data", str(data), "-j", "0", "--output-dir", str(tmp_path / "run")]
+    )
     assert result.exit_code == 0, result.output
     assert "fewer than one batch of 32: each epoch is one step on all of them" in result.stderr
     assert rows(tmp_path / "run")[-1]["train_images"] == 24

@@ -1,4 +1,5 @@
 """The fine-tuning stage on a tiny ImageFolder: learning, a frozen backbone, resume, files, bad input."""
+
 import copy
 import errno
 import hashlib
@@ -91,8 +92,12 @@ def test_output_folders_are_created_as_mkdir_p_makes_them(tmp_path, monkeypatch)
     make_folder(tmp_path / "data")
     se = se_model()
     retrofit.finetune(se, data="data/", epochs=1, output_dir="runs/se50", **FAST)
-    assert {p.name for p in (tmp_path / "runs" / "se50").iterdir()} >= {"best.safetensors", "last.safetensors",
-                                                                        "metrics.jsonl", "train_state.pt"}
+    assert {p.name for p in (tmp_path / "runs" / "se50").iterdir()} >= {
+        "best.safetensors",
+        "last.safetensors",
+        "metrics.jsonl",
+        "train_state.pt",
+    }
     retrofit.save(se, "out/sub/se.safetensors")
     assert torch.equal(retrofit.load("out/sub/se.safetensors").state_dict()["fc.weight"], se.state_dict()["fc.weight"])
     (tmp_path / "afile").write_text("not a folder")
@@ -147,8 +152,9 @@ def test_cli_finetune_keeps_the_input_and_saves_the_best(data, tmp_path):
     assert again.exit_code == 2 and "already holds a fine-tuning run" in again.output
     done = runner.invoke(app, args + ["--resume"])  # nothing left to do: the same table again
     assert done.exit_code == 0 and "epoch 1" in done.output
-    clash = runner.invoke(app,
-                          ["finetune", str(out / "best.safetensors"), "--data", str(data), "--output-dir", str(out)])
+    clash = runner.invoke(
+        app, ["finetune", str(out / "best.safetensors"), "--data", str(data), "--output-dir", str(out)]
+    )
     assert clash.exit_code == 2 and "never overwritten" in clash.output
 
 
@@ -160,10 +166,27 @@ def test_add_se_finetune(data, tmp_path):
     digest = sha(plain)
     out = tmp_path / "se.safetensors"
     big = make_folder(tmp_path / "d", train=11, val=2)  # add-se fine-tunes with the default batch of 32
-    result = runner.invoke(app,
-                           ["add-se", "test_resnet", "--checkpoint", str(plain), "--input-size", f"3,{SIZE},{SIZE}",
-                                 "--num-classes", "3", "--r", "4", "--finetune", str(big), "--epochs", "1", "--output",
-                                 str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "add-se",
+            "test_resnet",
+            "--checkpoint",
+            str(plain),
+            "--input-size",
+            f"3,{SIZE},{SIZE}",
+            "--num-classes",
+            "3",
+            "--r",
+            "4",
+            "--finetune",
+            str(big),
+            "--epochs",
+            "1",
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Overhead" in result.output and "Fine-tuning results" in result.output
     assert sha(plain) == digest and (tmp_path / "se-add-se" / "train_state.pt").is_file()
@@ -199,7 +222,9 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
     with pytest.warns(RetrofitWarning, match="cannot decode") as caught:
         result = retrofit.finetune(se_model(), root, epochs=1, batch_size=5, workers=0)
     assert {str(w.message).split(":")[0] for w in caught} == {
-        f"skipped {root / 'train' / 'class0' / 'broken.png'}", f"skipped {root / 'val' / 'class1' / 'broken.png'}"}
+        f"skipped {root / 'train' / 'class0' / 'broken.png'}",
+        f"skipped {root / 'val' / 'class1' / 'broken.png'}",
+    }
     assert result.row("step 0")["val_images"] == CLASSES * 4
     assert result.row("step 0")["skipped_images"] == 1
     assert result.skipped_images == 2  # one in train/, one in val/, in the last epoch's passes
@@ -214,9 +239,10 @@ def test_resume_refuses_another_model_and_a_damaged_state(data, tmp_path):
         retrofit.finetune(se_model(r=8), data, epochs=1, output_dir=tmp_path / "run", resume=True, **FAST)
     with pytest.raises(RetrofitError, match="started with epochs = 1, now 2"):
         retrofit.finetune(se_model(), data, epochs=2, output_dir=tmp_path / "run", resume=True, **FAST)
-    other = retrofit.save(retrofit.add_se(timm.create_model("resnet18", num_classes=CLASSES),
-                                          input_size=(3, SIZE, SIZE)),
-                          tmp_path / "r18.safetensors")
+    other = retrofit.save(
+        retrofit.add_se(timm.create_model("resnet18", num_classes=CLASSES), input_size=(3, SIZE, SIZE)),
+        tmp_path / "r18.safetensors",
+    )
     (tmp_path / "r18-finetune").mkdir()
     shutil.copy(state, tmp_path / "r18-finetune" / "train_state.pt")
     line = one_error_line(runner.invoke(app, ["finetune", str(other), "--data", str(data), "--resume"]))
@@ -245,15 +271,33 @@ def test_full_disk_loses_nothing(data, tmp_path, monkeypatch):
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(ts.torch, "save", full_after_first)
-    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "2", "-b", "8", "-j", "0",
-                                 "--output-dir", str(out)])
+    result = runner.invoke(
+        app,
+        ["finetune", str(ckpt), "--data", str(data), "--epochs", "2", "-b", "8", "-j", "0", "--output-dir", str(out)],
+    )
     line = one_error_line(result)
     assert "No space left on device" in line and "previous train_state.pt is kept" in line
     monkeypatch.setattr(ts.torch, "save", real)
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1
     assert not list(out.glob(".*tmp"))
-    resumed = runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "--epochs", "2", "-b", "8", "-j", "0",
-                                  "--output-dir", str(out), "--resume"])
+    resumed = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--epochs",
+            "2",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--output-dir",
+            str(out),
+            "--resume",
+        ],
+    )
     assert resumed.exit_code == 0, resumed.output
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 2
 
@@ -291,13 +335,16 @@ def test_bypassed_blocks_give_the_original_network(position):
             assert torch.equal(model(x), plain(x))
 
 
-@pytest.mark.parametrize("entry, edit", [
-    ("ema", lambda s: s["ema"]["module"].pop(next(iter(s["ema"]["module"])))),          # a missing tensor
-    ("ema", lambda s: s["ema"].update(steps="many")),                                    # not a count
-    ("ema", lambda s: s.update(ema=[1, 2])),                                             # not a mapping
-    ("teacher", lambda s: s["teacher"].update({"fc.weight": torch.zeros(1)})),           # a wrong shape
-    ("teacher", lambda s: s.update(teacher={"fc.weight": "x"})),                         # not a tensor
-])
+@pytest.mark.parametrize(
+    "entry, edit",
+    [
+        ("ema", lambda s: s["ema"]["module"].pop(next(iter(s["ema"]["module"])))),  # a missing tensor
+        ("ema", lambda s: s["ema"].update(steps="many")),  # not a count
+        ("ema", lambda s: s.update(ema=[1, 2])),  # not a mapping
+        ("teacher", lambda s: s["teacher"].update({"fc.weight": torch.zeros(1)})),  # a wrong shape
+        ("teacher", lambda s: s.update(teacher={"fc.weight": "x"})),  # not a tensor
+    ],
+)
 def test_resume_refuses_an_edited_ema_or_teacher_in_one_line(data, tmp_path, entry, edit):
     """The EMA and the phase-2 teacher of a training state are data like the rest: an edited one is
     one `error:` line naming the entry, not an internal error when it reaches load_state_dict."""
@@ -320,15 +367,23 @@ def test_the_epoch_hook_sees_each_row_draws_nothing_and_can_end_the_run(data, tm
     full = retrofit.finetune(se_model(), data, epochs=3, restore_best=False, **FAST)
     seen = []
     with caplog.at_level(logging.INFO, logger="retrofit"):
-        watched = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
-                                    on_event=lambda e: seen.append(e) and False, **FAST)
+        watched = retrofit.finetune(
+            se_model(), data, epochs=3, restore_best=False, on_event=lambda e: seen.append(e) and False, **FAST
+        )
     assert watched.rows == full.rows
     assert [(e.source, e.kind) for e in seen] == [("finetune", "epoch")] * 3
     assert [e.data for e in seen] == full.rows[2:]
     assert [r.message for r in caplog.records if r.name == "retrofit.finetune"] == [e.message for e in seen]
     assert seen[0].message == f"epoch 1: top-1 {full.rows[2]['top1']:.2f}%, val loss {full.rows[2]['val_loss']:.4f}"
-    stopped = retrofit.finetune(se_model(), data, epochs=3, restore_best=False,
-                                on_event=lambda e: e.data["epoch"] == 1, output_dir=tmp_path / "run", **FAST)
+    stopped = retrofit.finetune(
+        se_model(),
+        data,
+        epochs=3,
+        restore_best=False,
+        on_event=lambda e: e.data["epoch"] == 1,
+        output_dir=tmp_path / "run",
+        **FAST,
+    )
     assert stopped.rows == full.rows[:3]
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 3 and not list((tmp_path / "run").glob(".*.tmp"))
@@ -338,12 +393,14 @@ def test_the_old_epoch_hook_and_positional_epochs_still_work_with_a_deprecation_
     """`on_epoch=` and `finetune(model, data, EPOCHS)` of earlier versions: the same run, and a
     DeprecationWarning naming the new call (issue 23)."""
     new = []
-    ran = retrofit.finetune(se_model(), data, epochs=2, restore_best=False,
-                            on_event=lambda e: new.append(e.data["name"]), **FAST)
+    ran = retrofit.finetune(
+        se_model(), data, epochs=2, restore_best=False, on_event=lambda e: new.append(e.data["name"]), **FAST
+    )
     old = []
     with pytest.warns(DeprecationWarning, match="pass on_event=fn"):
-        legacy = retrofit.finetune(se_model(), data, epochs=2, restore_best=False,
-                                   on_epoch=lambda row: old.append(row["name"]), **FAST)
+        legacy = retrofit.finetune(
+            se_model(), data, epochs=2, restore_best=False, on_epoch=lambda row: old.append(row["name"]), **FAST
+        )
     assert old == new == ["epoch 1", "epoch 2"] and legacy.rows == ran.rows
     with pytest.warns(DeprecationWarning, match="pass epochs=EPOCHS"):
         positional = retrofit.finetune(se_model(), data, 2, restore_best=False, **FAST)

@@ -1,4 +1,5 @@
 """The same fine-tuning command under a real 2-process torchrun (gloo on CPU) against one process."""
+
 import json
 import os
 import subprocess
@@ -21,14 +22,37 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     settings = ["--epochs", "1", "-b", "8", "--lr", "0.01", "-j", "0", "--no-augment", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retrofit", "finetune", str(ckpt), "--data", str(data), "--output-dir", str(tmp_path / "two"),
-           *settings]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "retrofit",
+        "finetune",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "two"),
+        *settings,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("Fine-tuning results") == 1  # rank 0 prints, rank 1 does not
-    one = retrofit.finetune(retrofit.load(ckpt), data, epochs=1, batch_size=8, lr=0.01, workers=0, augment=False,
-                            device="cpu", output_dir=tmp_path / "one")
+    one = retrofit.finetune(
+        retrofit.load(ckpt),
+        data,
+        epochs=1,
+        batch_size=8,
+        lr=0.01,
+        workers=0,
+        augment=False,
+        device="cpu",
+        output_dir=tmp_path / "one",
+    )
     two = rows(tmp_path / "two" / "metrics.jsonl")
     assert [r["name"] for r in two] == [r["name"] for r in one.rows] == ["original", "step 0", "epoch 1"]
     n = CLASSES * 5
@@ -52,21 +76,71 @@ def test_torchrun_accuracy_sweep_equals_one_process(tmp_path):
 
     data = make_folder(tmp_path / "data")
     save_model(five_class_model(), str(tmp_path / "plain.safetensors"))
-    args = ["sweep", "test_resnet", "--checkpoint", str(tmp_path / "plain.safetensors"), "--num-classes", "5",
-            "--input-size", "3,32,32", "-r", "4,8", "--data", str(data), "--seeds", "2", "--epochs", "1", "-b", "8",
-            "--lr", "1e-2", "-j", "0", "--no-augment", "--device", "cpu"]
+    args = [
+        "sweep",
+        "test_resnet",
+        "--checkpoint",
+        str(tmp_path / "plain.safetensors"),
+        "--num-classes",
+        "5",
+        "--input-size",
+        "3,32,32",
+        "-r",
+        "4,8",
+        "--data",
+        str(data),
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "-b",
+        "8",
+        "--lr",
+        "1e-2",
+        "-j",
+        "0",
+        "--no-augment",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "retrofit", *args, "--json", str(tmp_path / "two.json")],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "retrofit",
+            *args,
+            "--json",
+            str(tmp_path / "two.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert two.stdout.count("Sweep") == 1 and two.stderr.count("[1/8]") == 1  # rank 0 alone reports
-    one = subprocess.run([sys.executable, "-m", "retrofit", *args, "--json", str(tmp_path / "one.json")],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    one = subprocess.run(
+        [sys.executable, "-m", "retrofit", *args, "--json", str(tmp_path / "one.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("one", "two"))
-    assert [(r["arm"], r["r"]) for r in a] == [(r["arm"], r["r"]) for r in b] == [
-        ("original", 0), ("head+norms", 0), ("full", 0), ("se", 4), ("se", 8)]
+    assert (
+        [(r["arm"], r["r"]) for r in a]
+        == [(r["arm"], r["r"]) for r in b]
+        == [("original", 0), ("head+norms", 0), ("full", 0), ("se", 4), ("se", 8)]
+    )
     for x, y in zip(a, b):
         if x["arm"] == "full":  # trains BatchNorm statistics per process, as `finetune` does
             continue
@@ -86,8 +160,28 @@ def test_a_process_that_dies_ends_the_others_with_one_error_line_and_resume_fini
     data = make_folder(tmp_path / "data")
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "retrofit", "finetune", str(ckpt), "--data", str(data), "--output-dir", str(run),
-           "--epochs", "12", "-b", "8", "--lr", "0.01", "-j", "0", "--no-augment", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retrofit",
+        "finetune",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(run),
+        "--epochs",
+        "12",
+        "-b",
+        "8",
+        "--lr",
+        "0.01",
+        "-j",
+        "0",
+        "--no-augment",
+        "--device",
+        "cpu",
+    ]
     ranks = start_ranks(cmd, cwd=tmp_path)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and ranks[0].poll() is None:
@@ -101,9 +195,15 @@ def test_a_process_that_dies_ends_the_others_with_one_error_line_and_resume_fini
     assert "epoch 12" not in committed, "the run ended before rank 1 was killed"
     assert ranks[0].returncode == 2, err[-3000:]
     errors = [ln for ln in err.splitlines() if "error" in ln]
-    assert len(errors) == 1 and errors[0].startswith("error: another process of this torchrun job died (") and (
-        errors[0].endswith(f"); {run} holds the epochs finished before it: the same command with --resume "
-                           f"continues")), err[-3000:]
+    assert (
+        len(errors) == 1
+        and errors[0].startswith("error: another process of this torchrun job died (")
+        and (
+            errors[0].endswith(
+                f"); {run} holds the epochs finished before it: the same command with --resume continues"
+            )
+        )
+    ), err[-3000:]
     assert "Traceback" not in err + out
     again = start_ranks([*cmd, "--resume"], cwd=tmp_path)
     done = [r.communicate(timeout=300) for r in again]

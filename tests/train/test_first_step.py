@@ -2,6 +2,7 @@
 last norm of each residual branch at zero (zero_init_last), which makes the gradient of a block on
 that branch exactly zero. The fine-tune checks its first step. The command line says in one line when
 a model's weights are random, and the file records where its weights came from."""
+
 import json
 import warnings
 
@@ -38,10 +39,13 @@ def fresh(position="standard", **kwargs):
 def test_a_phase_in_which_nothing_gets_a_gradient_is_refused(data):
     se = fresh()
     before = {k: v.clone() for k, v in se.state_dict().items()}
-    with pytest.raises(RetrofitError, match=r"nothing trainable got a gradient in the first step of phase 1, so it "
-                                            r"would train nothing: layer1\.0\.se \(layer1\.0\.bn2 = 0\).*zero_init_last"
-                                            r".*--checkpoint or --pretrained.*--position post or identity.*"
-                                            r"--train-norms.*the classifier is frozen") as caught:
+    with pytest.raises(
+        RetrofitError,
+        match=r"nothing trainable got a gradient in the first step of phase 1, so it "
+        r"would train nothing: layer1\.0\.se \(layer1\.0\.bn2 = 0\).*zero_init_last"
+        r".*--checkpoint or --pretrained.*--position post or identity.*"
+        r"--train-norms.*the classifier is frozen",
+    ) as caught:
         retrofit.finetune(se, data, epochs=3, **FAST)
     assert "\n" not in str(caught.value)
     assert all(torch.equal(v, before[k]) for k, v in se.state_dict().items())  # it stopped before any step
@@ -54,8 +58,9 @@ def test_tensors_that_get_no_gradient_are_named_once_without_an_option_already_o
     with pytest.warns(RetrofitWarning) as caught:
         retrofit.finetune(se, data, epochs=1, train_norms=True, **FAST)
     said = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
-    assert len(said) == 1 and said[0].startswith("24 of 44 trainable tensors got no gradient in the first step of "
-                                                 "phase 1: ")
+    assert len(said) == 1 and said[0].startswith(
+        "24 of 44 trainable tensors got no gradient in the first step of phase 1: "
+    )
     assert "layer1.0.se (layer1.0.bn2 = 0)" in said[0] and "--train-norms" not in said[0]
     assert "the norm trains, so they can learn once it moves" in said[0]
     assert "--position post or identity" in said[0]
@@ -79,12 +84,15 @@ def test_random_weights_are_said_and_recorded(data, tmp_path):
     weights, and the file records it (metadata `weights`). finetune says it again; a bare add-se (no
     file, no fine-tune) and a model from a checkpoint say nothing."""
     out = tmp_path / "se.safetensors"
-    result = runner.invoke(app, ["add-se", "resnet10t", "--num-classes", "3", "--input-size", "3,32,32", "--output",
-                                 str(out)])
+    result = runner.invoke(
+        app, ["add-se", "resnet10t", "--num-classes", "3", "--input-size", "3,32,32", "--output", str(out)]
+    )
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
-    assert notes == ["note: resnet10t has random weights (no --checkpoint or --pretrained): its sites and costs hold "
-                     "for any weights, but a fine-tune of it is only a demonstration"]
+    assert notes == [
+        "note: resnet10t has random weights (no --checkpoint or --pretrained): its sites and costs hold "
+        "for any weights, but a fine-tune of it is only a demonstration"
+    ]
     assert retrofit.files.header.read_header(out).weights == "random"
     assert retrofit.get_info(retrofit.load(out)).weights == "random"
     result = runner.invoke(app, ["finetune", str(out), "--data", str(data), "-b", "8", "-j", "0"])
@@ -95,8 +103,9 @@ def test_random_weights_are_said_and_recorded(data, tmp_path):
     plain = tmp_path / "trained.safetensors"
     save_file(randomize(timm.create_model("resnet10t", num_classes=3)).state_dict(), str(plain))
     from_file = tmp_path / "from_file.safetensors"
-    result = runner.invoke(app, ["add-se", "resnet10t", "--checkpoint", str(plain), "--input-size", "3,32,32",
-                                 "--output", str(from_file)])
+    result = runner.invoke(
+        app, ["add-se", "resnet10t", "--checkpoint", str(plain), "--input-size", "3,32,32", "--output", str(from_file)]
+    )
     assert result.exit_code == 0 and "note:" not in result.output
     assert retrofit.files.header.read_header(from_file).weights == "checkpoint"
 

@@ -1,5 +1,6 @@
 """retrofit.inspect on an ImageFolder: the evaluation it reports, and the constancy at the model's output
 against a reference computed here (the block's forward replaced by hand with its mean scale)."""
+
 import copy
 
 import pytest
@@ -52,13 +53,15 @@ def test_inspect_reports_constancy_at_the_output_against_a_hand_replacement(data
     handle.remove()
     scale = (torch.cat(seen).double().mean(0) / block.gate_origin).float()
     by_hand = copy.deepcopy(model)
-    by_hand.get_submodule(path).forward = lambda u, shortcut=None: u * scale.view(1, -1, 1, 1) + (
-        0 if shortcut is None else shortcut)
+    by_hand.get_submodule(path).forward = lambda u, shortcut=None: (
+        u * scale.view(1, -1, 1, 1) + (0 if shortcut is None else shortcut)
+    )
     with torch.no_grad():
         replaced = by_hand(x)
     change = ((replaced.double() - logits.double()).norm() / logits.double().norm()).item()
-    loss = (torch.nn.functional.cross_entropy(replaced.double(), y) - torch.nn.functional.cross_entropy(
-        logits.double(), y)).item()
+    loss = (
+        torch.nn.functional.cross_entropy(replaced.double(), y) - torch.nn.functional.cross_entropy(logits.double(), y)
+    ).item()
     r = report.blocks[1]
     assert r.logit_change > 1e-3 and abs(r.logit_change - change) < 1e-5 * max(1, change)
     assert abs(r.loss_change - loss) < 1e-5

@@ -2,6 +2,7 @@
 real command line: a killed run is a process running the installed entry point (``retrofit.cli:main``,
 what ``python -m retrofit`` runs) that gets SIGKILL right before a chosen rename; the product has no
 fault injection. Then ``--resume`` must give the files and the table of an uninterrupted run."""
+
 import errno
 import io
 import json
@@ -83,14 +84,25 @@ class Launcher:
         script = folder / "launcher.py"
         script.write_text(LAUNCHER)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
 
     def start(self, args, kill=None, pause=None):
         self.n += 1
         self.out, self.err = self.folder / f"{self.n}.out", self.folder / f"{self.n}.err"
-        self.proc.stdin.write(json.dumps({"args": [str(a) for a in args], "kill": kill, "pause": pause and str(pause),
-                                          "stdout": str(self.out), "stderr": str(self.err)}) + "\n")
+        self.proc.stdin.write(
+            json.dumps(
+                {
+                    "args": [str(a) for a in args],
+                    "kill": kill,
+                    "pause": pause and str(pause),
+                    "stdout": str(self.out),
+                    "stderr": str(self.err),
+                }
+            )
+            + "\n"
+        )
         self.proc.stdin.flush()
 
     def wait(self):
@@ -133,8 +145,25 @@ def test_a_kill_at_any_rename_then_resume_gives_the_uninterrupted_run(tmp_path):
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     # plain cross-entropy at lr 0.03: on this folder epoch 1 then beats step 0, so an epoch commit writes best
     # too (lr 0.05 did with the augmentation drawn per worker; per image (issue 18) its epoch 1 ties step 0)
-    args = ["finetune", ckpt, "--data", data, "--epochs", "3", "-b", "10", "--lr", "0.03", "--train-head",
-            "--smoothing", "0", "-j", "0", "--device", "cpu"]
+    args = [
+        "finetune",
+        ckpt,
+        "--data",
+        data,
+        "--epochs",
+        "3",
+        "-b",
+        "10",
+        "--lr",
+        "0.03",
+        "--train-head",
+        "--smoothing",
+        "0",
+        "-j",
+        "0",
+        "--device",
+        "cpu",
+    ]
     ref, out, pause = tmp_path / "ref", tmp_path / "run", tmp_path / "pause"
     pause.mkdir()
     launcher = Launcher(tmp_path)
@@ -158,11 +187,13 @@ def test_a_kill_at_any_rename_then_resume_gives_the_uninterrupted_run(tmp_path):
         assert launcher.wait()[0] == -signal.SIGKILL
 
         # 2. to 6.: each run is killed at the next point; the next resumes (or, before any state, starts over)
-        for kill in ("metrics.jsonl",                        # step 0's metrics
-                     "train_state.pt",                       # epoch 1's commit
-                     "best.safetensors@train_state.pt",      # epoch 1 (the best so far) after its commit
-                     "last.safetensors@train_state.pt",      # epoch 2 after its commit
-                     "metrics.jsonl@train_state.pt"):        # epoch 3, the last, after its commit
+        for kill in (
+            "metrics.jsonl",  # step 0's metrics
+            "train_state.pt",  # epoch 1's commit
+            "best.safetensors@train_state.pt",  # epoch 1 (the best so far) after its commit
+            "last.safetensors@train_state.pt",  # epoch 2 after its commit
+            "metrics.jsonl@train_state.pt",
+        ):  # epoch 3, the last, after its commit
             code, stdout, stderr = launcher.run(args + ["--output-dir", out, "--resume"], kill=kill)
             assert code == -signal.SIGKILL, (kill, stdout[-2000:], stderr[-2000:])
             assert len(temps(out)) == 1, (kill, temps(out))  # the killed run's own; the earlier ones are gone
@@ -216,8 +247,10 @@ def test_a_full_disk_keeps_the_previous_files_and_says_what_to_do(tmp_path, monk
 
     monkeypatch.setattr(ts, "open", open_on_a_filling_disk, raising=False)
     result = runner.invoke(app, args)
-    assert error_line(result) == (f"error: cannot write {out / 'train_state.pt'}: No space left on device; the "
-                                     f"previous train_state.pt is kept; free space and rerun with --resume")
+    assert error_line(result) == (
+        f"error: cannot write {out / 'train_state.pt'}: No space left on device; the "
+        f"previous train_state.pt is kept; free space and rerun with --resume"
+    )
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1 and temps(out) == []
     monkeypatch.undo()
 
@@ -232,8 +265,10 @@ def test_a_full_disk_keeps_the_previous_files_and_says_what_to_do(tmp_path, monk
     monkeypatch.setattr(safetensors.torch, "serialize_file", serialize)
     kept = load_file(out / "last.safetensors")  # epoch 1's (safetensors' header order varies: not bytes)
     result = runner.invoke(app, args + ["--resume"])
-    assert error_line(result) == (f"error: cannot write {out / 'last.safetensors'}: No space left on device; the "
-                                     f"previous last.safetensors is kept; free space and rerun with --resume")
+    assert error_line(result) == (
+        f"error: cannot write {out / 'last.safetensors'}: No space left on device; the "
+        f"previous last.safetensors is kept; free space and rerun with --resume"
+    )
     still = load_file(out / "last.safetensors")
     assert all(torch.equal(still[k], kept[k]) for k in kept) and temps(out) == []
     monkeypatch.undo()
@@ -253,7 +288,8 @@ def test_a_full_disk_keeps_the_previous_files_and_says_what_to_do(tmp_path, monk
     target = tmp_path / "se2.safetensors"
     saved = runner.invoke(app, ["add-se", "test_resnet", "--input-size", "3,32,32", "--output", str(target)])
     assert error_line(saved) == (
-        f"error: cannot write {target}: No space left on device; nothing was written; free space and try again")
+        f"error: cannot write {target}: No space left on device; nothing was written; free space and try again"
+    )
     assert not target.exists() and temps(tmp_path) == []
 
 
@@ -274,12 +310,14 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypat
 
         monkeypatch.setattr(Path, "mkdir", read_only)
     try:
-        result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(data), "-b", "6", "-j", "0",
-                                     "--output-dir", str(out)])
+        result = runner.invoke(
+            app, ["finetune", str(ckpt), "--data", str(data), "-b", "6", "-j", "0", "--output-dir", str(out)]
+        )
     finally:
         out.parent.chmod(0o700)
-    assert error_line(result) == (f"error: cannot create the output folder {out}: Permission denied; choose a "
-                                     f"folder you can write to")
+    assert error_line(result) == (
+        f"error: cannot create the output folder {out}: Permission denied; choose a folder you can write to"
+    )
 
 
 def test_a_killed_add_se_output_leaves_no_temporary_file_once_written_again(tmp_path):
@@ -344,20 +382,28 @@ def test_a_write_leaves_a_live_writers_temporary_folder_alone(tmp_path):
     from retrofit.files.atomic import atomic_write
 
     target = tmp_path / "model.safetensors"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     locked = tmp_path / f".model.safetensors.{dead}0.tmp"
     locked.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(locked)!r}, os.O_RDONLY)\n"
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(locked)!r}, os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        orphan = tmp_path / f".model.safetensors.{dead}.tmp"        # dead pid, no lock: removed
+        orphan = tmp_path / f".model.safetensors.{dead}.tmp"  # dead pid, no lock: removed
         starting = tmp_path / f".model.safetensors.{holder.pid}.tmp"  # live pid, no lock yet: kept
-        other = tmp_path / f".other.safetensors.{dead}.tmp"          # another target's: not looked at
-        old = tmp_path / f".model.safetensors.{dead}1.tmp"          # an earlier version's file: removed
+        other = tmp_path / f".other.safetensors.{dead}.tmp"  # another target's: not looked at
+        old = tmp_path / f".model.safetensors.{dead}1.tmp"  # an earlier version's file: removed
         for p in (orphan, starting, other):
             p.mkdir()
             (p / "model.safetensors").write_bytes(b"partial")

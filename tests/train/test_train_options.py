@@ -1,6 +1,7 @@
 """The fine-tune's options (issue 9, point 3): each changes what it claims, against hand computations,
 and none breaks a bitwise resume; the control arms' training of a plain network; phase 1 builds no
 graph before the first block and no weight gradient for a frozen layer (point 5)."""
+
 import copy
 
 import numpy as np
@@ -51,9 +52,20 @@ def test_distillation_and_smoothing_loss_is_the_hand_computation(data):
     kl = (p_t * (p_t.log() - (student / t).log_softmax(1))).sum(1).mean()
     hand = ce + w * t * t * kl
     assert kl > 1e-3 and eps * log_p.mean() != 0
-    result = retrofit.finetune(se, data, epochs=1, batch_size=TRAIN, lr=1e-2, augment=False, workers=0,
-                               smoothing=eps, distill=True, distill_weight=w, distill_temperature=t,
-                               restore_best=False)
+    result = retrofit.finetune(
+        se,
+        data,
+        epochs=1,
+        batch_size=TRAIN,
+        lr=1e-2,
+        augment=False,
+        workers=0,
+        smoothing=eps,
+        distill=True,
+        distill_weight=w,
+        distill_temperature=t,
+        restore_best=False,
+    )
     assert result.row("epoch 1")["train_loss"] == pytest.approx(hand.item(), rel=1e-5)
 
 
@@ -74,10 +86,17 @@ def test_mixup_mixes_images_and_labels_and_an_odd_last_image_stays():
 def test_ema_is_its_own_row_and_its_own_weights(data, tmp_path):
     start = se_model()
     se = copy.deepcopy(start)
-    result = retrofit.finetune(se, data, epochs=2, ema_decay=0.9, augment=False, output_dir=tmp_path / "run",
-                               restore_best=False, **FAST)
-    assert [r["name"] for r in result.rows] == ["original", "step 0", "epoch 1", "epoch 1 (ema)", "epoch 2",
-                                                "epoch 2 (ema)"]
+    result = retrofit.finetune(
+        se, data, epochs=2, ema_decay=0.9, augment=False, output_dir=tmp_path / "run", restore_best=False, **FAST
+    )
+    assert [r["name"] for r in result.rows] == [
+        "original",
+        "step 0",
+        "epoch 1",
+        "epoch 1 (ema)",
+        "epoch 2",
+        "epoch 2 (ema)",
+    ]
     ema = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["ema"]["module"]
     live, before = se.state_dict(), start.state_dict()
     blocks = params.block_params(se)
@@ -92,9 +111,24 @@ def test_resume_with_every_option_is_bitwise(data, tmp_path, monkeypatch):
     """Phase 1 then phase 2 with all the options on, killed in epoch 3 (phase 2's second): the resumed
     run's weights, EMA, phase-2 teacher and metrics equal the uninterrupted run's; that teacher is the
     model phase 1 left (a phase-1-only run). Batches of 5 are odd: mixup's odd-image path runs."""
-    opts = dict(epochs=1, phase2_epochs=2, batch_size=5, lr=1e-2, workers=0, augment=True, restore_best=False,
-                ema_decay=0.9, mixup=0.4, cutmix=1.0, smoothing=0.1, distill=True, clip_grad=1.0,
-                backbone_lr_scale=0.5, channels_last=True, weight_decay=0.01)
+    opts = dict(
+        epochs=1,
+        phase2_epochs=2,
+        batch_size=5,
+        lr=1e-2,
+        workers=0,
+        augment=True,
+        restore_best=False,
+        ema_decay=0.9,
+        mixup=0.4,
+        cutmix=1.0,
+        smoothing=0.1,
+        distill=True,
+        clip_grad=1.0,
+        backbone_lr_scale=0.5,
+        channels_last=True,
+        weight_decay=0.01,
+    )
     start = se_model()
     retrofit.finetune(copy.deepcopy(start), data, output_dir=tmp_path / "a", **opts)
     from retrofit.train.run import Run as _Run
@@ -129,8 +163,18 @@ def test_clipping_bounds_the_first_step(data):
     the trainable parameters move by exactly lr x c."""
     se = se_model()
     before = {k: v.clone() for k, v in se.state_dict().items()}
-    retrofit.finetune(se, data, epochs=1, batch_size=TRAIN, opt="momentum", lr=1.0, clip_grad=1e-3, augment=False,
-                      workers=0, restore_best=False)
+    retrofit.finetune(
+        se,
+        data,
+        epochs=1,
+        batch_size=TRAIN,
+        opt="momentum",
+        lr=1.0,
+        clip_grad=1e-3,
+        augment=False,
+        workers=0,
+        restore_best=False,
+    )
     moved = torch.cat([(se.state_dict()[k] - before[k]).flatten() for k in params.block_params(se)])
     assert moved.norm().item() == pytest.approx(1e-3, rel=1e-4)
 
@@ -140,8 +184,9 @@ def test_the_pretrained_parameters_get_their_own_rate():
     params.set_trainable(se, None)
     blocks = params.block_params(se)
     groups = params.lr_groups(se, blocks, 0.1, weight_decay=0.05)
-    optimizer, _ = optim.create(se, opt="adamw", lr=1e-2, weight_decay=0.05, sched="cosine", epochs=2,
-                                warmup_epochs=0, groups=groups)
+    optimizer, _ = optim.create(
+        se, opt="adamw", lr=1e-2, weight_decay=0.05, sched="cosine", epochs=2, warmup_epochs=0, groups=groups
+    )
     name = {id(p): n for n, p in se.named_parameters()}
     seen = []
     for g in optimizer.param_groups:
@@ -168,8 +213,9 @@ def test_channels_last_gives_the_same_numbers(data):
 def test_a_plain_network_trains_its_head_and_norms_only(data, tmp_path):
     plain = plain_model()
     before = {k: v.clone() for k, v in plain.state_dict().items()}
-    result = retrofit.finetune(plain, data, epochs=1, train_head=True, train_norms=True, augment=False,
-                               restore_best=False, **FAST)
+    result = retrofit.finetune(
+        plain, data, epochs=1, train_head=True, train_norms=True, augment=False, restore_best=False, **FAST
+    )
     assert result.row("step 0")["val_loss"] == result.row("original")["val_loss"]
     after = plain.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -195,6 +241,7 @@ def test_phase1_records_no_graph_before_the_first_block_and_no_frozen_gradient(d
         def record(module, args, out):
             if torch.is_grad_enabled():
                 needs_grad.setdefault(name, set()).add(out.requires_grad)
+
         return record
 
     for name in stem + ["layer1.0.se", "layer2.0.conv1"]:
@@ -215,17 +262,41 @@ def test_cli_options_reach_the_run_and_bad_values_are_one_line(data, tmp_path):
     ckpt = retrofit.save(se_model(), tmp_path / "se.safetensors")
     out = tmp_path / "run"
     args = ["finetune", str(ckpt), "--data", str(data), "-b", "8", "-j", "0", "--output-dir", str(out)]
-    done = runner.invoke(app, args + ["--ema-decay", "0.9", "--distill", "--smoothing", "0.1", "--mixup", "0.2",
-                                      "--clip-grad", "1", "--backbone-lr-scale", "0.5", "--channels-last"])
+    done = runner.invoke(
+        app,
+        args
+        + [
+            "--ema-decay",
+            "0.9",
+            "--distill",
+            "--smoothing",
+            "0.1",
+            "--mixup",
+            "0.2",
+            "--clip-grad",
+            "1",
+            "--backbone-lr-scale",
+            "0.5",
+            "--channels-last",
+        ],
+    )
     assert done.exit_code == 0, done.output
     assert "epoch 1 (ema)" in done.output
     settings = torch.load(out / "train_state.pt", weights_only=True)["settings"]
-    assert (settings["ema_decay"], settings["distill"], settings["smoothing"], settings["mixup"], settings["clip_grad"],
-            settings["backbone_lr_scale"], settings["channels_last"]) == (0.9, True, 0.1, 0.2, 1.0, 0.5, True)
+    assert (
+        settings["ema_decay"],
+        settings["distill"],
+        settings["smoothing"],
+        settings["mixup"],
+        settings["clip_grad"],
+        settings["backbone_lr_scale"],
+        settings["channels_last"],
+    ) == (0.9, True, 0.1, 0.2, 1.0, 0.5, True)
     bad = runner.invoke(app, args[:-2] + ["--output-dir", str(tmp_path / "bad"), "--smoothing", "1.5"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
     assert [ln for ln in bad.output.splitlines() if ln.startswith("error:")] == [
-        "error: smoothing must be in [0, 1), got 1.5"]
+        "error: smoothing must be in [0, 1), got 1.5"
+    ]
     assert not (tmp_path / "bad").exists()
     for command in ("add-se", "sweep"):
         assert "--distill" in runner.invoke(app, [command, "--help"]).output

@@ -1,5 +1,6 @@
 """The weights of a fine-tune do not depend on the number of data-loading processes: each image's
 augmentation is drawn from (seed, epoch, index), not from whichever worker loads it."""
+
 import copy
 import random
 
@@ -17,8 +18,9 @@ def test_no_workers_and_two_workers_give_bitwise_the_same_weights(tmp_path):
     runs = {}
     for workers in (0, 2):
         model = copy.deepcopy(start)
-        result = retrofit.finetune(model, data, epochs=2, batch_size=8, lr=1e-2, workers=workers, mixup=0.2,
-                                   restore_best=False)  # augmentation on (the default), mixup in the main process
+        result = retrofit.finetune(
+            model, data, epochs=2, batch_size=8, lr=1e-2, workers=workers, mixup=0.2, restore_best=False
+        )  # augmentation on (the default), mixup in the main process
         runs[workers] = [r["train_loss"] for r in result.rows], model.state_dict()
     (losses0, state0), (losses2, state2) = runs[0], runs[2]
     assert losses0 == losses2 and losses0[-1] is not None

@@ -6,62 +6,119 @@ selection, put the file back. Run by hand, under the machine-wide lock, never in
 
 TREE: a checkout of this branch (the tests that kill each mutant are run); OLD: a checkout of a1def68
 (its own tests of the module are run: the mutant survived them). Prints 'ID FILE killed|survived'."""
+
 import subprocess
 import sys
 from pathlib import Path
 
 MUTANTS = {
- # id: (file, {tree: (old text, new text)}, test selection on a1def68 (survival), killing tests (new tree))
- "M1": ("retrofit/measure/overhead.py", {"*": ("return sum(p.numel() for p in model.parameters())",
-        "return sum(p.numel() for p in model.parameters() if p.requires_grad)")}),
- "M2": ("retrofit/measure/overhead.py", {"old": ("shape_in == shape_out and len(shape_in) == 4",
-                                                "shape_in == shape_out and len(shape_in) >= 3")}),
- "M2a": ("retrofit/measure/overhead.py", {"new": ("n * (length - prefix) * c if gating", "n * length * c if gating")}),
- "M2b": ("retrofit/measure/overhead.py",
-         {"new": ('(sides[2], sides[0], sides[1]) if layout == "nhwc" else sides', "sides")}),
- "M2c": ("retrofit/measure/overhead.py", {"new": ('if layout == "tokens" and len(shape_in) == 3:', 'if False:')}),
- "M3": ("retrofit/measure/overhead.py", {"*": ("stage = max(0, round(math.log2(height / h))) if h else 0",
-        "stage = max(0, round(math.log2(height / h)) + 1) if h else 0")}),
- "M4": ("retrofit/files/header.py", {"*": ('r"[0-9a-f]{64}"', 'r"[0-9a-f]{1,64}"')}),
- "M5": ("retrofit/files/header.py", {"*": ('arch) or not timm.is_model(arch):', 'arch):')}),
- "M6": ("retrofit/files/header.py", {"*": ('len(meta["base_name"]) > 200', 'len(meta["base_name"]) > 2000')}),
- "M7": ("retrofit/files/header.py", {"*": ('if meta.get("weights", WEIGHTS[0]) not in WEIGHTS:', 'if False:')}),
- "M8": ("retrofit/files/bounds.py", {"*": ("low <= value <= high", "low <= value < high")}),
- "M9": ("retrofit/surgery/recipe_fields.py", {"*": ("elif stage in entries:", "elif False:")}),
- "M10": ("retrofit/surgery/recipe_fields.py", {"*": ("if n is None or n < 1:", "if n is None or n < 0:")}),
- "M11": ("retrofit/surgery/recipe_fields.py", {"*": ("if stages is None and only is None:", "if False:")}),
- "M12": ("retrofit/surgery/plan.py", {"*": ("    if not insertions:\n", "    if False:\n")}),
- "M13": ("retrofit/surgery/plan.py", {"*": ("for call in calls[1:]:", "for call in []:")}),
- "M14": ("retrofit/surgery/insert.py", {"old": ("""        for name in buffers + blocks:
+    # id: (file, {tree: (old text, new text)}, test selection on a1def68 (survival), killing tests (new tree))
+    "M1": (
+        "retrofit/measure/overhead.py",
+        {
+            "*": (
+                "return sum(p.numel() for p in model.parameters())",
+                "return sum(p.numel() for p in model.parameters() if p.requires_grad)",
+            )
+        },
+    ),
+    "M2": (
+        "retrofit/measure/overhead.py",
+        {"old": ("shape_in == shape_out and len(shape_in) == 4", "shape_in == shape_out and len(shape_in) >= 3")},
+    ),
+    "M2a": (
+        "retrofit/measure/overhead.py",
+        {"new": ("n * (length - prefix) * c if gating", "n * length * c if gating")},
+    ),
+    "M2b": (
+        "retrofit/measure/overhead.py",
+        {"new": ('(sides[2], sides[0], sides[1]) if layout == "nhwc" else sides', "sides")},
+    ),
+    "M2c": ("retrofit/measure/overhead.py", {"new": ('if layout == "tokens" and len(shape_in) == 3:', 'if False:')}),
+    "M3": (
+        "retrofit/measure/overhead.py",
+        {
+            "*": (
+                "stage = max(0, round(math.log2(height / h))) if h else 0",
+                "stage = max(0, round(math.log2(height / h)) + 1) if h else 0",
+            )
+        },
+    ),
+    "M4": ("retrofit/files/header.py", {"*": ('r"[0-9a-f]{64}"', 'r"[0-9a-f]{1,64}"')}),
+    "M5": ("retrofit/files/header.py", {"*": ('arch) or not timm.is_model(arch):', 'arch):')}),
+    "M6": ("retrofit/files/header.py", {"*": ('len(meta["base_name"]) > 200', 'len(meta["base_name"]) > 2000')}),
+    "M7": ("retrofit/files/header.py", {"*": ('if meta.get("weights", WEIGHTS[0]) not in WEIGHTS:', 'if False:')}),
+    "M8": ("retrofit/files/bounds.py", {"*": ("low <= value <= high", "low <= value < high")}),
+    "M9": ("retrofit/surgery/recipe_fields.py", {"*": ("elif stage in entries:", "elif False:")}),
+    "M10": ("retrofit/surgery/recipe_fields.py", {"*": ("if n is None or n < 1:", "if n is None or n < 0:")}),
+    "M11": ("retrofit/surgery/recipe_fields.py", {"*": ("if stages is None and only is None:", "if False:")}),
+    "M12": ("retrofit/surgery/plan.py", {"*": ("    if not insertions:\n", "    if False:\n")}),
+    "M13": ("retrofit/surgery/plan.py", {"*": ("for call in calls[1:]:", "for call in []:")}),
+    "M14": (
+        "retrofit/surgery/insert.py",
+        {
+            "old": (
+                """        for name in buffers + blocks:
             delattr(module, name)
         for name in was_none:  # timm's `self.se = None`: its forward still reads it
             setattr(module, name, None)
-        raise""", "        raise"),
-        "new": ("""    except BaseException:
+        raise""",
+                "        raise",
+            ),
+            "new": (
+                """    except BaseException:
         rollback()
-        raise""", """    except BaseException:
-        raise""")}),
- "M14b": ("retrofit/surgery/insert.py", {"new": ("""        for rollback in reversed(undo):
-            rollback()""", """        pass""")}),
- "M15": ("retrofit/surgery/insert.py", {"*": ("info.weights = previous.weights", "pass")}),
- "M16": ("retrofit/surgery/insert.py",
-         {"*": ("tensor.clone(), persistent=False)", "tensor.clone(), persistent=True)")}),
- "M17": ("retrofit/surgery/insert.py", {"*": ('if info.channels / info.config.r < 1 and info.config.reads("r"):',
-         "if info.channels / info.config.r < 1:")}),
+        raise""",
+                """    except BaseException:
+        raise""",
+            ),
+        },
+    ),
+    "M14b": (
+        "retrofit/surgery/insert.py",
+        {
+            "new": (
+                """        for rollback in reversed(undo):
+            rollback()""",
+                """        pass""",
+            )
+        },
+    ),
+    "M15": (
+        "retrofit/surgery/insert.py",
+        {"old": ("info.weights = previous.weights", "pass"), "new": ("weights=previous.weights,", "")},
+    ),
+    "M16": (
+        "retrofit/surgery/insert.py",
+        {"*": ("tensor.clone(), persistent=False)", "tensor.clone(), persistent=True)")},
+    ),
+    "M17": (
+        "retrofit/surgery/insert.py",
+        {
+            "*": (
+                'if info.channels / info.config.r < 1 and info.config.reads("r"):',
+                "if info.channels / info.config.r < 1:",
+            )
+        },
+    ),
 }
 OLD_TESTS = {  # a1def68's own tests of each module, the files the killing tests went into (the survival check)
- "overhead.py": ["tests/measure/test_overhead.py", "tests/measure/test_closed_form.py"],
- "header.py": ["tests/files/test_trust.py"], "bounds.py": ["tests/files/test_trust.py"],
- "recipe_fields.py": ["tests/surgery/test_recipe.py", "tests/surgery/test_per_stage.py"],
- "plan.py": ["tests/surgery/test_add_se.py", "tests/surgery/test_surgery.py"],
- "insert.py": ["tests/surgery/test_add_se.py", "tests/surgery/test_surgery.py"],
+    "overhead.py": ["tests/measure/test_overhead.py", "tests/measure/test_closed_form.py"],
+    "header.py": ["tests/files/test_trust.py"],
+    "bounds.py": ["tests/files/test_trust.py"],
+    "recipe_fields.py": ["tests/surgery/test_recipe.py", "tests/surgery/test_per_stage.py"],
+    "plan.py": ["tests/surgery/test_add_se.py", "tests/surgery/test_surgery.py"],
+    "insert.py": ["tests/surgery/test_add_se.py", "tests/surgery/test_surgery.py"],
 }
 NEW_TESTS = {  # the tests written to kill them
- "overhead.py": ["tests/measure/test_overhead.py"],
- "header.py": ["tests/files/test_trust.py"], "bounds.py": ["tests/files/test_trust.py"],
- "recipe_fields.py": ["tests/surgery/test_recipe.py"], "plan.py": ["tests/surgery/test_insert.py"],
- "insert.py": ["tests/surgery/test_insert.py"],
+    "overhead.py": ["tests/measure/test_overhead.py"],
+    "header.py": ["tests/files/test_trust.py"],
+    "bounds.py": ["tests/files/test_trust.py"],
+    "recipe_fields.py": ["tests/surgery/test_recipe.py"],
+    "plan.py": ["tests/surgery/test_insert.py"],
+    "insert.py": ["tests/surgery/test_insert.py"],
 }
+
 
 def main():
     tree, which, ids = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -77,12 +134,18 @@ def main():
         f.write_text(src.replace(edit[0], edit[1]))
         try:
             tests = (OLD_TESTS if which == "old" else NEW_TESTS)[Path(path).name]
-            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                                 cwd=tree, capture_output=True, text=True, timeout=1800)
+            run = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                cwd=tree,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
             failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
             print(mid, path, "killed" if run.returncode else "survived", "|", last, "|", failed[:1], flush=True)
         finally:
             f.write_text(src)
+
 
 main()

@@ -9,6 +9,7 @@ if the run is a sample):
 Each batch: every pending mutant but the next BATCH is marked deferred, `flock /tmp/cpu.lock cosmic-ray
 exec` runs the batch (the config's test-command takes no lock itself), the deferred ones are made pending
 again. The locked seconds of each batch are printed and summed (the run's cost on the shared machine)."""
+
 import sqlite3
 import subprocess
 import sys
@@ -43,8 +44,10 @@ while True:
     # the first batch runs the tests on the unmutated code first: a selection that fails there kills everything
     baseline = f"{test_command} >/dev/null || {{ echo 'the tests fail unmutated' >&2; exit 3; }}; " if first else ""
     first = False
-    script = f'start=$(date +%s.%N); uptime >&2; {baseline}{cosmic_ray} exec {config} {session}; rc=$?; ' \
-             'echo "$(date +%s.%N) - $start" | bc >&2; exit $rc'
+    script = (
+        f'start=$(date +%s.%N); uptime >&2; {baseline}{cosmic_ray} exec {config} {session}; rc=$?; '
+        'echo "$(date +%s.%N) - $start" | bc >&2; exit $rc'
+    )
     run = subprocess.run(["flock", "/tmp/cpu.lock", "sh", "-c", script], stderr=subprocess.PIPE, text=True)
     lines = run.stderr.strip().splitlines()
     undefer()
@@ -52,7 +55,10 @@ while True:
         sys.exit(f"batch failed ({run.returncode}): {run.stderr[-2000:]}")
     locked = float(lines[-1])
     total += locked
-    print(f"{time.strftime('%H:%M:%S')} batch of {min(batch, len(jobs))}: {locked:.0f} s locked "
-          f"({lines[0].strip() if lines else ''}); "
-          f"{len(jobs) - min(batch, len(jobs))} left", flush=True)
+    print(
+        f"{time.strftime('%H:%M:%S')} batch of {min(batch, len(jobs))}: {locked:.0f} s locked "
+        f"({lines[0].strip() if lines else ''}); "
+        f"{len(jobs) - min(batch, len(jobs))} left",
+        flush=True,
+    )
 print(f"total locked: {total:.0f} s")

@@ -5,6 +5,7 @@ module has more mutants than the time of a run allows (docs/mutation.md says whi
 
 Run after `cosmic-ray init`, before `cosmic-ray exec`. The sample is drawn from the job ids sorted, so the
 same session, N and seed give the same mutants."""
+
 import random
 import sys
 

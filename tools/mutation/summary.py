@@ -2,6 +2,7 @@
 diff: `.venv/bin/python tools/mutation/summary.py SESSION.sqlite`. Mutants outside a sample (skipped) are not
 counted; the kill rate is killed / (killed + survived), timeouts counted as killed, as cosmic-ray does (a
 test run ended by the config's `timeout` is told from a failure by pytest's missing summary line)."""
+
 import re
 import sys
 from collections import Counter
@@ -30,15 +31,20 @@ for job_id, result in results.items():
 pending = len(items) - len(results)
 done = counts["killed"] + counts["timeout"] + counts["survived"]
 rate = f"{100 * (counts['killed'] + counts['timeout']) / done:.1f}%" if done else "-"
-print(f"mutants {len(items)}, run {done + counts['incompetent']}, killed {counts['killed']}, survived "
-      f"{counts['survived']}, "
-      f"incompetent {counts['incompetent']}, timeout {counts['timeout']}, skipped {counts['skipped']}, pending "
-      f"{pending}, "
-      "other "
-      f"{sum(v for k, v in counts.items() if k not in ('killed', 'survived', 'incompetent', 'timeout', 'skipped'))}: "
-      f"kill rate {rate}")
+print(
+    f"mutants {len(items)}, run {done + counts['incompetent']}, killed {counts['killed']}, survived "
+    f"{counts['survived']}, "
+    f"incompetent {counts['incompetent']}, timeout {counts['timeout']}, skipped {counts['skipped']}, pending "
+    f"{pending}, "
+    "other "
+    f"{sum(v for k, v in counts.items() if k not in ('killed', 'survived', 'incompetent', 'timeout', 'skipped'))}: "
+    f"kill rate {rate}"
+)
 for item, result in sorted(survivors, key=lambda s: s[0].mutations[0].start_pos):
     m = item.mutations[0]
     print(f"\n--- survivor {item.job_id[:8]} line {m.start_pos[0]} {m.operator_name} #{m.occurrence}")
-    print("\n".join(line for line in (result.diff or "").splitlines() if line[:1] in "+-" and line[:3] not in ("+++",
-                                                                                                               "---")))
+    print(
+        "\n".join(
+            line for line in (result.diff or "").splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")
+        )
+    )

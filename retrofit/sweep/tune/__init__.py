@@ -19,12 +19,15 @@ One concept per module:
 Optuna is an optional extra: importing any of these modules without it is one error that says what to
 install.
 """
+
 from __future__ import annotations
 
 from ...errors import RetrofitError
 
-NEEDS_OPTUNA = ("retrofit tune needs Optuna, which is not installed; install the extra: pip install -e '.[tune]' "
-                "(from a checkout; or pip install -c constraints.txt 'retrofit[tune]')")
+NEEDS_OPTUNA = (
+    "retrofit tune needs Optuna, which is not installed; install the extra: pip install -e '.[tune]' "
+    "(from a checkout; or pip install -c constraints.txt 'retrofit[tune]')"
+)
 
 try:
     import optuna  # the tune extra: every module of this package uses it

@@ -10,6 +10,7 @@ stop (:mod:`.claim`, each one :func:`.objective.objective`), then the finalists 
 the seeds (:mod:`.finish`) and the files are written (:mod:`.outputs`). Under torchrun rank 0 leads and every
 rank trains (:mod:`.voice`); every rank gets the same result.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,15 +72,34 @@ class TuneResult:
     trained: list[dict[str, Any]] = field(default_factory=list)
 
 
-def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path | None = None, *,
-         trials: int | None = None, budget: int | str | None = None,
-         recipe: Recipe | str | dict | None = None, input_size: tuple[int, ...] | None = None,
-         max_params: str | float | None = None, max_macs: str | float | None = None,
-         max_latency: float | None = None, sampler: str = "tpe", pruner: str = "hyperband", finalists: int = 3,
-         seeds: int = 3, search_seed: int = SEARCH_SEED, storage: str | None = None, study: str = "tune",
-         output_dir: str | Path | None = None, config: FinetuneConfig | None = None, adapter: bool = False,
-         found: Scan | None = None, on_event: OnEvent | None = None, train: dict[str, Any] | None = None,
-         on_line: Callable[[str], None] | None = None, **options: Any) -> TuneResult:
+def tune(
+    model: nn.Module,
+    data: str | Path,
+    space: Space | Mapping | str | Path | None = None,
+    *,
+    trials: int | None = None,
+    budget: int | str | None = None,
+    recipe: Recipe | str | dict | None = None,
+    input_size: tuple[int, ...] | None = None,
+    max_params: str | float | None = None,
+    max_macs: str | float | None = None,
+    max_latency: float | None = None,
+    sampler: str = "tpe",
+    pruner: str = "hyperband",
+    finalists: int = 3,
+    seeds: int = 3,
+    search_seed: int = SEARCH_SEED,
+    storage: str | None = None,
+    study: str = "tune",
+    output_dir: str | Path | None = None,
+    config: FinetuneConfig | None = None,
+    adapter: bool = False,
+    found: Scan | None = None,
+    on_event: OnEvent | None = None,
+    train: dict[str, Any] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    **options: Any,
+) -> TuneResult:
     """Search ``space`` for the recipe that pays on ``model`` and ``data``, then re-run the best over seeds
     next to the sweep's control arms.
 
@@ -117,40 +137,74 @@ def tune(model: nn.Module, data: str | Path, space: Space | Mapping | str | Path
     config = finetune_config(config, train, options, "retrofit.tune")
     on_event = legacy(on_event, "retrofit.tune", on_line=on_line)
     seeds_ = check_accuracy_run(model, seeds, config)
-    epochs = config.epochs
     check_counts(trials, budget, finalists)
     base_recipe = resolve_recipe(recipe)
     size = resolve_input_size(model, input_size)
     with paused_gc():
         found = found if found is not None else scan(model, size, macs=True)
     chosen_space = as_space(space, base_recipe).on_model(found)
-    limits = Limits(parse_limit("--max-params", max_params), parse_limit("--max-macs", max_macs),
-                    parse_latency(max_latency))
+    limits = Limits(
+        parse_limit("--max-params", max_params), parse_limit("--max-macs", max_macs), parse_latency(max_latency)
+    )
     base_cost = traced_cost(found.traced, found.macs)
     check_meetable(chosen_space, limits, found, base_cost)
     out = Path(output_dir if output_dir is not None else f"{model_name(model)}-tune").expanduser()
-    distill, config = config.distill, config.replace(distill=False)
     env = setup(config.device)  # held for the whole tune: every run joins the same process group
     verbosity = optuna.logging.get_verbosity()
     try:
         with warnings.catch_warnings():
             quiet()
-            pipeline = ImageFolderData.open(data, model, size, augment=config.augment)
             say = (lambda line: emit(on_event, Event("tune", "line", line))) if env.main else None
-            search = Search(model, found, base_cost, pipeline, chosen_space, limits, epochs, search_seed, config,
-                            distill, size, Voice(env.world), say)
-            settings = dict(trials=trials, budget=budget, sampler=sampler, pruner=pruner, finalists=finalists,
-                            seeds=seeds_, storage=storage, study=study, out=out, adapter=adapter)
+            search = _search(model, data, found, base_cost, chosen_space, limits, config, size, search_seed, env, say)
+            settings = dict(
+                trials=trials,
+                budget=budget,
+                sampler=sampler,
+                pruner=pruner,
+                finalists=finalists,
+                seeds=seeds_,
+                storage=storage,
+                study=study,
+                out=out,
+                adapter=adapter,
+            )
             with tune_peers(env.world):
-                if env.main:
-                    payload = search.voice.lead(lambda: _lead(search, settings))
-                else:
-                    payload = search.voice.follow({"trial": functools.partial(follow_trial, search),
-                                                   "job": functools.partial(follow_job, search)})
+                payload = _run(search, settings, env.main)
         return TuneResult(**payload, trained=search.trained)
     finally:
         optuna.logging.set_verbosity(verbosity)
         env.close()
+
+
+def _search(model, data, found, base_cost, space, limits, config, size, search_seed, env, say) -> Search:
+    """The search's state: the data pipeline, the fine-tune without distillation (the search's runs distil or
+    not by ``distill``), the voice that carries the work to the other ranks."""
+    distill, config = config.distill, config.replace(distill=False)
+    pipeline = ImageFolderData.open(data, model, size, augment=config.augment)
+    return Search(
+        model,
+        found,
+        base_cost,
+        pipeline,
+        space,
+        limits,
+        config.epochs,
+        search_seed,
+        config,
+        distill,
+        size,
+        Voice(env.world),
+        say,
+    )
+
+
+def _run(search: Search, settings: dict[str, Any], main: bool) -> dict[str, Any]:
+    """Rank 0 leads the study; the other ranks run the trials and jobs it sends them."""
+    if main:
+        return search.voice.lead(lambda: _lead(search, settings))
+    return search.voice.follow(
+        {"trial": functools.partial(follow_trial, search), "job": functools.partial(follow_job, search)}
+    )
 
 
 def _lead(search: Search, s: dict[str, Any]) -> dict[str, Any]:
@@ -194,11 +248,20 @@ def _search(search: Search, s: dict[str, Any], study, storage, budget: Budget, w
         write_trials(out, trial_rows(study.get_trials(deepcopy=False), search.epochs))
     rows = trial_rows(study.get_trials(deepcopy=False), search.epochs)
     summ = {**summary(rows), "stopped": why}
-    say(summ["line"] + ("" if why != "stalled" else "; stopped: the sampler keeps proposing recipes already "
-                                                      "tried, over the limits, or failing"))
+    say(
+        summ["line"]
+        + (
+            ""
+            if why != "stalled"
+            else "; stopped: the sampler keeps proposing recipes already tried, over the limits, or failing"
+        )
+    )
     chosen = finalists(study.get_trials(deepcopy=False), s["finalists"])
-    finish_rows = finish(search, final_study(storage, s["study"]), chosen, s["seeds"], worker, out,
-                         s["adapter"], study) if chosen else []
+    finish_rows = (
+        finish(search, final_study(storage, s["study"]), chosen, s["seeds"], worker, out, s["adapter"], study)
+        if chosen
+        else []
+    )
     return rows, summ, finish_rows
 
 
@@ -224,8 +287,9 @@ def _hints(search: Search) -> dict[str, str]:
 
 def _results(search: Search, s: dict, rows, summ, finish_rows, storage) -> dict[str, Any]:
     out = s["out"]
-    line = verdict(finish_rows) if finish_rows else (
-        "no trial completed; nothing to compare" if s["finalists"] else None)
+    line = (
+        verdict(finish_rows) if finish_rows else ("no trial completed; nothing to compare" if s["finalists"] else None)
+    )
     best = winner(finish_rows)
     best_model = None
     if best is not None:
@@ -236,26 +300,52 @@ def _results(search: Search, s: dict, rows, summ, finish_rows, storage) -> dict[
         else:
             path, host = model_of(final_study(storage, s["study"]), best.trial, s["seeds"][0])
             best_model = f"{path} on {host}" if path else None
-    payload = dict(trials=rows, rows=finish_rows, summary=summ, verdict=line,
-                   best=best.recipe if best else None, best_train=(best.train or {}) if best else {},
-                   output_dir=out, best_model=best_model)
-    write_tune_json(out, {**{k: v for k, v in payload.items() if k not in ("rows", "best", "output_dir")},
-                          "rows": [r.to_dict() for r in finish_rows],
-                          "best": best.recipe.to_dict() if best else None, "seeds": s["seeds"],
-                          "space": search.space.to_dict(), "limits": search.limits.to_dict()})
+    payload = dict(
+        trials=rows,
+        rows=finish_rows,
+        summary=summ,
+        verdict=line,
+        best=best.recipe if best else None,
+        best_train=(best.train or {}) if best else {},
+        output_dir=out,
+        best_model=best_model,
+    )
+    write_tune_json(
+        out,
+        {
+            **{k: v for k, v in payload.items() if k not in ("rows", "best", "output_dir")},
+            "rows": [r.to_dict() for r in finish_rows],
+            "best": best.recipe.to_dict() if best else None,
+            "seeds": s["seeds"],
+            "space": search.space.to_dict(),
+            "limits": search.limits.to_dict(),
+        },
+    )
     return payload
 
 
 def _identity(search: Search, s: dict) -> dict[str, Any]:
     # every setting that decides a number (so the CLI's and a Python call's compare equal); the data loaders'
     # process count decides none; distill is recorded apart (the runs' config has it off)
-    settings = {k: v for k, v in search.config.decisive().items()
-                if k not in ("epochs", "phase2_epochs", "seed", "train_head", "train_norms")}
+    settings = {
+        k: v
+        for k, v in search.config.decisive().items()
+        if k not in ("epochs", "phase2_epochs", "seed", "train_head", "train_norms")
+    }
     settings["device"] = search.config.device
-    return identity(model=model_identity(search.model, search.input_size), data=data_identity(search.pipeline),
-                    space=search.space.to_dict(),
-                    settings={"epochs": search.epochs, "search_seed": search.seed, "train": settings,
-                              "distill": search.distill, "limits": search.limits.to_dict(), "pruner": s["pruner"]})
+    return identity(
+        model=model_identity(search.model, search.input_size),
+        data=data_identity(search.pipeline),
+        space=search.space.to_dict(),
+        settings={
+            "epochs": search.epochs,
+            "search_seed": search.seed,
+            "train": settings,
+            "distill": search.distill,
+            "limits": search.limits.to_dict(),
+            "pruner": s["pruner"],
+        },
+    )
 
 
 def _grid(search: Search, study, budget: Budget) -> None:
@@ -281,8 +371,11 @@ def as_space(space: Any, base: Recipe) -> Space:
     if isinstance(space, Space):
         return space
     if isinstance(space, Mapping):
-        unknown = [k for k in space if k not in ("position", "r", "stages", "per_stage", "module", "gate",
-                                                 "squeeze", "lr", "phase2_epochs")]
+        unknown = [
+            k
+            for k in space
+            if k not in ("position", "r", "stages", "per_stage", "module", "gate", "squeeze", "lr", "phase2_epochs")
+        ]
         if unknown:
             raise RetrofitError(f"space: unknown key {excerpt(unknown[0])}")
         return parse_space(base, **space)
@@ -310,7 +403,9 @@ def parse_budget(value: Any, trials: int | None, trial_epochs: int) -> Budget:
     if unit:
         return Budget(trials=trials, seconds=number * {"h": 3600, "m": 60, "s": 1}[unit], trial_epochs=trial_epochs)
     if not number.is_integer() or number < trial_epochs:
-        raise RetrofitError(f"--budget {excerpt(value, bare=True)}: training epochs are a whole number, at least one "
-                            "trial's "
-                            f"{trial_epochs}")
+        raise RetrofitError(
+            f"--budget {excerpt(value, bare=True)}: training epochs are a whole number, at least one "
+            "trial's "
+            f"{trial_epochs}"
+        )
     return Budget(trials=trials, epochs=int(number), trial_epochs=trial_epochs)

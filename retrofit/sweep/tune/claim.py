@@ -28,6 +28,7 @@ process's wall time. No input makes a search run for ever or its store grow with
 The finish runs as a job queue in a second study of the same store (:func:`run_jobs`), so every process ends
 with the same table, built from the store.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,8 @@ from optuna.trial import TrialState, create_trial
 from ...errors import RetrofitError
 from .workers import BEAT, FAILED, SURPLUS, UNCOUNTED, WORKER, Worker, gave_up
 
-POLL = 0.5     # seconds between looks at the store while the other processes' trials run
-FAILURES = 5   # failed trials of one process, none of the study counted, that stop the search
+POLL = 0.5  # seconds between looks at the store while the other processes' trials run
+FAILURES = 5  # failed trials of one process, none of the study counted, that stop the search
 
 
 class SearchFailed(RetrofitError):
@@ -101,8 +102,9 @@ class Budget:
         return None
 
 
-def run_trials(study, objective: Callable, budget: Budget, worker: Worker, say=None,
-               after: Callable[[int], None] | None = None) -> str:
+def run_trials(
+    study, objective: Callable, budget: Budget, worker: Worker, say=None, after: Callable[[int], None] | None = None
+) -> str:
     """Run trials until ``budget`` says stop; returns why (``trials``, ``epochs``, ``time``, ``stalled``), or
     raises :class:`SearchFailed` (see the module docstring).
 
@@ -135,8 +137,10 @@ def run_trials(study, objective: Callable, budget: Budget, worker: Worker, say=N
             outcome = _run_one(objective, trial)
         if outcome is None:  # another process failed it meanwhile (its heartbeat was late): nothing to tell
             if say is not None:
-                say(f"[trial {trial.number}] was marked failed by another process (its heartbeat came late); "
-                    f"its result is dropped")
+                say(
+                    f"[trial {trial.number}] was marked failed by another process (its heartbeat came late); "
+                    f"its result is dropped"
+                )
             continue
         study.tell(trial, outcome[1], state=outcome[0])
         if after is not None:
@@ -155,9 +159,11 @@ def check_failures(trials, what: str) -> None:
         return
     first = fails[0]
     why = first.user_attrs.get("reason") or gave_up(first)
-    raise SearchFailed(f"the search stopped: {what} and no trial of the study completed; the first failure, trial "
-                       f"{first.number} ({first.user_attrs.get('label', 'no recipe')}): {why}. A failed recipe is "
-                       f"never trained again in this study: after a change, run with another --output-dir or --study")
+    raise SearchFailed(
+        f"the search stopped: {what} and no trial of the study completed; the first failure, trial "
+        f"{first.number} ({first.user_attrs.get('label', 'no recipe')}): {why}. A failed recipe is "
+        f"never trained again in this study: after a change, run with another --output-dir or --study"
+    )
 
 
 def _run_one(objective, trial):
@@ -184,10 +190,15 @@ def _lost_the_race(study, trial, budget: Budget) -> bool:
     study.tell(trial, state=TrialState.FAIL)
     kept = {k: v for k, v in popped.system_attrs.items() if k in ("fixed_params", "failed_trial", "retry_history")}
     if popped.params or "fixed_params" in kept:
-        study.add_trial(create_trial(state=TrialState.WAITING, params=popped.params,
-                                     distributions=popped.distributions, system_attrs=kept,
-                                     user_attrs={k: v for k, v in popped.user_attrs.items()
-                                                 if k not in (WORKER, BEAT, SURPLUS)}))
+        study.add_trial(
+            create_trial(
+                state=TrialState.WAITING,
+                params=popped.params,
+                distributions=popped.distributions,
+                system_attrs=kept,
+                user_attrs={k: v for k, v in popped.user_attrs.items() if k not in (WORKER, BEAT, SURPLUS)},
+            )
+        )
     return True
 
 
@@ -241,8 +252,9 @@ def run_jobs(study, keys: list[str], run_job: Callable, worker: Worker, say=None
         trial = study.ask(fixed_distributions=dist)
         worker.stamp(trial)
         key = trial.params[JOB]
-        first = min(t.number for t in study.get_trials(deepcopy=False)
-                    if job_key(t) == key and t.state != TrialState.FAIL)
+        first = min(
+            t.number for t in study.get_trials(deepcopy=False) if job_key(t) == key and t.state != TrialState.FAIL
+        )
         if first != trial.number or key in done:
             trial.set_user_attr(SURPLUS, True)
             study.tell(trial, state=TrialState.FAIL)

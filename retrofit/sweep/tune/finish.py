@@ -15,6 +15,7 @@
   ``pareto``, ``verdict``). A job whose run failed, or whose process died too often, is a row with its
   reason. The job of a finalist's first seed saves that model, for the winner's file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,10 @@ FINALISTS = "finalists"  # folder of the finalists' first-seed models, in the ou
 
 def finalists(trials, k: int) -> list:
     """The ``k`` best trained COMPLETE trials with distinct recipes (see the module docstring)."""
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and "rows" in t.user_attrs),
-                  key=lambda t: (-t.value, t.user_attrs.get("added_params", 0), t.number))
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and "rows" in t.user_attrs),
+        key=lambda t: (-t.value, t.user_attrs.get("added_params", 0), t.number),
+    )
     out, seen = [], set()
     for t in done:
         if t.user_attrs["recipe"] not in seen:
@@ -65,8 +68,12 @@ def control_settings(search: Search, chosen: list) -> list[dict[str, Any]]:
 
 def job_keys(search: Search, chosen: list, seeds: list[int]) -> list[str]:
     settings = control_settings(search, chosen)
-    keys = [canonical({"kind": "control", "arm": arm, **s, "seed": seed})
-            for s in settings for arm in CONTROL_OPTIONS for seed in seeds]
+    keys = [
+        canonical({"kind": "control", "arm": arm, **s, "seed": seed})
+        for s in settings
+        for arm in CONTROL_OPTIONS
+        for seed in seeds
+    ]
     keys += [canonical({"kind": "finalist", "trial": t.number, "seed": seed}) for t in chosen for seed in seeds]
     return keys
 
@@ -117,12 +124,18 @@ def _job_plan(search: Search, study, job: dict) -> tuple[Recipe | None, dict, di
     return cand.recipe, cand.train, {}
 
 
-def finish(search: Search, final_study, chosen: list, seeds: list[int], worker: Worker, out: Path | None,
-           adapter: bool, study) -> list[SweepRow]:
+def finish(
+    search: Search, final_study, chosen: list, seeds: list[int], worker: Worker, out: Path | None, adapter: bool, study
+) -> list[SweepRow]:
     """Run (or join) every job of the finish and build its rows, the same on every process."""
     keys = job_keys(search, chosen, seeds)
-    jobs = run_jobs(final_study, keys, lambda trial, key: run_job(search, study, trial, key, seeds, out, adapter),
-                    worker, say=search.say)
+    jobs = run_jobs(
+        final_study,
+        keys,
+        lambda trial, key: run_job(search, study, trial, key, seeds, out, adapter),
+        worker,
+        say=search.say,
+    )
     return finish_rows(search, chosen, seeds, jobs)
 
 
@@ -159,9 +172,14 @@ def finalist_row(search: Search, t) -> SweepRow:
     extra += [f"{k} {getattr(cand.recipe, k)}" for k in ("gate", "squeeze") if len(getattr(search.space, k)) > 1]
     extra += [f"lr {cand.train['lr']:.2e}"] if "lr" in cand.train else []
     extra += [f"phase 2 {cand.train['phase2_epochs']}"] if "phase2_epochs" in cand.train else []
-    return SweepRow(cand.recipe.position, cand.recipe.r, cand.recipe.stages, Cost.of(cost),
-                    finalist=Finalist(cand.recipe, cand.train, t.number, ", ".join(extra)),
-                    note=f"trial {t.number}" + "".join(", " + e for e in extra))
+    return SweepRow(
+        cand.recipe.position,
+        cand.recipe.r,
+        cand.recipe.stages,
+        Cost.of(cost),
+        finalist=Finalist(cand.recipe, cand.train, t.number, ", ".join(extra)),
+        note=f"trial {t.number}" + "".join(", " + e for e in extra),
+    )
 
 
 def winner(rows: list[SweepRow]) -> SweepRow | None:
@@ -172,9 +190,14 @@ def winner(rows: list[SweepRow]) -> SweepRow | None:
 
 def final_study(storage, name: str):
     """The finish's job queue, ``NAME:final`` in the same store (each job's one parameter is fixed)."""
-    return optuna.create_study(storage=storage, study_name=f"{name}:final", direction="maximize",
-                               sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.NopPruner(),
-                               load_if_exists=True)
+    return optuna.create_study(
+        storage=storage,
+        study_name=f"{name}:final",
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.NopPruner(),
+        load_if_exists=True,
+    )
 
 
 def model_of(jobs_study, trial_number: int, seed: int) -> tuple[str | None, str | None]:
@@ -184,4 +207,3 @@ def model_of(jobs_study, trial_number: int, seed: int) -> tuple[str | None, str 
         if job.get("kind") == "finalist" and job.get("trial") == trial_number and job.get("seed") == seed:
             return t.user_attrs.get("model"), (t.user_attrs.get(WORKER) or {}).get("host")
     return None, None
-

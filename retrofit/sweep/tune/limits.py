@@ -8,6 +8,7 @@ measured alone on the meta device: milliseconds); they add up over the blocks, s
 space is found before the study starts, and a space that no recipe of it can meet is an error then.
 Latency does not add up: it is measured per trial, the built model against the original.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -63,8 +64,9 @@ def parse_latency(text: Any) -> float | None:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise RetrofitError("--max-latency: give a ratio to the original's forward time, e.g. 1.10, got "
-                            f"{excerpt(text)}")
+        raise RetrofitError(
+            f"--max-latency: give a ratio to the original's forward time, e.g. 1.10, got {excerpt(text)}"
+        )
     return value
 
 
@@ -76,8 +78,10 @@ class Limits:
 
     def over(self, cost: Overhead) -> str | None:
         """Why a recipe of this cost breaks a limit (``over --max-params 2% (adds 2.31%)``), or None."""
-        for limit, added, base in ((self.params, cost.added_params, cost.base_params),
-                                   (self.macs, cost.added_macs, cost.base_macs)):
+        for limit, added, base in (
+            (self.params, cost.added_params, cost.base_params),
+            (self.macs, cost.added_macs, cost.base_macs),
+        ):
             if limit is not None and added > limit.bound(base):
                 share = f"{100 * added / base:.2f}%" if limit.percent else f"{added:,}"
                 return f"over {limit.option} {limit.show()} (adds {share})"
@@ -89,8 +93,11 @@ class Limits:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_params": self.params.show() if self.params else None,
-                "max_macs": self.macs.show() if self.macs else None, "max_latency": self.latency}
+        return {
+            "max_params": self.params.show() if self.params else None,
+            "max_macs": self.macs.show() if self.macs else None,
+            "max_latency": self.latency,
+        }
 
 
 def recipe_cost(found: Scan, base: ModelCost, recipe: Recipe) -> Overhead:
@@ -105,8 +112,9 @@ def recipe_cost(found: Scan, base: ModelCost, recipe: Recipe) -> Overhead:
 
 def latency_ratio(model, se_model, input_size: tuple[int, ...]) -> float:
     """Median forward time of ``se_model`` over ``model``'s, interleaved in one run (batch 8, 10 rounds)."""
-    timing = measure_latency({"original": model, "retrofitted": se_model}, batch=8, input_size=input_size,
-                             runs=10, warmup=2)
+    timing = measure_latency(
+        {"original": model, "retrofitted": se_model}, batch=8, input_size=input_size, runs=10, warmup=2
+    )
     return timing.ratio("retrofitted", "original")
 
 
@@ -116,8 +124,10 @@ def check_meetable(space: Space, limits: Limits, found: Scan, base: ModelCost) -
     the space allows it), for some combination of the other axes: a few plans on the scan. Each limit is
     checked on its own; a space whose cheapest-by-params is over the MAC limit and the other way round is
     found by the trials (all pruned as over the limits)."""
-    for limit, pick, total in ((limits.params, lambda c: c.added_params, base.params),
-                               (limits.macs, lambda c: c.added_macs, base.macs)):
+    for limit, pick, total in (
+        (limits.params, lambda c: c.added_params, base.params),
+        (limits.macs, lambda c: c.added_macs, base.macs),
+    ):
         if limit is None:
             continue
         cheapest = _cheapest(space, found, base, pick)
@@ -126,8 +136,10 @@ def check_meetable(space: Space, limits: Limits, found: Scan, base: ModelCost) -
         cost, label = cheapest
         if pick(cost) > limit.bound(total):
             share = f"{100 * pick(cost) / total:.2f}%" if limit.percent else f"{pick(cost):,}"
-            raise RetrofitError(f"no recipe of the space meets {limit.option} {limit.show()}: the cheapest, {label}, "
-                                f"adds {share}; raise the limit or add cheaper choices (a larger r, fewer stages)")
+            raise RetrofitError(
+                f"no recipe of the space meets {limit.option} {limit.show()}: the cheapest, {label}, "
+                f"adds {share}; raise the limit or add cheaper choices (a larger r, fewer stages)"
+            )
 
 
 def _cheapest(space: Space, found: Scan, base: ModelCost, pick) -> tuple[Overhead, str] | None:
@@ -163,4 +175,3 @@ def _cheap_draws(space: Space):
                     continue
                 draw = {f"r{t}": (v if t == s else must.get(t, OFF)) for t, _ in space.per_stage}
                 yield {**combo, **draw}
-

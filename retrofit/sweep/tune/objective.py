@@ -17,6 +17,7 @@ is pruned the same way (its reason kept, a violated constraint ``failed``, so th
 it as from a recipe over a limit; Optuna's samplers do not see FAIL trials at all), marked
 ``retrofit:failed``, and a later draw of its recipe is skipped, never trained again.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,9 +56,9 @@ class Search:
     pipeline: ImageFolderData
     space: Space
     limits: Limits
-    epochs: int                 # phase-1 epochs of every run
-    seed: int                   # the search seed
-    config: FinetuneConfig      # the fine-tune options of every run (lr, batch_size...; distill off: see distill)
+    epochs: int  # phase-1 epochs of every run
+    seed: int  # the search seed
+    config: FinetuneConfig  # the fine-tune options of every run (lr, batch_size...; distill off: see distill)
     distill: bool
     input_size: tuple[int, ...]
     voice: Voice
@@ -65,24 +66,50 @@ class Search:
     trained: list[dict[str, Any]] = field(default_factory=list)  # this process's own runs
     worker: Worker | None = None  # rank 0's place in the study (set once the study is open)
 
-    def run(self, what: str, recipe: Recipe | None, searched: dict[str, Any], seed: int, *,
-            model: nn.Module | None = None, on_event=None, **options) -> dict[str, Any]:
+    def run(
+        self,
+        what: str,
+        recipe: Recipe | None,
+        searched: dict[str, Any],
+        seed: int,
+        *,
+        model: nn.Module | None = None,
+        on_event=None,
+        **options,
+    ) -> dict[str, Any]:
         """One fine-tune (a trial or a finish job; ``recipe`` None: a control arm of the original network),
         logged in :attr:`trained`."""
         if model is None:
-            model = copy.deepcopy(self.model) if recipe is None else build_retrofitted(self.model, self.found, recipe,
-                                                                                       seed)
-        config = self.config.replace(epochs=options.pop("epochs", self.epochs),
-                                     **({"lr": searched["lr"]} if "lr" in searched else {}))
+            model = (
+                copy.deepcopy(self.model) if recipe is None else build_retrofitted(self.model, self.found, recipe, seed)
+            )
+        config = self.config.replace(
+            epochs=options.pop("epochs", self.epochs), **({"lr": searched["lr"]} if "lr" in searched else {})
+        )
         if recipe is not None and self.distill:
             options = {**options, "distill": True}
         phase1 = options.pop("phase1", True)
-        result = run_arm(self.pipeline, model, config, seed, input_size=self.input_size, phase1=phase1,
-                         phase2_epochs=searched.get("phase2_epochs", 0) if phase1 else 0, on_event=on_event,
-                         **options)
+        result = run_arm(
+            self.pipeline,
+            model,
+            config,
+            seed,
+            input_size=self.input_size,
+            phase1=phase1,
+            phase2_epochs=searched.get("phase2_epochs", 0) if phase1 else 0,
+            on_event=on_event,
+            **options,
+        )
         result["model"] = model
-        self.trained.append({"what": what, "seed": seed, "epochs": result["last"]["epoch"],
-                             "top1": result["last"]["top1"], "val_loss": result["last"]["val_loss"]})
+        self.trained.append(
+            {
+                "what": what,
+                "seed": seed,
+                "epochs": result["last"]["epoch"],
+                "top1": result["last"]["top1"],
+                "val_loss": result["last"]["val_loss"],
+            }
+        )
         return result
 
     def total_epochs(self, searched: dict[str, Any]) -> int:
@@ -128,9 +155,13 @@ def objective(search: Search, trial) -> float:
         cost = recipe_cost(search.found, search.base, cand.recipe)
     except Infeasible as err:
         skip(search, trial, str(err), cand)
-    for name, value in (("added_params", cost.added_params), ("params_percent", cost.params_percent()),
-                        ("added_macs", cost.added_macs), ("macs_percent", cost.macs_percent()),
-                        ("blocks", len(cost.blocks))):
+    for name, value in (
+        ("added_params", cost.added_params),
+        ("params_percent", cost.params_percent()),
+        ("added_macs", cost.added_macs),
+        ("macs_percent", cost.macs_percent()),
+        ("blocks", len(cost.blocks)),
+    ):
         trial.set_user_attr(name, value)
     if search.limits.over(cost):
         skip(search, trial, search.limits.over(cost), cand)
@@ -197,11 +228,19 @@ def duplicate(search: Search, trial, cand: Candidate) -> float | None:
     another process is running now is waited for. None: a new recipe."""
     study = trial.study
     while True:
-        same = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number
-                and t.user_attrs.get("recipe") == cand.key and "duplicate_of" not in t.user_attrs
-                and (not t.user_attrs.get(UNCOUNTED) or failed(t))]
-        done = [t for t in same if failed(t) or (t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                                                  and "rows" in t.user_attrs)]
+        same = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.number != trial.number
+            and t.user_attrs.get("recipe") == cand.key
+            and "duplicate_of" not in t.user_attrs
+            and (not t.user_attrs.get(UNCOUNTED) or failed(t))
+        ]
+        done = [
+            t
+            for t in same
+            if failed(t) or (t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rows" in t.user_attrs)
+        ]
         if done:
             first = min(done, key=lambda t: t.number)
             trial.set_user_attr("duplicate_of", first.number)

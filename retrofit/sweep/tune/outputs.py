@@ -8,6 +8,7 @@
 * ``best.safetensors`` (``adapter.safetensors`` with ``adapter=True``): the winner's model of the finish's
   first seed, moved from ``finalists/`` where its job saved it (on the machine that ran that job).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ from ...files.atomic import atomic_write
 from ..rows import SweepRow
 from .finish import FINALISTS
 
-TRIALS, TUNE, BEST_RECIPE, BEST_MODEL, BEST_ADAPTER = ("trials.jsonl", "tune.json", "best_recipe.yaml",
-                                                       "best.safetensors", "adapter.safetensors")
+TRIALS, TUNE, BEST_RECIPE, BEST_MODEL, BEST_ADAPTER = (
+    "trials.jsonl",
+    "tune.json",
+    "best_recipe.yaml",
+    "best.safetensors",
+    "adapter.safetensors",
+)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -36,14 +42,17 @@ def write_trials(out: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_best_recipe(out: Path, best: SweepRow, trials: int) -> Path:
     """``best_recipe.yaml``: the recipe, headed by what chose it."""
-    header = [f"# retrofit tune: the best of {trials} trials (trial {best.trial}), re-run over seeds "
-              f"{','.join(map(str, best.seeds))}: top-1 {best.top1:.2f} ± {best.top1_std:.2f}%"]
+    header = [
+        f"# retrofit tune: the best of {trials} trials (trial {best.trial}), re-run over seeds "
+        f"{','.join(map(str, best.seeds))}: top-1 {best.top1:.2f} ± {best.top1_std:.2f}%"
+    ]
     if best.delta_top1 is not None:
         ci = f" [95% CI {best.delta_top1_ci[0]:+.2f}, {best.delta_top1_ci[1]:+.2f}]" if best.delta_top1_ci else ""
         header.append(f"# against the control '{best.control}': Δ top-1 {best.delta_top1:+.2f}{ci}")
     if best.train:
-        header.append("# fine-tune it with " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k,
-                                                         v in best.train.items()))
+        header.append(
+            "# fine-tune it with " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in best.train.items())
+        )
     header.append("# retrofit add-se MODEL --recipe best_recipe.yaml")
     body = yaml.safe_dump(best.recipe.to_dict(), sort_keys=False)
     path = out / BEST_RECIPE

@@ -1,5 +1,6 @@
 """The trials as rows (what ``trials.jsonl``, ``--json`` and :func:`retrofit.tune` give), their progress
 lines and the closing summary, all read from the store."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,27 @@ def trial_row(t, epochs: int) -> dict[str, Any]:
     a = t.user_attrs
     train = a.get("train") or {}
     key = a.get("recipe")
-    row = {"number": t.number, "state": _state(t), "label": a.get("label", ""),
-           "recipe": json.loads(key)["recipe"] if key else None, "train": train,
-           "added_params": a.get("added_params"), "params_percent": a.get("params_percent"),
-           "added_macs": a.get("added_macs"), "macs_percent": a.get("macs_percent"), "blocks": a.get("blocks"),
-           "latency": a.get("latency"), "epochs": len(t.intermediate_values),
-           "planned_epochs": epochs + train.get("phase2_epochs", 0), "top1": _top1(t),
-           "reason": a.get("reason") or gave_up(t), "duplicate_of": a.get("duplicate_of"), "retry_of": retry_of(t),
-           "host": (a.get(WORKER) or {}).get("host"), "rows": a.get("rows")}
+    row = {
+        "number": t.number,
+        "state": _state(t),
+        "label": a.get("label", ""),
+        "recipe": json.loads(key)["recipe"] if key else None,
+        "train": train,
+        "added_params": a.get("added_params"),
+        "params_percent": a.get("params_percent"),
+        "added_macs": a.get("added_macs"),
+        "macs_percent": a.get("macs_percent"),
+        "blocks": a.get("blocks"),
+        "latency": a.get("latency"),
+        "epochs": len(t.intermediate_values),
+        "planned_epochs": epochs + train.get("phase2_epochs", 0),
+        "top1": _top1(t),
+        "reason": a.get("reason") or gave_up(t),
+        "duplicate_of": a.get("duplicate_of"),
+        "retry_of": retry_of(t),
+        "host": (a.get(WORKER) or {}).get("host"),
+        "rows": a.get("rows"),
+    }
     return row
 
 
@@ -62,9 +76,11 @@ def trial_line(row: dict[str, Any]) -> str:
     if row["top1"] is not None:
         parts.append(f"top-1 {row['top1']:.2f}%")
     state = row["state"]
-    end = {"duplicate": f"= trial {row['duplicate_of']} (same recipe{', which failed' if row['reason'] else ''})",
-           "skipped": row["reason"] or "skipped",
-           "failed": f"failed ({row['reason'] or 'its process is gone'})"}.get(state, state)
+    end = {
+        "duplicate": f"= trial {row['duplicate_of']} (same recipe{', which failed' if row['reason'] else ''})",
+        "skipped": row["reason"] or "skipped",
+        "failed": f"failed ({row['reason'] or 'its process is gone'})",
+    }.get(state, state)
     if row["retry_of"] is not None:
         end += f" (retry of trial {row['retry_of']})"
     return " | ".join(parts + [end])
@@ -77,12 +93,21 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     spent = sum(r["epochs"] for r in rows)
     full = sum(r["planned_epochs"] for r in trained)
     retried = sum(r["retry_of"] is not None for r in rows)
-    line = (f"{len(rows)} trials: {by['complete']} complete, {by['pruned']} pruned, {by['skipped']} skipped before "
-            f"training (limits, no site), {by['duplicate']} duplicate recipes, {by['failed']} failed"
-            f"{f' ({retried} retried)' if retried else ''}; {spent} training epochs, against {full} for "
-            f"{len(trained)} full trials ({_pct(spent, full)})")
-    return {"trials": len(rows), **by, "retried": retried, "epochs": spent, "full_epochs": full,
-            "trained": len(trained), "line": line}
+    line = (
+        f"{len(rows)} trials: {by['complete']} complete, {by['pruned']} pruned, {by['skipped']} skipped before "
+        f"training (limits, no site), {by['duplicate']} duplicate recipes, {by['failed']} failed"
+        f"{f' ({retried} retried)' if retried else ''}; {spent} training epochs, against {full} for "
+        f"{len(trained)} full trials ({_pct(spent, full)})"
+    )
+    return {
+        "trials": len(rows),
+        **by,
+        "retried": retried,
+        "epochs": spent,
+        "full_epochs": full,
+        "trained": len(trained),
+        "line": line,
+    }
 
 
 def _pct(a: int, b: int) -> str:

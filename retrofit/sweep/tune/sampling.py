@@ -14,6 +14,7 @@
   draws the same start-up recipes in pairs (Optuna reseeds only its own threads). Here trial k's draws
   come from a sampler seeded by (seed, k): two processes never share them, one process is reproducible.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,9 @@ def make_sampler(name: str, seed: int, trials: int, epochs: int, pruner: str):
     if name == "random":
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     startup = min(10, max(2, trials // (3 * brackets(epochs, pruner))))
-    return TrialSeededSampler(lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup,
-                                                                    multivariate=True), seed)
+    return TrialSeededSampler(
+        lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup, multivariate=True), seed
+    )
 
 
 def mix(seed: int, number: int) -> int:

@@ -16,6 +16,7 @@ reads as it does in the sweep), and the stages are checked on the model's scan. 
 ignores the ``r`` draws), the fine-tune settings it searched, and its key (canonical JSON of both), by which
 draws that build the same model are recognised as one recipe.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,8 +98,13 @@ class Space:
     # -- size ---------------------------------------------------------------------------------------
     def axes(self) -> dict[str, tuple]:
         """The categorical axes the sampler draws, by parameter name (axes of one value are not drawn)."""
-        out: dict[str, tuple] = {"position": self.position, "module": self.module, "gate": self.gate,
-                                 "squeeze": self.squeeze, "phase2_epochs": self.phase2_epochs}
+        out: dict[str, tuple] = {
+            "position": self.position,
+            "module": self.module,
+            "gate": self.gate,
+            "squeeze": self.squeeze,
+            "phase2_epochs": self.phase2_epochs,
+        }
         if self.per_stage is not None:
             out.update({f"r{s}": tuple(v) for s, v in self.per_stage})
         else:
@@ -125,6 +131,7 @@ class Space:
 
     def candidate(self, params: Mapping[str, Any]) -> Candidate:
         """The candidate of a set of draws; :class:`Infeasible` when they make no recipe."""
+
         def pick(name, axis):
             return params.get(name, axis[0] if axis else None)
 
@@ -168,8 +175,9 @@ class Space:
         parts = [recipe.position, recipe.module if isinstance(recipe.module, str) else str(recipe.module)]
         if self.per_stage is not None:
             shown = ",".join(f"{s}:{params.get(f'r{s}', v[0])}" for s, v in self.per_stage)
-            parts.append(f"r {shown}" if "r" in ATTENTIONS[recipe.module].fields
-                         else "stages " + stages_label(recipe.stages))
+            parts.append(
+                f"r {shown}" if "r" in ATTENTIONS[recipe.module].fields else "stages " + stages_label(recipe.stages)
+            )
         else:
             if "r" in ATTENTIONS[recipe.module].fields:
                 parts.append(f"r {r_label(recipe.r)}")
@@ -185,52 +193,80 @@ class Space:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (the study's identity: a resumed study must search the same space)."""
-        return {"position": list(self.position), "module": list(self.module),
-                "r": ([v.to_dict() if isinstance(v, StageMap) else v for v in self.r]
-                      if self.per_stage is None else None),
-                "stages": [stages_label(st) for st in self.stages] if self.per_stage is None else None,
-                "per_stage": {str(s): list(v) for s, v in self.per_stage} if self.per_stage is not None else None,
-                "gate": list(self.gate), "squeeze": list(self.squeeze),
-                "lr": list(self.lr) if self.lr is not None else None, "phase2_epochs": list(self.phase2_epochs),
-                "base": self.base.to_dict()}
+        return {
+            "position": list(self.position),
+            "module": list(self.module),
+            "r": ([v.to_dict() if isinstance(v, StageMap) else v for v in self.r] if self.per_stage is None else None),
+            "stages": [stages_label(st) for st in self.stages] if self.per_stage is None else None,
+            "per_stage": {str(s): list(v) for s, v in self.per_stage} if self.per_stage is not None else None,
+            "gate": list(self.gate),
+            "squeeze": list(self.squeeze),
+            "lr": list(self.lr) if self.lr is not None else None,
+            "phase2_epochs": list(self.phase2_epochs),
+            "base": self.base.to_dict(),
+        }
 
 
 def canonical(value: Any) -> str:
     """Canonical JSON (sorted keys, every key a string: a per-stage map's stage keys are numbers)."""
+
     def plain(v):
         if isinstance(v, Mapping):
             return {str(k): plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
+
     return json.dumps(plain(value), sort_keys=True, separators=(",", ":"))
 
 
 # -- parsing --------------------------------------------------------------------------------------
-def parse_space(base: Recipe, *, position: Any = None, r: Any = None, stages: Any = None, per_stage: bool = False,
-                module: Any = None, gate: Any = None, squeeze: Any = None, lr: Any = None,
-                phase2_epochs: Any = None) -> Space:
+def parse_space(
+    base: Recipe,
+    *,
+    position: Any = None,
+    r: Any = None,
+    stages: Any = None,
+    per_stage: bool = False,
+    module: Any = None,
+    gate: Any = None,
+    squeeze: Any = None,
+    lr: Any = None,
+    phase2_epochs: Any = None,
+) -> Space:
     """A :class:`Space` from the CLI's axes (strings in the sweep's syntax) or Python values (lists, a
     per-stage mapping for ``r``); ``None``: the axis's default (the base recipe's value)."""
-    positions = parse_axis("position", position if position is not None else base.position,
-                           lambda v: base.replace(position=v).position)
+    positions = parse_axis(
+        "position", position if position is not None else base.position, lambda v: base.replace(position=v).position
+    )
     modules = parse_axis("module", module if module is not None else "se", lambda v: BlockConfig(module=v).module)
     gates = parse_axis("gate", gate, lambda v: BlockConfig(gate=v).gate) if gate is not None else []
     squeezes = parse_axis("squeeze", squeeze, lambda v: BlockConfig(squeeze=v).squeeze) if squeeze is not None else []
     phase2 = parse_axis("phase2-epochs", phase2_epochs if phase2_epochs is not None else 0, _epochs)
     stage_sets = parse_axis("stages", stages if stages is not None else "all", parse_stages)
-    fields: dict[str, Any] = dict(position=tuple(positions), module=tuple(modules), gate=tuple(gates),
-                                  squeeze=tuple(squeezes), phase2_epochs=tuple(phase2), lr=parse_lr(lr)[1], base=base)
+    fields: dict[str, Any] = dict(
+        position=tuple(positions),
+        module=tuple(modules),
+        gate=tuple(gates),
+        squeeze=tuple(squeezes),
+        phase2_epochs=tuple(phase2),
+        lr=parse_lr(lr)[1],
+        base=base,
+    )
     if isinstance(r, Mapping):  # a per-stage mapping: {stage: choices}
         if stages is not None:
             raise RetrofitError("--stages: a per-stage r mapping names its stages itself; leave --stages out")
-        fields["per_stage"] = tuple((_stage(s), tuple(parse_axis("r", v, _stage_ratio(base)))) for s, v in
-                                    sorted(r.items(), key=lambda kv: _stage(kv[0])))
+        fields["per_stage"] = tuple(
+            (_stage(s), tuple(parse_axis("r", v, _stage_ratio(base))))
+            for s, v in sorted(r.items(), key=lambda kv: _stage(kv[0]))
+        )
     elif per_stage:
         if len(stage_sets) != 1:
             raise RetrofitError("--stages: with --per-stage give one stage set, the stages searched (e.g. 3+4+5)")
-        fields.update(every_stage=tuple(parse_axis("r", r if r is not None else "off,4,8,16,32", _stage_ratio(base))),
-                      stages=tuple(stage_sets))
+        fields.update(
+            every_stage=tuple(parse_axis("r", r if r is not None else "off,4,8,16,32", _stage_ratio(base))),
+            stages=tuple(stage_sets),
+        )
     else:
         items = split_axis(r) if isinstance(r, str) else r if isinstance(r, (list, tuple)) else [r]
         if any(v is False or str(v).strip().lower() == OFF for v in items):
@@ -256,8 +292,9 @@ def parse_lr(value: Any) -> tuple[float | None, tuple[float, float] | None]:
         raise RetrofitError(f"--lr: give a rate (1e-3) or a range low:high (1e-4:1e-1), got {excerpt(text)}") from None
     unordered = len(parts) == 2 and parts[0] >= parts[1]
     if len(parts) > 2 or any(not math.isfinite(p) or p <= 0 for p in parts) or unordered:
-        raise RetrofitError(f"--lr: give a positive rate (1e-3) or a range low:high with low < high (1e-4:1e-1), "
-                            f"got {excerpt(text)}")
+        raise RetrofitError(
+            f"--lr: give a positive rate (1e-3) or a range low:high with low < high (1e-4:1e-1), got {excerpt(text)}"
+        )
     return (parts[0], None) if len(parts) == 1 else (None, (parts[0], parts[1]))
 
 
@@ -279,8 +316,9 @@ def load_space(path: Path, base: Recipe) -> tuple[Space, float | None]:
         raise RetrofitError(f"{origin}: {err}") from None
 
 
-def space_from_options(base: Recipe, space: Path | None = None, *, lr: Any = None, per_stage: bool = False,
-                       **axes: Any) -> tuple[Space, float | None]:
+def space_from_options(
+    base: Recipe, space: Path | None = None, *, lr: Any = None, per_stage: bool = False, **axes: Any
+) -> tuple[Space, float | None]:
     """``retrofit tune``'s space and fixed learning rate: from a YAML file ``space`` (its ``lr`` when it fixes
     one, else ``lr``'s) or from the axis options (``position``, ``r``, ``stages``, ``module``, ``gate``,
     ``squeeze``, ``phase2_epochs``: None when not given; ``lr`` a rate, or a range ``LOW:HIGH`` searched),
@@ -288,8 +326,9 @@ def space_from_options(base: Recipe, space: Path | None = None, *, lr: Any = Non
     fixed_lr, lr_range = parse_lr(lr)
     if space is None:
         return parse_space(base, per_stage=per_stage, lr=lr if lr_range else None, **axes), fixed_lr
-    given = [f"--{k.replace('_', '-')}" for k,
-             v in axes.items() if v is not None] + (["--per-stage"] if per_stage else [])
+    given = [f"--{k.replace('_', '-')}" for k, v in axes.items() if v is not None] + (
+        ["--per-stage"] if per_stage else []
+    )
     if given:
         raise RetrofitError(f"give the space as flags or as --space FILE, not both ({', '.join(given)} with --space)")
     chosen, file_lr = load_space(space, base)
@@ -308,6 +347,7 @@ def _stage_ratio(base: Recipe):
         if (isinstance(value, str) and value.strip().lower() == OFF) or value is False:  # YAML reads off as false
             return OFF
         return Recipe(r=value, allow_wide=base.block.allow_wide).r  # a plain ratio (a map is per stage already)
+
     return check
 
 

@@ -31,6 +31,7 @@ makes Optuna's replay fail with whatever it hits (``AssertionError``, ``TypeErro
 :class:`CheckedJournal` turns that into one :class:`StorageError` naming the line, when the file is opened
 and on every later read alike. :func:`store_errors` does the same for a database server that went away.
 """
+
 from __future__ import annotations
 
 import errno
@@ -55,7 +56,7 @@ from ...errors import RetrofitError, excerpt, first_line
 
 JOURNAL = "study.journal"
 CONNECT_TIMEOUT = 10  # seconds to reach a database server before giving up (a URL's own connect_timeout wins)
-CREATE_TRIES = 5      # attempts at opening an empty database that other processes are setting up at the same time
+CREATE_TRIES = 5  # attempts at opening an empty database that other processes are setting up at the same time
 CONTINUES = "the study keeps every finished trial: the same command continues it"
 
 
@@ -115,8 +116,13 @@ def flock_works(path: str) -> bool:
         os.close(fd)
 
 
-def open_storage(where: str | Path, *, shared: bool = False, heartbeat: tuple[int, int] | None = None,
-                 on_stale: Callable | None = None):
+def open_storage(
+    where: str | Path,
+    *,
+    shared: bool = False,
+    heartbeat: tuple[int, int] | None = None,
+    on_stale: Callable | None = None,
+):
     """The storage at ``where``: an RDB URL (``dialect[+driver]://...``) or a journal file (``shared``: given by
     the user, locked with Optuna's open-lock). On an RDB, ``heartbeat`` is Optuna's ``(heartbeat_interval,
     grace_period)`` in seconds and ``on_stale`` its ``heartbeat_stale_trial_callback``. :class:`StorageError`
@@ -157,15 +163,22 @@ def open_rdb(url: str, heartbeat: tuple[int, int] | None, on_stale: Callable | N
     interval, grace = heartbeat if heartbeat is not None else (None, None)
     for attempt in range(CREATE_TRIES):
         try:  # builds the engine and the tables now: every error of the URL comes out here
-            storage = RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval, grace_period=grace,
-                                 heartbeat_stale_trial_callback=on_stale)
+            storage = RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=on_stale,
+            )
             if postgres:  # every session in UTC from now on (a PGTZ of the client beats a connect option)
                 sqlalchemy.event.listen(storage.engine, "connect", _utc)
                 storage.engine.dispose()
             return storage
         except ImportError as err:  # the database driver (psycopg, pymysql...) is not installed
-            raise StorageError(f"cannot open --storage {shown(url)}: {first_line(err)} (for PostgreSQL: pip install "
-                               f"-c constraints.txt -e '.[postgres]')") from None
+            raise StorageError(
+                f"cannot open --storage {shown(url)}: {first_line(err)} (for PostgreSQL: pip install "
+                f"-c constraints.txt -e '.[postgres]')"
+            ) from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == CREATE_TRIES - 1:  # another process creating the same tables: its work is ours
                 raise
@@ -184,8 +197,9 @@ def _utc(connection, record) -> None:
 
 def reason(err: BaseException) -> str:
     """What a store error says, from its innermost cause (Optuna wraps the driver's error in its own)."""
-    while err.__cause__ is not None and isinstance(err, (optuna.exceptions.StorageInternalError,
-                                                         sqlalchemy.exc.SQLAlchemyError)):
+    while err.__cause__ is not None and isinstance(
+        err, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+    ):
         err = err.__cause__
     if isinstance(err, sqlalchemy.exc.StatementError) and err.orig is not None:
         err = err.orig
@@ -199,8 +213,9 @@ def store_errors(where: str):
     try:
         yield
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
-        raise StorageError(f"lost the study's store --storage {shown(where)} ({reason(err)}); {CONTINUES} once "
-                           f"the server is back") from None
+        raise StorageError(
+            f"lost the study's store --storage {shown(where)} ({reason(err)}); {CONTINUES} once the server is back"
+        ) from None
 
 
 class CheckedJournal(JournalStorage):
@@ -220,18 +235,21 @@ class CheckedJournal(JournalStorage):
         except (AssertionError, KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
             read = isinstance(err, json.JSONDecodeError) or str(err) == "Invalid log format."
             line = self._replay_result.log_number_read + (1 if read else 0)
-            raise StorageError(f"cannot read --storage {excerpt(self._where, bare=True)}: line {line} is not an Optuna "
-                               "journal entry "
-                               f"({type(err).__name__}: {first_line(err)}); restore the file from a copy, or use "
-                               f"another --output-dir or --storage") from None
+            raise StorageError(
+                f"cannot read --storage {excerpt(self._where, bare=True)}: line {line} is not an Optuna "
+                "journal entry "
+                f"({type(err).__name__}: {first_line(err)}); restore the file from a copy, or use "
+                f"another --output-dir or --storage"
+            ) from None
 
 
 def check_journal(where: str) -> None:
     """A journal path that cannot be one: a missing folder, a folder, a file that is not a journal."""
     parent = os.path.dirname(os.path.abspath(where))
     if not os.path.isdir(parent):
-        raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: folder {excerpt(parent, bare=True)} "
-                           "does not exist")
+        raise StorageError(
+            f"cannot open --storage {excerpt(where, bare=True)}: folder {excerpt(parent, bare=True)} does not exist"
+        )
     if os.path.isdir(where):
         raise StorageError(f"cannot open --storage {excerpt(where, bare=True)}: it is a folder; give a journal file")
     if not os.path.isfile(where) or os.path.getsize(where) == 0:

@@ -7,6 +7,7 @@ pruner). A resumed study whose identity differs is one error naming the part: it
 something else. ``create_study(load_if_exists=True)`` also loads a study of the other direction without a
 word, so the direction is checked here too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,10 +31,17 @@ def model_identity(model: torch.nn.Module, input_size: tuple[int, ...]) -> dict[
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16
-                 else tensor.detach().to("cpu", torch.float32).numpy().tobytes())
-    return {"name": model_name(model), "weights": h.hexdigest()[:16], "input_size": list(input_size),
-            "num_classes": getattr(model, "num_classes", None)}
+        h.update(
+            tensor.detach().to("cpu").contiguous().numpy().tobytes()
+            if tensor.dtype != torch.bfloat16
+            else tensor.detach().to("cpu", torch.float32).numpy().tobytes()
+        )
+    return {
+        "name": model_name(model),
+        "weights": h.hexdigest()[:16],
+        "input_size": list(input_size),
+        "num_classes": getattr(model, "num_classes", None),
+    }
 
 
 def data_identity(data: ImageFolderData) -> dict[str, Any]:
@@ -46,23 +54,29 @@ def data_identity(data: ImageFolderData) -> dict[str, Any]:
 
 
 def identity(**parts: dict[str, Any]) -> dict[str, Any]:
-    return {part: {"value": value, "sha": hashlib.sha256(canonical(value).encode()).hexdigest()[:16]}
-            for part, value in parts.items()}
+    return {
+        part: {"value": value, "sha": hashlib.sha256(canonical(value).encode()).hexdigest()[:16]}
+        for part, value in parts.items()
+    }
 
 
-def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str, Any],
-               hints: dict[str, str] | None = None):
+def open_study(
+    storage, name: str, where: str, sampler, pruner, ident: dict[str, Any], hints: dict[str, str] | None = None
+):
     """The study ``name`` in ``storage`` (``where`` names it in messages): created, or resumed when its
     identity is ``ident``; one error otherwise (with ``hints[part]``, what may have made that part differ)."""
     try:  # an existing study is loaded first: creating one appends to the journal even when it exists
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+        )
     if study.direction != StudyDirection.MAXIMIZE:
-        raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} minimizes its value: it is not a "
-                            "retrofit tune; use another "
-                            f"--study or --output-dir")
+        raise RetrofitError(
+            f"study {excerpt(name)} in {excerpt(where, bare=True)} minimizes its value: it is not a "
+            "retrofit tune; use another "
+            f"--study or --output-dir"
+        )
     stored = study.user_attrs.get(IDENTITY)
     if stored is None:  # a new study (or its creator died before this): ours; a second creator's write wins
         study.set_user_attr(IDENTITY, ident)
@@ -71,9 +85,11 @@ def open_study(storage, name: str, where: str, sampler, pruner, ident: dict[str,
         theirs = stored.get(part, {})
         if theirs.get("sha") != mine["sha"]:
             hint = (hints or {}).get(part)
-            raise RetrofitError(f"study {excerpt(name)} in {excerpt(where, bare=True)} was started with another {part} "
-                                f"({difference(theirs.get('value'), mine['value'])}{'; ' + hint if hint else ''}); "
-                                f"resume it with the same {part}, or use another --output-dir or --study")
+            raise RetrofitError(
+                f"study {excerpt(name)} in {excerpt(where, bare=True)} was started with another {part} "
+                f"({difference(theirs.get('value'), mine['value'])}{'; ' + hint if hint else ''}); "
+                f"resume it with the same {part}, or use another --output-dir or --study"
+            )
     init_pruner(study, pruner)
     return study
 

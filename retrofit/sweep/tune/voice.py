@@ -16,6 +16,7 @@ that one needs every rank to know the number of trials in advance (there is no s
 out the claim loop, budgets and resume), broadcasts six properties per call (100 broadcasts for 6 trials
 against 21 here) and leaves the ranks in mismatched collectives when rank 0 raises.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

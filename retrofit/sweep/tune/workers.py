@@ -28,6 +28,7 @@ Optuna's ``RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)``: a WAITING co
 ``heartbeat_stale_trial_callback``). A recipe whose process died ``MAX_RETRY + 1`` times (the out-of-memory
 killer, say) is not retried again: it stays failed, and its row says why (:func:`gave_up`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,14 +45,14 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-WORKER = "retrofit:worker"        # user attr: {"host", "boot", "pid", "lock"} of the process running the trial
-BEAT = "retrofit:heartbeat"       # user attr (journal): a counter its process bumps every INTERVAL seconds
-SURPLUS = "retrofit:surplus"      # user attr: a trial that lost the race for the last slot (FAIL, not shown)
+WORKER = "retrofit:worker"  # user attr: {"host", "boot", "pid", "lock"} of the process running the trial
+BEAT = "retrofit:heartbeat"  # user attr (journal): a counter its process bumps every INTERVAL seconds
+SURPLUS = "retrofit:surplus"  # user attr: a trial that lost the race for the last slot (FAIL, not shown)
 UNCOUNTED = "retrofit:uncounted"  # user attr: a trial that does not count towards --trials (limits, duplicate)
-FAILED = "retrofit:failed"        # user attr: a trial whose fine-tune failed (its reason in the attr "reason")
-GRACE = 120                       # seconds without a heartbeat before a trial of another machine is dead
-INTERVAL = 30                     # seconds between heartbeats
-MAX_RETRY = 2                     # times a trial whose process died is run again (3 tries in all)
+FAILED = "retrofit:failed"  # user attr: a trial whose fine-tune failed (its reason in the attr "reason")
+GRACE = 120  # seconds without a heartbeat before a trial of another machine is dead
+INTERVAL = 30  # seconds between heartbeats
+MAX_RETRY = 2  # times a trial whose process died is run again (3 tries in all)
 
 
 def boot_id() -> str:
@@ -110,8 +111,15 @@ class Worker:
     """This process in the study: its lock file (held until :meth:`close`), the heartbeat of its trial, and
     what it has seen of the other processes' trials (see the module docstring)."""
 
-    def __init__(self, lock_dir: Path, storage=None, requeue: Requeue | None = None, *, interval: float = INTERVAL,
-                 grace: float = GRACE):
+    def __init__(
+        self,
+        lock_dir: Path,
+        storage=None,
+        requeue: Requeue | None = None,
+        *,
+        interval: float = INTERVAL,
+        grace: float = GRACE,
+    ):
         lock_dir = Path(lock_dir).absolute()
         lock_dir.mkdir(parents=True, exist_ok=True)
         self.host, self.boot = socket.gethostname(), boot_id()
@@ -161,8 +169,9 @@ class Worker:
         """Tell every RUNNING trial whose process is gone FAIL and retry it (:class:`Requeue`), once: the
         process whose FAIL write wins does it. Returns the numbers this process failed."""
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        self.seen = {k: v for k, v in self.seen.items() if k[0] != study.study_name
-                     or k[1] in {t.number for t in running}}  # forget the finished ones
+        self.seen = {
+            k: v for k, v in self.seen.items() if k[0] != study.study_name or k[1] in {t.number for t in running}
+        }  # forget the finished ones
         for t in running:
             if not self.is_dead(study, t):
                 continue
@@ -179,8 +188,10 @@ class Worker:
         failed, self.requeue.failed = self.requeue.failed, []
         for number, retried in failed:
             if say is not None:
-                say(f"[trial {number}] its process is gone; marked failed" + (", its recipe queued again" if retried
-                                                                              else " for good (see trials.jsonl)"))
+                say(
+                    f"[trial {number}] its process is gone; marked failed"
+                    + (", its recipe queued again" if retried else " for good (see trials.jsonl)")
+                )
         return [number for number, _ in failed]
 
 
