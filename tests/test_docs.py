@@ -6,6 +6,7 @@ as a person or CI would build it: a warning, a broken cross-reference, a missing
 fails the build.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from support import python_blocks, run_python_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+import file_format_doc  # noqa: E402  (tools/file_format_doc.py: the file format page made from its definition)
 import options_doc  # noqa: E402  (tools/options_doc.py: the options page made from the fields)
 
 DOCS = ROOT / "docs"
@@ -173,6 +175,44 @@ def test_the_options_page_is_up_to_date():
     assert (ROOT / "docs" / "reference" / "options.md").read_text() == options_doc.page(), (
         "docs/reference/options.md is stale: run `python tools/options_doc.py`"
     )
+
+
+def test_the_file_format_page_is_up_to_date():
+    assert (ROOT / "docs" / "reference" / "file-format.md").read_text() == file_format_doc.page(), (
+        "docs/reference/file-format.md is stale: run `python tools/file_format_doc.py`"
+    )
+
+
+def test_the_file_format_page_lists_the_keys_a_file_is_read_with(tmp_path):
+    """The page against the reader: its example is the metadata of a file that loads; a file lacking a key the
+    page says every file has is refused, as is a key the page does not list; each optional key may be absent."""
+    from safetensors.torch import save_file
+
+    from retrofit.files.header import read_header
+
+    page = (ROOT / "docs" / "reference" / "file-format.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| (every file|adapters|optional) \|", page, re.M)
+    listed = {key: where for key, where in rows}
+    assert list(listed)[:6] == ["format", "architecture", "model_kwargs", "recipe", "input_size", "blocks"]
+    example = json.loads(re.search(r"saved as a file.*?```json\n(.*?)\n```", page, re.S).group(1))
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in example.items()}
+    assert set(meta) <= set(listed)
+
+    def write(metadata):
+        path = tmp_path / "m.safetensors"
+        save_file({"x": torch.zeros(1)}, str(path), metadata=metadata)
+        return path
+
+    header = read_header(write(meta))  # the page's example, as it is
+    assert (header.architecture, header.blocks, header.input_size) == ("resnet18", 8, (3, 64, 64))
+    for key in [k for k, where in listed.items() if where == "every file"]:
+        missing = "is not a retrofit file" if key == "format" else f"metadata '{key}' is missing"
+        with pytest.raises(retrofit.RetrofitError, match=missing):
+            read_header(write({k: v for k, v in meta.items() if k != key}))
+    with pytest.raises(retrofit.RetrofitError, match="metadata 'note' is not one retrofit writes"):
+        read_header(write({**meta, "note": "x"}))
+    assert {k for k, where in listed.items() if where == "optional"} == {"weights", "folds"}
+    assert "weights" not in meta and "folds" not in meta  # optional: the example has neither and is read
 
 
 def test_recipe_help_is_written_once_and_shown_everywhere():

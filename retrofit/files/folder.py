@@ -29,22 +29,26 @@ CONFIG_FILE, MODEL_FILE, ADAPTER_FILE, CARD_FILE = (
 )
 CONFIG_FORMAT = "retrofit-pretrained/1"
 CONFIG_BYTES = 1 << 20  # a config is a few kB (a recipe with overrides); more is not one retrofit wrote
-# config.json's top-level keys (any other is refused), and the metadata keys each becomes (parse_metadata's)
-CONFIG_KEYS = (
-    "format",
-    "kind",
-    "retrofit_version",
-    "architecture",
-    "model_kwargs",
-    "recipe",
-    "input_size",
-    "blocks",
-    "weights",
-    "folds",
-    "base",
-    "base_model",
-    "license",
-)
+# config.json's top-level keys (any other is refused) and what each holds (docs/reference/file-format.md is made
+# from these); those named as a file's metadata keys are checked as parse_metadata checks those
+CONFIG = {
+    "format": f"`{CONFIG_FORMAT}`",
+    "kind": "`model` (the folder holds model.safetensors) or `adapter` (adapter_model.safetensors)",
+    "retrofit_version": "the version of retrofit that wrote the folder",
+    "architecture": "as the metadata key of that name",
+    "model_kwargs": "as the metadata key, as a JSON object",
+    "recipe": "as the metadata key, as a JSON object",
+    "input_size": "as the metadata key, as a JSON list",
+    "blocks": "as the metadata key, as a JSON number",
+    "weights": "as the metadata key; absent when not known",
+    "folds": "as the metadata key, as a JSON list; absent if none",
+    "base": "an adapter's base: `{name, sha256, tensors}`, its metadata keys `base_name`, `base_sha256` and "
+    "`base_tensors`",
+    "base_model": "the Hugging Face Hub id of the pretrained weights the model was built on "
+    "(`timm/resnet50.a1_in1k`), when known; the card names it",
+    "license": "the license of those weights (timm's `pretrained_cfg`), when known",
+}
+CONFIG_KEYS = tuple(CONFIG)
 JSON_KEYS = ("model_kwargs", "recipe", "input_size")  # values parse_metadata reads as JSON text
 OPTIONAL_JSON_KEYS = ("folds",)  # the same, when the model has them (retrofit.fold's record)
 BASE_KEYS = ("name", "sha256", "tensors")

@@ -36,12 +36,32 @@ FORMAT = "retrofit/1"
 ADAPTER_FORMAT = "retrofit-adapter/1"
 
 
-# the metadata keys retrofit writes; any other key is refused (see read_header)
-KEYS = ("format", "architecture", "model_kwargs", "recipe", "input_size", "blocks")
-ADAPTER_KEYS = KEYS + ("base_sha256", "base_tensors", "base_name")
-# keys a file may lack (older versions did not write them): where the weights came from (WEIGHTS), and
-# the folded blocks ([[block path, kind, neighbour path], ...]: retrofit.surgery.info.Folded), absent if none
-OPTIONAL_KEYS = ("weights", "folds")
+# the metadata keys retrofit writes and what each holds (docs/reference/file-format.md is made from these); any other
+# key is refused (see read_header). Every value is text: a "JSON" one is JSON in that text.
+METADATA = {
+    "format": f"`{FORMAT}` (a whole model) or `{ADAPTER_FORMAT}` (an adapter: the blocks and what changed)",
+    "architecture": "the timm model name; empty for a network timm does not have (loaded with `model=`)",
+    "model_kwargs": "JSON: the constructor arguments that change shapes, of `num_classes` and `in_chans` only",
+    "recipe": "JSON: every field of the recipe (`retrofit.Recipe`)",
+    "input_size": "JSON: `[C, H, W]`, the input the model was traced at",
+    "blocks": "the number of blocks the recipe inserted",
+}
+BASE_NAME = 200  # characters of an adapter's base_name
+# the keys an adapter adds
+ADAPTER_METADATA = {
+    "base_sha256": "64 hexadecimal digits: a SHA-256 over the base's tensors the adapter does not hold (each "
+    "tensor's name, dtype, shape and bytes); another base is refused",
+    "base_tensors": "how many tensors of the base the adapter relies on (those it does not hold)",
+    "base_name": f"what the base was, for messages: one printable line of at most {BASE_NAME} characters",
+}
+# keys a file may lack (older versions did not write them)
+OPTIONAL_METADATA = {
+    "weights": f"where the weights came from: one of {', '.join(f'`{w}`' for w in WEIGHTS)}",
+    "folds": "JSON: the blocks `retrofit.fold` folded, `[[block path, kind, neighbour path], ...]`, absent if none",
+}
+KEYS = tuple(METADATA)
+ADAPTER_KEYS = KEYS + tuple(ADAPTER_METADATA)
+OPTIONAL_KEYS = tuple(OPTIONAL_METADATA)
 MAX_PATH = 500  # characters of a module path in `folds`
 
 
@@ -185,8 +205,8 @@ def parse_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     if meta.get("format") == ADAPTER_FORMAT:
         if not re.fullmatch(r"[0-9a-f]{64}", meta["base_sha256"]):
             raise bad("base_sha256", "must be 64 hexadecimal digits")
-        if len(meta["base_name"]) > 200 or not meta["base_name"].isprintable():
-            raise bad("base_name", "must be one printable line of at most 200 characters")
+        if len(meta["base_name"]) > BASE_NAME or not meta["base_name"].isprintable():
+            raise bad("base_name", f"must be one printable line of at most {BASE_NAME} characters")
         out.update(base_sha256=meta["base_sha256"], base_name=meta["base_name"])
     return out
 

@@ -65,21 +65,21 @@ def _block(name: str) -> Any:
 class Recipe:
     """How to retrofit SE blocks into a model.
 
-        Args:
-    {fields}
+    Args:
+        {fields}
 
-        Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
-        ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to
-        value, e.g. ``r={2: 8, 3: 8, 4: 16, 5: 32}`` or, as text, ``"2:8,3:8,4:16,5:32"``; its ``default``
-        key (e.g. ``{"default": 8, 5: 32}``) is the value of the stages it does not name, else the field's
-        base value (``replace`` and the CLI keep the recipe's own; a new recipe, the field's default). The
-        :class:`~retrofit.blocks.config.BlockConfig` of a site (:meth:`block_for`) takes each field from, lowest
-        priority first: the base fields; the per-stage maps; the ``overrides`` that select the site, in
-        order (a later entry wins). A field the site's module does not read (ECA has no ``r``) is an
-        error when it is set by the same entry as the module or a higher-priority one; set by a lower one,
-        it does not apply to that site. Stage keys and override globs are checked against the model when
-        it is planned (:func:`retrofit.surgery.plan.plan`): a stage it does not have, a glob that matches no
-        site is an error there, the structure and the values here.
+    Per stage and per module: every block field (``r``, ``squeeze``, ``gate``, ``divisor``,
+    ``min_width``, ``bias``, ``init``, ``module``, ``allow_wide``) may also be a map from stage to
+    value, e.g. ``r={2: 8, 3: 8, 4: 16, 5: 32}`` or, as text, ``"2:8,3:8,4:16,5:32"``; its ``default``
+    key (e.g. ``{"default": 8, 5: 32}``) is the value of the stages it does not name, else the field's
+    base value (``replace`` and the CLI keep the recipe's own; a new recipe, the field's default). The
+    :class:`~retrofit.blocks.config.BlockConfig` of a site (:meth:`block_for`) takes each field from, lowest
+    priority first: the base fields; the per-stage maps; the ``overrides`` that select the site, in
+    order (a later entry wins). A field the site's module does not read (ECA has no ``r``) is an
+    error when it is set by the same entry as the module or a higher-priority one; set by a lower one,
+    it does not apply to that site. Stage keys and override globs are checked against the model when
+    it is planned (:func:`retrofit.surgery.plan.plan`): a stage it does not have, a glob that matches no
+    site is an error there, the structure and the values here.
     """
 
     # Each field's help is written once (the block fields' in blocks/help.py, with their defaults in
@@ -230,7 +230,7 @@ def field_doc() -> str:
     )
 
 
-Recipe.__doc__ = Recipe.__doc__.replace("{fields}", field_doc())
+Recipe.__doc__ = Recipe.__doc__.replace("        {fields}", field_doc())  # field_doc indents its lines itself
 
 
 def allowed_values() -> dict[str, str]:
