@@ -282,7 +282,8 @@ def planned_overhead(base: ModelCost, blocks: Sequence[BlockInfo], recipe: Recip
     costs = []
     for b in blocks:
         params, macs = block_cost(b.config, b.channels, b.size, b.layout, b.prefix)
-        elements = b.channels * b.size[0] * b.size[1]
+        pooled = b.channels * b.size[0] * b.size[1]  # the squeeze reads the map, or a token grid
+        scaled = pooled + (b.channels * b.prefix if b.layout == "tokens" else 0)  # the scale: every token too
         costs.append(
             BlockCost(
                 b.path,
@@ -295,8 +296,8 @@ def planned_overhead(base: ModelCost, blocks: Sequence[BlockInfo], recipe: Recip
                 tuple(b.size),
                 params,
                 macs,
-                elements,
-                elements,
+                pooled,
+                scaled,
                 b.config.module,
             )
         )
@@ -311,9 +312,7 @@ def planned_overhead(base: ModelCost, blocks: Sequence[BlockInfo], recipe: Recip
 
 
 @functools.lru_cache(maxsize=4096)
-def block_cost(
-    cfg: BlockConfig, channels: int, size: tuple[int, int], layout: str = "nchw", prefix: int = 0
-) -> tuple[int, int]:
+def block_cost(cfg: BlockConfig, channels: int, size: tuple[int, int], layout: str, prefix: int) -> tuple[int, int]:
     """Parameters and multiply-adds (batch 1) of one block of ``cfg`` on a ``channels x size`` map
     (of ``layout``, with ``prefix`` tokens before a token grid): the block itself, built and run on
     the meta device under ``torch.utils.flop_counter``."""

@@ -3,10 +3,11 @@
 import pytest
 import timm
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import retrofit
-from retrofit.measure.overhead import measure_overhead
+from retrofit.measure.overhead import Overhead, measure_overhead
 
 
 def real_macs(model, size):
@@ -112,3 +113,51 @@ def test_the_stage_of_blocks_not_from_add_se_is_log2_of_their_stride():
         k = int(b.path.split(".")[0][len("layer") :])
         assert (b.stage, b.stride, b.size) == (k + 1, 2 ** (k + 1), (224 // 2 ** (k + 1),) * 2), b.path
     assert [(s.stage, s.stride, s.blocks) for s in report.stages()] == [(2, 4, 3), (3, 8, 4), (4, 16, 6), (5, 32, 3)]
+
+
+def test_percentages_are_the_added_share_of_the_original():
+    """The mutation tool's survivors at overhead.py:123 and :126 (`/` made `|`, `**`, `<<`, `&`; `100 *`
+    made `100 //`): no test of the overhead module read a percentage. resnet18 (11,689,512 parameters,
+    timm's documented size) with its 8 blocks at r = 16 (2 C w + w + C each, w = C/16); the multiply-adds
+    of the base from torch's flop counter on a real forward."""
+    model = timm.create_model("resnet18")
+    se = retrofit.add_se(model, input_size=(3, 64, 64))
+    report = measure_overhead(model, se, input_size=(3, 64, 64))
+    added = sum(2 * c * (c // 16) + c // 16 + c for c in (64, 64, 128, 128, 256, 256, 512, 512))
+    assert report.params_percent() == pytest.approx(100 * added / 11_689_512, rel=1e-12)
+    assert report.params_percent(2_922_378) == 25.0  # a quarter of 11,689,512
+    base_macs = real_macs(model, (3, 64, 64))
+    assert report.macs_percent() == pytest.approx(100 * (real_macs(se, (3, 64, 64)) - base_macs) / base_macs)
+    assert report.macs_percent(base_macs // 4) == pytest.approx(25.0, rel=1e-6)
+    assert Overhead((3, 8, 8), 0, 0, 10, 10).params_percent() == Overhead((3, 8, 8), 0, 0, 10, 10).macs_percent() == 0
+
+
+class Pooled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class PooledWithExtras(Pooled):
+    """Pooled and two modules of a user's own: one on the pooled (N, C) vector, one never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.vector_gate, self.unused = nn.Linear(8, 8), nn.Linear(4, 5)
+
+    def forward(self, x):
+        v = self.conv(x).mean((2, 3))
+        return self.fc(v * torch.sigmoid(self.vector_gate(v)))
+
+
+def test_a_module_off_the_feature_maps_reports_no_geometry_only_its_cost():
+    """The mutation tool's survivors at overhead.py:227 and :237 (a block whose input is unknown, or is no
+    feature map, reported with 1 channel instead of 0): a module on a pooled vector and one never called
+    have no channels, size or squeeze/scale pass to report; their parameters and multiply-adds are theirs
+    (Linear(8, 8): 72 parameters, 64 multiply-adds; Linear(4, 5): 25, none run)."""
+    report = measure_overhead(Pooled(), PooledWithExtras(), input_size=(3, 16, 16))
+    shown = {b.path: (b.channels, b.size, b.pool_ops, b.scale_ops, b.params, b.macs) for b in report.blocks}
+    assert shown == {"vector_gate": (0, (0, 0), 0, 0, 72, 64), "unused": (0, (0, 0), 0, 0, 25, 0)}

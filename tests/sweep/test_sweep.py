@@ -99,6 +99,22 @@ def test_counts_from_the_plan_equal_a_real_insertion(resnet50, position, r, stag
     assert row.params_percent == pytest.approx(real.params_percent())
 
 
+@pytest.mark.parametrize("name, prefix", [("vit_tiny_patch16_224", 1), ("deit_tiny_distilled_patch16_224", 2)])
+def test_counts_from_the_plan_equal_a_real_insertion_on_tokens(name, prefix):
+    """A block on a token sequence squeezes the 4 x 4 grid's tokens and scales every token, the class (and
+    distillation) tokens too: the plan counted the grid twice (the mutation tool's run on overhead.py found
+    the shape's prefix untested; the plan then gave 24,576 squeeze and scale operations for ViT-Ti's 4 blocks
+    where the built model has 25,344). Closed forms: 192 channels, r = 4 (w = 48): 2 C w + w + C parameters
+    and 2 C w multiply-adds per block, 2 blocks per transformer block."""
+    model = timm.create_model(name, img_size=64, depth=2)
+    (row,) = sweep(model, r=[4], position=["standard"], stages=[None], input_size=(3, 64, 64))
+    se = retrofit.add_se(model, r=4, input_size=(3, 64, 64))
+    real = measure_overhead(model, se, input_size=(3, 64, 64))
+    closed = (4, 4 * (2 * 192 * 48 + 48 + 192), 4 * 2 * 192 * 48, 4 * (16 * 192 + (16 + prefix) * 192))
+    assert (row.blocks, row.params, row.macs, row.pool_scale_ops) == closed
+    assert (len(real.blocks), real.added_params, real.added_macs, real.pool_ops + real.scale_ops) == closed
+
+
 def test_add_se_on_the_meta_device_reports_what_a_real_build_does():
     reports = []
     for flag in ("--meta", "--no-meta"):
