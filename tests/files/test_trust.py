@@ -75,8 +75,8 @@ def test_relabelled_dtypes_are_refused(saved, tmp_path):
         ("input_size", "[3, 32]", "three positive whole numbers"),
         ("input_size", "[1, 32, 32]", "has 1 channels but the model 3"),
         # cosmic-ray's survivors of header.py (docs/mutation.md): `len(size) != 3` -> `< 3` (four numbers are also
-        # refused later, through load, so this case does not kill it), and the channel check `!=` -> `>`, each
-        # tested from one side only before
+        # refused later, through load, so this case does not kill it: the next test does), and the channel check
+        # `!=` -> `>`, each tested from one side only before
         ("input_size", "[3, 32, 32, 32]", "three positive whole numbers"),
         ("input_size", "[4, 32, 32]", "has 4 channels but the model 3"),
         ("model_kwargs", "[1]", "metadata 'model_kwargs' must be a mapping, got list"),
@@ -100,6 +100,16 @@ def test_metadata_of_the_wrong_type_is_refused(saved, tmp_path, key, value, mess
     bad = rewrite_header(saved[1], tmp_path / "bad.safetensors", edit)
     with pytest.raises(RetrofitError, match=message.replace("(", r"\(").replace("[", r"\[")):
         retrofit.load(bad)
+
+
+def test_the_header_reader_itself_refuses_an_input_size_of_four_numbers(saved, tmp_path):
+    """cosmic-ray's survivor at header.py:153 (`len(size) != 3` made `< 3`): through retrofit.load a later
+    check refuses [3, 32, 32, 32] with the same words, so only the reader of the header, run alone, tells."""
+    bad = rewrite_header(
+        saved[1], tmp_path / "bad.safetensors", lambda h: h["__metadata__"].update(input_size="[3, 32, 32, 32]")
+    )
+    with pytest.raises(RetrofitError, match=r"metadata 'input_size' must be three positive whole numbers \[C, H, W\]"):
+        read_header(bad)
 
 
 @pytest.mark.parametrize(

@@ -350,3 +350,50 @@ def test_inside_skips_a_second_conv_that_only_an_se_block_follows(base):
         if b.position == "inside"
     ]
     assert len(inside) == 8 and len({b.site_module for b in inside}) == 8
+
+
+class TwoReaders(nn.Module):
+    """A residual unit whose branch output is read twice (by the sum and by a pooled term added after) and
+    whose forward differs by mode (the sum halved in train mode only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = x + y
+        if self.training:
+            out = out * 0.5
+        return y.mean((2, 3), keepdim=True) + out
+
+
+def test_a_branch_read_twice_in_a_forward_that_depends_on_mode_gets_its_block_in_both():
+    """The mutation tool's survivors in surgery/: prepare.py:185 (the check that the readers of a block's
+    tensor have counterparts in the other mode's graph, inverted) and sites.py:292 (a sum of two shapes,
+    `!=` made `>`: the broadcast sum of a (1, 8, 1, 1) mean and a (1, 8, 8, 8) map then passed for a
+    residual unit). One site, the sum x + y; its block gates y for the sum only, the mean reads y as it
+    was; in both modes (hand-run of the same forward)."""
+    model = randomize(nn.Sequential(TwoReaders()))
+    sites = retrofit.find_sites(model, input_size=(8, 8, 8))
+    assert sorted((s.kind, s.module) for s in sites) == [("conv3x3", "0"), ("residual", "0")]
+    se = retrofit.add_se(model, r=4, init="paper", input_size=(8, 8, 8))
+    info = retrofit.get_info(se)
+    assert [b.path for b in info.blocks] == ["0.se"] and not info.skipped
+    x = torch.randn(2, 8, 8, 8)
+    for mode in (True, False):
+        se.train(mode)
+        y = se[0].conv(x)
+        expected = y.mean((2, 3), keepdim=True) + (x + se[0].se(y)) * (0.5 if mode else 1.0)
+        torch.testing.assert_close(se(x), expected)
+
+
+def test_blocks_on_channels_last_maps_record_their_height_and_width():
+    """The mutation tool's survivor at prepare.py:56 (an (N, H, W, C) map's size read as shape[1:2]): no
+    test of the surgery read the size of a block on a channels-last map. Swin-T at 224: patch stride 4,
+    then 2 per stage; every block's (H, W) is 224 over its stride, stages 2-5 at 56, 28, 14 and 7."""
+    with torch.device("meta"):
+        model = timm.create_model("swin_tiny_patch4_window7_224")
+    blocks = retrofit.get_info(retrofit.add_se(model, input_size=(3, 224, 224))).blocks
+    maps = {(b.stage, b.size) for b in blocks if b.layout == "nhwc"}  # the other blocks: on window tokens
+    assert maps == {(2, (56, 56)), (3, (28, 28)), (4, (14, 14)), (5, (7, 7))}

@@ -224,3 +224,16 @@ def test_an_override_must_select_its_sites():
         {"stages": [5], "only": ["layer4.2"], "r": 8},
     ):
         assert Recipe(overrides=[entry]).overrides[0].values == (("r", 8),)
+
+
+def test_kind_module_read_from_a_file_or_the_command_line_is_the_at_sites(tmp_path):
+    """The mutation tool's survivor at recipe.py:110 (`k != NAMED` made `k is not NAMED`): a kind read
+    from YAML or split from `--kinds` text is a new string, never the constant itself, so the check then
+    took `module` for a residual-type kind and refused a valid recipe. In Python source the literal and
+    the constant are one interned object, which is why no test noticed."""
+    path = tmp_path / "at.yaml"
+    path.write_text("position: post\nkinds: [module]\nat: ['features.denseblock*']\n")
+    recipe = Recipe.load(path)
+    assert (recipe.kinds, recipe.at, recipe.position) == (("module",), ("features.denseblock*",), "post")
+    typed = Recipe.from_dict({"kinds": "residual,module", "at": "features.*"})  # as `--kinds residual,module`
+    assert typed.kinds == ("residual", "module")

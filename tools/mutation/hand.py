@@ -5,7 +5,8 @@ selection, put the file back. Run by hand, under the machine-wide lock, never in
     PYTHONPATH=OLD flock /tmp/cpu.lock .venv/bin/python tools/mutation/hand.py OLD old M1 M2 ...
 
 TREE: a checkout of this branch (the tests that kill each mutant are run); OLD: a checkout of a1def68
-(its own tests of the module are run: the mutant survived them). Prints 'ID FILE killed|survived'."""
+(its own tests of the module are run: the mutant survived them). C1...C14 are the mutation tool's survivors that
+new tests kill, for TREE only. Prints 'ID FILE killed|survived'."""
 
 import subprocess
 import sys
@@ -102,6 +103,51 @@ MUTANTS = {
         },
     ),
 }
+# the mutation tool's survivors (cosmic-ray, sessions at 1a69446; docs/contributing/mutation.md) that new tests
+# kill, as text edits of this tree: id: (file, {"new": (old text, new text)}, the tests that kill it)
+SURVIVORS = {
+    "C1": ("retrofit/measure/overhead.py", ("n) / self.base_params", "n) | self.base_params"), "percentages"),
+    "C2": ("retrofit/measure/overhead.py", ("100.0 * (self.added_macs", "100.0 // (self.added_macs"), "percentages"),
+    "C3": (
+        "retrofit/measure/overhead.py",
+        ("if shape_in is None:\n        return 0, (0, 0)", "if shape_in is None:\n        return 1, (0, 0)"),
+        "no_geometry",
+    ),
+    "C4": (
+        "retrofit/measure/overhead.py",
+        ("    return 0, (0, 0), 0, 0\n\n\n", "    return 1, (0, 0), 0, 0\n\n\n"),
+        "no_geometry",
+    ),
+    "C5": (
+        "retrofit/measure/overhead.py",
+        ("b.channels * b.size[0] * b.size[1]", "b.channels * b.size[0] | b.size[1]"),
+        "plan",
+    ),
+    "C6": ("retrofit/measure/overhead.py", ("base.params + sum(c.params", "base.params / sum(c.params"), "plan"),
+    "C7": ("retrofit/measure/overhead.py", ("(1, prefix + size[0]", "(2, prefix + size[0]"), "plan"),
+    "C8": ("retrofit/measure/overhead.py", ("(1, prefix + size[0]", "(1, prefix / size[0]"), "plan"),
+    "C9": ("retrofit/surgery/prepare.py", ('"nhwc": shape[1:3]', '"nhwc": shape[1:2]'), "channels_last_maps_record"),
+    "C10": (
+        "retrofit/surgery/prepare.py",
+        ("if any(r is None or twin not in", "if not any(r is None or twin not in"),
+        "read_twice",
+    ),
+    "C11": ("retrofit/surgery/recipe.py", ("if k != NAMED]", "if k is not NAMED]"), "kind_module"),
+    "C12": ("retrofit/surgery/sites.py", ("shape != N.shape(b)", "shape > N.shape(b)"), "read_twice"),
+    "C13": ("retrofit/files/header.py", ("if len(size) != 3 or", "if len(size) < 3 or"), "four_numbers"),
+    "C14": ("retrofit/files/header.py", ("input_size[0] != 3:", "input_size[-1] != 3:"), "constructor_arguments"),
+}
+SURVIVOR_TESTS = {  # -k selection -> the test files it is in
+    "percentages": ["tests/measure/test_overhead.py"],
+    "no_geometry": ["tests/measure/test_overhead.py"],
+    "plan": ["tests/sweep/test_sweep.py"],
+    "channels_last_maps_record": ["tests/surgery/test_add_se.py"],
+    "read_twice": ["tests/surgery/test_add_se.py"],
+    "kind_module": ["tests/surgery/test_recipe.py"],
+    "four_numbers": ["tests/files/test_trust.py"],
+    "constructor_arguments": ["tests/files/test_trust.py"],
+}
+
 OLD_TESTS = {  # a1def68's own tests of each module, the files the killing tests went into (the survival check)
     "overhead.py": ["tests/measure/test_overhead.py", "tests/measure/test_closed_form.py"],
     "header.py": ["tests/files/test_trust.py"],
@@ -123,8 +169,13 @@ NEW_TESTS = {  # the tests written to kill them
 def main():
     tree, which, ids = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     for mid in ids:
-        path, edits = MUTANTS[mid]
-        edit = edits.get(which) or edits.get("*")
+        if mid in SURVIVORS:  # the new tree only: the tests of its -k selection
+            path, edit, selection = SURVIVORS[mid]
+            tests = [*SURVIVOR_TESTS[selection], "-k", selection]
+        else:
+            path, edits = MUTANTS[mid]
+            edit = edits.get(which) or edits.get("*")
+            tests = (OLD_TESTS if which == "old" else NEW_TESTS)[Path(path).name]
         if edit is None:
             print(mid, "not applicable to", which)
             continue
@@ -133,7 +184,6 @@ def main():
         assert src.count(edit[0]) == 1, (mid, src.count(edit[0]))
         f.write_text(src.replace(edit[0], edit[1]))
         try:
-            tests = (OLD_TESTS if which == "old" else NEW_TESTS)[Path(path).name]
             run = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                 cwd=tree,

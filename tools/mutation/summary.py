@@ -31,18 +31,15 @@ for job_id, result in results.items():
 pending = len(items) - len(results)
 done = counts["killed"] + counts["timeout"] + counts["survived"]
 rate = f"{100 * (counts['killed'] + counts['timeout']) / done:.1f}%" if done else "-"
+other = sum(v for k, v in counts.items() if k not in ("killed", "survived", "incompetent", "timeout", "skipped"))
 print(
     f"mutants {len(items)}, run {done + counts['incompetent']}, killed {counts['killed']}, survived "
-    f"{counts['survived']}, "
-    f"incompetent {counts['incompetent']}, timeout {counts['timeout']}, skipped {counts['skipped']}, pending "
-    f"{pending}, "
-    "other "
-    f"{sum(v for k, v in counts.items() if k not in ('killed', 'survived', 'incompetent', 'timeout', 'skipped'))}: "
-    f"kill rate {rate}"
+    f"{counts['survived']}, incompetent {counts['incompetent']}, timeout {counts['timeout']}, skipped "
+    f"{counts['skipped']}, pending {pending}, other {other}: kill rate {rate}"
 )
-for item, result in sorted(survivors, key=lambda s: s[0].mutations[0].start_pos):
+for item, result in sorted(survivors, key=lambda s: (str(s[0].mutations[0].module_path), s[0].mutations[0].start_pos)):
     m = item.mutations[0]
-    print(f"\n--- survivor {item.job_id[:8]} line {m.start_pos[0]} {m.operator_name} #{m.occurrence}")
+    print(f"\n--- survivor {item.job_id[:8]} {m.module_path}:{m.start_pos[0]} {m.operator_name} #{m.occurrence}")
     print(
         "\n".join(
             line for line in (result.diff or "").splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")
