@@ -107,6 +107,9 @@ MUTANTS = {
 # kill, as text edits of this tree: id: (file, {"new": (old text, new text)}, the tests that kill it)
 SURVIVORS = {
     "C1": ("retrofit/measure/overhead.py", ("n) / self.base_params", "n) | self.base_params"), "percentages"),
+    "C1b": ("retrofit/measure/overhead.py", ("n) / self.base_params", "n) ** self.base_params"), "percentages"),
+    "C1c": ("retrofit/measure/overhead.py", ("n) / self.base_params", "n) << self.base_params"), "percentages"),
+    "C2b": ("retrofit/measure/overhead.py", ("n) / self.base_macs", "n) & self.base_macs"), "percentages"),
     "C2": ("retrofit/measure/overhead.py", ("100.0 * (self.added_macs", "100.0 // (self.added_macs"), "percentages"),
     "C3": (
         "retrofit/measure/overhead.py",

@@ -155,7 +155,7 @@ def tune(
         with warnings.catch_warnings():
             quiet()
             say = (lambda line: emit(on_event, Event("tune", "line", line))) if env.main else None
-            search = _search(model, data, found, base_cost, chosen_space, limits, config, size, search_seed, env, say)
+            search = _state(model, data, found, base_cost, chosen_space, limits, config, size, search_seed, env, say)
             settings = dict(
                 trials=trials,
                 budget=budget,
@@ -176,7 +176,7 @@ def tune(
         env.close()
 
 
-def _search(model, data, found, base_cost, space, limits, config, size, search_seed, env, say) -> Search:
+def _state(model, data, found, base_cost, space, limits, config, size, search_seed, env, say) -> Search:
     """The search's state: the data pipeline, the fine-tune without distillation (the search's runs distil or
     not by ``distill``), the voice that carries the work to the other ranks."""
     distill, config = config.distill, config.replace(distill=False)
