@@ -282,8 +282,8 @@ def planned_overhead(base: ModelCost, blocks: Sequence[BlockInfo], recipe: Recip
     costs = []
     for b in blocks:
         params, macs = block_cost(b.config, b.channels, b.size, b.layout, b.prefix)
-        pooled = b.channels * b.size[0] * b.size[1]  # the squeeze reads the map, or a token grid
-        scaled = pooled + (b.channels * b.prefix if b.layout == "tokens" else 0)  # the scale: every token too
+        shape = _input_shape(b.channels, b.size, b.layout, b.prefix)  # the passes counted as for a built block
+        _, _, pooled, scaled = _geometry(shape, shape, b.layout, b.prefix, b.size)
         costs.append(
             BlockCost(
                 b.path,
@@ -320,10 +320,15 @@ def block_cost(cfg: BlockConfig, channels: int, size: tuple[int, int], layout: s
     block = build_attention(
         dataclasses.replace(cfg, init="paper"), channels, layout=layout, prefix=prefix, device="meta"
     )
-    shape = {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(
-        layout, (1, prefix + size[0] * size[1], channels)
-    )
     counter = FlopCounterMode(display=False)
     with counter:
-        block(torch.empty(shape, device="meta"))
+        block(torch.empty(_input_shape(channels, size, layout, prefix), device="meta"))
     return count_params(block), counter.get_total_flops() // 2
+
+
+def _input_shape(channels: int, size: tuple[int, int], layout: str, prefix: int) -> tuple[int, ...]:
+    """The input (batch 1) of a block on a ``channels x size`` map of ``layout``: (1, C, H, W), (1, H, W, C),
+    or (1, prefix + H·W, C) tokens."""
+    return {"nchw": (1, channels, *size), "nhwc": (1, *size, channels)}.get(
+        layout, (1, prefix + size[0] * size[1], channels)
+    )

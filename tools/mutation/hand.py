@@ -123,7 +123,8 @@ SURVIVORS = {
     ),
     "C5": (
         "retrofit/measure/overhead.py",
-        ("b.channels * b.size[0] * b.size[1]", "b.channels * b.size[0] | b.size[1]"),
+        # line 257's count of a block's passes is now _geometry's, called on the shape the block would take
+        ("_geometry(shape, shape, b.layout", "_geometry(shape, None, b.layout"),
         "plan",
     ),
     "C6": ("retrofit/measure/overhead.py", ("base.params + sum(c.params", "base.params / sum(c.params"), "plan"),
