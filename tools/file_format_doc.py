@@ -10,6 +10,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+import timm
+from safetensors import safe_open
+
+import retrofit
+from retrofit.files.bounds import HEADER_BYTES, SIZES, TENSORS
+from retrofit.files.folder import (
+    ADAPTER_FILE,
+    CARD_FILE,
+    CONFIG,
+    CONFIG_BYTES,
+    CONFIG_FILE,
+    JSON_KEYS,
+    MODEL_FILE,
+    OPTIONAL_JSON_KEYS,
+)
+from retrofit.files.header import (
+    ADAPTER_FORMAT,
+    ADAPTER_METADATA,
+    BASE_NAME,
+    FORMAT,
+    MAX_PATH,
+    METADATA,
+    MODEL_KWARGS,
+    OPTIONAL_METADATA,
+)
+from retrofit.inputs import MAX_DEPTH
+from retrofit.surgery.info import FOLD_KINDS
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "reference" / "file-format.md"
 
@@ -20,24 +48,15 @@ def table(header: str, rows: list[tuple[str, ...]]) -> str:
 
 
 def metadata_table() -> str:
-    from retrofit.files.header import ADAPTER_METADATA, METADATA, OPTIONAL_METADATA
-
     groups = (("every file", METADATA), ("adapters", ADAPTER_METADATA), ("optional", OPTIONAL_METADATA))
     return table("key | in | what it holds", [(f"`{k}`", where, v) for where, keys in groups for k, v in keys.items()])
 
 
 def config_table() -> str:
-    from retrofit.files.folder import CONFIG
-
     return table("key | what it holds", [(f"`{k}`", v) for k, v in CONFIG.items()])
 
 
 def bounds_table() -> str:
-    from retrofit.files.bounds import HEADER_BYTES, SIZES, TENSORS
-    from retrofit.files.folder import CONFIG_BYTES
-    from retrofit.files.header import BASE_NAME, MAX_PATH
-    from retrofit.inputs import MAX_DEPTH
-
     rows = [(f"`{name}`", f"{low:,} to {high:,}") for name, (low, high) in SIZES.items()]
     rows += [
         (
@@ -53,20 +72,12 @@ def bounds_table() -> str:
 
 
 def kinds_table() -> str:
-    from retrofit.surgery.info import FOLD_KINDS
-
     return table("kind | where the block's constant scale went", [(f"`{k}`", v) for k, v in FOLD_KINDS.items()])
 
 
 def examples() -> tuple[str, str]:
     """The metadata of a saved file and the config.json of a saved folder: a timm resnet18 (10 classes,
     random weights) with the default recipe at 3x64x64."""
-    import timm
-    from safetensors import safe_open
-
-    import retrofit
-    from retrofit.files.header import ADAPTER_METADATA, METADATA, OPTIONAL_METADATA
-
     model = retrofit.add_se(timm.create_model("resnet18", num_classes=10), input_size=(3, 64, 64))
     with tempfile.TemporaryDirectory() as tmp:
         path = retrofit.save(model, Path(tmp) / "se18.safetensors")
@@ -75,15 +86,12 @@ def examples() -> tuple[str, str]:
         folder = retrofit.save_pretrained(model, Path(tmp) / "se18")
         config = (folder / "config.json").read_text()
     order = [*METADATA, *ADAPTER_METADATA, *OPTIONAL_METADATA]  # safetensors keeps no order of its metadata
-    json_keys = ("model_kwargs", "recipe", "input_size", "folds")
-    shown = {k: json.loads(meta[k]) if k in json_keys else meta[k] for k in sorted(meta, key=order.index)}
+    parsed = JSON_KEYS + OPTIONAL_JSON_KEYS  # the values that are JSON text, shown parsed
+    shown = {k: json.loads(meta[k]) if k in parsed else meta[k] for k in sorted(meta, key=order.index)}
     return json.dumps(shown, indent=2), config.rstrip()
 
 
 def page() -> str:
-    from retrofit.files.folder import ADAPTER_FILE, CARD_FILE, CONFIG_FILE, MODEL_FILE
-    from retrofit.files.header import ADAPTER_FORMAT, FORMAT, MODEL_KWARGS
-
     meta, config = examples()
     return f"""# File format
 

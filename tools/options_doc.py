@@ -7,14 +7,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from retrofit.surgery.recipe import reference_table, reference_yaml
+from retrofit.train.config import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "reference" / "options.md"
 
 
 def page() -> str:
-    from retrofit.surgery.recipe import reference_table, reference_yaml
-    from retrofit.train.config import markdown_table
-
     return f"""# Options
 
 Made by `python tools/options_doc.py` from the one definition of each option (a test fails when this page
