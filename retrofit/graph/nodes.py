@@ -15,7 +15,7 @@ from timm.layers import get_attn
 from torch import fx, nn
 
 from ..blocks.se import SqueezeExcite
-from .shapes import SHAPE_PRESERVING
+from .shapes import ACTIVATIONS, SHAPE_PRESERVING
 from .trace import output_marker
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -34,24 +34,6 @@ _WEIGHTED_FUNCTIONS = {
     torch.einsum,
     operator.matmul,
 }
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Hardtanh,
-)
 _ACTIVATION_FUNCTIONS = {
     F.relu,
     F.relu_,
@@ -168,7 +150,7 @@ def is_conv3x3(node: fx.Node) -> bool:
 def is_activation(node: fx.Node) -> bool:
     module = module_of(node)
     if module is not None:
-        return isinstance(module, _ACTIVATIONS) or type(module).__module__.startswith("timm.layers.activations")
+        return isinstance(module, ACTIVATIONS) or type(module).__module__.startswith("timm.layers.activations")
     if node.op == "call_function":
         return node.target in _ACTIVATION_FUNCTIONS
     return node.op == "call_method" and node.target in _ACTIVATION_METHODS

@@ -33,18 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import RetrofitError, first_line
 from .trace import Traced
 
-# Layers whose output has their input's shape (subclasses included: timm's BatchNormAct2d...).
-SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
+# Activation layers (retrofit.graph.nodes.is_activation); each keeps its input's shape
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -61,6 +51,20 @@ SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.Softplus,
     nn.Hardtanh,
+)
+# Layers whose output has their input's shape (subclasses included: timm's BatchNormAct2d...).
+SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    *ACTIVATIONS,
     nn.Softsign,
     nn.Tanhshrink,
 )
