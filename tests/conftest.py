@@ -4,6 +4,8 @@ timm zero-initialises the last norm of each residual branch, which makes a broke
 function-preserving; every equivalence test therefore runs on randomised weights and norm statistics.
 """
 
+import os
+
 import pytest
 import timm
 import torch
@@ -12,6 +14,32 @@ from torch import nn
 from retrofit.sweep.check import randomize  # the sweep's randomiser: one way to make weights not fresh
 
 pytest_plugins = ["postgres"]  # tests/postgres.py: a real PostgreSQL server for the several-machine tests
+
+# pytest-xdist's workers (`-n auto` in pyproject.toml's addopts): at most this many, whatever the cores; each holds
+# a few models and the study tests start more processes of their own
+MAX_WORKERS = 4
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(cores(), MAX_WORKERS))
+
+
+def pytest_configure(config):
+    """Each of N workers gets 1/N of the cores for torch's threads. On the 2-core VM (2026-12-06, nothing else
+    running) the suite took 13 min 30 s in one process, no less in two workers of two threads, 8 min in two
+    workers of one thread.
+    xdist's workers also export COLUMNS=80 and LINES=24, as may a developer's shell; the CLI wraps to an
+    exported COLUMNS, as on a terminal, so the tests (and the processes they start) drop both: their output is
+    what a redirected run prints."""
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, cores() // workers))
 
 
 class ChannelsLast(nn.Module):

@@ -189,7 +189,7 @@ def main():
         f.write_text(src.replace(edit[0], edit[1]))
         try:
             run = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                [sys.executable, "-m", "pytest", "-n0", "-q", "-x", "-p", "no:cacheprovider", *tests],
                 cwd=tree,
                 capture_output=True,
                 text=True,

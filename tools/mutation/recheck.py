@@ -21,7 +21,10 @@ with use_db(session, WorkDB.Mode.open) as db:
         if r.worker_outcome == WorkerOutcome.NORMAL and r.test_outcome == TestOutcome.SURVIVED
     ]
 base = subprocess.run(
-    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=tree, capture_output=True, text=True
+    [sys.executable, "-m", "pytest", "-n0", "-q", "-p", "no:cacheprovider", *tests],
+    cwd=tree,
+    capture_output=True,
+    text=True,
 )
 print("unmutated:", "pass" if base.returncode == 0 else "FAIL", "|", base.stdout.strip().splitlines()[-1], flush=True)
 for job, result in sorted(survivors, key=lambda s: items[s[0]].mutations[0].start_pos):
@@ -29,7 +32,7 @@ for job, result in sorted(survivors, key=lambda s: items[s[0]].mutations[0].star
     subprocess.run(["git", "apply", "-"], cwd=tree, input=diff, text=True, check=True)
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+            [sys.executable, "-m", "pytest", "-n0", "-q", "-x", "-p", "no:cacheprovider", *tests],
             cwd=tree,
             capture_output=True,
             text=True,
