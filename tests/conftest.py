@@ -30,8 +30,8 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_configure(config):
     """Each of N workers gets 1/N of the cores for torch's threads. On the 2-core VM (2026-12-06, nothing else
-    running) the suite took 13 min 30 s in one process, no less in two workers of two threads, 8 min in two
-    workers of one thread.
+    running) the suite took 13 min 30 s in one process and 8 min 29 s in two workers of one thread; two workers
+    of two threads were 60% through it at 9 minutes (stopped there).
     xdist's workers also export COLUMNS=80 and LINES=24, as may a developer's shell; the CLI wraps to an
     exported COLUMNS, as on a terminal, so the tests (and the processes they start) drop both: their output is
     what a redirected run prints."""
