@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pytest_command import PYTEST  # tools/mutation/, this script's folder
+
 MUTANTS = {
     # id: (file, {tree: (old text, new text)}, test selection on a1def68 (survival), killing tests (new tree))
     "M1": (
@@ -188,13 +190,7 @@ def main():
         assert src.count(edit[0]) == 1, (mid, src.count(edit[0]))
         f.write_text(src.replace(edit[0], edit[1]))
         try:
-            run = subprocess.run(
-                [sys.executable, "-m", "pytest", "-n0", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                cwd=tree,
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
+            run = subprocess.run([*PYTEST, "-x", *tests], cwd=tree, capture_output=True, text=True, timeout=1800)
             last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
             failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
             print(mid, path, "killed" if run.returncode else "survived", "|", last, "|", failed[:1], flush=True)

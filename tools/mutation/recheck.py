@@ -11,6 +11,7 @@ import sys
 
 from cosmic_ray.work_db import WorkDB, use_db
 from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+from pytest_command import PYTEST  # tools/mutation/, this script's folder
 
 session, tree, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
 with use_db(session, WorkDB.Mode.open) as db:
@@ -20,24 +21,13 @@ with use_db(session, WorkDB.Mode.open) as db:
         for job, r in db.results
         if r.worker_outcome == WorkerOutcome.NORMAL and r.test_outcome == TestOutcome.SURVIVED
     ]
-base = subprocess.run(
-    [sys.executable, "-m", "pytest", "-n0", "-q", "-p", "no:cacheprovider", *tests],
-    cwd=tree,
-    capture_output=True,
-    text=True,
-)
+base = subprocess.run([*PYTEST, *tests], cwd=tree, capture_output=True, text=True)
 print("unmutated:", "pass" if base.returncode == 0 else "FAIL", "|", base.stdout.strip().splitlines()[-1], flush=True)
 for job, result in sorted(survivors, key=lambda s: items[s[0]].mutations[0].start_pos):
     diff = result.diff.split("\n", 1)[1] + "\n"  # past cosmic-ray's "--- mutation diff ---" line
     subprocess.run(["git", "apply", "-"], cwd=tree, input=diff, text=True, check=True)
     try:
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-n0", "-q", "-x", "-p", "no:cacheprovider", *tests],
-            cwd=tree,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        run = subprocess.run([*PYTEST, "-x", *tests], cwd=tree, capture_output=True, text=True, timeout=600)
     finally:
         subprocess.run(["git", "apply", "-R", "-"], cwd=tree, input=diff, text=True, check=True)
     m = items[job].mutations[0]
