@@ -24,6 +24,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest -p no:xdist still loads this file
 def pytest_xdist_auto_num_workers(config):
     return max(1, min(cores(), MAX_WORKERS))
 
